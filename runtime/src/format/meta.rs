@@ -1,0 +1,167 @@
+//! Metadata stored in a `.matf` file: the architecture, the nested FFN widths, the tokenizer
+//! and provenance. Serialised as UTF-8 JSON inside the header (see docs/format.md, "Metadata").
+//!
+//! Unknown keys are preserved in [`Metadata::extra`], so later additions (the submodel catalog,
+//! self-test vectors) need no version bump.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Normalisation used before attention, before the FFN and at the end of the stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// `x / sqrt(mean(x^2) + eps) * weight` (Llama, Gemma, our trained models).
+    RmsNorm,
+    /// `(x - mean) / sqrt(var + eps) * weight + bias` (GPT-2 family).
+    LayerNorm,
+}
+
+/// FFN activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `x * sigmoid(x)`; with a gated FFN this is SwiGLU.
+    Silu,
+    /// tanh-approximated GELU; with a gated FFN this is GeGLU.
+    GeluTanh,
+}
+
+/// Positional encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positional {
+    /// Rotary embeddings applied to q and k, rotating pairs `(i, i + head_dim/2)`
+    /// ("rotate_half", the Hugging Face Llama convention).
+    Rope,
+}
+
+/// The transformer's shape and numerics. Shared by every submodel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    /// Model family, informational (`"matlm"`, `"llama"`, `"gemma3n-like"`).
+    pub family: String,
+    /// Residual stream width.
+    pub d_model: u32,
+    /// Number of transformer blocks.
+    pub n_layers: u32,
+    /// Query heads.
+    pub n_heads: u32,
+    /// Key/value heads (grouped-query attention when < n_heads); divides n_heads.
+    pub n_kv_heads: u32,
+    /// Width of one head.
+    pub head_dim: u32,
+    /// Rows of the embedding / LM head.
+    pub vocab_size: u32,
+    /// Longest context the model was trained for, in tokens.
+    pub max_context: u32,
+    /// Normalisation kind.
+    pub norm: NormKind,
+    /// Normalisation epsilon.
+    pub norm_eps: f32,
+    /// FFN activation.
+    pub activation: Activation,
+    /// Gated FFN (`act(gate(x)) * up(x)`) or plain (`act(up(x))`).
+    pub gated_ffn: bool,
+    /// Positional encoding.
+    pub positional: Positional,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// LM head shares the embedding matrix (no `lm_head` tensor in the file).
+    pub tied_embeddings: bool,
+}
+
+/// The tokenizer. Byte-level is the only kind today: token id `b` is byte `b` for `b < 256`,
+/// followed by special tokens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tokenizer {
+    /// `"bytes"`.
+    pub kind: String,
+    /// Beginning-of-sequence token, prepended to every prompt when present.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence token: generation stops when it is produced.
+    pub eos_id: Option<u32>,
+}
+
+/// Where the file came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// SHA-256 (hex) of the source model file (and its external data, if any), or `"synthetic"`.
+    pub source_sha256: String,
+    /// Source file name, informational.
+    pub source_name: String,
+    /// `matformer-export x.y.z`.
+    pub exporter: String,
+}
+
+/// Everything in the metadata block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Shape and numerics.
+    pub architecture: Architecture,
+    /// `ffn_widths[layer][level]`: number of FFN neurons of that layer at nesting level
+    /// `level`. Strictly increasing per layer; every layer has `n_levels` entries; the last
+    /// entry is the full FFN width of that layer.
+    pub ffn_widths: Vec<Vec<u32>>,
+    /// Human names of the levels, smallest first (`["s", "m", "l", "xl"]`).
+    pub level_names: Vec<String>,
+    /// Tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Provenance.
+    pub provenance: Provenance,
+    /// Keys this version does not interpret (catalog, self-test vectors, ...), kept verbatim.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Metadata {
+    /// Number of nesting levels (widths per layer).
+    pub fn n_levels(&self) -> usize {
+        self.level_names.len()
+    }
+}
+
+/// Canonical tensor names. Linear weights are stored `[out_features, in_features]` row-major
+/// (PyTorch `nn.Linear.weight` layout), so a GEMV reads one contiguous row per output.
+pub mod names {
+    /// `[vocab_size, d_model]`.
+    pub const TOK_EMBEDDINGS: &str = "tok_embeddings";
+    /// `[d_model]` final norm weight.
+    pub const NORM: &str = "norm";
+    /// `[d_model]` final norm bias (LayerNorm only).
+    pub const NORM_BIAS: &str = "norm_bias";
+    /// `[vocab_size, d_model]`, absent when embeddings are tied.
+    pub const LM_HEAD: &str = "lm_head";
+
+    /// Per-layer tensor name: `layers.{i}.{suffix}`.
+    pub fn layer(i: usize, suffix: &str) -> String {
+        format!("layers.{i}.{suffix}")
+    }
+
+    /// `[d_model]` pre-attention norm weight.
+    pub const ATTN_NORM: &str = "attn_norm";
+    /// `[d_model]` pre-attention norm bias (LayerNorm only).
+    pub const ATTN_NORM_BIAS: &str = "attn_norm_bias";
+    /// `[n_heads * head_dim, d_model]`.
+    pub const WQ: &str = "wq";
+    /// `[n_kv_heads * head_dim, d_model]`.
+    pub const WK: &str = "wk";
+    /// `[n_kv_heads * head_dim, d_model]`.
+    pub const WV: &str = "wv";
+    /// `[d_model, n_heads * head_dim]`.
+    pub const WO: &str = "wo";
+    /// `[d_model]` pre-FFN norm weight.
+    pub const FFN_NORM: &str = "ffn_norm";
+    /// `[d_model]` pre-FFN norm bias (LayerNorm only).
+    pub const FFN_NORM_BIAS: &str = "ffn_norm_bias";
+    /// Nested, `[ffn_width, d_model]`: one row per neuron.
+    pub const FFN_UP: &str = "ffn_up";
+    /// Nested, `[ffn_width, d_model]`: one row per neuron (gated FFNs only).
+    pub const FFN_GATE: &str = "ffn_gate";
+    /// Nested, `[ffn_width, d_model]`: the TRANSPOSED down projection, one row per neuron.
+    pub const FFN_DOWN_T: &str = "ffn_down_t";
+
+    /// Suffixes of the nested (per-neuron, level-segmented) tensors.
+    pub const NESTED_SUFFIXES: [&str; 3] = [FFN_UP, FFN_GATE, FFN_DOWN_T];
+}
