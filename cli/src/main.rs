@@ -1,1 +1,171 @@
-fn main(){}
+//! `matformer`: the desktop harness of the MatFormer runtime.
+//!
+//! Human-readable output by default, JSON with `--json`; progress and statistics on stderr;
+//! every error is one line on stderr and a non-zero exit.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The MatFormer runtime's desktop harness: export, inspect, verify and run universal weight files.
+#[derive(Debug, Parser)]
+#[command(name = "matformer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a trained MatFormer from ONNX to a universal .matf file, and prove it right.
+    Export {
+        /// Source ONNX model (external .onnx.data next to it is read too).
+        input: PathBuf,
+        /// Output .matf file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Storage dtype.
+        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        dtype: String,
+        /// Nested FFN widths for every layer, smallest first (overrides the model's metadata).
+        #[arg(long, value_delimiter = ',')]
+        widths: Option<Vec<u32>>,
+        /// Config JSON when the ONNX carries no `matformer_config` metadata.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Mapping file from canonical to initializer names (docs/exporter.md).
+        #[arg(long, conflicts_with = "by_structure")]
+        mapping: Option<PathBuf>,
+        /// Find the weights by graph structure only, ignoring names.
+        #[arg(long)]
+        by_structure: bool,
+        /// Skip the verification against tract-onnx (not recommended).
+        #[arg(long)]
+        no_verify: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file with random weights at real model shapes (benchmarks).
+    Synth {
+        /// Shape preset: llama-3.2-1b, gemma-3n-e2b, small.
+        #[arg(long, default_value = "llama-3.2-1b")]
+        preset: String,
+        /// Output .matf file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Override the number of layers.
+        #[arg(long)]
+        layers: Option<u32>,
+        /// Storage dtype.
+        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        dtype: String,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// List the presets and exit.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Show a file's architecture, nested widths, level boundaries and tensors.
+    Inspect {
+        /// The .matf file.
+        file: PathBuf,
+        /// List every tensor and segment.
+        #[arg(long)]
+        tensors: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum; with --against, compare with the source ONNX at every width.
+    Verify {
+        /// The .matf file.
+        file: PathBuf,
+        /// Source ONNX to compare logits against (tract-onnx).
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Mapping file for the source's weight names.
+        #[arg(long)]
+        mapping: Option<PathBuf>,
+        /// Submodels to compare (default: every width and a Mix'n'Match).
+        #[arg(long)]
+        submodel: Vec<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text greedily.
+    Generate {
+        /// The .matf file.
+        file: PathBuf,
+        /// Prompt text.
+        #[arg(short, long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(short = 'n', long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Submodel: a width name (s, m, l, xl) or per-layer level indices (0,0,1,3).
+        #[arg(long, default_value = "largest")]
+        submodel: String,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print the result as JSON (text, tokens, timings).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean loss (nats per byte) and perplexity on a text file.
+    Eval {
+        /// The .matf file.
+        file: PathBuf,
+        /// Text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Submodel(s) to evaluate (repeatable; default: largest).
+        #[arg(long)]
+        submodel: Vec<String>,
+        /// Tokens per chunk including BOS (default: the model's context).
+        #[arg(long)]
+        chunk: Option<usize>,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Export { input, output, dtype, widths, config, mapping, by_structure, no_verify, json } => {
+            commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, json)
+        }
+        Command::Synth { preset, output, layers, dtype, seed, list } => {
+            commands::synth(&preset, output, layers, &dtype, seed, list)
+        }
+        Command::Inspect { file, tensors, json } => commands::inspect(&file, tensors, json),
+        Command::Verify { file, against, mapping, submodel, json } => {
+            commands::verify(&file, against, mapping, submodel, json)
+        }
+        Command::Generate { file, prompt, max_tokens, submodel, threads, json } => {
+            commands::generate(&file, &prompt, max_tokens, &submodel, threads, json)
+        }
+        Command::Eval { file, text, submodel, chunk, threads, json } => {
+            commands::eval(&file, &text, submodel, chunk, threads, json)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

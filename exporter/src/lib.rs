@@ -1,1 +1,19 @@
+//! # matformer-export: the offline side of the MatFormer runtime
+//!
+//! Turns a trained MatFormer in ONNX (read with tract-onnx) into one universal `.matf` weight
+//! file (docs/format.md) and proves the file reproduces the source: tract-onnx runs the source
+//! graph, with its FFN weights sliced to each nested width, and the runtime's CPU engine runs the
+//! written file; the export is refused when they disagree beyond a named tolerance.
+//!
+//! Also makes synthetic files with random weights at real model shapes (`synth`) for benchmarks.
 
+pub mod export;
+pub mod mapping;
+pub mod onnx_source;
+pub mod progress;
+pub mod synth;
+pub mod verify;
+
+pub use export::{export, ExportOptions, ExportReport};
+pub use mapping::{NamePreset, Strategy};
+pub use verify::{Tolerance, VerifyOptions, VerifyReport};

@@ -8,6 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::FormatError;
+use super::layout::{MAX_DIM, MAX_LAYERS, MAX_LEVELS};
+
 /// Normalisation used before attention, before the FFN and at the end of the stack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -119,6 +122,108 @@ impl Metadata {
     /// Number of nesting levels (widths per layer).
     pub fn n_levels(&self) -> usize {
         self.level_names.len()
+    }
+
+    /// Checks that the metadata describes a possible model: non-zero sizes within
+    /// [`MAX_DIM`](super::MAX_DIM), `n_kv_heads` dividing `n_heads`, an even `head_dim` (RoPE),
+    /// positive finite `norm_eps` and `rope_theta`, 1 to 16 uniquely named levels, one width
+    /// list per layer with one strictly increasing, non-zero width per level, and token ids
+    /// inside the vocabulary. Run by the reader after decoding and by the writer before
+    /// writing (`docs/format.md`, invariant 9).
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let bad = |reason: String| Err(FormatError::BadMetadata { reason });
+        let a = &self.architecture;
+        for (what, v) in [
+            ("d_model", a.d_model),
+            ("n_layers", a.n_layers),
+            ("n_heads", a.n_heads),
+            ("n_kv_heads", a.n_kv_heads),
+            ("head_dim", a.head_dim),
+            ("vocab_size", a.vocab_size),
+            ("max_context", a.max_context),
+        ] {
+            if v == 0 {
+                return bad(format!("architecture.{what} is zero"));
+            }
+            if v > MAX_DIM && what != "max_context" {
+                return bad(format!("architecture.{what} is {v}, more than {MAX_DIM}"));
+            }
+        }
+        if a.n_layers > MAX_LAYERS {
+            return bad(format!("architecture.n_layers is {}, more than {MAX_LAYERS}", a.n_layers));
+        }
+        if !a.n_heads.is_multiple_of(a.n_kv_heads) {
+            return bad(format!("n_heads ({}) is not a multiple of n_kv_heads ({})", a.n_heads, a.n_kv_heads));
+        }
+        if !a.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim ({}) is odd; rotary embeddings need an even head_dim", a.head_dim));
+        }
+        match u64::from(a.n_heads).checked_mul(u64::from(a.head_dim)) {
+            Some(q) if q <= u64::from(MAX_DIM) => {}
+            _ => return bad(format!("n_heads * head_dim ({} * {}) is more than {MAX_DIM}", a.n_heads, a.head_dim)),
+        }
+        if !(a.norm_eps.is_finite() && a.norm_eps > 0.0) {
+            return bad(format!("norm_eps ({}) is not a positive finite number", a.norm_eps));
+        }
+        if !(a.rope_theta.is_finite() && a.rope_theta > 0.0) {
+            return bad(format!("rope_theta ({}) is not a positive finite number", a.rope_theta));
+        }
+
+        let n_levels = self.level_names.len();
+        if n_levels == 0 || n_levels > MAX_LEVELS {
+            return bad(format!("{n_levels} level names, expected 1..={MAX_LEVELS}"));
+        }
+        for (j, name) in self.level_names.iter().enumerate() {
+            if name.is_empty() || name.len() > 32 || name.contains(',') || name.chars().any(char::is_whitespace) {
+                return bad(format!("level name {j} ({name:?}) must be 1 to 32 bytes without commas or spaces"));
+            }
+            if self.level_names[..j].contains(name) {
+                return bad(format!("level name {name:?} appears twice"));
+            }
+        }
+
+        if self.ffn_widths.len() != a.n_layers as usize {
+            return bad(format!(
+                "ffn_widths has {} per-layer lists but n_layers is {}",
+                self.ffn_widths.len(),
+                a.n_layers
+            ));
+        }
+        for (i, widths) in self.ffn_widths.iter().enumerate() {
+            if widths.len() != n_levels {
+                return bad(format!("ffn_widths[{i}] has {} widths but there are {n_levels} levels", widths.len()));
+            }
+            let mut prev = 0u32;
+            for (j, &w) in widths.iter().enumerate() {
+                if w == 0 {
+                    return bad(format!("ffn_widths[{i}][{j}] is zero"));
+                }
+                if w <= prev {
+                    return bad(format!("ffn_widths[{i}] is not strictly increasing: {prev} then {w} at level {j}"));
+                }
+                if w > MAX_DIM {
+                    return bad(format!("ffn_widths[{i}][{j}] is {w}, more than {MAX_DIM}"));
+                }
+                prev = w;
+            }
+        }
+
+        if self.tokenizer.kind == "bytes" && a.vocab_size < 256 {
+            return bad(format!("byte tokenizer needs vocab_size >= 256, found {}", a.vocab_size));
+        }
+        for (what, id) in [("bos_id", self.tokenizer.bos_id), ("eos_id", self.tokenizer.eos_id)] {
+            if let Some(id) = id {
+                if id >= a.vocab_size {
+                    return bad(format!("tokenizer.{what} {id} is outside the vocabulary ({})", a.vocab_size));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata as compact JSON, exactly as the writer stores it.
+    pub fn to_json_bytes(&self) -> Result<Vec<u8>, FormatError> {
+        serde_json::to_vec(self).map_err(|e| FormatError::BadMetadata { reason: format!("cannot serialise: {e}") })
     }
 }
 

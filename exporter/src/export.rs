@@ -1,0 +1,195 @@
+//! ONNX -> `.matf`: gather the weights in canonical layout, convert the dtype, write the file
+//! with its level-ordered layout, then verify it against tract-onnx before keeping it.
+
+use std::collections::HashMap;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use matformer::format::{self, names, testing::required_tensor_specs, DType, FormatError, Metadata};
+
+use crate::mapping::{find_weights, Strategy, WeightMap};
+use crate::onnx_source::{SourceModel, Weight};
+use crate::progress::Progress;
+use crate::verify::{verify_against_onnx, VerifyOptions, VerifyReport};
+
+/// Options of `matformer export`.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// Source `.onnx`.
+    pub input: PathBuf,
+    /// Destination `.matf`.
+    pub output: PathBuf,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Uniform nested widths overriding the model's metadata.
+    pub widths: Option<Vec<u32>>,
+    /// Sidecar config JSON when the ONNX carries none.
+    pub config: Option<PathBuf>,
+    /// How to find the weights.
+    pub strategy: Strategy,
+    /// Verification settings; `None` skips verification (not recommended).
+    pub verify: Option<VerifyOptions>,
+}
+
+/// What an export produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExportReport {
+    /// Written file.
+    pub output: String,
+    /// File length in bytes.
+    pub bytes: u64,
+    /// Byte offset where each level ends (cut points).
+    pub level_ends: Vec<u64>,
+    /// How the weights were found.
+    pub weights_found_by: String,
+    /// Verification results (one per submodel checked).
+    pub verification: Option<VerifyReport>,
+}
+
+/// Source canonical name of a file tensor and whether the source is `[d_model, width]`
+/// (the down projection, which the file stores transposed).
+fn source_of(file_name: &str) -> (String, bool) {
+    if let Some(prefix) = file_name.strip_suffix(names::FFN_DOWN_T) {
+        (format!("{prefix}ffn_down"), true)
+    } else if file_name == names::TOK_EMBEDDINGS || file_name == names::NORM || file_name == names::LM_HEAD {
+        (file_name.to_string(), false)
+    } else {
+        (file_name.to_string(), false)
+    }
+}
+
+/// A weight in PyTorch layout (`[out, in]`), or its transpose when `want_transposed`.
+fn canonical(w: &Weight, stored_transposed: bool, want_transposed: bool) -> Result<Weight> {
+    if w.shape.len() == 1 {
+        return Ok(w.clone());
+    }
+    if w.shape.len() != 2 {
+        bail!("expected a matrix, found shape {:?}", w.shape);
+    }
+    if stored_transposed == want_transposed {
+        return Ok(w.clone());
+    }
+    let (r, c) = (w.shape[0], w.shape[1]);
+    let mut data = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            data[j * r + i] = w.data[i * c + j];
+        }
+    }
+    Ok(Weight { shape: vec![c, r], data })
+}
+
+/// Loads every file tensor (canonical file layout, f32) from the source.
+pub fn gather_tensors(src: &SourceModel, map: &WeightMap, meta: &Metadata) -> Result<HashMap<String, Weight>> {
+    let mut out = HashMap::new();
+    for spec in required_tensor_specs(meta, DType::F32) {
+        let (source_name, is_down) = source_of(&spec.name);
+        let loc = map.get(&source_name)?;
+        let raw = src.weight(&loc.weight)?;
+        // Down: source [d_model, width] in PyTorch layout; the file wants [width, d_model].
+        let w = canonical(&raw, loc.transposed, is_down)?;
+        let want: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+        if w.shape != want {
+            bail!(
+                "tensor `{}` from `{}` has shape {:?} in the file's layout, expected {:?}",
+                spec.name,
+                src.weight_name(&loc.weight),
+                w.shape,
+                want
+            );
+        }
+        out.insert(spec.name.clone(), w);
+    }
+    Ok(out)
+}
+
+/// Appends `rows` of `w` (row-major f32) to `out` in `dtype`.
+pub fn encode_rows(
+    w: &[f32],
+    row_elems: usize,
+    rows: std::ops::Range<u64>,
+    dtype: DType,
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    let start = rows.start as usize * row_elems;
+    let end = rows.end as usize * row_elems;
+    let src =
+        w.get(start..end).ok_or_else(|| FormatError::BadMetadata { reason: format!("rows {rows:?} out of range") })?;
+    match dtype {
+        DType::F32 => {
+            for v in src {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for v in src {
+                out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `tensors` to `path` with the given metadata.
+pub fn write_matf(path: &Path, meta: &Metadata, tensors: &HashMap<String, Weight>, dtype: DType) -> Result<u64> {
+    let specs = required_tensor_specs(meta, dtype);
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut progress = Progress::new("writing");
+    let len = format::write_file(
+        BufWriter::new(file),
+        meta,
+        &specs,
+        |idx, rows, out| {
+            let spec = &specs[idx];
+            let w = tensors.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
+            let row_elems: u64 = spec.shape.iter().skip(1).product();
+            encode_rows(&w.data, row_elems as usize, rows, dtype, out)
+        },
+        |done, total| progress.update(done, total),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    progress.finish();
+    Ok(len)
+}
+
+/// Runs an export: read, map, convert, write to a temporary name, verify, then rename.
+/// On any failure no output file is left behind.
+pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
+    eprintln!("reading {}", opts.input.display());
+    let src = SourceModel::load(&opts.input)?;
+    let config = src.config(opts.config.as_deref())?;
+    let meta = src.metadata(&config, opts.widths.as_deref())?;
+    let map = find_weights(&src, &meta.architecture, &opts.strategy)?;
+    eprintln!("found {} weights by {}", map.entries.len(), map.method);
+    let tensors = gather_tensors(&src, &map, &meta)?;
+
+    let tmp = opts.output.with_extension("matf.partial");
+    let result = (|| -> Result<ExportReport> {
+        let bytes = write_matf(&tmp, &meta, &tensors, opts.dtype)?;
+        let verification = match &opts.verify {
+            Some(v) => {
+                let report = verify_against_onnx(&src, &map, &tmp, v)?;
+                if !report.passed {
+                    bail!("verification failed: {}", report.summary());
+                }
+                Some(report)
+            }
+            None => None,
+        };
+        std::fs::rename(&tmp, &opts.output)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
+        let view = matformer::ModelFile::open(&opts.output)?;
+        Ok(ExportReport {
+            output: opts.output.display().to_string(),
+            bytes,
+            level_ends: view.view().level_ends.clone(),
+            weights_found_by: map.method.clone(),
+            verification,
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,512 @@
+//! [`CpuEngine`] and [`Session`]: the forward pass over the memory-mapped weights.
+
+use std::fmt;
+use std::sync::Arc;
+
+use super::kernels;
+use super::weights::Matrix;
+use super::EngineError;
+use crate::format::{names, Activation, Metadata, NormKind};
+use crate::{ModelFile, Submodel};
+
+/// Tokens processed per batched pass of a long prefill: bounds the scratch memory (the FFN
+/// activations are `[chunk, ffn_width]`) while keeping weight rows read once per chunk.
+const PREFILL_CHUNK: usize = 256;
+
+/// Architecture numbers in `usize`, validated once.
+#[derive(Clone, Debug)]
+struct Dims {
+    d_model: usize,
+    n_layers: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    q_dim: usize,
+    kv_dim: usize,
+    vocab: usize,
+    max_context: usize,
+    eps: f32,
+    activation: Activation,
+    gated: bool,
+}
+
+impl Dims {
+    fn from_metadata(meta: &Metadata) -> Result<Dims, EngineError> {
+        let a = &meta.architecture;
+        let bad = |reason: String| Err(EngineError::BadConfig { reason });
+        let u = |v: u32| v as usize;
+        if a.d_model == 0 || a.n_layers == 0 || a.n_heads == 0 || a.n_kv_heads == 0 {
+            return bad("d_model, n_layers, n_heads and n_kv_heads must be positive".into());
+        }
+        if a.n_heads % a.n_kv_heads != 0 {
+            return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", a.n_heads, a.n_kv_heads));
+        }
+        if a.head_dim == 0 || a.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be positive and even (RoPE rotates pairs)", a.head_dim));
+        }
+        if a.vocab_size == 0 || a.max_context == 0 {
+            return bad("vocab_size and max_context must be positive".into());
+        }
+        if !(a.norm_eps.is_finite() && a.norm_eps >= 0.0) {
+            return bad(format!("norm_eps {} is not a finite non-negative number", a.norm_eps));
+        }
+        if !(a.rope_theta.is_finite() && a.rope_theta > 0.0) {
+            return bad(format!("rope_theta {} is not a positive number", a.rope_theta));
+        }
+        if meta.ffn_widths.len() != u(a.n_layers) {
+            return bad(format!("ffn_widths has {} layers, n_layers is {}", meta.ffn_widths.len(), a.n_layers));
+        }
+        let q_dim = u(a.n_heads)
+            .checked_mul(u(a.head_dim))
+            .ok_or_else(|| EngineError::BadConfig { reason: "n_heads * head_dim overflows".into() })?;
+        Ok(Dims {
+            d_model: u(a.d_model),
+            n_layers: u(a.n_layers),
+            n_heads: u(a.n_heads),
+            n_kv_heads: u(a.n_kv_heads),
+            head_dim: u(a.head_dim),
+            q_dim,
+            kv_dim: u(a.n_kv_heads) * u(a.head_dim),
+            vocab: u(a.vocab_size),
+            max_context: u(a.max_context),
+            eps: a.norm_eps,
+            activation: a.activation,
+            gated: a.gated_ffn,
+        })
+    }
+}
+
+/// A normalisation's parameters (RMSNorm when there is no bias, LayerNorm otherwise).
+#[derive(Clone, Debug)]
+struct Norm {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Norm {
+    fn load(model: &ModelFile, kind: NormKind, weight: &str, bias: &str, d: usize) -> Result<Norm, EngineError> {
+        let get = |name: &str| -> Result<Vec<f32>, EngineError> {
+            let v = model.tensor_f32(name)?;
+            if v.len() != d {
+                return Err(EngineError::BadTensor {
+                    tensor: name.to_string(),
+                    reason: format!("has {} elements, d_model is {d}", v.len()),
+                });
+            }
+            Ok(v)
+        };
+        Ok(Norm {
+            weight: get(weight)?,
+            bias: match kind {
+                NormKind::RmsNorm => None,
+                NormKind::LayerNorm => Some(get(bias)?),
+            },
+        })
+    }
+
+    /// Normalises each of the `[t, d]` rows of `x` into `out`.
+    fn apply(&self, x: &[f32], out: &mut [f32], d: usize, eps: f32) {
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            match &self.bias {
+                None => kernels::rms_norm(xr, &self.weight, eps, or),
+                Some(b) => kernels::layer_norm(xr, &self.weight, b, eps, or),
+            }
+        }
+    }
+}
+
+/// Tensor names and norms of one layer.
+#[derive(Clone, Debug)]
+struct Layer {
+    attn_norm: Norm,
+    ffn_norm: Norm,
+    wq: String,
+    wk: String,
+    wv: String,
+    wo: String,
+    ffn_up: String,
+    ffn_gate: String,
+    ffn_down_t: String,
+}
+
+/// What an engine shares with its sessions.
+struct Shared {
+    model: Arc<ModelFile>,
+    dims: Dims,
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    head: &'static str,
+    inv_freq: Vec<f32>,
+}
+
+/// The CPU reference engine for one model file. Cheap to share (`Send + Sync`): it holds the
+/// file and the (tiny) decoded norm weights; every [`Session`] owns its KV cache.
+pub struct CpuEngine {
+    shared: Arc<Shared>,
+    threads: usize,
+}
+
+impl fmt::Debug for CpuEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CpuEngine")
+            .field("path", &self.shared.model.path())
+            .field("dims", &self.shared.dims)
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl CpuEngine {
+    /// Prepares an engine: validates the architecture, decodes the norm weights, and checks
+    /// that every weight matrix (FFNs at the largest level present) can be read in place
+    /// with the right shape and alignment. Uses all available cores by default.
+    pub fn new(model: Arc<ModelFile>) -> Result<CpuEngine, EngineError> {
+        let meta = model.metadata();
+        let dims = Dims::from_metadata(meta)?;
+        let arch = &meta.architecture;
+        let d = dims.d_model;
+        let mut layers = Vec::with_capacity(dims.n_layers);
+        for i in 0..dims.n_layers {
+            let n = |s: &str| names::layer(i, s);
+            layers.push(Layer {
+                attn_norm: Norm::load(&model, arch.norm, &n(names::ATTN_NORM), &n(names::ATTN_NORM_BIAS), d)?,
+                ffn_norm: Norm::load(&model, arch.norm, &n(names::FFN_NORM), &n(names::FFN_NORM_BIAS), d)?,
+                wq: n(names::WQ),
+                wk: n(names::WK),
+                wv: n(names::WV),
+                wo: n(names::WO),
+                ffn_up: n(names::FFN_UP),
+                ffn_gate: n(names::FFN_GATE),
+                ffn_down_t: n(names::FFN_DOWN_T),
+            });
+        }
+        let final_norm = Norm::load(&model, arch.norm, names::NORM, names::NORM_BIAS, d)?;
+        let head = if arch.tied_embeddings { names::TOK_EMBEDDINGS } else { names::LM_HEAD };
+        let hd = dims.head_dim;
+        let inv_freq = (0..hd / 2).map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
+        let shared = Shared { model, dims, layers, final_norm, head, inv_freq };
+        shared.check_matrices()?;
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Ok(CpuEngine { shared: Arc::new(shared), threads })
+    }
+
+    /// Uses `n` threads for the big matrix products (at least 1). Small products always run
+    /// on the calling thread. Results do not depend on `n`.
+    pub fn with_threads(mut self, n: usize) -> CpuEngine {
+        self.threads = n.max(1);
+        self
+    }
+
+    /// Threads used by sessions created from now on.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The model file.
+    pub fn model(&self) -> &Arc<ModelFile> {
+        &self.shared.model
+    }
+
+    /// A generation session (empty KV cache) running `submodel`, which must have one level
+    /// per layer, each present in the file.
+    pub fn session(&self, submodel: &Submodel) -> Result<Session, EngineError> {
+        let model = &self.shared.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        let widths = submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect();
+        let n_layers = self.shared.dims.n_layers;
+        Ok(Session {
+            shared: Arc::clone(&self.shared),
+            threads: self.threads,
+            submodel: submodel.clone(),
+            widths,
+            keys: vec![Vec::new(); n_layers],
+            values: vec![Vec::new(); n_layers],
+            pos: 0,
+        })
+    }
+}
+
+impl Shared {
+    /// Loads every matrix view once so that shape, layout and alignment errors surface at
+    /// engine creation instead of mid-generation.
+    fn check_matrices(&self) -> Result<(), EngineError> {
+        let m = &*self.model;
+        let dm = &self.dims;
+        let d = dm.d_model;
+        let top = m.view().available_levels.saturating_sub(1);
+        Matrix::load(m, names::TOK_EMBEDDINGS, dm.vocab, d)?;
+        Matrix::load(m, self.head, dm.vocab, d)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            Matrix::load(m, &l.wq, dm.q_dim, d)?;
+            Matrix::load(m, &l.wk, dm.kv_dim, d)?;
+            Matrix::load(m, &l.wv, dm.kv_dim, d)?;
+            Matrix::load(m, &l.wo, d, dm.q_dim)?;
+            let w = m.metadata().ffn_widths.get(i).and_then(|w| w.get(top)).copied().unwrap_or(0) as usize;
+            Matrix::load(m, &l.ffn_up, w, d)?;
+            if dm.gated {
+                Matrix::load(m, &l.ffn_gate, w, d)?;
+            }
+            Matrix::load(m, &l.ffn_down_t, w, d)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which logits a pass returns.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// A generation session: one submodel, its KV cache (`f32`, `[layer][position][kv_dim]`) and
+/// position. `Send`, so it can move to a worker thread; not shared between threads.
+pub struct Session {
+    shared: Arc<Shared>,
+    threads: usize,
+    submodel: Submodel,
+    widths: Vec<usize>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    pos: usize,
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("submodel", &self.submodel)
+            .field("widths", &self.widths)
+            .field("position", &self.pos)
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl Session {
+    /// The submodel this session runs.
+    pub fn submodel(&self) -> &Submodel {
+        &self.submodel
+    }
+
+    /// FFN neuron count of every layer for this session's submodel.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+
+    /// Number of tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The context window: the KV cache holds at most this many tokens.
+    pub fn max_context(&self) -> usize {
+        self.shared.dims.max_context
+    }
+
+    /// Vocabulary size (length of a logits vector).
+    pub fn vocab_size(&self) -> usize {
+        self.shared.dims.vocab
+    }
+
+    /// Bytes currently held by the KV cache.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|v| v.capacity() * std::mem::size_of::<f32>()).sum()
+    }
+
+    /// Appends `tokens` to the context (one batched pass: every weight row is read once per
+    /// chunk of up to 256 tokens) and returns the logits (`vocab_size` values) of the last one.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput { what: "prefill" });
+        }
+        self.run(tokens, Logits::Last)
+    }
+
+    /// Appends `tokens` and returns the logits of every one of them, row-major
+    /// `[tokens.len(), vocab_size]` (evaluation, parity tests). Empty input gives empty output.
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.run(tokens, Logits::All)
+    }
+
+    /// Appends one token and returns its logits.
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        self.run(&[token], Logits::Last)
+    }
+
+    /// Empties the KV cache (keeps its memory for reuse).
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Forgets every token from `position` on (no-op if `position >= self.position()`), e.g.
+    /// to reuse a shared prompt prefix.
+    pub fn truncate(&mut self, position: usize) {
+        let pos = position.min(self.pos);
+        let kv = self.shared.dims.kv_dim;
+        for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            c.truncate(pos * kv);
+        }
+        self.pos = pos;
+    }
+
+    /// Validates the whole input, then runs it in chunks; on failure the session is left as
+    /// it was before the call.
+    fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
+        let dims = &self.shared.dims;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= dims.vocab) {
+            return Err(EngineError::TokenOutOfRange { token, vocab: dims.vocab as u32 });
+        }
+        if self.pos + tokens.len() > dims.max_context {
+            return Err(EngineError::ContextFull { max: dims.max_context });
+        }
+        let start = self.pos;
+        let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
+        let mut logits = Vec::new();
+        for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let chunk_want = match want {
+                Logits::All => Logits::All,
+                _ if c + 1 == n_chunks => want,
+                _ => Logits::None,
+            };
+            match self.forward_chunk(chunk, chunk_want) {
+                Ok(l) => logits.extend_from_slice(&l),
+                Err(e) => {
+                    self.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// One batched pass over `tokens` (already validated) at positions `pos..pos + t`.
+    fn forward_chunk(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
+        let shared = Arc::clone(&self.shared);
+        let sh = &*shared;
+        let model = &*sh.model;
+        let dm = &sh.dims;
+        let (d, hd, q_dim, kv_dim) = (dm.d_model, dm.head_dim, dm.q_dim, dm.kv_dim);
+        let t = tokens.len();
+        let p0 = self.pos;
+        let threads = self.threads;
+
+        // Embeddings.
+        let emb = Matrix::load(model, names::TOK_EMBEDDINGS, dm.vocab, d)?;
+        let mut x = vec![0.0f32; t * d];
+        for (&tok, xr) in tokens.iter().zip(x.chunks_exact_mut(d)) {
+            let row =
+                emb.row(tok as usize).ok_or(EngineError::TokenOutOfRange { token: tok, vocab: dm.vocab as u32 })?;
+            row.to_f32(xr);
+        }
+
+        // RoPE tables for the chunk's positions.
+        let half = hd / 2;
+        let mut cos = vec![0.0f32; t * half];
+        let mut sin = vec![0.0f32; t * half];
+        for (i, (c, s)) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).enumerate() {
+            kernels::rope_angles(p0 + i, &sh.inv_freq, c, s);
+        }
+
+        let mut xn = vec![0.0f32; t * d];
+        let mut q = vec![0.0f32; t * q_dim];
+        let mut k = vec![0.0f32; t * kv_dim];
+        let mut v = vec![0.0f32; t * kv_dim];
+        let mut att = vec![0.0f32; t * q_dim];
+        let mut proj = vec![0.0f32; t * d];
+        let group = dm.n_heads / dm.n_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let n_ctx = p0 + t;
+
+        for (li, layer) in sh.layers.iter().enumerate() {
+            // Attention block.
+            layer.attn_norm.apply(&x, &mut xn, d, dm.eps);
+            let wq = Matrix::load(model, &layer.wq, q_dim, d)?;
+            let wk = Matrix::load(model, &layer.wk, kv_dim, d)?;
+            let wv = Matrix::load(model, &layer.wv, kv_dim, d)?;
+            kernels::matmul(&xn, t, &wq, &mut q, threads);
+            kernels::matmul(&xn, t, &wk, &mut k, threads);
+            kernels::matmul(&xn, t, &wv, &mut v, threads);
+            for i in 0..t {
+                let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
+                for head in q[i * q_dim..(i + 1) * q_dim].chunks_exact_mut(hd) {
+                    kernels::rope(head, c, s);
+                }
+                for head in k[i * kv_dim..(i + 1) * kv_dim].chunks_exact_mut(hd) {
+                    kernels::rope(head, c, s);
+                }
+            }
+            let keys = &mut self.keys[li];
+            let values = &mut self.values[li];
+            reserve_cache(keys, n_ctx * kv_dim, dm.max_context * kv_dim);
+            reserve_cache(values, n_ctx * kv_dim, dm.max_context * kv_dim);
+            keys.extend_from_slice(&k);
+            values.extend_from_slice(&v);
+            let (keys, values) = (&*keys, &*values);
+            let work = t * dm.n_heads * n_ctx * hd * 2;
+            let qr = &q;
+            kernels::par_units(&mut att, hd, work, threads, n_ctx, |u, out, scores| {
+                let (i, h) = (u / dm.n_heads, u % dm.n_heads);
+                let qh = &qr[i * q_dim + h * hd..i * q_dim + (h + 1) * hd];
+                let off = (h / group) * hd;
+                kernels::attend(qh, keys, values, p0 + i + 1, kv_dim, off, scale, scores, out);
+            });
+            let wo = Matrix::load(model, &layer.wo, d, q_dim)?;
+            kernels::matmul(&att, t, &wo, &mut proj, threads);
+            kernels::add_assign(&mut x, &proj);
+
+            // FFN block: the first `w` neurons.
+            let w = self.widths[li];
+            if w > 0 {
+                layer.ffn_norm.apply(&x, &mut xn, d, dm.eps);
+                let up = Matrix::load(model, &layer.ffn_up, w, d)?;
+                let mut h = vec![0.0f32; t * w];
+                kernels::matmul(&xn, t, &up, &mut h, threads);
+                let act = match dm.activation {
+                    Activation::Silu => kernels::silu,
+                    Activation::GeluTanh => kernels::gelu_tanh,
+                };
+                if dm.gated {
+                    let gate = Matrix::load(model, &layer.ffn_gate, w, d)?;
+                    let mut g = vec![0.0f32; t * w];
+                    kernels::matmul(&xn, t, &gate, &mut g, threads);
+                    for (hv, gv) in h.iter_mut().zip(&g) {
+                        *hv *= act(*gv);
+                    }
+                } else {
+                    for hv in h.iter_mut() {
+                        *hv = act(*hv);
+                    }
+                }
+                let down = Matrix::load(model, &layer.ffn_down_t, w, d)?;
+                kernels::matmul_down(&h, t, &down, &mut proj, threads);
+                kernels::add_assign(&mut x, &proj);
+            }
+        }
+        self.pos = n_ctx;
+
+        // Final norm and LM head, only for the rows whose logits are wanted.
+        let rows = match want {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => &x[(t - 1) * d..],
+            Logits::All => &x[..],
+        };
+        let n = rows.len() / d;
+        let mut xf = vec![0.0f32; n * d];
+        sh.final_norm.apply(rows, &mut xf, d, dm.eps);
+        let head = Matrix::load(model, sh.head, dm.vocab, d)?;
+        let mut logits = vec![0.0f32; n * dm.vocab];
+        kernels::matmul(&xf, n, &head, &mut logits, threads);
+        Ok(logits)
+    }
+}
+
+/// Grows a cache geometrically (at most to the context window) so long generations do not
+/// copy the cache at every step, without reserving the whole window up front.
+fn reserve_cache(cache: &mut Vec<f32>, needed: usize, limit: usize) {
+    if cache.capacity() >= needed {
+        return;
+    }
+    let target = (cache.capacity() * 3 / 2).max(needed).min(limit.max(needed));
+    cache.reserve_exact(target - cache.len());
+}

@@ -1,0 +1,743 @@
+//! Fast f32 kernels of the CPU engine (the plain versions they are tested against are in
+//! [`super::reference`]).
+//!
+//! Determinism: every output element is computed by the same sequence of f32 operations
+//! whatever the batch size (1 token or a prefill batch) and whatever the thread count, so
+//! batched prefill, token-by-token decode and any `with_threads(n)` agree bitwise:
+//!
+//! - dot products use [`LANES`] partial sums, element `k` going to lane `k % LANES` in
+//!   increasing `k`, reduced by [`reduce`] in a fixed tree; the batched micro-kernel keeps
+//!   exactly that order per (token, row);
+//! - `x @ W^T` is split across threads by output rows, the down projection by output columns,
+//!   attention by (token, head): no sum is ever split between threads.
+//!
+//! The loops are written to auto-vectorise (fixed-size lane arrays, no bounds checks in the
+//! inner loops); f16 rows are widened chunk by chunk with `half`'s slice conversion (F16C on
+//! x86 when the CPU has it, NEON on aarch64).
+
+use half::slice::HalfFloatSliceExt;
+
+use super::weights::{Matrix, RowData};
+
+/// Partial sums per dot product.
+pub(crate) const LANES: usize = 8;
+/// f16 elements widened at a time in the GEMV path (a multiple of [`LANES`]).
+const CONVERT_CHUNK: usize = 512;
+/// Rows widened at a time in the batched paths.
+const ROW_BLOCK: usize = 8;
+/// Tokens per micro-kernel call in the batched `x @ W^T`.
+const TOKEN_BLOCK: usize = 4;
+/// Below this many multiply-adds a kernel runs on the calling thread only: spawning costs
+/// tens of microseconds.
+pub(crate) const PAR_MIN_WORK: usize = 1 << 18;
+
+#[inline(always)]
+fn mul_add_lanes(acc: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
+    for i in 0..LANES {
+        acc[i] += x[i] * w[i];
+    }
+}
+
+/// Adds `x[k] * w[k]` to lane `k % LANES`, for `k` in increasing order; `x` and `w` must start
+/// at a multiple of [`LANES`] of the full vectors for the lane assignment to be global.
+#[inline(always)]
+fn accumulate(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
+    let xc = x.chunks_exact(LANES);
+    let wc = w.chunks_exact(LANES);
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (a, b) in xc.zip(wc) {
+        if let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(a), <&[f32; LANES]>::try_from(b)) {
+            mul_add_lanes(acc, a, b);
+        }
+    }
+    for ((s, a), b) in acc.iter_mut().zip(xr).zip(wr) {
+        *s += a * b;
+    }
+}
+
+/// [`accumulate`] for [`TOKEN_BLOCK`] inputs against one weight row at once (the weight row
+/// is loaded once per chunk), keeping the per-(input, row) order of [`accumulate`].
+#[inline(always)]
+fn accumulate_block(acc: &mut [[f32; LANES]; TOKEN_BLOCK], x: [&[f32]; TOKEN_BLOCK], w: &[f32]) {
+    let n = w.len();
+    let n_full = n - n % LANES;
+    let mut k = 0;
+    while k < n_full {
+        let wk = <&[f32; LANES]>::try_from(&w[k..k + LANES]);
+        let x0 = <&[f32; LANES]>::try_from(&x[0][k..k + LANES]);
+        let x1 = <&[f32; LANES]>::try_from(&x[1][k..k + LANES]);
+        let x2 = <&[f32; LANES]>::try_from(&x[2][k..k + LANES]);
+        let x3 = <&[f32; LANES]>::try_from(&x[3][k..k + LANES]);
+        if let (Ok(wk), Ok(x0), Ok(x1), Ok(x2), Ok(x3)) = (wk, x0, x1, x2, x3) {
+            let [a0, a1, a2, a3] = acc;
+            mul_add_lanes(a0, x0, wk);
+            mul_add_lanes(a1, x1, wk);
+            mul_add_lanes(a2, x2, wk);
+            mul_add_lanes(a3, x3, wk);
+        }
+        k += LANES;
+    }
+    for (a, xi) in acc.iter_mut().zip(x) {
+        for ((s, xv), wv) in a.iter_mut().zip(&xi[n_full..n]).zip(&w[n_full..n]) {
+            *s += xv * wv;
+        }
+    }
+}
+
+/// Sums the lanes in a fixed order.
+#[inline(always)]
+pub(crate) fn reduce(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+}
+
+/// `sum_k x[k] * w[k]` over the common length, in the canonical lane order.
+#[inline]
+pub(crate) fn dot(x: &[f32], w: &[f32]) -> f32 {
+    let n = x.len().min(w.len());
+    let mut acc = [0.0f32; LANES];
+    accumulate(&mut acc, &x[..n], &w[..n]);
+    reduce(&acc)
+}
+
+/// [`dot`] against a row stored as f16 or f32, widening f16 chunk by chunk (bitwise equal to
+/// widening the whole row first).
+#[inline]
+fn dot_row(x: &[f32], w: RowData<'_>) -> f32 {
+    match w {
+        RowData::F32(w) => dot(x, w),
+        RowData::F16(w) => {
+            let mut acc = [0.0f32; LANES];
+            let mut buf = [0.0f32; CONVERT_CHUNK];
+            for (xc, wc) in x.chunks(CONVERT_CHUNK).zip(w.chunks(CONVERT_CHUNK)) {
+                let n = xc.len().min(wc.len());
+                let b = &mut buf[..n];
+                wc[..n].convert_to_f32_slice(b);
+                accumulate(&mut acc, &xc[..n], b);
+            }
+            reduce(&acc)
+        }
+    }
+}
+
+/// `sum_k x[k]` in the canonical lane order.
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let xc = x.chunks_exact(LANES);
+    let xr = xc.remainder();
+    for a in xc {
+        for (s, v) in acc.iter_mut().zip(a) {
+            *s += v;
+        }
+    }
+    for (s, v) in acc.iter_mut().zip(xr) {
+        *s += v;
+    }
+    reduce(&acc)
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
+/// `y += x` elementwise.
+pub(crate) fn add_assign(y: &mut [f32], x: &[f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += xv;
+    }
+}
+
+/// Rows `[r0, r1)` of `x @ W^T` for `t` inputs: `out[i * ld + (r - r0)] = x[i] . W[r]`.
+fn matmul_rows(x: &[f32], t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &mut [f32], ld: usize) {
+    let cols = w.cols;
+    if t == 1 {
+        for (start, rows, data) in w.parts_in(r0, r1) {
+            for k in 0..rows {
+                if let Some(row) = data.get(k * cols, (k + 1) * cols) {
+                    out[start - r0 + k] = dot_row(&x[..cols], row);
+                }
+            }
+        }
+        return;
+    }
+    let mut wbuf = vec![0.0f32; ROW_BLOCK * cols];
+    for (start, rows, data) in w.parts_in(r0, r1) {
+        let mut b0 = 0;
+        while b0 < rows {
+            let nb = ROW_BLOCK.min(rows - b0);
+            if let Some(block) = data.get(b0 * cols, (b0 + nb) * cols) {
+                block.to_f32(&mut wbuf[..nb * cols]);
+            }
+            let col0 = start - r0 + b0;
+            let mut i = 0;
+            while i + TOKEN_BLOCK <= t {
+                let xs = [
+                    &x[i * cols..(i + 1) * cols],
+                    &x[(i + 1) * cols..(i + 2) * cols],
+                    &x[(i + 2) * cols..(i + 3) * cols],
+                    &x[(i + 3) * cols..(i + 4) * cols],
+                ];
+                for (j, wr) in wbuf[..nb * cols].chunks_exact(cols).enumerate() {
+                    let mut acc = [[0.0f32; LANES]; TOKEN_BLOCK];
+                    accumulate_block(&mut acc, xs, wr);
+                    for (ti, a) in acc.iter().enumerate() {
+                        out[(i + ti) * ld + col0 + j] = reduce(a);
+                    }
+                }
+                i += TOKEN_BLOCK;
+            }
+            for ti in i..t {
+                let xr = &x[ti * cols..(ti + 1) * cols];
+                for (j, wr) in wbuf[..nb * cols].chunks_exact(cols).enumerate() {
+                    out[ti * ld + col0 + j] = dot(xr, wr);
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// Splits `[0, n)` into at most `parts` contiguous ranges whose starts are multiples of `align`.
+fn split_ranges(n: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
+    let parts = parts.max(1);
+    let per = n.div_ceil(parts).div_ceil(align.max(1)) * align.max(1);
+    let mut out = Vec::with_capacity(parts);
+    let mut s = 0;
+    while s < n {
+        let e = (s + per.max(1)).min(n);
+        out.push((s, e));
+        s = e;
+    }
+    out
+}
+
+/// Threads worth using for `work` multiply-adds.
+fn threads_for(work: usize, threads: usize) -> usize {
+    if work < PAR_MIN_WORK {
+        1
+    } else {
+        threads.clamp(1, work / (PAR_MIN_WORK / 2))
+    }
+}
+
+/// Runs `f(range, out_chunk, ld)` over output ranges in parallel, where the output of a range
+/// `[s, e)` for all `t` rows of a row-major `[t, n]` array is `out[i * n + s..i * n + e]`.
+/// With one input row the output chunks are disjoint slices of `out`; otherwise each thread
+/// fills a private `[t, e - s]` buffer that is copied into place afterwards.
+fn par_columns<F>(out: &mut [f32], t: usize, n: usize, threads: usize, align: usize, f: F)
+where
+    F: Fn(usize, usize, &mut [f32], usize) + Sync,
+{
+    let ranges = split_ranges(n, threads, align);
+    if ranges.len() <= 1 {
+        f(0, n, out, n);
+        return;
+    }
+    if t == 1 {
+        std::thread::scope(|scope| {
+            let mut rest: &mut [f32] = out;
+            let mut first = None;
+            for &(s, e) in &ranges {
+                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(e - s);
+                rest = tail;
+                if first.is_none() {
+                    first = Some((s, e, chunk));
+                } else {
+                    let f = &f;
+                    scope.spawn(move || f(s, e, chunk, e - s));
+                }
+            }
+            if let Some((s, e, chunk)) = first {
+                f(s, e, chunk, e - s);
+            }
+        });
+        return;
+    }
+    let mut bufs: Vec<Vec<f32>> = ranges.iter().map(|&(s, e)| vec![0.0; t * (e - s)]).collect();
+    std::thread::scope(|scope| {
+        let mut iter = ranges.iter().zip(bufs.iter_mut());
+        let first = iter.next();
+        for (&(s, e), buf) in iter {
+            let f = &f;
+            scope.spawn(move || f(s, e, buf, e - s));
+        }
+        if let Some((&(s, e), buf)) = first {
+            f(s, e, buf, e - s);
+        }
+    });
+    for (&(s, e), buf) in ranges.iter().zip(&bufs) {
+        let w = e - s;
+        for i in 0..t {
+            out[i * n + s..i * n + e].copy_from_slice(&buf[i * w..(i + 1) * w]);
+        }
+    }
+}
+
+/// `out[i, r] = x[i] . W[r]` for `t` inputs of `w.cols` elements: `x` is `[t, cols]`, `out`
+/// is `[t, rows]`. Weight rows are read once for the whole batch.
+pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    let n = w.rows;
+    let work = t.saturating_mul(n).saturating_mul(w.cols);
+    let threads = threads_for(work, threads).min(n.div_ceil(ROW_BLOCK).max(1));
+    par_columns(out, t, n, threads, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, t, w, s, e, chunk, ld));
+}
+
+/// Columns `[c0, c1)` of `h @ D` where `D` is `[rows, cols]` (`ffn_down_t`): for each input
+/// `i`, `out[i * ld + (c - c0)] = sum_n h[i, n] * D[n, c]` with `n` increasing. `out` must be
+/// zero on entry.
+fn down_cols(h: &[f32], t: usize, d: &Matrix<'_>, c0: usize, c1: usize, out: &mut [f32], ld: usize) {
+    let cols = d.cols;
+    let hw = d.rows;
+    let cw = c1 - c0;
+    let mut wbuf = vec![0.0f32; ROW_BLOCK * cw];
+    for (start, rows, data) in d.parts_in(0, d.rows) {
+        let mut b0 = 0;
+        while b0 < rows {
+            let nb = ROW_BLOCK.min(rows - b0);
+            for j in 0..nb {
+                let base = (b0 + j) * cols;
+                if let Some(piece) = data.get(base + c0, base + c1) {
+                    piece.to_f32(&mut wbuf[j * cw..(j + 1) * cw]);
+                }
+            }
+            for i in 0..t {
+                let o = &mut out[i * ld..i * ld + cw];
+                let hrow = &h[i * hw + start + b0..i * hw + start + b0 + nb];
+                for (a, wr) in hrow.iter().zip(wbuf.chunks_exact(cw)) {
+                    axpy(o, *a, wr);
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// `out = h @ D` for `t` inputs: `h` is `[t, d.rows]`, `D` is `[d.rows, d.cols]` stored by
+/// rows (the transposed down projection), `out` is `[t, d.cols]`.
+pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    out.fill(0.0);
+    let n = d.cols;
+    let work = t.saturating_mul(d.rows).saturating_mul(n);
+    let threads = threads_for(work, threads).min(n.div_ceil(64).max(1));
+    par_columns(out, t, n, threads, 64, |s, e, chunk, ld| down_cols(h, t, d, s, e, chunk, ld));
+}
+
+/// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = dot(x, x) / x.len().max(1) as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, xv), wv) in out.iter_mut().zip(x).zip(w) {
+        *o = xv * r * wv;
+    }
+}
+
+/// LayerNorm: `out = (x - mean) / sqrt(var + eps) * w + b` (biased variance).
+pub(crate) fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len().max(1) as f32;
+    let mean = sum(x) / n;
+    for (o, xv) in out.iter_mut().zip(x) {
+        *o = xv - mean;
+    }
+    let var = dot(out, out) / n;
+    let r = 1.0 / (var + eps).sqrt();
+    for ((o, wv), bv) in out.iter_mut().zip(w).zip(b) {
+        *o = *o * r * wv + bv;
+    }
+}
+
+/// Rotates `x` (one head, `cos.len() * 2` elements) in place with the "rotate_half" pairing
+/// `(i, i + half)`: `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`.
+pub(crate) fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (a, b) = x.split_at_mut(half);
+    for (((x1, x2), c), s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (v1, v2) = (*x1, *x2);
+        *x1 = v1 * c - v2 * s;
+        *x2 = v2 * c + v1 * s;
+    }
+}
+
+/// `cos` and `sin` of `pos * inv_freq[i]` (computed in f32, as PyTorch does).
+pub(crate) fn rope_angles(pos: usize, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    let p = pos as f32;
+    for ((c, s), f) in cos.iter_mut().zip(sin.iter_mut()).zip(inv_freq) {
+        let a = p * f;
+        *c = a.cos();
+        *s = a.sin();
+    }
+}
+
+/// Causal attention of one query head over `n` cached positions: `keys` and `values` are the
+/// layer's caches (`[pos, kv_dim]`), the head's slice starting at `off`. `scores` needs `n`
+/// elements of scratch; `out` gets `head_dim` elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    kv_dim: usize,
+    off: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let scores = &mut scores[..n];
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let k = &keys[j * kv_dim + off..j * kv_dim + off + hd];
+        *s = dot(q, k) * scale;
+        max = max.max(*s);
+    }
+    let mut total = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        total += *s;
+    }
+    out.fill(0.0);
+    for (j, s) in scores.iter().enumerate() {
+        let v = &values[j * kv_dim + off..j * kv_dim + off + hd];
+        axpy(out, *s / total, v);
+    }
+}
+
+/// SiLU: `x * sigmoid(x)`.
+#[inline]
+pub(crate) fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// tanh-approximated GELU (PyTorch `approximate="tanh"`).
+#[inline]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Parallel map over `units` equal-size output chunks of `out` (`out.len() = units * chunk`),
+/// `f(unit_index, out_chunk, scratch)`, where each thread gets its own `scratch_len` scratch.
+pub(crate) fn par_units<F>(out: &mut [f32], chunk: usize, work: usize, threads: usize, scratch_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let units = out.len() / chunk.max(1);
+    let threads = threads_for(work, threads).min(units.max(1));
+    let ranges = split_ranges(units, threads, 1);
+    let run = |u0: usize, slab: &mut [f32]| {
+        let mut scratch = vec![0.0f32; scratch_len];
+        for (k, c) in slab.chunks_exact_mut(chunk.max(1)).enumerate() {
+            f(u0 + k, c, &mut scratch);
+        }
+    };
+    if ranges.len() <= 1 {
+        run(0, out);
+        return;
+    }
+    std::thread::scope(|scope| {
+        let mut rest: &mut [f32] = out;
+        let mut first = None;
+        for &(s, e) in &ranges {
+            let (slab, tail) = std::mem::take(&mut rest).split_at_mut((e - s) * chunk);
+            rest = tail;
+            if first.is_none() {
+                first = Some((s, slab));
+            } else {
+                let run = &run;
+                scope.spawn(move || run(s, slab));
+            }
+        }
+        if let Some((s, slab)) = first {
+            run(s, slab);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests: each fast kernel against its scalar reference on random shapes and
+    //! values (named tolerances), plus the bitwise batch/thread invariances.
+
+    use half::f16;
+
+    use super::super::reference;
+    use super::super::tolerance::Tolerance;
+    use super::super::weights::{Matrix, Part, RowData};
+    use super::*;
+
+    /// SplitMix64: a tiny deterministic generator for test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        /// Uniform in [0, n).
+        fn below(&mut self, n: usize) -> usize {
+            (self.next_u64() % n.max(1) as u64) as usize
+        }
+        /// Uniform in [-1, 1).
+        fn f(&mut self) -> f32 {
+            (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    fn check(tol: Tolerance, expected: &[f32], actual: &[f32], what: &str) {
+        if let Err(m) = tol.check(expected, actual) {
+            panic!("{what}: {m}");
+        }
+    }
+
+    /// Weights as stored (f16 values are rounded first, so the reference sees the same
+    /// numbers), split into random parts like level segments.
+    struct TestMatrix {
+        rows: usize,
+        cols: usize,
+        f32_data: Vec<f32>,
+        f16_data: Vec<f16>,
+        splits: Vec<usize>,
+    }
+
+    impl TestMatrix {
+        fn new(rng: &mut Rng, rows: usize, cols: usize, use_f16: bool) -> TestMatrix {
+            let mut f32_data = rng.vec(rows * cols);
+            let f16_data: Vec<f16> = f32_data.iter().map(|&v| f16::from_f32(v)).collect();
+            if use_f16 {
+                f32_data = f16_data.iter().map(|v| v.to_f32()).collect();
+            }
+            let mut splits: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(rows + 1)).collect();
+            splits.push(0);
+            splits.push(rows);
+            splits.sort_unstable();
+            splits.dedup();
+            TestMatrix { rows, cols, f32_data, f16_data, splits }
+        }
+
+        fn view(&self, use_f16: bool) -> Matrix<'_> {
+            let parts = self
+                .splits
+                .windows(2)
+                .map(|w| {
+                    let (a, b) = (w[0] * self.cols, w[1] * self.cols);
+                    Part {
+                        first_row: w[0],
+                        rows: w[1] - w[0],
+                        data: if use_f16 {
+                            RowData::F16(&self.f16_data[a..b])
+                        } else {
+                            RowData::F32(&self.f32_data[a..b])
+                        },
+                    }
+                })
+                .collect();
+            Matrix { rows: self.rows, cols: self.cols, parts }
+        }
+    }
+
+    #[test]
+    fn dot_and_sum_match_reference() {
+        let mut rng = Rng(1);
+        for _ in 0..200 {
+            let n = rng.below(600);
+            let (x, w) = (rng.vec(n), rng.vec(n));
+            let r = reference::matvec(&w, 1, n, &x);
+            check(Tolerance::KERNEL, &r, &[dot(&x, &w)], "dot");
+            let s: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            check(Tolerance::KERNEL, &[s as f32], &[sum(&x)], "sum");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_batched_and_threaded() {
+        let mut rng = Rng(2);
+        for case in 0..60 {
+            let use_f16 = case % 2 == 0;
+            let rows = 1 + rng.below(70);
+            let cols = 1 + rng.below(600);
+            let t = 1 + rng.below(9);
+            let m = TestMatrix::new(&mut rng, rows, cols, use_f16);
+            let view = m.view(use_f16);
+            let x = rng.vec(t * cols);
+            let mut batched = vec![0.0; t * rows];
+            matmul(&x, t, &view, &mut batched, 1);
+            for i in 0..t {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let expected = reference::matvec(&m.f32_data, rows, cols, xi);
+                let got = &batched[i * rows..(i + 1) * rows];
+                check(Tolerance::KERNEL, &expected, got, "matmul vs reference");
+                let mut single = vec![0.0; rows];
+                matmul(xi, 1, &view, &mut single, 1);
+                check(Tolerance::EXACT, got, &single, "batched vs one token");
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_kernels_are_bitwise_thread_independent() {
+        let mut rng = Rng(3);
+        for &(rows, cols, t) in &[(700, 400, 1), (513, 520, 3), (64, 4100, 2), (1000, 300, 5)] {
+            for use_f16 in [false, true] {
+                let m = TestMatrix::new(&mut rng, rows, cols, use_f16);
+                let view = m.view(use_f16);
+                let x = rng.vec(t * cols);
+                let mut one = vec![0.0; t * rows];
+                matmul(&x, t, &view, &mut one, 1);
+                let h = rng.vec(t * rows);
+                let mut down_one = vec![0.0; t * cols];
+                matmul_down(&h, t, &view, &mut down_one, 1);
+                for threads in [2, 3, 7] {
+                    let mut many = vec![0.0; t * rows];
+                    matmul(&x, t, &view, &mut many, threads);
+                    check(Tolerance::EXACT, &one, &many, "matmul threads");
+                    let mut down_many = vec![0.0; t * cols];
+                    matmul_down(&h, t, &view, &mut down_many, threads);
+                    check(Tolerance::EXACT, &down_one, &down_many, "down threads");
+                }
+                for i in 0..t {
+                    let expected = reference::matvec(&m.f32_data, rows, cols, &x[i * cols..(i + 1) * cols]);
+                    check(Tolerance::KERNEL, &expected, &one[i * rows..(i + 1) * rows], "big matmul");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn down_projection_matches_reference_and_batch() {
+        let mut rng = Rng(4);
+        for case in 0..60 {
+            let use_f16 = case % 2 == 1;
+            let rows = 1 + rng.below(300);
+            let cols = 1 + rng.below(200);
+            let t = 1 + rng.below(6);
+            let m = TestMatrix::new(&mut rng, rows, cols, use_f16);
+            let view = m.view(use_f16);
+            let h = rng.vec(t * rows);
+            let mut batched = vec![0.0; t * cols];
+            matmul_down(&h, t, &view, &mut batched, 2);
+            for i in 0..t {
+                let hi = &h[i * rows..(i + 1) * rows];
+                let expected = reference::matvec_transposed(&m.f32_data, rows, cols, hi);
+                let got = &batched[i * cols..(i + 1) * cols];
+                check(Tolerance::KERNEL, &expected, got, "down vs reference");
+                let mut single = vec![1.0; cols];
+                matmul_down(hi, 1, &view, &mut single, 1);
+                check(Tolerance::EXACT, got, &single, "down batched vs one token");
+            }
+        }
+    }
+
+    #[test]
+    fn norms_match_reference() {
+        let mut rng = Rng(5);
+        for _ in 0..100 {
+            let n = 1 + rng.below(500);
+            let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 3.0 + 0.5).collect();
+            let w = rng.vec(n);
+            let b = rng.vec(n);
+            let mut out = vec![0.0; n];
+            rms_norm(&x, &w, 1e-5, &mut out);
+            check(Tolerance::KERNEL, &reference::rms_norm(&x, &w, 1e-5), &out, "rms_norm");
+            layer_norm(&x, &w, &b, 1e-5, &mut out);
+            check(Tolerance::KERNEL, &reference::layer_norm(&x, &w, &b, 1e-5), &out, "layer_norm");
+        }
+    }
+
+    #[test]
+    fn rope_matches_reference() {
+        let mut rng = Rng(6);
+        for _ in 0..100 {
+            let hd = 2 * (1 + rng.below(64));
+            // f32 angles `pos * inv_freq` (as in PyTorch) lose ~pos ulps: keep positions
+            // small here; long-context behaviour is the reference forward's business.
+            let pos = rng.below(48);
+            let theta = if rng.below(2) == 0 { 10000.0 } else { 500000.0 };
+            let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / f32::powf(theta, (2 * i) as f32 / hd as f32)).collect();
+            let mut c = vec![0.0; hd / 2];
+            let mut s = vec![0.0; hd / 2];
+            rope_angles(pos, &inv, &mut c, &mut s);
+            let x = rng.vec(hd);
+            let mut y = x.clone();
+            rope(&mut y, &c, &s);
+            check(Tolerance::KERNEL, &reference::rope(&x, pos, theta), &y, "rope");
+        }
+    }
+
+    #[test]
+    fn attention_matches_reference() {
+        let mut rng = Rng(7);
+        for _ in 0..100 {
+            let hd = 1 + rng.below(80);
+            let n_kv = 1 + rng.below(3);
+            let kv_dim = hd * n_kv;
+            let g = rng.below(n_kv);
+            let n = 1 + rng.below(120);
+            let keys: Vec<f32> = rng.vec(n * kv_dim).iter().map(|v| v * 2.0).collect();
+            let values = rng.vec(n * kv_dim);
+            let q: Vec<f32> = rng.vec(hd).iter().map(|v| v * 2.0).collect();
+            let mut scores = vec![0.0; n];
+            let mut out = vec![0.0; hd];
+            let scale = 1.0 / (hd as f32).sqrt();
+            attend(&q, &keys, &values, n, kv_dim, g * hd, scale, &mut scores, &mut out);
+            let head = |c: &[f32]| -> Vec<Vec<f32>> {
+                (0..n).map(|j| c[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd].to_vec()).collect()
+            };
+            let expected = reference::attention(&q, &head(&keys), &head(&values));
+            check(Tolerance::KERNEL, &expected, &out, "attention");
+        }
+    }
+
+    #[test]
+    fn activations_match_reference() {
+        let mut rng = Rng(8);
+        for _ in 0..1000 {
+            let x = rng.f() * 12.0;
+            check(Tolerance::KERNEL, &[reference::silu(x)], &[silu(x)], "silu");
+            check(Tolerance::KERNEL, &[reference::gelu_tanh(x)], &[gelu_tanh(x)], "gelu");
+        }
+    }
+
+    #[test]
+    fn par_units_covers_every_unit_once() {
+        for threads in [1, 2, 5] {
+            let mut out = vec![0.0f32; 37 * 3];
+            par_units(&mut out, 3, PAR_MIN_WORK * 4, threads, 2, |u, c, s| {
+                assert_eq!(s.len(), 2);
+                for v in c.iter_mut() {
+                    *v += u as f32;
+                }
+            });
+            let expected: Vec<f32> = (0..37).flat_map(|u| [u as f32; 3]).collect();
+            assert_eq!(out, expected);
+        }
+    }
+
+    #[test]
+    fn split_ranges_partition() {
+        for n in 0..50 {
+            for parts in 1..6 {
+                for align in [1, 4, 8] {
+                    let r = split_ranges(n, parts, align);
+                    assert!(r.len() <= parts);
+                    let mut next = 0;
+                    for &(s, e) in &r {
+                        assert_eq!(s, next);
+                        assert!(e > s);
+                        assert!(s % align == 0);
+                        next = e;
+                    }
+                    assert_eq!(next, n);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Zero-copy views of weight matrices inside the model file's bytes.
+//!
+//! A matrix is a list of parts, one per file segment: the rows of a nested FFN tensor are split
+//! across level segments that are not contiguous in the file, so the kernels iterate over parts
+//! and never assume one slice. Rows are read in place as `f16` or `f32` (never copied to an f32
+//! model), and only the segments covering the requested rows are touched.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+use super::EngineError;
+use crate::format::DType;
+use crate::ModelFile;
+
+/// Rows of one part, in the file's element type.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowData<'a> {
+    /// Half-precision rows.
+    F16(&'a [f16]),
+    /// Single-precision rows.
+    F32(&'a [f32]),
+}
+
+impl<'a> RowData<'a> {
+    /// Elements `[start, end)`, or `None` when out of bounds.
+    pub(crate) fn get(&self, start: usize, end: usize) -> Option<RowData<'a>> {
+        match self {
+            RowData::F16(s) => s.get(start..end).map(RowData::F16),
+            RowData::F32(s) => s.get(start..end).map(RowData::F32),
+        }
+    }
+
+    /// Converts to f32 into `out` (lengths must be equal; extra elements are left alone).
+    pub(crate) fn to_f32(&self, out: &mut [f32]) {
+        match self {
+            RowData::F16(s) => {
+                let n = s.len().min(out.len());
+                s[..n].convert_to_f32_slice(&mut out[..n]);
+            }
+            RowData::F32(s) => {
+                let n = s.len().min(out.len());
+                out[..n].copy_from_slice(&s[..n]);
+            }
+        }
+    }
+}
+
+/// Rows `[first_row, first_row + rows)` of a matrix, contiguous in the file.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Part<'a> {
+    /// Global index of the first row.
+    pub(crate) first_row: usize,
+    /// Number of rows.
+    pub(crate) rows: usize,
+    /// `rows * cols` elements.
+    pub(crate) data: RowData<'a>,
+}
+
+/// The first `rows` rows of a `[*, cols]` tensor, as in-place parts.
+#[derive(Clone, Debug)]
+pub(crate) struct Matrix<'a> {
+    /// Rows in use (a prefix of the tensor's rows).
+    pub(crate) rows: usize,
+    /// Elements per row.
+    pub(crate) cols: usize,
+    /// Parts in row order, covering `[0, rows)` exactly.
+    pub(crate) parts: Vec<Part<'a>>,
+}
+
+impl<'a> Matrix<'a> {
+    /// Rows `[0, rows)` of tensor `name`, which must have `cols` elements per row and at least
+    /// `rows` rows. Fails (never panics) on a missing tensor, a shape mismatch, segments that
+    /// do not cover the rows in order, or data that is not aligned for its element type.
+    pub(crate) fn load(model: &'a ModelFile, name: &str, rows: usize, cols: usize) -> Result<Matrix<'a>, EngineError> {
+        let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+        let bad = |reason: String| EngineError::BadTensor { tensor: name.to_string(), reason };
+        if info.row_elems() != cols as u64 {
+            return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
+        }
+        if info.rows() < rows as u64 {
+            return Err(bad(format!("has {} rows, the submodel needs {rows}", info.rows())));
+        }
+        if cfg!(target_endian = "big") {
+            // The file is little-endian and rows are read in place.
+            return Err(bad("in-place reads need a little-endian CPU".into()));
+        }
+        let dtype = info.dtype;
+        let elem = dtype.size_bytes();
+        let row_bytes = cols.checked_mul(elem).ok_or_else(|| bad("row size overflows".into()))?;
+        let mut parts = Vec::new();
+        let mut next = 0usize;
+        if rows > 0 {
+            for (first, bytes) in model.tensor_segments(name, rows as u64)? {
+                let first = usize::try_from(first).map_err(|_| bad("row index overflow".into()))?;
+                if first != next {
+                    return Err(bad(format!(
+                        "segments do not cover the rows in order: expected row {next}, segment starts at {first}"
+                    )));
+                }
+                if row_bytes == 0 || bytes.len() % row_bytes != 0 {
+                    return Err(bad(format!(
+                        "segment of {} bytes is not a whole number of {row_bytes}-byte rows",
+                        bytes.len()
+                    )));
+                }
+                let seg_rows = (bytes.len() / row_bytes).min(rows - next);
+                if seg_rows == 0 {
+                    continue;
+                }
+                let bytes = &bytes[..seg_rows * row_bytes];
+                let data = match dtype {
+                    DType::F16 => {
+                        RowData::F16(bytemuck::try_cast_slice::<u8, f16>(bytes).map_err(|e| misaligned(name, e))?)
+                    }
+                    DType::F32 => {
+                        RowData::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).map_err(|e| misaligned(name, e))?)
+                    }
+                };
+                parts.push(Part { first_row: next, rows: seg_rows, data });
+                next += seg_rows;
+                if next == rows {
+                    break;
+                }
+            }
+        }
+        if next != rows {
+            return Err(bad(format!("segments cover rows [0, {next}) but {rows} rows are needed")));
+        }
+        Ok(Matrix { rows, cols, parts })
+    }
+
+    /// Row `r`, or `None` when out of range.
+    pub(crate) fn row(&self, r: usize) -> Option<RowData<'a>> {
+        let part = self.parts.iter().find(|p| r >= p.first_row && r < p.first_row + p.rows)?;
+        let start = (r - part.first_row) * self.cols;
+        part.data.get(start, start + self.cols)
+    }
+
+    /// The pieces of the parts that intersect rows `[r0, r1)`: `(first global row, rows, data)`.
+    pub(crate) fn parts_in(&self, r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize, RowData<'a>)> + '_ {
+        self.parts.iter().filter_map(move |p| {
+            let s = r0.max(p.first_row);
+            let e = r1.min(p.first_row + p.rows);
+            if s >= e {
+                return None;
+            }
+            let data = p.data.get((s - p.first_row) * self.cols, (e - p.first_row) * self.cols)?;
+            Some((s, e - s, data))
+        })
+    }
+}
+
+fn misaligned(name: &str, e: bytemuck::PodCastError) -> EngineError {
+    EngineError::Misaligned { tensor: name.to_string(), reason: format!("{e:?}") }
+}

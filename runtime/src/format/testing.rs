@@ -1,0 +1,156 @@
+//! Small helpers for tests, tools and the `synth` command: synthetic metadata, the canonical
+//! tensor list, deterministic pseudo-random weights, and re-sealing a patched header.
+
+use std::io::Write;
+
+use super::error::FormatError;
+use super::layout::{DType, HEADER_CRC_OFFSET, PREAMBLE_LEN};
+use super::meta::{Activation, Architecture, Metadata, NormKind, Positional, Provenance, Tokenizer};
+use super::parser::header_crc;
+use super::writer::write_file;
+
+pub use super::layout::{required_tensor_specs, TensorSpec};
+
+/// Metadata for a synthetic model. `widths_per_layer[i]` lists layer `i`'s FFN widths, one per
+/// level; a single list is repeated for every layer. Levels are named `s, m, l, xl` (first
+/// `n`), or `w0, w1, ...` beyond four. RMSNorm (eps 1e-5), RoPE (theta 10000), SiLU,
+/// `max_context` 512, byte tokenizer (BOS 256 and EOS 257 when the vocabulary has room).
+/// The result is not validated: call [`Metadata::validate`] if the inputs are untrusted.
+#[allow(clippy::too_many_arguments)]
+pub fn synthetic_metadata(
+    d_model: u32,
+    n_layers: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    vocab: u32,
+    widths_per_layer: Vec<Vec<u32>>,
+    gated: bool,
+    tied: bool,
+) -> Metadata {
+    let ffn_widths = if widths_per_layer.len() == 1 {
+        vec![widths_per_layer[0].clone(); n_layers as usize]
+    } else {
+        widths_per_layer
+    };
+    let n_levels = ffn_widths.first().map_or(0, Vec::len);
+    let level_names = if n_levels <= 4 {
+        ["s", "m", "l", "xl"][..n_levels].iter().map(|s| s.to_string()).collect()
+    } else {
+        (0..n_levels).map(|j| format!("w{j}")).collect()
+    };
+    Metadata {
+        architecture: Architecture {
+            family: "synthetic".to_string(),
+            d_model,
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size: vocab,
+            max_context: 512,
+            norm: NormKind::RmsNorm,
+            norm_eps: 1e-5,
+            activation: Activation::Silu,
+            gated_ffn: gated,
+            positional: Positional::Rope,
+            rope_theta: 10000.0,
+            tied_embeddings: tied,
+        },
+        ffn_widths,
+        level_names,
+        tokenizer: Tokenizer {
+            kind: "bytes".to_string(),
+            bos_id: (vocab > 257).then_some(256),
+            eos_id: (vocab > 257).then_some(257),
+        },
+        provenance: Provenance {
+            source_sha256: "synthetic".to_string(),
+            source_name: "synthetic".to_string(),
+            exporter: format!("matformer {}", env!("CARGO_PKG_VERSION")),
+        },
+        extra: Default::default(),
+    }
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3))
+}
+
+/// The deterministic value of element `index` (row-major) of tensor `spec` in
+/// [`write_synthetic`]'s model: norm weights near 1, norm biases near 0, matrices uniform in
+/// `±1/sqrt(fan_in)` (`fan_in` = row length, or the row count for `ffn_down_t`).
+pub fn synthetic_value(seed: u64, spec: &TensorSpec, index: u64) -> f32 {
+    let h = splitmix64(seed ^ name_hash(&spec.name) ^ splitmix64(index));
+    let u = (h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0; // [-1, 1)
+    let row_elems: u64 = spec.shape.iter().skip(1).product();
+    if spec.shape.len() == 1 {
+        if spec.name.ends_with("bias") {
+            0.05 * u
+        } else {
+            1.0 + 0.1 * u
+        }
+    } else {
+        let fan_in = if spec.name.ends_with("ffn_down_t") { spec.shape[0] } else { row_elems };
+        u / (fan_in.max(1) as f32).sqrt()
+    }
+}
+
+/// Writes a complete model for `meta` with [`synthetic_value`] weights in `dtype`; returns the
+/// file length. The same `(meta, dtype, seed)` always gives the same bytes.
+pub fn write_synthetic<W: Write>(out: W, meta: &Metadata, dtype: DType, seed: u64) -> Result<u64, FormatError> {
+    let specs = required_tensor_specs(meta, dtype);
+    write_file(
+        out,
+        meta,
+        &specs,
+        |ti, rows, buf| {
+            let spec = &specs[ti];
+            let row_elems: u64 = spec.shape.iter().skip(1).product();
+            for idx in rows.start * row_elems..rows.end * row_elems {
+                let v = synthetic_value(seed, spec, idx);
+                match spec.dtype {
+                    DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
+                    DType::F16 => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                }
+            }
+            Ok(())
+        },
+        |_, _| {},
+    )
+}
+
+/// [`write_synthetic`] into memory.
+pub fn synthetic_file(meta: &Metadata, dtype: DType, seed: u64) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::new();
+    write_synthetic(&mut out, meta, dtype, seed)?;
+    Ok(out)
+}
+
+/// Recomputes and stores `header_crc32` after the header bytes were patched (tests that craft
+/// hostile files use it so that the check they target is reached). Uses the `header_len`
+/// stored in the preamble; returns `false` (and changes nothing) if the bytes are too short
+/// for it.
+pub fn refresh_header_crc(bytes: &mut [u8]) -> bool {
+    if bytes.len() < PREAMBLE_LEN {
+        return false;
+    }
+    let mut hl = [0u8; 8];
+    hl.copy_from_slice(&bytes[24..32]);
+    let header_len = u64::from_le_bytes(hl);
+    let Some(header) = usize::try_from(header_len).ok().filter(|&n| n >= PREAMBLE_LEN).and_then(|n| bytes.get(..n))
+    else {
+        return false;
+    };
+    let crc = header_crc(header);
+    bytes[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    true
+}

@@ -1,0 +1,277 @@
+//! Writing a `.matf` file: the layout is computed from the tensor specs first
+//! ([`plan_layout`]), then the data is streamed tensor by tensor, row range by row range.
+
+use std::io::Write;
+use std::ops::Range;
+
+use super::error::FormatError;
+use super::layout::{
+    align_up, check_shape, expected_row_ranges, Segment, TensorInfo, TensorSpec, DEFAULT_ALIGNMENT_LOG2,
+    HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_HEADER_LEN, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
+    SEGMENT_RECORD_LEN, VERSION,
+};
+use super::meta::Metadata;
+use super::parser::{check_placement, header_crc, FileView, TensorSetChecker};
+
+/// Largest row range handed to `fill` in one call.
+const CHUNK_BYTES: u64 = 4 << 20;
+
+/// Computes the layout of the file that [`write_file`] would write for these tensors: the
+/// [`FileView`] it will parse to, with every `crc32` field 0. Validates the metadata and the
+/// tensor set (names, shapes, presence) with the same code as the reader. Tensors are laid out
+/// in the order given; [`required_tensor_specs`](super::required_tensor_specs) gives the
+/// canonical order.
+pub fn plan_layout(metadata: &Metadata, tensors: &[TensorSpec]) -> Result<FileView, FormatError> {
+    plan_layout_with_alignment(metadata, tensors, DEFAULT_ALIGNMENT_LOG2)
+}
+
+/// [`plan_layout`] with an explicit `alignment_log2` (12..=24).
+pub fn plan_layout_with_alignment(
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    alignment_log2: u32,
+) -> Result<FileView, FormatError> {
+    plan(metadata, tensors, alignment_log2).map(|(view, _)| view)
+}
+
+/// The layout plus the metadata JSON it was computed for.
+fn plan(metadata: &Metadata, tensors: &[TensorSpec], alignment_log2: u32) -> Result<(FileView, Vec<u8>), FormatError> {
+    if !(MIN_ALIGNMENT_LOG2..=MAX_ALIGNMENT_LOG2).contains(&alignment_log2) {
+        return Err(FormatError::BadAlignment { log2: alignment_log2 });
+    }
+    let alignment = 1u64 << alignment_log2;
+    metadata.validate()?;
+    if tensors.is_empty() || tensors.len() > MAX_TENSORS {
+        return Err(FormatError::BadCount {
+            what: "n_tensors",
+            found: tensors.len() as u64,
+            min: 1,
+            max: MAX_TENSORS as u64,
+        });
+    }
+    let mut checker = TensorSetChecker::new(metadata);
+    for t in tensors {
+        let i = checker.check_name(&t.name)?;
+        check_shape(&t.name, &t.shape)?;
+        checker.check_shape(i, &t.shape)?;
+    }
+    checker.finish()?;
+
+    let json = metadata.to_json_bytes()?;
+    let n_levels = metadata.n_levels();
+    let mut infos: Vec<TensorInfo> = tensors
+        .iter()
+        .map(|t| {
+            let mut info =
+                TensorInfo { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), segments: Vec::new() };
+            let row_bytes = info.row_bytes();
+            info.segments = expected_row_ranges(metadata, &t.name, info.rows())
+                .into_iter()
+                .map(|(level, row_start, row_end)| Segment {
+                    level,
+                    row_start,
+                    row_end,
+                    offset: 0,
+                    // Shapes are at most 2^40 elements of at most 4 bytes.
+                    byte_len: (row_end - row_start) * row_bytes,
+                    crc32: 0,
+                })
+                .collect();
+            info
+        })
+        .collect();
+    let table_len: u64 = infos.iter().map(record_len).sum();
+    let header_len = (PREAMBLE_LEN + 8 * n_levels + json.len()) as u64 + table_len;
+    if header_len > MAX_HEADER_LEN {
+        return Err(FormatError::BadCount {
+            what: "header_len",
+            found: header_len,
+            min: PREAMBLE_LEN as u64,
+            max: MAX_HEADER_LEN,
+        });
+    }
+
+    let overflow = || FormatError::BadLevelTable { reason: "the file would be larger than 2^64 bytes".to_string() };
+    let mut level_ends = Vec::with_capacity(n_levels);
+    let mut cursor = header_len;
+    for level in 0..n_levels as u32 {
+        let start = cursor;
+        for info in &mut infos {
+            if let Some(seg) = info.segments.iter_mut().find(|s| s.level == level) {
+                seg.offset = align_up(cursor, alignment).ok_or_else(overflow)?;
+                cursor = seg.offset.checked_add(seg.byte_len).ok_or_else(overflow)?;
+            }
+        }
+        if cursor == start {
+            return Err(FormatError::BadLevelTable { reason: format!("level {level} would hold no data") });
+        }
+        level_ends.push(cursor);
+    }
+    let by_offset = check_placement(&infos, metadata, header_len, &level_ends, alignment)?;
+    let view =
+        FileView::assemble(alignment, header_len, metadata.clone(), infos, level_ends, n_levels, cursor, by_offset);
+    Ok((view, json))
+}
+
+/// Bytes of one tensor record in the table.
+fn record_len(t: &TensorInfo) -> u64 {
+    (2 + t.name.len() + 1 + 1 + 2 + 8 * t.shape.len() + 4 + SEGMENT_RECORD_LEN * t.segments.len()) as u64
+}
+
+/// The header bytes (preamble, level table, metadata, tensor table) of `view`, with its CRC.
+pub(crate) fn encode_header(view: &FileView, json: &[u8]) -> Vec<u8> {
+    let table_len: u64 = view.tensors.iter().map(record_len).sum();
+    let mut h = Vec::with_capacity(view.header_len as usize);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&view.alignment.trailing_zeros().to_le_bytes());
+    h.extend_from_slice(&(view.level_ends.len() as u32).to_le_bytes());
+    h.extend_from_slice(&(view.tensors.len() as u32).to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes()); // flags
+    h.extend_from_slice(&view.header_len.to_le_bytes());
+    h.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    h.extend_from_slice(&table_len.to_le_bytes());
+    h.extend_from_slice(&[0u8; 4]); // header_crc32, patched below
+    h.extend_from_slice(&[0u8; 12]); // reserved
+    for end in &view.level_ends {
+        h.extend_from_slice(&end.to_le_bytes());
+    }
+    h.extend_from_slice(json);
+    for t in &view.tensors {
+        h.extend_from_slice(&(t.name.len() as u16).to_le_bytes());
+        h.extend_from_slice(t.name.as_bytes());
+        h.push(t.dtype.code());
+        h.push(t.shape.len() as u8);
+        h.extend_from_slice(&0u16.to_le_bytes());
+        for d in &t.shape {
+            h.extend_from_slice(&d.to_le_bytes());
+        }
+        h.extend_from_slice(&(t.segments.len() as u32).to_le_bytes());
+        for s in &t.segments {
+            h.extend_from_slice(&s.level.to_le_bytes());
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&s.row_start.to_le_bytes());
+            h.extend_from_slice(&s.row_end.to_le_bytes());
+            h.extend_from_slice(&s.offset.to_le_bytes());
+            h.extend_from_slice(&s.byte_len.to_le_bytes());
+            h.extend_from_slice(&s.crc32.to_le_bytes());
+            h.extend_from_slice(&0u32.to_le_bytes());
+        }
+    }
+    let crc = header_crc(&h);
+    h[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Row ranges of at most [`CHUNK_BYTES`] (at least one row) covering a segment.
+fn chunks(seg: &Segment, row_bytes: u64) -> impl Iterator<Item = Range<u64>> {
+    let step = (CHUNK_BYTES / row_bytes.max(1)).max(1);
+    let (start, end) = (seg.row_start, seg.row_end);
+    (0..)
+        .map(move |k: u64| start.saturating_add(k.saturating_mul(step)))
+        .take_while(move |&s| s < end)
+        .map(move |s| s..s.saturating_add(step).min(end))
+}
+
+/// Calls `fill` for `rows` into a cleared `buf` and checks the length it produced.
+fn fill_rows(
+    fill: &mut impl FnMut(usize, Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
+    ti: usize,
+    t: &TensorInfo,
+    rows: Range<u64>,
+    buf: &mut Vec<u8>,
+) -> Result<(), FormatError> {
+    buf.clear();
+    let expected = (rows.end - rows.start) * t.row_bytes();
+    fill(ti, rows, buf)?;
+    if buf.len() as u64 != expected {
+        return Err(FormatError::LengthMismatch { tensor: t.name.clone(), expected, found: buf.len() as u64 });
+    }
+    Ok(())
+}
+
+/// Writes a complete file with the default alignment (16 KiB); returns its length.
+///
+/// `fill(tensor_index, row_start..row_end, out)` must append exactly the bytes of those rows
+/// of `tensors[tensor_index]` (row-major, little-endian, in the tensor's dtype) to `out`
+/// (which is empty on entry). Row ranges never cross a segment and are at most 4 MiB.
+/// **`fill` is called twice for every range** — once to compute the segment checksums that
+/// the header (written first) records, once to write — and must return the same bytes both
+/// times ([`FormatError::FillNotDeterministic`] otherwise). Only one range is in memory at a
+/// time. `progress(bytes_written, total_bytes)` is called after each range is written.
+pub fn write_file<W: Write>(
+    out: W,
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    fill: impl FnMut(usize, Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
+    progress: impl FnMut(u64, u64),
+) -> Result<u64, FormatError> {
+    write_file_with_alignment(out, metadata, tensors, DEFAULT_ALIGNMENT_LOG2, fill, progress)
+}
+
+/// [`write_file`] with an explicit `alignment_log2` (12..=24).
+pub fn write_file_with_alignment<W: Write>(
+    out: W,
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    alignment_log2: u32,
+    mut fill: impl FnMut(usize, Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<u64, FormatError> {
+    let (mut view, json) = plan(metadata, tensors, alignment_log2)?;
+    let mut buf = Vec::new();
+
+    // Pass 1: checksums.
+    for ti in 0..view.tensors.len() {
+        for si in 0..view.tensors[ti].segments.len() {
+            let t = &view.tensors[ti];
+            let mut h = crc32fast::Hasher::new();
+            for rows in chunks(&t.segments[si], t.row_bytes()) {
+                fill_rows(&mut fill, ti, t, rows, &mut buf)?;
+                h.update(&buf);
+            }
+            view.tensors[ti].segments[si].crc32 = h.finalize();
+        }
+    }
+
+    // Pass 2: header, then the segments in file order with zero padding between them.
+    let header = encode_header(&view, &json);
+    let total = view.file_len;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+    out.write_all(&header)?;
+    let mut pos = header.len() as u64;
+    let zeros = vec![0u8; view.alignment as usize];
+    let order: Vec<(usize, usize)> = {
+        let mut o: Vec<(usize, usize)> =
+            view.tensors.iter().enumerate().flat_map(|(ti, t)| (0..t.segments.len()).map(move |si| (ti, si))).collect();
+        o.sort_by_key(|&(ti, si)| view.tensors[ti].segments[si].offset);
+        o
+    };
+    for (ti, si) in order {
+        let t = &view.tensors[ti];
+        let seg = &t.segments[si];
+        while pos < seg.offset {
+            let n = (seg.offset - pos).min(zeros.len() as u64) as usize;
+            out.write_all(&zeros[..n])?;
+            pos += n as u64;
+        }
+        let mut h = crc32fast::Hasher::new();
+        for rows in chunks(seg, t.row_bytes()) {
+            fill_rows(&mut fill, ti, t, rows, &mut buf)?;
+            h.update(&buf);
+            out.write_all(&buf)?;
+            pos += buf.len() as u64;
+            progress(pos, total);
+        }
+        if h.finalize() != seg.crc32 {
+            return Err(FormatError::FillNotDeterministic {
+                tensor: t.name.clone(),
+                row_start: seg.row_start,
+                row_end: seg.row_end,
+            });
+        }
+    }
+    out.flush()?;
+    debug_assert_eq!(pos, total);
+    Ok(pos)
+}

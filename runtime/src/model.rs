@@ -1,0 +1,177 @@
+//! [`ModelFile`]: an opened `.matf` (memory map or owned bytes) plus its validated view.
+
+use std::path::{Path, PathBuf};
+
+use half::f16;
+
+use crate::format::{DType, FileView, FormatError, Metadata};
+use crate::mmap::MappedFile;
+
+/// Errors opening or reading a model file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The file cannot be opened, inspected or mapped.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The path given.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid `.matf` (or a check of its data failed).
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// More rows were requested than the tensor has.
+    #[error("tensor {tensor} has {rows} rows, {requested} requested")]
+    RowsOutOfRange {
+        /// Tensor name.
+        tensor: String,
+        /// Rows in the tensor.
+        rows: u64,
+        /// Rows requested.
+        requested: u64,
+    },
+}
+
+/// Where the bytes live.
+enum Storage {
+    /// A read-only memory map.
+    Mapped(MappedFile),
+    /// Owned bytes in a 16-byte-aligned buffer (`len` bytes are used).
+    Owned { words: Vec<u128>, len: usize },
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m.bytes(),
+            Storage::Owned { words, len } => {
+                let all: &[u8] = bytemuck::cast_slice(words);
+                &all[..*len]
+            }
+        }
+    }
+}
+
+/// An opened `.matf`: storage (a read-only memory map, or owned 16-byte-aligned bytes) plus
+/// its validated [`FileView`]. Opening reads only the header; [`verify`](Self::verify) reads
+/// everything. `Send + Sync`; share it as `Arc<ModelFile>`.
+///
+/// Segment offsets are multiples of the file's alignment (at least 4 KiB) and the storage is
+/// page- or 16-byte-aligned, so segment slices can be cast to `f32`/`f16` slices directly.
+pub struct ModelFile {
+    storage: Storage,
+    view: FileView,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFile")
+            .field("path", &self.path)
+            .field("mapped", &matches!(self.storage, Storage::Mapped(_)))
+            .field("file_len", &self.view.file_len)
+            .field("available_levels", &self.view.available_levels)
+            .field("n_levels", &self.view.n_levels())
+            .field("n_tensors", &self.view.tensors.len())
+            .finish()
+    }
+}
+
+impl ModelFile {
+    /// Maps the file read-only and parses its header. Costs O(header): no data page is touched.
+    pub fn open(path: impl AsRef<Path>) -> Result<ModelFile, ModelError> {
+        let path = path.as_ref();
+        let open_err = |source| ModelError::Open { path: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(open_err)?;
+        let storage = Storage::Mapped(MappedFile::map(&file).map_err(open_err)?);
+        let view = FileView::parse(storage.bytes())?;
+        Ok(ModelFile { storage, view, path: Some(path.to_path_buf()) })
+    }
+
+    /// Takes a file held in memory (copied into a 16-byte-aligned buffer) and parses its header.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<ModelFile, ModelError> {
+        let len = bytes.len();
+        let mut words = vec![0u128; len.div_ceil(16)];
+        bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..len].copy_from_slice(&bytes);
+        drop(bytes);
+        let storage = Storage::Owned { words, len };
+        let view = FileView::parse(storage.bytes())?;
+        Ok(ModelFile { storage, view, path: None })
+    }
+
+    /// The validated header.
+    pub fn view(&self) -> &FileView {
+        &self.view
+    }
+
+    /// The metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.view.metadata
+    }
+
+    /// The whole file.
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    /// The path, when opened from a file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Checks every checksum and padding byte (reads the whole file).
+    pub fn verify(&self) -> Result<(), ModelError> {
+        Ok(self.view.verify(self.bytes())?)
+    }
+
+    /// The raw bytes of rows `[0, rows_end)` of tensor `name`, as one `(first_row, bytes)`
+    /// slice per segment overlapping the range (the last one cut at `rows_end`). Errors if a
+    /// needed level is not in this (cut) file or `rows_end` exceeds the tensor's rows.
+    pub fn tensor_segments(&self, name: &str, rows_end: u64) -> Result<Vec<(u64, &[u8])>, ModelError> {
+        let t = self.view.tensor(name)?;
+        if rows_end > t.rows() {
+            return Err(ModelError::RowsOutOfRange { tensor: name.to_string(), rows: t.rows(), requested: rows_end });
+        }
+        let row_bytes = t.row_bytes();
+        let bytes = self.bytes();
+        let mut out = Vec::new();
+        for seg in &t.segments {
+            if seg.row_start >= rows_end {
+                continue;
+            }
+            let data = self.view.segment_bytes(bytes, seg)?;
+            let take = (rows_end.min(seg.row_end) - seg.row_start) * row_bytes;
+            // `take <= seg.byte_len == data.len()`, validated at parse.
+            let data = data.get(..take as usize).unwrap_or(data);
+            out.push((seg.row_start, data));
+        }
+        Ok(out)
+    }
+
+    /// The whole tensor decoded to `f32`, row-major. Errors if part of it is in a level this
+    /// (cut) file does not contain.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let t = self.view.tensor(name)?;
+        let mut out = Vec::with_capacity(t.n_elements() as usize);
+        for (_, data) in self.tensor_segments(name, t.rows())? {
+            match t.dtype {
+                DType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+                DType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_file_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ModelFile>();
+    }
+}
