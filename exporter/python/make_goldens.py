@@ -31,16 +31,20 @@ def decode(ids) -> str:
 
 @torch.no_grad()
 def greedy(model, ids: list, widths, n: int) -> list:
+    """Returns (new ids, smallest top1-top2 logit gap seen along the path)."""
     out = []
     seq = list(ids)
+    margin = float("inf")
     for _ in range(n):
         logits = model(torch.tensor([seq], dtype=torch.int64), widths)[0, -1]
         nxt = int(torch.argmax(logits).item())
+        top2 = torch.topk(logits, 2).values
+        margin = min(margin, float(top2[0] - top2[1]))
         out.append(nxt)
         seq.append(nxt)
         if len(seq) >= model.cfg.max_context:
             break
-    return out
+    return out, margin
 
 
 def main():
@@ -61,7 +65,7 @@ def main():
     for name, widths in configs:
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids]), widths)[0]  # [T, 260] float32
-        gen = greedy(model, prompt_ids, widths, NEW_TOKENS)
+        gen, margin = greedy(model, prompt_ids, widths, NEW_TOKENS)
         cases.append({
             "name": name,
             "widths": widths,
@@ -70,8 +74,9 @@ def main():
             "logits": [[float(v) for v in row] for row in logits.tolist()],
             "greedy_ids": gen,
             "greedy_text": decode(gen),
+            "greedy_min_top2_margin": margin,
         })
-        print(f"{name:10s} {widths}: {PROMPT!r} -> {decode(gen)!r}")
+        print(f"{name:10s} {widths}: {PROMPT!r} -> {decode(gen)!r}  (min top1-top2 gap {margin:.4f})")
     doc = {
         "prompt": PROMPT,
         "prompt_ids": prompt_ids,

@@ -9,10 +9,14 @@
 //! - [`ModelFile`]: the opened file (memory-mapped or owned bytes) plus its validated view.
 //! - [`Submodel`]: a per-layer width assignment, parsed from `xl`, `s` or `0,0,1,3`.
 //! - [`cpu`]: the reference engine: the test oracle and the fallback where no GPU is usable.
+//! - `gpu` (feature `gpu`, on by default): the wgpu compute backend (Vulkan, Metal), checked
+//!   against the CPU engine.
 //! - [`tokenizer`]: the byte-level tokenizer.
 
 pub mod cpu;
 pub mod format;
+#[cfg(feature = "gpu")]
+pub mod gpu;
 mod mmap;
 mod model;
 mod submodel;

@@ -25,6 +25,8 @@ pub(crate) const LANES: usize = 8;
 const CONVERT_CHUNK: usize = 512;
 /// Rows widened at a time in the batched paths.
 const ROW_BLOCK: usize = 8;
+/// Weight rows per micro-kernel call in the one-input `x @ W^T` (GEMV).
+const GEMV_ROWS: usize = 4;
 /// Tokens per micro-kernel call in the batched `x @ W^T`.
 const TOKEN_BLOCK: usize = 4;
 /// Below this many multiply-adds a kernel runs on the calling thread only: spawning costs
@@ -81,6 +83,68 @@ fn accumulate_block(acc: &mut [[f32; LANES]; TOKEN_BLOCK], x: [&[f32]; TOKEN_BLO
         for ((s, xv), wv) in a.iter_mut().zip(&xi[n_full..n]).zip(&w[n_full..n]) {
             *s += xv * wv;
         }
+    }
+}
+
+/// [`accumulate`] of one input against [`GEMV_ROWS`] weight rows at once (the input chunk is
+/// loaded once for all rows), keeping the per-row order of [`accumulate`].
+#[inline(always)]
+fn accumulate_rows(acc: &mut [[f32; LANES]; GEMV_ROWS], x: &[f32], w: [&[f32]; GEMV_ROWS]) {
+    let n = x.len();
+    let n_full = n - n % LANES;
+    let mut k = 0;
+    while k < n_full {
+        let xk = <&[f32; LANES]>::try_from(&x[k..k + LANES]);
+        let w0 = <&[f32; LANES]>::try_from(&w[0][k..k + LANES]);
+        let w1 = <&[f32; LANES]>::try_from(&w[1][k..k + LANES]);
+        let w2 = <&[f32; LANES]>::try_from(&w[2][k..k + LANES]);
+        let w3 = <&[f32; LANES]>::try_from(&w[3][k..k + LANES]);
+        if let (Ok(xk), Ok(w0), Ok(w1), Ok(w2), Ok(w3)) = (xk, w0, w1, w2, w3) {
+            let [a0, a1, a2, a3] = acc;
+            mul_add_lanes(a0, xk, w0);
+            mul_add_lanes(a1, xk, w1);
+            mul_add_lanes(a2, xk, w2);
+            mul_add_lanes(a3, xk, w3);
+        }
+        k += LANES;
+    }
+    for (a, wi) in acc.iter_mut().zip(w) {
+        for ((s, xv), wv) in a.iter_mut().zip(&x[n_full..n]).zip(&wi[n_full..n]) {
+            *s += xv * wv;
+        }
+    }
+}
+
+/// Dot products of `x` with [`GEMV_ROWS`] consecutive rows (`rows` holds exactly
+/// `GEMV_ROWS * x.len()` elements), each bitwise equal to [`dot_row`] of that row.
+fn dot_rows(x: &[f32], rows: RowData<'_>, out: &mut [f32]) {
+    let cols = x.len();
+    let mut acc = [[0.0f32; LANES]; GEMV_ROWS];
+    match rows {
+        RowData::F32(w) => {
+            let mut it = w.chunks_exact(cols.max(1));
+            let (Some(w0), Some(w1), Some(w2), Some(w3)) = (it.next(), it.next(), it.next(), it.next()) else {
+                return;
+            };
+            accumulate_rows(&mut acc, x, [w0, w1, w2, w3]);
+        }
+        RowData::F16(w) => {
+            let mut buf = [[0.0f32; CONVERT_CHUNK]; GEMV_ROWS];
+            let mut c0 = 0;
+            while c0 < cols {
+                let c1 = (c0 + CONVERT_CHUNK).min(cols);
+                for (j, b) in buf.iter_mut().enumerate() {
+                    w[j * cols + c0..j * cols + c1].convert_to_f32_slice(&mut b[..c1 - c0]);
+                }
+                let [b0, b1, b2, b3] = &buf;
+                let n = c1 - c0;
+                accumulate_rows(&mut acc, &x[c0..c1], [&b0[..n], &b1[..n], &b2[..n], &b3[..n]]);
+                c0 = c1;
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = reduce(a);
     }
 }
 
@@ -143,6 +207,17 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Four [`axpy`]s in one pass over `y`: `y = (((y + a0 x0) + a1 x1) + a2 x2) + a3 x3`
+/// elementwise, bitwise equal to the four calls in sequence but loading and storing `y` once.
+#[inline(always)]
+fn axpy4(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
+    let n = y.len().min(x[0].len()).min(x[1].len()).min(x[2].len()).min(x[3].len());
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    for ((((yv, v0), v1), v2), v3) in y[..n].iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
+        *yv = (((*yv + a[0] * v0) + a[1] * v1) + a[2] * v2) + a[3] * v3;
+    }
+}
+
 /// `y += x` elementwise.
 pub(crate) fn add_assign(y: &mut [f32], x: &[f32]) {
     for (yv, xv) in y.iter_mut().zip(x) {
@@ -154,10 +229,19 @@ pub(crate) fn add_assign(y: &mut [f32], x: &[f32]) {
 fn matmul_rows(x: &[f32], t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &mut [f32], ld: usize) {
     let cols = w.cols;
     if t == 1 {
+        let x = &x[..cols];
         for (start, rows, data) in w.parts_in(r0, r1) {
-            for k in 0..rows {
+            let mut k = 0;
+            while k + GEMV_ROWS <= rows {
+                if let Some(block) = data.get(k * cols, (k + GEMV_ROWS) * cols) {
+                    let o = start - r0 + k;
+                    dot_rows(x, block, &mut out[o..o + GEMV_ROWS]);
+                }
+                k += GEMV_ROWS;
+            }
+            for k in k..rows {
                 if let Some(row) = data.get(k * cols, (k + 1) * cols) {
-                    out[start - r0 + k] = dot_row(&x[..cols], row);
+                    out[start - r0 + k] = dot_row(x, row);
                 }
             }
         }
@@ -279,35 +363,56 @@ where
 /// `out[i, r] = x[i] . W[r]` for `t` inputs of `w.cols` elements: `x` is `[t, cols]`, `out`
 /// is `[t, rows]`. Weight rows are read once for the whole batch.
 pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    debug_assert_eq!(x.len(), t * w.cols, "matmul input");
+    debug_assert_eq!(out.len(), t * w.rows, "matmul output");
     let n = w.rows;
     let work = t.saturating_mul(n).saturating_mul(w.cols);
     let threads = threads_for(work, threads).min(n.div_ceil(ROW_BLOCK).max(1));
     par_columns(out, t, n, threads, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, t, w, s, e, chunk, ld));
 }
 
-/// Columns `[c0, c1)` of `h @ D` where `D` is `[rows, cols]` (`ffn_down_t`): for each input
-/// `i`, `out[i * ld + (c - c0)] = sum_n h[i, n] * D[n, c]` with `n` increasing. `out` must be
-/// zero on entry.
-fn down_cols(h: &[f32], t: usize, d: &Matrix<'_>, c0: usize, c1: usize, out: &mut [f32], ld: usize) {
-    let cols = d.cols;
-    let hw = d.rows;
-    let cw = c1 - c0;
-    let mut wbuf = vec![0.0f32; ROW_BLOCK * cw];
-    for (start, rows, data) in d.parts_in(0, d.rows) {
+/// Neurons per partial sum of the down projection. Fixed (not derived from the thread count
+/// or the width) so that every output is the same sequence of operations whatever the batch,
+/// the threads or the submodel: `out = ((p_0 + p_1) + p_2) + ...` where `p_g` sums neurons
+/// `[g * DOWN_GROUP, (g + 1) * DOWN_GROUP)` in increasing order.
+const DOWN_GROUP: usize = 256;
+/// Up to this many inputs the down projection splits neuron groups across threads (each
+/// thread reads only its own weight rows); beyond it, it splits the inputs (compute-bound).
+const DOWN_SPLIT_GROUPS_MAX_T: usize = 8;
+
+/// `out[i] += sum_{r in [r0, r1)} h[i, r] * D[r]` for `t` inputs (`h` is `[t, hw]`, `out` is
+/// `[t, D.cols]`), `r` increasing.
+fn down_rows(
+    h: &[f32],
+    hw: usize,
+    t: usize,
+    d: &Matrix<'_>,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    wbuf: &mut Vec<f32>,
+) {
+    let n = d.cols;
+    let block = if t == 1 { 4 } else { ROW_BLOCK };
+    wbuf.resize(block * n, 0.0);
+    for (start, rows, data) in d.parts_in(r0, r1) {
         let mut b0 = 0;
         while b0 < rows {
-            let nb = ROW_BLOCK.min(rows - b0);
-            for j in 0..nb {
-                let base = (b0 + j) * cols;
-                if let Some(piece) = data.get(base + c0, base + c1) {
-                    piece.to_f32(&mut wbuf[j * cw..(j + 1) * cw]);
-                }
+            let nb = block.min(rows - b0);
+            if let Some(rows_data) = data.get(b0 * n, (b0 + nb) * n) {
+                rows_data.to_f32(&mut wbuf[..nb * n]);
             }
-            for i in 0..t {
-                let o = &mut out[i * ld..i * ld + cw];
+            for (i, o) in out.chunks_exact_mut(n).take(t).enumerate() {
                 let hrow = &h[i * hw + start + b0..i * hw + start + b0 + nb];
-                for (a, wr) in hrow.iter().zip(wbuf.chunks_exact(cw)) {
-                    axpy(o, *a, wr);
+                let mut j = 0;
+                while j + 4 <= nb {
+                    let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
+                    let wr = |q: usize| &wbuf[(j + q) * n..(j + q + 1) * n];
+                    axpy4(o, a, [wr(0), wr(1), wr(2), wr(3)]);
+                    j += 4;
+                }
+                for j in j..nb {
+                    axpy(o, hrow[j], &wbuf[j * n..(j + 1) * n]);
                 }
             }
             b0 += nb;
@@ -316,13 +421,50 @@ fn down_cols(h: &[f32], t: usize, d: &Matrix<'_>, c0: usize, c1: usize, out: &mu
 }
 
 /// `out = h @ D` for `t` inputs: `h` is `[t, d.rows]`, `D` is `[d.rows, d.cols]` stored by
-/// rows (the transposed down projection), `out` is `[t, d.cols]`.
+/// rows (the transposed down projection: one contiguous row per neuron), `out` is
+/// `[t, d.cols]`. Summation order: see [`DOWN_GROUP`].
 pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], threads: usize) {
-    out.fill(0.0);
-    let n = d.cols;
-    let work = t.saturating_mul(d.rows).saturating_mul(n);
-    let threads = threads_for(work, threads).min(n.div_ceil(64).max(1));
-    par_columns(out, t, n, threads, 64, |s, e, chunk, ld| down_cols(h, t, d, s, e, chunk, ld));
+    debug_assert_eq!(h.len(), t * d.rows, "matmul_down input");
+    debug_assert_eq!(out.len(), t * d.cols, "matmul_down output");
+    let (rows, n, hw) = (d.rows, d.cols, d.rows);
+    let n_groups = rows.div_ceil(DOWN_GROUP).max(1);
+    let group = |g: usize| (g * DOWN_GROUP, ((g + 1) * DOWN_GROUP).min(rows));
+    let threads = threads_for(t.saturating_mul(rows).saturating_mul(n), threads);
+    if t > DOWN_SPLIT_GROUPS_MAX_T || n_groups == 1 || threads == 1 {
+        // Each thread: a range of inputs, every group in order.
+        par_slabs(out, n, threads.min(t), |t0, slab| {
+            let tt = slab.len() / n.max(1);
+            let hs = &h[t0 * hw..(t0 + tt) * hw];
+            let mut p = vec![0.0f32; if n_groups > 1 { tt * n } else { 0 }];
+            let mut wbuf = Vec::new();
+            for g in 0..n_groups {
+                let (r0, r1) = group(g);
+                if g == 0 {
+                    slab.fill(0.0);
+                    down_rows(hs, hw, tt, d, r0, r1, slab, &mut wbuf);
+                } else {
+                    p.fill(0.0);
+                    down_rows(hs, hw, tt, d, r0, r1, &mut p, &mut wbuf);
+                    add_assign(slab, &p);
+                }
+            }
+        });
+        return;
+    }
+    // Few inputs: each thread sums its own groups (reading only its weight rows), then the
+    // partial sums are added in group order.
+    let mut partials = vec![0.0f32; n_groups * t * n];
+    par_slabs(&mut partials, t * n, threads.min(n_groups), |g0, slab| {
+        let mut wbuf = Vec::new();
+        for (k, p) in slab.chunks_exact_mut(t * n).enumerate() {
+            let (r0, r1) = group(g0 + k);
+            down_rows(h, hw, t, d, r0, r1, p, &mut wbuf);
+        }
+    });
+    out.copy_from_slice(&partials[..t * n]);
+    for p in partials.chunks_exact(t * n).skip(1) {
+        add_assign(out, p);
+    }
 }
 
 /// RMSNorm: `out = x / sqrt(mean(x^2) + eps) * w`.
@@ -418,23 +560,17 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// Parallel map over `units` equal-size output chunks of `out` (`out.len() = units * chunk`),
-/// `f(unit_index, out_chunk, scratch)`, where each thread gets its own `scratch_len` scratch.
-pub(crate) fn par_units<F>(out: &mut [f32], chunk: usize, work: usize, threads: usize, scratch_len: usize, f: F)
+/// Splits `out` (whole units of `chunk` elements) into at most `threads` contiguous slabs and
+/// runs `f(first_unit, slab)` on each, in parallel (the first slab on the calling thread).
+fn par_slabs<F>(out: &mut [f32], chunk: usize, threads: usize, f: F)
 where
-    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+    F: Fn(usize, &mut [f32]) + Sync,
 {
-    let units = out.len() / chunk.max(1);
-    let threads = threads_for(work, threads).min(units.max(1));
+    let chunk = chunk.max(1);
+    let units = out.len() / chunk;
     let ranges = split_ranges(units, threads, 1);
-    let run = |u0: usize, slab: &mut [f32]| {
-        let mut scratch = vec![0.0f32; scratch_len];
-        for (k, c) in slab.chunks_exact_mut(chunk.max(1)).enumerate() {
-            f(u0 + k, c, &mut scratch);
-        }
-    };
     if ranges.len() <= 1 {
-        run(0, out);
+        f(0, out);
         return;
     }
     std::thread::scope(|scope| {
@@ -446,12 +582,30 @@ where
             if first.is_none() {
                 first = Some((s, slab));
             } else {
-                let run = &run;
-                scope.spawn(move || run(s, slab));
+                let f = &f;
+                scope.spawn(move || f(s, slab));
             }
         }
         if let Some((s, slab)) = first {
-            run(s, slab);
+            f(s, slab);
+        }
+    });
+}
+
+/// Parallel map over the `out.len() / chunk` equal-size chunks of `out`:
+/// `f(unit_index, out_chunk, scratch)`, each thread with its own `scratch_len` scratch; runs
+/// on one thread below [`PAR_MIN_WORK`] multiply-adds of `work`.
+pub(crate) fn par_units<F>(out: &mut [f32], chunk: usize, work: usize, threads: usize, scratch_len: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let chunk = chunk.max(1);
+    let units = out.len() / chunk;
+    let threads = threads_for(work, threads).min(units.max(1));
+    par_slabs(out, chunk, threads, |u0, slab| {
+        let mut scratch = vec![0.0f32; scratch_len];
+        for (k, c) in slab.chunks_exact_mut(chunk).enumerate() {
+            f(u0 + k, c, &mut scratch);
         }
     });
 }
@@ -585,7 +739,7 @@ mod tests {
     #[test]
     fn parallel_kernels_are_bitwise_thread_independent() {
         let mut rng = Rng(3);
-        for &(rows, cols, t) in &[(700, 400, 1), (513, 520, 3), (64, 4100, 2), (1000, 300, 5)] {
+        for &(rows, cols, t) in &[(700, 400, 1), (513, 520, 3), (64, 4100, 2), (1000, 300, 5), (600, 300, 11)] {
             for use_f16 in [false, true] {
                 let m = TestMatrix::new(&mut rng, rows, cols, use_f16);
                 let view = m.view(use_f16);
@@ -738,6 +892,188 @@ mod tests {
                     assert_eq!(next, n);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    //! Micro-benchmarks (ignored): `cargo test -p matformer --release --lib speed -- --ignored --nocapture`.
+
+    use std::time::Instant;
+
+    use half::f16;
+
+    use super::super::weights::{Matrix, Part, RowData};
+    use super::*;
+
+    fn bench(name: &str, bytes: usize, mut f: impl FnMut()) {
+        f();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        eprintln!("{name:>40}: {:8.3} ms  {:6.2} GB/s", best * 1e3, bytes as f64 / best / 1e9);
+    }
+
+    #[inline(always)]
+    fn f16_bits_to_f32(h: u16) -> f32 {
+        let h = u32::from(h);
+        let sign = (h & 0x8000) << 16;
+        let em = h & 0x7fff;
+        let normal = (em << 13) + ((127 - 15) << 23);
+        let infnan = (em << 13) | (0xff << 23);
+        let sub = ((em as i32) as f32 * (1.0 / 16_777_216.0)).to_bits();
+        let r = if em >= 0x7c00 {
+            infnan
+        } else if em < 0x400 {
+            sub
+        } else {
+            normal
+        };
+        f32::from_bits(r | sign)
+    }
+
+    fn dot_f16_fused(x: &[f32], w: &[u16]) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        for (xc, wc) in x.chunks_exact(LANES).zip(w.chunks_exact(LANES)) {
+            if let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(xc), <&[u16; LANES]>::try_from(wc)) {
+                for i in 0..LANES {
+                    acc[i] += a[i] * f16_bits_to_f32(b[i]);
+                }
+            }
+        }
+        reduce(&acc)
+    }
+
+    fn dot_f16_buf(x: &[f32], w: &[u16]) -> f32 {
+        let mut acc = [0.0f32; LANES];
+        let mut buf = [0.0f32; CONVERT_CHUNK];
+        for (xc, wc) in x.chunks(CONVERT_CHUNK).zip(w.chunks(CONVERT_CHUNK)) {
+            let b = &mut buf[..wc.len()];
+            for (o, &h) in b.iter_mut().zip(wc) {
+                *o = f16_bits_to_f32(h);
+            }
+            accumulate(&mut acc, xc, b);
+        }
+        reduce(&acc)
+    }
+
+    #[test]
+    fn soft_conversion_is_exact() {
+        for h in 0..=u16::MAX {
+            let a = f16::from_bits(h).to_f32();
+            let b = f16_bits_to_f32(h);
+            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#x}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    #[ignore = "benchmark"]
+    fn kernel_speed() {
+        {
+            let (rows, cols) = (8192usize, 2048usize);
+            let w: Vec<u16> =
+                (0..rows * cols).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5).to_bits()).collect();
+            let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();
+            let mut out = vec![0.0f32; rows];
+            bench("fused soft", rows * cols * 2, || {
+                for (o, r) in out.iter_mut().zip(w.chunks_exact(cols)) {
+                    *o = dot_f16_fused(&x, r);
+                }
+            });
+            bench("buffered soft", rows * cols * 2, || {
+                for (o, r) in out.iter_mut().zip(w.chunks_exact(cols)) {
+                    *o = dot_f16_buf(&x, r);
+                }
+            });
+        }
+        let (rows, cols) = (8192usize, 2048usize);
+        let w16: Vec<f16> =
+            (0..rows * cols).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+        let m16 = Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F16(&w16) }] };
+        let m32 = Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F32(&w32) }] };
+        let x: Vec<f32> = (0..cols * 64).map(|i| (i % 13) as f32 / 13.0).collect();
+        let h: Vec<f32> = (0..rows * 64).map(|i| (i % 11) as f32 / 11.0).collect();
+        let mut out = vec![0.0f32; rows * 64];
+        let mut out2 = vec![0.0f32; cols * 64];
+        {
+            let d = cols;
+            let mut o1 = vec![0.0f32; d];
+            let mut o2 = vec![0.0f32; d];
+            bench("down rows-split 2 threads", rows * cols * 2, || {
+                std::thread::scope(|sc| {
+                    let (a, b) = w16.split_at(rows / 2 * d);
+                    let (ha, hb) = h[..rows].split_at(rows / 2);
+                    let o1 = &mut o1;
+                    let o2 = &mut o2;
+                    sc.spawn(move || {
+                        let mut buf = vec![0.0f32; d];
+                        for (r, hv) in a.chunks_exact(d).zip(ha) {
+                            r.convert_to_f32_slice(&mut buf);
+                            axpy(o1, *hv, &buf);
+                        }
+                    });
+                    let mut buf = vec![0.0f32; d];
+                    for (r, hv) in b.chunks_exact(d).zip(hb) {
+                        r.convert_to_f32_slice(&mut buf);
+                        axpy(o2, *hv, &buf);
+                    }
+                });
+            });
+            bench("down cols-split 2 threads convert only", rows * cols * 2, || {
+                std::thread::scope(|sc| {
+                    let w16 = &w16;
+                    sc.spawn(move || {
+                        let mut buf = vec![0.0f32; d / 2];
+                        for r in w16.chunks_exact(d) {
+                            r[..d / 2].convert_to_f32_slice(&mut buf);
+                            std::hint::black_box(&buf);
+                        }
+                    });
+                    let mut buf = vec![0.0f32; d / 2];
+                    for r in w16.chunks_exact(d) {
+                        r[d / 2..].convert_to_f32_slice(&mut buf);
+                        std::hint::black_box(&buf);
+                    }
+                });
+            });
+        }
+        for threads in [1, 2] {
+            bench(&format!("gemv f16 t=1 th={threads}"), rows * cols * 2, || {
+                matmul(&x, 1, &m16, &mut out[..rows], threads)
+            });
+            bench(&format!("gemv f32 t=1 th={threads}"), rows * cols * 4, || {
+                matmul(&x, 1, &m32, &mut out[..rows], threads)
+            });
+            bench(&format!("down f16 t=1 th={threads}"), rows * cols * 2, || {
+                matmul_down(&h, 1, &m16, &mut out2[..cols], threads)
+            });
+            bench(&format!("convert f16 th={threads}"), rows * cols * 2, || {
+                let mut buf = vec![0.0f32; cols];
+                for r in w16.chunks_exact(cols) {
+                    r.convert_to_f32_slice(&mut buf);
+                    std::hint::black_box(&buf);
+                }
+            });
+            let flops = rows * cols * 2 * 64;
+            let t = Instant::now();
+            matmul(&x, 64, &m16, &mut out, threads);
+            eprintln!(
+                "{:>40}: {:.2} GFLOP/s",
+                format!("matmul f16 t=64 th={threads}"),
+                flops as f64 / t.elapsed().as_secs_f64() / 1e9
+            );
+            let t = Instant::now();
+            matmul_down(&h, 64, &m16, &mut out2, threads);
+            eprintln!(
+                "{:>40}: {:.2} GFLOP/s",
+                format!("down f16 t=64 th={threads}"),
+                flops as f64 / t.elapsed().as_secs_f64() / 1e9
+            );
         }
     }
 }

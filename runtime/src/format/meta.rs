@@ -129,7 +129,7 @@ impl Metadata {
     /// positive finite `norm_eps` and `rope_theta`, 1 to 16 uniquely named levels, one width
     /// list per layer with one strictly increasing, non-zero width per level, and token ids
     /// inside the vocabulary. Run by the reader after decoding and by the writer before
-    /// writing (`docs/format.md`, invariant 9).
+    /// writing (`docs/format.md`, reader requirement 11).
     pub fn validate(&self) -> Result<(), FormatError> {
         let bad = |reason: String| Err(FormatError::BadMetadata { reason });
         let a = &self.architecture;

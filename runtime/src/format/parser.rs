@@ -539,7 +539,7 @@ impl FileView {
     }
 }
 
-/// [V2] bytes `[from, to)` are zero.
+/// [R24] bytes `[from, to)` are zero.
 fn check_zero(bytes: &[u8], from: u64, to: u64) -> Result<(), FormatError> {
     if from >= to {
         return Ok(());

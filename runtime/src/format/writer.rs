@@ -194,7 +194,8 @@ fn fill_rows(
 ///
 /// `fill(tensor_index, row_start..row_end, out)` must append exactly the bytes of those rows
 /// of `tensors[tensor_index]` (row-major, little-endian, in the tensor's dtype) to `out`
-/// (which is empty on entry). Row ranges never cross a segment and are at most 4 MiB.
+/// (which is empty on entry). Row ranges never cross a segment and span at most 4 MiB (or a
+/// single row, if one row is larger).
 /// **`fill` is called twice for every range** — once to compute the segment checksums that
 /// the header (written first) records, once to write — and must return the same bytes both
 /// times ([`FormatError::FillNotDeterministic`] otherwise). Only one range is in memory at a

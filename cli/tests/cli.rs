@@ -1,0 +1,136 @@
+//! The `matformer` binary on the bundled model: the commands work, and corrupt or truncated
+//! copies get one clear line on stderr and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+fn matformer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_matformer")).args(args).output().expect("run matformer")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A failing run: non-zero exit, one `error:` line naming the problem, no panic.
+fn assert_clean_failure(out: &Output, must_mention: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stderr: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].to_lowercase().contains(must_mention), "error mentions `{must_mention}`: {stderr}");
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn inspect_shows_four_nested_widths_and_level_ends() {
+    let out = matformer(&["inspect", path_str(&fixture("matlm.matf")), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let levels = v["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 4);
+    let expected = [64, 128, 256, 512];
+    for (l, w) in levels.iter().zip(expected) {
+        assert!(l["widths"].as_array().unwrap().iter().all(|x| x.as_u64() == Some(w)));
+        assert!(l["end_offset"].as_u64().unwrap() > 0);
+    }
+    let human = matformer(&["inspect", path_str(&fixture("matlm.matf"))]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("ends at byte") && text.contains("xl"), "{text}");
+}
+
+#[test]
+fn generate_prints_text_and_json() {
+    let out = matformer(&["generate", path_str(&fixture("matlm.matf")), "--prompt", "The ", "-n", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["submodel"], "xl");
+    assert!(v["generated_tokens"].as_u64().unwrap() > 0);
+    let mixed = matformer(&[
+        "generate",
+        path_str(&fixture("matlm.matf")),
+        "--prompt",
+        "The ",
+        "-n",
+        "8",
+        "--submodel",
+        "0,0,1,3",
+    ]);
+    assert!(mixed.status.success(), "{}", String::from_utf8_lossy(&mixed.stderr));
+    assert!(String::from_utf8_lossy(&mixed.stdout).starts_with("The "));
+}
+
+#[test]
+fn verify_checks_every_checksum() {
+    let out = matformer(&["verify", path_str(&fixture("matlm.matf"))]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_flipped_byte_is_found_by_verify() {
+    let mut bytes = std::fs::read(fixture("matlm.matf")).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0x20;
+    let p = tmp("flipped.matf");
+    std::fs::write(&p, &bytes).unwrap();
+    assert_clean_failure(&matformer(&["verify", path_str(&p)]), "checksum");
+}
+
+#[test]
+fn a_corrupt_header_is_refused_by_every_command() {
+    let mut bytes = std::fs::read(fixture("matlm.matf")).unwrap();
+    bytes[200] ^= 0xFF; // inside the header: its CRC no longer matches
+    let p = tmp("corrupt-header.matf");
+    std::fs::write(&p, &bytes).unwrap();
+    for cmd in ["inspect", "verify"] {
+        assert_clean_failure(&matformer(&[cmd, path_str(&p)]), "checksum");
+    }
+    assert_clean_failure(&matformer(&["generate", path_str(&p), "--prompt", "x"]), "checksum");
+    let mut bad_magic = std::fs::read(fixture("matlm.matf")).unwrap();
+    bad_magic[0] = b'G';
+    let p = tmp("bad-magic.matf");
+    std::fs::write(&p, &bad_magic).unwrap();
+    assert_clean_failure(&matformer(&["inspect", path_str(&p)]), "magic");
+}
+
+#[test]
+fn truncated_copies_are_refused_unless_cut_at_a_level_end() {
+    let bytes = std::fs::read(fixture("matlm.matf")).unwrap();
+    let p = tmp("truncated.matf");
+    std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_clean_failure(&matformer(&["generate", path_str(&p), "--prompt", "x"]), "truncated");
+    std::fs::write(&p, &bytes[..10]).unwrap();
+    assert_clean_failure(&matformer(&["inspect", path_str(&p)]), "truncated");
+
+    let v: serde_json::Value =
+        serde_json::from_slice(&matformer(&["inspect", path_str(&fixture("matlm.matf")), "--json"]).stdout).unwrap();
+    let end1 = v["levels"][1]["end_offset"].as_u64().unwrap() as usize;
+    std::fs::write(&p, &bytes[..end1]).unwrap();
+    let ok = matformer(&["generate", path_str(&p), "--prompt", "The ", "-n", "8", "--submodel", "m"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_clean_failure(&matformer(&["generate", path_str(&p), "--prompt", "x", "--submodel", "xl"]), "level");
+}
+
+#[test]
+fn bad_arguments_are_one_line_errors() {
+    assert_clean_failure(&matformer(&["inspect", "/nonexistent/model.matf"]), "cannot open");
+    assert_clean_failure(
+        &matformer(&["generate", path_str(&fixture("matlm.matf")), "--prompt", "x", "--submodel", "huge"]),
+        "huge",
+    );
+    assert_clean_failure(
+        &matformer(&["generate", path_str(&fixture("matlm.matf")), "--prompt", "x", "--submodel", "0,1"]),
+        "layer",
+    );
+}

@@ -1,0 +1,366 @@
+//! The kernels: one WGSL file per op in `shaders/`, its binding layout, its uniform struct,
+//! and a pipeline cache keyed by a readable name (`matmul_gemv:gemv:f16:acc`).
+//!
+//! Every uniform struct here mirrors the `Params` struct of its shader field by field (all
+//! `u32`/`f32`, padded to 16 bytes).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::device::Gpu;
+use super::GpuError;
+
+/// One WGSL shader file of `shaders/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShaderSource {
+    /// Op name, also the file stem (`"matmul_gemv"`).
+    pub name: &'static str,
+    /// The WGSL text, compiled into the library.
+    pub source: &'static str,
+}
+
+macro_rules! shader {
+    ($name:literal) => {
+        ShaderSource { name: $name, source: include_str!(concat!("../../../shaders/", $name, ".wgsl")) }
+    };
+}
+
+/// How a kernel binds a resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bind {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// The kernels the engine dispatches. Each one is one shader file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    Embedding,
+    RmsNorm,
+    LayerNorm,
+    MatmulGemv,
+    MatmulGemm,
+    Rope,
+    Attention,
+    FfnAct,
+    Argmax,
+}
+
+impl Kernel {
+    const ALL: [Kernel; 9] = [
+        Kernel::Embedding,
+        Kernel::RmsNorm,
+        Kernel::LayerNorm,
+        Kernel::MatmulGemv,
+        Kernel::MatmulGemm,
+        Kernel::Rope,
+        Kernel::Attention,
+        Kernel::FfnAct,
+        Kernel::Argmax,
+    ];
+
+    fn shader(self) -> ShaderSource {
+        match self {
+            Kernel::Embedding => shader!("embedding"),
+            Kernel::RmsNorm => shader!("rmsnorm"),
+            Kernel::LayerNorm => shader!("layernorm"),
+            Kernel::MatmulGemv => shader!("matmul_gemv"),
+            Kernel::MatmulGemm => shader!("matmul_gemm"),
+            Kernel::Rope => shader!("rope"),
+            Kernel::Attention => shader!("attention"),
+            Kernel::FfnAct => shader!("ffn_act"),
+            Kernel::Argmax => shader!("argmax"),
+        }
+    }
+
+    /// Bindings `0..n` of group 0, in order.
+    fn binds(self) -> &'static [Bind] {
+        use Bind::*;
+        match self {
+            Kernel::Embedding | Kernel::RmsNorm | Kernel::MatmulGemv | Kernel::MatmulGemm => {
+                &[Uniform, Uniform, Read, Read, ReadWrite]
+            }
+            Kernel::LayerNorm => &[Uniform, Uniform, Read, Read, ReadWrite, Read],
+            Kernel::Rope => &[Uniform, Uniform, ReadWrite, ReadWrite, Read],
+            Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
+            Kernel::Argmax => &[Uniform, Read, ReadWrite],
+        }
+    }
+}
+
+/// Every shader the engine uses, one per file of `shaders/` (tests check both directions).
+pub fn shader_sources() -> Vec<ShaderSource> {
+    Kernel::ALL.iter().map(|k| k.shader()).collect()
+}
+
+/// A pipeline variant: kernel, entry point, and override constants (`name`, value).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PipeKey {
+    pub(crate) kernel: Kernel,
+    pub(crate) entry: &'static str,
+    pub(crate) constants: Vec<(&'static str, bool)>,
+}
+
+impl PipeKey {
+    pub(crate) fn new(kernel: Kernel, entry: &'static str, constants: &[(&'static str, bool)]) -> PipeKey {
+        PipeKey { kernel, entry, constants: constants.to_vec() }
+    }
+
+    /// Readable name, used as the pipeline label.
+    fn label(&self) -> String {
+        let mut s = format!("{}:{}", self.kernel.shader().name, self.entry);
+        for (name, v) in &self.constants {
+            if *v {
+                s.push(':');
+                s.push_str(&name.to_lowercase());
+            }
+        }
+        s
+    }
+}
+
+/// Bind group layouts (one per kernel) and the pipeline cache: each variant is compiled once,
+/// on first use, and shared by every session.
+pub(crate) struct Kernels {
+    layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
+    modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipeKey, wgpu::ComputePipeline>>,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.pipelines.lock().map(|p| p.len()).unwrap_or(0);
+        f.debug_struct("Kernels").field("pipelines", &n).finish()
+    }
+}
+
+impl Kernels {
+    pub(crate) fn new(gpu: &Gpu) -> Result<Kernels, GpuError> {
+        let layouts = gpu.scoped("creating bind group layouts", || {
+            Kernel::ALL
+                .iter()
+                .map(|&k| {
+                    let entries: Vec<wgpu::BindGroupLayoutEntry> = k
+                        .binds()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                            binding: i as u32,
+                            visibility: wgpu::ShaderStages::COMPUTE,
+                            ty: match b {
+                                Bind::Uniform => wgpu::BindingType::Buffer {
+                                    ty: wgpu::BufferBindingType::Uniform,
+                                    has_dynamic_offset: false,
+                                    min_binding_size: None,
+                                },
+                                Bind::Read | Bind::ReadWrite => wgpu::BindingType::Buffer {
+                                    ty: wgpu::BufferBindingType::Storage { read_only: *b == Bind::Read },
+                                    has_dynamic_offset: false,
+                                    min_binding_size: None,
+                                },
+                            },
+                            count: None,
+                        })
+                        .collect();
+                    let name = k.shader().name;
+                    let bgl = gpu.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(name),
+                        entries: &entries,
+                    });
+                    let pl = gpu.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(name),
+                        bind_group_layouts: &[Some(&bgl)],
+                        immediate_size: 0,
+                    });
+                    (k, (bgl, pl))
+                })
+                .collect()
+        })?;
+        Ok(Kernels { layouts, modules: Mutex::new(HashMap::new()), pipelines: Mutex::new(HashMap::new()) })
+    }
+
+    /// The pipeline for `key`, compiled on first use.
+    pub(crate) fn pipeline(&self, gpu: &Gpu, key: &PipeKey) -> Result<wgpu::ComputePipeline, GpuError> {
+        let poisoned = || GpuError::Wgpu { during: "compiling a pipeline".into(), message: "lock poisoned".into() };
+        let mut pipes = self.pipelines.lock().map_err(|_| poisoned())?;
+        if let Some(p) = pipes.get(key) {
+            return Ok(p.clone());
+        }
+        let label = key.label();
+        let module = {
+            let mut modules = self.modules.lock().map_err(|_| poisoned())?;
+            match modules.get(&key.kernel) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = key.kernel.shader();
+                    let m = gpu.scoped(&format!("compiling shader {}.wgsl", src.name), || {
+                        gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(src.name),
+                            source: wgpu::ShaderSource::Wgsl(src.source.into()),
+                        })
+                    })?;
+                    modules.insert(key.kernel, m.clone());
+                    m
+                }
+            }
+        };
+        let (_, layout) = self.layouts.get(&key.kernel).ok_or_else(|| GpuError::Wgpu {
+            during: format!("creating pipeline {label}"),
+            message: "no bind group layout".into(),
+        })?;
+        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(n, v)| (n, if v { 1.0 } else { 0.0 })).collect();
+        let pipe = gpu.scoped(&format!("creating pipeline {label}"), || {
+            gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&label),
+                layout: Some(layout),
+                module: &module,
+                entry_point: Some(key.entry),
+                compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+                cache: None,
+            })
+        })?;
+        pipes.insert(key.clone(), pipe.clone());
+        Ok(pipe)
+    }
+
+    /// A bind group for `kernel` over `buffers` (binding i = buffers\[i\], whole buffer).
+    pub(crate) fn bind(
+        &self,
+        gpu: &Gpu,
+        kernel: Kernel,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<wgpu::BindGroup, GpuError> {
+        let name = kernel.shader().name;
+        if buffers.len() != kernel.binds().len() {
+            return Err(GpuError::Wgpu {
+                during: format!("binding {name}"),
+                message: format!("{} buffers for {} bindings", buffers.len(), kernel.binds().len()),
+            });
+        }
+        let (bgl, _) = self
+            .layouts
+            .get(&kernel)
+            .ok_or_else(|| GpuError::Wgpu { during: format!("binding {name}"), message: "no layout".into() })?;
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        gpu.scoped(&format!("binding {name}"), || {
+            gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(name),
+                layout: bgl,
+                entries: &entries,
+            })
+        })
+    }
+}
+
+/// Per-dispatch dynamic values, one 16-byte uniform shared by every kernel of a session and
+/// written before each submit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct StepParams {
+    /// Position of the first token of this pass.
+    pub(crate) pos0: u32,
+    /// Tokens in this pass.
+    pub(crate) t: u32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `embedding.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct EmbeddingParams {
+    pub(crate) row_start: u32,
+    pub(crate) rows: u32,
+    pub(crate) cols: u32,
+    pub(crate) row_words: u32,
+    pub(crate) out_stride: u32,
+    pub(crate) _pad: [u32; 3],
+}
+
+/// `rmsnorm.wgsl` and `layernorm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct NormParams {
+    pub(crate) cols: u32,
+    pub(crate) in_stride: u32,
+    pub(crate) out_stride: u32,
+    pub(crate) last_only: u32,
+    pub(crate) eps: f32,
+    pub(crate) _pad: [u32; 3],
+}
+
+/// `matmul_gemv.wgsl` and `matmul_gemm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct MatmulParams {
+    pub(crate) n: u32,
+    pub(crate) k: u32,
+    pub(crate) row_units: u32,
+    pub(crate) x_stride: u32,
+    pub(crate) out_stride: u32,
+    pub(crate) out_offset: u32,
+    pub(crate) k_offset: u32,
+    pub(crate) _pad: u32,
+}
+
+/// `rope.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct RopeParams {
+    pub(crate) n_heads: u32,
+    pub(crate) n_kv_heads: u32,
+    pub(crate) head_dim: u32,
+    pub(crate) half: u32,
+    pub(crate) q_stride: u32,
+    pub(crate) kv_stride: u32,
+    pub(crate) sin_offset: u32,
+    pub(crate) _pad: u32,
+}
+
+/// `attention.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct AttentionParams {
+    pub(crate) n_heads: u32,
+    pub(crate) group: u32,
+    pub(crate) head_dim: u32,
+    pub(crate) q_stride: u32,
+    pub(crate) kv_stride: u32,
+    pub(crate) out_stride: u32,
+    pub(crate) ctx: u32,
+    pub(crate) scale: f32,
+}
+
+/// `ffn_act.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct ActParams {
+    pub(crate) width: u32,
+    pub(crate) stride: u32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `argmax.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct ArgmaxParams {
+    pub(crate) n: u32,
+    pub(crate) _pad: [u32; 3],
+}
+
+/// Rows of workgroups for `n` workgroups in one dimension (at most 65535 per dimension).
+pub(crate) fn split_2d(n: u32) -> (u32, u32) {
+    const MAX: u32 = 32768;
+    if n <= MAX {
+        (n.max(1), 1)
+    } else {
+        (MAX, n.div_ceil(MAX))
+    }
+}

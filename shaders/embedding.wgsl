@@ -1,0 +1,53 @@
+// Embedding gather: x[i, :] = E[tokens[i], :] for every token whose row lies in this chunk of
+// the table (rows [row_start, row_start + rows)). Big tables are split into chunks by rows, one
+// dispatch per chunk; each token is written by exactly one chunk.
+//
+// Weights: f16 pairs packed in u32 (low half first), or f32 when F32_WEIGHTS; rows padded to a
+// multiple of 8 elements.
+
+override F32_WEIGHTS: bool = false;
+
+struct Params {
+    row_start: u32,
+    rows: u32,
+    cols: u32,
+    // u32 words per padded weight row.
+    row_words: u32,
+    // floats per row of x.
+    out_stride: u32,
+}
+
+struct Step {
+    pos0: u32,
+    t: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> tokens: array<u32>;
+@group(0) @binding(3) var<storage, read> w: array<u32>;
+@group(0) @binding(4) var<storage, read_write> x: array<f32>;
+
+fn weight(row: u32, col: u32) -> f32 {
+    if F32_WEIGHTS {
+        return bitcast<f32>(w[row * p.row_words + col]);
+    }
+    let pair = unpack2x16float(w[row * p.row_words + col / 2u]);
+    return select(pair.x, pair.y, (col & 1u) == 1u);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let col = gid.x;
+    let i = gid.y;
+    if col >= p.cols || i >= step.t {
+        return;
+    }
+    let tok = tokens[i];
+    if tok < p.row_start || tok - p.row_start >= p.rows {
+        return;
+    }
+    x[i * p.out_stride + col] = weight(tok - p.row_start, col);
+}
