@@ -446,38 +446,6 @@ struct EvalRow {
     seconds: f64,
 }
 
-/// Mean next-token cross-entropy (nats) over `text`, split into chunks of `chunk - 1` bytes,
-/// each scored after a BOS token; every byte of every chunk is predicted once.
-pub fn eval_loss(
-    engine: &CpuEngine,
-    sub: &Submodel,
-    tok: &ByteTokenizer,
-    text: &[u8],
-    chunk: usize,
-) -> Result<(f64, usize)> {
-    let per_chunk = chunk.saturating_sub(usize::from(tok.bos_id.is_some())).max(1);
-    let vocab = tok.vocab_size as usize;
-    let mut total = 0f64;
-    let mut count = 0usize;
-    for piece in text.chunks(per_chunk) {
-        let mut ids: Vec<u32> = tok.bos_id.into_iter().collect();
-        ids.extend(piece.iter().map(|&b| b as u32));
-        let mut session = engine.session(sub)?;
-        let logits = session.forward_all(&ids[..ids.len() - 1])?;
-        for (p, &target) in ids[1..].iter().enumerate() {
-            let row = &logits[p * vocab..(p + 1) * vocab];
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let lse = row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() + max as f64;
-            total += lse - row[target as usize] as f64;
-            count += 1;
-        }
-    }
-    if count == 0 {
-        bail!("the text is empty: nothing to score");
-    }
-    Ok((total / count as f64, count))
-}
-
 /// `matformer eval`.
 pub fn eval(
     file: &Path,
@@ -491,20 +459,15 @@ pub fn eval(
     let meta = model.metadata().clone();
     let bytes = std::fs::read(text).with_context(|| format!("cannot read {}", text.display()))?;
     let tok = ByteTokenizer::from_metadata(&meta);
-    if tok.bos_id.is_none() {
-        bail!("eval needs a tokenizer with a BOS token");
-    }
     let engine = engine(&model, threads)?;
     let chunk = chunk.unwrap_or(meta.architecture.max_context as usize).min(meta.architecture.max_context as usize);
-    if chunk < 2 {
-        bail!("--chunk must be at least 2 tokens");
-    }
     let specs = if specs.is_empty() { vec!["largest".to_string()] } else { specs };
     let mut rows = Vec::new();
     for s in &specs {
         let sub = Submodel::parse(s, &meta, model.view().available_levels)?;
         let t0 = Instant::now();
-        let (nats, n) = eval_loss(&engine, &sub, &tok, &bytes, chunk)?;
+        let r = matformer::eval::mean_cross_entropy(&engine, &sub, &tok, &bytes, chunk)?;
+        let (nats, n) = (r.nats_per_token, r.predicted_tokens);
         let row = EvalRow {
             submodel: sub.name(&meta),
             widths: sub.widths(&meta),

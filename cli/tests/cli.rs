@@ -109,7 +109,7 @@ fn truncated_copies_are_refused_unless_cut_at_a_level_end() {
     let bytes = std::fs::read(fixture("matlm.matf")).unwrap();
     let p = tmp("truncated.matf");
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
-    assert_clean_failure(&matformer(&["generate", path_str(&p), "--prompt", "x"]), "truncated");
+    assert_clean_failure(&matformer(&["generate", path_str(&p), "--prompt", "x"]), "cut inside level");
     std::fs::write(&p, &bytes[..10]).unwrap();
     assert_clean_failure(&matformer(&["inspect", path_str(&p)]), "truncated");
 

@@ -72,9 +72,10 @@ pub fn required_source_names(arch: &Architecture) -> Vec<String> {
 pub struct NamePreset {
     /// Preset name, for messages.
     pub name: String,
-    /// Canonical name (with `{i}` for per-layer names) -> initializer name pattern.
+    /// Canonical name -> initializer name. Per-layer names are given either exactly
+    /// (`layers.3.wq`) or as a pattern with `{i}` for the layer index (`layers.{i}.wq`).
     pub names: BTreeMap<String, String>,
-    /// Canonical names whose initializer is stored `[in, out]`.
+    /// Keys of `names` (exact or pattern) whose initializer is stored `[in, out]`.
     #[serde(default)]
     pub transposed: Vec<String>,
 }
@@ -146,14 +147,19 @@ impl NamePreset {
         let mut entries = BTreeMap::new();
         let mut missing = Vec::new();
         for canonical in required_source_names(arch) {
+            // An exact per-layer entry (`layers.3.wq`) wins over the pattern (`layers.{i}.wq`).
             let (pattern_key, layer) = split_layer(&canonical);
-            let Some(pattern) = self.names.get(&pattern_key) else {
+            let (key, init_name) = if let Some(exact) = self.names.get(&canonical) {
+                (canonical.clone(), exact.clone())
+            } else if let Some(pattern) = self.names.get(&pattern_key) {
+                let name = match layer {
+                    Some(i) => pattern.replace("{i}", &i.to_string()),
+                    None => pattern.clone(),
+                };
+                (pattern_key.clone(), name)
+            } else {
                 missing.push(format!("{canonical} (no entry `{pattern_key}`)"));
                 continue;
-            };
-            let init_name = match layer {
-                Some(i) => pattern.replace("{i}", &i.to_string()),
-                None => pattern.clone(),
             };
             match src.initializer_index.get(&init_name) {
                 Some(&idx) => {
@@ -161,7 +167,7 @@ impl NamePreset {
                         canonical.clone(),
                         Located {
                             weight: WeightRef::Initializer(idx),
-                            transposed: self.transposed.contains(&pattern_key),
+                            transposed: self.transposed.contains(&key),
                         },
                     );
                 }

@@ -65,7 +65,12 @@ fn read_bandwidth(threads: usize) -> f64 {
 #[ignore = "benchmark: writes a 2.5 GB model file; run with --ignored --nocapture"]
 fn decode_speed_llama_1b_like() {
     let path = bench_file();
-    let model = Arc::new(ModelFile::open(&path).unwrap());
+    // MATF_LOAD=heap reads the file into memory instead of mapping it.
+    let model = if std::env::var("MATF_LOAD").as_deref() == Ok("heap") {
+        Arc::new(ModelFile::from_bytes(std::fs::read(&path).unwrap()).unwrap())
+    } else {
+        Arc::new(ModelFile::open(&path).unwrap())
+    };
     let meta = model.metadata().clone();
     let threads = std::env::var("MATF_THREADS").ok().and_then(|v| v.parse().ok());
     let mut engine = CpuEngine::new(model.clone()).unwrap();

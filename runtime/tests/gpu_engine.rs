@@ -105,3 +105,60 @@ fn gpu_matches_cpu_layernorm_gelu_tied_f32_chunked() {
     check_logits(&model, &gpu, &mix, &tokens, Tolerance::FORWARD_F32);
     check_greedy(&model, &gpu, &mix, &tokens[..7], 10);
 }
+
+#[test]
+fn self_check_passes_and_bad_input_is_an_error_not_a_panic() {
+    let meta = gated_meta();
+    let model = model(&meta, DType::F16, 11);
+    let opts = GpuOptions { max_context: Some(12), ..GpuOptions::default() };
+    let Some(gpu) = engine_or_skip(&model, opts) else { return };
+    gpu.self_check().expect("self-check");
+    let mut s = gpu.session(&Submodel::uniform(1, 3)).expect("session");
+    assert!(matches!(s.prefill(&[]), Err(GpuError::EmptyInput { .. })));
+    assert!(matches!(s.decode(300), Err(GpuError::TokenOutOfRange { token: 300, vocab: 300 })));
+    assert!(matches!(s.prefill(&[1; 13]), Err(GpuError::ContextFull { max: 12 })));
+    assert_eq!(s.position(), 0, "a failed call leaves the session unchanged");
+    s.prefill(&[1; 12]).expect("fills the context exactly");
+    assert!(matches!(s.decode(1), Err(GpuError::ContextFull { max: 12 })));
+    s.truncate(4);
+    assert_eq!(s.position(), 4);
+    s.decode(5).expect("decode after truncate");
+    // A submodel the file does not have is rejected.
+    assert!(matches!(gpu.session(&Submodel::uniform(4, 3)), Err(GpuError::Submodel(_))));
+    assert!(matches!(gpu.session(&Submodel::uniform(0, 2)), Err(GpuError::Submodel(_))));
+}
+
+#[test]
+fn decode_step_is_one_submit_and_one_4_byte_readback() {
+    let meta = gated_meta();
+    let model = model(&meta, DType::F16, 13);
+    let Some(gpu) = engine_or_skip(&model, GpuOptions::default()) else { return };
+    let mut s = gpu.session(&Submodel::uniform(2, 3)).expect("session");
+    let mut tok = s.prefill(&prompt(6, 300)).expect("prefill");
+    s.reset_counters();
+    for _ in 0..5 {
+        tok = s.decode(tok).expect("decode");
+    }
+    let c = s.counters();
+    assert_eq!((c.passes, c.submits, c.readbacks, c.readback_bytes), (5, 5, 5, 20), "{c:?}");
+}
+
+/// The bundled trained model, when it has been exported (`tests/fixtures/matlm.matf`): GPU
+/// logits of every level against the CPU engine.
+#[test]
+fn bundled_model_matches_cpu_when_present() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/matlm.matf");
+    if !path.exists() {
+        println!("skipping: {} not present", path.display());
+        return;
+    }
+    let model = Arc::new(ModelFile::open(&path).expect("open matlm.matf"));
+    let Some(gpu) = engine_or_skip(&model, GpuOptions::default()) else { return };
+    let meta = model.metadata().clone();
+    let n_layers = meta.architecture.n_layers as usize;
+    let tokens: Vec<u32> = b"The cat sat on the mat.".iter().map(|&b| u32::from(b)).collect();
+    for level in 0..model.view().available_levels {
+        check_logits(&model, &gpu, &Submodel::uniform(level as u8, n_layers), &tokens, Tolerance::FORWARD_F32);
+    }
+    check_greedy(&model, &gpu, &Submodel::largest(&meta, model.view().available_levels), &tokens, 16);
+}

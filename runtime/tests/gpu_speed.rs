@@ -25,8 +25,7 @@ fn gpu_vs_cpu_decode_speed() {
     let model = match std::env::var_os("MATF_GPU_BENCH_FILE") {
         Some(p) => Arc::new(ModelFile::open(p).expect("open bench model")),
         None => {
-            let mut meta =
-                synthetic_metadata(512, 8, 8, 2, 64, 32_000, vec![vec![256, 512, 1024, 2048]], true, false);
+            let mut meta = synthetic_metadata(512, 8, 8, 2, 64, 32_000, vec![vec![256, 512, 1024, 2048]], true, false);
             meta.architecture.max_context = 512;
             Arc::new(ModelFile::from_bytes(synthetic_file(&meta, DType::F16, 5).expect("synth")).expect("model"))
         }
@@ -43,6 +42,9 @@ fn gpu_vs_cpu_decode_speed() {
     let meta = model.metadata();
     let n_levels = model.view().available_levels;
     println!("adapter: {} ({}, {})", gpu.adapter().name, gpu.adapter().backend, gpu.adapter().device_type);
+    let probe = matformer::gpu::OpRunner::new(None).expect("op runner");
+    let bw = probe.gemv_read_bandwidth(4096, 4096, 8).expect("calibration");
+    println!("decode GEMV kernel reads weights at {bw:.2} GB/s (packed f16, 4096 x 4096)");
     let prompt: Vec<u32> = (0..32u32).map(|i| (i * 31 + 7) % 256).collect();
     let steps = 32usize;
     for level in 0..n_levels {

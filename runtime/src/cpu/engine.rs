@@ -38,10 +38,10 @@ impl Dims {
         if a.d_model == 0 || a.n_layers == 0 || a.n_heads == 0 || a.n_kv_heads == 0 {
             return bad("d_model, n_layers, n_heads and n_kv_heads must be positive".into());
         }
-        if a.n_heads % a.n_kv_heads != 0 {
+        if !a.n_heads.is_multiple_of(a.n_kv_heads) {
             return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", a.n_heads, a.n_kv_heads));
         }
-        if a.head_dim == 0 || a.head_dim % 2 != 0 {
+        if a.head_dim == 0 || !a.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be positive and even (RoPE rotates pairs)", a.head_dim));
         }
         if a.vocab_size == 0 || a.max_context == 0 {
@@ -397,7 +397,7 @@ impl Session {
         for (&tok, xr) in tokens.iter().zip(x.chunks_exact_mut(d)) {
             let row =
                 emb.row(tok as usize).ok_or(EngineError::TokenOutOfRange { token: tok, vocab: dm.vocab as u32 })?;
-            row.to_f32(xr);
+            row.widen_into(xr);
         }
 
         // RoPE tables for the chunk's positions.
@@ -443,7 +443,7 @@ impl Session {
             keys.extend_from_slice(&k);
             values.extend_from_slice(&v);
             let (keys, values) = (&*keys, &*values);
-            let work = t * dm.n_heads * n_ctx * hd * 2;
+            let work = t.saturating_mul(dm.n_heads).saturating_mul(n_ctx).saturating_mul(hd);
             let qr = &q;
             kernels::par_units(&mut att, hd, work, threads, n_ctx, |u, out, scores| {
                 let (i, h) = (u / dm.n_heads, u % dm.n_heads);

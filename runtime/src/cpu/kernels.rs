@@ -253,7 +253,7 @@ fn matmul_rows(x: &[f32], t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
         while b0 < rows {
             let nb = ROW_BLOCK.min(rows - b0);
             if let Some(block) = data.get(b0 * cols, (b0 + nb) * cols) {
-                block.to_f32(&mut wbuf[..nb * cols]);
+                block.widen_into(&mut wbuf[..nb * cols]);
             }
             let col0 = start - r0 + b0;
             let mut i = 0;
@@ -382,6 +382,7 @@ const DOWN_SPLIT_GROUPS_MAX_T: usize = 8;
 
 /// `out[i] += sum_{r in [r0, r1)} h[i, r] * D[r]` for `t` inputs (`h` is `[t, hw]`, `out` is
 /// `[t, D.cols]`), `r` increasing.
+#[allow(clippy::too_many_arguments)]
 fn down_rows(
     h: &[f32],
     hw: usize,
@@ -400,7 +401,7 @@ fn down_rows(
         while b0 < rows {
             let nb = block.min(rows - b0);
             if let Some(rows_data) = data.get(b0 * n, (b0 + nb) * n) {
-                rows_data.to_f32(&mut wbuf[..nb * n]);
+                rows_data.widen_into(&mut wbuf[..nb * n]);
             }
             for (i, o) in out.chunks_exact_mut(n).take(t).enumerate() {
                 let hrow = &h[i * hw + start + b0..i * hw + start + b0 + nb];

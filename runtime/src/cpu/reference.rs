@@ -64,7 +64,7 @@ pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
 /// `pos * theta^(-2i/head_dim)`.
 pub fn rope(x: &[f32], pos: usize, theta: f32) -> Vec<f32> {
     let hd = x.len();
-    assert!(hd % 2 == 0, "rope: odd head_dim");
+    assert!(hd.is_multiple_of(2), "rope: odd head_dim");
     let half = hd / 2;
     let mut out = x.to_vec();
     for i in 0..half {

@@ -31,7 +31,7 @@ impl<'a> RowData<'a> {
     }
 
     /// Converts to f32 into `out` (lengths must be equal; extra elements are left alone).
-    pub(crate) fn to_f32(&self, out: &mut [f32]) {
+    pub(crate) fn widen_into(self, out: &mut [f32]) {
         match self {
             RowData::F16(s) => {
                 let n = s.len().min(out.len());

@@ -143,7 +143,8 @@ impl GpuEngine {
                 a.n_heads, a.n_kv_heads
             ));
         }
-        if a.head_dim == 0 || !a.head_dim.is_multiple_of(2) || a.d_model == 0 || a.vocab_size == 0 || a.max_context == 0 {
+        if a.head_dim == 0 || !a.head_dim.is_multiple_of(2) || a.d_model == 0 || a.vocab_size == 0 || a.max_context == 0
+        {
             return unsupported("d_model, vocab_size, max_context and an even head_dim must be positive".into());
         }
         if meta.ffn_widths.len() != u(a.n_layers) {
@@ -244,6 +245,28 @@ impl GpuEngine {
         layers + i.embed.bytes() + i.head.as_ref().map_or(0, GpuMatrix::bytes)
     }
 
+    /// Start-up self-check (for `--backend auto`): runs a short prompt through the smallest
+    /// submodel on this GPU and on the CPU engine and compares every logit with
+    /// [`Tolerance::FORWARD_F32`](crate::cpu::Tolerance::FORWARD_F32). Costs one small session
+    /// and a CPU forward of a few tokens. An error means: do not use this GPU.
+    pub fn self_check(&self) -> Result<(), GpuError> {
+        let model = &self.inner.model;
+        let n_layers = self.inner.dims.n_layers;
+        let vocab = self.inner.dims.vocab as u32;
+        let sub = Submodel::uniform(0, n_layers);
+        let tokens: Vec<u32> = [1u32, 72, 105, 33, 10].iter().map(|t| t % vocab).collect();
+        let fail = |reason: String| GpuError::SelfCheck { reason };
+        let cpu = crate::cpu::CpuEngine::new(Arc::clone(model)).map_err(|e| fail(format!("CPU engine: {e}")))?;
+        let expected = cpu
+            .session(&sub)
+            .and_then(|mut s| s.forward_all(&tokens))
+            .map_err(|e| fail(format!("CPU forward: {e}")))?;
+        let actual = self.session(&sub)?.forward_all(&tokens)?;
+        crate::cpu::Tolerance::FORWARD_F32
+            .check(&expected, &actual)
+            .map_err(|m| fail(format!("logits of submodel {} vs the CPU engine: {m}", sub.name(model.metadata()))))
+    }
+
     /// A session running `submodel` (one level per layer, each present in the file): uploads
     /// the FFN weight prefixes of its levels, allocates the KV cache and activations, and
     /// builds the dispatch plan (pipelines, uniforms, bind groups) once.
@@ -268,18 +291,7 @@ pub(crate) fn rope_table(theta: f32, head_dim: usize, ctx: usize) -> Vec<f32> {
     table
 }
 
-/// Which pipeline a dispatch runs.
-#[derive(Clone, Debug)]
-enum Pipe {
-    Fixed(wgpu::ComputePipeline),
-    /// A matrix product: `gemv` for one token, `gemm` for several.
-    Matmul {
-        gemv: wgpu::ComputePipeline,
-        gemm: wgpu::ComputePipeline,
-    },
-}
-
-/// Workgroup counts as a function of the pass's token count `t`.
+/// Workgroup counts of a single-pipeline dispatch as a function of the pass's token count `t`.
 #[derive(Clone, Copy, Debug)]
 enum Grid {
     /// `(x, t)`.
@@ -288,15 +300,40 @@ enum Grid {
     Fixed(u32, u32),
     /// `(t, 1)`: one workgroup per token row.
     Rows,
-    /// A matrix product over `n` outputs: `gemv` grid for one token, `gemm` tiles otherwise.
-    Matmul { gemv: (u32, u32), n: u32 },
 }
 
+/// A recorded dispatch.
 #[derive(Debug)]
-struct Dispatch {
-    pipe: Pipe,
-    bind: wgpu::BindGroup,
-    grid: Grid,
+enum Dispatch {
+    /// One pipeline, grid from `t`.
+    Fixed { pipe: wgpu::ComputePipeline, bind: wgpu::BindGroup, grid: Grid },
+    /// A matrix product over `n` outputs (both pipelines share the bind group layout): the
+    /// `gemv` kernel on `gemv_grid` for one token, `gemm` tiles (64 outputs x 16 tokens) for more.
+    Matmul {
+        gemv: wgpu::ComputePipeline,
+        gemm: wgpu::ComputePipeline,
+        bind: wgpu::BindGroup,
+        gemv_grid: (u32, u32),
+        n: u32,
+    },
+}
+
+impl Dispatch {
+    /// Pipeline, bind group and workgroup counts for a pass over `t` tokens.
+    fn resolve(&self, t: u32) -> (&wgpu::ComputePipeline, &wgpu::BindGroup, (u32, u32)) {
+        match self {
+            Dispatch::Fixed { pipe, bind, grid } => {
+                let g = match *grid {
+                    Grid::PerToken(x) => (x, t),
+                    Grid::Fixed(x, y) => (x, y),
+                    Grid::Rows => (t, 1),
+                };
+                (pipe, bind, g)
+            }
+            Dispatch::Matmul { gemv, bind, gemv_grid, .. } if t == 1 => (gemv, bind, *gemv_grid),
+            Dispatch::Matmul { gemm, bind, n, .. } => (gemm, bind, (n.div_ceil(64), t.div_ceil(16))),
+        }
+    }
 }
 
 /// One recorded item: a dispatch, or a copy of `t` rows of `row_bytes` from `src` into `dst`
@@ -379,7 +416,7 @@ impl Planner<'_> {
     ) -> Result<Item, GpuError> {
         let pipe = self.inner.kernels.pipeline(self.gpu(), &PipeKey::new(kernel, "main", constants))?;
         let bind = self.inner.kernels.bind(self.gpu(), kernel, buffers)?;
-        Ok(Item::Dispatch(Dispatch { pipe: Pipe::Fixed(pipe), bind, grid }))
+        Ok(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid }))
     }
 
     /// `out (+)= x W^T` (or `x W` when `transposed`, for `ffn_down_t`), one dispatch per chunk.
@@ -425,10 +462,12 @@ impl Planner<'_> {
             let bind = k.bind(self.gpu(), Kernel::MatmulGemv, &[&ub, self.step, x, &c.buffer, out])?;
             let gemv_grid =
                 if transposed { ((m.row_units as u32).div_ceil(16), 1) } else { split_2d((n as u32).div_ceil(4)) };
-            items.push(Item::Dispatch(Dispatch {
-                pipe: Pipe::Matmul { gemv: gemv.clone(), gemm: gemm.clone() },
+            items.push(Item::Dispatch(Dispatch::Matmul {
+                gemv: gemv.clone(),
+                gemm: gemm.clone(),
                 bind,
-                grid: Grid::Matmul { gemv: gemv_grid, n: n as u32 },
+                gemv_grid,
+                n: n as u32,
             }));
         }
         Ok(())
@@ -617,7 +656,7 @@ impl GpuSession {
         let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, _pad: [0; 3] })?;
         let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
         let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
-        tail_last.push(Item::Dispatch(Dispatch { pipe: Pipe::Fixed(pipe), bind, grid: Grid::Fixed(1, 1) }));
+        tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
         let mut tail_all = vec![p.norm(&i.final_norm, &x, &xn, sd, false)?];
         p.matmul(head, false, false, &xn, sd, &logits, sv, &mut tail_all)?;
 
@@ -836,18 +875,9 @@ fn record<'a>(
                     enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
                         .forget_lifetime()
                 });
-                let tt = tt as u32;
-                let (pipe, (x, y)) = match (&d.pipe, d.grid) {
-                    (Pipe::Fixed(pipe), Grid::PerToken(x)) => (pipe, (x, tt)),
-                    (Pipe::Fixed(pipe), Grid::Fixed(x, y)) => (pipe, (x, y)),
-                    (Pipe::Fixed(pipe), Grid::Rows) => (pipe, (tt, 1)),
-                    (Pipe::Matmul { gemv, .. }, Grid::Matmul { gemv: g, .. }) if tt == 1 => (gemv, g),
-                    (Pipe::Matmul { gemm, .. }, Grid::Matmul { n, .. }) => (gemm, (n.div_ceil(64), tt.div_ceil(16))),
-                    (Pipe::Fixed(pipe), Grid::Matmul { gemv, .. }) => (pipe, gemv),
-                    (Pipe::Matmul { gemv, .. }, _) => (gemv, (1, 1)),
-                };
+                let (pipe, bind, (x, y)) = d.resolve(tt as u32);
                 p.set_pipeline(pipe);
-                p.set_bind_group(0, &d.bind, &[]);
+                p.set_bind_group(0, bind, &[]);
                 p.dispatch_workgroups(x, y, 1);
                 n += 1;
             }

@@ -118,6 +118,12 @@ pub enum GpuError {
         /// The operation.
         what: &'static str,
     },
+    /// The start-up self-check found the GPU disagreeing with the CPU engine.
+    #[error("GPU self-check failed: {reason}; use the CPU backend")]
+    SelfCheck {
+        /// What disagreed (or why the CPU side could not run).
+        reason: String,
+    },
     /// The model file could not be read.
     #[error(transparent)]
     Model(#[from] ModelError),

@@ -144,7 +144,8 @@ impl OpRunner {
         let consts = [("F32_WEIGHTS", m.f32), ("ACCUMULATE", accumulate)];
         let mut uniforms = Vec::new();
         for c in &m.chunks {
-            let (pn, pk, oo, ko) = if transposed { (cols, c.rows, 0, c.row_start) } else { (c.rows, cols, c.row_start, 0) };
+            let (pn, pk, oo, ko) =
+                if transposed { (cols, c.rows, 0, c.row_start) } else { (c.rows, cols, c.row_start, 0) };
             uniforms.push(self.uniform(&MatmulParams {
                 n: pn as u32,
                 k: pk as u32,
@@ -176,7 +177,7 @@ impl OpRunner {
     /// columns).
     pub fn norm(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>, eps: f32) -> Result<Vec<f32>, GpuError> {
         let cols = w.len();
-        if cols == 0 || x.len() % cols != 0 || x.is_empty() || bias.is_some_and(|b| b.len() != cols) {
+        if cols == 0 || !x.len().is_multiple_of(cols) || x.is_empty() || bias.is_some_and(|b| b.len() != cols) {
             return Err(bad_input("norm: inconsistent sizes"));
         }
         let rows = x.len() / cols;
@@ -188,7 +189,8 @@ impl OpRunner {
             eps,
             _pad: [0; 3],
         })?;
-        let (step, xb, wb, out) = (self.step(0, rows)?, self.input(x)?, upload_f32(&self.gpu, "w", w)?, self.out(x.len())?);
+        let (step, xb, wb, out) =
+            (self.step(0, rows)?, self.input(x)?, upload_f32(&self.gpu, "w", w)?, self.out(x.len())?);
         let bb = bias.map(|b| upload_f32(&self.gpu, "b", b)).transpose()?;
         let (kernel, buffers) = match &bb {
             None => (Kernel::RmsNorm, vec![&p, &step, &xb, &wb, &out]),
@@ -211,7 +213,10 @@ impl OpRunner {
         pos0: usize,
         theta: f32,
     ) -> Result<Vec<f32>, GpuError> {
-        if head_dim == 0 || head_dim % 2 != 0 || q.len() != t * n_heads * head_dim || k.len() != t * n_kv_heads * head_dim
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || q.len() != t * n_heads * head_dim
+            || k.len() != t * n_kv_heads * head_dim
         {
             return Err(bad_input("rope: inconsistent sizes"));
         }
@@ -235,8 +240,11 @@ impl OpRunner {
         self.gpu.queue.write_buffer(&qb, 0, bytemuck::cast_slice(q));
         self.gpu.queue.write_buffer(&kb, 0, bytemuck::cast_slice(k));
         let grid = (((n_heads + n_kv_heads) * half) as u32).div_ceil(64);
-        let mut out =
-            self.run(&[(PipeKey::new(Kernel::Rope, "main", &[]), vec![&p, &step, &qb, &kb, &table], (grid, t as u32))], &qb, q.len())?;
+        let mut out = self.run(
+            &[(PipeKey::new(Kernel::Rope, "main", &[]), vec![&p, &step, &qb, &kb, &table], (grid, t as u32))],
+            &qb,
+            q.len(),
+        )?;
         let kr = self.gpu.read_back(&kb, (k.len().max(1) * 4).div_ceil(16) as u64 * 16)?;
         out.extend(kr.chunks_exact(4).take(k.len()).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         Ok(out)
@@ -260,7 +268,7 @@ impl OpRunner {
         let ctx = pos0 + t;
         let kv = n_kv_heads * head_dim;
         if n_kv_heads == 0
-            || n_heads % n_kv_heads != 0
+            || !n_heads.is_multiple_of(n_kv_heads)
             || q.len() != t * n_heads * head_dim
             || keys.len() != ctx * kv
             || values.len() != ctx * kv
@@ -287,7 +295,7 @@ impl OpRunner {
     /// FFN activation of `up` (`[t, width]`): `up * act(gate)` when `gate` is given, else
     /// `act(up)`; act is SiLU, or tanh-GELU when `gelu`.
     pub fn ffn_act(&self, up: &[f32], gate: Option<&[f32]>, width: usize, gelu: bool) -> Result<Vec<f32>, GpuError> {
-        if width == 0 || up.len() % width != 0 || up.is_empty() || gate.is_some_and(|g| g.len() != up.len()) {
+        if width == 0 || !up.len().is_multiple_of(width) || up.is_empty() || gate.is_some_and(|g| g.len() != up.len()) {
             return Err(bad_input("ffn_act: inconsistent sizes"));
         }
         let t = up.len() / width;
@@ -327,7 +335,8 @@ impl OpRunner {
         }
         let h: Vec<f16> = table.iter().map(|&v| f16::from_f32(v)).collect();
         let limit = max_binding.map_or(self.gpu.max_binding(), |m| m.clamp(64, self.gpu.max_binding()));
-        let m = GpuMatrix::build(&self.gpu, "table", rows, cols, DType::F16, limit, [(0u64, bytemuck::cast_slice(&h))])?;
+        let m =
+            GpuMatrix::build(&self.gpu, "table", rows, cols, DType::F16, limit, [(0u64, bytemuck::cast_slice(&h))])?;
         let t = tokens.len();
         let step = self.step(0, t)?;
         let tb = upload_bytes(&self.gpu, "tokens", bytemuck::cast_slice(tokens), wgpu::BufferUsages::STORAGE)?;
@@ -351,5 +360,66 @@ impl OpRunner {
             .map(|(c, ub)| (key.clone(), vec![ub, &step, &tb, &c.buffer, &out], ((cols as u32).div_ceil(64), t as u32)))
             .collect();
         self.run(&dispatches, &out, t * cols)
+    }
+
+    /// Calibration for benchmarks: the weight-read bandwidth (GB/s) the decode GEMV kernel
+    /// reaches on a packed-f16 `[rows, cols]` matrix, from `repeats` dispatches recorded in one
+    /// encoder (one submit, one wait; the best of 3 runs after a warm-up). Decode tokens/s is
+    /// bounded by this figure divided by the weight bytes read per token.
+    pub fn gemv_read_bandwidth(&self, rows: usize, cols: usize, repeats: usize) -> Result<f64, GpuError> {
+        if rows == 0 || cols == 0 || repeats == 0 {
+            return Err(bad_input("gemv_read_bandwidth: empty shape"));
+        }
+        let bytes = vec![0u8; rows * cols * 2];
+        let m = GpuMatrix::build(&self.gpu, "w", rows, cols, DType::F16, self.gpu.max_binding(), [(0u64, &bytes[..])])?;
+        let xb = self.input(&vec![0.0f32; pad8(cols)])?;
+        let out = self.out(rows)?;
+        let step = self.step(0, 1)?;
+        let key = PipeKey::new(Kernel::MatmulGemv, "gemv", &[("F32_WEIGHTS", false), ("ACCUMULATE", false)]);
+        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
+        let mut binds = Vec::new();
+        let mut uniforms = Vec::new();
+        for c in &m.chunks {
+            uniforms.push(self.uniform(&MatmulParams {
+                n: c.rows as u32,
+                k: cols as u32,
+                row_units: m.row_units as u32,
+                x_stride: pad8(cols) as u32,
+                out_stride: rows as u32,
+                out_offset: c.row_start as u32,
+                k_offset: 0,
+                _pad: 0,
+            })?);
+        }
+        for (c, ub) in m.chunks.iter().zip(&uniforms) {
+            let bind = self.kernels.bind(&self.gpu, Kernel::MatmulGemv, &[ub, &step, &xb, &c.buffer, &out])?;
+            binds.push((bind, split_2d((c.rows as u32).div_ceil(4))));
+        }
+        let run = |n: usize| -> Result<f64, GpuError> {
+            let t = std::time::Instant::now();
+            self.gpu.scoped("running the bandwidth calibration", || {
+                let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                {
+                    let mut pass =
+                        enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                    pass.set_pipeline(&pipe);
+                    for _ in 0..n {
+                        for (bind, (x, y)) in &binds {
+                            pass.set_bind_group(0, bind, &[]);
+                            pass.dispatch_workgroups(*x, *y, 1);
+                        }
+                    }
+                }
+                self.gpu.queue.submit([enc.finish()]);
+            })?;
+            self.gpu.wait()?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        run(1)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            best = best.min(run(repeats)?);
+        }
+        Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
     }
 }

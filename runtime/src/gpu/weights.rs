@@ -79,7 +79,11 @@ impl GpuMatrix {
         let row_units = pad8(cols) / 8;
         let padded = (row_units * 8 * elem) as u64;
         if padded > max_binding {
-            return Err(GpuError::BufferTooLarge { what: format!("one row of {name}"), bytes: padded, limit: max_binding });
+            return Err(GpuError::BufferTooLarge {
+                what: format!("one row of {name}"),
+                bytes: padded,
+                limit: max_binding,
+            });
         }
         let chunk_rows = ((max_binding / padded) as usize).max(1);
         let n_chunks = rows.div_ceil(chunk_rows);
