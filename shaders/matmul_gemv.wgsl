@@ -5,8 +5,10 @@
 // vec4<u32> of 4 f32 each when F32_WEIGHTS. Arithmetic is f32.
 //
 // gemv:   out[out_offset + r] = sum_c W[r, c] * x[c]          (r < n, c < k; Linear [out, in])
-//         ROWS rows per workgroup, the K dimension split across TPR = WG / ROWS threads per
-//         row, shared-memory tree reduction.
+//         ROWS rows per workgroup (an override: a power of two dividing WG), the K dimension
+//         split across WG / ROWS threads per row, shared-memory tree reduction. ROWS = WG (one
+//         thread per row, no reduction) suits CPU adapters (lavapipe); few rows per workgroup
+//         with many threads each gives coalesced loads on GPUs.
 // gemv_t: out[c] = sum_r x[k_offset + r] * W[r, c]             (r < k, c < n; ffn_down_t)
 //         CU column units per workgroup, the K dimension split across WG / CU threads.
 // ACCUMULATE adds into out instead of overwriting (residual connection fused in).
@@ -15,8 +17,7 @@ override F32_WEIGHTS: bool = false;
 override ACCUMULATE: bool = false;
 
 const WG: u32 = 64u;
-const ROWS: u32 = 4u;
-const TPR: u32 = WG / ROWS;
+override ROWS: u32 = 4u;
 const CU: u32 = 16u;
 const KSPLIT: u32 = WG / CU;
 
@@ -85,19 +86,20 @@ fn gemv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let lane = lid.x % TPR;
-    let row = (wid.x + wid.y * nwg.x) * ROWS + lid.x / TPR;
+    let tpr = WG / ROWS;
+    let lane = lid.x % tpr;
+    let row = (wid.x + wid.y * nwg.x) * ROWS + lid.x / tpr;
     var acc = vec4<f32>(0.0);
     if row < p.n {
         let base = row * p.row_units;
-        for (var u = lane; u < p.row_units; u += TPR) {
+        for (var u = lane; u < p.row_units; u += tpr) {
             let wu = unit(base + u);
             acc += wu.lo * x[2u * u] + wu.hi * x[2u * u + 1u];
         }
     }
     red[lid.x] = (acc.x + acc.y) + (acc.z + acc.w);
     workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
+    for (var s = tpr / 2u; s > 0u; s >>= 1u) {
         if lane < s {
             red[lid.x] += red[lid.x + s];
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use matformer::cpu::{argmax, CpuEngine};
+use matformer::cpu::CpuEngine;
 use matformer::format::DType;
 use matformer::tokenizer::ByteTokenizer;
 use matformer::{ModelFile, Submodel};
@@ -15,6 +15,8 @@ use matformer_export::progress::human_bytes;
 use matformer_export::synth::{presets, SynthOptions};
 use matformer_export::{ExportOptions, VerifyOptions};
 use serde::Serialize;
+
+use crate::backend::{BackendChoice, Engine};
 
 fn parse_dtype(s: &str) -> Result<DType> {
     match s {
@@ -334,6 +336,7 @@ pub fn verify(
 
 #[derive(Serialize)]
 struct GenerateOut {
+    backend: String,
     submodel: String,
     widths: Vec<u32>,
     prompt_tokens: usize,
@@ -352,6 +355,7 @@ pub fn generate(
     prompt: &str,
     max_tokens: usize,
     spec: &str,
+    backend: BackendChoice,
     threads: Option<usize>,
     json: bool,
 ) -> Result<()> {
@@ -359,13 +363,13 @@ pub fn generate(
     let meta = model.metadata().clone();
     let sub = Submodel::parse(spec, &meta, model.view().available_levels)?;
     let tok = ByteTokenizer::from_metadata(&meta);
-    let engine = engine(&model, threads)?;
+    let engine = Engine::load(&model, backend, threads, false)?;
     let mut session = engine.session(&sub)?;
     let prompt_ids = tok.encode(prompt, true);
     let room = (meta.architecture.max_context as usize).saturating_sub(prompt_ids.len());
     let max_tokens = max_tokens.min(room);
     let t0 = Instant::now();
-    let mut logits = session.prefill(&prompt_ids)?;
+    let mut next = session.prefill(&prompt_ids)?;
     let prefill = t0.elapsed();
     let mut out = Vec::new();
     let mut stdout = std::io::stdout();
@@ -375,7 +379,6 @@ pub fn generate(
     let t1 = Instant::now();
     let mut pending: Vec<u8> = Vec::new();
     for i in 0..max_tokens {
-        let next = argmax(&logits);
         if Some(next) == meta.tokenizer.eos_id {
             break;
         }
@@ -397,13 +400,14 @@ pub fn generate(
             let _ = stdout.flush();
         }
         if i + 1 < max_tokens {
-            logits = session.decode(next)?;
+            next = session.decode(next)?;
         }
     }
     let decode = t1.elapsed();
     let text = tok.decode(&out);
     let decode_steps = out.len().saturating_sub(1).max(1);
     let res = GenerateOut {
+        backend: engine.name().to_string(),
         submodel: sub.name(&meta),
         widths: sub.widths(&meta),
         prompt_tokens: prompt_ids.len(),
@@ -423,7 +427,8 @@ pub fn generate(
     }
     println!();
     eprintln!(
-        "[{}: {} prompt tokens in {:.1} ms ({:.1} tok/s), {} generated in {:.1} ms ({:.1} tok/s)]",
+        "[{} {}: {} prompt tokens in {:.1} ms ({:.1} tok/s), {} generated in {:.1} ms ({:.1} tok/s)]",
+        res.backend,
         res.submodel,
         res.prompt_tokens,
         res.prefill_ms,
@@ -432,6 +437,31 @@ pub fn generate(
         res.decode_ms,
         res.decode_tokens_per_s
     );
+    Ok(())
+}
+
+/// `matformer devices`.
+pub fn devices(json: bool) -> Result<()> {
+    let adapters = matformer::gpu::list_adapters();
+    if json {
+        return print_json(&adapters);
+    }
+    if adapters.is_empty() {
+        println!("no GPU adapter found: `--backend auto` will use the CPU engine");
+        return Ok(());
+    }
+    for a in &adapters {
+        println!("{} ({} {}, driver {})", a.name, a.backend, a.device_type, a.driver);
+        println!(
+            "  max storage binding {}, max buffer {}, workgroup storage {} B, invocations/workgroup {}, storage buffers/stage {}",
+            human_bytes(a.max_storage_buffer_binding_size),
+            human_bytes(a.max_buffer_size),
+            a.max_compute_workgroup_storage_size,
+            a.max_compute_invocations_per_workgroup,
+            a.max_storage_buffers_per_shader_stage
+        );
+        println!("  shader-f16 {}, subgroups {}, weight path: {}", a.shader_f16, a.subgroups, a.weight_path);
+    }
     Ok(())
 }
 

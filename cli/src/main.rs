@@ -3,6 +3,8 @@
 //! Human-readable output by default, JSON with `--json`; progress and statistics on stderr;
 //! every error is one line on stderr and a non-zero exit.
 
+mod backend;
+mod bench;
 mod commands;
 
 use std::path::PathBuf;
@@ -111,10 +113,43 @@ enum Command {
         /// Submodel: a width name (s, m, l, xl) or per-layer level indices (0,0,1,3).
         #[arg(long, default_value = "largest")]
         submodel: String,
+        /// Engine: auto (GPU if it passes a self-check, else CPU), gpu, cpu.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: backend::BackendChoice,
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
         /// Print the result as JSON (text, tokens, timings).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List GPU adapters, their limits and the paths the runtime would choose.
+    Devices {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmark prefill and decode per submodel and backend, with efficiency against the
+    /// machine's measured bandwidth and arithmetic throughput (in the manner of llama-bench).
+    Bench {
+        /// The .matf file.
+        file: PathBuf,
+        /// Backends to measure (repeatable).
+        #[arg(long, value_enum, default_values = ["cpu"])]
+        backend: Vec<backend::BackendChoice>,
+        /// Submodels to measure (repeatable; default: smallest and largest).
+        #[arg(long)]
+        submodel: Vec<String>,
+        /// Prompt tokens for the prefill measurement.
+        #[arg(long, default_value_t = 64)]
+        prompt_len: usize,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 32)]
+        gen_len: usize,
+        /// CPU threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -154,8 +189,12 @@ fn main() -> ExitCode {
         Command::Verify { file, against, mapping, submodel, json } => {
             commands::verify(&file, against, mapping, submodel, json)
         }
-        Command::Generate { file, prompt, max_tokens, submodel, threads, json } => {
-            commands::generate(&file, &prompt, max_tokens, &submodel, threads, json)
+        Command::Generate { file, prompt, max_tokens, submodel, backend, threads, json } => {
+            commands::generate(&file, &prompt, max_tokens, &submodel, backend, threads, json)
+        }
+        Command::Devices { json } => commands::devices(json),
+        Command::Bench { file, backend, submodel, prompt_len, gen_len, threads, json } => {
+            bench::bench(&file, &backend, submodel, prompt_len, gen_len, threads, json)
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {
             commands::eval(&file, &text, submodel, chunk, threads, json)

@@ -50,12 +50,9 @@ pub struct ExportReport {
 /// Source canonical name of a file tensor and whether the source is `[d_model, width]`
 /// (the down projection, which the file stores transposed).
 fn source_of(file_name: &str) -> (String, bool) {
-    if let Some(prefix) = file_name.strip_suffix(names::FFN_DOWN_T) {
-        (format!("{prefix}ffn_down"), true)
-    } else if file_name == names::TOK_EMBEDDINGS || file_name == names::NORM || file_name == names::LM_HEAD {
-        (file_name.to_string(), false)
-    } else {
-        (file_name.to_string(), false)
+    match file_name.strip_suffix(names::FFN_DOWN_T) {
+        Some(prefix) => (format!("{prefix}ffn_down"), true),
+        None => (file_name.to_string(), false),
     }
 }
 

@@ -165,10 +165,7 @@ impl NamePreset {
                 Some(&idx) => {
                     entries.insert(
                         canonical.clone(),
-                        Located {
-                            weight: WeightRef::Initializer(idx),
-                            transposed: self.transposed.contains(&key),
-                        },
+                        Located { weight: WeightRef::Initializer(idx), transposed: self.transposed.contains(&key) },
                     );
                 }
                 None => missing.push(format!("{canonical} (initializer `{init_name}`)")),

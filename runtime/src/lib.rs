@@ -12,8 +12,10 @@
 //! - `gpu` (feature `gpu`, on by default): the wgpu compute backend (Vulkan, Metal), checked
 //!   against the CPU engine.
 //! - [`tokenizer`]: the byte-level tokenizer.
+//! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
 //! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
+pub mod calibrate;
 pub mod cpu;
 pub mod eval;
 pub mod format;

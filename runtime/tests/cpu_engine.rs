@@ -43,8 +43,8 @@ fn configs() -> Vec<Cfg> {
             activation: Activation::Silu,
         },
         Cfg {
-            name: "f16 plain tied layernorm gelu mha",
-            dtype: DType::F16,
+            name: "f32 plain tied layernorm gelu mha",
+            dtype: DType::F32,
             d_model: 48,
             n_heads: 4,
             n_kv_heads: 4,
@@ -71,8 +71,8 @@ fn configs() -> Vec<Cfg> {
             activation: Activation::GeluTanh,
         },
         Cfg {
-            name: "f32 plain untied layernorm silu odd sizes",
-            dtype: DType::F32,
+            name: "f16 plain untied layernorm silu odd sizes",
+            dtype: DType::F16,
             d_model: 20,
             n_heads: 2,
             n_kv_heads: 1,

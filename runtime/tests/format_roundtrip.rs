@@ -179,7 +179,7 @@ fn writer_calls_progress_and_chunks_large_segments() {
         },
     )
     .unwrap();
-    assert_eq!(last, (len, len));
+    assert_eq!(last, (2 * len, 2 * len), "progress covers both passes");
     let emb: Vec<_> = calls.iter().filter(|(ti, _)| *ti == 0).collect();
     assert_eq!(emb.len(), 4, "two chunks, two passes: {emb:?}");
     assert_eq!(emb[0].1, 0..4096);

@@ -95,7 +95,9 @@ fn gpu_matches_cpu_layernorm_gelu_tied_f32_chunked() {
     let model = model(&meta, DType::F32, 3);
     // Tiny bindings force every matrix into many row chunks; a small prefill chunk forces
     // several passes per prompt.
-    let opts = GpuOptions { prefill_chunk: 5, max_binding_bytes: Some(2048), ..GpuOptions::default() };
+    // GEMV with 4 rows per workgroup: the GPU choice, exercised here on any adapter.
+    let opts =
+        GpuOptions { prefill_chunk: 5, max_binding_bytes: Some(2048), gemv_rows: Some(4), ..GpuOptions::default() };
     let Some(gpu) = engine_or_skip(&model, opts) else { return };
     let tokens = prompt(17, 261);
     for level in 0..3u8 {

@@ -46,7 +46,16 @@ fn check(what: &str, tol: Tolerance, expected: &[f32], actual: &[f32]) {
 
 #[test]
 fn matmul_gemv_and_gemm_match_reference() {
-    let Some(r) = runner_or_skip() else { return };
+    let Some(mut r) = runner_or_skip() else { return };
+    // GEMV rows per workgroup: 64 is the CPU-adapter choice, 4 the GPU one, 1 the extreme.
+    for gemv_rows in [64, 4, 1] {
+        r.set_gemv_rows(gemv_rows).expect("valid rows");
+        matmul_cases(&r, gemv_rows);
+    }
+    assert!(r.set_gemv_rows(3).is_err() && r.set_gemv_rows(128).is_err());
+}
+
+fn matmul_cases(r: &OpRunner, gemv_rows: u32) {
     // (rows, cols, tokens): odd sizes, sizes around the tile sizes, one token (GEMV) and many (GEMM).
     let shapes = [
         (1, 1, 1),
@@ -83,7 +92,7 @@ fn matmul_gemv_and_gemm_match_reference() {
                         })
                         .collect();
                     let what = format!(
-                        "matmul {rows}x{cols} t={t} {format:?} transposed={transposed} max_binding={max_binding:?}"
+                        "matmul {rows}x{cols} t={t} {format:?} transposed={transposed} max_binding={max_binding:?} gemv_rows={gemv_rows}"
                     );
                     check(&what, Tolerance::KERNEL, &expected, &got);
                 }

@@ -21,12 +21,19 @@ use super::weights::{Matrix, RowData};
 
 /// Partial sums per dot product.
 pub(crate) const LANES: usize = 8;
-/// f16 elements widened at a time in the GEMV path (a multiple of [`LANES`]).
-const CONVERT_CHUNK: usize = 512;
+/// True when `half`'s f16 -> f32 slice conversion is inlined vector code (the build enables
+/// F16C on x86 or FP16 on aarch64, e.g. `-C target-cpu=native`); otherwise it dispatches at
+/// run time through a call per 8 elements, and fewer, longer conversions are cheaper.
+const INLINE_F16_CONVERSION: bool = cfg!(any(target_feature = "f16c", target_feature = "fp16"));
+/// f16 elements widened at a time in the one-input paths (a multiple of [`LANES`]): small
+/// enough that the widened chunk stays in L1 while it is consumed when the conversion is
+/// inlined (measured: 128 is 2x faster than whole 2048-element rows with F16C), longer
+/// otherwise to amortise the per-call dispatch.
+const CONVERT_CHUNK: usize = if INLINE_F16_CONVERSION { 128 } else { 512 };
+/// Columns widened at a time by the one-input down projection (`usize::MAX`: whole rows).
+const DOWN_CHUNK: usize = if INLINE_F16_CONVERSION { 128 } else { usize::MAX };
 /// Rows widened at a time in the batched paths.
 const ROW_BLOCK: usize = 8;
-/// Weight rows per micro-kernel call in the one-input `x @ W^T` (GEMV).
-const GEMV_ROWS: usize = 4;
 /// Tokens per micro-kernel call in the batched `x @ W^T`.
 const TOKEN_BLOCK: usize = 4;
 /// Below this many multiply-adds a kernel runs on the calling thread only: spawning costs
@@ -83,68 +90,6 @@ fn accumulate_block(acc: &mut [[f32; LANES]; TOKEN_BLOCK], x: [&[f32]; TOKEN_BLO
         for ((s, xv), wv) in a.iter_mut().zip(&xi[n_full..n]).zip(&w[n_full..n]) {
             *s += xv * wv;
         }
-    }
-}
-
-/// [`accumulate`] of one input against [`GEMV_ROWS`] weight rows at once (the input chunk is
-/// loaded once for all rows), keeping the per-row order of [`accumulate`].
-#[inline(always)]
-fn accumulate_rows(acc: &mut [[f32; LANES]; GEMV_ROWS], x: &[f32], w: [&[f32]; GEMV_ROWS]) {
-    let n = x.len();
-    let n_full = n - n % LANES;
-    let mut k = 0;
-    while k < n_full {
-        let xk = <&[f32; LANES]>::try_from(&x[k..k + LANES]);
-        let w0 = <&[f32; LANES]>::try_from(&w[0][k..k + LANES]);
-        let w1 = <&[f32; LANES]>::try_from(&w[1][k..k + LANES]);
-        let w2 = <&[f32; LANES]>::try_from(&w[2][k..k + LANES]);
-        let w3 = <&[f32; LANES]>::try_from(&w[3][k..k + LANES]);
-        if let (Ok(xk), Ok(w0), Ok(w1), Ok(w2), Ok(w3)) = (xk, w0, w1, w2, w3) {
-            let [a0, a1, a2, a3] = acc;
-            mul_add_lanes(a0, xk, w0);
-            mul_add_lanes(a1, xk, w1);
-            mul_add_lanes(a2, xk, w2);
-            mul_add_lanes(a3, xk, w3);
-        }
-        k += LANES;
-    }
-    for (a, wi) in acc.iter_mut().zip(w) {
-        for ((s, xv), wv) in a.iter_mut().zip(&x[n_full..n]).zip(&wi[n_full..n]) {
-            *s += xv * wv;
-        }
-    }
-}
-
-/// Dot products of `x` with [`GEMV_ROWS`] consecutive rows (`rows` holds exactly
-/// `GEMV_ROWS * x.len()` elements), each bitwise equal to [`dot_row`] of that row.
-fn dot_rows(x: &[f32], rows: RowData<'_>, out: &mut [f32]) {
-    let cols = x.len();
-    let mut acc = [[0.0f32; LANES]; GEMV_ROWS];
-    match rows {
-        RowData::F32(w) => {
-            let mut it = w.chunks_exact(cols.max(1));
-            let (Some(w0), Some(w1), Some(w2), Some(w3)) = (it.next(), it.next(), it.next(), it.next()) else {
-                return;
-            };
-            accumulate_rows(&mut acc, x, [w0, w1, w2, w3]);
-        }
-        RowData::F16(w) => {
-            let mut buf = [[0.0f32; CONVERT_CHUNK]; GEMV_ROWS];
-            let mut c0 = 0;
-            while c0 < cols {
-                let c1 = (c0 + CONVERT_CHUNK).min(cols);
-                for (j, b) in buf.iter_mut().enumerate() {
-                    w[j * cols + c0..j * cols + c1].convert_to_f32_slice(&mut b[..c1 - c0]);
-                }
-                let [b0, b1, b2, b3] = &buf;
-                let n = c1 - c0;
-                accumulate_rows(&mut acc, &x[c0..c1], [&b0[..n], &b1[..n], &b2[..n], &b3[..n]]);
-                c0 = c1;
-            }
-        }
-    }
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = reduce(a);
     }
 }
 
@@ -231,15 +176,7 @@ fn matmul_rows(x: &[f32], t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
     if t == 1 {
         let x = &x[..cols];
         for (start, rows, data) in w.parts_in(r0, r1) {
-            let mut k = 0;
-            while k + GEMV_ROWS <= rows {
-                if let Some(block) = data.get(k * cols, (k + GEMV_ROWS) * cols) {
-                    let o = start - r0 + k;
-                    dot_rows(x, block, &mut out[o..o + GEMV_ROWS]);
-                }
-                k += GEMV_ROWS;
-            }
-            for k in k..rows {
+            for k in 0..rows {
                 if let Some(row) = data.get(k * cols, (k + 1) * cols) {
                     out[start - r0 + k] = dot_row(x, row);
                 }
@@ -307,51 +244,61 @@ fn threads_for(work: usize, threads: usize) -> usize {
     }
 }
 
-/// Runs `f(range, out_chunk, ld)` over output ranges in parallel, where the output of a range
-/// `[s, e)` for all `t` rows of a row-major `[t, n]` array is `out[i * n + s..i * n + e]`.
-/// With one input row the output chunks are disjoint slices of `out`; otherwise each thread
-/// fills a private `[t, e - s]` buffer that is copied into place afterwards.
+/// Work items per thread in the parallel kernels: threads take items from a shared queue, so
+/// faster cores (big.LITTLE) or cores not busy with other processes take more of them.
+const ITEMS_PER_THREAD: usize = 4;
+
+/// Runs `f(item)` for every item on up to `threads` threads (the calling thread included),
+/// each thread taking the next item from a shared queue until it is empty.
+fn run_dynamic<T: Send, F: Fn(T) + Sync>(items: Vec<T>, threads: usize, f: F) {
+    let threads = threads.min(items.len());
+    if threads <= 1 {
+        items.into_iter().for_each(f);
+        return;
+    }
+    let queue = std::sync::Mutex::new(items.into_iter());
+    // The lock is never held while `f` runs, so it cannot be poisoned by a panicking item;
+    // a poisoned queue just ends the loop (the panic itself propagates from the scope).
+    let next = || queue.lock().ok().and_then(|mut q| q.next());
+    let work = || {
+        while let Some(item) = next() {
+            f(item);
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(work);
+        }
+        work();
+    });
+}
+
+/// Runs `f(s, e, out_chunk, ld)` over column ranges `[s, e)` of a row-major `[t, n]` output in
+/// parallel. With one input row the chunks are disjoint slices of `out` (`ld = e - s`);
+/// otherwise each range fills a private `[t, e - s]` buffer copied into place afterwards.
 fn par_columns<F>(out: &mut [f32], t: usize, n: usize, threads: usize, align: usize, f: F)
 where
     F: Fn(usize, usize, &mut [f32], usize) + Sync,
 {
-    let ranges = split_ranges(n, threads, align);
-    if ranges.len() <= 1 {
+    if threads <= 1 {
         f(0, n, out, n);
         return;
     }
+    let ranges = split_ranges(n, threads * ITEMS_PER_THREAD, align);
     if t == 1 {
-        std::thread::scope(|scope| {
-            let mut rest: &mut [f32] = out;
-            let mut first = None;
-            for &(s, e) in &ranges {
-                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(e - s);
-                rest = tail;
-                if first.is_none() {
-                    first = Some((s, e, chunk));
-                } else {
-                    let f = &f;
-                    scope.spawn(move || f(s, e, chunk, e - s));
-                }
-            }
-            if let Some((s, e, chunk)) = first {
-                f(s, e, chunk, e - s);
-            }
-        });
+        let mut items = Vec::with_capacity(ranges.len());
+        let mut rest: &mut [f32] = out;
+        for &(s, e) in &ranges {
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(e - s);
+            rest = tail;
+            items.push((s, e, chunk));
+        }
+        run_dynamic(items, threads, |(s, e, chunk)| f(s, e, chunk, e - s));
         return;
     }
     let mut bufs: Vec<Vec<f32>> = ranges.iter().map(|&(s, e)| vec![0.0; t * (e - s)]).collect();
-    std::thread::scope(|scope| {
-        let mut iter = ranges.iter().zip(bufs.iter_mut());
-        let first = iter.next();
-        for (&(s, e), buf) in iter {
-            let f = &f;
-            scope.spawn(move || f(s, e, buf, e - s));
-        }
-        if let Some((&(s, e), buf)) = first {
-            f(s, e, buf, e - s);
-        }
-    });
+    let items: Vec<_> = ranges.iter().zip(bufs.iter_mut()).collect();
+    run_dynamic(items, threads, |(&(s, e), buf)| f(s, e, buf, e - s));
     for (&(s, e), buf) in ranges.iter().zip(&bufs) {
         let w = e - s;
         for i in 0..t {
@@ -394,12 +341,51 @@ fn down_rows(
     wbuf: &mut Vec<f32>,
 ) {
     let n = d.cols;
-    let block = if t == 1 { 4 } else { ROW_BLOCK };
-    wbuf.resize(block * n, 0.0);
+    if t == 1 {
+        // One input: four rows at a time, widened DOWN_CHUNK columns at a time (so that the
+        // widened pieces and the output chunk stay in L1 when widening is cheap).
+        let chunk = DOWN_CHUNK.min(n).max(1);
+        wbuf.resize(4 * chunk, 0.0);
+        for (start, rows, data) in d.parts_in(r0, r1) {
+            let hrow = &h[start..start + rows];
+            let mut j = 0;
+            while j + 4 <= rows {
+                let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
+                let mut c0 = 0;
+                while c0 < n {
+                    let c1 = c0 + chunk.min(n - c0);
+                    let m = c1 - c0;
+                    for (q, b) in wbuf.chunks_exact_mut(chunk).enumerate() {
+                        let base = (j + q) * n;
+                        if let Some(piece) = data.get(base + c0, base + c1) {
+                            piece.widen_into(&mut b[..m]);
+                        }
+                    }
+                    let b = |q: usize| &wbuf[q * chunk..q * chunk + m];
+                    axpy4(&mut out[c0..c1], a, [b(0), b(1), b(2), b(3)]);
+                    c0 = c1;
+                }
+                j += 4;
+            }
+            for j in j..rows {
+                let mut c0 = 0;
+                while c0 < n {
+                    let c1 = c0 + chunk.min(n - c0);
+                    if let Some(piece) = data.get(j * n + c0, j * n + c1) {
+                        piece.widen_into(&mut wbuf[..c1 - c0]);
+                    }
+                    axpy(&mut out[c0..c1], hrow[j], &wbuf[..c1 - c0]);
+                    c0 = c1;
+                }
+            }
+        }
+        return;
+    }
+    wbuf.resize(ROW_BLOCK * n, 0.0);
     for (start, rows, data) in d.parts_in(r0, r1) {
         let mut b0 = 0;
         while b0 < rows {
-            let nb = block.min(rows - b0);
+            let nb = ROW_BLOCK.min(rows - b0);
             if let Some(rows_data) = data.get(b0 * n, (b0 + nb) * n) {
                 rows_data.widen_into(&mut wbuf[..nb * n]);
             }
@@ -433,7 +419,8 @@ pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], 
     let threads = threads_for(t.saturating_mul(rows).saturating_mul(n), threads);
     if t > DOWN_SPLIT_GROUPS_MAX_T || n_groups == 1 || threads == 1 {
         // Each thread: a range of inputs, every group in order.
-        par_slabs(out, n, threads.min(t), |t0, slab| {
+        // Every item reads all the weights: as few items as threads.
+        par_slabs(out, n, threads.min(t), threads.min(t), |t0, slab| {
             let tt = slab.len() / n.max(1);
             let hs = &h[t0 * hw..(t0 + tt) * hw];
             let mut p = vec![0.0f32; if n_groups > 1 { tt * n } else { 0 }];
@@ -455,7 +442,7 @@ pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], 
     // Few inputs: each thread sums its own groups (reading only its weight rows), then the
     // partial sums are added in group order.
     let mut partials = vec![0.0f32; n_groups * t * n];
-    par_slabs(&mut partials, t * n, threads.min(n_groups), |g0, slab| {
+    par_slabs(&mut partials, t * n, threads.min(n_groups), n_groups, |g0, slab| {
         let mut wbuf = Vec::new();
         for (k, p) in slab.chunks_exact_mut(t * n).enumerate() {
             let (r0, r1) = group(g0 + k);
@@ -561,36 +548,26 @@ pub(crate) fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
-/// Splits `out` (whole units of `chunk` elements) into at most `threads` contiguous slabs and
-/// runs `f(first_unit, slab)` on each, in parallel (the first slab on the calling thread).
-fn par_slabs<F>(out: &mut [f32], chunk: usize, threads: usize, f: F)
+/// Splits `out` (whole units of `chunk` elements) into at most `pieces` contiguous slabs and
+/// runs `f(first_unit, slab)` on each, on up to `threads` threads.
+fn par_slabs<F>(out: &mut [f32], chunk: usize, threads: usize, pieces: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
     let chunk = chunk.max(1);
-    let units = out.len() / chunk;
-    let ranges = split_ranges(units, threads, 1);
-    if ranges.len() <= 1 {
+    if threads <= 1 {
         f(0, out);
         return;
     }
-    std::thread::scope(|scope| {
-        let mut rest: &mut [f32] = out;
-        let mut first = None;
-        for &(s, e) in &ranges {
-            let (slab, tail) = std::mem::take(&mut rest).split_at_mut((e - s) * chunk);
-            rest = tail;
-            if first.is_none() {
-                first = Some((s, slab));
-            } else {
-                let f = &f;
-                scope.spawn(move || f(s, slab));
-            }
-        }
-        if let Some((s, slab)) = first {
-            f(s, slab);
-        }
-    });
+    let units = out.len() / chunk;
+    let mut items = Vec::new();
+    let mut rest: &mut [f32] = out;
+    for (s, e) in split_ranges(units, pieces, 1) {
+        let (slab, tail) = std::mem::take(&mut rest).split_at_mut((e - s) * chunk);
+        rest = tail;
+        items.push((s, slab));
+    }
+    run_dynamic(items, threads, |(s, slab)| f(s, slab));
 }
 
 /// Parallel map over the `out.len() / chunk` equal-size chunks of `out`:
@@ -603,7 +580,7 @@ where
     let chunk = chunk.max(1);
     let units = out.len() / chunk;
     let threads = threads_for(work, threads).min(units.max(1));
-    par_slabs(out, chunk, threads, |u0, slab| {
+    par_slabs(out, chunk, threads, threads * ITEMS_PER_THREAD, |u0, slab| {
         let mut scratch = vec![0.0f32; scratch_len];
         for (k, c) in slab.chunks_exact_mut(chunk).enumerate() {
             f(u0 + k, c, &mut scratch);
@@ -919,79 +896,10 @@ mod speed {
         eprintln!("{name:>40}: {:8.3} ms  {:6.2} GB/s", best * 1e3, bytes as f64 / best / 1e9);
     }
 
-    #[inline(always)]
-    fn f16_bits_to_f32(h: u16) -> f32 {
-        let h = u32::from(h);
-        let sign = (h & 0x8000) << 16;
-        let em = h & 0x7fff;
-        let normal = (em << 13) + ((127 - 15) << 23);
-        let infnan = (em << 13) | (0xff << 23);
-        let sub = ((em as i32) as f32 * (1.0 / 16_777_216.0)).to_bits();
-        let r = if em >= 0x7c00 {
-            infnan
-        } else if em < 0x400 {
-            sub
-        } else {
-            normal
-        };
-        f32::from_bits(r | sign)
-    }
-
-    fn dot_f16_fused(x: &[f32], w: &[u16]) -> f32 {
-        let mut acc = [0.0f32; LANES];
-        for (xc, wc) in x.chunks_exact(LANES).zip(w.chunks_exact(LANES)) {
-            if let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(xc), <&[u16; LANES]>::try_from(wc)) {
-                for i in 0..LANES {
-                    acc[i] += a[i] * f16_bits_to_f32(b[i]);
-                }
-            }
-        }
-        reduce(&acc)
-    }
-
-    fn dot_f16_buf(x: &[f32], w: &[u16]) -> f32 {
-        let mut acc = [0.0f32; LANES];
-        let mut buf = [0.0f32; CONVERT_CHUNK];
-        for (xc, wc) in x.chunks(CONVERT_CHUNK).zip(w.chunks(CONVERT_CHUNK)) {
-            let b = &mut buf[..wc.len()];
-            for (o, &h) in b.iter_mut().zip(wc) {
-                *o = f16_bits_to_f32(h);
-            }
-            accumulate(&mut acc, xc, b);
-        }
-        reduce(&acc)
-    }
-
-    #[test]
-    fn soft_conversion_is_exact() {
-        for h in 0..=u16::MAX {
-            let a = f16::from_bits(h).to_f32();
-            let b = f16_bits_to_f32(h);
-            assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#x}: {a} vs {b}");
-        }
-    }
-
     #[test]
     #[ignore = "benchmark"]
     fn kernel_speed() {
-        {
-            let (rows, cols) = (8192usize, 2048usize);
-            let w: Vec<u16> =
-                (0..rows * cols).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5).to_bits()).collect();
-            let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 / 13.0).collect();
-            let mut out = vec![0.0f32; rows];
-            bench("fused soft", rows * cols * 2, || {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(cols)) {
-                    *o = dot_f16_fused(&x, r);
-                }
-            });
-            bench("buffered soft", rows * cols * 2, || {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(cols)) {
-                    *o = dot_f16_buf(&x, r);
-                }
-            });
-        }
-        let (rows, cols) = (8192usize, 2048usize);
+        let (rows, cols) = (32768usize, 2048usize);
         let w16: Vec<f16> =
             (0..rows * cols).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
         let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
@@ -1001,64 +909,22 @@ mod speed {
         let h: Vec<f32> = (0..rows * 64).map(|i| (i % 11) as f32 / 11.0).collect();
         let mut out = vec![0.0f32; rows * 64];
         let mut out2 = vec![0.0f32; cols * 64];
-        {
-            let d = cols;
-            let mut o1 = vec![0.0f32; d];
-            let mut o2 = vec![0.0f32; d];
-            bench("down rows-split 2 threads", rows * cols * 2, || {
-                std::thread::scope(|sc| {
-                    let (a, b) = w16.split_at(rows / 2 * d);
-                    let (ha, hb) = h[..rows].split_at(rows / 2);
-                    let o1 = &mut o1;
-                    let o2 = &mut o2;
-                    sc.spawn(move || {
-                        let mut buf = vec![0.0f32; d];
-                        for (r, hv) in a.chunks_exact(d).zip(ha) {
-                            r.convert_to_f32_slice(&mut buf);
-                            axpy(o1, *hv, &buf);
-                        }
-                    });
-                    let mut buf = vec![0.0f32; d];
-                    for (r, hv) in b.chunks_exact(d).zip(hb) {
-                        r.convert_to_f32_slice(&mut buf);
-                        axpy(o2, *hv, &buf);
-                    }
-                });
-            });
-            bench("down cols-split 2 threads convert only", rows * cols * 2, || {
-                std::thread::scope(|sc| {
-                    let w16 = &w16;
-                    sc.spawn(move || {
-                        let mut buf = vec![0.0f32; d / 2];
-                        for r in w16.chunks_exact(d) {
-                            r[..d / 2].convert_to_f32_slice(&mut buf);
-                            std::hint::black_box(&buf);
-                        }
-                    });
-                    let mut buf = vec![0.0f32; d / 2];
-                    for r in w16.chunks_exact(d) {
-                        r[d / 2..].convert_to_f32_slice(&mut buf);
-                        std::hint::black_box(&buf);
-                    }
-                });
-            });
-        }
+        bench("widen f16 rows (half)", rows * cols * 2, || {
+            let mut buf = vec![0.0f32; cols];
+            for r in w16.chunks_exact(cols) {
+                r.convert_to_f32_slice(&mut buf);
+                std::hint::black_box(&buf);
+            }
+        });
         for threads in [1, 2] {
             bench(&format!("gemv f16 t=1 th={threads}"), rows * cols * 2, || {
-                matmul(&x, 1, &m16, &mut out[..rows], threads)
+                matmul(&x[..cols], 1, &m16, &mut out[..rows], threads)
             });
             bench(&format!("gemv f32 t=1 th={threads}"), rows * cols * 4, || {
-                matmul(&x, 1, &m32, &mut out[..rows], threads)
+                matmul(&x[..cols], 1, &m32, &mut out[..rows], threads)
             });
             bench(&format!("down f16 t=1 th={threads}"), rows * cols * 2, || {
-                matmul_down(&h, 1, &m16, &mut out2[..cols], threads)
-            });
-            bench(&format!("convert f16 th={threads}"), rows * cols * 2, || {
-                let mut buf = vec![0.0f32; cols];
-                for r in w16.chunks_exact(cols) {
-                    r.convert_to_f32_slice(&mut buf);
-                    std::hint::black_box(&buf);
-                }
+                matmul_down(&h[..rows], 1, &m16, &mut out2[..cols], threads)
             });
             let flops = rows * cols * 2 * 64;
             let t = Instant::now();

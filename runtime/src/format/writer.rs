@@ -199,7 +199,8 @@ fn fill_rows(
 /// **`fill` is called twice for every range** — once to compute the segment checksums that
 /// the header (written first) records, once to write — and must return the same bytes both
 /// times ([`FormatError::FillNotDeterministic`] otherwise). Only one range is in memory at a
-/// time. `progress(bytes_written, total_bytes)` is called after each range is written.
+/// time. `progress(done, total)` is called after each range of either pass, with `total` =
+/// twice the file length (both passes) and `done` reaching `total` when the file is written.
 pub fn write_file<W: Write>(
     out: W,
     metadata: &Metadata,
@@ -222,6 +223,10 @@ pub fn write_file_with_alignment<W: Write>(
     let (mut view, json) = plan(metadata, tensors, alignment_log2)?;
     let mut buf = Vec::new();
 
+    // Progress counts both passes: `total_work` = twice the file's data.
+    let total_work = view.file_len.saturating_mul(2);
+    let mut done = 0u64;
+
     // Pass 1: checksums.
     for ti in 0..view.tensors.len() {
         for si in 0..view.tensors[ti].segments.len() {
@@ -230,6 +235,8 @@ pub fn write_file_with_alignment<W: Write>(
             for rows in chunks(&t.segments[si], t.row_bytes()) {
                 fill_rows(&mut fill, ti, t, rows, &mut buf)?;
                 h.update(&buf);
+                done += buf.len() as u64;
+                progress(done, total_work);
             }
             view.tensors[ti].segments[si].crc32 = h.finalize();
         }
@@ -262,7 +269,7 @@ pub fn write_file_with_alignment<W: Write>(
             h.update(&buf);
             out.write_all(&buf)?;
             pos += buf.len() as u64;
-            progress(pos, total);
+            progress(total.saturating_add(pos).min(total_work), total_work);
         }
         if h.finalize() != seg.crc32 {
             return Err(FormatError::FillNotDeterministic {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::device::{map_read, Gpu};
 use super::ops::{
-    split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams,
-    PipeKey, RopeParams, StepParams,
+    gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams,
+    NormParams, PipeKey, RopeParams, StepParams,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -33,11 +33,14 @@ pub struct GpuOptions {
     /// Cap on one weight buffer (row chunk), in bytes, below the device's storage-binding
     /// limit (tests use it to force the row-chunk path). `None`: the device limit.
     pub max_binding_bytes: Option<u64>,
+    /// Output rows per workgroup of the decode GEMV kernel (a power of two, 1 to 64). `None`:
+    /// `MATFORMER_GEMV_ROWS` if set, else 64 on CPU adapters and 4 on GPUs.
+    pub gemv_rows: Option<u32>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { adapter: None, max_context: None, prefill_chunk: 64, max_binding_bytes: None }
+        GpuOptions { adapter: None, max_context: None, prefill_chunk: 64, max_binding_bytes: None, gemv_rows: None }
     }
 }
 
@@ -100,6 +103,8 @@ struct Inner {
     dims: Dims,
     max_binding: u64,
     prefill_chunk: usize,
+    /// `ROWS` of the decode GEMV kernel.
+    gemv_rows: u32,
     embed: GpuMatrix,
     /// `None` when the LM head is tied to the embeddings.
     head: Option<GpuMatrix>,
@@ -169,6 +174,7 @@ impl GpuEngine {
         let gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
         let kernels = Kernels::new(&gpu)?;
+        let gemv_rows = gemv_rows(&gpu, opts.gemv_rows)?;
 
         let d = dims.d;
         let norm = |w: &str, b: &str| -> Result<GpuNorm, GpuError> {
@@ -219,6 +225,7 @@ impl GpuEngine {
                 dims,
                 max_binding,
                 prefill_chunk,
+                gemv_rows,
                 embed,
                 head,
                 final_norm,
@@ -439,7 +446,8 @@ impl Planner<'_> {
         let consts = [("F32_WEIGHTS", m.f32), ("ACCUMULATE", accumulate)];
         let gemv = k.pipeline(
             self.gpu(),
-            &PipeKey::new(Kernel::MatmulGemv, if transposed { "gemv_t" } else { "gemv" }, &consts),
+            &PipeKey::new(Kernel::MatmulGemv, if transposed { "gemv_t" } else { "gemv" }, &consts)
+                .with("ROWS", self.inner.gemv_rows),
         )?;
         let gemm = k.pipeline(
             self.gpu(),
@@ -460,8 +468,11 @@ impl Planner<'_> {
             };
             let ub = self.uniform("matmul params", &params)?;
             let bind = k.bind(self.gpu(), Kernel::MatmulGemv, &[&ub, self.step, x, &c.buffer, out])?;
-            let gemv_grid =
-                if transposed { ((m.row_units as u32).div_ceil(16), 1) } else { split_2d((n as u32).div_ceil(4)) };
+            let gemv_grid = if transposed {
+                ((m.row_units as u32).div_ceil(16), 1)
+            } else {
+                split_2d((n as u32).div_ceil(self.inner.gemv_rows))
+            };
             items.push(Item::Dispatch(Dispatch::Matmul {
                 gemv: gemv.clone(),
                 gemm: gemm.clone(),

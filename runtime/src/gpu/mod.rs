@@ -12,7 +12,11 @@
 //! Weights stay f16 on the GPU, two per `u32` (`unpack2x16float`), with f32 arithmetic: this
 //! path needs no `SHADER_F16` and runs everywhere (f32 files are uploaded as f32). Tensors larger
 //! than the device's storage-binding limit are split into row chunks. Shaders live in
-//! `shaders/` (one WGSL file per op) and are specialised with `override` constants.
+//! `shaders/` (one WGSL file per op) and are specialised with `override` constants (weight
+//! format, residual accumulation, gating, activation, GEMV rows per workgroup: one thread per
+//! row on CPU adapters such as lavapipe, 4 rows of 16 threads on GPUs; the environment
+//! variable `MATFORMER_GEMV_ROWS` overrides it for tuning). The residual add is fused into the
+//! `wo` and FFN-down products (`ACCUMULATE`), so there is no separate residual kernel.
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -97,26 +97,34 @@ pub fn shader_sources() -> Vec<ShaderSource> {
     Kernel::ALL.iter().map(|k| k.shader()).collect()
 }
 
-/// A pipeline variant: kernel, entry point, and override constants (`name`, value).
+/// A pipeline variant: kernel, entry point, and override constants (`name`, value; booleans
+/// as 0/1).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PipeKey {
     pub(crate) kernel: Kernel,
     pub(crate) entry: &'static str,
-    pub(crate) constants: Vec<(&'static str, bool)>,
+    pub(crate) constants: Vec<(&'static str, u32)>,
 }
 
 impl PipeKey {
-    pub(crate) fn new(kernel: Kernel, entry: &'static str, constants: &[(&'static str, bool)]) -> PipeKey {
-        PipeKey { kernel, entry, constants: constants.to_vec() }
+    pub(crate) fn new(kernel: Kernel, entry: &'static str, flags: &[(&'static str, bool)]) -> PipeKey {
+        PipeKey { kernel, entry, constants: flags.iter().map(|&(n, v)| (n, u32::from(v))).collect() }
+    }
+
+    /// Adds a numeric override constant.
+    pub(crate) fn with(mut self, name: &'static str, value: u32) -> PipeKey {
+        self.constants.push((name, value));
+        self
     }
 
     /// Readable name, used as the pipeline label.
     fn label(&self) -> String {
         let mut s = format!("{}:{}", self.kernel.shader().name, self.entry);
         for (name, v) in &self.constants {
-            if *v {
-                s.push(':');
-                s.push_str(&name.to_lowercase());
+            match v {
+                0 => {}
+                1 => s.push_str(&format!(":{}", name.to_lowercase())),
+                v => s.push_str(&format!(":{}={v}", name.to_lowercase())),
             }
         }
         s
@@ -212,7 +220,7 @@ impl Kernels {
             during: format!("creating pipeline {label}"),
             message: "no bind group layout".into(),
         })?;
-        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(n, v)| (n, if v { 1.0 } else { 0.0 })).collect();
+        let constants: Vec<(&str, f64)> = key.constants.iter().map(|&(n, v)| (n, f64::from(v))).collect();
         let pipe = gpu.scoped(&format!("creating pipeline {label}"), || {
             gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&label),
@@ -353,6 +361,35 @@ pub(crate) struct ActParams {
 pub(crate) struct ArgmaxParams {
     pub(crate) n: u32,
     pub(crate) _pad: [u32; 3],
+}
+
+/// Output rows per workgroup of the decode GEMV (`ROWS` override of `matmul_gemv.wgsl`): one
+/// thread per row on CPU adapters (software Vulkan runs a workgroup as SIMD loops, where
+/// shared-memory reductions and barriers are expensive), 4 rows of 16 threads on GPUs.
+/// The environment variable `MATFORMER_GEMV_ROWS` (a power of two, 1 to 64) overrides the
+/// choice, for tuning on a new device; other values are ignored with a warning.
+pub(crate) fn gemv_rows(gpu: &Gpu, requested: Option<u32>) -> Result<u32, GpuError> {
+    if let Some(r) = requested {
+        return check_gemv_rows(r);
+    }
+    if let Ok(v) = std::env::var("MATFORMER_GEMV_ROWS") {
+        match v.parse::<u32>() {
+            Ok(r) if r.is_power_of_two() && r <= 64 => return Ok(r),
+            _ => log::warn!("ignoring MATFORMER_GEMV_ROWS={v:?}: expected a power of two from 1 to 64"),
+        }
+    }
+    Ok(if gpu.report.device_type == "Cpu" { 64 } else { 4 })
+}
+
+/// `rows` if it is a valid GEMV `ROWS` (a power of two from 1 to 64).
+pub(crate) fn check_gemv_rows(rows: u32) -> Result<u32, GpuError> {
+    if rows.is_power_of_two() && rows <= 64 {
+        Ok(rows)
+    } else {
+        Err(GpuError::Unsupported {
+            reason: format!("GEMV rows per workgroup must be a power of two from 1 to 64, got {rows}"),
+        })
+    }
 }
 
 /// Rows of workgroups for `n` workgroups in one dimension (at most 65535 per dimension).

@@ -7,8 +7,8 @@ use half::f16;
 use super::device::Gpu;
 use super::engine::rope_table;
 use super::ops::{
-    split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams,
-    PipeKey, RopeParams, StepParams,
+    check_gemv_rows, gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
+    MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -18,6 +18,8 @@ use crate::format::DType;
 pub struct OpRunner {
     gpu: Gpu,
     kernels: Kernels,
+    /// `ROWS` of the decode GEMV kernel.
+    rows: u32,
 }
 
 impl std::fmt::Debug for OpRunner {
@@ -44,12 +46,20 @@ impl OpRunner {
     pub fn new(adapter: Option<&str>) -> Result<OpRunner, GpuError> {
         let gpu = Gpu::open(adapter)?;
         let kernels = Kernels::new(&gpu)?;
-        Ok(OpRunner { gpu, kernels })
+        let rows = gemv_rows(&gpu, None)?;
+        Ok(OpRunner { gpu, kernels, rows })
     }
 
     /// The adapter.
     pub fn adapter(&self) -> &AdapterReport {
         &self.gpu.report
+    }
+
+    /// Sets the output rows per workgroup of the decode GEMV kernel (a power of two, 1 to 64;
+    /// see [`GpuOptions::gemv_rows`](super::GpuOptions::gemv_rows)).
+    pub fn set_gemv_rows(&mut self, rows: u32) -> Result<(), GpuError> {
+        self.rows = check_gemv_rows(rows)?;
+        Ok(())
     }
 
     fn step(&self, pos0: usize, t: usize) -> Result<wgpu::Buffer, GpuError> {
@@ -162,8 +172,9 @@ impl OpRunner {
             let pn = if transposed { cols } else { c.rows } as u32;
             let (key, grid) = if t == 1 {
                 let entry = if transposed { "gemv_t" } else { "gemv" };
-                let grid = if transposed { ((m.row_units as u32).div_ceil(16), 1) } else { split_2d(pn.div_ceil(4)) };
-                (PipeKey::new(Kernel::MatmulGemv, entry, &consts), grid)
+                let grid =
+                    if transposed { ((m.row_units as u32).div_ceil(16), 1) } else { split_2d(pn.div_ceil(self.rows)) };
+                (PipeKey::new(Kernel::MatmulGemv, entry, &consts).with("ROWS", self.rows), grid)
             } else {
                 let key = PipeKey::new(Kernel::MatmulGemm, "gemm", &[consts[0], consts[1], ("TRANSPOSED", transposed)]);
                 (key, (pn.div_ceil(64), (t as u32).div_ceil(16)))
@@ -375,7 +386,8 @@ impl OpRunner {
         let xb = self.input(&vec![0.0f32; pad8(cols)])?;
         let out = self.out(rows)?;
         let step = self.step(0, 1)?;
-        let key = PipeKey::new(Kernel::MatmulGemv, "gemv", &[("F32_WEIGHTS", false), ("ACCUMULATE", false)]);
+        let key = PipeKey::new(Kernel::MatmulGemv, "gemv", &[("F32_WEIGHTS", false), ("ACCUMULATE", false)])
+            .with("ROWS", self.rows);
         let pipe = self.kernels.pipeline(&self.gpu, &key)?;
         let mut binds = Vec::new();
         let mut uniforms = Vec::new();
@@ -393,7 +405,7 @@ impl OpRunner {
         }
         for (c, ub) in m.chunks.iter().zip(&uniforms) {
             let bind = self.kernels.bind(&self.gpu, Kernel::MatmulGemv, &[ub, &step, &xb, &c.buffer, &out])?;
-            binds.push((bind, split_2d((c.rows as u32).div_ceil(4))));
+            binds.push((bind, split_2d((c.rows as u32).div_ceil(self.rows))));
         }
         let run = |n: usize| -> Result<f64, GpuError> {
             let t = std::time::Instant::now();

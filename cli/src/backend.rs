@@ -1,0 +1,166 @@
+//! Backend choice for the CLI: `--backend auto|gpu|cpu`.
+//!
+//! `auto` uses the GPU when a hardware adapter exists and passes the start-up self-check (a tiny
+//! forward compared with the CPU engine), otherwise the CPU engine, and always says which and why
+//! on stderr: never a silent fallback. A software adapter (lavapipe) is not chosen by `auto`: it
+//! runs on the same cores as the CPU engine, several times slower. `gpu` fails with a clear error when no usable adapter exists.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use matformer::cpu::{argmax, CpuEngine, Session};
+use matformer::gpu::{GpuEngine, GpuOptions, GpuSession};
+use matformer::{ModelFile, Submodel};
+
+/// Which engine to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// GPU if usable (self-check passes), else CPU, with the reason printed.
+    Auto,
+    /// GPU or an error.
+    Gpu,
+    /// The CPU engine.
+    Cpu,
+}
+
+/// A loaded engine.
+pub enum Engine {
+    /// CPU engine.
+    Cpu(CpuEngine),
+    /// GPU engine (boxed: it holds the device, pipelines and shared weights).
+    Gpu(Box<GpuEngine>),
+}
+
+impl Engine {
+    /// Loads the engine for `choice`. Prints the decision on stderr unless `quiet`.
+    pub fn load(model: &Arc<ModelFile>, choice: BackendChoice, threads: Option<usize>, quiet: bool) -> Result<Engine> {
+        let cpu = || -> Result<Engine> {
+            let e = CpuEngine::new(model.clone())?;
+            Ok(Engine::Cpu(match threads {
+                Some(n) => e.with_threads(n),
+                None => e,
+            }))
+        };
+        match choice {
+            BackendChoice::Cpu => cpu(),
+            BackendChoice::Gpu => {
+                let g = GpuEngine::new(model.clone(), GpuOptions::default())
+                    .map_err(|e| anyhow::anyhow!("--backend gpu: no usable GPU: {e}"))?;
+                if !quiet {
+                    eprintln!("backend: gpu ({}, {})", g.adapter().name, g.adapter().backend);
+                }
+                Ok(Engine::Gpu(Box::new(g)))
+            }
+            BackendChoice::Auto => {
+                // A software adapter (lavapipe, SwiftShader) runs on the same cores as the CPU
+                // engine, only slower: `auto` takes it only when asked for by `--backend gpu`.
+                let software: Vec<String> = matformer::gpu::list_adapters()
+                    .into_iter()
+                    .filter(|a| a.device_type.eq_ignore_ascii_case("cpu"))
+                    .map(|a| a.name)
+                    .collect();
+                let hardware_exists = matformer::gpu::list_adapters().len() > software.len();
+                if !hardware_exists && !software.is_empty() {
+                    if !quiet {
+                        eprintln!(
+                            "backend: cpu (only a software GPU adapter was found: {}; use --backend gpu to run on it)",
+                            software.join(", ")
+                        );
+                    }
+                    return cpu();
+                }
+                let gpu = GpuEngine::new(model.clone(), GpuOptions::default()).and_then(|g| g.self_check().map(|()| g));
+                match gpu {
+                    Ok(g) => {
+                        if !quiet {
+                            eprintln!(
+                                "backend: gpu ({}, {}; self-check passed)",
+                                g.adapter().name,
+                                g.adapter().backend
+                            );
+                        }
+                        Ok(Engine::Gpu(Box::new(g)))
+                    }
+                    Err(e) => {
+                        if !quiet {
+                            eprintln!("backend: cpu (GPU not used: {e})");
+                        }
+                        cpu()
+                    }
+                }
+            }
+        }
+    }
+
+    /// `cpu` or `gpu`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Engine::Cpu(_) => "cpu",
+            Engine::Gpu(_) => "gpu",
+        }
+    }
+
+    /// A generation session for `sub`.
+    pub fn session(&self, sub: &Submodel) -> Result<Generator> {
+        Ok(match self {
+            Engine::Cpu(e) => Generator::Cpu(e.session(sub)?),
+            Engine::Gpu(e) => Generator::Gpu(Box::new(e.session(sub)?)),
+        })
+    }
+}
+
+/// A session on either backend, greedy decoding only.
+pub enum Generator {
+    /// CPU session.
+    Cpu(Session),
+    /// GPU session.
+    Gpu(Box<GpuSession>),
+}
+
+impl Generator {
+    /// Prefills `tokens`; returns the greedy next token.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<u32> {
+        if tokens.is_empty() {
+            bail!("the prompt is empty");
+        }
+        Ok(match self {
+            Generator::Cpu(s) => argmax(&s.prefill(tokens)?),
+            Generator::Gpu(s) => s.prefill(tokens)?,
+        })
+    }
+
+    /// Appends `token`; returns the greedy next token.
+    pub fn decode(&mut self, token: u32) -> Result<u32> {
+        Ok(match self {
+            Generator::Cpu(s) => argmax(&s.decode(token)?),
+            Generator::Gpu(s) => s.decode(token)?,
+        })
+    }
+
+    /// Clears the cache.
+    pub fn reset(&mut self) {
+        match self {
+            Generator::Cpu(s) => s.reset(),
+            Generator::Gpu(s) => s.reset(),
+        }
+    }
+
+    /// Submits and readbacks so far (GPU), for the benchmark.
+    pub fn gpu_counters(&self) -> Option<(u64, u64, u64)> {
+        match self {
+            Generator::Cpu(_) => None,
+            Generator::Gpu(s) => {
+                let c = s.counters();
+                Some((c.submits, c.readbacks, c.readback_bytes))
+            }
+        }
+    }
+
+    /// Resets the GPU step counters.
+    pub fn reset_counters(&mut self) {
+        if let Generator::Gpu(s) = self {
+            s.reset_counters();
+        }
+    }
+}

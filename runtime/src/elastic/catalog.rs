@@ -1,0 +1,641 @@
+//! The submodel catalog: every Mix'n'Match configuration a file offers, with its exact cost.
+//!
+//! # Which configurations
+//!
+//! MatFormer's Mix'n'Match submodels whose FFN width does not shrink with depth (`s,s,m,l`)
+//! beat jagged ones (`s,xl,s,xl`) of the same size (Devvrit et al., arXiv 2310.07707), so the
+//! catalog enumerates every **non-decreasing** level sequence over the layers, with levels
+//! limited to those present in the file (`FileView::available_levels`: a file cut after level
+//! `j` offers only configurations with every level `<= j`). With `n` layers and `A` levels there
+//! are `C(n + A - 1, A - 1)` of them: 35 for 4 layers x 4 levels, 969 for 16 layers, 5456 for
+//! 30 layers.
+//!
+//! Beyond [`MAX_ENUMERATED_CONFIGS`] the enumeration is replaced by a documented subset
+//! ([`Catalog::complete`] is then `false`): the `A` uniform configurations plus the "one step"
+//! configurations `a` for layers `< p` and `a + 1` for layers `>= p`, for every level `a` and
+//! boundary `p` (boundaries evenly thinned so the total stays within the limit).
+//!
+//! # Costs
+//!
+//! - `weight_bytes`: exact, from the file's segment table: every shared tensor plus, for each
+//!   layer, the segments of its nested FFN tensors with level `<=` the layer's level.
+//! - `decode_bytes_per_token`: weight bytes read to decode one token: `weight_bytes`, minus the
+//!   embedding table except one row when the LM head is a separate tensor (a lookup reads one
+//!   row; with tied embeddings the whole table is read as the LM head).
+//! - `kv_bytes_per_token`: K and V of every layer for one token, in the CPU engine's cache
+//!   dtype (`f32`): `2 * n_layers * n_kv_heads * head_dim * 4`. The same for every entry.
+//! - `flops_per_token`: `2 *` the weight-matrix parameters a token touches (`wq`, `wk`, `wv`,
+//!   `wo`, the used FFN rows of `ffn_up`, `ffn_gate`, `ffn_down_t`, and the LM head); norms,
+//!   RoPE and activations are ignored (`O(d_model)`). Attention over the context adds
+//!   [`ModelSummary::attention_flops_per_context_token`] per token of context
+//!   (`4 * n_layers * n_heads * head_dim`: `q.k` and the weighted sum of `v`); see
+//!   [`CatalogEntry::flops_per_token_at`].
+//!
+//! # Stored catalog (`metadata.extra["catalog"]`)
+//!
+//! Sizes are facts of the file and are always recomputed; only names, levels and losses are
+//! stored ([`StoredCatalog`]):
+//!
+//! ```json
+//! {
+//!   "schema": "matformer.catalog/1",
+//!   "loss_unit": "nats_per_token",
+//!   "calibration": { "text_bytes": 4096, "chunk_tokens": 256, "evaluations": 30, "full_loss": 1.62,
+//!                    "checked_points": 10, "mean_abs_error": 0.002, "max_abs_error": 0.005,
+//!                    "spearman": 0.98 },
+//!   "entries": [ { "name": "s,s,m,l", "levels": [0, 0, 1, 2],
+//!                  "predicted_loss": 1.644, "measured_loss": 1.645 } ]
+//! }
+//! ```
+//!
+//! `levels` is authoritative (`name` is informational); `calibration`, `predicted_loss` and
+//! `measured_loss` may be `null` or absent. Entries whose levels are not present in a cut file
+//! are skipped; entries outside the enumeration (jagged configurations) are added.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::calibrate::CalibrationSummary;
+use crate::format::{names, FileView, Metadata};
+use crate::{ModelFile, Submodel, SubmodelError};
+
+/// Largest number of non-decreasing configurations the catalog enumerates; beyond it the
+/// catalog holds the uniform and "one step" subset (module documentation).
+pub const MAX_ENUMERATED_CONFIGS: usize = 8192;
+
+/// Key of the stored catalog in the file's metadata (`metadata.extra`).
+pub const CATALOG_KEY: &str = "catalog";
+
+/// Value of [`StoredCatalog::schema`] this version writes and reads.
+pub const CATALOG_SCHEMA: &str = "matformer.catalog/1";
+
+/// Bytes of one KV-cache element in the CPU engine (`f32`).
+pub const KV_ELEMENT_BYTES: u64 = 4;
+
+/// The model-wide numbers the budget policy needs, so a catalog is self-contained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Residual stream width.
+    pub d_model: u32,
+    /// Transformer blocks.
+    pub n_layers: u32,
+    /// Query heads.
+    pub n_heads: u32,
+    /// Key/value heads.
+    pub n_kv_heads: u32,
+    /// Width of one head.
+    pub head_dim: u32,
+    /// Vocabulary size (rows of the LM head).
+    pub vocab_size: u32,
+    /// Context window in tokens.
+    pub max_context: u32,
+    /// Level names, smallest first (all levels the header describes).
+    pub level_names: Vec<String>,
+    /// Levels whose data is present in the file (a cut file has fewer than `level_names`).
+    pub available_levels: u32,
+    /// Bytes of the tensors every submodel uses (embeddings, attention, norms, LM head).
+    pub shared_weight_bytes: u64,
+    /// KV-cache bytes per token of context (every entry): `2 * n_layers * n_kv_heads *
+    /// head_dim * KV_ELEMENT_BYTES`.
+    pub kv_bytes_per_token: u64,
+    /// Attention FLOPs per generated token per token of context: `4 * n_layers * n_heads *
+    /// head_dim`.
+    pub attention_flops_per_context_token: u64,
+}
+
+/// One submodel of the catalog with its exact cost and (after calibration) its loss.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Stable name: the level name when uniform (`"s"`), else the per-layer level names joined
+    /// by commas (`"s,s,m,l"`), exactly as [`Submodel::name`] prints and `Submodel::parse`
+    /// reads.
+    pub name: String,
+    /// Level per layer.
+    pub levels: Submodel,
+    /// FFN neurons per layer.
+    pub widths: Vec<u32>,
+    /// Exact bytes of the weights this submodel uses (module documentation).
+    pub weight_bytes: u64,
+    /// Weight bytes read to decode one token (embedding lookup counted as one row).
+    pub decode_bytes_per_token: u64,
+    /// KV-cache bytes per token of context.
+    pub kv_bytes_per_token: u64,
+    /// FLOPs to decode one token, attention over the context excluded.
+    pub flops_per_token: u64,
+    /// Loss predicted by calibration (nats per token), if calibrated.
+    pub predicted_loss: Option<f64>,
+    /// Loss measured on the calibration text (nats per token), if evaluated.
+    pub measured_loss: Option<f64>,
+}
+
+impl CatalogEntry {
+    /// The cost of any submodel of `model` (jagged ones too), without losses.
+    pub fn for_submodel(model: &ModelFile, submodel: &Submodel) -> Result<CatalogEntry, SubmodelError> {
+        let view = model.view();
+        submodel.validate(&view.metadata, view.available_levels)?;
+        let sizes = SizeTables::new(view);
+        Ok(sizes.entry(submodel.levels.clone(), &view.metadata.level_names))
+    }
+
+    /// The best known loss: measured, else predicted.
+    pub fn loss(&self) -> Option<f64> {
+        self.measured_loss.or(self.predicted_loss)
+    }
+
+    /// FLOPs to decode one token with `context` tokens in the cache.
+    pub fn flops_per_token_at(&self, summary: &ModelSummary, context: u32) -> u64 {
+        self.flops_per_token
+            .saturating_add(summary.attention_flops_per_context_token.saturating_mul(u64::from(context)))
+    }
+}
+
+/// Every Mix'n'Match configuration of a file, ordered by `weight_bytes` (ties by name).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// Model-wide numbers.
+    pub model: ModelSummary,
+    /// The entries, smallest first.
+    pub entries: Vec<CatalogEntry>,
+    /// `true` when `entries` holds every non-decreasing configuration; `false` when their
+    /// number exceeded [`MAX_ENUMERATED_CONFIGS`] and the uniform + one-step subset was used.
+    pub complete: bool,
+    /// Number of non-decreasing configurations of the available levels (saturating).
+    pub monotone_configs: u64,
+    /// How the losses were obtained, when calibrated.
+    pub calibration: Option<CalibrationSummary>,
+}
+
+/// Errors reading a stored catalog.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogError {
+    /// `metadata.extra["catalog"]` exists but does not follow the schema or does not match
+    /// the model.
+    #[error("stored catalog (metadata key \"catalog\") is invalid: {reason}; re-run calibration or remove the key")]
+    BadStoredCatalog {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One entry of the stored catalog (module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredEntry {
+    /// Informational name.
+    #[serde(default)]
+    pub name: String,
+    /// Level per layer (authoritative).
+    pub levels: Vec<u8>,
+    /// Predicted loss, nats per token.
+    #[serde(default)]
+    pub predicted_loss: Option<f64>,
+    /// Measured loss, nats per token.
+    #[serde(default)]
+    pub measured_loss: Option<f64>,
+}
+
+/// The JSON stored under `metadata.extra["catalog"]` (module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredCatalog {
+    /// [`CATALOG_SCHEMA`].
+    pub schema: String,
+    /// `"nats_per_token"`.
+    #[serde(default = "default_loss_unit")]
+    pub loss_unit: String,
+    /// How the losses were obtained.
+    #[serde(default)]
+    pub calibration: Option<CalibrationSummary>,
+    /// Entries with losses.
+    pub entries: Vec<StoredEntry>,
+}
+
+fn default_loss_unit() -> String {
+    "nats_per_token".to_string()
+}
+
+impl Catalog {
+    /// The size-ordered catalog of `model` (no losses): every non-decreasing configuration of
+    /// the levels present in the file, or the documented subset beyond
+    /// [`MAX_ENUMERATED_CONFIGS`].
+    pub fn from_model(model: &ModelFile) -> Catalog {
+        Catalog::from_view(model.view())
+    }
+
+    /// [`Catalog::from_model`] from a parsed header.
+    pub fn from_view(view: &FileView) -> Catalog {
+        let meta = &view.metadata;
+        let sizes = SizeTables::new(view);
+        let n_layers = meta.architecture.n_layers as usize;
+        let available = view.available_levels.min(meta.n_levels()).max(1);
+        let count = monotone_count(n_layers, available);
+        let complete = count.is_some_and(|c| c <= MAX_ENUMERATED_CONFIGS as u128);
+        let configs =
+            if complete { enumerate_monotone(n_layers, available) } else { step_subset(n_layers, available) };
+        let entries = configs.into_iter().map(|levels| sizes.entry(levels, &meta.level_names)).collect();
+        let mut catalog = Catalog {
+            model: sizes.summary(view),
+            entries,
+            complete,
+            monotone_configs: count.map_or(u64::MAX, |c| u64::try_from(c).unwrap_or(u64::MAX)),
+            calibration: None,
+        };
+        catalog.sort();
+        catalog
+    }
+
+    /// The catalog stored in `metadata.extra["catalog"]` merged into the size-ordered one
+    /// (sizes always recomputed from the file; losses taken from the stored entries), or
+    /// [`Catalog::from_model`] when the key is absent. Stored entries whose levels are not
+    /// present in a cut file are skipped; stored entries outside the enumeration are added.
+    pub fn from_metadata_extra(model: &ModelFile) -> Result<Catalog, CatalogError> {
+        let view = model.view();
+        let mut catalog = Catalog::from_view(view);
+        let Some(value) = view.metadata.extra.get(CATALOG_KEY) else {
+            return Ok(catalog);
+        };
+        let bad = |reason: String| CatalogError::BadStoredCatalog { reason };
+        let stored: StoredCatalog = serde_json::from_value(value.clone()).map_err(|e| bad(e.to_string()))?;
+        if stored.schema != CATALOG_SCHEMA {
+            return Err(bad(format!("schema {:?}, this runtime reads {CATALOG_SCHEMA:?}", stored.schema)));
+        }
+        if stored.loss_unit != "nats_per_token" {
+            return Err(bad(format!("loss unit {:?}, expected \"nats_per_token\"", stored.loss_unit)));
+        }
+        let meta = &view.metadata;
+        let sizes = SizeTables::new(view);
+        let mut index: BTreeMap<Vec<u8>, usize> =
+            catalog.entries.iter().enumerate().map(|(i, e)| (e.levels.levels.clone(), i)).collect();
+        for (k, se) in stored.entries.iter().enumerate() {
+            for (what, loss) in [("predicted_loss", se.predicted_loss), ("measured_loss", se.measured_loss)] {
+                if loss.is_some_and(|l| !l.is_finite()) {
+                    return Err(bad(format!("entry {k} ({}): {what} is not finite", se.name)));
+                }
+            }
+            let sub = Submodel { levels: se.levels.clone() };
+            match sub.validate(meta, view.available_levels) {
+                Ok(()) => {}
+                Err(SubmodelError::LevelNotAvailable { .. }) => continue,
+                Err(e) => return Err(bad(format!("entry {k} ({}): {e}", se.name))),
+            }
+            let i = match index.get(&se.levels) {
+                Some(&i) => i,
+                None => {
+                    catalog.entries.push(sizes.entry(se.levels.clone(), &meta.level_names));
+                    let i = catalog.entries.len() - 1;
+                    index.insert(se.levels.clone(), i);
+                    i
+                }
+            };
+            let e = &mut catalog.entries[i];
+            e.predicted_loss = se.predicted_loss;
+            e.measured_loss = se.measured_loss;
+        }
+        catalog.calibration = stored.calibration;
+        catalog.sort();
+        Ok(catalog)
+    }
+
+    /// The stored form of this catalog (entries with a loss only; all entries when none has
+    /// one).
+    pub fn to_stored(&self) -> StoredCatalog {
+        let any_loss = self.entries.iter().any(|e| e.loss().is_some());
+        StoredCatalog {
+            schema: CATALOG_SCHEMA.to_string(),
+            loss_unit: default_loss_unit(),
+            calibration: self.calibration.clone(),
+            entries: self
+                .entries
+                .iter()
+                .filter(|e| !any_loss || e.loss().is_some())
+                .map(|e| StoredEntry {
+                    name: e.name.clone(),
+                    levels: e.levels.levels.clone(),
+                    predicted_loss: e.predicted_loss,
+                    measured_loss: e.measured_loss,
+                })
+                .collect(),
+        }
+    }
+
+    /// The JSON to store under `metadata.extra["catalog"]` ([`StoredCatalog`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.to_stored()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The entry named `name` (as printed by [`Submodel::name`]).
+    pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
+        self.entries.iter().find(|e| e.name == name)
+    }
+
+    /// The entry with exactly these per-layer levels.
+    pub fn find_levels(&self, levels: &[u8]) -> Option<&CatalogEntry> {
+        self.entries.iter().find(|e| e.levels.levels == levels)
+    }
+
+    /// The entry with the most weight bytes (the full model), if any.
+    pub fn largest(&self) -> Option<&CatalogEntry> {
+        self.entries.last()
+    }
+
+    /// The Pareto frontier of weight bytes against loss ([`CatalogEntry::loss`]): entries with
+    /// a loss, smallest first, each with a strictly lower loss than every smaller entry.
+    pub fn pareto_frontier(&self) -> Vec<CatalogEntry> {
+        pareto_indices(&self.entries, CatalogEntry::loss).into_iter().map(|i| self.entries[i].clone()).collect()
+    }
+
+    /// Restores the catalog order: `weight_bytes` ascending, then name.
+    pub fn sort(&mut self) {
+        self.entries.sort_by(|a, b| a.weight_bytes.cmp(&b.weight_bytes).then_with(|| a.name.cmp(&b.name)));
+    }
+}
+
+/// Indices of the Pareto frontier of `entries` (weight bytes against `loss`), by increasing
+/// weight bytes (ties by name); entries without a loss are ignored.
+pub(crate) fn pareto_indices(entries: &[CatalogEntry], loss: impl Fn(&CatalogEntry) -> Option<f64>) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..entries.len()).filter(|&i| loss(&entries[i]).is_some()).collect();
+    order.sort_by(|&a, &b| {
+        let (ea, eb) = (&entries[a], &entries[b]);
+        ea.weight_bytes
+            .cmp(&eb.weight_bytes)
+            .then_with(|| loss(ea).unwrap_or(f64::INFINITY).total_cmp(&loss(eb).unwrap_or(f64::INFINITY)))
+            .then_with(|| ea.name.cmp(&eb.name))
+    });
+    let mut best = f64::INFINITY;
+    let mut out = Vec::new();
+    for i in order {
+        let l = loss(&entries[i]).unwrap_or(f64::INFINITY);
+        if l < best {
+            best = l;
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// The name [`Submodel::name`] gives `levels` with these level names.
+pub(crate) fn config_name(levels: &[u8], level_names: &[String]) -> String {
+    let name_of = |l: u8| level_names.get(usize::from(l)).cloned().unwrap_or_else(|| l.to_string());
+    match levels.first() {
+        Some(&first) if levels.iter().all(|&l| l == first) => name_of(first),
+        _ => levels.iter().map(|&l| name_of(l)).collect::<Vec<_>>().join(","),
+    }
+}
+
+/// Number of non-decreasing sequences of length `n` over `a` values: `C(n + a - 1, a - 1)`;
+/// `None` if it does not fit in a `u128`.
+pub(crate) fn monotone_count(n: usize, a: usize) -> Option<u128> {
+    if a == 0 {
+        return Some(u128::from(n == 0));
+    }
+    let k = (a - 1) as u128;
+    let mut c: u128 = 1;
+    // C(n + i, i) = C(n + i - 1, i - 1) * (n + i) / i, exact at every step.
+    for i in 1..=k {
+        c = c.checked_mul(n as u128 + i)? / i;
+    }
+    Some(c)
+}
+
+/// Every non-decreasing level sequence of length `n` over `0..a`, in lexicographic order.
+fn enumerate_monotone(n: usize, a: usize) -> Vec<Vec<u8>> {
+    let top = u8::try_from(a.saturating_sub(1)).unwrap_or(u8::MAX);
+    let mut out = Vec::new();
+    let mut seq = vec![0u8; n];
+    loop {
+        out.push(seq.clone());
+        // Rightmost position that can grow; everything after it takes its new value.
+        let Some(i) = seq.iter().rposition(|&l| l < top) else { break };
+        let v = seq[i] + 1;
+        for l in &mut seq[i..] {
+            *l = v;
+        }
+        if out.len() > MAX_ENUMERATED_CONFIGS {
+            break;
+        }
+    }
+    out
+}
+
+/// The fallback subset: uniform configurations plus one-step configurations (`a` below the
+/// boundary `p`, `a + 1` from it), with boundaries thinned evenly to stay within
+/// [`MAX_ENUMERATED_CONFIGS`].
+fn step_subset(n: usize, a: usize) -> Vec<Vec<u8>> {
+    let top = u8::try_from(a.saturating_sub(1)).unwrap_or(u8::MAX);
+    let mut out: Vec<Vec<u8>> = (0..=top).map(|l| vec![l; n]).collect();
+    if top == 0 || n < 2 {
+        return out;
+    }
+    let boundaries = n - 1; // p in 1..n
+    let room = (MAX_ENUMERATED_CONFIGS.saturating_sub(out.len()) / usize::from(top)).max(1);
+    let take = boundaries.min(room);
+    let mut chosen: Vec<usize> = (0..take).map(|k| 1 + k * boundaries / take).collect();
+    chosen.dedup();
+    for lo in 0..top {
+        for &p in &chosen {
+            let mut seq = vec![lo; n];
+            for l in &mut seq[p..] {
+                *l = lo + 1;
+            }
+            out.push(seq);
+        }
+    }
+    out
+}
+
+/// Per-layer, per-level cumulative sizes of one file.
+struct SizeTables {
+    /// Bytes of all shared tensors.
+    shared_bytes: u64,
+    /// Matrix parameters of the shared tensors a token touches (attention and LM head).
+    shared_params: u64,
+    /// Bytes of the embedding table, and of one of its rows, when it is not the LM head.
+    embedding_untouched: u64,
+    /// `layer_bytes[i][l]`: bytes of layer `i`'s nested tensors up to level `l`.
+    layer_bytes: Vec<Vec<u64>>,
+    /// `layer_params[i][l]`: parameters of layer `i`'s nested tensors up to level `l`.
+    layer_params: Vec<Vec<u64>>,
+    /// `widths[i][l]`.
+    widths: Vec<Vec<u32>>,
+    /// KV-cache bytes per token of context.
+    kv_bytes_per_token: u64,
+    /// Attention FLOPs per generated token per token of context.
+    attention_flops_per_context_token: u64,
+}
+
+impl SizeTables {
+    fn new(view: &FileView) -> SizeTables {
+        let meta: &Metadata = &view.metadata;
+        let n_layers = meta.architecture.n_layers as usize;
+        let n_levels = meta.n_levels();
+        let mut t = SizeTables {
+            shared_bytes: 0,
+            shared_params: 0,
+            embedding_untouched: 0,
+            layer_bytes: vec![vec![0; n_levels]; n_layers],
+            layer_params: vec![vec![0; n_levels]; n_layers],
+            widths: meta.ffn_widths.clone(),
+            kv_bytes_per_token: 0,
+            attention_flops_per_context_token: 0,
+        };
+        let a = &meta.architecture;
+        let (l, kv, h, hd) =
+            (u64::from(a.n_layers), u64::from(a.n_kv_heads), u64::from(a.n_heads), u64::from(a.head_dim));
+        t.kv_bytes_per_token = [l, kv, hd, KV_ELEMENT_BYTES].iter().fold(2u64, |p, &x| p.saturating_mul(x));
+        t.attention_flops_per_context_token = [l, h, hd].iter().fold(4u64, |p, &x| p.saturating_mul(x));
+        for tensor in &view.tensors {
+            if let Some(layer) = nested_layer(&tensor.name).filter(|&i| i < n_layers) {
+                for seg in &tensor.segments {
+                    let level = seg.level as usize;
+                    let params = seg.rows().saturating_mul(tensor.row_elems());
+                    for l in level..n_levels {
+                        t.layer_bytes[layer][l] = t.layer_bytes[layer][l].saturating_add(seg.byte_len);
+                        t.layer_params[layer][l] = t.layer_params[layer][l].saturating_add(params);
+                    }
+                }
+                continue;
+            }
+            let bytes = tensor.segments.iter().fold(0u64, |s, seg| s.saturating_add(seg.byte_len));
+            t.shared_bytes = t.shared_bytes.saturating_add(bytes);
+            let is_matrix = tensor.shape.len() >= 2;
+            let is_embedding = tensor.name == names::TOK_EMBEDDINGS;
+            if is_embedding && !meta.architecture.tied_embeddings {
+                t.embedding_untouched = bytes.saturating_sub(tensor.row_bytes());
+            } else if is_matrix {
+                t.shared_params = t.shared_params.saturating_add(tensor.n_elements());
+            }
+        }
+        t
+    }
+
+    fn summary(&self, view: &FileView) -> ModelSummary {
+        let a = &view.metadata.architecture;
+        ModelSummary {
+            d_model: a.d_model,
+            n_layers: a.n_layers,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            head_dim: a.head_dim,
+            vocab_size: a.vocab_size,
+            max_context: a.max_context,
+            level_names: view.metadata.level_names.clone(),
+            available_levels: u32::try_from(view.available_levels).unwrap_or(u32::MAX),
+            shared_weight_bytes: self.shared_bytes,
+            kv_bytes_per_token: self.kv_bytes_per_token,
+            attention_flops_per_context_token: self.attention_flops_per_context_token,
+        }
+    }
+
+    fn entry(&self, levels: Vec<u8>, level_names: &[String]) -> CatalogEntry {
+        let pick = |table: &[Vec<u64>], i: usize, l: u8| -> u64 {
+            table.get(i).and_then(|row| row.get(usize::from(l)).or(row.last())).copied().unwrap_or(0)
+        };
+        let mut bytes = self.shared_bytes;
+        let mut params = self.shared_params;
+        for (i, &l) in levels.iter().enumerate() {
+            bytes = bytes.saturating_add(pick(&self.layer_bytes, i, l));
+            params = params.saturating_add(pick(&self.layer_params, i, l));
+        }
+        let widths = levels
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| self.widths.get(i).and_then(|w| w.get(usize::from(l)).or(w.last())).copied().unwrap_or(0))
+            .collect();
+        CatalogEntry {
+            name: config_name(&levels, level_names),
+            levels: Submodel { levels },
+            widths,
+            weight_bytes: bytes,
+            decode_bytes_per_token: bytes.saturating_sub(self.embedding_untouched),
+            kv_bytes_per_token: self.kv_bytes_per_token,
+            flops_per_token: params.saturating_mul(2),
+            predicted_loss: None,
+            measured_loss: None,
+        }
+    }
+}
+
+/// The layer index of a nested tensor name (`layers.{i}.ffn_up|ffn_gate|ffn_down_t`).
+fn nested_layer(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("layers.")?;
+    let (index, suffix) = rest.split_once('.')?;
+    if !names::NESTED_SUFFIXES.contains(&suffix) {
+        return None;
+    }
+    if index.is_empty() || (index.len() > 1 && index.starts_with('0')) || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    index.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_match_binomials() {
+        assert_eq!(monotone_count(4, 4), Some(35));
+        assert_eq!(monotone_count(16, 4), Some(969));
+        assert_eq!(monotone_count(30, 4), Some(5456));
+        assert_eq!(monotone_count(5, 1), Some(1));
+        assert_eq!(monotone_count(1, 16), Some(16));
+        assert!(monotone_count(4096, 16).is_none_or(|c| c > MAX_ENUMERATED_CONFIGS as u128));
+        for (n, a) in [(1, 1), (3, 2), (4, 4), (7, 3), (16, 4)] {
+            let all = enumerate_monotone(n, a);
+            assert_eq!(all.len() as u128, monotone_count(n, a).unwrap_or(0), "n={n} a={a}");
+            assert!(all.iter().all(|s| s.windows(2).all(|w| w[0] <= w[1]) && s.iter().all(|&l| (l as usize) < a)));
+            let mut sorted = all.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted, all, "lexicographic and unique");
+        }
+    }
+
+    #[test]
+    fn step_subset_is_bounded_and_monotone() {
+        for (n, a) in [(64, 16), (4096, 16), (2, 2), (1, 4), (40, 1)] {
+            let s = step_subset(n, a);
+            assert!(s.len() <= MAX_ENUMERATED_CONFIGS + a, "n={n} a={a}: {}", s.len());
+            assert!(s.iter().all(|c| c.len() == n && c.windows(2).all(|w| w[0] <= w[1])));
+            for l in 0..a as u8 {
+                assert!(s.contains(&vec![l; n]), "uniform {l} missing");
+            }
+            let mut u = s.clone();
+            u.sort();
+            u.dedup();
+            assert_eq!(u.len(), s.len(), "duplicates for n={n} a={a}");
+        }
+        assert_eq!(step_subset(64, 16).len(), 16 + 15 * 63);
+    }
+
+    #[test]
+    fn names_and_nested_layers() {
+        let names: Vec<String> = ["s", "m", "l", "xl"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(config_name(&[0, 0, 1, 2], &names), "s,s,m,l");
+        assert_eq!(config_name(&[3, 3], &names), "xl");
+        assert_eq!(config_name(&[0, 7], &names), "s,7");
+        assert_eq!(nested_layer("layers.12.ffn_up"), Some(12));
+        assert_eq!(nested_layer("layers.0.ffn_down_t"), Some(0));
+        assert_eq!(nested_layer("layers.01.ffn_up"), None);
+        assert_eq!(nested_layer("layers.1.wq"), None);
+        assert_eq!(nested_layer("tok_embeddings"), None);
+    }
+
+    #[test]
+    fn pareto_keeps_strict_improvements() {
+        let e = |name: &str, bytes: u64, loss: Option<f64>| CatalogEntry {
+            name: name.to_string(),
+            levels: Submodel { levels: vec![] },
+            widths: vec![],
+            weight_bytes: bytes,
+            decode_bytes_per_token: bytes,
+            kv_bytes_per_token: 0,
+            flops_per_token: 0,
+            predicted_loss: loss,
+            measured_loss: None,
+        };
+        let entries =
+            vec![e("a", 1, Some(3.0)), e("b", 2, Some(3.5)), e("c", 3, Some(2.0)), e("d", 4, None), e("f", 5, Some(2.0))];
+        assert_eq!(pareto_indices(&entries, CatalogEntry::loss), vec![0, 2]);
+    }
+}
