@@ -17,6 +17,8 @@
 
 pub mod calibrate;
 pub mod cpu;
+/// Elastic inference: the submodel catalog, calibration, device budget, policy and selection.
+pub mod elastic;
 pub mod eval;
 pub mod format;
 #[cfg(feature = "gpu")]

@@ -4,10 +4,14 @@
 //! 2.5 GB file (once; reused from `MATF_BENCH_FILE` or the temp dir) and takes a minute.
 //!
 //! ```text
-//! cargo test -p matformer --release --test cpu_speed -- --ignored --nocapture
+//! cargo test -p matformer --no-default-features --release --test cpu_speed -- --ignored --nocapture
 //! ```
 //! Prints prefill and decode tokens/s per submodel and the weight bytes each decoded token
-//! reads, against the machine's measured read bandwidth.
+//! reads, against the machine's measured read bandwidth. Environment: `MATF_THREADS` (default:
+//! all cores), `MATF_SUBMODELS` (space-separated specs), `MATF_DECODE` (tokens, default 16),
+//! `MATF_LOAD=heap` (read the file into memory instead of mapping it), `MATF_BENCH_FILE`.
+//! The kernels run about twice as fast when the build enables F16C/AVX2
+//! (`RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c"`), see `cpu/kernels.rs`.
 
 use std::io::BufWriter;
 use std::path::PathBuf;

@@ -42,7 +42,8 @@
 //!   "loss_unit": "nats_per_token",
 //!   "calibration": { "text_bytes": 4096, "chunk_tokens": 256, "evaluations": 30, "full_loss": 1.62,
 //!                    "checked_points": 10, "mean_abs_error": 0.002, "max_abs_error": 0.005,
-//!                    "spearman": 0.98 },
+//!                    "spearman": 0.98, "uncorrected_mean_abs_error": 0.011,
+//!                    "correction": [[0.012, 0.72], [0.034, 0.53], [0.074, 0.49]] },
 //!   "entries": [ { "name": "s,s,m,l", "levels": [0, 0, 1, 2],
 //!                  "predicted_loss": 1.644, "measured_loss": 1.645 } ]
 //! }
@@ -230,8 +231,7 @@ impl Catalog {
         let available = view.available_levels.min(meta.n_levels()).max(1);
         let count = monotone_count(n_layers, available);
         let complete = count.is_some_and(|c| c <= MAX_ENUMERATED_CONFIGS as u128);
-        let configs =
-            if complete { enumerate_monotone(n_layers, available) } else { step_subset(n_layers, available) };
+        let configs = if complete { enumerate_monotone(n_layers, available) } else { step_subset(n_layers, available) };
         let entries = configs.into_iter().map(|levels| sizes.entry(levels, &meta.level_names)).collect();
         let mut catalog = Catalog {
             model: sizes.summary(view),
@@ -634,8 +634,13 @@ mod tests {
             predicted_loss: loss,
             measured_loss: None,
         };
-        let entries =
-            vec![e("a", 1, Some(3.0)), e("b", 2, Some(3.5)), e("c", 3, Some(2.0)), e("d", 4, None), e("f", 5, Some(2.0))];
+        let entries = vec![
+            e("a", 1, Some(3.0)),
+            e("b", 2, Some(3.5)),
+            e("c", 3, Some(2.0)),
+            e("d", 4, None),
+            e("f", 5, Some(2.0)),
+        ];
         assert_eq!(pareto_indices(&entries, CatalogEntry::loss), vec![0, 2]);
     }
 }

@@ -1,0 +1,39 @@
+//! Elastic inference: which submodel to run on this device right now.
+//!
+//! - [`catalog`](crate::elastic::catalog): every Mix'n'Match configuration of a file whose levels do not decrease with
+//!   depth, with exact weight bytes, KV bytes and FLOPs per token; stored catalogs
+//!   (`metadata.extra["catalog"]`) and the Pareto frontier.
+//! - [`calibrate`](mod@crate::elastic::calibrate): losses for every entry from the uniform levels, per-layer sensitivities and
+//!   an additive prediction, checked exactly on the predicted Pareto points.
+//! - [`budget`](crate::elastic::budget): the device signals (memory, battery, low-power mode, thermal state, latency
+//!   target, context).
+//! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
+//! - [`select`](mod@crate::elastic::select): the best entry within the limits, with an explanation.
+//!
+//! ```no_run
+//! use matformer::elastic::{select, Catalog, DeviceBudget, Policy};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = matformer::ModelFile::open("model.matf")?;
+//! let catalog = Catalog::from_metadata_extra(&model)?;
+//! let budget = DeviceBudget { available_memory_bytes: Some(512 << 20), ..Default::default() };
+//! let plan = select(&catalog, &budget, &Policy::default(), None)?;
+//! println!("{}", plan.explanation);
+//! # Ok(()) }
+//! ```
+
+pub mod budget;
+pub mod calibrate;
+pub mod catalog;
+pub mod policy;
+pub mod select;
+
+pub use budget::{DeviceBudget, ThermalState};
+pub use calibrate::{
+    calibrate, CalibrateError, CalibrationOptions, CalibrationReport, CalibrationSummary, NamedLoss, PredictionCheck,
+};
+pub use catalog::{
+    Catalog, CatalogEntry, CatalogError, ModelSummary, StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA,
+    MAX_ENUMERATED_CONFIGS,
+};
+pub use policy::{Footprint, LatencyModel, Policy};
+pub use select::{assess_all, limits, select, Assessment, Constraint, Limits, Plan, SelectError};
