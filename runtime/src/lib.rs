@@ -5,7 +5,7 @@
 //! every FFN form a smaller FFN. Any per-layer choice of widths ("Mix'n'Match") is a usable
 //! submodel, and every submodel reads only a prefix of each FFN tensor.
 //!
-//! - [`format`]: parse and validate the file from a byte slice (no `unsafe`), and write it.
+//! - [`format`](mod@format): parse and validate the file from a byte slice (no `unsafe`), and write it.
 //! - [`ModelFile`]: the opened file (memory-mapped or owned bytes) plus its validated view.
 //! - [`Submodel`]: a per-layer width assignment, parsed from `xl`, `s` or `0,0,1,3`.
 //! - [`cpu`]: the reference engine: the test oracle and the fallback where no GPU is usable.

@@ -454,8 +454,9 @@ fn calibration_on_the_bundled_model() {
     let engine = CpuEngine::new(model.clone()).expect("engine");
     let catalog = Catalog::from_model(&model);
     assert_eq!(catalog.entries.len(), 35);
-    let report = calibrate(&engine, &catalog, &text, &CalibrationOptions::default(), |line| eprintln!("{line}"))
-        .expect("calibration");
+    // 6 frontier points keep the test within ~20 s on a loaded 2-core machine (22 evaluations).
+    let options = CalibrationOptions { max_frontier_evals: 6, ..CalibrationOptions::default() };
+    let report = calibrate(&engine, &catalog, &text, &options, |line| eprintln!("{line}")).expect("calibration");
     let u: Vec<f64> = report.uniform_losses.iter().map(|n| n.loss).collect();
     eprintln!("uniform losses: {:?}", report.uniform_losses);
     assert_eq!(u.len(), 4);
