@@ -6,6 +6,7 @@
 mod backend;
 mod bench;
 mod commands;
+mod select;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,6 +124,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The submodel the runtime would run under a device budget, and which constraint decided.
+    Select {
+        /// The .matf file.
+        file: PathBuf,
+        #[command(flatten)]
+        budget: select::BudgetArgs,
+        /// Also list every catalog entry with its footprint and the constraints it violates.
+        #[arg(long)]
+        all: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List GPU adapters, their limits and the paths the runtime would choose.
     Devices {
         /// Print as JSON.
@@ -193,6 +207,7 @@ fn main() -> ExitCode {
             commands::generate(&file, &prompt, max_tokens, &submodel, backend, threads, json)
         }
         Command::Devices { json } => commands::devices(json),
+        Command::Select { file, budget, all, json } => select::run(&file, &budget, all, json),
         Command::Bench { file, backend, submodel, prompt_len, gen_len, threads, json } => {
             bench::bench(&file, &backend, submodel, prompt_len, gen_len, threads, json)
         }

@@ -206,3 +206,18 @@ fn bench_reports_speed_and_efficiency() {
         assert_eq!(g["readbacks_per_step"].as_f64(), Some(1.0), "one readback per decode step");
     }
 }
+
+#[test]
+fn select_explains_the_plan_and_refuses_budgets_nothing_fits() {
+    let file = fixture("matlm.matf");
+    let out = matformer(&["select", path_str(&file), "--mem", "3MiB", "--context", "256", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["plan"]["footprint_bytes"].as_u64().unwrap() <= 3 * 1024 * 1024);
+    assert!(v["plan"]["explanation"].as_str().unwrap().contains("memory"));
+    let roomy = matformer(&["select", path_str(&file), "--mem", "1GiB", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&roomy.stdout).unwrap();
+    assert_eq!(r["plan"]["entry"]["name"], "xl", "with room to spare the largest entry runs");
+    assert_clean_failure(&matformer(&["select", path_str(&file), "--mem", "100KiB"]), "nothing fits");
+    assert_clean_failure(&matformer(&["select", path_str(&file), "--mem", "12parsecs"]), "unit");
+}
