@@ -54,6 +54,7 @@ pub fn export(
     mapping: Option<PathBuf>,
     by_structure: bool,
     no_verify: bool,
+    calibration: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
     let strategy = match (mapping, by_structure) {
@@ -69,6 +70,7 @@ pub fn export(
         config,
         strategy,
         verify: if no_verify { None } else { Some(VerifyOptions::default()) },
+        calibration,
     };
     let report = matformer_export::export(&opts)?;
     if json {
@@ -90,6 +92,17 @@ pub fn export(
             }
         }
         None => println!("NOT verified (--no-verify)"),
+    }
+    if let Some(c) = &report.calibration {
+        println!(
+            "catalog calibrated on {} bytes: {} evaluations, prediction error mean {} max {}, Spearman {}",
+            c.text_bytes,
+            c.evaluations,
+            c.mean_abs_error.map(|e| format!("{e:.4}")).unwrap_or_else(|| "-".into()),
+            c.max_abs_error.map(|e| format!("{e:.4}")).unwrap_or_else(|| "-".into()),
+            c.spearman.map(|e| format!("{e:.3}")).unwrap_or_else(|| "-".into())
+        );
+        println!("  stored Pareto frontier: {}", report.frontier.join("  "));
     }
     Ok(())
 }
@@ -234,7 +247,29 @@ pub fn inspect(file: &Path, tensors: bool, json: bool) -> Result<()> {
         "  (a copy cut at a level's end offset, e.g. `head -c {} FILE`, is a valid smaller model)",
         out.levels[0].end_offset
     );
-    let extra: Vec<&String> = meta.extra.keys().collect();
+    match matformer::elastic::Catalog::from_metadata_extra(&model) {
+        Ok(catalog) => {
+            let frontier = catalog.pareto_frontier();
+            let calibrated = catalog.calibration.is_some();
+            println!(
+                "submodel catalog: {} Mix'n'Match entries{}; Pareto frontier (weight bytes vs loss):",
+                catalog.entries.len(),
+                if calibrated { ", calibrated" } else { " (not calibrated: ordered by size)" }
+            );
+            let shown: Vec<&matformer::elastic::CatalogEntry> =
+                if calibrated { frontier.iter().collect() } else { catalog.entries.iter().rev().take(8).collect() };
+            for e in shown {
+                let loss = match (e.measured_loss, e.predicted_loss) {
+                    (Some(m), _) => format!("{m:.4} measured"),
+                    (None, Some(p)) => format!("{p:.4} predicted"),
+                    _ => "-".into(),
+                };
+                println!("  {:<20} {:>12} bytes  loss {loss}", e.name, e.weight_bytes);
+            }
+        }
+        Err(e) => println!("submodel catalog: unreadable ({e})"),
+    }
+    let extra: Vec<&String> = meta.extra.keys().filter(|k| k.as_str() != "catalog").collect();
     if !extra.is_empty() {
         println!("other metadata: {extra:?}");
     }

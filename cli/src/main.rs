@@ -48,6 +48,10 @@ enum Command {
         /// Skip the verification against tract-onnx (not recommended).
         #[arg(long)]
         no_verify: bool,
+        /// Calibration text: estimate every Mix'n'Match catalog entry's loss on it and store
+        /// the catalog (with its Pareto frontier) in the file.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -193,8 +197,19 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Export { input, output, dtype, widths, config, mapping, by_structure, no_verify, json } => {
-            commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, json)
+        Command::Export {
+            input,
+            output,
+            dtype,
+            widths,
+            config,
+            mapping,
+            by_structure,
+            no_verify,
+            calibration,
+            json,
+        } => {
+            commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json)
         }
         Command::Synth { preset, output, layers, dtype, seed, list } => {
             commands::synth(&preset, output, layers, &dtype, seed, list)

@@ -30,6 +30,9 @@ pub struct ExportOptions {
     pub strategy: Strategy,
     /// Verification settings; `None` skips verification (not recommended).
     pub verify: Option<VerifyOptions>,
+    /// Calibration text: when given, the Mix'n'Match catalog's losses are estimated on it with
+    /// the CPU engine and the catalog is stored in the file's metadata (`catalog`).
+    pub calibration: Option<PathBuf>,
 }
 
 /// What an export produced.
@@ -45,6 +48,10 @@ pub struct ExportReport {
     pub weights_found_by: String,
     /// Verification results (one per submodel checked).
     pub verification: Option<VerifyReport>,
+    /// Calibration of the stored catalog, when `--calibration` was given.
+    pub calibration: Option<matformer::elastic::CalibrationSummary>,
+    /// Entries on the stored Pareto frontier (bytes vs loss), smallest first.
+    pub frontier: Vec<String>,
 }
 
 /// Source canonical name of a file tensor and whether the source is `[d_model, width]`
@@ -174,6 +181,15 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             }
             None => None,
         };
+        let (calibration, frontier) = match &opts.calibration {
+            Some(text_path) => {
+                let (meta2, summary, frontier) = calibrate_catalog(&tmp, &meta, text_path)?;
+                write_matf(&tmp, &meta2, &tensors, opts.dtype)?;
+                matformer::ModelFile::open(&tmp)?.verify()?;
+                (Some(summary), frontier)
+            }
+            None => (None, Vec::new()),
+        };
         std::fs::rename(&tmp, &opts.output)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
         let view = matformer::ModelFile::open(&opts.output)?;
@@ -183,10 +199,38 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
             level_ends: view.view().level_ends.clone(),
             weights_found_by: map.method.clone(),
             verification,
+            calibration,
+            frontier,
         })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Estimates the catalog's losses on `text_path` with the CPU engine on the written file and
+/// returns the metadata with the catalog stored under `catalog`.
+fn calibrate_catalog(
+    written: &Path,
+    meta: &Metadata,
+    text_path: &Path,
+) -> Result<(Metadata, matformer::elastic::CalibrationSummary, Vec<String>)> {
+    use matformer::elastic::{calibrate, CalibrationOptions, Catalog, CATALOG_KEY};
+    let text =
+        std::fs::read(text_path).with_context(|| format!("cannot read calibration text {}", text_path.display()))?;
+    let model = std::sync::Arc::new(matformer::ModelFile::open(written)?);
+    let engine = matformer::cpu::CpuEngine::new(model.clone())?;
+    let catalog = Catalog::from_model(&model);
+    eprintln!(
+        "calibrating {} catalog entries on {} bytes of {}",
+        catalog.entries.len(),
+        text.len(),
+        text_path.display()
+    );
+    let report = calibrate(&engine, &catalog, &text, &CalibrationOptions::default(), |msg| eprintln!("  {msg}"))
+        .map_err(|e| anyhow!("calibration failed: {e}"))?;
+    let mut meta2 = meta.clone();
+    meta2.extra.insert(CATALOG_KEY.to_string(), report.catalog.to_json());
+    Ok((meta2, report.summary, report.frontier))
 }

@@ -29,4 +29,34 @@ impl MappedFile {
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.map
     }
+
+    /// Tells the OS it may drop the resident pages of bytes `[offset, offset + len)` of the
+    /// mapping (`MADV_DONTNEED`); later reads fault the same file contents back in. `offset`
+    /// must be a multiple of the OS page size (the range is clamped to the mapping). Returns
+    /// the bytes advised: 0 for an empty range, and always 0 on non-unix targets.
+    pub(crate) fn release_range(&self, offset: usize, len: usize) -> std::io::Result<u64> {
+        let end = offset.saturating_add(len).min(self.map.len());
+        if offset >= end {
+            return Ok(0);
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: `unchecked_advise_range` is unsafe because some advice values change
+            // what memory reads return. This mapping is a private (`MAP_PRIVATE`), read-only
+            // (`PROT_READ`) file mapping that is never written, so none of its pages is
+            // anonymous (copy-on-write): `MADV_DONTNEED` only unmaps clean pages backed by the
+            // page cache, and the next read re-faults the same, unchanged file contents. No
+            // Rust reference into the mapping can observe a change (the data is immutable file
+            // content, and the concurrent-modification caveat of `map` is unaffected). The
+            // range lies inside the mapping (clamped above) and `offset` is page-aligned by
+            // the caller's contract (memmap2 would otherwise round it down, which is still
+            // sound, only releasing a little more).
+            unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, end - offset)? };
+            Ok((end - offset) as u64)
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(0)
+        }
+    }
 }

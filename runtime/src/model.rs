@@ -121,6 +121,36 @@ impl ModelFile {
         self.path.as_deref()
     }
 
+    /// Tells the OS it may drop the resident pages of every level above `level`: the byte range
+    /// from the start of level `level + 1`'s region (`level_ends[level]` aligned up to the
+    /// file's alignment, then up to 64 KiB so that it is page-aligned on 4, 16 and 64 KiB
+    /// page systems) to the end of the file. Level regions are contiguous, so that range holds
+    /// only data of levels `> level`. Use it after switching every session of this file to
+    /// submodels whose [`max_level`](crate::Submodel::max_level) is at most `level`: resident
+    /// memory then really falls. Nothing becomes unreadable: a later read of those levels
+    /// faults the same file contents back in.
+    ///
+    /// Returns the bytes advised: 0 when there is nothing above `level` in this file, for a
+    /// file held in owned memory ([`from_bytes`](Self::from_bytes)) and on non-unix targets.
+    /// Errors only if the OS rejects the advice.
+    pub fn release_levels_above(&self, level: usize) -> Result<u64, ModelError> {
+        /// Multiple of the OS page size on 4, 16 and 64 KiB page systems.
+        const GRANULE: u64 = 64 * 1024;
+        let Storage::Mapped(map) = &self.storage else { return Ok(0) };
+        let file_len = self.bytes().len() as u64;
+        let Some(&end) = self.view.level_ends.get(level) else { return Ok(0) };
+        let align = self.view.alignment.max(GRANULE);
+        let start = end.div_ceil(align).saturating_mul(align);
+        if start >= file_len {
+            return Ok(0);
+        }
+        // Both fit in `usize`: they are at most the mapped length.
+        map.release_range(start as usize, (file_len - start) as usize).map_err(|source| ModelError::Open {
+            path: self.path.as_ref().map_or_else(String::new, |p| p.display().to_string()),
+            source,
+        })
+    }
+
     /// Checks every checksum and padding byte (reads the whole file).
     pub fn verify(&self) -> Result<(), ModelError> {
         Ok(self.view.verify(self.bytes())?)

@@ -20,6 +20,7 @@ fn opts(input: &Path, output: &Path, dtype: DType, strategy: Strategy) -> Export
         config: None,
         strategy,
         verify: Some(VerifyOptions::default()),
+        calibration: None,
     }
 }
 

@@ -9,6 +9,8 @@
 //!   target, context).
 //! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
 //! - [`select`](mod@crate::elastic::select): the best entry within the limits, with an explanation.
+//! - [`ElasticSession`](crate::elastic::ElasticSession): switch submodel mid-generation (exact
+//!   re-prefill of the KV cache) and release the pages of unused levels under memory pressure.
 //!
 //! ```no_run
 //! use matformer::elastic::{select, Catalog, DeviceBudget, Policy};
@@ -26,6 +28,7 @@ pub mod calibrate;
 pub mod catalog;
 pub mod policy;
 pub mod select;
+mod switch;
 
 pub use budget::{DeviceBudget, ThermalState};
 pub use calibrate::{
@@ -37,3 +40,4 @@ pub use catalog::{
 };
 pub use policy::{Footprint, LatencyModel, Policy};
 pub use select::{assess_all, limits, select, Assessment, Constraint, Limits, Plan, SelectError};
+pub use switch::*;
