@@ -275,3 +275,140 @@ pub fn bench(
     }
     Ok(())
 }
+
+/// Resident bytes of `path`'s mapping in this process (`/proc/self/smaps`), if readable.
+fn mapping_resident_bytes(path: &Path) -> Option<u64> {
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let target = canonical.to_str()?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0u64;
+    let mut in_mapping = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) && !first.ends_with(':') {
+            in_mapping = line.trim_end().ends_with(target);
+        } else if in_mapping && first == "Rss:" {
+            total += line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+        }
+    }
+    Some(total)
+}
+
+/// One switching measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchRow {
+    /// What was measured.
+    pub what: String,
+    /// From submodel.
+    pub from: String,
+    /// To submodel.
+    pub to: String,
+    /// Tokens whose KV cache was recomputed for the new submodel.
+    pub reprefilled_tokens: usize,
+    /// Wall time, ms.
+    pub ms: f64,
+    /// Weight bytes the target needs beyond the source's (what an upshift must bring in).
+    pub extra_weight_bytes: i64,
+    /// Resident bytes of the file mapping after the step.
+    pub mapping_resident_bytes: Option<u64>,
+}
+
+/// `matformer bench --switch` (CPU engine): downshift and upshift between the smallest and the
+/// largest submodel, mid-generation (re-prefill of the history, exact output) and between
+/// requests (empty history), then a critical memory-pressure call.
+pub fn switch_bench(file: &Path, prompt_len: usize, gen_len: usize, threads: Option<usize>, json: bool) -> Result<()> {
+    use matformer::elastic::{ElasticSession, MemoryPressure};
+    let model = Arc::new(ModelFile::open(file)?);
+    let meta = model.metadata().clone();
+    let n_layers = meta.architecture.n_layers as usize;
+    let top = (model.view().available_levels - 1) as u8;
+    let (small, large) = (Submodel::uniform(0, n_layers), Submodel::uniform(top, n_layers));
+    let (small_bytes, _) = submodel_cost(&model, &small);
+    let (large_bytes, _) = submodel_cost(&model, &large);
+    let mut engine = matformer::cpu::CpuEngine::new(model.clone())?;
+    if let Some(n) = threads {
+        engine = engine.with_threads(n);
+    }
+    let mut es = ElasticSession::new(engine, &large)?;
+    let prompt_len = prompt_len.clamp(1, meta.architecture.max_context as usize / 2);
+    let mut prompt: Vec<u32> = meta.tokenizer.bos_id.into_iter().collect();
+    prompt.extend(b"The meaning of a word is its use in the language. ".iter().map(|&b| u32::from(b)));
+    prompt.resize(prompt_len, u32::from(b' '));
+    let mut rows = Vec::new();
+    let mut step = |es: &mut ElasticSession, what: &str, to: &Submodel, extra: i64| -> Result<()> {
+        let r = es.switch_to(to)?;
+        rows.push(SwitchRow {
+            what: what.into(),
+            from: r.from,
+            to: r.to,
+            reprefilled_tokens: r.reprefilled_tokens,
+            ms: r.elapsed_ms,
+            extra_weight_bytes: extra,
+            mapping_resident_bytes: mapping_resident_bytes(file),
+        });
+        Ok(())
+    };
+    let extra_up = large_bytes as i64 - small_bytes as i64;
+    // Between requests: nothing to re-prefill.
+    step(&mut es, "downshift between requests", &small, -extra_up)?;
+    step(&mut es, "upshift between requests", &large, extra_up)?;
+    // Mid-generation.
+    let mut next = matformer::cpu::argmax(&es.prefill(&prompt)?);
+    for _ in 0..gen_len.max(1) {
+        next = matformer::cpu::argmax(&es.decode(next)?);
+    }
+    let before = mapping_resident_bytes(file);
+    step(&mut es, "downshift mid-generation", &small, -extra_up)?;
+    step(&mut es, "upshift mid-generation", &large, extra_up)?;
+    let t = Instant::now();
+    let p = es.on_memory_pressure(MemoryPressure::Critical)?;
+    let pressure_ms = t.elapsed().as_secs_f64() * 1e3;
+    let after = mapping_resident_bytes(file);
+    let report = serde_json::json!({
+        "file": file.display().to_string(),
+        "smallest": small.name(&meta),
+        "largest": large.name(&meta),
+        "smallest_weight_bytes": small_bytes,
+        "largest_weight_bytes": large_bytes,
+        "switches": rows,
+        "memory_pressure": {
+            "to": p.switch.to,
+            "ms": pressure_ms,
+            "bytes_advised": p.bytes_advised,
+            "mapping_resident_before": before,
+            "mapping_resident_after": after,
+        },
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "{}: smallest {} ({}), largest {} ({})",
+        file.display(),
+        small.name(&meta),
+        human_bytes(small_bytes),
+        large.name(&meta),
+        human_bytes(large_bytes)
+    );
+    for r in &rows {
+        println!(
+            "  {:<28} {:>4} -> {:<4} {:>9.3} ms  re-prefilled {:>4} tokens  weights {:+}  mapping resident {}",
+            r.what,
+            r.from,
+            r.to,
+            r.ms,
+            r.reprefilled_tokens,
+            r.extra_weight_bytes,
+            r.mapping_resident_bytes.map(human_bytes).unwrap_or_else(|| "-".into())
+        );
+    }
+    println!(
+        "  memory pressure (critical) -> {} in {pressure_ms:.1} ms: advised {}, mapping resident {} -> {}",
+        p.switch.to,
+        human_bytes(p.bytes_advised),
+        before.map(human_bytes).unwrap_or_else(|| "-".into()),
+        after.map(human_bytes).unwrap_or_else(|| "-".into())
+    );
+    Ok(())
+}

@@ -385,18 +385,28 @@ struct GenerateOut {
 }
 
 /// `matformer generate`.
+#[allow(clippy::too_many_arguments)] // one parameter per command-line flag
 pub fn generate(
     file: &Path,
     prompt: &str,
     max_tokens: usize,
     spec: &str,
+    budget: &crate::select::BudgetArgs,
     backend: BackendChoice,
     threads: Option<usize>,
     json: bool,
 ) -> Result<()> {
     let model = open(file)?;
     let meta = model.metadata().clone();
-    let sub = Submodel::parse(spec, &meta, model.view().available_levels)?;
+    let sub = if spec == "auto" {
+        let catalog = matformer::elastic::Catalog::from_metadata_extra(&model)?;
+        let plan =
+            matformer::elastic::select(&catalog, &budget.budget()?, &matformer::elastic::Policy::default(), None)?;
+        eprintln!("submodel: {} ({})", plan.entry.name, plan.explanation);
+        plan.entry.levels.clone()
+    } else {
+        Submodel::parse(spec, &meta, model.view().available_levels)?
+    };
     let tok = ByteTokenizer::from_metadata(&meta);
     let engine = Engine::load(&model, backend, threads, false)?;
     let mut session = engine.session(&sub)?;

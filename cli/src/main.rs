@@ -115,9 +115,12 @@ enum Command {
         /// Tokens to generate.
         #[arg(short = 'n', long, default_value_t = 64)]
         max_tokens: usize,
-        /// Submodel: a width name (s, m, l, xl) or per-layer level indices (0,0,1,3).
+        /// Submodel: a width name (s, m, l, xl), per-layer level indices (0,0,1,3), or `auto`
+        /// (the catalog entry `select` picks for the budget flags below).
         #[arg(long, default_value = "largest")]
         submodel: String,
+        #[command(flatten)]
+        budget: select::BudgetArgs,
         /// Engine: auto (GPU if it passes a self-check, else CPU), gpu, cpu.
         #[arg(long, value_enum, default_value = "auto")]
         backend: backend::BackendChoice,
@@ -167,6 +170,10 @@ enum Command {
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Measure switching instead: downshift, upshift (mid-generation and between requests)
+        /// and memory-pressure handling, with the mapping's resident memory before and after.
+        #[arg(long)]
+        switch: bool,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -218,13 +225,17 @@ fn main() -> ExitCode {
         Command::Verify { file, against, mapping, submodel, json } => {
             commands::verify(&file, against, mapping, submodel, json)
         }
-        Command::Generate { file, prompt, max_tokens, submodel, backend, threads, json } => {
-            commands::generate(&file, &prompt, max_tokens, &submodel, backend, threads, json)
+        Command::Generate { file, prompt, max_tokens, submodel, budget, backend, threads, json } => {
+            commands::generate(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
         }
         Command::Devices { json } => commands::devices(json),
         Command::Select { file, budget, all, json } => select::run(&file, &budget, all, json),
-        Command::Bench { file, backend, submodel, prompt_len, gen_len, threads, json } => {
-            bench::bench(&file, &backend, submodel, prompt_len, gen_len, threads, json)
+        Command::Bench { file, backend, submodel, prompt_len, gen_len, threads, switch, json } => {
+            if switch {
+                bench::switch_bench(&file, prompt_len, gen_len, threads, json)
+            } else {
+                bench::bench(&file, &backend, submodel, prompt_len, gen_len, threads, json)
+            }
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {
             commands::eval(&file, &text, submodel, chunk, threads, json)

@@ -221,3 +221,47 @@ fn select_explains_the_plan_and_refuses_budgets_nothing_fits() {
     assert_clean_failure(&matformer(&["select", path_str(&file), "--mem", "100KiB"]), "nothing fits");
     assert_clean_failure(&matformer(&["select", path_str(&file), "--mem", "12parsecs"]), "unit");
 }
+
+#[test]
+fn bench_switch_measures_shifts_and_memory_pressure() {
+    let out = matformer(&[
+        "bench",
+        path_str(&fixture("matlm.matf")),
+        "--switch",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let switches = v["switches"].as_array().unwrap();
+    assert_eq!(switches.len(), 4);
+    assert_eq!(switches[2]["reprefilled_tokens"].as_u64(), Some(20), "prompt + generated tokens are re-prefilled");
+    assert!(v["memory_pressure"]["bytes_advised"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn generate_picks_the_submodel_from_a_budget() {
+    let out = matformer(&[
+        "generate",
+        path_str(&fixture("matlm.matf")),
+        "--prompt",
+        "The ",
+        "-n",
+        "4",
+        "--submodel",
+        "auto",
+        "--mem",
+        "3MiB",
+        "--context",
+        "256",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(v["submodel"], "xl", "3 MiB does not hold the largest submodel with a 256-token cache");
+}
