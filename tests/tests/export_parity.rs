@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use matformer::format::DType;
-use matformer_export::mapping::{find_by_structure, find_weights, NamePreset, Strategy};
+use matformer_export::mapping::{find_by_structure, find_weights, NamePreset, Strategy, WeightMap};
 use matformer_export::onnx_source::SourceModel;
 use matformer_export::verify::Tolerance;
 use matformer_export::{export, ExportOptions, VerifyOptions};
@@ -54,25 +54,34 @@ fn f32_export_agrees_with_tract_to_summation_order() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-#[test]
-fn a_mapping_file_finds_what_the_structure_finds() {
-    // Build a mapping file from the structural result and export with it: identical bytes.
+/// Writes a mapping file naming, for every canonical weight, the constant the graph-structure
+/// search found for `swap(canonical)`; returns the structural map and the parsed mapping.
+fn mapping_from_structure(dir: &Path, name: &str, swap: impl Fn(&str) -> &str) -> (WeightMap, NamePreset) {
     let src = SourceModel::load(&fixture("matlm.onnx")).unwrap();
     let config = src.config(None).unwrap();
     let structural = find_by_structure(&src, &config.architecture).unwrap();
     let mut names = serde_json::Map::new();
     let mut transposed = Vec::new();
     for (canonical, loc) in &structural.entries {
-        names.insert(canonical.clone(), src.weight_name(&loc.weight).into());
+        let source = &structural.entries[swap(canonical)];
+        names.insert(canonical.clone(), src.weight_name(&source.weight).into());
         if loc.transposed {
             transposed.push(canonical.clone());
         }
     }
-    let mapping = serde_json::json!({"name": "from-structure", "names": names, "transposed": transposed});
+    let mapping = serde_json::json!({"name": name, "names": names, "transposed": transposed});
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&mapping).unwrap()).unwrap();
+    (structural, NamePreset::from_file(&path).unwrap())
+}
+
+#[test]
+fn a_mapping_file_finds_what_the_structure_finds() {
+    // A mapping file built from the structural result exports identical bytes.
     let dir = temp_dir("export-mapping");
-    let mapping_path = dir.join("names.json");
-    std::fs::write(&mapping_path, serde_json::to_string_pretty(&mapping).unwrap()).unwrap();
-    let preset = NamePreset::from_file(&mapping_path).unwrap();
+    let (structural, preset) = mapping_from_structure(&dir, "from-structure", |c| c);
+    let src = SourceModel::load(&fixture("matlm.onnx")).unwrap();
+    let config = src.config(None).unwrap();
     let by_name = find_weights(&src, &config.architecture, &Strategy::Mapping(preset.clone())).unwrap();
     assert_eq!(by_name.entries, structural.entries);
 
@@ -88,29 +97,13 @@ fn a_mapping_file_finds_what_the_structure_finds() {
 fn export_refuses_a_wrong_mapping_and_leaves_no_file() {
     // Swap the FFN gate and up projections of layer 1 (same shapes, so only the verification
     // against tract can notice).
-    let src = SourceModel::load(&fixture("matlm.onnx")).unwrap();
-    let config = src.config(None).unwrap();
-    let structural = find_by_structure(&src, &config.architecture).unwrap();
-    let mut names = serde_json::Map::new();
-    let mut transposed = Vec::new();
-    for (canonical, loc) in &structural.entries {
-        let swapped = match canonical.as_str() {
-            "layers.1.ffn_gate" => "layers.1.ffn_up",
-            "layers.1.ffn_up" => "layers.1.ffn_gate",
-            other => other,
-        };
-        let loc2 = &structural.entries[swapped];
-        names.insert(canonical.clone(), src.weight_name(&loc2.weight).into());
-        if loc.transposed {
-            transposed.push(canonical.clone());
-        }
-    }
     let dir = temp_dir("export-wrong");
-    let mapping_path = dir.join("names.json");
-    let mapping = serde_json::json!({"name": "wrong", "names": names, "transposed": transposed});
-    std::fs::write(&mapping_path, mapping.to_string()).unwrap();
+    let (_, preset) = mapping_from_structure(&dir, "wrong", |c| match c {
+        "layers.1.ffn_gate" => "layers.1.ffn_up",
+        "layers.1.ffn_up" => "layers.1.ffn_gate",
+        other => other,
+    });
     let out = dir.join("wrong.matf");
-    let preset = NamePreset::from_file(&mapping_path).unwrap();
     let err = export(&opts(&fixture("matlm.onnx"), &out, DType::F16, Strategy::Mapping(preset))).unwrap_err();
     assert!(format!("{err:#}").contains("verification failed"), "{err:#}");
     assert!(!out.exists(), "no output file after a failed verification");
