@@ -200,7 +200,30 @@ enum Command {
     },
 }
 
+/// Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set" on stderr for
+/// every instance when the variable is missing (headless machines, CI), which would break the
+/// one-line-error contract of this tool. Point it at a private directory when it is unset.
+#[cfg(unix)]
+fn ensure_xdg_runtime_dir() {
+    use std::os::unix::fs::PermissionsExt;
+    let valid = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if valid {
+        return;
+    }
+    let dir = std::env::temp_dir().join("matformer-xdg-runtime");
+    if std::fs::create_dir_all(&dir).is_ok()
+        && std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).is_ok()
+    {
+        // Single-threaded here: nothing else reads the environment concurrently.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
+#[cfg(not(unix))]
+fn ensure_xdg_runtime_dir() {}
+
 fn main() -> ExitCode {
+    ensure_xdg_runtime_dir();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match cli.command {
