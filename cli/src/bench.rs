@@ -3,8 +3,8 @@
 //!
 //! Efficiency of a decode step = max(bytes read / bandwidth, flops / throughput) / measured time:
 //! the fraction of the machine's own limit the engine reaches. The CPU limits come from a
-//! multi-threaded streaming-read loop and a multiply-add loop; the GPU bandwidth from the
-//! runtime's GEMV kernel streaming a 32 MiB f16 matrix (`OpRunner::gemv_read_bandwidth`).
+//! multi-threaded streaming-read loop and a multiply-add loop; the GPU limits from two
+//! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -173,11 +173,10 @@ pub fn bench(
             Engine::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
                 Calibration {
-                    read_gb_per_s: runner.gemv_read_bandwidth(4096, 4096, 16)?,
-                    gflops: None,
-                    method:
-                        "the runtime's GEMV kernel streaming a 4096x4096 f16 matrix (no FMA calibration kernel yet)"
-                            .into(),
+                    read_gb_per_s: runner.read_bandwidth(128 << 20, 8)?,
+                    gflops: Some(runner.fma_throughput(2048, 4)?),
+                    method: "calibrate_read.wgsl streaming vec4<u32> reads of up to 128 MiB; calibrate_fma.wgsl 8 independent vec4 fma chains"
+                        .into(),
                 }
             }
         };

@@ -32,6 +32,13 @@ pub enum ModelError {
         /// Rows requested.
         requested: u64,
     },
+    /// A file re-opened after growing is not the same model grown by whole levels (its
+    /// header changed, it shrank, or it was not opened from a path).
+    #[error("grown file does not extend the opened model: {reason}")]
+    GrownFileMismatch {
+        /// What differs.
+        reason: String,
+    },
 }
 
 /// Where the bytes live.
@@ -64,6 +71,8 @@ pub struct ModelFile {
     storage: Storage,
     view: FileView,
     path: Option<PathBuf>,
+    /// A copy of the header bytes as parsed (a mapping would show later rewrites of the file).
+    header: Box<[u8]>,
 }
 
 impl std::fmt::Debug for ModelFile {
@@ -87,7 +96,8 @@ impl ModelFile {
         let file = std::fs::File::open(path).map_err(open_err)?;
         let storage = Storage::Mapped(MappedFile::map(&file).map_err(open_err)?);
         let view = FileView::parse(storage.bytes())?;
-        Ok(ModelFile { storage, view, path: Some(path.to_path_buf()) })
+        let header = header_copy(&storage, &view);
+        Ok(ModelFile { storage, view, path: Some(path.to_path_buf()), header })
     }
 
     /// Takes a file held in memory (copied into a 16-byte-aligned buffer) and parses its header.
@@ -98,7 +108,8 @@ impl ModelFile {
         drop(bytes);
         let storage = Storage::Owned { words, len };
         let view = FileView::parse(storage.bytes())?;
-        Ok(ModelFile { storage, view, path: None })
+        let header = header_copy(&storage, &view);
+        Ok(ModelFile { storage, view, path: None, header })
     }
 
     /// The validated header.
@@ -151,6 +162,47 @@ impl ModelFile {
         })
     }
 
+    /// Re-maps a file opened with [`open`](Self::open) after more levels were appended to it
+    /// (a download that continued from a level boundary). Returns `Ok(None)` if its length
+    /// is unchanged. Otherwise checks that the header is byte-identical to this one (the same
+    /// model), that the new length is a level end, and the checksums and padding of only the
+    /// newly available levels (`self.view().available_levels..new.available_levels`), and
+    /// returns the grown file; `self` stays valid and unchanged.
+    ///
+    /// Errors: [`ModelError::GrownFileMismatch`] for a file held in memory, a file that
+    /// shrank or whose header changed; [`FormatError::TruncatedInsideLevel`] for a length
+    /// inside a level; [`FormatError::SegmentChecksum`] or [`FormatError::NonZeroPadding`]
+    /// for corrupt appended bytes.
+    pub fn reopen_grown(&self) -> Result<Option<ModelFile>, ModelError> {
+        let mismatch = |reason: String| ModelError::GrownFileMismatch { reason };
+        let Some(path) = self.path.as_deref() else {
+            return Err(mismatch("the model was not opened from a path".to_string()));
+        };
+        let open_err = |source| ModelError::Open { path: path.display().to_string(), source };
+        let file = std::fs::File::open(path).map_err(open_err)?;
+        let old_len = self.view.file_len;
+        let new_len = file.metadata().map_err(open_err)?.len();
+        if new_len == old_len {
+            return Ok(None);
+        }
+        if new_len < old_len {
+            return Err(mismatch(format!("the file shrank from {old_len} to {new_len} bytes")));
+        }
+        let storage = Storage::Mapped(MappedFile::map(&file).map_err(open_err)?);
+        let bytes = storage.bytes();
+        if bytes.get(..self.header.len()) != Some(&self.header[..]) {
+            return Err(mismatch("the header differs from the opened file's (another model)".to_string()));
+        }
+        let view = FileView::parse(bytes)?;
+        let before = self.view.available_levels;
+        if view.available_levels < before {
+            return Err(mismatch(format!("{} levels available, fewer than {before}", view.available_levels)));
+        }
+        view.verify_levels(bytes, before..view.available_levels)?;
+        let header = header_copy(&storage, &view);
+        Ok(Some(ModelFile { storage, view, path: Some(path.to_path_buf()), header }))
+    }
+
     /// Checks every checksum and padding byte (reads the whole file).
     pub fn verify(&self) -> Result<(), ModelError> {
         Ok(self.view.verify(self.bytes())?)
@@ -193,6 +245,12 @@ impl ModelFile {
         }
         Ok(out)
     }
+}
+
+/// The header bytes `[0, header_len)` (validated by the parse that produced `view`).
+fn header_copy(storage: &Storage, view: &FileView) -> Box<[u8]> {
+    let bytes = storage.bytes();
+    bytes[..(view.header_len as usize).min(bytes.len())].into()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! ([`ModelFile::release_levels_above`](crate::ModelFile::release_levels_above)).
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cpu::{CpuEngine, EngineError, Session};
@@ -61,6 +62,20 @@ pub struct SwitchReport {
     /// Logits (`vocab_size` values) of the last history token under the new submodel, to
     /// continue generation; `None` when the history is empty.
     pub last_logits: Option<Vec<f32>>,
+}
+
+/// What [`ElasticSession::refresh`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefreshReport {
+    /// Levels available before the refresh.
+    pub levels_before: usize,
+    /// Levels available after it (equal to `levels_before` when the file did not grow).
+    pub levels_after: usize,
+    /// Bytes read and checked: every byte of the newly available levels (segments by CRC,
+    /// padding for zero), i.e. the growth of the file; 0 when it did not grow.
+    pub bytes_verified: u64,
+    /// Wall time of the refresh (re-map, checks, new engine and re-prefill) in milliseconds.
+    pub elapsed_ms: f64,
 }
 
 /// How urgently the OS asks for memory.
@@ -205,6 +220,38 @@ impl ElasticSession {
         report.last_logits = last_logits.clone();
         self.session = session;
         self.last_logits = last_logits;
+        report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(report)
+    }
+
+    /// Picks up levels appended to the model file since it was opened (a download that
+    /// continued from a level boundary) without interrupting the generation: re-maps the file
+    /// with [`ModelFile::reopen_grown`](crate::ModelFile::reopen_grown), which checks the
+    /// header is unchanged and verifies only the new levels, then builds a new engine on it
+    /// (same thread count) and a session for the current submodel, and re-prefills the
+    /// history, so the next outputs are bitwise those of the session before. Larger
+    /// submodels can then be chosen with [`switch_to`](Self::switch_to).
+    ///
+    /// A file that did not grow gives a report with equal levels and changes nothing. On
+    /// error (cut inside a level, corrupt appended bytes, another model) the session is left
+    /// unchanged and keeps running on the old mapping.
+    pub fn refresh(&mut self) -> Result<RefreshReport, EngineError> {
+        let started = Instant::now();
+        let old = self.engine.model();
+        let levels_before = old.view().available_levels;
+        let old_len = old.view().file_len;
+        let mut report =
+            RefreshReport { levels_before, levels_after: levels_before, bytes_verified: 0, elapsed_ms: 0.0 };
+        if let Some(grown) = old.reopen_grown()? {
+            report.levels_after = grown.view().available_levels;
+            report.bytes_verified = grown.view().file_len - old_len;
+            let engine = CpuEngine::new(Arc::new(grown))?.with_threads(self.engine.threads());
+            let mut session = engine.session(self.session.submodel())?;
+            let last_logits = if self.history.is_empty() { None } else { Some(session.prefill(&self.history)?) };
+            self.engine = engine;
+            self.session = session;
+            self.last_logits = last_logits;
+        }
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(report)
     }

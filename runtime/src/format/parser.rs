@@ -516,6 +516,51 @@ impl FileView {
         check_zero(bytes, pos, self.file_len)
     }
 
+    /// Checks only the bytes of levels `levels` (each must be available): the CRC of every
+    /// segment of those levels and that every other byte of their byte ranges (alignment
+    /// padding) is zero. Reads nothing outside `[level_range(levels.start).start,
+    /// level_ends[levels.end - 1])`; the header is not checked. Use it after appending levels
+    /// to a file whose lower levels were already checked. Returns the bytes checked (0 for an
+    /// empty range); reports the first problem by offset.
+    pub fn verify_levels(&self, bytes: &[u8], levels: std::ops::Range<usize>) -> Result<u64, FormatError> {
+        if levels.is_empty() {
+            return Ok(0);
+        }
+        if levels.end > self.available_levels {
+            return Err(FormatError::LevelNotAvailable { level: levels.end - 1, available: self.available_levels });
+        }
+        let (Some(first), Some(last)) = (self.level_range(levels.start), self.level_range(levels.end - 1)) else {
+            return Err(FormatError::LevelNotAvailable { level: levels.end - 1, available: self.available_levels });
+        };
+        let (start, end) = (first.start, last.end);
+        if (bytes.len() as u64) < end {
+            return Err(FormatError::Truncated { needed: end, len: bytes.len() as u64, what: "level" });
+        }
+        let mut pos = start;
+        for &(ti, si) in &self.by_offset {
+            let t = &self.tensors[ti];
+            let seg = &t.segments[si];
+            if !levels.contains(&(seg.level as usize)) {
+                continue;
+            }
+            check_zero(bytes, pos, seg.offset)?;
+            let data = self.segment_bytes(bytes, seg)?;
+            let computed = crc32fast::hash(data);
+            if computed != seg.crc32 {
+                return Err(FormatError::SegmentChecksum {
+                    tensor: t.name.clone(),
+                    level: seg.level,
+                    offset: seg.offset,
+                    stored: seg.crc32,
+                    computed,
+                });
+            }
+            pos = seg.end();
+        }
+        check_zero(bytes, pos, end)?;
+        Ok(end - start)
+    }
+
     /// Neuron counts per layer at level `level` (`metadata.ffn_widths[i][level]`); empty if
     /// `level` is not a level of this file.
     pub fn level_widths(&self, level: usize) -> Vec<u32> {

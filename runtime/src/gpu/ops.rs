@@ -47,10 +47,14 @@ pub(crate) enum Kernel {
     Attention,
     FfnAct,
     Argmax,
+    /// Benchmark calibration: streaming read bandwidth.
+    CalibrateRead,
+    /// Benchmark calibration: fma throughput.
+    CalibrateFma,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 9] = [
+    const ALL: [Kernel; 11] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -60,6 +64,8 @@ impl Kernel {
         Kernel::Attention,
         Kernel::FfnAct,
         Kernel::Argmax,
+        Kernel::CalibrateRead,
+        Kernel::CalibrateFma,
     ];
 
     fn shader(self) -> ShaderSource {
@@ -73,6 +79,8 @@ impl Kernel {
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
             Kernel::Argmax => shader!("argmax"),
+            Kernel::CalibrateRead => shader!("calibrate_read"),
+            Kernel::CalibrateFma => shader!("calibrate_fma"),
         }
     }
 
@@ -87,7 +95,8 @@ impl Kernel {
             Kernel::Rope => &[Uniform, Uniform, ReadWrite, ReadWrite, Read],
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
-            Kernel::Argmax => &[Uniform, Read, ReadWrite],
+            Kernel::Argmax | Kernel::CalibrateRead => &[Uniform, Read, ReadWrite],
+            Kernel::CalibrateFma => &[Uniform, ReadWrite],
         }
     }
 }
@@ -362,6 +371,28 @@ pub(crate) struct ArgmaxParams {
     pub(crate) n: u32,
     pub(crate) _pad: [u32; 3],
 }
+
+/// `calibrate_read.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct CalibrateReadParams {
+    /// `vec4<u32>` units in the data buffer.
+    pub(crate) n: u32,
+    /// Invocations in the grid (workgroups * `CALIBRATE_WG`).
+    pub(crate) threads: u32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `calibrate_fma.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct CalibrateFmaParams {
+    pub(crate) iterations: u32,
+    pub(crate) _pad: [u32; 3],
+}
+
+/// Workgroup size (`WG`) of `calibrate_read.wgsl` and `calibrate_fma.wgsl`.
+pub(crate) const CALIBRATE_WG: u32 = 64;
 
 /// Output rows per workgroup of the decode GEMV (`ROWS` override of `matmul_gemv.wgsl`): one
 /// thread per row on CPU adapters (software Vulkan runs a workgroup as SIMD loops, where

@@ -7,8 +7,9 @@ use half::f16;
 use super::device::Gpu;
 use super::engine::rope_table;
 use super::ops::{
-    check_gemv_rows, gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
-    MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
+    check_gemv_rows, gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, CalibrateFmaParams,
+    CalibrateReadParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
+    CALIBRATE_WG,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -407,16 +408,100 @@ impl OpRunner {
             let bind = self.kernels.bind(&self.gpu, Kernel::MatmulGemv, &[ub, &step, &xb, &c.buffer, &out])?;
             binds.push((bind, split_2d((c.rows as u32).div_ceil(self.rows))));
         }
+        let best = self.best_time(&pipe, &binds, repeats, "running the bandwidth calibration")?;
+        Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
+    }
+
+    /// Workgroup size of the calibration kernels ([`read_sums`](Self::read_sums),
+    /// [`read_bandwidth`](Self::read_bandwidth), [`fma_throughput`](Self::fma_throughput)).
+    pub const CALIBRATE_WORKGROUP: u32 = CALIBRATE_WG;
+
+    /// Runs the streaming-read calibration kernel (`calibrate_read.wgsl`) once over `data`
+    /// (zero-padded to a multiple of 4 words) on `workgroups` workgroups (1 to 65535) and
+    /// returns its per-workgroup sums: with `T = workgroups * CALIBRATE_WORKGROUP`, every word
+    /// `data[i]` is added (wrapping) to the sum of workgroup `(i / 4) % T / CALIBRATE_WORKGROUP`.
+    /// For checking the kernel that [`read_bandwidth`](Self::read_bandwidth) times.
+    pub fn read_sums(&self, data: &[u32], workgroups: u32) -> Result<Vec<u32>, GpuError> {
+        if data.is_empty() || !(1..=65535).contains(&workgroups) {
+            return Err(bad_input("read_sums: empty data or workgroups outside 1..=65535"));
+        }
+        let mut padded = data.to_vec();
+        padded.resize(data.len().div_ceil(4) * 4, 0);
+        let n = u32::try_from(padded.len() / 4).map_err(|_| bad_input("read_sums: data too large"))?;
+        let db = upload_bytes(&self.gpu, "data", bytemuck::cast_slice(&padded), wgpu::BufferUsages::STORAGE)?;
+        let p = self.uniform(&CalibrateReadParams { n, threads: workgroups * CALIBRATE_WG, _pad: [0; 2] })?;
+        let out = self.out(workgroups as usize)?;
+        let key = PipeKey::new(Kernel::CalibrateRead, "main", &[]);
+        let r = self.run(&[(key, vec![&p, &db, &out], (workgroups, 1))], &out, workgroups as usize)?;
+        Ok(r.iter().map(|v| v.to_bits()).collect())
+    }
+
+    /// Calibration for benchmarks: the streaming read bandwidth (GB/s, 10^9 bytes/s) of the
+    /// device, from a kernel that sums a storage buffer of `bytes` bytes (capped at the
+    /// adapter's maximum storage binding size, rounded down to 16 bytes) with `vec4<u32>`
+    /// loads, each invocation a strided slice, one `u32` written per workgroup. `repeats`
+    /// dispatches are recorded in one encoder (one submit, one wait; the best of 3 runs after
+    /// a warm-up). This is the ceiling [`gemv_read_bandwidth`](Self::gemv_read_bandwidth) is
+    /// measured against.
+    pub fn read_bandwidth(&self, bytes: u64, repeats: usize) -> Result<f64, GpuError> {
+        let size = bytes.min(self.gpu.max_binding()).min(u64::from(u32::MAX) * 16) / 16 * 16;
+        if size == 0 || repeats == 0 {
+            return Err(bad_input("read_bandwidth: fewer than 16 bytes or no repeats"));
+        }
+        let n = (size / 16) as u32;
+        // At least 16 vec4 loads per invocation; at most 65535 workgroups (one dimension).
+        let groups = n.div_ceil(CALIBRATE_WG * 16).clamp(1, 65535);
+        use wgpu::BufferUsages as U;
+        let data = zeroed(&self.gpu, "calibration data", size, U::STORAGE, self.gpu.max_binding())?;
+        let p = self.uniform(&CalibrateReadParams { n, threads: groups * CALIBRATE_WG, _pad: [0; 2] })?;
+        let out = self.out(groups as usize)?;
+        let key = PipeKey::new(Kernel::CalibrateRead, "main", &[]);
+        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
+        let bind = self.kernels.bind(&self.gpu, Kernel::CalibrateRead, &[&p, &data, &out])?;
+        let best = self.best_time(&pipe, &[(bind, (groups, 1))], repeats, "running the read calibration")?;
+        Ok((size * repeats as u64) as f64 / best / 1e9)
+    }
+
+    /// Calibration for benchmarks: the f32 arithmetic throughput (GFLOP/s, one fma = 2 flops)
+    /// of the device, from a kernel where each invocation runs `iterations` rounds of `fma` on
+    /// 8 independent `vec4<f32>` accumulators (64 flops per round). The grid is 1024
+    /// workgroups of 64 invocations (64 workgroups on CPU adapters, where more only adds
+    /// time). `repeats` dispatches are recorded in one encoder (one submit, one wait; the best
+    /// of 3 runs after a warm-up); prefill (GEMM) efficiency is measured against this figure.
+    pub fn fma_throughput(&self, iterations: u32, repeats: usize) -> Result<f64, GpuError> {
+        if iterations == 0 || repeats == 0 {
+            return Err(bad_input("fma_throughput: no iterations or no repeats"));
+        }
+        let groups: u32 = if self.gpu.report.device_type == "Cpu" { 64 } else { 1024 };
+        let p = self.uniform(&CalibrateFmaParams { iterations, _pad: [0; 3] })?;
+        let out = self.out((groups * CALIBRATE_WG) as usize)?;
+        let key = PipeKey::new(Kernel::CalibrateFma, "main", &[]);
+        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
+        let bind = self.kernels.bind(&self.gpu, Kernel::CalibrateFma, &[&p, &out])?;
+        let best = self.best_time(&pipe, &[(bind, (groups, 1))], repeats, "running the fma calibration")?;
+        let flops = f64::from(groups * CALIBRATE_WG) * f64::from(iterations) * 64.0 * repeats as f64;
+        Ok(flops / best / 1e9)
+    }
+
+    /// Seconds for `repeats` rounds of the dispatches `binds` of `pipe`, recorded in one
+    /// encoder, submitted once and waited for: the best of 3 runs after a one-round warm-up.
+    fn best_time(
+        &self,
+        pipe: &wgpu::ComputePipeline,
+        binds: &[(wgpu::BindGroup, (u32, u32))],
+        repeats: usize,
+        during: &str,
+    ) -> Result<f64, GpuError> {
         let run = |n: usize| -> Result<f64, GpuError> {
             let t = std::time::Instant::now();
-            self.gpu.scoped("running the bandwidth calibration", || {
+            self.gpu.scoped(during, || {
                 let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
                 {
                     let mut pass =
                         enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                    pass.set_pipeline(&pipe);
+                    pass.set_pipeline(pipe);
                     for _ in 0..n {
-                        for (bind, (x, y)) in &binds {
+                        for (bind, (x, y)) in binds {
                             pass.set_bind_group(0, bind, &[]);
                             pass.dispatch_workgroups(*x, *y, 1);
                         }
@@ -432,6 +517,6 @@ impl OpRunner {
         for _ in 0..3 {
             best = best.min(run(repeats)?);
         }
-        Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
+        Ok(best)
     }
 }
