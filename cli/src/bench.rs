@@ -128,10 +128,12 @@ fn peak_rss() -> Option<u64> {
 }
 
 /// `matformer bench`.
+#[allow(clippy::too_many_arguments)] // one parameter per command-line flag
 pub fn bench(
     file: &Path,
     backends: &[BackendChoice],
     specs: Vec<String>,
+    budget: &crate::select::BudgetArgs,
     prompt_len: usize,
     gen_len: usize,
     threads: Option<usize>,
@@ -141,10 +143,8 @@ pub fn bench(
     let meta = model.metadata().clone();
     let a = &meta.architecture;
     let specs = if specs.is_empty() { vec!["s".to_string(), "largest".to_string()] } else { specs };
-    let subs: Vec<Submodel> = specs
-        .iter()
-        .map(|s| Submodel::parse(s, &meta, model.view().available_levels))
-        .collect::<Result<Vec<_>, _>>()?;
+    let subs: Vec<Submodel> =
+        specs.iter().map(|s| crate::commands::resolve_submodel(&model, s, budget)).collect::<Result<Vec<_>>>()?;
     let prompt_len = prompt_len.clamp(1, a.max_context as usize / 2);
     let gen_len = gen_len.clamp(1, a.max_context as usize - prompt_len);
     let mut prompt: Vec<u32> = meta.tokenizer.bos_id.into_iter().collect();

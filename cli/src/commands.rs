@@ -384,6 +384,20 @@ struct GenerateOut {
     decode_tokens_per_s: f64,
 }
 
+/// A `--submodel` value: a level name, per-layer levels, or `auto` (the catalog entry `select`
+/// picks for the budget flags, with its reason on stderr).
+pub fn resolve_submodel(model: &ModelFile, spec: &str, budget: &crate::select::BudgetArgs) -> Result<Submodel> {
+    if spec == "auto" {
+        let catalog = matformer::elastic::Catalog::from_metadata_extra(model)?;
+        let plan =
+            matformer::elastic::select(&catalog, &budget.budget()?, &matformer::elastic::Policy::default(), None)?;
+        eprintln!("submodel: {} ({})", plan.entry.name, plan.explanation);
+        Ok(plan.entry.levels.clone())
+    } else {
+        Ok(Submodel::parse(spec, model.metadata(), model.view().available_levels)?)
+    }
+}
+
 /// `matformer generate`.
 #[allow(clippy::too_many_arguments)] // one parameter per command-line flag
 pub fn generate(
@@ -398,15 +412,7 @@ pub fn generate(
 ) -> Result<()> {
     let model = open(file)?;
     let meta = model.metadata().clone();
-    let sub = if spec == "auto" {
-        let catalog = matformer::elastic::Catalog::from_metadata_extra(&model)?;
-        let plan =
-            matformer::elastic::select(&catalog, &budget.budget()?, &matformer::elastic::Policy::default(), None)?;
-        eprintln!("submodel: {} ({})", plan.entry.name, plan.explanation);
-        plan.entry.levels.clone()
-    } else {
-        Submodel::parse(spec, &meta, model.view().available_levels)?
-    };
+    let sub = resolve_submodel(&model, spec, budget)?;
     let tok = ByteTokenizer::from_metadata(&meta);
     let engine = Engine::load(&model, backend, threads, false)?;
     let mut session = engine.session(&sub)?;

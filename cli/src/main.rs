@@ -158,9 +158,12 @@ enum Command {
         /// Backends to measure (repeatable).
         #[arg(long, value_enum, default_values = ["cpu"])]
         backend: Vec<backend::BackendChoice>,
-        /// Submodels to measure (repeatable; default: smallest and largest).
+        /// Submodels to measure (repeatable; default: smallest and largest; `auto`: the entry
+        /// `select` picks for the budget flags).
         #[arg(long)]
         submodel: Vec<String>,
+        #[command(flatten)]
+        budget: select::BudgetArgs,
         /// Prompt tokens for the prefill measurement.
         #[arg(long, default_value_t = 64)]
         prompt_len: usize,
@@ -253,11 +256,11 @@ fn main() -> ExitCode {
         }
         Command::Devices { json } => commands::devices(json),
         Command::Select { file, budget, all, json } => select::run(&file, &budget, all, json),
-        Command::Bench { file, backend, submodel, prompt_len, gen_len, threads, switch, json } => {
+        Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, threads, switch, json } => {
             if switch {
                 bench::switch_bench(&file, prompt_len, gen_len, threads, json)
             } else {
-                bench::bench(&file, &backend, submodel, prompt_len, gen_len, threads, json)
+                bench::bench(&file, &backend, submodel, &budget, prompt_len, gen_len, threads, json)
             }
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {
