@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use matformer::format::names;
+use matformer::elastic::{Catalog, CatalogEntry, ModelSummary};
 use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
@@ -80,40 +80,11 @@ pub struct BenchReport {
     pub gpu_over_cpu_decode: Vec<(String, f64)>,
 }
 
-/// Weight bytes and parameter count a submodel reads per token.
-pub fn submodel_cost(model: &ModelFile, sub: &Submodel) -> (u64, u64) {
-    let meta = model.metadata();
-    let mut bytes = 0u64;
-    let mut matmul_params = 0u64;
-    for t in &model.view().tensors {
-        let layer_level = t
-            .name
-            .strip_prefix("layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .and_then(|i| sub.levels.get(i).copied());
-        let mut rows = 0u64;
-        for s in &t.segments {
-            let used = match layer_level {
-                Some(l) if t.is_nested() => s.level <= u32::from(l),
-                _ => true,
-            };
-            if used {
-                bytes += s.byte_len;
-                rows += s.row_end - s.row_start;
-            }
-        }
-        // The embedding is a gather (one row), unless tied: then it is also the LM head.
-        let is_embedding = t.name == names::TOK_EMBEDDINGS;
-        if t.shape.len() == 2 && (!is_embedding || meta.architecture.tied_embeddings) {
-            matmul_params += rows * t.row_elems();
-        }
-        if is_embedding && !meta.architecture.tied_embeddings {
-            // Only one row is read per token.
-            bytes = bytes - t.segments.iter().map(|s| s.byte_len).sum::<u64>() + t.row_bytes();
-        }
-    }
-    (bytes, matmul_params)
+/// Bytes read and flops per decoded token of `sub` with `context` tokens cached, from the same
+/// cost model the elastic catalog uses (`CatalogEntry::for_submodel`).
+fn submodel_cost(model: &ModelFile, summary: &ModelSummary, sub: &Submodel, context: u32) -> Result<(u64, f64)> {
+    let entry = CatalogEntry::for_submodel(model, sub)?;
+    Ok((entry.decode_bytes_per_token, entry.flops_per_token_at(summary, context) as f64))
 }
 
 fn reset_peak_rss() -> bool {
@@ -156,6 +127,7 @@ pub fn bench(
         prompt.push((st % 256) as u32);
     }
 
+    let summary = Catalog::from_view(model.view()).model;
     let mut calibration = Vec::new();
     let mut rows = Vec::new();
     for &choice in backends {
@@ -183,10 +155,8 @@ pub fn bench(
         for sub in &subs {
             let name = sub.name(&meta);
             eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}", engine.name());
-            let (weight_bytes, matmul_params) = submodel_cost(&model, sub);
-            let mean_pos = (prompt_len + gen_len / 2) as f64;
-            let attn_flops = 4.0 * f64::from(a.n_layers) * f64::from(a.n_heads * a.head_dim) * mean_pos;
-            let flops_per_token = 2.0 * matmul_params as f64 + attn_flops;
+            let mean_pos = (prompt_len + gen_len / 2) as u32;
+            let (weight_bytes, flops_per_token) = submodel_cost(&model, &summary, sub, mean_pos)?;
             let rss_ok = reset_peak_rss();
             let mut session = engine.session(sub)?;
             // Warm-up: touches the weights once so both backends start from resident pages.
@@ -322,8 +292,8 @@ pub fn switch_bench(file: &Path, prompt_len: usize, gen_len: usize, threads: Opt
     let n_layers = meta.architecture.n_layers as usize;
     let top = (model.view().available_levels - 1) as u8;
     let (small, large) = (Submodel::uniform(0, n_layers), Submodel::uniform(top, n_layers));
-    let (small_bytes, _) = submodel_cost(&model, &small);
-    let (large_bytes, _) = submodel_cost(&model, &large);
+    let small_bytes = CatalogEntry::for_submodel(&model, &small)?.decode_bytes_per_token;
+    let large_bytes = CatalogEntry::for_submodel(&model, &large)?.decode_bytes_per_token;
     let mut engine = matformer::cpu::CpuEngine::new(model.clone())?;
     if let Some(n) = threads {
         engine = engine.with_threads(n);

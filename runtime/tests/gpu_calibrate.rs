@@ -6,20 +6,12 @@
 //! (`CI=true`), where they fail.
 #![cfg(feature = "gpu")]
 
-use matformer::gpu::{GpuError, OpRunner};
+mod gpu_common;
+
+use matformer::gpu::OpRunner;
 
 fn runner_or_skip() -> Option<OpRunner> {
-    match OpRunner::new(None) {
-        Ok(r) => Some(r),
-        Err(GpuError::NoAdapter { reason }) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("no GPU adapter in CI ({reason}): install mesa-vulkan-drivers (lavapipe)");
-            }
-            println!("skipping: no GPU adapter ({reason})");
-            None
-        }
-        Err(e) => panic!("GPU op runner creation failed: {e}"),
-    }
+    gpu_common::or_skip(OpRunner::new(None), "GPU op runner")
 }
 
 /// Deterministic words covering the whole u32 range (so the sums wrap).

@@ -6,6 +6,8 @@
 //! (`CI=true`), where they fail.
 #![cfg(feature = "gpu")]
 
+mod gpu_common;
+
 use std::sync::Arc;
 
 use matformer::cpu::{self, CpuEngine, Tolerance};
@@ -16,17 +18,7 @@ use matformer::{ModelFile, Submodel};
 
 /// The engine, or `None` (after printing why) when there is no adapter outside CI.
 fn engine_or_skip(model: &Arc<ModelFile>, opts: GpuOptions) -> Option<GpuEngine> {
-    match GpuEngine::new(Arc::clone(model), opts) {
-        Ok(e) => Some(e),
-        Err(GpuError::NoAdapter { reason }) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("no GPU adapter in CI ({reason}): install mesa-vulkan-drivers (lavapipe)");
-            }
-            println!("skipping: no GPU adapter ({reason})");
-            None
-        }
-        Err(e) => panic!("GPU engine creation failed: {e}"),
-    }
+    gpu_common::or_skip(GpuEngine::new(Arc::clone(model), opts), "GPU engine")
 }
 
 fn model(meta: &Metadata, dtype: DType, seed: u64) -> Arc<ModelFile> {

@@ -7,22 +7,14 @@
 //! (`CI=true`), where they fail.
 #![cfg(feature = "gpu")]
 
+mod gpu_common;
+
 use half::f16;
 use matformer::cpu::{self, reference, Tolerance};
-use matformer::gpu::{GpuError, OpRunner, WeightFormat};
+use matformer::gpu::{OpRunner, WeightFormat};
 
 fn runner_or_skip() -> Option<OpRunner> {
-    match OpRunner::new(None) {
-        Ok(r) => Some(r),
-        Err(GpuError::NoAdapter { reason }) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("no GPU adapter in CI ({reason}): install mesa-vulkan-drivers (lavapipe)");
-            }
-            println!("skipping: no GPU adapter ({reason})");
-            None
-        }
-        Err(e) => panic!("GPU op runner creation failed: {e}"),
-    }
+    gpu_common::or_skip(OpRunner::new(None), "GPU op runner")
 }
 
 /// Deterministic values in [-scale, scale).

@@ -492,11 +492,22 @@ impl FileView {
         if stored != computed {
             return Err(FormatError::HeaderChecksum { stored, computed });
         }
-        let mut pos = self.header_len;
+        self.check_segments(bytes, self.header_len..self.file_len, |level| level < self.available_levels)
+    }
+
+    /// CRC-checks, in file order, every segment whose level `include` accepts, and checks that
+    /// the other bytes of `range` (padding between those segments) are zero.
+    fn check_segments(
+        &self,
+        bytes: &[u8],
+        range: std::ops::Range<u64>,
+        include: impl Fn(usize) -> bool,
+    ) -> Result<(), FormatError> {
+        let mut pos = range.start;
         for &(ti, si) in &self.by_offset {
             let t = &self.tensors[ti];
             let seg = &t.segments[si];
-            if seg.level as usize >= self.available_levels {
+            if !include(seg.level as usize) {
                 continue;
             }
             check_zero(bytes, pos, seg.offset)?;
@@ -513,7 +524,7 @@ impl FileView {
             }
             pos = seg.end();
         }
-        check_zero(bytes, pos, self.file_len)
+        check_zero(bytes, pos, range.end)
     }
 
     /// Checks only the bytes of levels `levels` (each must be available): the CRC of every
@@ -536,28 +547,7 @@ impl FileView {
         if (bytes.len() as u64) < end {
             return Err(FormatError::Truncated { needed: end, len: bytes.len() as u64, what: "level" });
         }
-        let mut pos = start;
-        for &(ti, si) in &self.by_offset {
-            let t = &self.tensors[ti];
-            let seg = &t.segments[si];
-            if !levels.contains(&(seg.level as usize)) {
-                continue;
-            }
-            check_zero(bytes, pos, seg.offset)?;
-            let data = self.segment_bytes(bytes, seg)?;
-            let computed = crc32fast::hash(data);
-            if computed != seg.crc32 {
-                return Err(FormatError::SegmentChecksum {
-                    tensor: t.name.clone(),
-                    level: seg.level,
-                    offset: seg.offset,
-                    stored: seg.crc32,
-                    computed,
-                });
-            }
-            pos = seg.end();
-        }
-        check_zero(bytes, pos, end)?;
+        self.check_segments(bytes, start..end, |level| levels.contains(&level))?;
         Ok(end - start)
     }
 
