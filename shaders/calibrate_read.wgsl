@@ -1,7 +1,16 @@
-// Calibration: streaming read bandwidth. Invocation g of `threads` (= workgroups * WG) sums
-// the vec4<u32> units g, g + threads, g + 2 * threads, ... below n (all four lanes, wrapping),
-// and workgroup w writes the wrapping sum of its invocations to sums[w], so the compiler must
-// keep every load. 1-D grid.
+// Calibration: streaming read bandwidth. Each invocation sums (all four lanes, wrapping) a set
+// of the n vec4<u32> units, and workgroup w writes the wrapping sum of its invocations to
+// sums[w], so the compiler must keep every load. With `threads` = workgroups * WG invocations,
+// invocation g reads:
+// - BLOCKED = false (GPUs: neighbouring invocations read neighbouring units, coalesced):
+//   units g, g + threads, g + 2 * threads, ... below n;
+// - BLOCKED = true (CPU adapters such as lavapipe, which run an invocation's loop to the end
+//   on one core: each invocation streams one contiguous block, as the decode GEMV streams a
+//   weight row; the strided mapping touches 128 bytes per 64 KiB and defeats the prefetcher):
+//   units [g * per, min((g + 1) * per, n)) with per = ceil(n / threads).
+// 1-D grid.
+
+override BLOCKED: bool = false;
 
 const WG: u32 = 64u;
 
@@ -27,8 +36,17 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
 ) {
     var acc = vec4<u32>(0u);
-    for (var i = gid.x; i < p.n; i += p.threads) {
-        acc += data[i];
+    if BLOCKED {
+        let per = p.n / p.threads + select(0u, 1u, p.n % p.threads != 0u);
+        let start = gid.x * per;
+        let end = min(start + per, p.n);
+        for (var i = start; i < end; i++) {
+            acc += data[i];
+        }
+    } else {
+        for (var i = gid.x; i < p.n; i += p.threads) {
+            acc += data[i];
+        }
     }
     partial[lid.x] = acc.x + acc.y + acc.z + acc.w;
     workgroupBarrier();

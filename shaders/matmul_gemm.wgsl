@@ -1,5 +1,12 @@
-// Prefill matrix products over t tokens (rows of x and out), tiled with shared memory:
-// a workgroup computes a TT x TN tile (tokens x outputs), K in steps of TK.
+// Prefill matrix products over t tokens (rows of x and out). A workgroup computes a TT x TN
+// tile (16 tokens x 64 outputs); two entry points with the same grid and results:
+// - gemm: tiled with shared memory, K in steps of TK (GPUs);
+// - gemm_rows: no shared memory or barriers, each thread a 4 x 4 block of outputs (4 rows
+//   of W x 4 tokens; transposed: 1 column unit of 8 outputs x 2 tokens) read straight from
+//   storage, so each weight load serves 4 tokens and each activation load 4 rows (CPU
+//   adapters such as lavapipe, where every storage or shared-memory load is a per-lane
+//   scalar loop and barriers switch coroutines; threads whose tokens are all past t skip
+//   the loop, so a short prompt costs about its number of GEMVs).
 //
 // TRANSPOSED = false: out[i, out_offset + r] = sum_c x[i, c] * W[r, c]   (Linear [out, in])
 // TRANSPOSED = true:  out[i, c] = sum_r x[i, k_offset + r] * W[r, c]    (ffn_down_t)
@@ -44,8 +51,11 @@ struct Unit {
 @group(0) @binding(3) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-// x tile [TT][TK] and weight tile [TK][TN].
-var<workgroup> xt: array<f32, 512>;
+// x tile [TK][TT] with 4 tokens per vec4 (xt[kk * TT / 4 + i / 4][i % 4] is token t0 + i at
+// k0 + kk), so the inner loop reads the 16 tokens' activations in 4 loads (on CPU adapters
+// every shared-memory load is a per-lane loop, and those loads bound the speed), and the
+// weight tile [TK][TN].
+var<workgroup> xt: array<vec4<f32>, 128>;
 var<workgroup> wt: array<f32, 2048>;
 
 fn unit(u: u32) -> Unit {
@@ -63,16 +73,22 @@ fn unit(u: u32) -> Unit {
 fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let n0 = wid.x * TN;
     let t0 = wid.y * TT;
-    var acc: array<f32, TT>;
+    // Tokens 0-3, 4-7, 8-11 and 12-15 of the tile.
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.k; k0 += TK) {
         for (var e = lid.x; e < TT * TK; e += WG) {
-            let t = t0 + e / TK;
-            let k = k0 + e % TK;
+            let i = e / TK;
+            let kk = e % TK;
+            let t = t0 + i;
+            let k = k0 + kk;
             var v = 0.0;
             if t < step.t && k < p.k {
                 v = x[t * p.x_stride + p.k_offset + k];
             }
-            xt[e] = v;
+            xt[kk * (TT / 4u) + i / 4u][i % 4u] = v;
         }
         // 256 units per weight tile, 4 per thread.
         for (var e = lid.x; e < 256u; e += WG) {
@@ -108,23 +124,109 @@ fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         workgroupBarrier();
         for (var kk = 0u; kk < TK; kk++) {
             let wv = wt[kk * TN + lid.x];
-            for (var i = 0u; i < TT; i++) {
-                acc[i] += xt[i * TK + kk] * wv;
-            }
+            let xb = kk * (TT / 4u);
+            acc0 += xt[xb] * wv;
+            acc1 += xt[xb + 1u] * wv;
+            acc2 += xt[xb + 2u] * wv;
+            acc3 += xt[xb + 3u] * wv;
         }
         workgroupBarrier();
     }
     let col = n0 + lid.x;
     if col < p.n {
+        let acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
         for (var i = 0u; i < TT; i++) {
             let t = t0 + i;
             if t < step.t {
                 let o = t * p.out_stride + p.out_offset + col;
+                let v = acc[i / 4u][i % 4u];
                 if ACCUMULATE {
-                    out[o] = out[o] + acc[i];
+                    out[o] = out[o] + v;
                 } else {
-                    out[o] = acc[i];
+                    out[o] = v;
                 }
+            }
+        }
+    }
+}
+
+fn store_out(o: u32, v: f32) {
+    if ACCUMULATE {
+        out[o] = out[o] + v;
+    } else {
+        out[o] = v;
+    }
+}
+
+fn x_unit(t: u32, u: u32) -> Unit {
+    let b = t * p.x_stride + p.k_offset + 8u * u;
+    return Unit(vec4<f32>(x[b], x[b + 1u], x[b + 2u], x[b + 3u]), vec4<f32>(x[b + 4u], x[b + 5u], x[b + 6u], x[b + 7u]));
+}
+
+fn dot8(a: Unit, b: Unit) -> f32 {
+    return dot(a.lo, b.lo) + dot(a.hi, b.hi);
+}
+
+@compute @workgroup_size(WG)
+fn gemm_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    if TRANSPOSED {
+        // Column unit cu (8 outputs) of the tile's 8, tokens 2 * tg and 2 * tg + 1 of its 16.
+        let cu = wid.x * (TN / 8u) + lid.x % (TN / 8u);
+        let ta = wid.y * TT + 2u * (lid.x / (TN / 8u));
+        let tb = ta + 1u;
+        if cu >= p.row_units || ta >= step.t {
+            return;
+        }
+        let two = tb < step.t;
+        var a = Unit(vec4<f32>(0.0), vec4<f32>(0.0));
+        var b = Unit(vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var r = 0u; r < p.k; r++) {
+            let wu = unit(r * p.row_units + cu);
+            let xa = x[ta * p.x_stride + p.k_offset + r];
+            a.lo += xa * wu.lo;
+            a.hi += xa * wu.hi;
+            if two {
+                let xb = x[tb * p.x_stride + p.k_offset + r];
+                b.lo += xb * wu.lo;
+                b.hi += xb * wu.hi;
+            }
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let c = cu * 8u + j;
+            if c < p.n {
+                let va = select(a.hi[j % 4u], a.lo[j % 4u], j < 4u);
+                store_out(ta * p.out_stride + p.out_offset + c, va);
+                if two {
+                    let vb = select(b.hi[j % 4u], b.lo[j % 4u], j < 4u);
+                    store_out(tb * p.out_stride + p.out_offset + c, vb);
+                }
+            }
+        }
+        return;
+    }
+    // Rows 4 * rg .. + 3 of the tile's 64, tokens 4 * tg .. + 3 of its 16.
+    let row0 = wid.x * TN + 4u * (lid.x % (TN / 4u));
+    let tok0 = wid.y * TT + 4u * (lid.x / (TN / 4u));
+    if row0 >= p.n || tok0 >= step.t {
+        return;
+    }
+    let nt = min(step.t - tok0, 4u);
+    let last = p.n - 1u;
+    var acc: array<vec4<f32>, 4>;
+    for (var u = 0u; u < p.row_units; u++) {
+        let w0 = unit(min(row0, last) * p.row_units + u);
+        let w1 = unit(min(row0 + 1u, last) * p.row_units + u);
+        let w2 = unit(min(row0 + 2u, last) * p.row_units + u);
+        let w3 = unit(min(row0 + 3u, last) * p.row_units + u);
+        for (var i = 0u; i < nt; i++) {
+            let xv = x_unit(tok0 + i, u);
+            acc[i] += vec4<f32>(dot8(w0, xv), dot8(w1, xv), dot8(w2, xv), dot8(w3, xv));
+        }
+    }
+    for (var i = 0u; i < nt; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if row0 + j < p.n {
+                store_out((tok0 + i) * p.out_stride + p.out_offset + row0 + j, acc[i][j]);
             }
         }
     }

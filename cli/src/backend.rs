@@ -4,12 +4,16 @@
 //! forward compared with the CPU engine), otherwise the CPU engine, and always says which and why
 //! on stderr: never a silent fallback. A software adapter (lavapipe) is not chosen by `auto`: it
 //! runs on the same cores as the CPU engine, several times slower. `gpu` fails with a clear error when no usable adapter exists.
+//!
+//! `MATFORMER_GPU_MEMORY_LIMIT` (e.g. `1GiB`) caps the GPU memory the engine allocates
+//! (`GpuOptions::memory_limit_bytes`); a session that does not fit steps every layer one level
+//! down and retries, with a note on stderr, instead of failing.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use matformer::cpu::{argmax, CpuEngine, Session};
-use matformer::gpu::{GpuEngine, GpuOptions, GpuSession};
+use matformer::gpu::{GpuEngine, GpuError, GpuOptions, GpuSession};
 use matformer::{ModelFile, Submodel};
 
 /// Which engine to run.
@@ -45,7 +49,7 @@ impl Engine {
         match choice {
             BackendChoice::Cpu => cpu(),
             BackendChoice::Gpu => {
-                let g = GpuEngine::new(model.clone(), GpuOptions::default())
+                let g = GpuEngine::new(model.clone(), gpu_options()?)
                     .map_err(|e| anyhow::anyhow!("--backend gpu: no usable GPU: {e}"))?;
                 if !quiet {
                     eprintln!("backend: gpu ({}, {})", g.adapter().name, g.adapter().backend);
@@ -70,7 +74,7 @@ impl Engine {
                     }
                     return cpu();
                 }
-                let gpu = GpuEngine::new(model.clone(), GpuOptions::default()).and_then(|g| g.self_check().map(|()| g));
+                let gpu = GpuEngine::new(model.clone(), gpu_options()?).and_then(|g| g.self_check().map(|()| g));
                 match gpu {
                     Ok(g) => {
                         if !quiet {
@@ -101,13 +105,43 @@ impl Engine {
         }
     }
 
-    /// A generation session for `sub`.
+    /// A generation session for `sub`. On the GPU, when `sub` does not fit in GPU memory,
+    /// every layer steps one level down until it does (a note on stderr names what runs).
     pub fn session(&self, sub: &Submodel) -> Result<Generator> {
         Ok(match self {
             Engine::Cpu(e) => Generator::Cpu(e.session(sub)?),
-            Engine::Gpu(e) => Generator::Gpu(Box::new(e.session(sub)?)),
+            Engine::Gpu(e) => {
+                let meta = e.model().metadata();
+                let mut target = sub.clone();
+                loop {
+                    match e.session(&target) {
+                        Ok(s) => break Generator::Gpu(Box::new(s)),
+                        Err(err @ GpuError::OutOfMemory { .. }) if target.max_level() > 0 => {
+                            let smaller =
+                                Submodel { levels: target.levels.iter().map(|l| l.saturating_sub(1)).collect() };
+                            eprintln!(
+                                "note: {} does not fit: {err}; running {}",
+                                target.name(meta),
+                                smaller.name(meta)
+                            );
+                            target = smaller;
+                        }
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            }
         })
     }
+}
+
+/// GPU options from the environment (`MATFORMER_GPU_MEMORY_LIMIT`).
+fn gpu_options() -> Result<GpuOptions> {
+    let mut o = GpuOptions::default();
+    if let Ok(v) = std::env::var("MATFORMER_GPU_MEMORY_LIMIT") {
+        o.memory_limit_bytes =
+            Some(crate::select::parse_bytes(&v).map_err(|e| anyhow::anyhow!("MATFORMER_GPU_MEMORY_LIMIT={v:?}: {e}"))?);
+    }
+    Ok(o)
 }
 
 /// A session on either backend, greedy decoding only.
@@ -119,6 +153,14 @@ pub enum Generator {
 }
 
 impl Generator {
+    /// The submodel the session runs (smaller than asked after a GPU out-of-memory step-down).
+    pub fn submodel(&self) -> &Submodel {
+        match self {
+            Generator::Cpu(s) => s.submodel(),
+            Generator::Gpu(s) => s.submodel(),
+        }
+    }
+
     /// Prefills `tokens`; returns the greedy next token.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<u32> {
         if tokens.is_empty() {

@@ -5,13 +5,20 @@
 //! the fraction of the machine's own limit the engine reaches. The CPU limits come from a
 //! multi-threaded streaming-read loop and a multiply-add loop; the GPU limits from two
 //! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`).
+//!
+//! The same efficiency is printed per kernel class of the decode step (attention projections,
+//! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
+//! the class times measured in the same run: on the CPU by replaying the engine's kernels at
+//! the model's shapes (`matformer::cpu::probe`), on the GPU by timing the decode GEMV kernel at
+//! each GEMV class's shape (attention and the small ops are not separable there and are left
+//! in the remainder: measured step minus the timed classes).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use matformer::elastic::{Catalog, CatalogEntry, ModelSummary};
+use matformer::elastic::{Catalog, CatalogEntry, KernelClass, KernelTimings, ModelSummary, ShapeFingerprint};
 use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
@@ -28,6 +35,26 @@ pub struct Calibration {
     pub gflops: Option<f64>,
     /// How the figures were measured.
     pub method: String,
+}
+
+/// One kernel class of a decode step, for one backend and submodel.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassRow {
+    /// The class.
+    pub class: KernelClass,
+    /// Time per decoded token from the in-run kernel timing, ms (None: not separately
+    /// measured on this backend).
+    pub ms_per_token: Option<f64>,
+    /// Bytes read per token.
+    pub bytes: f64,
+    /// FLOPs per token.
+    pub flops: f64,
+    /// max(bytes / bandwidth, flops / throughput) / time.
+    pub efficiency: Option<f64>,
+    /// `memory` or `compute`: the larger bound.
+    pub bound: String,
+    /// How the time was measured.
+    pub source: String,
 }
 
 /// One benchmark row.
@@ -65,6 +92,11 @@ pub struct BenchRow {
     pub readbacks_per_step: Option<f64>,
     /// GPU bytes read back per decode step.
     pub readback_bytes_per_step: Option<f64>,
+    /// Per kernel class, at the mean decode context.
+    pub classes: Vec<ClassRow>,
+    /// Measured decode step minus the sum of the measured classes, ms per token (dispatch,
+    /// allocation, synchronisation, and on the GPU the classes not measured separately).
+    pub remainder_ms_per_token: f64,
 }
 
 /// Whole report.
@@ -114,8 +146,15 @@ pub fn bench(
     let meta = model.metadata().clone();
     let a = &meta.architecture;
     let specs = if specs.is_empty() { vec!["s".to_string(), "largest".to_string()] } else { specs };
-    let subs: Vec<Submodel> =
-        specs.iter().map(|s| crate::commands::resolve_submodel(&model, s, budget)).collect::<Result<Vec<_>>>()?;
+    // A latency target is checked with the cost model of the first backend benchmarked.
+    let cost_backend = match backends.first() {
+        Some(BackendChoice::Gpu) => crate::latency::CostBackend::Gpu,
+        _ => crate::latency::CostBackend::Cpu,
+    };
+    let subs: Vec<Submodel> = specs
+        .iter()
+        .map(|s| crate::commands::resolve_submodel(&model, s, budget, cost_backend, threads))
+        .collect::<Result<Vec<_>>>()?;
     let prompt_len = prompt_len.clamp(1, a.max_context as usize / 2);
     let gen_len = gen_len.clamp(1, a.max_context as usize - prompt_len);
     let mut prompt: Vec<u32> = meta.tokenizer.bos_id.into_iter().collect();
@@ -128,6 +167,7 @@ pub fn bench(
     }
 
     let summary = Catalog::from_view(model.view()).model;
+    let shape = ShapeFingerprint::of(&model);
     let mut calibration = Vec::new();
     let mut rows = Vec::new();
     for &choice in backends {
@@ -147,9 +187,20 @@ pub fn bench(
                 Calibration {
                     read_gb_per_s: runner.read_bandwidth(128 << 20, 8)?,
                     gflops: Some(runner.fma_throughput(2048, 4)?),
-                    method: "calibrate_read.wgsl streaming vec4<u32> reads of up to 128 MiB; calibrate_fma.wgsl 8 independent vec4 fma chains"
+                    method: "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
                         .into(),
                 }
+            }
+        };
+        eprintln!("timing kernel classes on {} ...", engine.name());
+        let timings: KernelTimings = match &engine {
+            Engine::Cpu(c) => {
+                let opts = matformer::cpu::probe::ProbeOptions::default();
+                matformer::cpu::probe::measure_kernels(c, &opts)?
+            }
+            Engine::Gpu(g) => {
+                let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
+                matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?
             }
         };
         for sub in &subs {
@@ -176,6 +227,8 @@ pub fn bench(
             let mem_s = weight_bytes as f64 / (cal.read_gb_per_s * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
             let bound = mem_s.max(compute_s);
+            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal, engine.name())?;
+            let measured_sum: f64 = classes.iter().filter_map(|c| c.ms_per_token).sum();
             rows.push(BenchRow {
                 backend: engine.name().into(),
                 submodel: name,
@@ -195,6 +248,8 @@ pub fn bench(
                 submits_per_step: counters.map(|c| c.0 as f64 / gen_len as f64),
                 readbacks_per_step: counters.map(|c| c.1 as f64 / gen_len as f64),
                 readback_bytes_per_step: counters.map(|c| c.2 as f64 / gen_len as f64),
+                classes,
+                remainder_ms_per_token: per_token_s * 1e3 - measured_sum,
             });
         }
         calibration.push((engine.name().to_string(), cal));
@@ -242,142 +297,74 @@ pub fn bench(
     for (s, ratio) in &report.gpu_over_cpu_decode {
         println!("gpu/cpu decode {s}: {ratio:.2}x");
     }
-    Ok(())
-}
-
-/// Resident bytes of `path`'s mapping in this process (`/proc/self/smaps`), if readable.
-fn mapping_resident_bytes(path: &Path) -> Option<u64> {
-    let canonical = std::fs::canonicalize(path).ok()?;
-    let target = canonical.to_str()?;
-    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-    let mut total = 0u64;
-    let mut in_mapping = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) && !first.ends_with(':') {
-            in_mapping = line.trim_end().ends_with(target);
-        } else if in_mapping && first == "Rss:" {
-            total += line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    println!("per kernel class (decode, at the mean context; efficiency against the calibration above; small");
+    println!("tensors that stay in cache can exceed 100% of the streaming bandwidth):");
+    for r in &report.rows {
+        println!(
+            "  {} {}: step {:.3} ms/token, {:.0}% efficient; remainder {:.3} ms",
+            r.backend,
+            r.submodel,
+            1e3 / r.decode_tokens_per_s,
+            r.decode_efficiency * 100.0,
+            r.remainder_ms_per_token
+        );
+        println!("    {:<22} {:>10} {:>10} {:>12} {:>6} {:>7}", "class", "ms/token", "bytes", "flops", "eff", "bound");
+        for c in &r.classes {
+            println!(
+                "    {:<22} {:>10} {:>10} {:>12} {:>6} {:>7}",
+                c.class.name(),
+                c.ms_per_token.map_or_else(|| "-".to_string(), |m| format!("{m:.3} ms")),
+                human_bytes(c.bytes as u64),
+                fmt_flops(c.flops),
+                c.efficiency.map_or_else(|| "-".to_string(), |e| format!("{:.0}%", e * 100.0)),
+                c.bound
+            );
         }
     }
-    Some(total)
-}
-
-/// One switching measurement.
-#[derive(Clone, Debug, Serialize)]
-pub struct SwitchRow {
-    /// What was measured.
-    pub what: String,
-    /// From submodel.
-    pub from: String,
-    /// To submodel.
-    pub to: String,
-    /// Tokens whose KV cache was recomputed for the new submodel.
-    pub reprefilled_tokens: usize,
-    /// Wall time, ms.
-    pub ms: f64,
-    /// Weight bytes the target needs beyond the source's (what an upshift must bring in).
-    pub extra_weight_bytes: i64,
-    /// Resident bytes of the file mapping after the step.
-    pub mapping_resident_bytes: Option<u64>,
-}
-
-/// `matformer bench --switch` (CPU engine): downshift and upshift between the smallest and the
-/// largest submodel, mid-generation (re-prefill of the history, exact output) and between
-/// requests (empty history), then a critical memory-pressure call.
-pub fn switch_bench(file: &Path, prompt_len: usize, gen_len: usize, threads: Option<usize>, json: bool) -> Result<()> {
-    use matformer::elastic::{ElasticSession, MemoryPressure};
-    let model = Arc::new(ModelFile::open(file)?);
-    let meta = model.metadata().clone();
-    let n_layers = meta.architecture.n_layers as usize;
-    let top = (model.view().available_levels - 1) as u8;
-    let (small, large) = (Submodel::uniform(0, n_layers), Submodel::uniform(top, n_layers));
-    let small_bytes = CatalogEntry::for_submodel(&model, &small)?.decode_bytes_per_token;
-    let large_bytes = CatalogEntry::for_submodel(&model, &large)?.decode_bytes_per_token;
-    let mut engine = matformer::cpu::CpuEngine::new(model.clone())?;
-    if let Some(n) = threads {
-        engine = engine.with_threads(n);
-    }
-    let mut es = ElasticSession::new(engine, &large)?;
-    let prompt_len = prompt_len.clamp(1, meta.architecture.max_context as usize / 2);
-    let mut prompt: Vec<u32> = meta.tokenizer.bos_id.into_iter().collect();
-    prompt.extend(b"The meaning of a word is its use in the language. ".iter().map(|&b| u32::from(b)));
-    prompt.resize(prompt_len, u32::from(b' '));
-    let mut rows = Vec::new();
-    let mut step = |es: &mut ElasticSession, what: &str, to: &Submodel, extra: i64| -> Result<()> {
-        let r = es.switch_to(to)?;
-        rows.push(SwitchRow {
-            what: what.into(),
-            from: r.from,
-            to: r.to,
-            reprefilled_tokens: r.reprefilled_tokens,
-            ms: r.elapsed_ms,
-            extra_weight_bytes: extra,
-            mapping_resident_bytes: mapping_resident_bytes(file),
-        });
-        Ok(())
-    };
-    let extra_up = large_bytes as i64 - small_bytes as i64;
-    // Between requests: nothing to re-prefill.
-    step(&mut es, "downshift between requests", &small, -extra_up)?;
-    step(&mut es, "upshift between requests", &large, extra_up)?;
-    // Mid-generation.
-    let mut next = matformer::cpu::argmax(&es.prefill(&prompt)?);
-    for _ in 0..gen_len.max(1) {
-        next = matformer::cpu::argmax(&es.decode(next)?);
-    }
-    let before = mapping_resident_bytes(file);
-    step(&mut es, "downshift mid-generation", &small, -extra_up)?;
-    step(&mut es, "upshift mid-generation", &large, extra_up)?;
-    let t = Instant::now();
-    let p = es.on_memory_pressure(MemoryPressure::Critical)?;
-    let pressure_ms = t.elapsed().as_secs_f64() * 1e3;
-    let after = mapping_resident_bytes(file);
-    let report = serde_json::json!({
-        "file": file.display().to_string(),
-        "smallest": small.name(&meta),
-        "largest": large.name(&meta),
-        "smallest_weight_bytes": small_bytes,
-        "largest_weight_bytes": large_bytes,
-        "switches": rows,
-        "memory_pressure": {
-            "to": p.switch.to,
-            "ms": pressure_ms,
-            "bytes_advised": p.bytes_advised,
-            "mapping_resident_before": before,
-            "mapping_resident_after": after,
-        },
-    });
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!(
-        "{}: smallest {} ({}), largest {} ({})",
-        file.display(),
-        small.name(&meta),
-        human_bytes(small_bytes),
-        large.name(&meta),
-        human_bytes(large_bytes)
-    );
-    for r in &rows {
-        println!(
-            "  {:<28} {:>4} -> {:<4} {:>9.3} ms  re-prefilled {:>4} tokens  weights {:+}  mapping resident {}",
-            r.what,
-            r.from,
-            r.to,
-            r.ms,
-            r.reprefilled_tokens,
-            r.extra_weight_bytes,
-            r.mapping_resident_bytes.map(human_bytes).unwrap_or_else(|| "-".into())
-        );
-    }
-    println!(
-        "  memory pressure (critical) -> {} in {pressure_ms:.1} ms: advised {}, mapping resident {} -> {}",
-        p.switch.to,
-        human_bytes(p.bytes_advised),
-        before.map(human_bytes).unwrap_or_else(|| "-".into()),
-        after.map(human_bytes).unwrap_or_else(|| "-".into())
-    );
     Ok(())
+}
+
+/// `1.23 GFLOP`, `4.56 MFLOP`, `789 FLOP`.
+fn fmt_flops(f: f64) -> String {
+    if f >= 1e9 {
+        format!("{:.2} GFLOP", f / 1e9)
+    } else if f >= 1e6 {
+        format!("{:.2} MFLOP", f / 1e6)
+    } else if f >= 1e3 {
+        format!("{:.2} kFLOP", f / 1e3)
+    } else {
+        format!("{f:.0} FLOP")
+    }
+}
+
+/// Per-class rows of one submodel (`widths`) at `context` from the in-run kernel timings.
+fn class_rows(
+    shape: &ShapeFingerprint,
+    timings: &KernelTimings,
+    widths: &[u32],
+    context: u32,
+    cal: &Calibration,
+    backend: &str,
+) -> Result<Vec<ClassRow>> {
+    let ms = timings.class_ms(widths, context)?;
+    Ok(KernelClass::ALL
+        .iter()
+        .zip(ms)
+        .map(|(&class, ms)| {
+            let (bytes, flops) = shape.class_work(class, widths, context);
+            let unmeasured = backend == "gpu" && matches!(class, KernelClass::Attention | KernelClass::SmallOps);
+            let mem_s = bytes / (cal.read_gb_per_s * 1e9);
+            let compute_s = cal.gflops.map_or(0.0, |g| flops / (g * 1e9));
+            let ms_per_token = (!unmeasured).then_some(ms);
+            ClassRow {
+                class,
+                ms_per_token,
+                bytes,
+                flops,
+                efficiency: ms_per_token.filter(|&m| m > 0.0).map(|m| mem_s.max(compute_s) / (m * 1e-3)),
+                bound: if mem_s >= compute_s { "memory".into() } else { "compute".into() },
+                source: timings.source(class).to_string(),
+            }
+        })
+        .collect())
 }

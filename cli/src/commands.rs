@@ -382,15 +382,42 @@ struct GenerateOut {
     decode_ms: f64,
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
+    /// Size of the model file.
+    file_bytes: u64,
+    /// `ModelFile::open` (map, parse and check the header; reads no weights), ms.
+    open_ms: f64,
+    /// Resident bytes of the file mapping right after opening (Linux; shows open reads
+    /// nothing but the header).
+    resident_after_open_bytes: Option<u64>,
+    /// Engine and session creation (GPU: device, pipelines and weight upload), ms.
+    load_ms: f64,
+    /// From the start of `open` to the first generated token (open, load, prefill), ms.
+    time_to_first_token_ms: f64,
 }
 
 /// A `--submodel` value: a level name, per-layer levels, or `auto` (the catalog entry `select`
-/// picks for the budget flags, with its reason on stderr).
-pub fn resolve_submodel(model: &ModelFile, spec: &str, budget: &crate::select::BudgetArgs) -> Result<Submodel> {
+/// picks for the budget flags, with its reason on stderr). With a latency target (`--latency-ms`)
+/// the latency is predicted by `backend`'s cached cost model (calibrated and cached when absent,
+/// as `matformer latency` does).
+pub fn resolve_submodel(
+    model: &Arc<ModelFile>,
+    spec: &str,
+    budget: &crate::select::BudgetArgs,
+    backend: crate::latency::CostBackend,
+    threads: Option<usize>,
+) -> Result<Submodel> {
     if spec == "auto" {
         let catalog = matformer::elastic::Catalog::from_metadata_extra(model)?;
+        let budget = budget.budget()?;
+        let latency = match budget.latency_target_ms_per_token {
+            Some(_) => {
+                let args = crate::latency::CostArgs { backend, threads, cost_cache: None, refit: false };
+                Some(matformer::elastic::LatencyEstimator::from(crate::latency::obtain(model, &args)?.model))
+            }
+            None => None,
+        };
         let plan =
-            matformer::elastic::select(&catalog, &budget.budget()?, &matformer::elastic::Policy::default(), None)?;
+            matformer::elastic::select(&catalog, &budget, &matformer::elastic::Policy::default(), latency.as_ref())?;
         eprintln!("submodel: {} ({})", plan.entry.name, plan.explanation);
         Ok(plan.entry.levels.clone())
     } else {
@@ -410,18 +437,40 @@ pub fn generate(
     threads: Option<usize>,
     json: bool,
 ) -> Result<()> {
+    let started = Instant::now();
     let model = open(file)?;
+    let open_ms = started.elapsed().as_secs_f64() * 1e3;
+    let resident_after_open = crate::switch_bench::mapping_resident_bytes(file);
     let meta = model.metadata().clone();
-    let sub = resolve_submodel(&model, spec, budget)?;
-    let tok = ByteTokenizer::from_metadata(&meta);
+    // A named submodel is checked before the engine loads; `auto` needs the backend (its
+    // latency model).
+    let named = if spec == "auto" {
+        None
+    } else {
+        Some(resolve_submodel(&model, spec, budget, crate::latency::CostBackend::Cpu, threads)?)
+    };
     let engine = Engine::load(&model, backend, threads, false)?;
+    let sub = match named {
+        Some(sub) => sub,
+        None => {
+            let cost_backend = match engine {
+                Engine::Cpu(_) => crate::latency::CostBackend::Cpu,
+                Engine::Gpu(_) => crate::latency::CostBackend::Gpu,
+            };
+            resolve_submodel(&model, spec, budget, cost_backend, threads)?
+        }
+    };
+    let tok = ByteTokenizer::from_metadata(&meta);
     let mut session = engine.session(&sub)?;
+    let sub = session.submodel().clone();
+    let load_ms = started.elapsed().as_secs_f64() * 1e3 - open_ms;
     let prompt_ids = tok.encode(prompt, true);
     let room = (meta.architecture.max_context as usize).saturating_sub(prompt_ids.len());
     let max_tokens = max_tokens.min(room);
     let t0 = Instant::now();
     let mut next = session.prefill(&prompt_ids)?;
     let prefill = t0.elapsed();
+    let first_token_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut out = Vec::new();
     let mut stdout = std::io::stdout();
     if !json {
@@ -469,6 +518,11 @@ pub fn generate(
         decode_ms: decode.as_secs_f64() * 1e3,
         prefill_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
         decode_tokens_per_s: decode_steps as f64 / decode.as_secs_f64().max(1e-9),
+        file_bytes: model.view().file_len,
+        open_ms,
+        resident_after_open_bytes: resident_after_open,
+        load_ms,
+        time_to_first_token_ms: first_token_ms,
     };
     if json {
         return print_json(&res);
@@ -488,12 +542,21 @@ pub fn generate(
         res.decode_ms,
         res.decode_tokens_per_s
     );
+    eprintln!(
+        "[open {:.2} ms ({} file, {} resident after open), load {:.1} ms, first token after {:.1} ms]",
+        res.open_ms,
+        human_bytes(res.file_bytes),
+        res.resident_after_open_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+        res.load_ms,
+        res.time_to_first_token_ms
+    );
     Ok(())
 }
 
 /// `matformer devices`.
 pub fn devices(json: bool) -> Result<()> {
-    let adapters = matformer::gpu::list_adapters();
+    // Opens each adapter and times the decode GEMV on each weight path (a fraction of a second).
+    let adapters = matformer::gpu::probe_adapters();
     if json {
         return print_json(&adapters);
     }
@@ -511,7 +574,20 @@ pub fn devices(json: bool) -> Result<()> {
             a.max_compute_invocations_per_workgroup,
             a.max_storage_buffers_per_shader_stage
         );
-        println!("  shader-f16 {}, subgroups {}, weight path: {}", a.shader_f16, a.subgroups, a.weight_path);
+        println!(
+            "  shader-f16 {}, shader-int64 {}, subgroups {}, weight paths available: {}",
+            a.shader_f16,
+            a.shader_int64,
+            a.subgroups,
+            a.weight_paths.join(", ")
+        );
+        for t in &a.gemv_timings {
+            println!(
+                "  decode GEMV {} x {} on the {} path: {:.3} ms ({:.2} GB/s)",
+                t.rows, t.cols, t.path, t.gemv_ms, t.read_gb_per_s
+            );
+        }
+        println!("  weight path: {} ({})", a.weight_path, a.weight_path_reason);
     }
     Ok(())
 }

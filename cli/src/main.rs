@@ -6,7 +6,9 @@
 mod backend;
 mod bench;
 mod commands;
+mod latency;
 mod select;
+mod switch_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,9 +139,43 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         budget: select::BudgetArgs,
+        /// With --latency-ms: the latency cost model (cached per device and model shape).
+        #[command(flatten)]
+        cost: latency::CostArgs,
         /// Also list every catalog entry with its footprint and the constraints it violates.
         #[arg(long)]
         all: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The per-device latency cost model of a file (cached, else calibrated) and, with
+    /// --check, its prediction error against real decodes of catalog entries.
+    Latency {
+        /// The .matf file.
+        file: PathBuf,
+        #[command(flatten)]
+        cost: latency::CostArgs,
+        /// Decode catalog entries and compare with the predictions (every entry up to
+        /// --check-max, else the Pareto frontier or an even sample; the report says which).
+        #[arg(long)]
+        check: bool,
+        /// Most entries --check decodes.
+        #[arg(long, default_value_t = 40)]
+        check_max: usize,
+        /// Prompt tokens before each checked decode.
+        #[arg(long, default_value_t = 4)]
+        prompt_len: usize,
+        /// Timed decode steps per checked entry and pass (default: as many as a fit decode).
+        #[arg(long, default_value_t = 4)]
+        gen_len: usize,
+        /// Passes over the checked entries (each entry's figure is its fastest step over all
+        /// passes; default: as many as the fit decodes).
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Context for the printed predictions (default: the check's).
+        #[arg(long)]
+        context: Option<u32>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -255,10 +291,13 @@ fn main() -> ExitCode {
             commands::generate(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
         }
         Command::Devices { json } => commands::devices(json),
-        Command::Select { file, budget, all, json } => select::run(&file, &budget, all, json),
+        Command::Select { file, budget, cost, all, json } => select::run(&file, &budget, &cost, all, json),
+        Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {
+            latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
+        }
         Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, threads, switch, json } => {
             if switch {
-                bench::switch_bench(&file, prompt_len, gen_len, threads, json)
+                switch_bench::run(&file, &backend, prompt_len, gen_len, threads, json)
             } else {
                 bench::bench(&file, &backend, submodel, &budget, prompt_len, gen_len, threads, json)
             }

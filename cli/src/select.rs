@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use matformer::elastic::{select, Catalog, DeviceBudget, LatencyModel, Policy, ThermalState};
+use matformer::elastic::{select, Catalog, DeviceBudget, LatencyEstimator, Policy, ThermalState};
 use matformer::ModelFile;
 use matformer_export::progress::human_bytes;
 
@@ -55,7 +55,8 @@ pub struct BudgetArgs {
     /// Thermal state: nominal, fair, serious, critical.
     #[arg(long)]
     pub thermal: Option<String>,
-    /// Latency target per decoded token, ms (checked with a CPU latency model calibrated in this run).
+    /// Latency target per decoded token, ms (`select` checks it with the chosen backend's
+    /// cached latency cost model, calibrating it when absent).
     #[arg(long)]
     pub latency_ms: Option<f64>,
     /// Context to budget the KV cache for, tokens (default: the model's maximum).
@@ -79,18 +80,13 @@ impl BudgetArgs {
 }
 
 /// `matformer select`.
-pub fn run(file: &Path, args: &BudgetArgs, all: bool, json: bool) -> Result<()> {
-    let model = ModelFile::open(file)?;
+pub fn run(file: &Path, args: &BudgetArgs, cost: &crate::latency::CostArgs, all: bool, json: bool) -> Result<()> {
+    let model = std::sync::Arc::new(ModelFile::open(file)?);
     let catalog = Catalog::from_metadata_extra(&model)?;
     let budget = args.budget()?;
     let policy = Policy::default();
     let latency = if budget.latency_target_ms_per_token.is_some() {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Some(LatencyModel {
-            bytes_per_second: matformer::calibrate::cpu_read_bandwidth(threads) * 1e9,
-            flops_per_second: matformer::calibrate::cpu_multiply_add_gflops(threads) * 1e9,
-            fixed_ms_per_token: 0.0,
-        })
+        Some(LatencyEstimator::from(crate::latency::obtain(&model, cost)?.model))
     } else {
         None
     };

@@ -181,6 +181,37 @@ fn generate_on_the_gpu_prints_what_the_cpu_prints_at_every_width() {
 }
 
 #[test]
+fn generate_on_a_gpu_without_room_for_the_submodel_steps_down_instead_of_failing() {
+    if !gpu_available() {
+        return;
+    }
+    let gen = |backend: &str, spec: &str, limit: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matformer"));
+        cmd.args(["generate", path_str(&fixture("matlm.matf")), "--prompt", "The ", "-n", "16", "--json"]);
+        cmd.args(["--submodel", spec, "--backend", backend]);
+        if let Some(l) = limit {
+            cmd.env("MATFORMER_GPU_MEMORY_LIMIT", l);
+        }
+        let out = cmd.output().expect("run matformer");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // About 2.6 MB: room for the shared weights, a session and the FFN rows of l, not of xl.
+    let (v, stderr) = gen("gpu", "xl", Some("2600KiB"));
+    assert!(stderr.contains("xl does not fit") && stderr.contains("running l"), "{stderr}");
+    assert_eq!(v["submodel"], "l");
+    assert_eq!(v["text"], gen("cpu", "l", None).0["text"]);
+    assert!(v["time_to_first_token_ms"].as_f64().unwrap() >= v["open_ms"].as_f64().unwrap());
+    let bad = Command::new(env!("CARGO_BIN_EXE_matformer"))
+        .args(["generate", path_str(&fixture("matlm.matf")), "--prompt", "The ", "--backend", "gpu"])
+        .env("MATFORMER_GPU_MEMORY_LIMIT", "lots")
+        .output()
+        .expect("run matformer");
+    assert_clean_failure(&bad, "matformer_gpu_memory_limit");
+}
+
+#[test]
 fn bench_reports_speed_and_efficiency() {
     let mut args =
         vec!["bench", "--prompt-len", "8", "--gen-len", "4", "--submodel", "s", "--json", "--backend", "cpu"];
@@ -199,6 +230,18 @@ fn bench_reports_speed_and_efficiency() {
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["decode_efficiency"].as_f64().unwrap() > 0.0);
         assert!(r["weight_bytes"].as_u64().unwrap() > 0);
+        // Every kernel class with its work; a time and an efficiency where it was measured
+        // (on the GPU attention and the small ops are not separable).
+        let classes = r["classes"].as_array().unwrap();
+        let names: Vec<&str> = classes.iter().map(|c| c["class"].as_str().unwrap()).collect();
+        assert_eq!(names, ["attention_projections", "attention", "ffn_up", "ffn_down", "lm_head", "small_ops"]);
+        for c in classes {
+            assert!(c["bytes"].as_f64().unwrap() > 0.0, "{c}");
+            let measured = !(r["backend"] == "gpu" && (c["class"] == "attention" || c["class"] == "small_ops"));
+            assert_eq!(c["ms_per_token"].is_number(), measured, "{c}");
+            assert_eq!(c["efficiency"].is_number(), measured, "{c}");
+        }
+        assert!(r["remainder_ms_per_token"].is_number());
     }
     if gpu {
         let g = rows.iter().find(|r| r["backend"] == "gpu").unwrap();
@@ -223,6 +266,91 @@ fn select_explains_the_plan_and_refuses_budgets_nothing_fits() {
 }
 
 #[test]
+fn latency_command_calibrates_caches_and_checks_every_entry() {
+    let file = fixture("matlm.matf");
+    let cache = tmp("cost-cpu.json");
+    let _ = std::fs::remove_file(&cache);
+    let run = |extra: &[&str]| {
+        let mut args = vec!["latency", path_str(&file), "--cost-cache", path_str(&cache), "--json", "--threads", "1"];
+        args.extend_from_slice(extra);
+        let out = matformer(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (v, _) = run(&["--check"]);
+    assert_eq!(v["cache"]["status"], "calibrated");
+    assert_eq!(v["model"]["schema"], "matformer.cost_model/1");
+    assert_eq!(v["model"]["device"]["detail"], "1 threads");
+    assert_eq!(v["model"]["kernels"]["ffn"].as_array().unwrap().len(), 4, "one row per FFN width");
+    let check = &v["check"];
+    assert!(check["selection"].as_str().unwrap().contains("every catalog entry (35)"));
+    let rows = check["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 35);
+    for r in rows {
+        assert!(r["predicted_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["run"]["measured_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["error_pct"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    assert!(check["max_abs_error_pct"].as_f64().unwrap() >= check["mean_abs_error_pct"].as_f64().unwrap());
+
+    // The second run reads the cache; a corrupt or mismatching cache is rebuilt, not fatal.
+    let (v, _) = run(&[]);
+    assert_eq!(v["cache"]["status"], "cache");
+    assert!(v["check"].is_null());
+    std::fs::write(&cache, "{ not json").unwrap();
+    let (v, stderr) = run(&[]);
+    assert_eq!(v["cache"]["status"], "calibrated");
+    assert!(v["cache"]["miss_reason"].as_str().unwrap().contains("corrupt"), "{v}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = matformer(&["latency", path_str(&file), "--cost-cache", path_str(&cache), "--json", "--threads", "2"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["cache"]["status"], "calibrated", "another thread count is another device");
+    assert!(v["cache"]["miss_reason"].as_str().unwrap().contains("measured on"), "{v}");
+
+    // select --latency-ms uses the cached model of the chosen backend.
+    let out = matformer(&[
+        "select",
+        path_str(&file),
+        "--latency-ms",
+        "1000",
+        "--cost-cache",
+        path_str(&cache),
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["plan"]["predicted_ms_per_token"].as_f64().unwrap() > 0.0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cached"), "the cache was used");
+}
+
+#[test]
+fn latency_command_on_the_gpu() {
+    if !gpu_available() {
+        return;
+    }
+    let cache = tmp("cost-gpu.json");
+    let _ = std::fs::remove_file(&cache);
+    let out = matformer(&[
+        "latency",
+        path_str(&fixture("matlm.matf")),
+        "--backend",
+        "gpu",
+        "--cost-cache",
+        path_str(&cache),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["model"]["device"]["backend"], "gpu");
+    assert!(v["model"]["fit_runs"].as_array().unwrap().len() >= 3, "short and long context decodes");
+    let uniform = v["uniform_predictions"]["ms_per_token"].as_array().unwrap();
+    assert_eq!(uniform.len(), 4);
+}
+
+#[test]
 fn bench_switch_measures_shifts_and_memory_pressure() {
     let out = matformer(&[
         "bench",
@@ -239,7 +367,42 @@ fn bench_switch_measures_shifts_and_memory_pressure() {
     let switches = v["switches"].as_array().unwrap();
     assert_eq!(switches.len(), 4);
     assert_eq!(switches[2]["reprefilled_tokens"].as_u64(), Some(20), "prompt + generated tokens are re-prefilled");
-    assert!(v["memory_pressure"]["bytes_advised"].as_u64().unwrap() > 0);
+    assert!(switches.iter().all(|s| s["uploaded_bytes"] == 0 && s["backend"] == "cpu"));
+    assert!(v["memory_pressure"][0]["bytes_advised"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bench_switch_on_the_gpu_uploads_only_missing_rows() {
+    if !gpu_available() {
+        return;
+    }
+    let file = fixture("matlm.matf");
+    let out = matformer(&[
+        "bench",
+        path_str(&file),
+        "--switch",
+        "--backend",
+        "gpu",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["switches"].as_array().unwrap();
+    let what: Vec<&str> = rows.iter().map(|r| r["what"].as_str().unwrap()).collect();
+    assert_eq!(what.len(), 6, "{what:?}");
+    let uploaded: Vec<u64> = rows.iter().map(|r| r["uploaded_bytes"].as_u64().unwrap()).collect();
+    // Cold upshift s -> xl uploads the missing FFN rows; later shifts upload nothing until the
+    // memory-pressure call frees them, and the cold upshift after it uploads them again.
+    assert!(uploaded[0] > 0, "{uploaded:?}");
+    assert!(uploaded[1..5].iter().all(|&b| b == 0), "{uploaded:?}");
+    assert_eq!(uploaded[5], uploaded[0], "{uploaded:?}");
+    let p = &v["memory_pressure"][0];
+    assert_eq!(p["gpu_bytes_released"].as_u64(), Some(uploaded[0]));
+    assert!(p["gpu_memory_after"].as_u64() < p["gpu_memory_before"].as_u64());
 }
 
 #[test]

@@ -132,6 +132,20 @@ impl ModelFile {
         self.path.as_deref()
     }
 
+    /// Tells the OS it may drop every resident page of the mapping. For a backend that has
+    /// copied the weights elsewhere (the GPU engine after an upload): the CPU-side copies then
+    /// stop counting in the process's resident memory. Nothing becomes unreadable: a later read
+    /// faults the same file contents back in (the CPU engine and the parsed header keep
+    /// working). Returns the bytes advised (0 for a file held in owned memory and on non-unix
+    /// targets).
+    pub fn release_all(&self) -> Result<u64, ModelError> {
+        let Storage::Mapped(map) = &self.storage else { return Ok(0) };
+        map.release_range(0, self.bytes().len()).map_err(|source| ModelError::Open {
+            path: self.path.as_ref().map_or_else(String::new, |p| p.display().to_string()),
+            source,
+        })
+    }
+
     /// Tells the OS it may drop the resident pages of every level above `level`: the byte range
     /// from the start of level `level + 1`'s region (`level_ends[level]` aligned up to the
     /// file's alignment, then up to 64 KiB so that it is page-aligned on 4, 16 and 64 KiB

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use matformer::cpu::{argmax, CpuEngine, EngineError};
-use matformer::elastic::ElasticSession;
+use matformer::cpu::{argmax, CpuEngine};
+use matformer::elastic::{ElasticError, ElasticSession};
 use matformer::format::testing::{synthetic_file, synthetic_metadata};
 use matformer::format::{DType, FormatError, Metadata};
 use matformer::{ModelError, ModelFile, Submodel};
@@ -76,7 +76,7 @@ fn generate(s: &mut ElasticSession, n: usize) -> Vec<f32> {
 fn continue_greedy(
     mut logits: Vec<f32>,
     n: usize,
-    mut decode: impl FnMut(u32) -> Result<Vec<f32>, EngineError>,
+    mut decode: impl FnMut(u32) -> Result<Vec<f32>, ElasticError>,
 ) -> Vec<Vec<u32>> {
     let mut all = Vec::new();
     for _ in 0..n {
@@ -93,7 +93,7 @@ fn refresh_picks_up_appended_levels_mid_generation() {
     let cut = ends[1] as usize;
     let file = TempFile::write("grow", &full[..cut]);
     let mut s = open_session(&file.0, 1);
-    assert_eq!(s.engine().model().view().available_levels, 2);
+    assert_eq!(s.model().view().available_levels, 2);
     let logits = generate(&mut s, 4);
 
     file.append(&full[cut..]);
@@ -102,8 +102,8 @@ fn refresh_picks_up_appended_levels_mid_generation() {
     assert_eq!(report.levels_before, 2);
     assert_eq!(report.levels_after, n_levels);
     assert_eq!(report.bytes_verified, full.len() as u64 - ends[1]);
-    assert_eq!(s.engine().model().view().available_levels, n_levels);
-    assert_eq!(s.engine().threads(), 2);
+    assert_eq!(s.model().view().available_levels, n_levels);
+    assert_eq!(s.cpu_engine().expect("cpu").threads(), 2);
     assert_eq!(s.submodel(), &Submodel::uniform(1, 2));
 
     // The generation continues exactly as a session on the full file with the same history.
@@ -134,7 +134,7 @@ fn refresh_of_unchanged_file_is_a_noop() {
     let logits = generate(&mut s, 2);
     let report = s.refresh().expect("refresh");
     assert_eq!((report.levels_before, report.levels_after, report.bytes_verified), (2, 2, 0));
-    assert_eq!(s.session().position(), prompt().len() + 2);
+    assert_eq!(s.position(), prompt().len() + 2);
     let next = s.decode(argmax(&logits)).expect("decode after no-op");
     assert_eq!(next.len(), 260);
 }
@@ -165,13 +165,13 @@ fn refresh_rejects_corrupt_appended_bytes_and_keeps_the_session() {
 
     let err = s.refresh().expect_err("corrupt bytes must be rejected");
     assert!(
-        matches!(err, EngineError::Model(ModelError::Format(FormatError::SegmentChecksum { level: 2, .. }))),
+        matches!(err, ElasticError::Model(ModelError::Format(FormatError::SegmentChecksum { level: 2, .. }))),
         "{err:?}"
     );
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
 
     // Unchanged: same model, same size, same history, and it still decodes exactly.
-    assert_eq!(s.engine().model().view().available_levels, 2);
+    assert_eq!(s.model().view().available_levels, 2);
     assert_eq!(s.history(), &history[..]);
     let next = s.decode(argmax(&logits)).expect("decode after failed refresh");
     let mut r = open_session(&TempFile::write("corrupt-ref", &full).0, 1);
@@ -194,10 +194,10 @@ fn refresh_rejects_a_partial_level() {
     file.append(&full[cut..half]);
     let err = s.refresh().expect_err("cut inside a level");
     assert!(
-        matches!(err, EngineError::Model(ModelError::Format(FormatError::TruncatedInsideLevel { level: 2, .. }))),
+        matches!(err, ElasticError::Model(ModelError::Format(FormatError::TruncatedInsideLevel { level: 2, .. }))),
         "{err:?}"
     );
-    assert_eq!(s.engine().model().view().available_levels, 2);
+    assert_eq!(s.model().view().available_levels, 2);
     s.decode(argmax(&logits)).expect("decode after failed refresh");
 
     // The rest of the download arrives: now it works.
@@ -216,8 +216,8 @@ fn refresh_rejects_another_model() {
     let other = synthetic_file(&meta(), DType::F16, 8).expect("other model");
     std::fs::write(&file.0, &other).expect("replace file");
     let err = s.refresh().expect_err("another model");
-    assert!(matches!(err, EngineError::Model(ModelError::GrownFileMismatch { .. })), "{err:?}");
-    assert_eq!(s.engine().model().view().available_levels, 2);
+    assert!(matches!(err, ElasticError::Model(ModelError::GrownFileMismatch { .. })), "{err:?}");
+    assert_eq!(s.model().view().available_levels, 2);
 }
 
 #[test]

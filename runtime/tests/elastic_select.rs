@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use matformer::cpu::CpuEngine;
 use matformer::elastic::{
-    calibrate, select, CalibrationOptions, Catalog, CatalogEntry, CatalogError, Constraint, DeviceBudget, LatencyModel,
-    Policy, SelectError, ThermalState, CATALOG_KEY, MAX_ENUMERATED_CONFIGS,
+    calibrate, select, CalibrationOptions, Catalog, CatalogEntry, CatalogError, Constraint, DeviceBudget,
+    LatencyEstimator, LatencyModel, Policy, SelectError, ThermalState, CATALOG_KEY, MAX_ENUMERATED_CONFIGS,
 };
 use matformer::format::testing::{required_tensor_specs, synthetic_file, synthetic_metadata};
 use matformer::format::{write_file_with_alignment, DType, Metadata};
@@ -250,8 +250,8 @@ fn memory_grid(cat: &Catalog) -> Vec<u64> {
     out
 }
 
-fn latency() -> LatencyModel {
-    LatencyModel { bytes_per_second: 2e9, flops_per_second: 2e9, fixed_ms_per_token: 0.05 }
+fn latency() -> LatencyEstimator {
+    LatencyModel { bytes_per_second: 2e9, flops_per_second: 2e9, fixed_ms_per_token: 0.05 }.into()
 }
 
 #[test]
@@ -424,7 +424,8 @@ fn bad_inputs_are_errors() {
     assert!(matches!(select(&cat, &neg, &p, None), Err(SelectError::BadBudget { .. })));
     let bad_policy = Policy { memory_headroom_fraction: 0.0, ..Policy::default() };
     assert!(matches!(select(&cat, &DeviceBudget::default(), &bad_policy, None), Err(SelectError::BadPolicy { .. })));
-    let bad_lat = LatencyModel { bytes_per_second: 0.0, flops_per_second: 1.0, fixed_ms_per_token: 0.0 };
+    let bad_lat: LatencyEstimator =
+        LatencyModel { bytes_per_second: 0.0, flops_per_second: 1.0, fixed_ms_per_token: 0.0 }.into();
     assert!(matches!(select(&cat, &DeviceBudget::default(), &p, Some(&bad_lat)), Err(SelectError::BadPolicy { .. })));
     let empty = Catalog { entries: vec![], ..cat.clone() };
     assert_eq!(select(&empty, &DeviceBudget::default(), &p, None), Err(SelectError::EmptyCatalog));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matformer::cpu::{argmax, CpuEngine, EngineError};
-use matformer::elastic::{ElasticSession, MemoryPressure, SwitchDirection};
+use matformer::elastic::{ElasticError, ElasticSession, MemoryPressure, SwitchDirection};
 use matformer::format::testing::{synthetic_file, synthetic_metadata, write_synthetic};
 use matformer::format::{DType, Metadata};
 use matformer::{ModelFile, Submodel, SubmodelError};
@@ -61,10 +61,10 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// Greedy: `n` tokens from `logits`, feeding each; returns the tokens and the logits after each.
-fn greedy(
+fn greedy<E: std::fmt::Debug>(
     mut logits: Vec<f32>,
     n: usize,
-    mut decode: impl FnMut(u32) -> Result<Vec<f32>, EngineError>,
+    mut decode: impl FnMut(u32) -> Result<Vec<f32>, E>,
 ) -> (Vec<u32>, Vec<Vec<f32>>) {
     let mut toks = Vec::new();
     let mut all = Vec::new();
@@ -97,7 +97,7 @@ fn check_switch(model: &Arc<ModelFile>, from: &str, to: &str, direction: SwitchD
     assert_eq!(report.reprefilled_tokens, prefix.len());
     assert_eq!(es.submodel(), &to_sub);
     assert_eq!(es.history(), &prefix[..]);
-    assert_eq!(es.session().position(), prefix.len());
+    assert_eq!(es.position(), prefix.len());
     let switched = report.last_logits.clone().expect("logits after switch");
 
     let eng = engine(model);
@@ -146,7 +146,7 @@ fn switching_to_the_same_submodel_keeps_the_session() {
     assert_eq!(report.direction, SwitchDirection::Same);
     assert_eq!(report.reprefilled_tokens, 0);
     assert_eq!(report.last_logits.as_deref().map(bits), Some(bits(&logits)));
-    assert_eq!(es.session().position(), prompt().len() + 1);
+    assert_eq!(es.position(), prompt().len() + 1);
 }
 
 /// Resident bytes of every mapping of `path` in this process (sum of the `Rss:` lines of
@@ -267,17 +267,21 @@ fn failed_switch_leaves_the_session_unchanged() {
 
     let xl = Submodel::uniform(3, 2);
     match es.switch_to(&xl) {
-        Err(EngineError::Submodel(SubmodelError::LevelNotAvailable { level: 3, available: 2, .. })) => {}
+        Err(ElasticError::Cpu(EngineError::Submodel(SubmodelError::LevelNotAvailable {
+            level: 3,
+            available: 2,
+            ..
+        }))) => {}
         other => panic!("expected LevelNotAvailable, got {other:?}"),
     }
     match es.switch_to(&Submodel { levels: vec![0, 0, 0] }) {
-        Err(EngineError::Submodel(SubmodelError::WrongLayerCount { expected: 2, found: 3 })) => {}
+        Err(ElasticError::Cpu(EngineError::Submodel(SubmodelError::WrongLayerCount { expected: 2, found: 3 }))) => {}
         other => panic!("expected WrongLayerCount, got {other:?}"),
     }
-    assert!(matches!(ElasticSession::new(engine(&model), &xl), Err(EngineError::Submodel(_))));
+    assert!(matches!(ElasticSession::new(engine(&model), &xl), Err(ElasticError::Cpu(EngineError::Submodel(_)))));
     assert_eq!(es.submodel(), &start);
     assert_eq!(es.history(), &history[..]);
-    assert_eq!(es.session().position(), history.len());
+    assert_eq!(es.position(), history.len());
 
     // The next token is exactly what an uninterrupted session gives.
     let next = argmax(&es.decode(*toks.last().expect("token")).expect("decode"));

@@ -1,7 +1,9 @@
 //! Each GPU kernel against the CPU reference kernels (`matformer::cpu::reference`, f64
 //! accumulation) over random shapes, including sizes that are not multiples of the workgroup
 //! sizes, with the named [`Tolerance::KERNEL`] tier (f32 arithmetic; only summation order and
-//! rounding differ; f16 weights are rounded before the reference sees them).
+//! rounding differ; f16 weights are rounded before the reference sees them). The matrix
+//! products run on every weight path the adapter has: packed (f32 arithmetic, `KERNEL`) and
+//! native f16 (f16 products, [`F16_KERNEL_TOLERANCE`]).
 //!
 //! No adapter: the tests print "skipping: no GPU adapter (...)" and pass, except in CI
 //! (`CI=true`), where they fail.
@@ -11,7 +13,7 @@ mod gpu_common;
 
 use half::f16;
 use matformer::cpu::{self, reference, Tolerance};
-use matformer::gpu::{OpRunner, WeightFormat};
+use matformer::gpu::{OpRunner, WeightFormat, WeightPath, F16_KERNEL_TOLERANCE};
 
 fn runner_or_skip() -> Option<OpRunner> {
     gpu_common::or_skip(OpRunner::new(None), "GPU op runner")
@@ -39,15 +41,60 @@ fn check(what: &str, tol: Tolerance, expected: &[f32], actual: &[f32]) {
 #[test]
 fn matmul_gemv_and_gemm_match_reference() {
     let Some(mut r) = runner_or_skip() else { return };
-    // GEMV rows per workgroup: 64 is the CPU-adapter choice, 4 the GPU one, 1 the extreme.
-    for gemv_rows in [64, 4, 1] {
-        r.set_gemv_rows(gemv_rows).expect("valid rows");
-        matmul_cases(&r, gemv_rows);
+    let paths = r.available_weight_paths();
+    println!("weight paths on {}: {paths:?}", r.adapter().name);
+    for path in paths {
+        r.set_weight_path(path).expect("available path");
+        // GEMV row groups per workgroup: 64 is the CPU-adapter choice, 4 the GPU one, 1 the
+        // extreme; rows per thread of the packed GEMV: 4 on CPU adapters, 1 on GPUs, and 2.
+        // The packed CPU-adapter kernels (`gemm_rows`, `gemv_t_rows`) and the GPU ones.
+        for (gemv_rows, rpt, row_kernels) in [(64, 4, true), (64, 1, false), (4, 1, true), (4, 2, false), (1, 4, true)]
+        {
+            r.set_gemv_rows(gemv_rows).expect("valid rows");
+            r.set_gemv_rows_per_thread(rpt).expect("valid rows per thread");
+            r.set_row_kernels(row_kernels);
+            matmul_cases(&r, path, gemv_rows, rpt, row_kernels);
+        }
     }
     assert!(r.set_gemv_rows(3).is_err() && r.set_gemv_rows(128).is_err());
+    assert!(r.set_gemv_rows_per_thread(3).is_err() && r.set_gemv_rows_per_thread(0).is_err());
 }
 
-fn matmul_cases(r: &OpRunner, gemv_rows: u32) {
+#[test]
+fn packed64_gemv_equals_the_packed_gemv() {
+    // Same f32 arithmetic in the same order, only wider loads: the decode GEMV of the packed64
+    // path must give the packed path's results bit for bit.
+    let Some(mut r) = runner_or_skip() else { return };
+    if !r.available_weight_paths().contains(&WeightPath::Packed64) {
+        println!("skipping: {} has no SHADER_INT64", r.adapter().name);
+        return;
+    }
+    for (si, &(rows, cols)) in [(1usize, 1usize), (37, 19), (130, 67), (300, 1030), (257, 2048)].iter().enumerate() {
+        let w: Vec<f32> = random(rows * cols, si as u64 + 3, 0.5).iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+        let x = random(cols, si as u64 + 9, 1.0);
+        for rpt in [1, 2, 4] {
+            r.set_gemv_rows_per_thread(rpt).expect("valid rows per thread");
+            let mut got = Vec::new();
+            for path in [WeightPath::Packed, WeightPath::Packed64] {
+                r.set_weight_path(path).expect("available path");
+                got.push(r.matmul(&w, rows, cols, WeightFormat::F16, &x, 1, false, None).expect("gemv"));
+            }
+            check(&format!("packed64 vs packed {rows}x{cols} rpt={rpt}"), Tolerance::EXACT, &got[0], &got[1]);
+        }
+    }
+}
+
+#[test]
+fn f16_path_is_refused_without_shader_f16() {
+    let Some(mut r) = runner_or_skip() else { return };
+    let has_f16 = r.adapter().shader_f16;
+    assert_eq!(r.set_weight_path(WeightPath::F16).is_ok(), has_f16);
+    assert_eq!(r.available_weight_paths().contains(&WeightPath::F16), has_f16);
+    r.set_weight_path(WeightPath::Packed).expect("packed runs everywhere");
+    assert_eq!(r.weight_path(), WeightPath::Packed);
+}
+
+fn matmul_cases(r: &OpRunner, path: WeightPath, gemv_rows: u32, rpt: u32, row_kernels: bool) {
     // (rows, cols, tokens): odd sizes, sizes around the tile sizes, one token (GEMV) and many (GEMM).
     let shapes = [
         (1, 1, 1),
@@ -59,16 +106,25 @@ fn matmul_cases(r: &OpRunner, gemv_rows: u32) {
         (129, 33, 17),
         (3, 300, 2),
         (65, 129, 16),
+        (67, 41, 7),
+        (19, 257, 33),
+        // 129 column units: two workgroups of the CPU-adapter transposed GEMV, one unit past.
+        (300, 1030, 1),
+        (40, 1030, 3),
     ];
     for (si, &(rows, cols, t)) in shapes.iter().enumerate() {
-        for format in [WeightFormat::PackedF16, WeightFormat::F32] {
+        let (rows, cols, t): (usize, usize, usize) = (rows, cols, t);
+        for format in [WeightFormat::F16, WeightFormat::F32] {
             for transposed in [false, true] {
-                // 2048-byte weight chunks split every matrix here into several row chunks.
-                for max_binding in [None, Some(2048)] {
+                // 2048-byte weight chunks split every matrix here into several row chunks (the
+                // wide shapes, whose padded rows exceed 2048 bytes, run unchunked only).
+                let elem = if format == WeightFormat::F32 { 4 } else { 2 };
+                let row_bytes = (cols.div_ceil(8) * 8 * elem) as u64;
+                for max_binding in [None, Some(2048u64)].into_iter().filter(|m| m.is_none_or(|m| row_bytes <= m)) {
                     let k = if transposed { rows } else { cols };
                     let seed = si as u64 * 31 + u64::from(transposed);
                     let mut w = random(rows * cols, seed, 1.0 / (k as f32).sqrt());
-                    if format == WeightFormat::PackedF16 {
+                    if format == WeightFormat::F16 {
                         w.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32());
                     }
                     let x = random(t * k, seed + 7, 1.0);
@@ -84,9 +140,15 @@ fn matmul_cases(r: &OpRunner, gemv_rows: u32) {
                         })
                         .collect();
                     let what = format!(
-                        "matmul {rows}x{cols} t={t} {format:?} transposed={transposed} max_binding={max_binding:?} gemv_rows={gemv_rows}"
+                        "matmul {rows}x{cols} t={t} {format:?} on the {path} path, transposed={transposed} max_binding={max_binding:?} gemv_rows={gemv_rows} rpt={rpt} row_kernels={row_kernels}"
                     );
-                    check(&what, Tolerance::KERNEL, &expected, &got);
+                    // f32 weights always run the packed kernels' f32 variant.
+                    let tol = if path == WeightPath::F16 && format == WeightFormat::F16 {
+                        F16_KERNEL_TOLERANCE
+                    } else {
+                        Tolerance::KERNEL
+                    };
+                    check(&what, tol, &expected, &got);
                 }
             }
         }

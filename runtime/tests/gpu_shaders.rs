@@ -15,11 +15,57 @@ fn every_shader_parses_and_validates() {
         let module = naga::front::wgsl::parse_str(s.source)
             .unwrap_or_else(|e| panic!("{}.wgsl does not parse:\n{}", s.name, e.emit_to_string(s.source)));
         // The packed-f16 path needs only `unpack2x16float` (SHADER_FLOAT16_IN_FLOAT32, which
-        // wgpu grants on every Vulkan and Metal device); no other capability is allowed.
-        let caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        // wgpu grants on every Vulkan and Metal device). The native-f16 kernels (files that
+        // start with `enable f16;`, run only when the device has SHADER_F16) also get
+        // SHADER_FLOAT16. No other capability is allowed.
+        // The packed64 kernels (`<op>_u64.wgsl`, run only when the device has SHADER_INT64)
+        // get SHADER_INT64.
+        let f16 = s.source.starts_with("enable f16;");
+        let u64 = s.name.ends_with("_u64");
+        let mut caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        if f16 {
+            caps |= naga::valid::Capabilities::SHADER_FLOAT16;
+        }
+        if u64 {
+            caps |= naga::valid::Capabilities::SHADER_INT64;
+        }
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}.wgsl does not validate:\n{}", s.name, e.emit_to_string(s.source)));
+        // An `enable f16;` file is the f16 variant of an op and is named after it.
+        assert_eq!(
+            f16,
+            s.name.ends_with("_f16"),
+            "{}.wgsl: f16 variants are named <op>_f16 and start with `enable f16;`",
+            s.name
+        );
+        if !f16 && !u64 {
+            let strict = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+            )
+            .validate(&module);
+            assert!(strict.is_ok(), "{}.wgsl needs a capability beyond unpack2x16float", s.name);
+        }
+    }
+}
+
+#[test]
+fn f16_variants_need_the_f16_capability() {
+    // Without SHADER_FLOAT16 the native-f16 kernels must fail validation (so they can never
+    // be compiled by accident on an adapter without SHADER_F16), and there is one per
+    // weight-reading kernel: the decode GEMV and the prefill GEMM.
+    let f16: Vec<_> = matformer::gpu::shader_sources().into_iter().filter(|s| s.name.ends_with("_f16")).collect();
+    let names: BTreeSet<&str> = f16.iter().map(|s| s.name).collect();
+    assert!(names.contains("matmul_gemv_f16") && names.contains("matmul_gemm_f16"), "f16 variants: {names:?}");
+    for s in f16 {
+        let module = naga::front::wgsl::parse_str(s.source).expect("parses");
+        let without = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module);
+        assert!(without.is_err(), "{}.wgsl validates without the f16 capability", s.name);
     }
 }
 
@@ -41,5 +87,26 @@ fn every_shader_file_is_used_and_up_to_date() {
     for s in matformer::gpu::shader_sources() {
         let text = std::fs::read_to_string(shader_dir().join(format!("{}.wgsl", s.name))).expect("readable shader");
         assert_eq!(text, s.source, "{}.wgsl differs from the compiled-in copy: rebuild", s.name);
+    }
+}
+
+#[test]
+fn u64_variants_need_the_int64_capability() {
+    // Without SHADER_INT64 the packed64 kernels must fail validation (they are compiled only on
+    // devices opened with SHADER_INT64): the decode GEMV and the read calibration.
+    let u64: Vec<_> = matformer::gpu::shader_sources().into_iter().filter(|s| s.name.ends_with("_u64")).collect();
+    assert!(
+        u64.iter().any(|s| s.name == "matmul_gemv_u64") && u64.iter().any(|s| s.name == "calibrate_read_u64"),
+        "u64 variants: {:?}",
+        u64.iter().map(|s| s.name).collect::<Vec<_>>()
+    );
+    for s in u64 {
+        let module = naga::front::wgsl::parse_str(s.source).expect("parses");
+        let without = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        )
+        .validate(&module);
+        assert!(without.is_err(), "{}.wgsl validates without the int64 capability", s.name);
     }
 }

@@ -44,7 +44,11 @@ fn gpu_vs_cpu_decode_speed() {
     println!("adapter: {} ({}, {})", gpu.adapter().name, gpu.adapter().backend, gpu.adapter().device_type);
     let probe = matformer::gpu::OpRunner::new(None).expect("op runner");
     let bw = probe.gemv_read_bandwidth(4096, 4096, 8).expect("calibration");
-    println!("decode GEMV kernel reads weights at {bw:.2} GB/s (packed f16, 4096 x 4096)");
+    println!(
+        "decode GEMV kernel reads weights at {bw:.2} GB/s ({} weight path: {}; 4096 x 4096 f16)",
+        probe.weight_path(),
+        probe.adapter().weight_path_reason
+    );
     let prompt: Vec<u32> = (0..32u32).map(|i| (i * 31 + 7) % 256).collect();
     let steps = 32usize;
     for level in 0..n_levels {

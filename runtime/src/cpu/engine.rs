@@ -191,7 +191,9 @@ impl CpuEngine {
     }
 
     /// Uses `n` threads for the big matrix products (at least 1). Small products always run
-    /// on the calling thread. Results do not depend on `n`.
+    /// on one thread. Results do not depend on `n`. With `n > 1` a forward pass runs on a
+    /// pool of `n` worker threads that is created on first use and kept for the life of the
+    /// process (one pool per distinct `n`), so threads are not spawned per product.
     pub fn with_threads(mut self, n: usize) -> CpuEngine {
         self.threads = n.max(1);
         self
@@ -369,7 +371,10 @@ impl Session {
                 _ if c + 1 == n_chunks => want,
                 _ => Logits::None,
             };
-            match self.forward_chunk(chunk, chunk_want) {
+            // On a worker of the kernels' pool: the products inside then keep unstarted work
+            // for themselves instead of waiting for a sleeping or descheduled worker.
+            let threads = self.threads;
+            match kernels::with_workers(threads, || self.forward_chunk(chunk, chunk_want)) {
                 Ok(l) => logits.extend_from_slice(&l),
                 Err(e) => {
                     self.truncate(start);

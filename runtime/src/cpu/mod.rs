@@ -22,6 +22,7 @@
 
 mod engine;
 mod kernels;
+pub mod probe;
 pub mod reference;
 pub mod tolerance;
 mod weights;

@@ -8,6 +8,10 @@
 //! - [`budget`](crate::elastic::budget): the device signals (memory, battery, low-power mode, thermal state, latency
 //!   target, context).
 //! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
+//! - [`latency`](crate::elastic::latency): the per-device latency cost model (kernel classes
+//!   timed at the model's shapes, a fitted fixed part, a per-device cache);
+//!   [`latency_calibrate`](crate::elastic::latency_calibrate) measures it on the CPU engine or
+//!   a GPU.
 //! - [`select`](mod@crate::elastic::select): the best entry within the limits, with an explanation.
 //! - [`ElasticSession`](crate::elastic::ElasticSession): switch submodel mid-generation (exact
 //!   re-prefill of the KV cache) and release the pages of unused levels under memory pressure.
@@ -26,6 +30,8 @@
 pub mod budget;
 pub mod calibrate;
 pub mod catalog;
+pub mod latency;
+pub mod latency_calibrate;
 pub mod policy;
 pub mod select;
 mod switch;
@@ -38,6 +44,10 @@ pub use catalog::{
     Catalog, CatalogEntry, CatalogError, ModelSummary, StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA,
     MAX_ENUMERATED_CONFIGS,
 };
-pub use policy::{Footprint, LatencyModel, Policy};
+pub use latency::{
+    default_cache_dir, default_cache_path, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, FitRun,
+    KernelClass, KernelTimings, ShapeFingerprint, WidthCost, COST_MODEL_SCHEMA,
+};
+pub use policy::{Footprint, LatencyEstimator, LatencyModel, Policy};
 pub use select::{assess_all, limits, select, Assessment, Constraint, Limits, Plan, SelectError};
 pub use switch::*;

@@ -31,14 +31,22 @@
 //!
 //! # Latency
 //!
-//! [`LatencyModel`]: `ms_per_token = fixed_ms_per_token + 1000 * (bytes / bytes_per_second +
-//! flops / flops_per_second)` with the same bytes and FLOPs as the energy estimate. Without a
-//! latency model, latency targets are not checked (the plan's explanation says so).
+//! A [`LatencyEstimator`] predicts the decode time per token:
+//!
+//! - [`LatencyEstimator::DeviceCost`]: the per-device cost model
+//!   ([`DeviceCostModel`](super::latency::DeviceCostModel)): kernel classes timed on this
+//!   device at the model's shapes plus a fitted fixed part (see [`super::latency`]). Use this.
+//! - [`LatencyEstimator::Roofline`]: a [`LatencyModel`], `ms_per_token = fixed_ms_per_token +
+//!   1000 * (bytes / bytes_per_second + flops / flops_per_second)` with the same bytes and
+//!   FLOPs as the energy estimate: an instant first guess before any calibration ran.
+//!
+//! Without an estimator, latency targets are not checked (the plan's explanation says so).
 
 use serde::{Deserialize, Serialize};
 
 use super::budget::{DeviceBudget, ThermalState};
 use super::catalog::{CatalogEntry, ModelSummary};
+use super::latency::DeviceCostModel;
 
 /// Configurable thresholds and constants of the selection (module documentation).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,8 +110,8 @@ pub struct Footprint {
     pub total_bytes: u64,
 }
 
-/// Decode latency from bytes moved and FLOPs (module documentation). Fit it to measured
-/// decode speeds of two or more entries; until then pass `None` to `select`.
+/// Decode latency from bytes moved and FLOPs (module documentation): a roofline first guess;
+/// the per-device [`DeviceCostModel`] measures instead.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyModel {
     /// Effective memory bandwidth, bytes per second (> 0).
@@ -133,6 +141,55 @@ impl LatencyModel {
             return Err(format!("latency model fixed_ms_per_token {} must be >= 0", self.fixed_ms_per_token));
         }
         Ok(())
+    }
+}
+
+/// What predicts an entry's decode latency for `select` (module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyEstimator {
+    /// Kernel classes timed on this device plus a fitted fixed part (boxed: it holds a row
+    /// per FFN width).
+    DeviceCost(Box<DeviceCostModel>),
+    /// Bytes and FLOPs at fixed rates.
+    Roofline(LatencyModel),
+}
+
+impl From<LatencyModel> for LatencyEstimator {
+    fn from(m: LatencyModel) -> Self {
+        LatencyEstimator::Roofline(m)
+    }
+}
+
+impl From<DeviceCostModel> for LatencyEstimator {
+    fn from(m: DeviceCostModel) -> Self {
+        LatencyEstimator::DeviceCost(Box::new(m))
+    }
+}
+
+impl LatencyEstimator {
+    /// Predicted milliseconds to decode one token of `entry` with `context` tokens cached
+    /// (`+inf` for an entry the cost model cannot price: `check_for` rules that out).
+    pub fn ms_per_token(&self, entry: &CatalogEntry, summary: &ModelSummary, context: u32) -> f64 {
+        match self {
+            LatencyEstimator::Roofline(m) => m.ms_per_token(entry, summary, context),
+            LatencyEstimator::DeviceCost(m) => m.ms_per_token(entry, context).unwrap_or(f64::INFINITY),
+        }
+    }
+
+    /// Why the estimator cannot price `entries` of a model summarised by `summary`, if so.
+    pub fn check_for(&self, summary: &ModelSummary, entries: &[CatalogEntry]) -> Result<(), String> {
+        match self {
+            LatencyEstimator::Roofline(m) => m.check(),
+            LatencyEstimator::DeviceCost(m) => {
+                m.check()?;
+                m.check_summary(summary)?;
+                for e in entries {
+                    m.ms_per_token(e, 0).map_err(|err| format!("entry {}: {err}", e.name))?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 

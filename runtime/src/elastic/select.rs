@@ -7,7 +7,8 @@
 //! - **memory** (hard): footprint `<= memory_headroom_fraction * available_memory_bytes`;
 //! - **energy**: energy per token `<=` the cap (a fraction of the largest entry's, set by
 //!   battery, low-power mode and thermal state; see [`super::policy`]);
-//! - **latency**: predicted ms per token `<=` the target, only when a [`LatencyModel`] is given.
+//! - **latency**: predicted ms per token `<=` the target, only when a [`LatencyEstimator`] is
+//!   given (normally the device's [`DeviceCostModel`](super::latency::DeviceCostModel)).
 //!
 //! When entries fit in memory but none meets energy or latency, the policy's
 //! `soft_energy_and_latency` picks the fitting entry closest to them (smallest
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::budget::DeviceBudget;
 use super::catalog::{Catalog, CatalogEntry};
-use super::policy::{Footprint, LatencyModel, Policy};
+use super::policy::{Footprint, LatencyEstimator, Policy};
 
 /// A constraint of the selection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -189,11 +190,11 @@ pub fn limits(
     catalog: &Catalog,
     budget: &DeviceBudget,
     policy: &Policy,
-    latency: Option<&LatencyModel>,
+    latency: Option<&LatencyEstimator>,
 ) -> Result<Limits, SelectError> {
     policy.check().map_err(|reason| SelectError::BadPolicy { reason })?;
     if let Some(m) = latency {
-        m.check().map_err(|reason| SelectError::BadPolicy { reason })?;
+        m.check_for(&catalog.model, &catalog.entries).map_err(|reason| SelectError::BadPolicy { reason })?;
     }
     if let Some(t) = budget.latency_target_ms_per_token {
         if !(t.is_finite() && t > 0.0) {
@@ -229,7 +230,7 @@ pub fn assess_all(
     catalog: &Catalog,
     budget: &DeviceBudget,
     policy: &Policy,
-    latency: Option<&LatencyModel>,
+    latency: Option<&LatencyEstimator>,
 ) -> Result<Vec<Assessment>, SelectError> {
     let lim = limits(catalog, budget, policy, latency)?;
     Ok(catalog.entries.iter().map(|e| assess(catalog, e, &lim, policy, latency)).collect())
@@ -240,7 +241,7 @@ fn assess(
     e: &CatalogEntry,
     lim: &Limits,
     policy: &Policy,
-    latency: Option<&LatencyModel>,
+    latency: Option<&LatencyEstimator>,
 ) -> Assessment {
     let summary = &catalog.model;
     let footprint = policy.footprint(e, summary, lim.context_tokens);
@@ -286,7 +287,7 @@ pub fn select(
     catalog: &Catalog,
     budget: &DeviceBudget,
     policy: &Policy,
-    latency: Option<&LatencyModel>,
+    latency: Option<&LatencyEstimator>,
 ) -> Result<Plan, SelectError> {
     if catalog.entries.is_empty() {
         return Err(SelectError::EmptyCatalog);

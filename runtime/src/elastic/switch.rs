@@ -1,21 +1,28 @@
-//! Switching submodels mid-generation: [`ElasticSession`].
+//! Switching submodels mid-generation: [`ElasticSession`], on the CPU engine or the GPU.
 //!
 //! Every submodel of a MatFormer file reads a prefix of the same weights, so moving between
-//! them needs no copy or reload: the CPU engine reads the mapping in place. What does change
-//! is the KV cache (its keys and values depend on the FFN widths of every earlier layer), so
-//! a switch re-prefills the cache from the token history with the new submodel. The output
-//! after a switch is then exactly (bitwise) that of the new submodel on the same tokens.
+//! them needs no reload. On the CPU engine nothing moves at all: it reads the mapping in place.
+//! On the GPU the engine keeps one store of FFN weight prefixes: a downshift uploads and copies
+//! nothing, an upshift uploads only the rows the store lacks
+//! ([`GpuSession::switch_to`](crate::gpu::GpuSession::switch_to)). What does change is the KV
+//! cache (its keys and values depend on the FFN widths of every earlier layer), so a switch
+//! re-prefills the cache from the token history with the new submodel. The output after a
+//! switch is then exactly that of the new submodel on the same tokens (bitwise on the CPU).
 //!
-//! Under memory pressure [`ElasticSession::on_memory_pressure`] downshifts and then tells the
-//! OS it may drop the pages of the levels no longer used
-//! ([`ModelFile::release_levels_above`](crate::ModelFile::release_levels_above)).
+//! Under memory pressure [`ElasticSession::on_memory_pressure`] downshifts, frees the GPU
+//! buffers beyond the new prefixes, and tells the OS it may drop the pages of the levels no
+//! longer used ([`ModelFile::release_levels_above`](crate::ModelFile::release_levels_above)).
+//! On the GPU, an allocation failure ([`GpuError::OutOfMemory`]) while starting or switching
+//! makes the session downshift (every layer one level down) and retry instead of failing.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cpu::{CpuEngine, EngineError, Session};
-use crate::Submodel;
+use crate::cpu::{argmax, CpuEngine, EngineError, Session};
+#[cfg(feature = "gpu")]
+use crate::gpu::{GpuEngine, GpuError, GpuSession};
+use crate::{ModelError, ModelFile, Submodel};
 
 /// How a switch moves between two submodels, compared layer by layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +66,14 @@ pub struct SwitchReport {
     pub reprefilled_tokens: usize,
     /// Wall time of the switch, including the re-prefill, in milliseconds.
     pub elapsed_ms: f64,
+    /// Wall time of the switch itself (GPU: uploading missing rows and rebuilding the dispatch
+    /// plan; CPU: a new session), without the re-prefill, in milliseconds.
+    pub switch_ms: f64,
+    /// FFN weight bytes uploaded to the GPU (0 on the CPU engine and for a GPU downshift).
+    pub uploaded_bytes: u64,
+    /// When a GPU allocation failure made the session run a smaller submodel than the one
+    /// asked for: the requested submodel's name and the error (`to` names what runs now).
+    pub fallback: Option<String>,
     /// Logits (`vocab_size` values) of the last history token under the new submodel, to
     /// continue generation; `None` when the history is empty.
     pub last_logits: Option<Vec<f32>>,
@@ -99,10 +114,42 @@ pub struct PressureReport {
     /// Bytes of the file mapping the OS was told it may drop (0 for files held in memory and
     /// on non-unix targets).
     pub bytes_advised: u64,
+    /// GPU buffer bytes freed (the FFN rows beyond the new prefixes; 0 on the CPU engine).
+    pub gpu_bytes_released: u64,
 }
 
-/// A generation session that can change submodel at any token boundary: a [`CpuEngine`], the
-/// current [`Session`] and the token history of the current generation. `Send`.
+/// Errors of an [`ElasticSession`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ElasticError {
+    /// The CPU engine failed (bad submodel, context full, ...).
+    #[error(transparent)]
+    Cpu(#[from] EngineError),
+    /// The GPU backend failed (out of memory even at the smallest submodel, device lost, ...).
+    #[cfg(feature = "gpu")]
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    /// The model file could not be re-read (refresh).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// The engine and session an [`ElasticSession`] runs on.
+enum Backend {
+    Cpu {
+        engine: CpuEngine,
+        session: Session,
+    },
+    #[cfg(feature = "gpu")]
+    Gpu {
+        engine: GpuEngine,
+        session: Box<GpuSession>,
+    },
+}
+
+/// A generation session that can change submodel at any token boundary, on the CPU engine
+/// ([`ElasticSession::new`]) or the GPU ([`ElasticSession::new_gpu`]): the engine, the current
+/// session and the token history of the current generation. `Send`.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -121,56 +168,188 @@ pub struct PressureReport {
 /// # let _ = next; Ok(()) }
 /// ```
 pub struct ElasticSession {
-    engine: CpuEngine,
-    session: Session,
+    backend: Backend,
     history: Vec<u32>,
     last_logits: Option<Vec<f32>>,
+    /// Set when an allocation failure made the session start smaller than asked.
+    start_fallback: Option<String>,
 }
 
 impl fmt::Debug for ElasticSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ElasticSession")
-            .field("engine", &self.engine)
-            .field("session", &self.session)
+            .field("backend", &self.backend_name())
+            .field("submodel", &self.submodel().levels)
+            .field("position", &self.position())
             .field("history_len", &self.history.len())
             .finish()
     }
 }
 
+/// Every layer one level down, or `None` when every layer is at level 0.
+fn step_down(sub: &Submodel) -> Option<Submodel> {
+    sub.levels
+        .iter()
+        .any(|&l| l > 0)
+        .then(|| Submodel { levels: sub.levels.iter().map(|l| l.saturating_sub(1)).collect() })
+}
+
+#[cfg(feature = "gpu")]
+fn is_oom(e: &GpuError) -> bool {
+    matches!(e, GpuError::OutOfMemory { .. })
+}
+
 impl ElasticSession {
-    /// An empty session running `submodel` (one level per layer, each present in the file).
-    pub fn new(engine: CpuEngine, submodel: &Submodel) -> Result<ElasticSession, EngineError> {
+    /// An empty session running `submodel` (one level per layer, each present in the file) on
+    /// the CPU engine.
+    pub fn new(engine: CpuEngine, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
         let session = engine.session(submodel)?;
-        Ok(ElasticSession { engine, session, history: Vec::new(), last_logits: None })
+        Ok(ElasticSession {
+            backend: Backend::Cpu { engine, session },
+            history: Vec::new(),
+            last_logits: None,
+            start_fallback: None,
+        })
     }
 
-    /// Appends `tokens` to the context and returns the logits of the last one (see
-    /// [`Session::prefill`]). On error nothing changes.
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let logits = self.session.prefill(tokens)?;
+    /// An empty session running `submodel` on the GPU. If the GPU cannot allocate it
+    /// ([`GpuError::OutOfMemory`], from the device or from
+    /// [`GpuOptions::memory_limit_bytes`](crate::gpu::GpuOptions::memory_limit_bytes)), every
+    /// layer steps one level down and it retries; [`ElasticSession::start_fallback`] then
+    /// says what was asked and why. Fails only when even level 0 does not fit, or for other
+    /// errors.
+    #[cfg(feature = "gpu")]
+    pub fn new_gpu(engine: GpuEngine, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
+        let meta = engine.model().metadata();
+        let mut target = submodel.clone();
+        let mut fallback = None;
+        let session = loop {
+            match engine.session(&target) {
+                Ok(s) => break s,
+                Err(e) if is_oom(&e) => match step_down(&target) {
+                    Some(smaller) => {
+                        log::warn!("GPU: {} does not fit ({e}); trying {}", target.name(meta), smaller.name(meta));
+                        fallback.get_or_insert_with(|| format!("{} asked: {e}", submodel.name(meta)));
+                        target = smaller;
+                    }
+                    None => return Err(e.into()),
+                },
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(ElasticSession {
+            backend: Backend::Gpu { engine, session: Box::new(session) },
+            history: Vec::new(),
+            last_logits: None,
+            start_fallback: fallback,
+        })
+    }
+
+    /// `"cpu"` or `"gpu"`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Cpu { .. } => "cpu",
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { .. } => "gpu",
+        }
+    }
+
+    /// When the session started smaller than asked because the GPU could not allocate the
+    /// requested submodel: what was asked and the error.
+    pub fn start_fallback(&self) -> Option<&str> {
+        self.start_fallback.as_deref()
+    }
+
+    /// The model file.
+    pub fn model(&self) -> &Arc<ModelFile> {
+        match &self.backend {
+            Backend::Cpu { engine, .. } => engine.model(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { engine, .. } => engine.model(),
+        }
+    }
+
+    /// Appends `tokens` to the context and returns the logits of the last one (on the GPU they
+    /// are read back: `vocab_size` floats). On error nothing changes.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ElasticError> {
+        let logits = match &mut self.backend {
+            Backend::Cpu { session, .. } => session.prefill(tokens)?,
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => session.prefill_logits(tokens)?,
+        };
         self.history.extend_from_slice(tokens);
         self.last_logits = Some(logits.clone());
         Ok(logits)
     }
 
     /// Appends one token and returns its logits. On error nothing changes.
-    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
-        let logits = self.session.decode(token)?;
+    pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, ElasticError> {
+        let logits = match &mut self.backend {
+            Backend::Cpu { session, .. } => session.decode(token)?,
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => session.decode_logits(token)?,
+        };
         self.history.push(token);
         self.last_logits = Some(logits.clone());
         Ok(logits)
     }
 
+    /// [`ElasticSession::prefill`] returning the greedy next token only (on the GPU the argmax
+    /// runs on the device and 4 bytes are read back).
+    pub fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, ElasticError> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => self.prefill(tokens).map(|l| argmax(&l)),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => {
+                let t = session.prefill(tokens)?;
+                self.history.extend_from_slice(tokens);
+                self.last_logits = None;
+                Ok(t)
+            }
+        }
+    }
+
+    /// [`ElasticSession::decode`] returning the greedy next token only.
+    pub fn decode_greedy(&mut self, token: u32) -> Result<u32, ElasticError> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => self.decode(token).map(|l| argmax(&l)),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => {
+                let t = session.decode(token)?;
+                self.history.push(token);
+                self.last_logits = None;
+                Ok(t)
+            }
+        }
+    }
+
     /// Forgets the history and empties the KV cache (a new generation); keeps the submodel.
     pub fn reset(&mut self) {
-        self.session.reset();
+        match &mut self.backend {
+            Backend::Cpu { session, .. } => session.reset(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => session.reset(),
+        }
         self.history.clear();
         self.last_logits = None;
     }
 
     /// The submodel running now.
     pub fn submodel(&self) -> &Submodel {
-        self.session.submodel()
+        match &self.backend {
+            Backend::Cpu { session, .. } => session.submodel(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => session.submodel(),
+        }
+    }
+
+    /// Tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        match &self.backend {
+            Backend::Cpu { session, .. } => session.position(),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { session, .. } => session.position(),
+        }
     }
 
     /// Every token fed so far in this generation (prompt and generated tokens), in order.
@@ -178,103 +357,230 @@ impl ElasticSession {
         &self.history
     }
 
-    /// The current session (position, KV cache size, widths).
-    pub fn session(&self) -> &Session {
-        &self.session
+    /// The CPU engine, when running on it.
+    pub fn cpu_engine(&self) -> Option<&CpuEngine> {
+        match &self.backend {
+            Backend::Cpu { engine, .. } => Some(engine),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { .. } => None,
+        }
     }
 
-    /// The engine.
-    pub fn engine(&self) -> &CpuEngine {
-        &self.engine
+    /// The CPU session (KV cache size, widths), when running on the CPU engine.
+    pub fn cpu_session(&self) -> Option<&Session> {
+        match &self.backend {
+            Backend::Cpu { session, .. } => Some(session),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { .. } => None,
+        }
     }
 
-    /// Switches to `submodel` at the current token boundary: builds a session for it and
-    /// re-prefills the KV cache from the history, so every later output is exactly that of
-    /// `submodel` on the same tokens. Downshifts and upshifts need no copy or reload (the
-    /// engine reads the weights in place); the cost is one batched prefill of the history.
-    /// Switching to the current submodel keeps the session and costs nothing.
+    /// The GPU engine (memory in use, FFN store), when running on the GPU.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_engine(&self) -> Option<&GpuEngine> {
+        match &self.backend {
+            Backend::Gpu { engine, .. } => Some(engine),
+            Backend::Cpu { .. } => None,
+        }
+    }
+
+    /// The GPU session (counters, bytes), when running on the GPU.
+    #[cfg(feature = "gpu")]
+    pub fn gpu_session(&self) -> Option<&GpuSession> {
+        match &self.backend {
+            Backend::Gpu { session, .. } => Some(session),
+            Backend::Cpu { .. } => None,
+        }
+    }
+
+    /// Switches to `submodel` at the current token boundary and re-prefills the KV cache from
+    /// the history, so every later output is exactly that of `submodel` on the same tokens.
+    /// CPU: a new session over the same mapping (no copy, no reload). GPU: the rows the
+    /// engine's FFN store lacks are uploaded (none for a downshift) and the dispatch plan is
+    /// rebuilt; if that allocation fails, every layer steps one level down and it retries
+    /// ([`SwitchReport::fallback`]). Switching to the current submodel keeps the session and
+    /// costs nothing.
     ///
-    /// On error (a level not present in the file, a wrong layer count) the session is left
-    /// unchanged.
-    pub fn switch_to(&mut self, submodel: &Submodel) -> Result<SwitchReport, EngineError> {
+    /// On error (a level not present in the file, a wrong layer count, the GPU out of memory
+    /// even at level 0) the session is left unchanged.
+    pub fn switch_to(&mut self, submodel: &Submodel) -> Result<SwitchReport, ElasticError> {
         let started = Instant::now();
-        let meta = self.engine.model().metadata();
-        let from = self.session.submodel().name(meta);
+        let model = Arc::clone(self.model());
+        let meta = model.metadata();
+        let old = self.submodel().clone();
         let mut report = SwitchReport {
-            from,
+            from: old.name(meta),
             to: submodel.name(meta),
             direction: SwitchDirection::Same,
             reprefilled_tokens: 0,
             elapsed_ms: 0.0,
+            switch_ms: 0.0,
+            uploaded_bytes: 0,
+            fallback: None,
             last_logits: None,
         };
-        if submodel == self.session.submodel() {
+        if *submodel == old {
             report.last_logits = self.last_logits.clone();
             report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.switch_ms = report.elapsed_ms;
             return Ok(report);
         }
-        let mut session = self.engine.session(submodel)?;
-        let last_logits = if self.history.is_empty() { None } else { Some(session.prefill(&self.history)?) };
-        report.direction = SwitchDirection::between(self.session.submodel(), submodel);
-        report.reprefilled_tokens = self.history.len();
+        let history = std::mem::take(&mut self.history);
+        let result = self.switch_backend(submodel, &history, &mut report, started);
+        self.history = history;
+        let last_logits = result?;
+        report.direction = SwitchDirection::between(&old, self.submodel());
+        report.to = self.submodel().name(meta);
         report.last_logits = last_logits.clone();
-        self.session = session;
         self.last_logits = last_logits;
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(report)
+    }
+
+    /// The backend part of [`ElasticSession::switch_to`]: returns the last history token's
+    /// logits under the new submodel.
+    fn switch_backend(
+        &mut self,
+        submodel: &Submodel,
+        history: &[u32],
+        report: &mut SwitchReport,
+        started: Instant,
+    ) -> Result<Option<Vec<f32>>, ElasticError> {
+        match &mut self.backend {
+            Backend::Cpu { engine, session } => {
+                let mut next = engine.session(submodel)?;
+                report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
+                let logits = if history.is_empty() { None } else { Some(next.prefill(history)?) };
+                report.reprefilled_tokens = history.len();
+                *session = next;
+                Ok(logits)
+            }
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { engine, session } => {
+                let meta = engine.model().metadata();
+                let previous = session.submodel().clone();
+                let mut target = submodel.clone();
+                let sw = loop {
+                    match session.switch_to(&target) {
+                        Ok(sw) => break sw,
+                        Err(e) if is_oom(&e) => match step_down(&target) {
+                            Some(smaller) => {
+                                log::warn!(
+                                    "GPU: {} does not fit ({e}); trying {}",
+                                    target.name(meta),
+                                    smaller.name(meta)
+                                );
+                                report.fallback.get_or_insert_with(|| format!("{} asked: {e}", submodel.name(meta)));
+                                target = smaller;
+                            }
+                            None => return Err(e.into()),
+                        },
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
+                report.uploaded_bytes = sw.uploaded_bytes;
+                if sw.cache_kept {
+                    // The fallback landed on the submodel already running.
+                    return Ok(self.last_logits.clone());
+                }
+                if history.is_empty() {
+                    return Ok(None);
+                }
+                match session.prefill_logits(history) {
+                    Ok(l) => {
+                        report.reprefilled_tokens = history.len();
+                        Ok(Some(l))
+                    }
+                    Err(e) => {
+                        // Put the previous submodel back (its rows are still in the store).
+                        if session.switch_to(&previous).is_ok() {
+                            let _ = session.prefill(history);
+                        }
+                        Err(e.into())
+                    }
+                }
+            }
+        }
     }
 
     /// Picks up levels appended to the model file since it was opened (a download that
     /// continued from a level boundary) without interrupting the generation: re-maps the file
     /// with [`ModelFile::reopen_grown`](crate::ModelFile::reopen_grown), which checks the
     /// header is unchanged and verifies only the new levels, then builds a new engine on it
-    /// (same thread count) and a session for the current submodel, and re-prefills the
-    /// history, so the next outputs are bitwise those of the session before. Larger
-    /// submodels can then be chosen with [`switch_to`](Self::switch_to).
+    /// (same thread count, or the same GPU options: on the GPU the shared weights are uploaded
+    /// again) and a session for the current submodel, and re-prefills the history, so the next
+    /// outputs are those of the session before. Larger submodels can then be chosen with
+    /// [`switch_to`](Self::switch_to).
     ///
     /// A file that did not grow gives a report with equal levels and changes nothing. On
     /// error (cut inside a level, corrupt appended bytes, another model) the session is left
     /// unchanged and keeps running on the old mapping.
-    pub fn refresh(&mut self) -> Result<RefreshReport, EngineError> {
+    pub fn refresh(&mut self) -> Result<RefreshReport, ElasticError> {
         let started = Instant::now();
-        let old = self.engine.model();
+        let old = Arc::clone(self.model());
         let levels_before = old.view().available_levels;
         let old_len = old.view().file_len;
         let mut report =
             RefreshReport { levels_before, levels_after: levels_before, bytes_verified: 0, elapsed_ms: 0.0 };
-        if let Some(grown) = old.reopen_grown()? {
-            report.levels_after = grown.view().available_levels;
-            report.bytes_verified = grown.view().file_len - old_len;
-            let engine = CpuEngine::new(Arc::new(grown))?.with_threads(self.engine.threads());
-            let mut session = engine.session(self.session.submodel())?;
-            let last_logits = if self.history.is_empty() { None } else { Some(session.prefill(&self.history)?) };
-            self.engine = engine;
-            self.session = session;
-            self.last_logits = last_logits;
-        }
+        let Some(grown) = old.reopen_grown()? else {
+            report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            return Ok(report);
+        };
+        report.levels_after = grown.view().available_levels;
+        report.bytes_verified = grown.view().file_len - old_len;
+        let grown = Arc::new(grown);
+        let sub = self.submodel().clone();
+        let history = &self.history;
+        let (backend, last_logits) = match &self.backend {
+            Backend::Cpu { engine, .. } => {
+                let engine = CpuEngine::new(grown)?.with_threads(engine.threads());
+                let mut session = engine.session(&sub)?;
+                let logits = if history.is_empty() { None } else { Some(session.prefill(history)?) };
+                (Backend::Cpu { engine, session }, logits)
+            }
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { engine, .. } => {
+                let engine = GpuEngine::new(grown, engine.options().clone())?;
+                let mut session = engine.session(&sub)?;
+                let logits = if history.is_empty() { None } else { Some(session.prefill_logits(history)?) };
+                (Backend::Gpu { engine, session: Box::new(session) }, logits)
+            }
+        };
+        self.backend = backend;
+        self.last_logits = last_logits;
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(report)
     }
 
     /// Reacts to memory pressure: downshifts ([`MemoryPressure::Moderate`]: every layer one
     /// level down; [`MemoryPressure::Critical`]: every layer at level 0) with
-    /// [`switch_to`](Self::switch_to), then tells the OS it may drop the pages of every level
-    /// above the new submodel's largest level, so the resident memory of the mapping falls.
+    /// [`switch_to`](Self::switch_to); on the GPU frees the FFN buffers beyond the new
+    /// prefixes ([`GpuEngine::trim_ffn`](crate::gpu::GpuEngine::trim_ffn)); then tells the OS
+    /// it may drop the pages of every level above the new submodel's largest level, so the
+    /// resident memory of the mapping falls.
     ///
     /// The release concerns the whole file mapping: another session of the same file that
     /// still runs higher levels stays correct (its reads fault the pages back in) but pays
     /// for it.
-    pub fn on_memory_pressure(&mut self, pressure: MemoryPressure) -> Result<PressureReport, EngineError> {
+    pub fn on_memory_pressure(&mut self, pressure: MemoryPressure) -> Result<PressureReport, ElasticError> {
         let target = match pressure {
-            MemoryPressure::Moderate => {
-                Submodel { levels: self.submodel().levels.iter().map(|l| l.saturating_sub(1)).collect() }
-            }
+            MemoryPressure::Moderate => step_down(self.submodel()).unwrap_or_else(|| self.submodel().clone()),
             MemoryPressure::Critical => Submodel::uniform(0, self.submodel().levels.len()),
         };
         let switch = self.switch_to(&target)?;
+        let gpu_bytes_released = match &mut self.backend {
+            Backend::Cpu { .. } => 0,
+            #[cfg(feature = "gpu")]
+            Backend::Gpu { engine, session } => {
+                let released = engine.trim_ffn(session.submodel())?;
+                session.rebind()?;
+                released
+            }
+        };
         let level = usize::from(self.submodel().max_level());
-        let bytes_advised = self.engine.model().release_levels_above(level)?;
-        Ok(PressureReport { pressure, switch, released_above_level: level, bytes_advised })
+        let bytes_advised = self.model().release_levels_above(level)?;
+        Ok(PressureReport { pressure, switch, released_above_level: level, bytes_advised, gpu_bytes_released })
     }
 }
 

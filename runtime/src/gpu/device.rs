@@ -4,13 +4,30 @@
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use super::GpuError;
+use super::{GpuError, WeightPath};
 
 /// Backends the runtime uses: Vulkan (Android, Linux, Windows) and Metal (Apple).
 const BACKENDS: wgpu::Backends = wgpu::Backends::VULKAN.union(wgpu::Backends::METAL);
 
-/// What wgpu reports about one adapter (`matformer devices`).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// One timing of the weight-path choice: the decode GEMV kernel of `path` on a
+/// `[rows, cols]` f16 weight.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PathTiming {
+    /// `"packed"` or `"f16"` ([`WeightPath::name`](super::WeightPath::name)).
+    pub path: String,
+    /// Weight rows of the timed GEMV.
+    pub rows: usize,
+    /// Weight columns of the timed GEMV.
+    pub cols: usize,
+    /// Best time of one GEMV dispatch, milliseconds.
+    pub gemv_ms: f64,
+    /// The weight bytes it reads per second, GB/s (10^9 bytes).
+    pub read_gb_per_s: f64,
+}
+
+/// What wgpu reports about one adapter (`matformer devices`), and which weight path this
+/// backend uses on it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct AdapterReport {
     /// Adapter name (`"llvmpipe (LLVM 15.0.6, 256 bits)"`, `"Adreno (TM) 740"`).
     pub name: String,
@@ -34,9 +51,19 @@ pub struct AdapterReport {
     pub shader_f16: bool,
     /// Subgroup operations (`SUBGROUP`).
     pub subgroups: bool,
-    /// How this backend would store weights on this adapter (`"packed-f16"`: two f16 per u32,
-    /// unpacked to f32; works on every adapter).
+    /// 64-bit integers in shaders (`SHADER_INT64`: the packed64 weight path).
+    pub shader_int64: bool,
+    /// Weight paths that can run on this adapter: `"packed"` always, `"f16"` with `shader_f16`,
+    /// `"packed64"` with `shader_int64`.
+    pub weight_paths: Vec<String>,
+    /// The decode GEMV timed on each available path when the choice was measured (empty when
+    /// not measured: [`list_adapters`] does not measure, [`probe_adapters`] and engines do).
+    pub gemv_timings: Vec<PathTiming>,
+    /// The weight path in use (`"packed"` or `"f16"`); before the choice is made (see
+    /// [`list_adapters`]), `"packed"`.
     pub weight_path: String,
+    /// Why that path: measured faster, the only one available, or forced.
+    pub weight_path_reason: String,
 }
 
 impl AdapterReport {
@@ -56,7 +83,15 @@ impl AdapterReport {
             max_storage_buffers_per_shader_stage: limits.max_storage_buffers_per_shader_stage,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
             subgroups: features.contains(wgpu::Features::SUBGROUP),
-            weight_path: "packed-f16".to_string(),
+            shader_int64: features.contains(wgpu::Features::SHADER_INT64),
+            weight_paths: WeightPath::ALL
+                .iter()
+                .filter(|p| features.contains(p.required_feature()))
+                .map(|p| p.name().to_string())
+                .collect(),
+            gemv_timings: Vec::new(),
+            weight_path: WeightPath::Packed.name().to_string(),
+            weight_path_reason: "not measured yet (chosen when an engine starts)".to_string(),
         }
     }
 }
@@ -68,9 +103,31 @@ fn instance() -> wgpu::Instance {
 }
 
 /// Every Vulkan/Metal adapter wgpu can see, in wgpu's order (empty when there is none).
+/// Cheap: opens no device, so the weight path is not measured (see [`probe_adapters`]).
 pub fn list_adapters() -> Vec<AdapterReport> {
     let instance = instance();
     pollster::block_on(instance.enumerate_adapters(BACKENDS)).iter().map(AdapterReport::of).collect()
+}
+
+/// Every adapter as [`list_adapters`] reports it, plus the weight-path choice an engine would
+/// make on it: opens a device on each adapter and times the decode GEMV on every available
+/// path (see [`GpuOptions`](super::GpuOptions) and `MATFORMER_GPU_WEIGHT_PATH`). An adapter
+/// that fails to open or to run the kernels keeps its [`list_adapters`] entry, with the error
+/// as `weight_path_reason`. Takes a fraction of a second per adapter (pipeline compilation).
+pub fn probe_adapters() -> Vec<AdapterReport> {
+    let instance = instance();
+    pollster::block_on(instance.enumerate_adapters(BACKENDS))
+        .into_iter()
+        .map(|adapter| {
+            let fallback = AdapterReport::of(&adapter);
+            let probed = Gpu::from_adapter(adapter).and_then(|mut gpu| {
+                let mut kernels = super::ops::Kernels::new(&gpu)?;
+                super::probe::choose_weight_path(&mut gpu, &mut kernels, None)?;
+                Ok(gpu.report)
+            });
+            probed.unwrap_or_else(|e| AdapterReport { weight_path_reason: format!("probe failed: {e}"), ..fallback })
+        })
+        .collect()
 }
 
 /// A device and queue with its adapter's description, plus a sink for errors raised outside
@@ -112,11 +169,18 @@ impl Gpu {
             }))
             .map_err(|e| GpuError::NoAdapter { reason: e.to_string() })?,
         };
+        Gpu::from_adapter(adapter)
+    }
+
+    /// Opens a device on `adapter` with its own limits and, when it has them, `SHADER_F16`
+    /// (f16 arithmetic and 16-bit storage: the [`WeightPath::F16`] kernels) and
+    /// `SHADER_INT64` (the [`WeightPath::Packed64`] kernel).
+    pub(crate) fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {
         let report = AdapterReport::of(&adapter);
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
             label: Some("matformer"),
-            required_features: wgpu::Features::empty(),
+            required_features: adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SHADER_INT64),
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -134,6 +198,11 @@ impl Gpu {
         Ok(Gpu { device, queue, report, limits, uncaptured })
     }
 
+    /// True when the device was opened with what `path`'s kernels need.
+    pub(crate) fn runs(&self, path: WeightPath) -> bool {
+        self.device.features().contains(path.required_feature())
+    }
+
     /// Runs `f` inside validation and out-of-memory error scopes; a captured error becomes
     /// [`GpuError::Wgpu`] naming `during`.
     pub(crate) fn scoped<T>(&self, during: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
@@ -142,7 +211,10 @@ impl Gpu {
         let out = f();
         let v = block_on(validation.pop());
         let o = block_on(oom.pop());
-        if let Some(e) = v.or(o) {
+        if let Some(e) = o {
+            return Err(GpuError::OutOfMemory { during: during.to_string(), reason: e.to_string() });
+        }
+        if let Some(e) = v {
             return Err(GpuError::Wgpu { during: during.to_string(), message: e.to_string() });
         }
         self.take_uncaptured(during)?;

@@ -5,13 +5,17 @@
 //! plan built once per session (pipelines, uniform buffers, bind groups); only a 16-byte step
 //! uniform (`pos0`, `t`) and the token ids are written per pass.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::device::{map_read, Gpu};
+use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
 use super::ops::{
-    gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams,
-    NormParams, PipeKey, RopeParams, StepParams,
+    gemv_rows, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams,
+    PipeKey, RopeParams, StepParams,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -36,11 +40,35 @@ pub struct GpuOptions {
     /// Output rows per workgroup of the decode GEMV kernel (a power of two, 1 to 64). `None`:
     /// `MATFORMER_GEMV_ROWS` if set, else 64 on CPU adapters and 4 on GPUs.
     pub gemv_rows: Option<u32>,
+    /// Cap on the GPU memory this engine allocates (shared weights, the FFN weight store and
+    /// every session's KV cache and activations), bytes. An allocation beyond it fails with
+    /// [`GpuError::OutOfMemory`] exactly like a device allocation failure, so elastic sessions
+    /// downshift and retry. Use it to leave headroom for the app's own GPU work or to emulate a
+    /// smaller device. `None`: only the device's own limit.
+    pub memory_limit_bytes: Option<u64>,
+    /// After every upload, tell the OS it may drop the file mapping's resident pages
+    /// ([`ModelFile::release_all`]): the GPU holds the weights, so the CPU-side copies need not
+    /// count in the process's resident memory (on unified-memory phones they would otherwise
+    /// double the footprint). A CPU engine reading the same file stays correct and faults the
+    /// pages back in. Default `true`.
+    pub release_uploaded_pages: bool,
+    /// Force a weight path instead of timing the available ones at start-up (an error if the
+    /// adapter cannot run it). `None`: `MATFORMER_GPU_WEIGHT_PATH` if set, else the fastest.
+    pub weight_path: Option<super::WeightPath>,
 }
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { adapter: None, max_context: None, prefill_chunk: 64, max_binding_bytes: None, gemv_rows: None }
+        GpuOptions {
+            adapter: None,
+            max_context: None,
+            prefill_chunk: 64,
+            max_binding_bytes: None,
+            gemv_rows: None,
+            memory_limit_bytes: None,
+            release_uploaded_pages: true,
+            weight_path: None,
+        }
     }
 }
 
@@ -112,6 +140,83 @@ struct Inner {
     layers: Vec<LayerShared>,
     /// cos then sin of `pos * inv_freq[i]`, `[ctx, head_dim / 2]` each.
     rope_table: wgpu::Buffer,
+    /// FFN weight prefixes shared by the sessions (grown on demand, trimmed under pressure).
+    ffn: Mutex<FfnStore>,
+    /// [`GpuOptions::memory_limit_bytes`].
+    memory_limit: Option<u64>,
+    /// Bytes of the shared weights, norms and RoPE table.
+    shared_bytes: u64,
+    /// Bytes of the live sessions' buffers.
+    session_bytes: AtomicU64,
+    /// Largest FFN width of any level of any layer (sizes the FFN activation buffers).
+    max_ffn_width: usize,
+    /// The options the engine was created with.
+    options: GpuOptions,
+}
+
+impl Inner {
+    /// GPU bytes allocated by the engine now: shared weights, the FFN store, live sessions.
+    fn memory_in_use(&self) -> u64 {
+        let store = self.ffn.lock().map_or(0, |s| s.bytes());
+        self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Fails with [`GpuError::OutOfMemory`] when allocating `extra` more bytes would exceed
+    /// the memory limit.
+    fn check_limit(&self, extra: u64, during: &str) -> Result<(), GpuError> {
+        if self.memory_limit.is_none() {
+            return Ok(());
+        }
+        let store = self.ffn.lock().map_err(|_| poisoned())?.bytes();
+        self.check_limit_with(extra, store, during)
+    }
+
+    /// [`Inner::check_limit`] with the FFN store's bytes given (its lock is held).
+    fn check_limit_with(&self, extra: u64, store: u64, during: &str) -> Result<(), GpuError> {
+        let Some(limit) = self.memory_limit else { return Ok(()) };
+        let used = self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed);
+        if used.saturating_add(extra) > limit {
+            return Err(GpuError::OutOfMemory {
+                during: during.to_string(),
+                reason: format!("needs {extra} more bytes with {used} in use, over the {limit}-byte memory limit"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Per-layer tensor shapes for the FFN store.
+    fn ffn_shapes(&self) -> Vec<FfnShape<'_>> {
+        (0..self.dims.n_layers)
+            .map(|layer| FfnShape {
+                model: &self.model,
+                layer,
+                cols: self.dims.d,
+                gated: self.dims.gated,
+                max_binding: self.max_binding,
+                release_pages: self.options.release_uploaded_pages,
+            })
+            .collect()
+    }
+
+    /// Makes the FFN store hold `widths` (uploading only missing rows, within the memory
+    /// limit) and returns the layers with the bytes uploaded.
+    fn ensure_ffn(&self, widths: &[usize]) -> Result<(Vec<Arc<LayerFfn>>, u64), GpuError> {
+        let shapes = self.ffn_shapes();
+        let mut store = self.ffn.lock().map_err(|_| poisoned())?;
+        let missing = store.missing_bytes(&shapes, widths)?;
+        if missing > 0 {
+            self.check_limit_with(missing, store.bytes(), "uploading FFN weight prefixes")?;
+        }
+        let (layers, stats) = store.ensure(&self.gpu, &shapes, widths)?;
+        if stats.uploaded_bytes > 0 && self.options.release_uploaded_pages {
+            self.model.release_all()?;
+        }
+        Ok((layers, stats.uploaded_bytes))
+    }
+}
+
+fn poisoned() -> GpuError {
+    GpuError::Unsupported { reason: "the FFN weight store lock was poisoned by a panic in another thread".into() }
 }
 
 /// The GPU engine for one model file: device, pipelines (compiled once, on first use, shared
@@ -171,9 +276,10 @@ impl GpuEngine {
             activation: a.activation,
             gated: a.gated_ffn,
         };
-        let gpu = Gpu::open(opts.adapter.as_deref())?;
+        let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
-        let kernels = Kernels::new(&gpu)?;
+        let mut kernels = Kernels::new(&gpu)?;
+        super::probe::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
         let gemv_rows = gemv_rows(&gpu, opts.gemv_rows)?;
 
         let d = dims.d;
@@ -196,7 +302,10 @@ impl GpuEngine {
                 },
             })
         };
-        let mat = |name: &str, rows: usize, cols: usize| GpuMatrix::upload(&gpu, &model, name, rows, cols, max_binding);
+        let release = opts.release_uploaded_pages;
+        let mat = |name: &str, rows: usize, cols: usize| {
+            GpuMatrix::upload(&gpu, &model, name, rows, cols, max_binding, release)
+        };
         let mut layers = Vec::with_capacity(dims.n_layers);
         for i in 0..dims.n_layers {
             let n = |s: &str| names::layer(i, s);
@@ -217,6 +326,33 @@ impl GpuEngine {
         let table = rope_table(a.rope_theta, dims.head_dim, ctx);
         let rope_table = upload_f32(&gpu, "rope table", &table)?;
         let prefill_chunk = opts.prefill_chunk.max(1);
+        let norm_bytes = |n: &GpuNorm| n.w.size() + n.b.as_ref().map_or(0, wgpu::Buffer::size);
+        let shared_bytes = layers
+            .iter()
+            .map(|l| {
+                l.wq.bytes()
+                    + l.wk.bytes()
+                    + l.wv.bytes()
+                    + l.wo.bytes()
+                    + norm_bytes(&l.attn_norm)
+                    + norm_bytes(&l.ffn_norm)
+            })
+            .sum::<u64>()
+            + embed.bytes()
+            + head.as_ref().map_or(0, GpuMatrix::bytes)
+            + norm_bytes(&final_norm)
+            + rope_table.size();
+        if let Some(limit) = opts.memory_limit_bytes.filter(|&l| shared_bytes > l) {
+            return Err(GpuError::OutOfMemory {
+                during: "uploading the shared weights".into(),
+                reason: format!("they need {shared_bytes} bytes, over the {limit}-byte memory limit"),
+            });
+        }
+        if opts.release_uploaded_pages {
+            model.release_all()?;
+        }
+        let n_layers = dims.n_layers;
+        let max_ffn_width = meta.ffn_widths.iter().flatten().copied().max().unwrap_or(1).max(1) as usize;
         Ok(GpuEngine {
             inner: Arc::new(Inner {
                 model,
@@ -231,6 +367,12 @@ impl GpuEngine {
                 final_norm,
                 layers,
                 rope_table,
+                ffn: Mutex::new(FfnStore::new(n_layers)),
+                memory_limit: opts.memory_limit_bytes,
+                shared_bytes,
+                session_bytes: AtomicU64::new(0),
+                max_ffn_width,
+                options: opts,
             }),
         })
     }
@@ -254,7 +396,8 @@ impl GpuEngine {
 
     /// Start-up self-check (for `--backend auto`): runs a short prompt through the smallest
     /// submodel on this GPU and on the CPU engine and compares every logit with
-    /// [`Tolerance::FORWARD_F32`](crate::cpu::Tolerance::FORWARD_F32). Costs one small session
+    /// [`forward_tolerance`](super::forward_tolerance) of the weight path (`FORWARD_F32` on the
+    /// packed path). Costs one small session
     /// and a CPU forward of a few tokens. An error means: do not use this GPU.
     pub fn self_check(&self) -> Result<(), GpuError> {
         let model = &self.inner.model;
@@ -269,14 +412,50 @@ impl GpuEngine {
             .and_then(|mut s| s.forward_all(&tokens))
             .map_err(|e| fail(format!("CPU forward: {e}")))?;
         let actual = self.session(&sub)?.forward_all(&tokens)?;
-        crate::cpu::Tolerance::FORWARD_F32
+        super::forward_tolerance(self.inner.kernels.path())
             .check(&expected, &actual)
             .map_err(|m| fail(format!("logits of submodel {} vs the CPU engine: {m}", sub.name(model.metadata()))))
     }
 
-    /// A session running `submodel` (one level per layer, each present in the file): uploads
-    /// the FFN weight prefixes of its levels, allocates the KV cache and activations, and
-    /// builds the dispatch plan (pipelines, uniforms, bind groups) once.
+    /// The options this engine was created with.
+    pub fn options(&self) -> &GpuOptions {
+        &self.inner.options
+    }
+
+    /// Bytes of FFN weight rows the engine's store holds on the GPU (shared by every session).
+    pub fn ffn_resident_bytes(&self) -> u64 {
+        self.inner.ffn.lock().map_or(0, |s| s.bytes())
+    }
+
+    /// GPU bytes this engine has allocated: shared weights, the FFN store and every live
+    /// session's KV cache and activations (what [`GpuOptions::memory_limit_bytes`] caps).
+    pub fn memory_in_use(&self) -> u64 {
+        self.inner.memory_in_use()
+    }
+
+    /// Under memory pressure: the FFN store keeps only the rows `submodel` needs (per layer),
+    /// dropping the chunks beyond and re-uploading the kept rows of a chunk that straddles the
+    /// new width. Returns the bytes the store released; the GPU memory is freed once no session
+    /// holds those chunks (switch or [`GpuSession::rebind`] the sessions). Sessions running a
+    /// wider layer stay correct: they keep their chunks, or re-upload on their next switch.
+    pub fn trim_ffn(&self, submodel: &Submodel) -> Result<u64, GpuError> {
+        let inner = &*self.inner;
+        let model = &inner.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        let widths = widths_of(model, submodel);
+        let shapes = inner.ffn_shapes();
+        let mut store = inner.ffn.lock().map_err(|_| poisoned())?;
+        let stats = store.trim(&inner.gpu, &shapes, &widths)?;
+        if stats.uploaded_bytes > 0 && inner.options.release_uploaded_pages {
+            model.release_all()?;
+        }
+        Ok(stats.released_bytes)
+    }
+
+    /// A session running `submodel` (one level per layer, each present in the file): makes the
+    /// engine's FFN store hold the weight prefixes of its levels (uploading only the rows it
+    /// lacks), allocates the KV cache and activations, and builds the dispatch plan
+    /// (pipelines, uniforms, bind groups) once.
     pub fn session(&self, submodel: &Submodel) -> Result<GpuSession, GpuError> {
         GpuSession::new(Arc::clone(&self.inner), submodel)
     }
@@ -371,13 +550,210 @@ pub struct GpuSession {
     inner: Arc<Inner>,
     submodel: Submodel,
     bufs: Buffers,
-    body: Vec<Item>,
+    plan: Plan,
     tail_last: Vec<Item>,
     tail_all: Vec<Item>,
     pos: usize,
     counters: StepCounters,
-    ffn_bytes: u64,
     kv_bytes: u64,
+    /// Activation buffers and KV cache (kept across switches).
+    acts: Acts,
+    /// The FFN layers the plan reads (held so the store may trim without breaking the plan).
+    ffn: Vec<Arc<LayerFfn>>,
+    /// Bytes counted in `Inner::session_bytes` for this session.
+    alloc_bytes: u64,
+}
+
+impl Drop for GpuSession {
+    fn drop(&mut self) {
+        self.inner.session_bytes.fetch_sub(self.alloc_bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes counted in `Inner::session_bytes` while a session is being created: given back if
+/// creation fails.
+struct Reservation<'a> {
+    counter: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What [`GpuSession::switch_to`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GpuSwitch {
+    /// FFN weight bytes uploaded from the mapping (the rows the engine's store lacked; 0 for a
+    /// downshift).
+    pub uploaded_bytes: u64,
+    /// Time spent uploading, ms.
+    pub upload_ms: f64,
+    /// Whole switch (upload and plan rebuild, not the re-prefill), ms.
+    pub total_ms: f64,
+    /// `true` when the submodel did not change and the KV cache was kept.
+    pub cache_kept: bool,
+}
+
+/// Session activation buffers, KV cache and submodel-independent uniforms.
+#[derive(Debug)]
+struct Acts {
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    att: wgpu::Buffer,
+    up: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    scores: wgpu::Buffer,
+    caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    rope: wgpu::Buffer,
+    attn_params: wgpu::Buffer,
+    sd: usize,
+    sq: usize,
+    skv: usize,
+    sw: usize,
+}
+
+/// FFN width per layer of `submodel` (validated against `model`).
+fn widths_of(model: &ModelFile, submodel: &Submodel) -> Vec<usize> {
+    submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect()
+}
+
+/// GPU bytes of the rows a matrix view covers.
+fn view_bytes(m: &GpuMatrix) -> u64 {
+    let row = (m.row_units * 8 * if m.f32 { 4 } else { 2 }) as u64;
+    m.chunks.iter().map(|c| c.rows as u64 * row).sum()
+}
+
+/// The FFN items of one layer at one width, with the bytes of the FFN rows they read.
+type FfnPlan = Arc<(Vec<Item>, u64)>;
+
+/// The per-token work of a pass, in order: `embed`, then for each layer `attn[l]` and
+/// `ffn[l]`. Only `ffn` depends on the submodel.
+#[derive(Debug)]
+struct Plan {
+    embed: Vec<Item>,
+    attn: Vec<Vec<Item>>,
+    ffn: Vec<FfnPlan>,
+    /// FFN plans built so far, by `(layer, width)`: a switch back to a width seen before
+    /// rebuilds nothing. Holds the chunks it reads; cleared by [`GpuSession::rebind`].
+    cache: HashMap<(usize, usize), FfnPlan>,
+}
+
+impl Plan {
+    fn items(&self) -> impl Iterator<Item = &Item> {
+        let layers = self.attn.iter().zip(&self.ffn).flat_map(|(a, f)| a.iter().chain(f.0.iter()));
+        self.embed.iter().chain(layers)
+    }
+
+    fn ffn_bytes(&self) -> u64 {
+        self.ffn.iter().map(|f| f.1).sum()
+    }
+
+    /// Points `ffn` at the plans for `widths` over `layers`, building the missing ones.
+    fn set_ffn(
+        &mut self,
+        p: &Planner<'_>,
+        a: &Acts,
+        layers: &[Arc<LayerFfn>],
+        widths: &[usize],
+    ) -> Result<(), GpuError> {
+        let mut next = Vec::with_capacity(widths.len());
+        for (li, (layer, &w)) in layers.iter().zip(widths).enumerate() {
+            let plan = match self.cache.get(&(li, w)) {
+                Some(plan) => Arc::clone(plan),
+                None => {
+                    let plan = Arc::new(plan_ffn(p, a, li, layer, w)?);
+                    self.cache.insert((li, w), Arc::clone(&plan));
+                    plan
+                }
+            };
+            next.push(plan);
+        }
+        self.ffn = next;
+        Ok(())
+    }
+}
+
+/// The submodel-independent items: the embedding gather and every layer's attention block.
+fn plan_shared(p: &Planner<'_>, tokens: &wgpu::Buffer, a: &Acts) -> Result<(Vec<Item>, Vec<Vec<Item>>), GpuError> {
+    let i = p.inner;
+    let dm = &i.dims;
+    let (sd, sq, skv) = (a.sd, a.sq, a.skv);
+    let f = 4u64;
+    let mut embed = Vec::new();
+    for c in &i.embed.chunks {
+        let params = EmbeddingParams {
+            row_start: c.row_start as u32,
+            rows: c.rows as u32,
+            cols: dm.d as u32,
+            row_words: (i.embed.row_units * if i.embed.f32 { 8 } else { 4 }) as u32,
+            out_stride: sd as u32,
+            _pad: [0; 3],
+        };
+        let ub = p.uniform("embedding params", &params)?;
+        embed.push(p.fixed(
+            Kernel::Embedding,
+            &[("F32_WEIGHTS", i.embed.f32)],
+            &[&ub, p.step, tokens, &c.buffer, &a.x],
+            Grid::PerToken((dm.d as u32).div_ceil(64)),
+        )?);
+    }
+    let half = dm.head_dim / 2;
+    let mut attn = Vec::with_capacity(dm.n_layers);
+    for (li, layer) in i.layers.iter().enumerate() {
+        let mut body = vec![p.norm(&layer.attn_norm, &a.x, &a.xn, sd, false)?];
+        p.matmul(&layer.wq, false, false, &a.xn, sd, &a.q, sq, &mut body)?;
+        p.matmul(&layer.wk, false, false, &a.xn, sd, &a.k, skv, &mut body)?;
+        p.matmul(&layer.wv, false, false, &a.xn, sd, &a.v, skv, &mut body)?;
+        body.push(p.fixed(
+            Kernel::Rope,
+            &[],
+            &[&a.rope, p.step, &a.q, &a.k, &i.rope_table],
+            Grid::PerToken((((dm.n_heads + dm.n_kv_heads) * half) as u32).div_ceil(64)),
+        )?);
+        let (kc, vc) = &a.caches[li];
+        let row_bytes = skv as u64 * f;
+        body.push(Item::CacheAppend { src: a.k.clone(), dst: kc.clone(), row_bytes });
+        body.push(Item::CacheAppend { src: a.v.clone(), dst: vc.clone(), row_bytes });
+        body.push(p.fixed(
+            Kernel::Attention,
+            &[],
+            &[&a.attn_params, p.step, &a.q, kc, vc, &a.scores, &a.att],
+            Grid::PerToken(dm.n_heads as u32),
+        )?);
+        p.matmul(&layer.wo, false, true, &a.att, sq, &a.x, sd, &mut body)?;
+        attn.push(body);
+    }
+    Ok((embed, attn))
+}
+
+/// Layer `li`'s FFN block at width `w` (rows read from `layer`): norm, up (and gate),
+/// activation, down with the residual add.
+fn plan_ffn(p: &Planner<'_>, a: &Acts, li: usize, layer: &LayerFfn, w: usize) -> Result<(Vec<Item>, u64), GpuError> {
+    let i = p.inner;
+    let dm = &i.dims;
+    let (sd, sw) = (a.sd, a.sw);
+    let (fu, fg, fd) = layer.prefix(w);
+    let bytes = view_bytes(&fu) + fg.as_ref().map_or(0, view_bytes) + view_bytes(&fd);
+    let mut body = vec![p.norm(&i.layers[li].ffn_norm, &a.x, &a.xn, sd, false)?];
+    p.matmul(&fu, false, false, &a.xn, sd, &a.up, sw, &mut body)?;
+    if let Some(fg) = &fg {
+        p.matmul(fg, false, false, &a.xn, sd, &a.gate, sw, &mut body)?;
+    }
+    let ap = p.uniform("ffn act params", &ActParams { width: w as u32, stride: sw as u32, _pad: [0; 2] })?;
+    body.push(p.fixed(
+        Kernel::FfnAct,
+        &[("GATED", dm.gated), ("GELU", dm.activation == Activation::GeluTanh)],
+        &[&ap, p.step, &a.up, &a.gate],
+        Grid::PerToken((w as u32).div_ceil(64)),
+    )?);
+    p.matmul(&fd, true, true, &a.up, sw, &a.x, sd, &mut body)?;
+    Ok((body, bytes))
 }
 
 impl fmt::Debug for GpuSession {
@@ -443,16 +819,9 @@ impl Planner<'_> {
             return Err(GpuError::Unsupported { reason: "a chunked transposed product must accumulate".into() });
         }
         let k = &self.inner.kernels;
-        let consts = [("F32_WEIGHTS", m.f32), ("ACCUMULATE", accumulate)];
-        let gemv = k.pipeline(
-            self.gpu(),
-            &PipeKey::new(Kernel::MatmulGemv, if transposed { "gemv_t" } else { "gemv" }, &consts)
-                .with("ROWS", self.inner.gemv_rows),
-        )?;
-        let gemm = k.pipeline(
-            self.gpu(),
-            &PipeKey::new(Kernel::MatmulGemm, "gemm", &[consts[0], consts[1], ("TRANSPOSED", transposed)]),
-        )?;
+        let (gemv_key, gemm_key) = k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows);
+        let gemv = k.pipeline(self.gpu(), &gemv_key)?;
+        let gemm = k.pipeline(self.gpu(), &gemm_key)?;
         for c in &m.chunks {
             let (n, kk, out_offset, k_offset) =
                 if transposed { (m.cols, c.rows, 0, c.row_start) } else { (c.rows, m.cols, c.row_start, 0) };
@@ -467,12 +836,8 @@ impl Planner<'_> {
                 _pad: 0,
             };
             let ub = self.uniform("matmul params", &params)?;
-            let bind = k.bind(self.gpu(), Kernel::MatmulGemv, &[&ub, self.step, x, &c.buffer, out])?;
-            let gemv_grid = if transposed {
-                ((m.row_units as u32).div_ceil(16), 1)
-            } else {
-                split_2d((n as u32).div_ceil(self.inner.gemv_rows))
-            };
+            let bind = k.bind(self.gpu(), gemv_key.kernel, &[&ub, self.step, x, &c.buffer, out])?;
+            let gemv_grid = k.gemv_grid(m.f32, transposed, n as u32, m.row_units as u32, self.inner.gemv_rows);
             items.push(Item::Dispatch(Dispatch::Matmul {
                 gemv: gemv.clone(),
                 gemm: gemm.clone(),
@@ -516,14 +881,15 @@ impl GpuSession {
         let model = Arc::clone(&inner.model);
         let meta = model.metadata();
         submodel.validate(meta, model.view().available_levels)?;
-        let widths: Vec<usize> = submodel.widths(meta).into_iter().map(|w| w as usize).collect();
+        let widths = widths_of(&model, submodel);
         let i = &*inner;
         let dm = &i.dims;
         let gpu = &i.gpu;
         // Activations and caches use the device limit; `max_binding` caps weight chunks.
         let limit = gpu.max_binding();
         let (sd, sq, skv) = (pad8(dm.d), pad8(dm.q_dim), pad8(dm.kv_dim));
-        let sw = pad8(widths.iter().copied().max().unwrap_or(1).max(1));
+        // FFN activations are sized for the widest level so that any later switch fits.
+        let sw = pad8(i.max_ffn_width);
         let sv = pad8(dm.vocab);
 
         // Tokens per pass: the prefill chunk, reduced until every activation buffer fits.
@@ -532,39 +898,28 @@ impl GpuSession {
         if row_max > limit {
             return Err(GpuError::BufferTooLarge { what: "one token's activations".into(), bytes: row_max, limit });
         }
+        let f = 4u64;
+        let t = t_max as u64;
+        let gate_rows = if dm.gated { sw } else { 0 };
+        let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * dm.ctx + sv;
+        let kv_bytes = 2 * dm.n_layers as u64 * (dm.ctx * skv) as u64 * f;
+        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16;
+        i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
+        // Counted from here on (so the FFN upload below sees it); given back on early return.
+        i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
+        let reservation = Reservation { counter: &i.session_bytes, bytes: alloc_bytes };
 
-        // FFN weight prefixes: only rows [0, width) of this submodel's levels.
-        let mut ffn = Vec::with_capacity(dm.n_layers);
-        let mut ffn_bytes = 0u64;
-        for (li, &w) in widths.iter().enumerate() {
-            let mat = |suffix: &str| GpuMatrix::upload(gpu, &model, &names::layer(li, suffix), w, dm.d, i.max_binding);
-            let up = mat(names::FFN_UP)?;
-            let gate = if dm.gated { Some(mat(names::FFN_GATE)?) } else { None };
-            let down = mat(names::FFN_DOWN_T)?;
-            ffn_bytes += up.bytes() + gate.as_ref().map_or(0, GpuMatrix::bytes) + down.bytes();
-            ffn.push((up, gate, down));
-        }
+        // FFN weight prefixes: only the rows of this submodel's levels the store lacks.
+        let (ffn, _uploaded) = i.ensure_ffn(&widths)?;
 
         use wgpu::BufferUsages as U;
         let act = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let f = 4u64;
-        let t = t_max as u64;
         let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
         let step = buf("step", 16, U::UNIFORM | U::COPY_DST)?;
         let tokens = buf("tokens", t * 4, U::STORAGE | U::COPY_DST)?;
-        let x = buf("x", t * sd as u64 * f, act)?;
-        let xn = buf("xn", t * sd as u64 * f, act)?;
-        let q = buf("q", t * sq as u64 * f, act)?;
-        let k = buf("k", t * skv as u64 * f, act)?;
-        let v = buf("v", t * skv as u64 * f, act)?;
-        let att = buf("att", t * sq as u64 * f, act)?;
-        let up = buf("ffn up", t * sw as u64 * f, act)?;
-        let gate = buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?;
-        let scores = buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?;
         let logits = buf("logits", t * sv as u64 * f, act)?;
         let argmax = buf("argmax", 16, act)?;
         let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
-        let mut kv_bytes = 0u64;
         let mut caches = Vec::with_capacity(dm.n_layers);
         for li in 0..dm.n_layers {
             let bytes = (dm.ctx * skv) as u64 * f;
@@ -572,118 +927,127 @@ impl GpuSession {
                 buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
                 buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
             ));
-            kv_bytes += 2 * bytes;
         }
-
         let p = Planner { inner: i, step: &step };
-        let mut body = Vec::new();
-        for c in &i.embed.chunks {
-            let params = EmbeddingParams {
-                row_start: c.row_start as u32,
-                rows: c.rows as u32,
-                cols: dm.d as u32,
-                row_words: (i.embed.row_units * if i.embed.f32 { 8 } else { 4 }) as u32,
-                out_stride: sd as u32,
-                _pad: [0; 3],
-            };
-            let ub = p.uniform("embedding params", &params)?;
-            body.push(p.fixed(
-                Kernel::Embedding,
-                &[("F32_WEIGHTS", i.embed.f32)],
-                &[&ub, &step, &tokens, &c.buffer, &x],
-                Grid::PerToken((dm.d as u32).div_ceil(64)),
-            )?);
-        }
         let half = dm.head_dim / 2;
-        let rope = p.uniform(
-            "rope params",
-            &RopeParams {
-                n_heads: dm.n_heads as u32,
-                n_kv_heads: dm.n_kv_heads as u32,
-                head_dim: dm.head_dim as u32,
-                half: half as u32,
-                q_stride: sq as u32,
-                kv_stride: skv as u32,
-                sin_offset: (dm.ctx * half) as u32,
-                _pad: 0,
-            },
-        )?;
-        let attn_params = p.uniform(
-            "attention params",
-            &AttentionParams {
-                n_heads: dm.n_heads as u32,
-                group: (dm.n_heads / dm.n_kv_heads) as u32,
-                head_dim: dm.head_dim as u32,
-                q_stride: sq as u32,
-                kv_stride: skv as u32,
-                out_stride: sq as u32,
-                ctx: dm.ctx as u32,
-                scale: 1.0 / (dm.head_dim as f32).sqrt(),
-            },
-        )?;
-        for (li, layer) in i.layers.iter().enumerate() {
-            body.push(p.norm(&layer.attn_norm, &x, &xn, sd, false)?);
-            p.matmul(&layer.wq, false, false, &xn, sd, &q, sq, &mut body)?;
-            p.matmul(&layer.wk, false, false, &xn, sd, &k, skv, &mut body)?;
-            p.matmul(&layer.wv, false, false, &xn, sd, &v, skv, &mut body)?;
-            body.push(p.fixed(
-                Kernel::Rope,
-                &[],
-                &[&rope, &step, &q, &k, &i.rope_table],
-                Grid::PerToken((((dm.n_heads + dm.n_kv_heads) * half) as u32).div_ceil(64)),
-            )?);
-            let (kc, vc) = &caches[li];
-            let row_bytes = skv as u64 * f;
-            body.push(Item::CacheAppend { src: k.clone(), dst: kc.clone(), row_bytes });
-            body.push(Item::CacheAppend { src: v.clone(), dst: vc.clone(), row_bytes });
-            body.push(p.fixed(
-                Kernel::Attention,
-                &[],
-                &[&attn_params, &step, &q, kc, vc, &scores, &att],
-                Grid::PerToken(dm.n_heads as u32),
-            )?);
-            p.matmul(&layer.wo, false, true, &att, sq, &x, sd, &mut body)?;
-
-            let (fu, fg, fd) = &ffn[li];
-            let w = widths[li];
-            body.push(p.norm(&layer.ffn_norm, &x, &xn, sd, false)?);
-            p.matmul(fu, false, false, &xn, sd, &up, sw, &mut body)?;
-            if let Some(fg) = fg {
-                p.matmul(fg, false, false, &xn, sd, &gate, sw, &mut body)?;
-            }
-            let ap = p.uniform("ffn act params", &ActParams { width: w as u32, stride: sw as u32, _pad: [0; 2] })?;
-            body.push(p.fixed(
-                Kernel::FfnAct,
-                &[("GATED", dm.gated), ("GELU", dm.activation == Activation::GeluTanh)],
-                &[&ap, &step, &up, &gate],
-                Grid::PerToken((w as u32).div_ceil(64)),
-            )?);
-            p.matmul(fd, true, true, &up, sw, &x, sd, &mut body)?;
-        }
+        let acts = Acts {
+            x: buf("x", t * sd as u64 * f, act)?,
+            xn: buf("xn", t * sd as u64 * f, act)?,
+            q: buf("q", t * sq as u64 * f, act)?,
+            k: buf("k", t * skv as u64 * f, act)?,
+            v: buf("v", t * skv as u64 * f, act)?,
+            att: buf("att", t * sq as u64 * f, act)?,
+            up: buf("ffn up", t * sw as u64 * f, act)?,
+            gate: buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?,
+            scores: buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?,
+            caches,
+            rope: p.uniform(
+                "rope params",
+                &RopeParams {
+                    n_heads: dm.n_heads as u32,
+                    n_kv_heads: dm.n_kv_heads as u32,
+                    head_dim: dm.head_dim as u32,
+                    half: half as u32,
+                    q_stride: sq as u32,
+                    kv_stride: skv as u32,
+                    sin_offset: (dm.ctx * half) as u32,
+                    _pad: 0,
+                },
+            )?,
+            attn_params: p.uniform(
+                "attention params",
+                &AttentionParams {
+                    n_heads: dm.n_heads as u32,
+                    group: (dm.n_heads / dm.n_kv_heads) as u32,
+                    head_dim: dm.head_dim as u32,
+                    q_stride: sq as u32,
+                    kv_stride: skv as u32,
+                    out_stride: sq as u32,
+                    ctx: dm.ctx as u32,
+                    scale: 1.0 / (dm.head_dim as f32).sqrt(),
+                },
+            )?,
+            sd,
+            sq,
+            skv,
+            sw,
+        };
+        let (embed, attn) = plan_shared(&p, &tokens, &acts)?;
+        let mut plan = Plan { embed, attn, ffn: Vec::new(), cache: HashMap::new() };
+        plan.set_ffn(&p, &acts, &ffn, &widths)?;
 
         let head = i.head.as_ref().unwrap_or(&i.embed);
-        let mut tail_last = vec![p.norm(&i.final_norm, &x, &xn, sd, true)?];
-        p.matmul(head, false, false, &xn, sd, &logits, sv, &mut tail_last)?;
+        let (x, xn) = (&acts.x, &acts.xn);
+        let mut tail_last = vec![p.norm(&i.final_norm, x, xn, sd, true)?];
+        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_last)?;
         let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, _pad: [0; 3] })?;
         let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
         let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
         tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
-        let mut tail_all = vec![p.norm(&i.final_norm, &x, &xn, sd, false)?];
-        p.matmul(head, false, false, &xn, sd, &logits, sv, &mut tail_all)?;
+        let mut tail_all = vec![p.norm(&i.final_norm, x, xn, sd, false)?];
+        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_all)?;
 
         gpu.take_uncaptured("creating a session")?;
+        // The session's `Drop` gives the bytes back from now on.
+        std::mem::forget(reservation);
         Ok(GpuSession {
             inner: Arc::clone(&inner),
             submodel: submodel.clone(),
             bufs: Buffers { step, tokens, logits, argmax, argmax_staging, t_max, sv },
-            body,
+            acts,
+            ffn,
+            plan,
             tail_last,
             tail_all,
             pos: 0,
             counters: StepCounters::default(),
-            ffn_bytes,
             kv_bytes,
+            alloc_bytes,
         })
+    }
+
+    /// Switches this session to `submodel` without reloading anything: the FFN rows the
+    /// engine's store lacks are uploaded (only those: a downshift uploads nothing and copies
+    /// nothing), the dispatch plan is rebuilt for the new widths, and the session's buffers
+    /// (KV cache, activations) are kept. The KV cache is emptied (its keys and values depend on
+    /// the FFN widths of earlier layers), so the caller re-prefills the history to continue
+    /// exactly as `submodel` would; [`ElasticSession`](crate::elastic::ElasticSession) does.
+    /// Switching to the current submodel changes nothing and keeps the cache.
+    ///
+    /// On error (a level not in the file, [`GpuError::OutOfMemory`]) the session is unchanged.
+    pub fn switch_to(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
+        let started = Instant::now();
+        let inner = Arc::clone(&self.inner);
+        let model = &inner.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        if *submodel == self.submodel {
+            return Ok(GpuSwitch { cache_kept: true, ..GpuSwitch::default() });
+        }
+        let widths = widths_of(model, submodel);
+        let (ffn, uploaded_bytes) = inner.ensure_ffn(&widths)?;
+        let upload_ms = started.elapsed().as_secs_f64() * 1e3;
+        let p = Planner { inner: &inner, step: &self.bufs.step };
+        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        inner.gpu.take_uncaptured("switching submodel")?;
+        self.ffn = ffn;
+        self.submodel = submodel.clone();
+        self.pos = 0;
+        Ok(GpuSwitch { uploaded_bytes, upload_ms, total_ms: started.elapsed().as_secs_f64() * 1e3, cache_kept: false })
+    }
+
+    /// Re-reads this session's FFN layers from the engine's store (after
+    /// [`GpuEngine::trim_ffn`]) so that it stops holding GPU buffers the store released.
+    /// The weights are the same rows, so the KV cache and position are kept. Uploads only if
+    /// the store was trimmed below this session's widths.
+    pub fn rebind(&mut self) -> Result<u64, GpuError> {
+        let inner = Arc::clone(&self.inner);
+        let widths = widths_of(&inner.model, &self.submodel);
+        let (ffn, uploaded) = inner.ensure_ffn(&widths)?;
+        let p = Planner { inner: &inner, step: &self.bufs.step };
+        self.plan.cache.clear();
+        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        self.ffn = ffn;
+        Ok(uploaded)
     }
 
     /// The submodel this session runs.
@@ -708,7 +1072,7 @@ impl GpuSession {
 
     /// Bytes of this session's FFN weight prefixes on the GPU.
     pub fn ffn_weight_bytes(&self) -> u64 {
-        self.ffn_bytes
+        self.plan.ffn_bytes()
     }
 
     /// Bytes of the GPU KV cache (allocated for the whole context window).
@@ -834,7 +1198,7 @@ impl GpuSession {
                 Tail::All => &self.tail_all,
             };
             let tail_t = if tail == Tail::Last { 1 } else { t };
-            let items = self.body.iter().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
+            let items = self.plan.items().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
             dispatches = record(&mut enc, items, t, self.pos);
             if tail == Tail::Last {
                 enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4);

@@ -2,20 +2,39 @@
 //! (iOS, macOS), checked against the CPU reference engine ([`crate::cpu`]), whose math it
 //! mirrors op by op.
 //!
-//! - [`list_adapters`] reports what wgpu can see (the CLI's `devices` command).
+//! - [`list_adapters`] reports what wgpu can see; [`probe_adapters`] also opens each adapter
+//!   and makes the weight-path choice (the CLI's `devices` command).
 //! - [`GpuEngine`] owns the device, the pipelines (created once, on first use) and the shared
 //!   weights; `Send + Sync`.
 //! - [`GpuSession`] uploads one submodel's FFN weight prefixes (only the segments of the levels
 //!   it uses), owns a GPU-resident KV cache and records a whole decode step in one command
 //!   encoder with one submit and one 4-byte readback (the argmax).
 //!
-//! Weights stay f16 on the GPU, two per `u32` (`unpack2x16float`), with f32 arithmetic: this
-//! path needs no `SHADER_F16` and runs everywhere (f32 files are uploaded as f32). Tensors larger
-//! than the device's storage-binding limit are split into row chunks. Shaders live in
-//! `shaders/` (one WGSL file per op) and are specialised with `override` constants (weight
-//! format, residual accumulation, gating, activation, GEMV rows per workgroup: one thread per
-//! row on CPU adapters such as lavapipe, 4 rows of 16 threads on GPUs; the environment
-//! variable `MATFORMER_GEMV_ROWS` overrides it for tuning). The residual add is fused into the
+//! Weights stay f16 on the GPU (the file's bytes, rows zero-padded to 8 elements; f32 files
+//! are uploaded as f32 and always run the packed kernels' f32 variant). Three [`WeightPath`]s
+//! multiply them:
+//! - packed: two f16 per `u32`, `unpack2x16float`, all arithmetic f32; runs on every adapter;
+//! - f16: `enable f16;` kernels (`*_f16.wgsl`) on devices opened with `SHADER_F16` (which in
+//!   wgpu includes 16-bit storage): f16 storage, activations rounded to f16, f16 products, f32
+//!   accumulation ([`F16_KERNEL_TOLERANCE`], [`forward_tolerance`]);
+//! - packed64: the packed path with a decode GEMV whose loads are 64 bits wide
+//!   (`matmul_gemv_u64.wgsl`, needs `SHADER_INT64`), bit-identical results.
+//!
+//! At engine start, when more than one path runs, the decode GEMV of each is timed on a
+//! 1024 x 2048 matrix (tens of ms with pipeline compilation) and the fastest taken (another
+//! path than packed only when more than 5% faster); [`AdapterReport`] records the timings and
+//! the reason. `MATFORMER_GPU_WEIGHT_PATH` (`packed`, `f16` or `packed64`, [`WEIGHT_PATH_ENV`])
+//! forces a path. On lavapipe, where every storage load is a per-lane scalar loop whose cost
+//! is per component, packed64 wins (~1.2x packed) and f16 loses (~3x slower: 16-bit loads).
+//!
+//! Tensors larger than the device's storage-binding limit are split into row chunks. Shaders
+//! live in `shaders/` (one WGSL file per op, plus `<op>_f16.wgsl` variants) and are specialised
+//! with `override` constants (weight format, residual accumulation, gating, activation, GEMV
+//! row groups per workgroup and rows per thread, GEMM entry point). On CPU adapters such as
+//! lavapipe the GEMV runs one thread per 4 rows (each activation load serves 4 rows) and the
+//! prefill product the shared-memory-free `gemm_rows` (a 4 x 4 block of outputs per thread);
+//! on GPUs 4 rows of 16 threads and the tiled `gemm`. `MATFORMER_GEMV_ROWS` and
+//! `MATFORMER_GEMV_RPT` override the GEMV shape for tuning. The residual add is fused into the
 //! `wo` and FFN-down products (`ACCUMULATE`), so there is no separate residual kernel.
 //!
 //! ```no_run
@@ -35,16 +54,38 @@
 
 mod device;
 mod engine;
+mod ffn_store;
 mod ops;
 mod probe;
 mod weights;
 
-pub use device::{list_adapters, AdapterReport};
-pub use engine::{GpuEngine, GpuOptions, GpuSession, StepCounters};
-pub use ops::{shader_sources, ShaderSource};
-pub use probe::{OpRunner, WeightFormat};
+pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
+pub use engine::{GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use ops::{shader_sources, ShaderSource, WeightPath};
+pub use probe::{OpRunner, WeightFormat, WEIGHT_PATH_ENV};
 
+use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};
+
+/// One matrix product on the native-f16 path ([`WeightPath::F16`]) against its f64 reference
+/// on the same f16 weights. Each term `w * x` carries two f16 roundings (x rounded to f16, the
+/// product rounded to f16; unit roundoff u = 2^-11 ~ 4.9e-4), the sums are f32. For the
+/// normalised operands of the tests (|w| <= 1/sqrt(k), |x| <= 1) the rounding errors are
+/// independent and zero-mean, so they add to about 2u * sqrt(sum (w x)^2) <= 2u; the tier
+/// allows 4u absolute plus 4u relative (the f32 [`Tolerance::KERNEL`] tier scaled from f32's
+/// 2^-24 to f16's 2^-11 roundoff would be ~4e-2 x looser; this stays within 2 roundings).
+pub const F16_KERNEL_TOLERANCE: Tolerance = Tolerance { name: "kernel_f16", abs: 2e-3, rel: 2e-3 };
+
+/// Tolerance of a whole forward pass on `path` against the f32 CPU engine (the start-up
+/// self-check and the parity tests): [`Tolerance::FORWARD_F32`] on the packed and packed64
+/// paths (all f32 arithmetic), [`Tolerance::REDUCED_PRECISION`] on the f16 path (f16 products: two f16
+/// roundings per term in every matrix product of every layer).
+pub fn forward_tolerance(path: WeightPath) -> Tolerance {
+    match path {
+        WeightPath::Packed | WeightPath::Packed64 => Tolerance::FORWARD_F32,
+        WeightPath::F16 => Tolerance::REDUCED_PRECISION,
+    }
+}
 
 /// Errors of the GPU backend. Messages are one line and say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +114,15 @@ pub enum GpuError {
         bytes: u64,
         /// The device limit.
         limit: u64,
+    },
+    /// The device (or the engine's `GpuOptions::memory_limit_bytes`) could not provide the
+    /// memory `during` needed. Elastic sessions react by downshifting and retrying.
+    #[error("GPU out of memory while {during}: {reason}; use a smaller submodel or context")]
+    OutOfMemory {
+        /// What the backend was allocating.
+        during: String,
+        /// The driver's message, or the limit that was hit.
+        reason: String,
     },
     /// wgpu reported an error (validation, out of memory, internal) while doing `during`.
     #[error("GPU error while {during}: {message}")]

@@ -43,28 +43,40 @@ pub(crate) enum Kernel {
     LayerNorm,
     MatmulGemv,
     MatmulGemm,
+    /// The native-f16 decode GEMV (`enable f16;`, needs `SHADER_F16`).
+    MatmulGemvF16,
+    /// The native-f16 prefill GEMM (`enable f16;`, needs `SHADER_F16`).
+    MatmulGemmF16,
+    /// The packed64 decode GEMV (64-bit loads, needs `SHADER_INT64`).
+    MatmulGemvU64,
     Rope,
     Attention,
     FfnAct,
     Argmax,
     /// Benchmark calibration: streaming read bandwidth.
     CalibrateRead,
+    /// Benchmark calibration: streaming read bandwidth with 64-bit loads (needs `SHADER_INT64`).
+    CalibrateReadU64,
     /// Benchmark calibration: fma throughput.
     CalibrateFma,
 }
 
 impl Kernel {
-    const ALL: [Kernel; 11] = [
+    const ALL: [Kernel; 15] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
         Kernel::MatmulGemv,
         Kernel::MatmulGemm,
+        Kernel::MatmulGemvF16,
+        Kernel::MatmulGemmF16,
+        Kernel::MatmulGemvU64,
         Kernel::Rope,
         Kernel::Attention,
         Kernel::FfnAct,
         Kernel::Argmax,
         Kernel::CalibrateRead,
+        Kernel::CalibrateReadU64,
         Kernel::CalibrateFma,
     ];
 
@@ -75,11 +87,15 @@ impl Kernel {
             Kernel::LayerNorm => shader!("layernorm"),
             Kernel::MatmulGemv => shader!("matmul_gemv"),
             Kernel::MatmulGemm => shader!("matmul_gemm"),
+            Kernel::MatmulGemvF16 => shader!("matmul_gemv_f16"),
+            Kernel::MatmulGemmF16 => shader!("matmul_gemm_f16"),
+            Kernel::MatmulGemvU64 => shader!("matmul_gemv_u64"),
             Kernel::Rope => shader!("rope"),
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
             Kernel::Argmax => shader!("argmax"),
             Kernel::CalibrateRead => shader!("calibrate_read"),
+            Kernel::CalibrateReadU64 => shader!("calibrate_read_u64"),
             Kernel::CalibrateFma => shader!("calibrate_fma"),
         }
     }
@@ -88,16 +104,78 @@ impl Kernel {
     fn binds(self) -> &'static [Bind] {
         use Bind::*;
         match self {
-            Kernel::Embedding | Kernel::RmsNorm | Kernel::MatmulGemv | Kernel::MatmulGemm => {
-                &[Uniform, Uniform, Read, Read, ReadWrite]
-            }
+            Kernel::Embedding
+            | Kernel::RmsNorm
+            | Kernel::MatmulGemv
+            | Kernel::MatmulGemm
+            | Kernel::MatmulGemvF16
+            | Kernel::MatmulGemmF16
+            | Kernel::MatmulGemvU64 => &[Uniform, Uniform, Read, Read, ReadWrite],
             Kernel::LayerNorm => &[Uniform, Uniform, Read, Read, ReadWrite, Read],
             Kernel::Rope => &[Uniform, Uniform, ReadWrite, ReadWrite, Read],
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
-            Kernel::Argmax | Kernel::CalibrateRead => &[Uniform, Read, ReadWrite],
+            Kernel::Argmax | Kernel::CalibrateRead | Kernel::CalibrateReadU64 => &[Uniform, Read, ReadWrite],
             Kernel::CalibrateFma => &[Uniform, ReadWrite],
         }
+    }
+}
+
+/// How f16 weights are stored and multiplied on the GPU. Every path reads the same bytes (the
+/// file's little-endian f16 rows, zero-padded to a multiple of 8 elements); only the kernels
+/// differ. f32 files always use the packed kernels' f32 variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum WeightPath {
+    /// Two f16 per `u32`, unpacked with `unpack2x16float`; all arithmetic f32. Runs on every
+    /// adapter (`matmul_gemv.wgsl`, `matmul_gemm.wgsl`).
+    Packed,
+    /// `enable f16;` kernels (`matmul_gemv_f16.wgsl`, `matmul_gemm_f16.wgsl`): f16 storage,
+    /// activations rounded to f16, f16 products, f32 accumulation. Needs `SHADER_F16`.
+    F16,
+    /// The packed path with a decode GEMV whose storage loads are 64 bits wide
+    /// (`matmul_gemv_u64.wgsl`: four f16 per `u64`), same f32 arithmetic in the same order, so
+    /// the same results as [`WeightPath::Packed`]; the other products are the packed ones.
+    /// Needs `SHADER_INT64`. Wins on CPU adapters, where a load's cost is per component.
+    Packed64,
+}
+
+impl WeightPath {
+    /// Every path, packed first.
+    pub const ALL: [WeightPath; 3] = [WeightPath::Packed, WeightPath::F16, WeightPath::Packed64];
+
+    /// The name used in reports and in `MATFORMER_GPU_WEIGHT_PATH`: `"packed"`, `"f16"` or
+    /// `"packed64"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightPath::Packed => "packed",
+            WeightPath::F16 => "f16",
+            WeightPath::Packed64 => "packed64",
+        }
+    }
+
+    /// The device feature the path's kernels need beyond the packed path's (none for packed).
+    pub fn required_feature(self) -> wgpu::Features {
+        match self {
+            WeightPath::Packed => wgpu::Features::empty(),
+            WeightPath::F16 => wgpu::Features::SHADER_F16,
+            WeightPath::Packed64 => wgpu::Features::SHADER_INT64,
+        }
+    }
+
+    /// Parses [`WeightPath::name`] (case-insensitive; `"packed-f16"` is accepted for `packed`).
+    pub fn parse(s: &str) -> Option<WeightPath> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "packed" | "packed-f16" => Some(WeightPath::Packed),
+            "f16" | "native-f16" => Some(WeightPath::F16),
+            "packed64" => Some(WeightPath::Packed64),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -143,6 +221,13 @@ impl PipeKey {
 /// Bind group layouts (one per kernel) and the pipeline cache: each variant is compiled once,
 /// on first use, and shared by every session.
 pub(crate) struct Kernels {
+    /// The weight path the matrix products use ([`Kernels::matmul_keys`]).
+    path: WeightPath,
+    /// Rows per thread of the packed decode GEMV (`RPT` of `matmul_gemv.wgsl`).
+    gemv_rpt: u32,
+    /// The packed products run the CPU-adapter kernels `gemm_rows` (prefill) and `gemv_t_rows`
+    /// (decode, transposed) instead of the tiled `gemm` and the K-split `gemv_t`.
+    row_kernels: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipeKey, wgpu::ComputePipeline>>,
@@ -197,7 +282,103 @@ impl Kernels {
                 })
                 .collect()
         })?;
-        Ok(Kernels { layouts, modules: Mutex::new(HashMap::new()), pipelines: Mutex::new(HashMap::new()) })
+        Ok(Kernels {
+            path: WeightPath::Packed,
+            gemv_rpt: default_gemv_rpt(gpu),
+            row_kernels: gpu.report.device_type == "Cpu",
+            layouts,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The weight path of the matrix products.
+    pub(crate) fn path(&self) -> WeightPath {
+        self.path
+    }
+
+    /// Sets the weight path of the matrix products (before any session plans its dispatches).
+    pub(crate) fn set_path(&mut self, path: WeightPath) {
+        self.path = path;
+    }
+
+    /// Sets the rows per thread of the packed decode GEMV (1, 2 or 4).
+    pub(crate) fn set_gemv_rpt(&mut self, rpt: u32) -> Result<(), GpuError> {
+        if !matches!(rpt, 1 | 2 | 4) {
+            return Err(GpuError::Unsupported { reason: format!("GEMV rows per thread must be 1, 2 or 4, got {rpt}") });
+        }
+        self.gemv_rpt = rpt;
+        Ok(())
+    }
+
+    /// Makes the packed products run the CPU-adapter kernels `gemm_rows` and `gemv_t_rows`
+    /// (the default there) or the GPU ones, the tiled `gemm` and the K-split `gemv_t`.
+    pub(crate) fn set_row_kernels(&mut self, rows: bool) {
+        self.row_kernels = rows;
+    }
+
+    /// True when the matrix products of an `f32_weights` matrix run the native-f16 kernels.
+    fn native_f16(&self, f32_weights: bool) -> bool {
+        self.path == WeightPath::F16 && !f32_weights
+    }
+
+    /// Workgroup grid of the decode GEMV of [`Kernels::matmul_keys`] over `n` outputs (`gemv`)
+    /// or `row_units` column units (`gemv_t`), with `rows` row groups per workgroup.
+    pub(crate) fn gemv_grid(
+        &self,
+        f32_weights: bool,
+        transposed: bool,
+        n: u32,
+        row_units: u32,
+        rows: u32,
+    ) -> (u32, u32) {
+        if transposed && self.row_kernels && !self.native_f16(f32_weights) {
+            (row_units.div_ceil(128), 1)
+        } else if transposed {
+            (row_units.div_ceil(16), 1)
+        } else if self.native_f16(f32_weights) {
+            split_2d(n.div_ceil(rows))
+        } else {
+            split_2d(n.div_ceil(rows * self.gemv_rpt))
+        }
+    }
+
+    /// Pipeline keys of the decode GEMV and the prefill GEMM for one matrix: on the
+    /// [`WeightPath::F16`] path the `enable f16;` kernels for f16 weights; on the
+    /// [`WeightPath::Packed64`] path the 64-bit-load `gemv` for f16 weights (not transposed)
+    /// and the packed kernels otherwise; else the packed kernels (which also serve f32 weights). `rows` is the GEMV's `ROWS`; grids come from
+    /// [`Kernels::gemv_grid`] (GEMV) and 64 outputs x 16 tokens per workgroup (GEMM).
+    pub(crate) fn matmul_keys(
+        &self,
+        f32_weights: bool,
+        accumulate: bool,
+        transposed: bool,
+        rows: u32,
+    ) -> (PipeKey, PipeKey) {
+        let entry = if transposed { "gemv_t" } else { "gemv" };
+        if self.native_f16(f32_weights) {
+            let acc = [("ACCUMULATE", accumulate)];
+            (
+                PipeKey::new(Kernel::MatmulGemvF16, entry, &acc).with("ROWS", rows),
+                PipeKey::new(Kernel::MatmulGemmF16, "gemm", &[acc[0], ("TRANSPOSED", transposed)]),
+            )
+        } else {
+            let consts = [("F32_WEIGHTS", f32_weights), ("ACCUMULATE", accumulate)];
+            let entry = if transposed && self.row_kernels { "gemv_t_rows" } else { entry };
+            let gemv = if self.path == WeightPath::Packed64 && !f32_weights && !transposed {
+                PipeKey::new(Kernel::MatmulGemvU64, entry, &[consts[1]]).with("ROWS", rows)
+            } else {
+                PipeKey::new(Kernel::MatmulGemv, entry, &consts).with("ROWS", rows)
+            };
+            (
+                if transposed { gemv } else { gemv.with("RPT", self.gemv_rpt) },
+                PipeKey::new(
+                    Kernel::MatmulGemm,
+                    if self.row_kernels { "gemm_rows" } else { "gemm" },
+                    &[consts[0], consts[1], ("TRANSPOSED", transposed)],
+                ),
+            )
+        }
     }
 
     /// The pipeline for `key`, compiled on first use.
@@ -410,6 +591,24 @@ pub(crate) fn gemv_rows(gpu: &Gpu, requested: Option<u32>) -> Result<u32, GpuErr
         }
     }
     Ok(if gpu.report.device_type == "Cpu" { 64 } else { 4 })
+}
+
+/// Rows per thread of the packed decode GEMV (`RPT` of `matmul_gemv.wgsl`): 4 on CPU adapters
+/// (lavapipe: each storage load is a per-lane scalar loop, so sharing every x load among 4
+/// rows halves the loads per weight unit; measured ~2x on a 8192 x 2048 GEMV), 1 on GPUs.
+/// The environment variable `MATFORMER_GEMV_RPT` (1, 2 or 4) overrides it, for tuning.
+pub(crate) fn default_gemv_rpt(gpu: &Gpu) -> u32 {
+    if let Ok(v) = std::env::var("MATFORMER_GEMV_RPT") {
+        match v.parse::<u32>() {
+            Ok(r) if matches!(r, 1 | 2 | 4) => return r,
+            _ => log::warn!("ignoring MATFORMER_GEMV_RPT={v:?}: expected 1, 2 or 4"),
+        }
+    }
+    if gpu.report.device_type == "Cpu" {
+        4
+    } else {
+        1
+    }
 }
 
 /// `rows` if it is a valid GEMV `ROWS` (a power of two from 1 to 64).

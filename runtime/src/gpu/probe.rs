@@ -5,14 +5,226 @@
 use half::f16;
 
 use super::device::Gpu;
+use super::device::PathTiming;
 use super::engine::rope_table;
 use super::ops::{
-    check_gemv_rows, gemv_rows, split_2d, ActParams, ArgmaxParams, AttentionParams, CalibrateFmaParams,
-    CalibrateReadParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
+    check_gemv_rows, gemv_rows, ActParams, ArgmaxParams, AttentionParams, CalibrateFmaParams, CalibrateReadParams,
+    EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams, PipeKey, RopeParams, StepParams, WeightPath,
     CALIBRATE_WG,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
+
+/// Environment variable forcing the weight path: `packed`, `f16` or `packed64`.
+pub const WEIGHT_PATH_ENV: &str = "MATFORMER_GPU_WEIGHT_PATH";
+
+/// Shape of the GEMV timed for the weight-path choice: a 4 MiB f16 matrix (1024 x 2048, the
+/// shape of a small model's projection), large enough to stream from memory rather than cache
+/// on phones, small enough that both paths time in a few tens of ms on a software adapter.
+const CHOICE_ROWS: usize = 1024;
+const CHOICE_COLS: usize = 2048;
+/// GEMV dispatches per timed submit (16 MiB of weight reads), so submit overhead is amortised.
+const CHOICE_REPEATS: usize = 4;
+/// The f16 path is taken only when it is at least this much faster (timing noise margin): on a
+/// tie the packed path, whose arithmetic is all f32, is kept.
+const CHOICE_MARGIN: f64 = 0.05;
+
+/// The weight path forced by `forced`, else by [`WEIGHT_PATH_ENV`], else `None`. An invalid
+/// environment value is an error (a typo must not silently measure).
+pub(crate) fn forced_weight_path(forced: Option<WeightPath>) -> Result<Option<(WeightPath, String)>, GpuError> {
+    if let Some(p) = forced {
+        return Ok(Some((p, "forced by the caller".to_string())));
+    }
+    match std::env::var(WEIGHT_PATH_ENV) {
+        Ok(v) if !v.trim().is_empty() => match WeightPath::parse(&v) {
+            Some(p) => Ok(Some((p, format!("forced by {WEIGHT_PATH_ENV}={v}")))),
+            None => Err(GpuError::Unsupported {
+                reason: format!(
+                    "{WEIGHT_PATH_ENV}={v:?} is not a weight path; use \"packed\", \"f16\" or \"packed64\""
+                ),
+            }),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// Chooses the weight path of `kernels` on `gpu` and records the choice (and the timings) in
+/// `gpu.report`: `forced` (or [`WEIGHT_PATH_ENV`]) if set; else the choice measured earlier in
+/// this process on the same adapter; the packed path when the device runs no other; otherwise
+/// the decode GEMV of every path the device runs is timed on a 1024 x 2048 f16 matrix and the
+/// fastest taken, a path other than packed only when more than 5% faster than packed (timing
+/// noise margin: on a tie the packed path, which runs everywhere, stays).
+pub(crate) fn choose_weight_path(
+    gpu: &mut Gpu,
+    kernels: &mut Kernels,
+    forced: Option<WeightPath>,
+) -> Result<WeightPath, GpuError> {
+    let rows = gemv_rows(gpu, None)?;
+    let available: Vec<WeightPath> = WeightPath::ALL.into_iter().filter(|p| gpu.runs(*p)).collect();
+    let (path, reason, timings) = if let Some((p, reason)) = forced_weight_path(forced)? {
+        if !gpu.runs(p) {
+            return Err(GpuError::Unsupported {
+                reason: format!(
+                    "the {p} weight path ({reason}) needs {:?}, which {} lacks",
+                    p.required_feature(),
+                    gpu.report.name
+                ),
+            });
+        }
+        (p, reason, Vec::new())
+    } else if let Some((p, reason, timings)) = cached_choice(&gpu.report) {
+        (p, format!("{reason}; measured earlier in this process"), timings)
+    } else if available.len() == 1 {
+        (
+            WeightPath::Packed,
+            "the only path: the adapter has neither SHADER_F16 nor SHADER_INT64".to_string(),
+            Vec::new(),
+        )
+    } else {
+        let mut timings = Vec::new();
+        for &p in &available {
+            kernels.set_path(p);
+            let best = time_gemv(gpu, kernels, rows, CHOICE_ROWS, CHOICE_COLS, CHOICE_REPEATS)?;
+            let ms = best / CHOICE_REPEATS as f64 * 1e3;
+            let bytes = (CHOICE_ROWS * CHOICE_COLS * 2) as f64;
+            timings.push(PathTiming {
+                path: p.name().to_string(),
+                rows: CHOICE_ROWS,
+                cols: CHOICE_COLS,
+                gemv_ms: ms,
+                read_gb_per_s: bytes / (ms * 1e-3) / 1e9,
+            });
+        }
+        let packed = timings[0].gemv_ms;
+        let (best_i, best) = timings
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, t)| (i, t.gemv_ms))
+            .fold((0, packed), |a, b| if b.1 < a.1 { b } else { a });
+        let all: Vec<String> = timings.iter().map(|t| format!("{} {:.3} ms", t.path, t.gemv_ms)).collect();
+        let choice = if best_i > 0 && best < packed * (1.0 - CHOICE_MARGIN) {
+            (available[best_i], format!("measured fastest per GEMV: {}", all.join(", ")), timings)
+        } else {
+            (
+                WeightPath::Packed,
+                format!("measured fastest or within 5% per GEMV: {} (another path needs a >5% win)", all.join(", ")),
+                timings,
+            )
+        };
+        remember_choice(&gpu.report, &choice);
+        choice
+    };
+    kernels.set_path(path);
+    gpu.report.weight_path = path.name().to_string();
+    gpu.report.weight_path_reason = reason;
+    gpu.report.gemv_timings = timings;
+    Ok(path)
+}
+
+/// A measured weight-path choice: the path, why, and the timings.
+type Choice = (WeightPath, String, Vec<PathTiming>);
+
+/// Measured choices of this process, by adapter (name, backend, driver): every engine on an
+/// adapter takes the same path (and so the same numerics), and only the first pays for the
+/// measurement.
+fn choices() -> &'static std::sync::Mutex<std::collections::HashMap<String, Choice>> {
+    static CHOICES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Choice>>> =
+        std::sync::OnceLock::new();
+    CHOICES.get_or_init(Default::default)
+}
+
+fn adapter_key(report: &AdapterReport) -> String {
+    format!("{}|{}|{}", report.name, report.backend, report.driver)
+}
+
+fn cached_choice(report: &AdapterReport) -> Option<Choice> {
+    choices().lock().ok()?.get(&adapter_key(report)).cloned()
+}
+
+fn remember_choice(report: &AdapterReport, choice: &Choice) {
+    if let Ok(mut map) = choices().lock() {
+        map.entry(adapter_key(report)).or_insert_with(|| choice.clone());
+    }
+}
+
+/// Seconds of the best of 3 timed runs (after a one-round warm-up) of `repeats` rounds of the
+/// decode GEMV of `kernels`' weight path over a `[rows, cols]` f16 matrix, with `gemv_rows`
+/// rows per workgroup.
+fn time_gemv(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    gemv_rows: u32,
+    rows: usize,
+    cols: usize,
+    repeats: usize,
+) -> Result<f64, GpuError> {
+    // Small finite f16 values (a repeating ramp), so no path meets denormals or infinities.
+    let bytes: Vec<u8> =
+        (0..rows * cols).flat_map(|i| f16::from_f32(((i % 61) as f32 - 30.0) / 512.0).to_le_bytes()).collect();
+    let m = GpuMatrix::build(gpu, "timed weight", rows, cols, DType::F16, gpu.max_binding(), [(0u64, &bytes[..])])?;
+    let xs: Vec<f32> = (0..pad8(cols)).map(|i| if i < cols { ((i % 7) as f32 - 3.0) / 4.0 } else { 0.0 }).collect();
+    use wgpu::BufferUsages as U;
+    let xb = upload_bytes(gpu, "x", bytemuck::cast_slice(&xs), U::STORAGE)?;
+    let out = zeroed(gpu, "out", rows as u64 * 4, U::STORAGE, gpu.max_binding())?;
+    let step = upload_bytes(gpu, "step", bytemuck::bytes_of(&StepParams { pos0: 0, t: 1, _pad: [0; 2] }), U::UNIFORM)?;
+    let (key, _) = kernels.matmul_keys(false, false, false, gemv_rows);
+    let pipe = kernels.pipeline(gpu, &key)?;
+    let mut binds = Vec::new();
+    for c in &m.chunks {
+        let params = MatmulParams {
+            n: c.rows as u32,
+            k: cols as u32,
+            row_units: m.row_units as u32,
+            x_stride: pad8(cols) as u32,
+            out_stride: rows as u32,
+            out_offset: c.row_start as u32,
+            k_offset: 0,
+            _pad: 0,
+        };
+        let ub = upload_bytes(gpu, "params", bytemuck::bytes_of(&params), U::UNIFORM)?;
+        let bind = kernels.bind(gpu, key.kernel, &[&ub, &step, &xb, &c.buffer, &out])?;
+        binds.push((bind, kernels.gemv_grid(false, false, c.rows as u32, m.row_units as u32, gemv_rows)));
+    }
+    best_time(gpu, &pipe, &binds, repeats, "timing the decode GEMV for the weight-path choice")
+}
+
+/// Seconds for `repeats` rounds of the dispatches `binds` of `pipe`, recorded in one
+/// encoder, submitted once and waited for: the best of 3 runs after a one-round warm-up.
+fn best_time(
+    gpu: &Gpu,
+    pipe: &wgpu::ComputePipeline,
+    binds: &[(wgpu::BindGroup, (u32, u32))],
+    repeats: usize,
+    during: &str,
+) -> Result<f64, GpuError> {
+    let run = |n: usize| -> Result<f64, GpuError> {
+        let t = std::time::Instant::now();
+        gpu.scoped(during, || {
+            let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            {
+                let mut pass =
+                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                pass.set_pipeline(pipe);
+                for _ in 0..n {
+                    for (bind, (x, y)) in binds {
+                        pass.set_bind_group(0, bind, &[]);
+                        pass.dispatch_workgroups(*x, *y, 1);
+                    }
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        gpu.wait()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run(1)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        best = best.min(run(repeats)?);
+    }
+    Ok(best)
+}
 use crate::format::DType;
 
 /// Runs single kernels of the GPU backend on host data (tests, calibration).
@@ -32,8 +244,8 @@ impl std::fmt::Debug for OpRunner {
 /// Weight storage for [`OpRunner::matmul`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// f16 values, two per `u32` (the packed path).
-    PackedF16,
+    /// f16 values, multiplied by the runner's [`WeightPath`] kernels (packed or native f16).
+    F16,
     /// f32 values.
     F32,
 }
@@ -44,11 +256,56 @@ fn bad_input(what: &str) -> GpuError {
 
 impl OpRunner {
     /// Opens the adapter named like `adapter` (or wgpu's preferred one).
+    /// The weight path is chosen as an engine chooses it (forced by
+    /// `MATFORMER_GPU_WEIGHT_PATH`, else measured), so calibrations time the kernels an
+    /// engine on this adapter runs; [`OpRunner::set_weight_path`] changes it.
     pub fn new(adapter: Option<&str>) -> Result<OpRunner, GpuError> {
-        let gpu = Gpu::open(adapter)?;
-        let kernels = Kernels::new(&gpu)?;
+        let mut gpu = Gpu::open(adapter)?;
+        let mut kernels = Kernels::new(&gpu)?;
+        choose_weight_path(&mut gpu, &mut kernels, None)?;
         let rows = gemv_rows(&gpu, None)?;
         Ok(OpRunner { gpu, kernels, rows })
+    }
+
+    /// Sets the rows per thread of the packed decode GEMV kernel (1, 2 or 4; 4 on CPU adapters,
+    /// 1 on GPUs by default).
+    pub fn set_gemv_rows_per_thread(&mut self, rpt: u32) -> Result<(), GpuError> {
+        self.kernels.set_gemv_rpt(rpt)
+    }
+
+    /// Makes the packed products of [`OpRunner::matmul`] run the CPU-adapter kernels (`true`,
+    /// the default on CPU adapters): `gemm_rows` for several tokens (no shared memory) and
+    /// `gemv_t_rows` for one token, transposed (whole-row streaming); or (`false`, the default
+    /// on GPUs) the tiled `gemm` and the K-split `gemv_t`.
+    pub fn set_row_kernels(&mut self, rows: bool) {
+        self.kernels.set_row_kernels(rows);
+    }
+
+    /// The weight path the matrix products use.
+    pub fn weight_path(&self) -> WeightPath {
+        self.kernels.path()
+    }
+
+    /// Weight paths this adapter runs: packed always, f16 with `SHADER_F16`, packed64 with
+    /// `SHADER_INT64`.
+    pub fn available_weight_paths(&self) -> Vec<WeightPath> {
+        WeightPath::ALL.into_iter().filter(|p| self.gpu.runs(*p)).collect()
+    }
+
+    /// Makes the matrix products ([`OpRunner::matmul`], [`OpRunner::gemv_read_bandwidth`]) use
+    /// `path`; an error when the adapter cannot run it.
+    pub fn set_weight_path(&mut self, path: WeightPath) -> Result<(), GpuError> {
+        if !self.gpu.runs(path) {
+            return Err(GpuError::Unsupported {
+                reason: format!(
+                    "the {path} weight path needs {:?}, which {} lacks",
+                    path.required_feature(),
+                    self.gpu.report.name
+                ),
+            });
+        }
+        self.kernels.set_path(path);
+        Ok(())
     }
 
     /// The adapter.
@@ -135,7 +392,7 @@ impl OpRunner {
             return Err(bad_input("matmul: inconsistent sizes"));
         }
         let (bytes, dtype): (Vec<u8>, DType) = match format {
-            WeightFormat::PackedF16 => {
+            WeightFormat::F16 => {
                 let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
                 (bytemuck::cast_slice(&h).to_vec(), DType::F16)
             }
@@ -152,7 +409,6 @@ impl OpRunner {
         let out = self.out(t * n)?;
         let step = self.step(0, t)?;
         let accumulate = transposed && m.chunks.len() > 1;
-        let consts = [("F32_WEIGHTS", m.f32), ("ACCUMULATE", accumulate)];
         let mut uniforms = Vec::new();
         for c in &m.chunks {
             let (pn, pk, oo, ko) =
@@ -171,14 +427,11 @@ impl OpRunner {
         let mut dispatches = Vec::new();
         for (c, ub) in m.chunks.iter().zip(&uniforms) {
             let pn = if transposed { cols } else { c.rows } as u32;
+            let (gemv, gemm) = self.kernels.matmul_keys(m.f32, accumulate, transposed, self.rows);
             let (key, grid) = if t == 1 {
-                let entry = if transposed { "gemv_t" } else { "gemv" };
-                let grid =
-                    if transposed { ((m.row_units as u32).div_ceil(16), 1) } else { split_2d(pn.div_ceil(self.rows)) };
-                (PipeKey::new(Kernel::MatmulGemv, entry, &consts).with("ROWS", self.rows), grid)
+                (gemv, self.kernels.gemv_grid(m.f32, transposed, pn, m.row_units as u32, self.rows))
             } else {
-                let key = PipeKey::new(Kernel::MatmulGemm, "gemm", &[consts[0], consts[1], ("TRANSPOSED", transposed)]);
-                (key, (pn.div_ceil(64), (t as u32).div_ceil(16)))
+                (gemm, (pn.div_ceil(64), (t as u32).div_ceil(16)))
             };
             dispatches.push((key, vec![ub, &step, &xb, &c.buffer, &out], grid));
         }
@@ -387,8 +640,7 @@ impl OpRunner {
         let xb = self.input(&vec![0.0f32; pad8(cols)])?;
         let out = self.out(rows)?;
         let step = self.step(0, 1)?;
-        let key = PipeKey::new(Kernel::MatmulGemv, "gemv", &[("F32_WEIGHTS", false), ("ACCUMULATE", false)])
-            .with("ROWS", self.rows);
+        let (key, _) = self.kernels.matmul_keys(false, false, false, self.rows);
         let pipe = self.kernels.pipeline(&self.gpu, &key)?;
         let mut binds = Vec::new();
         let mut uniforms = Vec::new();
@@ -405,10 +657,10 @@ impl OpRunner {
             })?);
         }
         for (c, ub) in m.chunks.iter().zip(&uniforms) {
-            let bind = self.kernels.bind(&self.gpu, Kernel::MatmulGemv, &[ub, &step, &xb, &c.buffer, &out])?;
-            binds.push((bind, split_2d((c.rows as u32).div_ceil(self.rows))));
+            let bind = self.kernels.bind(&self.gpu, key.kernel, &[ub, &step, &xb, &c.buffer, &out])?;
+            binds.push((bind, self.kernels.gemv_grid(false, false, c.rows as u32, m.row_units as u32, self.rows)));
         }
-        let best = self.best_time(&pipe, &binds, repeats, "running the bandwidth calibration")?;
+        let best = best_time(&self.gpu, &pipe, &binds, repeats, "running the bandwidth calibration")?;
         Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
     }
 
@@ -416,50 +668,75 @@ impl OpRunner {
     /// [`read_bandwidth`](Self::read_bandwidth), [`fma_throughput`](Self::fma_throughput)).
     pub const CALIBRATE_WORKGROUP: u32 = CALIBRATE_WG;
 
-    /// Runs the streaming-read calibration kernel (`calibrate_read.wgsl`) once over `data`
-    /// (zero-padded to a multiple of 4 words) on `workgroups` workgroups (1 to 65535) and
-    /// returns its per-workgroup sums: with `T = workgroups * CALIBRATE_WORKGROUP`, every word
-    /// `data[i]` is added (wrapping) to the sum of workgroup `(i / 4) % T / CALIBRATE_WORKGROUP`.
-    /// For checking the kernel that [`read_bandwidth`](Self::read_bandwidth) times.
-    pub fn read_sums(&self, data: &[u32], workgroups: u32) -> Result<Vec<u32>, GpuError> {
+    /// Runs a streaming-read calibration kernel once over `data` on `workgroups` workgroups (1
+    /// to 65535) and returns its per-workgroup sums (wrapping): `calibrate_read.wgsl`
+    /// (`vec4<u32>` loads, units of 4 words) or, with `wide`, `calibrate_read_u64.wgsl`
+    /// (`vec4<u64>` loads, units of 8 words; needs `SHADER_INT64`). `data` is zero-padded to
+    /// whole units. With `T = workgroups * CALIBRATE_WORKGROUP` invocations and `n` units,
+    /// unit `u` (holding word `data[i]`, `u = i / 4` or `i / 8`) is read by invocation `u % T`
+    /// when not `blocked`, and by invocation `u / ceil(n / T)` when `blocked`; invocation `g`
+    /// belongs to workgroup `g / CALIBRATE_WORKGROUP`. For checking the kernels that
+    /// [`read_bandwidth`](Self::read_bandwidth) times.
+    pub fn read_sums(&self, data: &[u32], workgroups: u32, blocked: bool, wide: bool) -> Result<Vec<u32>, GpuError> {
         if data.is_empty() || !(1..=65535).contains(&workgroups) {
             return Err(bad_input("read_sums: empty data or workgroups outside 1..=65535"));
         }
+        if wide && !self.gpu.runs(WeightPath::Packed64) {
+            return Err(bad_input("read_sums: 64-bit loads need SHADER_INT64"));
+        }
+        let words = if wide { 8 } else { 4 };
         let mut padded = data.to_vec();
-        padded.resize(data.len().div_ceil(4) * 4, 0);
-        let n = u32::try_from(padded.len() / 4).map_err(|_| bad_input("read_sums: data too large"))?;
+        padded.resize(data.len().div_ceil(words) * words, 0);
+        let n = u32::try_from(padded.len() / words).map_err(|_| bad_input("read_sums: data too large"))?;
         let db = upload_bytes(&self.gpu, "data", bytemuck::cast_slice(&padded), wgpu::BufferUsages::STORAGE)?;
         let p = self.uniform(&CalibrateReadParams { n, threads: workgroups * CALIBRATE_WG, _pad: [0; 2] })?;
         let out = self.out(workgroups as usize)?;
-        let key = PipeKey::new(Kernel::CalibrateRead, "main", &[]);
+        let kernel = if wide { Kernel::CalibrateReadU64 } else { Kernel::CalibrateRead };
+        let key = PipeKey::new(kernel, "main", &[("BLOCKED", blocked)]);
         let r = self.run(&[(key, vec![&p, &db, &out], (workgroups, 1))], &out, workgroups as usize)?;
         Ok(r.iter().map(|v| v.to_bits()).collect())
     }
 
     /// Calibration for benchmarks: the streaming read bandwidth (GB/s, 10^9 bytes/s) of the
     /// device, from a kernel that sums a storage buffer of `bytes` bytes (capped at the
-    /// adapter's maximum storage binding size, rounded down to 16 bytes) with `vec4<u32>`
-    /// loads, each invocation a strided slice, one `u32` written per workgroup. `repeats`
+    /// adapter's maximum storage binding size, rounded down to 32 bytes), one `u32` written per
+    /// workgroup: with `vec4<u32>` loads, and also with `vec4<u64>` loads when the device has
+    /// `SHADER_INT64` (the packed64 GEMV's loads; on lavapipe a load costs per component, so
+    /// wider loads stream faster); the faster of the two. On GPUs every invocation reads a
+    /// strided slice (coalesced) on up to 65535 workgroups; on CPU adapters (lavapipe) each
+    /// invocation streams one contiguous block on 64 workgroups (the strided mapping measured
+    /// half the bandwidth there: each core's loop touched 128 bytes per 64 KiB, defeating the
+    /// prefetcher, and thousands of tiny workgroups paid the barrier cost). `repeats`
     /// dispatches are recorded in one encoder (one submit, one wait; the best of 3 runs after
     /// a warm-up). This is the ceiling [`gemv_read_bandwidth`](Self::gemv_read_bandwidth) is
     /// measured against.
     pub fn read_bandwidth(&self, bytes: u64, repeats: usize) -> Result<f64, GpuError> {
-        let size = bytes.min(self.gpu.max_binding()).min(u64::from(u32::MAX) * 16) / 16 * 16;
+        let size = bytes.min(self.gpu.max_binding()).min(u64::from(u32::MAX) * 16) / 32 * 32;
         if size == 0 || repeats == 0 {
-            return Err(bad_input("read_bandwidth: fewer than 16 bytes or no repeats"));
+            return Err(bad_input("read_bandwidth: fewer than 32 bytes or no repeats"));
         }
-        let n = (size / 16) as u32;
-        // At least 16 vec4 loads per invocation; at most 65535 workgroups (one dimension).
-        let groups = n.div_ceil(CALIBRATE_WG * 16).clamp(1, 65535);
+        let cpu = self.gpu.report.device_type == "Cpu";
         use wgpu::BufferUsages as U;
         let data = zeroed(&self.gpu, "calibration data", size, U::STORAGE, self.gpu.max_binding())?;
-        let p = self.uniform(&CalibrateReadParams { n, threads: groups * CALIBRATE_WG, _pad: [0; 2] })?;
-        let out = self.out(groups as usize)?;
-        let key = PipeKey::new(Kernel::CalibrateRead, "main", &[]);
-        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
-        let bind = self.kernels.bind(&self.gpu, Kernel::CalibrateRead, &[&p, &data, &out])?;
-        let best = self.best_time(&pipe, &[(bind, (groups, 1))], repeats, "running the read calibration")?;
-        Ok((size * repeats as u64) as f64 / best / 1e9)
+        let mut kernels = vec![(Kernel::CalibrateRead, 16u64)];
+        if self.gpu.runs(WeightPath::Packed64) {
+            kernels.push((Kernel::CalibrateReadU64, 32));
+        }
+        let mut best_gbs = 0.0f64;
+        for (kernel, unit) in kernels {
+            let n = (size / unit) as u32;
+            // GPUs: at least 16 loads per invocation, at most 65535 workgroups (one dimension).
+            let groups =
+                if cpu { 64.min(n.div_ceil(CALIBRATE_WG)) } else { n.div_ceil(CALIBRATE_WG * 16).clamp(1, 65535) };
+            let p = self.uniform(&CalibrateReadParams { n, threads: groups * CALIBRATE_WG, _pad: [0; 2] })?;
+            let out = self.out(groups as usize)?;
+            let key = PipeKey::new(kernel, "main", &[("BLOCKED", cpu)]);
+            let pipe = self.kernels.pipeline(&self.gpu, &key)?;
+            let bind = self.kernels.bind(&self.gpu, kernel, &[&p, &data, &out])?;
+            let best = best_time(&self.gpu, &pipe, &[(bind, (groups, 1))], repeats, "running the read calibration")?;
+            best_gbs = best_gbs.max((size * repeats as u64) as f64 / best / 1e9);
+        }
+        Ok(best_gbs)
     }
 
     /// Calibration for benchmarks: the f32 arithmetic throughput (GFLOP/s, one fma = 2 flops)
@@ -478,45 +755,8 @@ impl OpRunner {
         let key = PipeKey::new(Kernel::CalibrateFma, "main", &[]);
         let pipe = self.kernels.pipeline(&self.gpu, &key)?;
         let bind = self.kernels.bind(&self.gpu, Kernel::CalibrateFma, &[&p, &out])?;
-        let best = self.best_time(&pipe, &[(bind, (groups, 1))], repeats, "running the fma calibration")?;
+        let best = best_time(&self.gpu, &pipe, &[(bind, (groups, 1))], repeats, "running the fma calibration")?;
         let flops = f64::from(groups * CALIBRATE_WG) * f64::from(iterations) * 64.0 * repeats as f64;
         Ok(flops / best / 1e9)
-    }
-
-    /// Seconds for `repeats` rounds of the dispatches `binds` of `pipe`, recorded in one
-    /// encoder, submitted once and waited for: the best of 3 runs after a one-round warm-up.
-    fn best_time(
-        &self,
-        pipe: &wgpu::ComputePipeline,
-        binds: &[(wgpu::BindGroup, (u32, u32))],
-        repeats: usize,
-        during: &str,
-    ) -> Result<f64, GpuError> {
-        let run = |n: usize| -> Result<f64, GpuError> {
-            let t = std::time::Instant::now();
-            self.gpu.scoped(during, || {
-                let mut enc = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-                {
-                    let mut pass =
-                        enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                    pass.set_pipeline(pipe);
-                    for _ in 0..n {
-                        for (bind, (x, y)) in binds {
-                            pass.set_bind_group(0, bind, &[]);
-                            pass.dispatch_workgroups(*x, *y, 1);
-                        }
-                    }
-                }
-                self.gpu.queue.submit([enc.finish()]);
-            })?;
-            self.gpu.wait()?;
-            Ok(t.elapsed().as_secs_f64())
-        };
-        run(1)?;
-        let mut best = f64::INFINITY;
-        for _ in 0..3 {
-            best = best.min(run(repeats)?);
-        }
-        Ok(best)
     }
 }

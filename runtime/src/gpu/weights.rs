@@ -37,8 +37,9 @@ impl GpuMatrix {
     }
 
     /// Uploads rows `[0, rows)` of tensor `name` (which must have `cols` elements per row),
-    /// split into chunks of at most `max_binding` bytes. Reads only the segments covering
-    /// those rows.
+    /// split into chunks of at most `max_binding` bytes, one chunk at a time
+    /// ([`GpuMatrix::build_with`]). Reads only the segments covering those rows; with
+    /// `release_pages`, lets the OS drop the mapping's pages after each chunk.
     pub(crate) fn upload(
         gpu: &Gpu,
         model: &ModelFile,
@@ -46,6 +47,7 @@ impl GpuMatrix {
         rows: usize,
         cols: usize,
         max_binding: u64,
+        release_pages: bool,
     ) -> Result<GpuMatrix, GpuError> {
         let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
         let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
@@ -55,7 +57,13 @@ impl GpuMatrix {
         if info.rows() < rows as u64 || rows == 0 {
             return Err(bad(format!("has {} rows, {rows} needed", info.rows())));
         }
-        GpuMatrix::build(gpu, name, rows, cols, info.dtype, max_binding, model.tensor_segments(name, rows as u64)?)
+        let pieces = model.tensor_segments(name, rows as u64)?;
+        GpuMatrix::build_with(gpu, name, rows, cols, info.dtype, max_binding, pieces, &mut || {
+            if release_pages {
+                model.release_all()?;
+            }
+            Ok(())
+        })
     }
 
     /// Uploads rows `[0, rows)` given as `(first_row, bytes)` pieces in row order (raw
@@ -68,6 +76,25 @@ impl GpuMatrix {
         dtype: DType,
         max_binding: u64,
         pieces: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<GpuMatrix, GpuError> {
+        GpuMatrix::build_with(gpu, name, rows, cols, dtype, max_binding, pieces, &mut || Ok(()))
+    }
+
+    /// [`GpuMatrix::build`], one chunk at a time: each chunk is filled, unmapped and its upload
+    /// submitted and waited for before the next is allocated, so the driver's staging copy of
+    /// only one chunk is alive at a time (on unified-memory devices and lavapipe, staging copies
+    /// of a whole model would double its peak resident memory); `after_chunk` runs after each
+    /// (the engine releases the mapping's pages there).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn build_with<'a>(
+        gpu: &Gpu,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        max_binding: u64,
+        pieces: impl IntoIterator<Item = (u64, &'a [u8])>,
+        after_chunk: &mut dyn FnMut() -> Result<(), GpuError>,
     ) -> Result<GpuMatrix, GpuError> {
         let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
         if rows == 0 || cols == 0 {
@@ -86,29 +113,21 @@ impl GpuMatrix {
             });
         }
         let chunk_rows = ((max_binding / padded) as usize).max(1);
-        let n_chunks = rows.div_ceil(chunk_rows);
-        let chunks: Vec<Chunk> = gpu.scoped(&format!("allocating {name}"), || {
-            (0..n_chunks)
-                .map(|c| {
-                    let row_start = c * chunk_rows;
-                    let n = chunk_rows.min(rows - row_start);
-                    let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some(name),
-                        size: n as u64 * padded,
-                        usage: wgpu::BufferUsages::STORAGE,
-                        mapped_at_creation: true,
-                    });
-                    Chunk { buffer, row_start, rows: n }
-                })
-                .collect()
-        })?;
-        let mut views = Vec::with_capacity(chunks.len());
-        for c in &chunks {
-            views.push(c.buffer.get_mapped_range_mut(..).map_err(|e| GpuError::Wgpu {
-                during: format!("mapping {name} for upload"),
-                message: e.to_string(),
-            })?);
-        }
+        let mut chunks: Vec<Chunk> = Vec::with_capacity(rows.div_ceil(chunk_rows));
+        // The chunk being filled: its buffer and mapped view.
+        let mut open: Option<(Chunk, wgpu::BufferViewMut)> = None;
+        let mut finish =
+            |open: &mut Option<(Chunk, wgpu::BufferViewMut)>, chunks: &mut Vec<Chunk>| -> Result<(), GpuError> {
+                if let Some((chunk, view)) = open.take() {
+                    drop(view);
+                    chunk.buffer.unmap();
+                    gpu.queue.submit([]);
+                    gpu.wait()?;
+                    chunks.push(chunk);
+                    after_chunk()?;
+                }
+                Ok(())
+            };
         let mut next = 0usize;
         for (first, bytes) in pieces {
             if first as usize != next || bytes.len() % row_bytes != 0 {
@@ -118,16 +137,31 @@ impl GpuMatrix {
                 if next >= rows {
                     break;
                 }
-                let c = next / chunk_rows;
-                let off = (next - c * chunk_rows) * padded as usize;
-                views[c].slice(off..off + row_bytes).copy_from_slice(row);
+                if next.is_multiple_of(chunk_rows) {
+                    finish(&mut open, &mut chunks)?;
+                    let n = chunk_rows.min(rows - next);
+                    let buffer = gpu.scoped(&format!("allocating {name}"), || {
+                        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some(name),
+                            size: n as u64 * padded,
+                            usage: wgpu::BufferUsages::STORAGE,
+                            mapped_at_creation: true,
+                        })
+                    })?;
+                    let view = buffer.get_mapped_range_mut(..).map_err(|e| GpuError::Wgpu {
+                        during: format!("mapping {name} for upload"),
+                        message: e.to_string(),
+                    })?;
+                    open = Some((Chunk { buffer, row_start: next, rows: n }, view));
+                }
+                if let Some((chunk, view)) = open.as_mut() {
+                    let off = (next - chunk.row_start) * padded as usize;
+                    view.slice(off..off + row_bytes).copy_from_slice(row);
+                }
                 next += 1;
             }
         }
-        drop(views);
-        for c in &chunks {
-            c.buffer.unmap();
-        }
+        finish(&mut open, &mut chunks)?;
         if next != rows {
             return Err(bad(format!("segments cover {next} rows, {rows} needed")));
         }

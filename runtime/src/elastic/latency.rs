@@ -1,0 +1,892 @@
+//! The per-device latency cost model: decode milliseconds per token of any submodel, from short
+//! timings of each kernel class on this device at the model's real shapes, plus a fixed
+//! per-token part fitted to a few real decodes; cached per device and model shape.
+//!
+//! # Kernel classes
+//!
+//! A decode step (one token) of the engines runs, per layer, the attention projections
+//! ([`KernelClass::AttentionProjections`]: `q`, `k`, `v`, `o` GEMVs at `d_model`), attention
+//! over the KV cache ([`KernelClass::Attention`], linear in the context), the FFN up (and gate)
+//! GEMVs at the layer's width ([`KernelClass::FfnUp`]) and the down GEMV
+//! ([`KernelClass::FfnDown`]); then the LM head ([`KernelClass::LmHead`]). Norms, RoPE,
+//! residual adds, the FFN activation, the embedding row and the argmax are one class,
+//! [`KernelClass::SmallOps`].
+//!
+//! # Prediction
+//!
+//! For an entry with FFN widths `w_i` at `c` tokens of context:
+//!
+//! ```text
+//! kernels = n_layers * (proj + attn0 + attn1 * c + small_layer)
+//!         + sum_i (up(w_i) + act(w_i) + down(w_i))
+//!         + head + small_token
+//! ms = fixed + scale * kernels
+//! ```
+//!
+//! where every term of `kernels` is a measured kernel time ([`KernelTimings`]), and `fixed`
+//! and `scale` are fitted to real decodes ([`FitRun`], least squares; the smallest and the
+//! largest uniform submodel): `fixed` is what a pass costs beyond its kernels (allocation,
+//! thread wake-ups, command recording, synchronisation), `scale` how much slower or faster
+//! the kernels run inside a pass than alone (cache state, overlap). The kernel timings give
+//! the shape of the cost over widths and classes, the decodes anchor its level. With one
+//! decode, or a scale outside [`SCALE_RANGE`], `scale = 1` and `fixed` is the median residual. Widths must be those of the file
+//! (the model is keyed by them), so every `w_i` has a measured row.
+//!
+//! # Cache
+//!
+//! A model is stored as one small JSON file keyed by the device ([`DeviceId`]: CPU model name
+//! and thread count, or GPU adapter name and driver) and the model's shape
+//! ([`ShapeFingerprint`]: dimensions, widths and dtype, never the file path), by default
+//! `$XDG_CACHE_HOME/matformer/cost-<backend>-<key>.json` (fallback `~/.cache/matformer/`).
+//! [`DeviceCostModel::load`] refuses (with a [`CacheMiss`] reason, never a panic) a missing,
+//! unreadable, corrupt, older-schema or mismatching file; the caller recalibrates and
+//! overwrites it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::catalog::{CatalogEntry, ModelSummary};
+use crate::format::{DType, Metadata};
+use crate::ModelFile;
+
+/// Accepted range of the fitted [`DeviceCostModel::scale`]. Kernels timed alone and inside a
+/// real pass differ by cache state, thread wake-ups and dispatch overlap: within a factor of
+/// 2 on the machines measured (docs/latency.md). A fit outside a factor of 4 means the fit
+/// decodes or the kernel timings were disturbed (another process took the cores), and the
+/// unscaled sum with a fixed offset is the safer model.
+pub const SCALE_RANGE: (f64, f64) = (0.25, 4.0);
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Value of [`DeviceCostModel::schema`] this version writes and reads.
+pub const COST_MODEL_SCHEMA: &str = "matformer.cost_model/1";
+
+/// One class of kernels of a decode step (module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelClass {
+    /// `q`, `k`, `v`, `o` GEMVs of every layer.
+    AttentionProjections,
+    /// Attention of every head over the KV cache (linear in the context).
+    Attention,
+    /// FFN up (and gate) GEMVs at each layer's width.
+    FfnUp,
+    /// FFN down GEMV at each layer's width.
+    FfnDown,
+    /// The vocabulary projection.
+    LmHead,
+    /// Norms, RoPE, residual adds, FFN activation, embedding row, argmax.
+    SmallOps,
+}
+
+impl KernelClass {
+    /// Every class, in decode order.
+    pub const ALL: [KernelClass; 6] = [
+        KernelClass::AttentionProjections,
+        KernelClass::Attention,
+        KernelClass::FfnUp,
+        KernelClass::FfnDown,
+        KernelClass::LmHead,
+        KernelClass::SmallOps,
+    ];
+
+    /// Snake-case name (`"ffn_up"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelClass::AttentionProjections => "attention_projections",
+            KernelClass::Attention => "attention",
+            KernelClass::FfnUp => "ffn_up",
+            KernelClass::FfnDown => "ffn_down",
+            KernelClass::LmHead => "lm_head",
+            KernelClass::SmallOps => "small_ops",
+        }
+    }
+}
+
+/// The device a cost model was measured on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceId {
+    /// `"cpu"` or `"gpu"`.
+    pub backend: String,
+    /// CPU model name (`/proc/cpuinfo`) or GPU adapter name.
+    pub name: String,
+    /// CPU: `"<n> threads"`; GPU: the driver name and version.
+    pub detail: String,
+}
+
+impl DeviceId {
+    /// `cpu AMD EPYC (2 threads)`.
+    pub fn describe(&self) -> String {
+        format!("{} {} ({})", self.backend, self.name, self.detail)
+    }
+}
+
+/// The shape of a model, as far as decode time depends on it (not its weights or path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeFingerprint {
+    /// Residual width.
+    pub d_model: u32,
+    /// Blocks.
+    pub n_layers: u32,
+    /// Query heads.
+    pub n_heads: u32,
+    /// Key/value heads.
+    pub n_kv_heads: u32,
+    /// Head width.
+    pub head_dim: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// Gated FFN (up and gate GEMVs).
+    pub gated_ffn: bool,
+    /// LM head tied to the embeddings.
+    pub tied_embeddings: bool,
+    /// Weight dtype of the FFN tensors (`"f16"` or `"f32"`).
+    pub dtype: String,
+    /// FFN width of every level of every layer (`ffn_widths` of the metadata).
+    pub ffn_widths: Vec<Vec<u32>>,
+}
+
+impl ShapeFingerprint {
+    /// The fingerprint of `model`.
+    pub fn of(model: &ModelFile) -> ShapeFingerprint {
+        let dtype = model
+            .view()
+            .tensors
+            .iter()
+            .find(|t| t.name.ends_with(crate::format::names::FFN_UP))
+            .map_or(DType::F16, |t| t.dtype);
+        ShapeFingerprint::from_metadata(model.metadata(), dtype)
+    }
+
+    /// The fingerprint of a model with this metadata and weight dtype.
+    pub fn from_metadata(meta: &Metadata, dtype: DType) -> ShapeFingerprint {
+        let a = &meta.architecture;
+        ShapeFingerprint {
+            d_model: a.d_model,
+            n_layers: a.n_layers,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            head_dim: a.head_dim,
+            vocab_size: a.vocab_size,
+            gated_ffn: a.gated_ffn,
+            tied_embeddings: a.tied_embeddings,
+            dtype: match dtype {
+                DType::F32 => "f32".to_string(),
+                _ => "f16".to_string(),
+            },
+            ffn_widths: meta.ffn_widths.clone(),
+        }
+    }
+
+    /// Bytes per weight element.
+    pub fn weight_bytes(&self) -> u64 {
+        if self.dtype == "f32" {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// The distinct FFN widths of every layer and level, ascending (0 excluded).
+    pub fn distinct_widths(&self) -> Vec<u32> {
+        let mut w: Vec<u32> = self.ffn_widths.iter().flatten().copied().filter(|&w| w > 0).collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    }
+
+    /// A short hexadecimal key of this shape on `device` (CRC-32 of both, as JSON).
+    pub fn cache_key(&self, device: &DeviceId) -> String {
+        let mut h = crc32fast::Hasher::new();
+        h.update(serde_json::to_string(device).unwrap_or_default().as_bytes());
+        h.update(serde_json::to_string(self).unwrap_or_default().as_bytes());
+        format!("{:08x}", h.finalize())
+    }
+
+    /// Bytes and FLOPs per token of `class` for widths `widths` at `context` tokens (matrix
+    /// products: 2 FLOPs per multiply-add; attention: `q.k` and the weighted sum of `v` over
+    /// the f32 KV cache; small ops: norm weights, embedding row and logits, FLOPs not
+    /// counted).
+    pub fn class_work(&self, class: KernelClass, widths: &[u32], context: u32) -> (f64, f64) {
+        let (d, l) = (f64::from(self.d_model), f64::from(self.n_layers));
+        let q = f64::from(self.n_heads) * f64::from(self.head_dim);
+        let kv = f64::from(self.n_kv_heads) * f64::from(self.head_dim);
+        let eb = self.weight_bytes() as f64;
+        let sum_w: f64 = widths.iter().map(|&w| f64::from(w)).sum();
+        let c = f64::from(context);
+        let params = match class {
+            KernelClass::AttentionProjections => l * (2.0 * q * d + 2.0 * kv * d),
+            KernelClass::FfnUp => sum_w * d * if self.gated_ffn { 2.0 } else { 1.0 },
+            KernelClass::FfnDown => sum_w * d,
+            KernelClass::LmHead => f64::from(self.vocab_size) * d,
+            KernelClass::Attention => {
+                return (l * c * 2.0 * kv * 4.0, l * c * 4.0 * q);
+            }
+            KernelClass::SmallOps => {
+                let bytes = l * 2.0 * d * 4.0 + d * eb + d * 4.0 + f64::from(self.vocab_size) * 4.0;
+                return (bytes, 0.0);
+            }
+        };
+        (params * eb, 2.0 * params)
+    }
+}
+
+/// Measured time of one FFN width, milliseconds for one layer and one token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WidthCost {
+    /// FFN neurons.
+    pub width: u32,
+    /// Up (and gate) GEMVs.
+    pub up_ms: f64,
+    /// Down GEMV.
+    pub down_ms: f64,
+    /// Activation (counted as a small op).
+    pub act_ms: f64,
+}
+
+/// Kernel times of one device and model shape, milliseconds per token (module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KernelTimings {
+    /// Attention projections of one layer.
+    pub attention_projections_ms: f64,
+    /// Attention of one layer at zero context (intercept).
+    pub attention_ms_at_zero: f64,
+    /// Attention of one layer per token of context (slope).
+    pub attention_ms_per_context_token: f64,
+    /// One row per FFN width of the model, ascending.
+    pub ffn: Vec<WidthCost>,
+    /// LM head.
+    pub lm_head_ms: f64,
+    /// Norms, RoPE and residual adds of one layer.
+    pub small_ms_per_layer: f64,
+    /// Embedding row, RoPE angles, final norm and argmax of one token.
+    pub small_ms_per_token: f64,
+    /// How each class was obtained (`"timed: ..."`, `"fitted: ..."`), by class name.
+    pub sources: Vec<(KernelClass, String)>,
+}
+
+impl KernelTimings {
+    /// The row of `width`.
+    pub fn width(&self, width: u32) -> Option<&WidthCost> {
+        self.ffn.iter().find(|w| w.width == width)
+    }
+
+    /// How `class` was obtained.
+    pub fn source(&self, class: KernelClass) -> &str {
+        self.sources.iter().find(|(c, _)| *c == class).map_or("", |(_, s)| s.as_str())
+    }
+
+    /// Milliseconds per token of every class for `widths` at `context` tokens, in
+    /// [`KernelClass::ALL`] order; an error names a width without a measured row.
+    pub fn class_ms(&self, widths: &[u32], context: u32) -> Result<[f64; 6], CostModelError> {
+        let l = widths.len() as f64;
+        let (mut up, mut down, mut act) = (0.0, 0.0, 0.0);
+        for &w in widths {
+            if w == 0 {
+                continue;
+            }
+            let row = self.width(w).ok_or(CostModelError::UnknownWidth { width: w })?;
+            up += row.up_ms;
+            down += row.down_ms;
+            act += row.act_ms;
+        }
+        Ok([
+            l * self.attention_projections_ms,
+            l * (self.attention_ms_at_zero + self.attention_ms_per_context_token * f64::from(context)),
+            up,
+            down,
+            self.lm_head_ms,
+            l * self.small_ms_per_layer + act + self.small_ms_per_token,
+        ])
+    }
+
+    fn values(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
+        [
+            ("attention_projections_ms", self.attention_projections_ms),
+            ("attention_ms_at_zero", self.attention_ms_at_zero),
+            ("attention_ms_per_context_token", self.attention_ms_per_context_token),
+            ("lm_head_ms", self.lm_head_ms),
+            ("small_ms_per_layer", self.small_ms_per_layer),
+            ("small_ms_per_token", self.small_ms_per_token),
+        ]
+        .into_iter()
+        .chain(
+            self.ffn
+                .iter()
+                .flat_map(|w| [("ffn up_ms", w.up_ms), ("ffn down_ms", w.down_ms), ("ffn act_ms", w.act_ms)]),
+        )
+    }
+}
+
+/// One real decode used to fit the fixed part, or to check a prediction.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FitRun {
+    /// Submodel name.
+    pub entry: String,
+    /// FFN width per layer.
+    pub widths: Vec<u32>,
+    /// Mean context of the timed decode steps, tokens.
+    pub context: f64,
+    /// Decode steps timed.
+    pub tokens: usize,
+    /// Measured milliseconds per decoded token: the fastest step.
+    pub measured_ms: f64,
+    /// Mean of the timed steps, milliseconds (0 when not recorded).
+    #[serde(default)]
+    pub mean_ms: f64,
+}
+
+/// Per-class prediction for one submodel and context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// Milliseconds per token of each class inside a pass (timed alone, times the fitted
+    /// scale), in [`KernelClass::ALL`] order.
+    pub classes: Vec<(KernelClass, f64)>,
+    /// The fixed part.
+    pub fixed_ms: f64,
+    /// Sum of the classes and the fixed part.
+    pub total_ms: f64,
+}
+
+/// A device's latency cost model for one model shape (module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceCostModel {
+    /// [`COST_MODEL_SCHEMA`].
+    pub schema: String,
+    /// Where it was measured.
+    pub device: DeviceId,
+    /// For which model shape.
+    pub shape: ShapeFingerprint,
+    /// Kernel times.
+    pub kernels: KernelTimings,
+    /// Fixed part per token, milliseconds (fitted to `fit_runs`).
+    pub fixed_ms_per_token: f64,
+    /// Factor from the kernels timed alone to their time inside a real pass (fitted to
+    /// `fit_runs`; 1 when not fitted).
+    #[serde(default = "one")]
+    pub scale: f64,
+    /// The decodes the fixed part was fitted to.
+    pub fit_runs: Vec<FitRun>,
+    /// Wall time of the whole calibration, seconds.
+    pub calibration_seconds: f64,
+    /// When it was measured (seconds since the Unix epoch).
+    pub created_unix_s: u64,
+}
+
+/// Errors of the cost model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CostModelError {
+    /// A width without a measured row (the model was calibrated for another file shape).
+    #[error("no kernel timing for FFN width {width}: the cost model was calibrated for another model shape")]
+    UnknownWidth {
+        /// The width.
+        width: u32,
+    },
+    /// A number of the model is not usable.
+    #[error("invalid cost model: {reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: String,
+    },
+    /// Calibration failed.
+    #[error("latency calibration failed: {reason}")]
+    Calibration {
+        /// What failed.
+        reason: String,
+    },
+    /// Writing the cache file failed.
+    #[error("cannot write the cost cache {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Why a cached cost model was not used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheMiss {
+    /// No file.
+    #[error("no cost cache at {path}")]
+    NotFound {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file could not be read.
+    #[error("cost cache {path} is unreadable: {reason}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The file is not a cost model of this schema.
+    #[error("cost cache {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse or validation error.
+        reason: String,
+    },
+    /// Measured on another device.
+    #[error("cost cache {path} was measured on {cached}, not {wanted}")]
+    OtherDevice {
+        /// The file.
+        path: PathBuf,
+        /// Its device.
+        cached: String,
+        /// This device.
+        wanted: String,
+    },
+    /// Measured for another model shape.
+    #[error("cost cache {path} was measured for another model shape ({difference})")]
+    OtherShape {
+        /// The file.
+        path: PathBuf,
+        /// The first difference.
+        difference: String,
+    },
+}
+
+impl DeviceCostModel {
+    /// A model from measured kernel times and fit decodes (module documentation): with two or
+    /// more fit decodes of different kernel sums, `measured = fixed + scale * kernels` by
+    /// least squares, kept when the scale lies in [`SCALE_RANGE`]; otherwise (or with one
+    /// decode) `scale = 1` and `fixed` is the median of `measured - kernels` (0 without runs).
+    pub fn fit(
+        device: DeviceId,
+        shape: ShapeFingerprint,
+        kernels: KernelTimings,
+        fit_runs: Vec<FitRun>,
+        calibration_seconds: f64,
+    ) -> Result<DeviceCostModel, CostModelError> {
+        let mut model = DeviceCostModel {
+            schema: COST_MODEL_SCHEMA.to_string(),
+            device,
+            shape,
+            kernels,
+            fixed_ms_per_token: 0.0,
+            scale: 1.0,
+            fit_runs,
+            calibration_seconds,
+            created_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let mut xs = Vec::new();
+        for r in &model.fit_runs {
+            xs.push(model.kernels_ms(&r.widths, r.context)?);
+        }
+        let ys: Vec<f64> = model.fit_runs.iter().map(|r| r.measured_ms).collect();
+        let n = xs.len() as f64;
+        let (mx, my) = (xs.iter().sum::<f64>() / n.max(1.0), ys.iter().sum::<f64>() / n.max(1.0));
+        let sxx: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
+        let sxy: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+        let slope = sxy / sxx;
+        if xs.len() >= 2 && sxx > 0.0 && slope.is_finite() && (SCALE_RANGE.0..=SCALE_RANGE.1).contains(&slope) {
+            model.scale = slope;
+            model.fixed_ms_per_token = my - slope * mx;
+        } else {
+            let mut residuals: Vec<f64> = ys.iter().zip(&xs).map(|(y, x)| y - x).collect();
+            model.fixed_ms_per_token = median(&mut residuals);
+        }
+        model.check().map_err(|reason| CostModelError::Invalid { reason })?;
+        Ok(model)
+    }
+
+    /// Sum of the kernel classes (no fixed part) at a fractional context.
+    fn kernels_ms(&self, widths: &[u32], context: f64) -> Result<f64, CostModelError> {
+        let at0 = self.kernels.class_ms(widths, 0)?;
+        let slope = widths.len() as f64 * self.kernels.attention_ms_per_context_token;
+        Ok(at0.iter().sum::<f64>() + slope * context)
+    }
+
+    /// Per-class prediction for FFN widths `widths` (one per layer) at `context` tokens.
+    pub fn breakdown(&self, widths: &[u32], context: u32) -> Result<Breakdown, CostModelError> {
+        if widths.len() != self.shape.n_layers as usize {
+            return Err(CostModelError::Invalid {
+                reason: format!("{} widths given, the model has {} layers", widths.len(), self.shape.n_layers),
+            });
+        }
+        let ms = self.kernels.class_ms(widths, context)?.map(|m| m * self.scale);
+        let total_ms = ms.iter().sum::<f64>() + self.fixed_ms_per_token;
+        Ok(Breakdown {
+            classes: KernelClass::ALL.iter().copied().zip(ms).collect(),
+            fixed_ms: self.fixed_ms_per_token,
+            total_ms,
+        })
+    }
+
+    /// Predicted milliseconds per token for FFN widths `widths` at `context` tokens.
+    pub fn ms_per_token_widths(&self, widths: &[u32], context: u32) -> Result<f64, CostModelError> {
+        Ok(self.breakdown(widths, context)?.total_ms)
+    }
+
+    /// Predicted milliseconds per token of a timed decode (its widths at its mean context),
+    /// for comparing with `run.measured_ms`.
+    pub fn predict_run(&self, run: &FitRun) -> Result<f64, CostModelError> {
+        self.breakdown(&run.widths, 0)?;
+        Ok(self.scale * self.kernels_ms(&run.widths, run.context)? + self.fixed_ms_per_token)
+    }
+
+    /// Predicted milliseconds to decode one token of `entry` with `context` tokens cached.
+    pub fn ms_per_token(&self, entry: &CatalogEntry, context: u32) -> Result<f64, CostModelError> {
+        self.ms_per_token_widths(&entry.widths, context)
+    }
+
+    /// Why the model cannot be used, if so (non-finite or negative kernel times, a
+    /// non-finite fixed part, an FFN row missing for a width of its shape).
+    pub fn check(&self) -> Result<(), String> {
+        if self.schema != COST_MODEL_SCHEMA {
+            return Err(format!("schema {:?}, this runtime reads {COST_MODEL_SCHEMA:?}", self.schema));
+        }
+        for (what, v) in self.kernels.values() {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("kernel time {what} is {v}, expected a finite number >= 0"));
+            }
+        }
+        if !self.fixed_ms_per_token.is_finite() {
+            return Err(format!("fixed_ms_per_token is {}", self.fixed_ms_per_token));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(format!("scale is {}, expected a positive number", self.scale));
+        }
+        for w in self.shape.distinct_widths() {
+            if self.kernels.width(w).is_none() {
+                return Err(format!("no kernel timing for FFN width {w} of the model shape"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the model does not fit `summary` (a catalog's model), if so.
+    pub fn check_summary(&self, summary: &ModelSummary) -> Result<(), String> {
+        let s = &self.shape;
+        let ours = (s.d_model, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, s.vocab_size);
+        let theirs = (
+            summary.d_model,
+            summary.n_layers,
+            summary.n_heads,
+            summary.n_kv_heads,
+            summary.head_dim,
+            summary.vocab_size,
+        );
+        if ours != theirs {
+            return Err(format!(
+                "cost model is for (d_model, n_layers, n_heads, n_kv_heads, head_dim, vocab) {ours:?}, the catalog's model is {theirs:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The first difference between this model's key and (`device`, `shape`), if any.
+    fn mismatch(&self, path: &Path, device: &DeviceId, shape: &ShapeFingerprint) -> Option<CacheMiss> {
+        if &self.device != device {
+            return Some(CacheMiss::OtherDevice {
+                path: path.to_path_buf(),
+                cached: self.device.describe(),
+                wanted: device.describe(),
+            });
+        }
+        if &self.shape != shape {
+            let a = serde_json::to_value(&self.shape).unwrap_or_default();
+            let b = serde_json::to_value(shape).unwrap_or_default();
+            let difference = match (a.as_object(), b.as_object()) {
+                (Some(a), Some(b)) => a
+                    .iter()
+                    .find(|(k, v)| b.get(*k) != Some(*v))
+                    .map(|(k, v)| format!("{k}: cached {v}, model {}", b.get(k).cloned().unwrap_or_default()))
+                    .unwrap_or_else(|| "fields differ".to_string()),
+                _ => "fields differ".to_string(),
+            };
+            return Some(CacheMiss::OtherShape { path: path.to_path_buf(), difference });
+        }
+        None
+    }
+
+    /// Parses a cached model and checks it is for `device` and `shape`.
+    pub fn from_json(text: &str, path: &Path, device: &DeviceId, shape: &ShapeFingerprint) -> Result<Self, CacheMiss> {
+        let corrupt = |reason: String| CacheMiss::Corrupt { path: path.to_path_buf(), reason };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+        let schema = value.get("schema").and_then(|s| s.as_str()).unwrap_or("");
+        if schema != COST_MODEL_SCHEMA {
+            return Err(corrupt(format!("schema {schema:?}, this runtime reads {COST_MODEL_SCHEMA:?}")));
+        }
+        let model: DeviceCostModel = serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
+        if let Some(miss) = model.mismatch(path, device, shape) {
+            return Err(miss);
+        }
+        model.check().map_err(corrupt)?;
+        Ok(model)
+    }
+
+    /// Loads the model cached at `path` for `device` and `shape`; any problem is a
+    /// [`CacheMiss`] saying why (the caller recalibrates).
+    pub fn load(path: &Path, device: &DeviceId, shape: &ShapeFingerprint) -> Result<DeviceCostModel, CacheMiss> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CacheMiss::NotFound { path: path.to_path_buf() })
+            }
+            Err(e) => return Err(CacheMiss::Unreadable { path: path.to_path_buf(), reason: e.to_string() }),
+        };
+        DeviceCostModel::from_json(&text, path, device, shape)
+    }
+
+    /// Writes the model to `path` (parent directories created; written to a temporary file
+    /// and renamed, so a reader never sees half a file).
+    pub fn save(&self, path: &Path) -> Result<(), CostModelError> {
+        let write = |source: std::io::Error| CostModelError::Write { path: path.to_path_buf(), source };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(write)?;
+        }
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| write(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".tmp{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, text).map_err(write)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            write(e)
+        })
+    }
+}
+
+/// Median of `v` (mean of the two middle values for an even count; 0 when empty).
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The cache directory: `$XDG_CACHE_HOME/matformer`, else `$HOME/.cache/matformer`; `None`
+/// when neither variable is set to an absolute path.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").and_then(abs) {
+        return Some(dir.join("matformer"));
+    }
+    std::env::var_os("HOME").and_then(abs).map(|h| h.join(".cache").join("matformer"))
+}
+
+/// The default cache file of (`device`, `shape`): `cost-<backend>-<key>.json` in
+/// [`default_cache_dir`].
+pub fn default_cache_path(device: &DeviceId, shape: &ShapeFingerprint) -> Option<PathBuf> {
+    let backend: String = device.backend.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    default_cache_dir().map(|d| d.join(format!("cost-{backend}-{}.json", shape.cache_key(device))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> ShapeFingerprint {
+        ShapeFingerprint {
+            d_model: 8,
+            n_layers: 3,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 4,
+            vocab_size: 16,
+            gated_ffn: true,
+            tied_embeddings: false,
+            dtype: "f16".into(),
+            ffn_widths: vec![vec![4, 8]; 3],
+        }
+    }
+
+    fn device() -> DeviceId {
+        DeviceId { backend: "cpu".into(), name: "Test CPU".into(), detail: "2 threads".into() }
+    }
+
+    fn kernels() -> KernelTimings {
+        KernelTimings {
+            attention_projections_ms: 1.0,
+            attention_ms_at_zero: 0.5,
+            attention_ms_per_context_token: 0.01,
+            ffn: vec![
+                WidthCost { width: 4, up_ms: 2.0, down_ms: 1.0, act_ms: 0.25 },
+                WidthCost { width: 8, up_ms: 4.0, down_ms: 2.0, act_ms: 0.5 },
+            ],
+            lm_head_ms: 3.0,
+            small_ms_per_layer: 0.1,
+            small_ms_per_token: 0.2,
+            sources: vec![],
+        }
+    }
+
+    /// Tolerance of the f64 sums below (a few ulps of values near 100).
+    const SUM_TOLERANCE: f64 = 1e-9;
+
+    #[test]
+    fn prediction_is_the_sum_of_the_classes_and_the_fitted_fixed_part() {
+        let widths = [4, 4, 8];
+        // Per class at context 100: proj 3, attention 3 * (0.5 + 1) = 4.5, up 8, down 4,
+        // head 3, small 0.3 + 1.0 + 0.2 = 1.5; total 24.
+        let runs = vec![
+            FitRun {
+                entry: "a".into(),
+                widths: widths.to_vec(),
+                context: 100.0,
+                tokens: 4,
+                measured_ms: 25.0,
+                mean_ms: 25.0,
+            },
+            FitRun {
+                entry: "b".into(),
+                widths: vec![8, 8, 8],
+                context: 100.0,
+                tokens: 4,
+                measured_ms: 33.75,
+                mean_ms: 33.75,
+            },
+        ];
+        // Run b: proj 3, attn 4.5, up 12, down 6, head 3, small 0.3 + 1.5 + 0.2 = 2; total 30.5.
+        // The line through (24, 25) and (30.5, 33.75): scale 1.346..., fixed -7.307...
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), runs.clone(), 1.0).expect("fit");
+        let scale = 8.75 / 6.5;
+        assert!((m.scale - scale).abs() < SUM_TOLERANCE);
+        assert!((m.fixed_ms_per_token - (25.0 - 24.0 * scale)).abs() < SUM_TOLERANCE);
+        for r in &runs {
+            assert!((m.predict_run(r).expect("predict") - r.measured_ms).abs() < SUM_TOLERANCE, "two runs fit exactly");
+        }
+        let b = m.breakdown(&widths, 100).expect("breakdown");
+        let expect = [3.0, 4.5, 8.0, 4.0, 3.0, 1.5];
+        for ((class, ms), e) in b.classes.iter().zip(expect) {
+            assert!((ms - e * scale).abs() < SUM_TOLERANCE, "{}: {ms} != {e} * scale", class.name());
+        }
+        assert!((b.total_ms - 25.0).abs() < SUM_TOLERANCE);
+        assert!((m.ms_per_token_widths(&widths, 0).expect("ms") - (25.0 - 3.0 * scale)).abs() < SUM_TOLERANCE);
+
+        // A scale outside SCALE_RANGE falls back to scale 1 and the median residual:
+        // residuals 1.0 and 70.0 - 30.5 = 39.5, median 20.25.
+        let mut wild = runs;
+        wild[1].measured_ms = 70.0;
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), wild, 1.0).expect("fit");
+        assert_eq!(m.scale, 1.0);
+        assert!((m.fixed_ms_per_token - 20.25).abs() < SUM_TOLERANCE);
+        assert!(matches!(m.ms_per_token_widths(&[4, 4, 5], 0), Err(CostModelError::UnknownWidth { width: 5 })));
+        assert!(m.ms_per_token_widths(&[4, 4], 0).is_err(), "one width per layer");
+        // Work: proj = 3 layers * (2 * 8 * 8 + 2 * 4 * 8) params, 2 bytes each.
+        let (bytes, flops) = m.shape.class_work(KernelClass::AttentionProjections, &widths, 0);
+        assert_eq!((bytes, flops), (3.0 * 192.0 * 2.0, 3.0 * 192.0 * 2.0));
+        let (bytes, flops) = m.shape.class_work(KernelClass::FfnUp, &widths, 0);
+        assert_eq!((bytes, flops), (16.0 * 8.0 * 2.0 * 2.0, 16.0 * 8.0 * 2.0 * 2.0));
+    }
+
+    #[test]
+    fn cache_round_trip_and_refusals() {
+        let dir = std::env::temp_dir().join(format!("matformer-latency-test-{}", std::process::id()));
+        let path = dir.join("sub").join("cost.json");
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), vec![], 0.5).expect("fit");
+        assert!(matches!(DeviceCostModel::load(&path, &device(), &shape()), Err(CacheMiss::NotFound { .. })));
+        m.save(&path).expect("save");
+        assert_eq!(DeviceCostModel::load(&path, &device(), &shape()).expect("load"), m);
+
+        let other_threads = DeviceId { detail: "1 threads".into(), ..device() };
+        let miss = DeviceCostModel::load(&path, &other_threads, &shape()).expect_err("other device");
+        assert!(matches!(miss, CacheMiss::OtherDevice { .. }), "{miss}");
+        let wider = ShapeFingerprint { ffn_widths: vec![vec![4, 16]; 3], ..shape() };
+        let miss = DeviceCostModel::load(&path, &device(), &wider).expect_err("other shape");
+        assert!(miss.to_string().contains("ffn_widths"), "{miss}");
+
+        let text = std::fs::read_to_string(&path).expect("read");
+        for (bad, what) in [
+            (text[..text.len() / 2].to_string(), "truncated"),
+            ("not json".to_string(), "garbage"),
+            (text.replace(COST_MODEL_SCHEMA, "matformer.cost_model/0"), "old schema"),
+            (text.replace("\"lm_head_ms\": 3.0", "\"lm_head_ms\": -3.0"), "negative time"),
+            (text.replace("\"width\": 8", "\"width\": 9"), "missing width row"),
+            (text.replace("\"kernels\"", "\"kernelz\""), "missing field"),
+        ] {
+            assert_ne!(bad, text, "{what}: the edit applies");
+            std::fs::write(&path, &bad).expect("write");
+            let miss = DeviceCostModel::load(&path, &device(), &shape()).expect_err(what);
+            assert!(matches!(miss, CacheMiss::Corrupt { .. }), "{what}: {miss}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let key = shape().cache_key(&device());
+        assert_eq!(key, shape().cache_key(&device()), "stable");
+        assert_ne!(key, shape().cache_key(&other_threads));
+        assert_ne!(key, wider.cache_key(&device()));
+    }
+
+    #[test]
+    fn select_checks_latency_targets_with_the_cost_model() {
+        use crate::elastic::{select, Catalog, Constraint, DeviceBudget, LatencyEstimator, Policy, SelectError};
+        use crate::Submodel;
+        let entry = |name: &str, w: u32, level: u8| CatalogEntry {
+            name: name.to_string(),
+            levels: Submodel { levels: vec![level; 3] },
+            widths: vec![w; 3],
+            weight_bytes: u64::from(w) * 1000,
+            decode_bytes_per_token: u64::from(w) * 1000,
+            kv_bytes_per_token: 64,
+            flops_per_token: u64::from(w) * 100,
+            predicted_loss: None,
+            measured_loss: None,
+        };
+        let catalog = Catalog {
+            model: ModelSummary {
+                d_model: 8,
+                n_layers: 3,
+                n_heads: 2,
+                n_kv_heads: 1,
+                head_dim: 4,
+                vocab_size: 16,
+                max_context: 100,
+                level_names: vec!["s".into(), "xl".into()],
+                available_levels: 2,
+                shared_weight_bytes: 0,
+                kv_bytes_per_token: 64,
+                attention_flops_per_context_token: 96,
+            },
+            entries: vec![entry("s", 4, 0), entry("xl", 8, 1)],
+            complete: true,
+            monotone_configs: 2,
+            calibration: None,
+        };
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), vec![], 0.0).expect("fit");
+        // At context 100: s = 3 + 4.5 + 6 + 3 + 3 + 1.25 = 20.75 ms, xl = 3 + 4.5 + 12 + 6 + 3 + 2 = 30.5.
+        let xl_ms = m.ms_per_token(&catalog.entries[1], 100).expect("xl");
+        assert!((xl_ms - 30.5).abs() < SUM_TOLERANCE, "{xl_ms}");
+        let est = LatencyEstimator::from(m.clone());
+        let policy = Policy::default();
+        let budget = |t: f64| DeviceBudget { latency_target_ms_per_token: Some(t), ..Default::default() };
+        let fast = select(&catalog, &budget(25.0), &policy, Some(&est)).expect("plan");
+        assert_eq!(fast.entry.name, "s");
+        assert_eq!(fast.deciding_constraint, Some(Constraint::Latency));
+        assert!((fast.predicted_ms_per_token.expect("ms") - 20.75).abs() < SUM_TOLERANCE);
+        assert_eq!(select(&catalog, &budget(31.0), &policy, Some(&est)).expect("plan").entry.name, "xl");
+        // A cost model of another shape is refused, not silently used.
+        let mut other = m;
+        other.shape.n_layers = 4;
+        let est = LatencyEstimator::from(other);
+        assert!(matches!(select(&catalog, &budget(25.0), &policy, Some(&est)), Err(SelectError::BadPolicy { .. })));
+    }
+
+    #[test]
+    fn invalid_models_are_refused() {
+        let mut k = kernels();
+        k.lm_head_ms = f64::NAN;
+        assert!(matches!(DeviceCostModel::fit(device(), shape(), k, vec![], 0.0), Err(CostModelError::Invalid { .. })));
+        let mut k = kernels();
+        k.ffn.pop();
+        assert!(DeviceCostModel::fit(device(), shape(), k, vec![], 0.0).is_err(), "width 8 missing");
+    }
+}
