@@ -208,6 +208,9 @@ pub fn bench(
             eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}", engine.name());
             let mean_pos = (prompt_len + gen_len / 2) as u32;
             let (weight_bytes, flops_per_token) = submodel_cost(&model, &summary, sub, mean_pos)?;
+            // Earlier rows and the kernel-class timings left other levels' pages resident: hand
+            // them back so the peak below is this submodel's own.
+            model.release_all()?;
             let rss_ok = reset_peak_rss();
             let mut session = engine.session(sub)?;
             // Warm-up: touches the weights once so both backends start from resident pages.
