@@ -10,8 +10,9 @@
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
 //! the class times measured in the same run: on the CPU by replaying the engine's kernels at
 //! the model's shapes (`matformer::cpu::probe`), on the GPU by timing the decode GEMV kernel at
-//! each GEMV class's shape (attention and the small ops are not separable there and are left
-//! in the remainder: measured step minus the timed classes).
+//! each GEMV class's shape and the attention, norm, RoPE, activation and argmax kernels one
+//! dispatch at a time (`OpRunner::time_decode_*`). The remainder is the measured step minus the
+//! timed classes (dispatch, synchronisation, the embedding gather).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -95,7 +96,7 @@ pub struct BenchRow {
     /// Per kernel class, at the mean decode context.
     pub classes: Vec<ClassRow>,
     /// Measured decode step minus the sum of the measured classes, ms per token (dispatch,
-    /// allocation, synchronisation, and on the GPU the classes not measured separately).
+    /// allocation, synchronisation).
     pub remainder_ms_per_token: f64,
 }
 
@@ -117,6 +118,44 @@ pub struct BenchReport {
 fn submodel_cost(model: &ModelFile, summary: &ModelSummary, sub: &Submodel, context: u32) -> Result<(u64, f64)> {
     let entry = CatalogEntry::for_submodel(model, sub)?;
     Ok((entry.decode_bytes_per_token, entry.flops_per_token_at(summary, context) as f64))
+}
+
+/// The GPU classes that are not matrix products, timed one dispatch at a time on the engine's
+/// kernels: attention at 16 and 1,024 tokens of context (a straight line through both), the
+/// per-layer norms and RoPE, the per-token final norm and argmax, and the FFN activation at
+/// every width (the embedding gather is not timed).
+fn time_gpu_small_classes(
+    runner: &matformer::gpu::OpRunner,
+    meta: &matformer::format::Metadata,
+    t: &mut KernelTimings,
+) -> Result<()> {
+    const REPEATS: usize = 20;
+    let a = &meta.architecture;
+    let (h, kvh, hd) = (a.n_heads as usize, a.n_kv_heads as usize, a.head_dim as usize);
+    let (c0, c1) = (16usize.min(a.max_context as usize), 1024usize.min(a.max_context as usize));
+    let at0 = runner.time_decode_attention(h, kvh, hd, c0, REPEATS)?;
+    let at1 = runner.time_decode_attention(h, kvh, hd, c1, REPEATS)?;
+    let slope = if c1 > c0 { ((at1 - at0) / (c1 - c0) as f64).max(0.0) } else { 0.0 };
+    t.attention_ms_per_context_token = slope;
+    t.attention_ms_at_zero = (at0 - slope * c0 as f64).max(0.0);
+    let layer_norm = a.norm == matformer::format::NormKind::LayerNorm;
+    let (per_layer, per_token) =
+        runner.time_decode_small_ops(a.d_model as usize, layer_norm, h, kvh, hd, a.vocab_size as usize, REPEATS)?;
+    t.small_ms_per_layer = per_layer;
+    t.small_ms_per_token = per_token;
+    let gelu = a.activation == matformer::format::Activation::GeluTanh;
+    for w in &mut t.ffn {
+        w.act_ms = runner.time_decode_ffn_act(w.width as usize, a.gated_ffn, gelu, REPEATS)?;
+    }
+    let how = format!("timed: the engine's kernel, one dispatch at a time on {}", runner.adapter().name);
+    for (class, source) in &mut t.sources {
+        match class {
+            KernelClass::Attention => *source = format!("{how}, at {c0} and {c1} tokens of context"),
+            KernelClass::SmallOps => *source = format!("{how} (norms, RoPE, activation, argmax; not the embedding)"),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn reset_peak_rss() -> bool {
@@ -200,7 +239,9 @@ pub fn bench(
             }
             Engine::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
-                matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?
+                let mut t = matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?;
+                time_gpu_small_classes(&runner, &meta, &mut t)?;
+                t
             }
         };
         for sub in &subs {
@@ -230,7 +271,7 @@ pub fn bench(
             let mem_s = weight_bytes as f64 / (cal.read_gb_per_s * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
             let bound = mem_s.max(compute_s);
-            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal, engine.name())?;
+            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal)?;
             let measured_sum: f64 = classes.iter().filter_map(|c| c.ms_per_token).sum();
             rows.push(BenchRow {
                 backend: engine.name().into(),
@@ -347,7 +388,6 @@ fn class_rows(
     widths: &[u32],
     context: u32,
     cal: &Calibration,
-    backend: &str,
 ) -> Result<Vec<ClassRow>> {
     let ms = timings.class_ms(widths, context)?;
     Ok(KernelClass::ALL
@@ -355,7 +395,7 @@ fn class_rows(
         .zip(ms)
         .map(|(&class, ms)| {
             let (bytes, flops) = shape.class_work(class, widths, context);
-            let unmeasured = backend == "gpu" && matches!(class, KernelClass::Attention | KernelClass::SmallOps);
+            let unmeasured = timings.source(class).starts_with("not measured");
             let mem_s = bytes / (cal.read_gb_per_s * 1e9);
             let compute_s = cal.gflops.map_or(0.0, |g| flops / (g * 1e9));
             let ms_per_token = (!unmeasured).then_some(ms);

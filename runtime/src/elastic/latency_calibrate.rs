@@ -9,8 +9,9 @@
 //!   shapes ([`OpRunner::gemv_read_bandwidth`](crate::gpu::OpRunner::gemv_read_bandwidth): many
 //!   dispatches in one submit, so no per-call upload or readback is timed). The down projection
 //!   runs the transposed GEMV in a real pass; it is timed as the plain GEMV over the same
-//!   `[d_model, width]` bytes. Attention and the small ops cannot be isolated through the
-//!   public op API without timing uploads, so they come from real decodes: the smallest
+//!   `[d_model, width]` bytes. For the cost model, attention and the small ops come from real
+//!   decodes (`matformer bench` times them one dispatch at a time with
+//!   `OpRunner::time_decode_*` for its per-class table): the smallest
 //!   uniform submodel at a short and at a long context gives the attention slope, and the
 //!   fitted fixed part holds the small ops, the attention intercept and the per-pass
 //!   overhead. The fixed part and the scale are fitted over every uniform submodel at the

@@ -34,7 +34,7 @@
 //! A [`LatencyEstimator`] predicts the decode time per token:
 //!
 //! - [`LatencyEstimator::DeviceCost`]: the per-device cost model
-//!   ([`DeviceCostModel`](super::latency::DeviceCostModel)): kernel classes timed on this
+//!   ([`DeviceCostModel`]): kernel classes timed on this
 //!   device at the model's shapes plus a fitted fixed part (see [`super::latency`]). Use this.
 //! - [`LatencyEstimator::Roofline`]: a [`LatencyModel`], `ms_per_token = fixed_ms_per_token +
 //!   1000 * (bytes / bytes_per_second + flops / flops_per_second)` with the same bytes and

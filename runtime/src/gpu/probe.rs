@@ -627,6 +627,126 @@ impl OpRunner {
         self.run(&dispatches, &out, t * cols)
     }
 
+    /// Milliseconds of one dispatch of `key` over `buffers` on `grid`: `repeats` dispatches
+    /// recorded in one encoder (one submit, one wait; the best of 3 runs after a warm-up),
+    /// divided by `repeats`.
+    fn time_dispatch(
+        &self,
+        key: PipeKey,
+        buffers: &[&wgpu::Buffer],
+        grid: (u32, u32),
+        repeats: usize,
+    ) -> Result<f64, GpuError> {
+        let repeats = repeats.max(1);
+        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
+        let bind = self.kernels.bind(&self.gpu, key.kernel, buffers)?;
+        let best = best_time(&self.gpu, &pipe, &[(bind, grid)], repeats, "timing a kernel")?;
+        Ok(best / repeats as f64 * 1e3)
+    }
+
+    /// Benchmarks: milliseconds of one decode-step attention dispatch (one query token at
+    /// position `ctx - 1` over `ctx` cached keys and values, the engine's kernel and grid).
+    pub fn time_decode_attention(
+        &self,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        ctx: usize,
+        repeats: usize,
+    ) -> Result<f64, GpuError> {
+        if n_kv_heads == 0 || head_dim == 0 || ctx == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+            return Err(bad_input("time_decode_attention: inconsistent sizes"));
+        }
+        let (q, kv) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let p = self.uniform(&AttentionParams {
+            n_heads: n_heads as u32,
+            group: (n_heads / n_kv_heads) as u32,
+            head_dim: head_dim as u32,
+            q_stride: q as u32,
+            kv_stride: kv as u32,
+            out_stride: q as u32,
+            ctx: ctx as u32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        })?;
+        let (step, qb, kb, vb) = (self.step(ctx - 1, 1)?, self.out(q)?, self.out(ctx * kv)?, self.out(ctx * kv)?);
+        let (scores, out) = (self.out(n_heads * ctx)?, self.out(q)?);
+        let bufs = [&p, &step, &qb, &kb, &vb, &scores, &out];
+        self.time_dispatch(PipeKey::new(Kernel::Attention, "main", &[]), &bufs, (n_heads as u32, 1), repeats)
+    }
+
+    /// Benchmarks: milliseconds of the decode step's small per-layer ops (two RMSNorms over
+    /// `d_model` and RoPE of one token; `layer_norm` times LayerNorm instead) and per-token ops
+    /// (the final norm and the argmax over `vocab` logits), as `(per_layer, per_token)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn time_decode_small_ops(
+        &self,
+        d_model: usize,
+        layer_norm: bool,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        vocab: usize,
+        repeats: usize,
+    ) -> Result<(f64, f64), GpuError> {
+        if d_model == 0 || head_dim == 0 || !head_dim.is_multiple_of(2) || vocab == 0 {
+            return Err(bad_input("time_decode_small_ops: inconsistent sizes"));
+        }
+        let step = self.step(0, 1)?;
+        let np = self.uniform(&NormParams {
+            cols: d_model as u32,
+            in_stride: d_model as u32,
+            out_stride: d_model as u32,
+            last_only: 0,
+            eps: 1e-5,
+            _pad: [0; 3],
+        })?;
+        let (xb, wb, nb, out) = (self.out(d_model)?, self.out(d_model)?, self.out(d_model)?, self.out(d_model)?);
+        let norm_ms = if layer_norm {
+            let bufs = [&np, &step, &xb, &wb, &out, &nb];
+            self.time_dispatch(PipeKey::new(Kernel::LayerNorm, "main", &[]), &bufs, (1, 1), repeats)?
+        } else {
+            let bufs = [&np, &step, &xb, &wb, &out];
+            self.time_dispatch(PipeKey::new(Kernel::RmsNorm, "main", &[]), &bufs, (1, 1), repeats)?
+        };
+        let half = head_dim / 2;
+        let table = self.out(2 * half)?;
+        let rp = self.uniform(&RopeParams {
+            n_heads: n_heads as u32,
+            n_kv_heads: n_kv_heads as u32,
+            head_dim: head_dim as u32,
+            half: half as u32,
+            q_stride: (n_heads * head_dim) as u32,
+            kv_stride: (n_kv_heads * head_dim) as u32,
+            sin_offset: half as u32,
+            _pad: 0,
+        })?;
+        let (qb, kb) = (self.out(n_heads * head_dim)?, self.out(n_kv_heads * head_dim)?);
+        let grid = (((n_heads + n_kv_heads) * half) as u32).div_ceil(64);
+        let rope_ms = self.time_dispatch(
+            PipeKey::new(Kernel::Rope, "main", &[]),
+            &[&rp, &step, &qb, &kb, &table],
+            (grid, 1),
+            repeats,
+        )?;
+        let ap = self.uniform(&ArgmaxParams { n: vocab as u32, _pad: [0; 3] })?;
+        let (lb, ab) = (self.out(vocab)?, self.out(4)?);
+        let argmax_ms =
+            self.time_dispatch(PipeKey::new(Kernel::Argmax, "main", &[]), &[&ap, &lb, &ab], (1, 1), repeats)?;
+        Ok((2.0 * norm_ms + rope_ms, norm_ms + argmax_ms))
+    }
+
+    /// Benchmarks: milliseconds of one decode-step FFN activation dispatch at `width` (SiLU, or
+    /// tanh-GELU when `gelu`; gated when `gated`).
+    pub fn time_decode_ffn_act(&self, width: usize, gated: bool, gelu: bool, repeats: usize) -> Result<f64, GpuError> {
+        if width == 0 {
+            return Err(bad_input("time_decode_ffn_act: zero width"));
+        }
+        let p = self.uniform(&ActParams { width: width as u32, stride: width as u32, _pad: [0; 2] })?;
+        let (step, ub, gb) = (self.step(0, 1)?, self.out(width)?, self.out(width)?);
+        let key = PipeKey::new(Kernel::FfnAct, "main", &[("GATED", gated), ("GELU", gelu)]);
+        self.time_dispatch(key, &[&p, &step, &ub, &gb], ((width as u32).div_ceil(64), 1), repeats)
+    }
+
     /// Calibration for benchmarks: the weight-read bandwidth (GB/s) the decode GEMV kernel
     /// reaches on a packed-f16 `[rows, cols]` matrix, from `repeats` dispatches recorded in one
     /// encoder (one submit, one wait; the best of 3 runs after a warm-up). Decode tokens/s is
