@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use matformer::cpu::{argmax, CpuEngine, Session};
-use matformer::gpu::{GpuEngine, GpuError, GpuOptions, GpuSession};
+use matformer::gpu::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession};
 use matformer::{ModelFile, Submodel};
 
 /// Which engine to run.
@@ -111,24 +111,12 @@ impl Engine {
         Ok(match self {
             Engine::Cpu(e) => Generator::Cpu(e.session(sub)?),
             Engine::Gpu(e) => {
-                let meta = e.model().metadata();
-                let mut target = sub.clone();
-                loop {
-                    match e.session(&target) {
-                        Ok(s) => break Generator::Gpu(Box::new(s)),
-                        Err(err @ GpuError::OutOfMemory { .. }) if target.max_level() > 0 => {
-                            let smaller =
-                                Submodel { levels: target.levels.iter().map(|l| l.saturating_sub(1)).collect() };
-                            eprintln!(
-                                "note: {} does not fit: {err}; running {}",
-                                target.name(meta),
-                                smaller.name(meta)
-                            );
-                            target = smaller;
-                        }
-                        Err(err) => return Err(err.into()),
-                    }
+                let (s, ran, oom) = step_down_on_oom(e.model(), sub, |t| e.session(t))?;
+                if let Some(err) = oom {
+                    let meta = e.model().metadata();
+                    eprintln!("note: {} does not fit: {err}; running {}", sub.name(meta), ran.name(meta));
                 }
+                Generator::Gpu(Box::new(s))
             }
         })
     }

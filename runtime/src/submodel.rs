@@ -171,6 +171,12 @@ impl Submodel {
         self.levels.iter().copied().max().unwrap_or(0)
     }
 
+    /// Every layer one level down (layers at level 0 stay), or `None` when every layer is
+    /// already at level 0: the next smaller submodel to try when this one does not fit.
+    pub fn step_down(&self) -> Option<Submodel> {
+        (self.max_level() > 0).then(|| Submodel { levels: self.levels.iter().map(|l| l.saturating_sub(1)).collect() })
+    }
+
     /// True when every layer uses the same level.
     pub fn is_uniform(&self) -> bool {
         self.levels.windows(2).all(|w| w[0] == w[1])

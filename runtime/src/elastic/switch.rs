@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use crate::cpu::{argmax, CpuEngine, EngineError, Session};
 #[cfg(feature = "gpu")]
-use crate::gpu::{GpuEngine, GpuError, GpuSession};
+use crate::gpu::{step_down_on_oom, GpuEngine, GpuError, GpuSession};
 use crate::{ModelError, ModelFile, Submodel};
 
 /// How a switch moves between two submodels, compared layer by layer.
@@ -186,19 +186,6 @@ impl fmt::Debug for ElasticSession {
     }
 }
 
-/// Every layer one level down, or `None` when every layer is at level 0.
-fn step_down(sub: &Submodel) -> Option<Submodel> {
-    sub.levels
-        .iter()
-        .any(|&l| l > 0)
-        .then(|| Submodel { levels: sub.levels.iter().map(|l| l.saturating_sub(1)).collect() })
-}
-
-#[cfg(feature = "gpu")]
-fn is_oom(e: &GpuError) -> bool {
-    matches!(e, GpuError::OutOfMemory { .. })
-}
-
 impl ElasticSession {
     /// An empty session running `submodel` (one level per layer, each present in the file) on
     /// the CPU engine.
@@ -221,22 +208,8 @@ impl ElasticSession {
     #[cfg(feature = "gpu")]
     pub fn new_gpu(engine: GpuEngine, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
         let meta = engine.model().metadata();
-        let mut target = submodel.clone();
-        let mut fallback = None;
-        let session = loop {
-            match engine.session(&target) {
-                Ok(s) => break s,
-                Err(e) if is_oom(&e) => match step_down(&target) {
-                    Some(smaller) => {
-                        log::warn!("GPU: {} does not fit ({e}); trying {}", target.name(meta), smaller.name(meta));
-                        fallback.get_or_insert_with(|| format!("{} asked: {e}", submodel.name(meta)));
-                        target = smaller;
-                    }
-                    None => return Err(e.into()),
-                },
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let (session, _, oom) = step_down_on_oom(engine.model(), submodel, |s| engine.session(s))?;
+        let fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
         Ok(ElasticSession {
             backend: Backend::Gpu { engine, session: Box::new(session) },
             history: Vec::new(),
@@ -459,25 +432,8 @@ impl ElasticSession {
             Backend::Gpu { engine, session } => {
                 let meta = engine.model().metadata();
                 let previous = session.submodel().clone();
-                let mut target = submodel.clone();
-                let sw = loop {
-                    match session.switch_to(&target) {
-                        Ok(sw) => break sw,
-                        Err(e) if is_oom(&e) => match step_down(&target) {
-                            Some(smaller) => {
-                                log::warn!(
-                                    "GPU: {} does not fit ({e}); trying {}",
-                                    target.name(meta),
-                                    smaller.name(meta)
-                                );
-                                report.fallback.get_or_insert_with(|| format!("{} asked: {e}", submodel.name(meta)));
-                                target = smaller;
-                            }
-                            None => return Err(e.into()),
-                        },
-                        Err(e) => return Err(e.into()),
-                    }
-                };
+                let (sw, _, oom) = step_down_on_oom(engine.model(), submodel, |s| session.switch_to(s))?;
+                report.fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
                 report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
                 report.uploaded_bytes = sw.uploaded_bytes;
                 if sw.cache_kept {
@@ -565,7 +521,7 @@ impl ElasticSession {
     /// for it.
     pub fn on_memory_pressure(&mut self, pressure: MemoryPressure) -> Result<PressureReport, ElasticError> {
         let target = match pressure {
-            MemoryPressure::Moderate => step_down(self.submodel()).unwrap_or_else(|| self.submodel().clone()),
+            MemoryPressure::Moderate => self.submodel().step_down().unwrap_or_else(|| self.submodel().clone()),
             MemoryPressure::Critical => Submodel::uniform(0, self.submodel().levels.len()),
         };
         let switch = self.switch_to(&target)?;

@@ -208,9 +208,6 @@ impl Inner {
             self.check_limit_with(missing, store.bytes(), "uploading FFN weight prefixes")?;
         }
         let (layers, stats) = store.ensure(&self.gpu, &shapes, widths)?;
-        if stats.uploaded_bytes > 0 && self.options.release_uploaded_pages {
-            self.model.release_all()?;
-        }
         Ok((layers, stats.uploaded_bytes))
     }
 }
@@ -445,11 +442,7 @@ impl GpuEngine {
         let widths = widths_of(model, submodel);
         let shapes = inner.ffn_shapes();
         let mut store = inner.ffn.lock().map_err(|_| poisoned())?;
-        let stats = store.trim(&inner.gpu, &shapes, &widths)?;
-        if stats.uploaded_bytes > 0 && inner.options.release_uploaded_pages {
-            model.release_all()?;
-        }
-        Ok(stats.released_bytes)
+        Ok(store.trim(&inner.gpu, &shapes, &widths)?.released_bytes)
     }
 
     /// A session running `submodel` (one level per layer, each present in the file): makes the
@@ -458,6 +451,34 @@ impl GpuEngine {
     /// (pipelines, uniforms, bind groups) once.
     pub fn session(&self, submodel: &Submodel) -> Result<GpuSession, GpuError> {
         GpuSession::new(Arc::clone(&self.inner), submodel)
+    }
+}
+
+/// Runs `attempt` on `submodel` and, while it fails with [`GpuError::OutOfMemory`], on the
+/// next smaller submodel ([`Submodel::step_down`]) until one fits. Returns the value, the
+/// submodel that fitted, and the first out-of-memory error when it had to step down. Other
+/// errors, and running out of memory at level 0, are returned as they are.
+pub fn step_down_on_oom<T>(
+    model: &ModelFile,
+    submodel: &Submodel,
+    mut attempt: impl FnMut(&Submodel) -> Result<T, GpuError>,
+) -> Result<(T, Submodel, Option<GpuError>), GpuError> {
+    let meta = model.metadata();
+    let mut target = submodel.clone();
+    let mut first_oom = None;
+    loop {
+        match attempt(&target) {
+            Ok(v) => return Ok((v, target, first_oom)),
+            Err(e @ GpuError::OutOfMemory { .. }) => match target.step_down() {
+                Some(smaller) => {
+                    log::warn!("GPU: {} does not fit ({e}); trying {}", target.name(meta), smaller.name(meta));
+                    first_oom.get_or_insert(e);
+                    target = smaller;
+                }
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
     }
 }
 

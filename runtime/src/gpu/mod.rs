@@ -60,7 +60,7 @@ mod probe;
 mod weights;
 
 pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
-pub use engine::{GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
 pub use probe::{OpRunner, WeightFormat, WEIGHT_PATH_ENV};
 

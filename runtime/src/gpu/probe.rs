@@ -186,7 +186,7 @@ fn time_gemv(
         let bind = kernels.bind(gpu, key.kernel, &[&ub, &step, &xb, &c.buffer, &out])?;
         binds.push((bind, kernels.gemv_grid(false, false, c.rows as u32, m.row_units as u32, gemv_rows)));
     }
-    best_time(gpu, &pipe, &binds, repeats, "timing the decode GEMV for the weight-path choice")
+    best_time(gpu, &pipe, &binds, repeats, "timing the decode GEMV")
 }
 
 /// Seconds for `repeats` rounds of the dispatches `binds` of `pipe`, recorded in one
@@ -755,32 +755,7 @@ impl OpRunner {
         if rows == 0 || cols == 0 || repeats == 0 {
             return Err(bad_input("gemv_read_bandwidth: empty shape"));
         }
-        let bytes = vec![0u8; rows * cols * 2];
-        let m = GpuMatrix::build(&self.gpu, "w", rows, cols, DType::F16, self.gpu.max_binding(), [(0u64, &bytes[..])])?;
-        let xb = self.input(&vec![0.0f32; pad8(cols)])?;
-        let out = self.out(rows)?;
-        let step = self.step(0, 1)?;
-        let (key, _) = self.kernels.matmul_keys(false, false, false, self.rows);
-        let pipe = self.kernels.pipeline(&self.gpu, &key)?;
-        let mut binds = Vec::new();
-        let mut uniforms = Vec::new();
-        for c in &m.chunks {
-            uniforms.push(self.uniform(&MatmulParams {
-                n: c.rows as u32,
-                k: cols as u32,
-                row_units: m.row_units as u32,
-                x_stride: pad8(cols) as u32,
-                out_stride: rows as u32,
-                out_offset: c.row_start as u32,
-                k_offset: 0,
-                _pad: 0,
-            })?);
-        }
-        for (c, ub) in m.chunks.iter().zip(&uniforms) {
-            let bind = self.kernels.bind(&self.gpu, key.kernel, &[ub, &step, &xb, &c.buffer, &out])?;
-            binds.push((bind, self.kernels.gemv_grid(false, false, c.rows as u32, m.row_units as u32, self.rows)));
-        }
-        let best = best_time(&self.gpu, &pipe, &binds, repeats, "running the bandwidth calibration")?;
+        let best = time_gemv(&self.gpu, &self.kernels, self.rows, rows, cols, repeats)?;
         Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
     }
 
