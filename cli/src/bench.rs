@@ -218,7 +218,8 @@ pub fn bench(
                 read_gb_per_s: matformer::calibrate::cpu_read_bandwidth(n_threads),
                 gflops: Some(matformer::calibrate::cpu_multiply_add_gflops(n_threads)),
                 method: format!(
-                    "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop"
+                    "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
+                    matformer::cpu::simd_features()
                 ),
             },
             Engine::Gpu(g) => {

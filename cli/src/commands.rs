@@ -560,6 +560,8 @@ pub fn devices(json: bool) -> Result<()> {
     if json {
         return print_json(&adapters);
     }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("CPU engine: {threads} threads, kernels compiled for {}", matformer::cpu::simd_features());
     if adapters.is_empty() {
         println!("no GPU adapter found: `--backend auto` will use the CPU engine");
         return Ok(());

@@ -39,9 +39,9 @@ pub fn cpu_read_bandwidth(threads: usize) -> f64 {
     best
 }
 
-/// Multiply-add throughput of this machine's CPU cores (f32, the instruction mix the engine's
-/// kernels compile to without target-specific flags): 8 independent 8-wide accumulators per
-/// thread; best of 3.
+/// Multiply-add throughput of this machine's CPU cores (f32, a separate multiply and add as
+/// the engine's kernels compile to, at the build's vector width): 8 independent 8-wide
+/// accumulators per thread; best of 3.
 pub fn cpu_multiply_add_gflops(threads: usize) -> f64 {
     const ITERS: usize = 20_000_000;
     let mut best = 0f64;

@@ -47,7 +47,8 @@ fn matmul_gemv_and_gemm_match_reference() {
         r.set_weight_path(path).expect("available path");
         // GEMV row groups per workgroup: 64 is the CPU-adapter choice, 4 the GPU one, 1 the
         // extreme; rows per thread of the packed GEMV: 4 on CPU adapters, 1 on GPUs, and 2.
-        // The packed CPU-adapter kernels (`gemm_rows`, `gemv_t_rows`) and the GPU ones.
+        // The packed CPU-adapter kernels (`gemm_rows`, `gemv_t_split` + `gemv_t_reduce`) and the
+        // GPU ones.
         for (gemv_rows, rpt, row_kernels) in [(64, 4, true), (64, 1, false), (4, 1, true), (4, 2, false), (1, 4, true)]
         {
             r.set_gemv_rows(gemv_rows).expect("valid rows");
@@ -69,17 +70,23 @@ fn packed64_gemv_equals_the_packed_gemv() {
         println!("skipping: {} has no SHADER_INT64", r.adapter().name);
         return;
     }
-    for (si, &(rows, cols)) in [(1usize, 1usize), (37, 19), (130, 67), (300, 1030), (257, 2048)].iter().enumerate() {
+    // Odd and even units per row (the paired 32-byte-load kernels need even), one and two
+    // column blocks of the split transposed GEMV.
+    let shapes = [(1usize, 1usize), (37, 19), (130, 67), (300, 1030), (257, 2048), (300, 2064)];
+    for (si, &(rows, cols)) in shapes.iter().enumerate() {
         let w: Vec<f32> = random(rows * cols, si as u64 + 3, 0.5).iter().map(|&v| f16::from_f32(v).to_f32()).collect();
-        let x = random(cols, si as u64 + 9, 1.0);
-        for rpt in [1, 2, 4] {
-            r.set_gemv_rows_per_thread(rpt).expect("valid rows per thread");
-            let mut got = Vec::new();
-            for path in [WeightPath::Packed, WeightPath::Packed64] {
-                r.set_weight_path(path).expect("available path");
-                got.push(r.matmul(&w, rows, cols, WeightFormat::F16, &x, 1, false, None).expect("gemv"));
+        for transposed in [false, true] {
+            let x = random(if transposed { rows } else { cols }, si as u64 + 9, 1.0);
+            for rpt in [1, 2, 4] {
+                r.set_gemv_rows_per_thread(rpt).expect("valid rows per thread");
+                let mut got = Vec::new();
+                for path in [WeightPath::Packed, WeightPath::Packed64] {
+                    r.set_weight_path(path).expect("available path");
+                    got.push(r.matmul(&w, rows, cols, WeightFormat::F16, &x, 1, transposed, None).expect("gemv"));
+                }
+                let what = format!("packed64 vs packed {rows}x{cols} transposed={transposed} rpt={rpt}");
+                check(&what, Tolerance::EXACT, &got[0], &got[1]);
             }
-            check(&format!("packed64 vs packed {rows}x{cols} rpt={rpt}"), Tolerance::EXACT, &got[0], &got[1]);
         }
     }
 }
@@ -108,8 +115,11 @@ fn matmul_cases(r: &OpRunner, path: WeightPath, gemv_rows: u32, rpt: u32, row_ke
         (65, 129, 16),
         (67, 41, 7),
         (19, 257, 33),
-        // 129 column units: two workgroups of the CPU-adapter transposed GEMV, one unit past.
+        // 129 column units: two workgroups of the GPU transposed GEMV, one unit past.
         (300, 1030, 1),
+        // 258 column units (even: the packed64 paired kernels): two column blocks of the
+        // CPU-adapter split transposed GEMV, 3 slabs of its 300 rows.
+        (300, 2064, 1),
         (40, 1030, 3),
     ];
     for (si, &(rows, cols, t)) in shapes.iter().enumerate() {
@@ -192,7 +202,14 @@ fn rope_matches_reference() {
                 }
             }
         }
-        check(&format!("rope t={t} heads={nh}/{nkv} hd={hd} pos0={pos0}"), Tolerance::KERNEL, &expected, &got);
+        // The rotated q and key-cache rows, then the value-cache rows: an exact copy of the
+        // values (k is passed as the values).
+        let (rotated, values) = got.split_at(q.len() + k.len());
+        check(&format!("rope t={t} heads={nh}/{nkv} hd={hd} pos0={pos0}"), Tolerance::KERNEL, &expected, rotated);
+        assert!(
+            values.iter().map(|v| v.to_bits()).eq(k.iter().map(|v| v.to_bits())),
+            "rope t={t} heads={nh}/{nkv} hd={hd} pos0={pos0}: value-cache rows are not an exact copy of v"
+        );
     }
 }
 

@@ -11,9 +11,12 @@
 //! - `x @ W^T` is split across threads by output rows, the down projection by output columns,
 //!   attention by (token, head): no sum is ever split between threads.
 //!
-//! The loops are written to auto-vectorise with the baseline instruction set (SSE2 on x86-64,
-//! NEON on aarch64: the binary runs on any CPU of the architecture, no target flags, no
-//! `unsafe`), with fixed-size lane arrays and no bounds checks in the inner loops.
+//! The loops are plain Rust written to auto-vectorise (fixed-size lane arrays, no bounds
+//! checks in the inner loops, no `unsafe`, no run-time dispatch), so their speed follows the
+//! build's target features: NEON on aarch64 (phones) is the baseline; the workspace's desktop
+//! x86-64 builds target `x86-64-v3` (AVX2, FMA, F16C; `.cargo/config.toml`), where they run
+//! about 1.2-1.5x faster than in a baseline SSE2 build. [`crate::cpu::simd_features`] names
+//! the features of the running build.
 //!
 //! f16 weights: a one-input product (decode) never materialises f32 rows. It reads each f16's
 //! bits as an f32 scaled by `2^-112` ([`f16_bits_unscaled`]: a shift and a mask) and folds the
@@ -27,16 +30,29 @@
 //! subnormals, the default on x86-64 and aarch64: a host that sets flush-to-zero would flush
 //! the scaled subnormal weights; `f16_paths_equal_widened_f32_bitwise` checks it.)
 //!
+//! The one-input down projection adds [`DOWN_ROWS`] f16 rows per pass over its output chunk
+//! (a register block of `y`), reading the rows in place. When the build has f16 conversion
+//! instructions ([`HW_F16`]: x86-64 with F16C, as in `x86-64-v3` builds) it widens them
+//! exactly instead (one conversion per vector, no infinity/NaN check): same values, same
+//! order. Within one build, every path computes the same sequence of f32 operations.
+//!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`]) rather than spawning threads per product.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::weights::{f16_bits_unscaled, widen_f16, Matrix, RowData, F16_SCALE};
+use half::f16;
+
+use super::weights::{f16_bits_unscaled, Matrix, RowData, F16_SCALE};
 
 /// Partial sums per dot product.
 pub(crate) const LANES: usize = 8;
+/// Whether the build has f16-to-f32 conversion instructions (x86-64 with F16C, as in the
+/// workspace's `x86-64-v3` desktop builds): `half`'s `to_f32` then compiles to them
+/// and vectorises, and the one-input down projection widens its weights exactly instead of
+/// reading their bits with [`f16_bits_unscaled`] (fewer instructions, no infinity/NaN check).
+const HW_F16: bool = cfg!(all(any(target_arch = "x86", target_arch = "x86_64"), target_feature = "f16c"));
 /// f16 elements widened at a time by the exact fallback of the one-input paths (a multiple
 /// of [`LANES`]): the widened chunk stays in L1 while it is consumed.
 const CONVERT_CHUNK: usize = 256;
@@ -569,98 +585,133 @@ fn down_rows(
     }
 }
 
-/// [`axpy4`] with four f16 rows given as bits, without widening them: `a` is the
-/// coefficients times `2^112` when `PRESCALED`, the coefficients themselves otherwise.
-/// Bitwise equal to [`axpy4`] with the exactly widened rows when it returns `true`; `false`
-/// means a row holds an infinity or a NaN (and `y` holds garbage).
+/// Rows of the down projection added per pass over the output in the one-input path: the
+/// output chunk is loaded and stored once per `DOWN_ROWS` rows instead of once per row, and
+/// the rows are read straight from the mapping (`DOWN_ROWS` sequential streams).
+const DOWN_ROWS: usize = 8;
+
+/// `y = (...((y + a[0] w[0]) + a[1] w[1]) ...) + a[R-1] w[R-1]` elementwise, for `R` f16 rows
+/// stored one after the other in `w` (`R * y.len()` elements), given as bits and read without
+/// widening them: `a` is the coefficients times `2^112` when `PRESCALED`, the coefficients
+/// themselves otherwise. Bitwise equal to `R` [`axpy`]s with the exactly widened rows when it
+/// returns `true`; `false` means a row holds an infinity or a NaN (and `y` holds garbage).
+///
+/// The column loop works on [`LANES`]-wide chunks so that the compiler keeps a chunk of `y`
+/// in registers while the `R` rows are added (an `R`-row register block).
 #[inline(always)]
-fn axpy4_f16_bits<const PRESCALED: bool>(y: &mut [f32], a: [f32; 4], w: [&[u16]; 4]) -> bool {
-    let n = y.len().min(w[0].len()).min(w[1].len()).min(w[2].len()).min(w[3].len());
-    let (y, w0, w1, w2, w3) = (&mut y[..n], &w[0][..n], &w[1][..n], &w[2][..n], &w[3][..n]);
-    let weight = |h: u16| if PRESCALED { f16_bits_unscaled(h) } else { f16_bits_unscaled(h) * F16_SCALE };
-    let top4 = |h: [u16; 4]| {
-        let m = |v: u16| (v & 0x7fff) as i16;
-        m(h[0]).max(m(h[1])).max(m(h[2]).max(m(h[3])))
+fn axpy_rows_f16_bits<const R: usize, const PRESCALED: bool>(y: &mut [f32], a: [f32; R], w: &[u16]) -> bool {
+    let n = y.len();
+    let Some(w) = w.get(..R * n) else {
+        return false;
     };
+    let rows: [&[u16]; R] = std::array::from_fn(|r| &w[r * n..(r + 1) * n]);
+    let weight = |h: u16| if PRESCALED { f16_bits_unscaled(h) } else { f16_bits_unscaled(h) * F16_SCALE };
     let mut top = [0i16; LANES];
     let mut yc = y.chunks_exact_mut(LANES);
     let mut c = 0;
     for yv in yc.by_ref() {
-        let ws = (w0.get(c..c + LANES), w1.get(c..c + LANES), w2.get(c..c + LANES), w3.get(c..c + LANES));
-        if let (Ok(yv), (Some(b0), Some(b1), Some(b2), Some(b3))) = (<&mut [f32; LANES]>::try_from(yv), ws) {
-            if let (Ok(b0), Ok(b1), Ok(b2), Ok(b3)) = (
-                <&[u16; LANES]>::try_from(b0),
-                <&[u16; LANES]>::try_from(b1),
-                <&[u16; LANES]>::try_from(b2),
-                <&[u16; LANES]>::try_from(b3),
-            ) {
-                for i in 0..LANES {
-                    top[i] = top[i].max(top4([b0[i], b1[i], b2[i], b3[i]]));
-                    yv[i] = (((yv[i] + a[0] * weight(b0[i])) + a[1] * weight(b1[i])) + a[2] * weight(b2[i]))
-                        + a[3] * weight(b3[i]);
+        if let Ok(yv) = <&mut [f32; LANES]>::try_from(yv) {
+            let mut v = *yv;
+            for (row, &ar) in rows.iter().zip(&a) {
+                if let Some(Ok(b)) = row.get(c..c + LANES).map(<&[u16; LANES]>::try_from) {
+                    for i in 0..LANES {
+                        top[i] = top[i].max((b[i] & 0x7fff) as i16);
+                        v[i] += ar * weight(b[i]);
+                    }
                 }
             }
+            *yv = v;
         }
         c += LANES;
     }
+    // A separate maximum for the last columns: updating a lane of `top` here as well makes
+    // the compiler split that lane out of the vector code above (measured 2x slower).
+    let mut top_rest = 0i16;
     for (k, yv) in yc.into_remainder().iter_mut().enumerate() {
-        let h = [w0[c + k], w1[c + k], w2[c + k], w3[c + k]];
-        top[0] = top[0].max(top4(h));
-        *yv = (((*yv + a[0] * weight(h[0])) + a[1] * weight(h[1])) + a[2] * weight(h[2])) + a[3] * weight(h[3]);
+        let mut v = *yv;
+        for (row, &ar) in rows.iter().zip(&a) {
+            let b = row[c + k];
+            top_rest = top_rest.max((b & 0x7fff) as i16);
+            v += ar * weight(b);
+        }
+        *yv = v;
     }
-    top.iter().all(|&t| t < F16_NON_FINITE)
+    top_rest < F16_NON_FINITE && top.iter().all(|&t| t < F16_NON_FINITE)
+}
+
+/// [`axpy_rows_f16_bits`] with exactly widened weights (`half`'s conversion): used when the
+/// build has f16 conversion instructions ([`HW_F16`]), where the compiler turns the column
+/// loop into vector conversions, multiplies and adds (no infinity/NaN check needed).
+#[inline(always)]
+fn axpy_rows_f16_exact<const R: usize>(y: &mut [f32], a: [f32; R], w: &[f16]) {
+    let n = y.len();
+    let Some(w) = w.get(..R * n) else {
+        return;
+    };
+    let rows: [&[f16]; R] = std::array::from_fn(|r| &w[r * n..(r + 1) * n]);
+    for (c, yv) in y.iter_mut().enumerate() {
+        let mut v = *yv;
+        for (row, &ar) in rows.iter().zip(&a) {
+            v += ar * row[c].to_f32();
+        }
+        *yv = v;
+    }
+}
+
+/// `R` rows of f16 weights added into `y` (`y += sum_r a[r] * w[r]`, rows in order); `false`
+/// when a weight is infinite or NaN (see [`axpy_rows_f16_bits`]).
+#[inline(always)]
+fn axpy_rows_f16<const R: usize>(y: &mut [f32], a: &[f32], w: &[f16]) -> bool {
+    let Some(Ok(a)) = a.get(..R).map(<[f32; R]>::try_from) else {
+        return false;
+    };
+    if HW_F16 {
+        axpy_rows_f16_exact::<R>(y, a, w);
+        return true;
+    }
+    let bits: &[u16] = bytemuck::cast_slice(w);
+    if a.iter().all(|v| v.abs() < PRESCALE_LIMIT) {
+        axpy_rows_f16_bits::<R, true>(y, a.map(|v| v * F16_SCALE), bits)
+    } else {
+        axpy_rows_f16_bits::<R, false>(y, a, bits)
+    }
 }
 
 /// The one-input down projection over rows `[r0, r1)` (`out += sum_r h[r] * D[r]`, `out`
-/// zero on entry), reading f16 rows without widening them; the same operations in the same
-/// order as the exact path of [`down_rows`]. Returns `false` when a weight is infinite or
-/// NaN (then `out` holds garbage and the caller recomputes it exactly).
+/// zero on entry), reading f16 rows in place, [`DOWN_ROWS`] at a time; the same operations
+/// in the same order as the exact path of [`down_rows`]. Returns `false` when a weight is
+/// infinite or NaN (then `out` holds garbage and the caller recomputes it exactly).
 fn down_one_fast(h: &[f32], d: &Matrix<'_>, r0: usize, r1: usize, out: &mut [f32]) -> bool {
     let n = d.cols;
-    let mut copy = vec![0u16; 4 * n];
     for (start, rows, data) in d.parts_in(r0, r1) {
         let hrow = &h[start..start + rows];
-        let mut j = 0;
-        while j + 4 <= rows {
-            let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
-            let finite = match data {
-                RowData::F32(w) => {
+        match data {
+            RowData::F32(w) => {
+                let mut j = 0;
+                while j + 4 <= rows {
+                    let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
                     let r = |q: usize| &w[(j + q) * n..(j + q + 1) * n];
                     axpy4(out, a, [r(0), r(1), r(2), r(3)]);
-                    true
+                    j += 4;
                 }
-                RowData::F16(w) => {
-                    // The four rows are copied first (one sequential read from memory), then
-                    // read from L1: read side by side from memory (four streams per thread)
-                    // they measured ~7.8 GB/s with one thread or two, copied 6.8 with one
-                    // and 12.7 with two.
-                    let bits: &[u16] = bytemuck::cast_slice(&w[j * n..(j + 4) * n]);
-                    copy[..4 * n].copy_from_slice(bits);
-                    let r = |q: usize| &copy[q * n..(q + 1) * n];
-                    let rows4 = [r(0), r(1), r(2), r(3)];
-                    if a.iter().all(|v| v.abs() < PRESCALE_LIMIT) {
-                        axpy4_f16_bits::<true>(out, a.map(|v| v * F16_SCALE), rows4)
-                    } else {
-                        axpy4_f16_bits::<false>(out, a, rows4)
-                    }
+                for (j, &a) in hrow.iter().enumerate().skip(j) {
+                    axpy(out, a, &w[j * n..(j + 1) * n]);
                 }
-            };
-            if !finite {
-                return false;
             }
-            j += 4;
-        }
-        for (j, &a) in hrow.iter().enumerate().skip(j) {
-            match data {
-                RowData::F32(w) => axpy(out, a, &w[j * n..(j + 1) * n]),
-                RowData::F16(w) => {
-                    let row = &w[j * n..(j + 1) * n];
-                    if row.iter().any(|v| v.to_bits() & 0x7c00 == 0x7c00) {
+            RowData::F16(w) => {
+                let mut j = 0;
+                while j < rows {
+                    let (step, finite) = match rows - j {
+                        left if left >= DOWN_ROWS => {
+                            (DOWN_ROWS, axpy_rows_f16::<DOWN_ROWS>(out, &hrow[j..], &w[j * n..]))
+                        }
+                        left if left >= 4 => (4, axpy_rows_f16::<4>(out, &hrow[j..], &w[j * n..])),
+                        _ => (1, axpy_rows_f16::<1>(out, &hrow[j..], &w[j * n..])),
+                    };
+                    if !finite {
                         return false;
                     }
-                    for (o, v) in out.iter_mut().zip(row) {
-                        *o += a * widen_f16(v.to_bits());
-                    }
+                    j += step;
                 }
             }
         }
@@ -1184,6 +1235,64 @@ mod tests {
         }
     }
 
+    /// Both row-block kernels of the one-input down projection (the bit-level one used without
+    /// f16 conversion instructions, the exact one used with them), whichever the build uses:
+    /// bitwise the sequential `axpy`s with exactly widened rows, for every block size, with
+    /// column counts that are not multiples of [`LANES`], and the bit-level kernel reports
+    /// infinite and NaN weights (in the vector part and in the last columns).
+    #[test]
+    fn down_row_blocks_equal_sequential_axpy_bitwise() {
+        fn check_blocks<const R: usize>(rng: &mut Rng) {
+            for case in 0..40 {
+                let n = 1 + rng.below(70);
+                let mut w: Vec<f16> = rng.vec(R * n).iter().map(|&v| f16::from_f32(v * 4.0)).collect();
+                // Subnormal weights in some cases.
+                if case % 2 == 0 {
+                    let k = rng.below(R * n);
+                    w[k] = f16::from_bits((rng.next_u64() as u16) & 0x83ff);
+                }
+                let mut a: [f32; R] = std::array::from_fn(|_| rng.f());
+                if case % 5 == 4 {
+                    // A coefficient too large to be scaled by 2^112.
+                    a[rng.below(R)] = 1.0e6;
+                }
+                let y0 = rng.vec(n);
+                let mut expected = y0.clone();
+                for (r, &ar) in a.iter().enumerate() {
+                    let row: Vec<f32> = w[r * n..(r + 1) * n].iter().map(|v| v.to_f32()).collect();
+                    axpy(&mut expected, ar, &row);
+                }
+                let bits: &[u16] = bytemuck::cast_slice(&w);
+                let mut exact = y0.clone();
+                axpy_rows_f16_exact::<R>(&mut exact, a, &w);
+                let mut fast = y0.clone();
+                let finite = if a.iter().all(|v| v.abs() < PRESCALE_LIMIT) {
+                    axpy_rows_f16_bits::<R, true>(&mut fast, a.map(|v| v * F16_SCALE), bits)
+                } else {
+                    axpy_rows_f16_bits::<R, false>(&mut fast, a, bits)
+                };
+                assert!(finite, "R={R} n={n}: finite weights reported as non-finite");
+                let mut dispatched = y0.clone();
+                assert!(axpy_rows_f16::<R>(&mut dispatched, &a, &w));
+                for (what, got) in [("exact", &exact), ("bits", &fast), ("dispatched", &dispatched)] {
+                    let same = expected.iter().zip(got.iter()).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "R={R} n={n} {what}: {got:?} vs {expected:?}");
+                }
+                // One infinite or NaN weight anywhere (vector part or last columns) is reported.
+                let k = rng.below(R * n);
+                let mut bad = w.clone();
+                bad[k] = if case % 2 == 0 { f16::NEG_INFINITY } else { f16::NAN };
+                let bad_bits: &[u16] = bytemuck::cast_slice(&bad);
+                let mut y = y0.clone();
+                assert!(!axpy_rows_f16_bits::<R, false>(&mut y, a, bad_bits), "R={R} n={n} k={k}");
+            }
+        }
+        let mut rng = Rng(10);
+        check_blocks::<1>(&mut rng);
+        check_blocks::<4>(&mut rng);
+        check_blocks::<DOWN_ROWS>(&mut rng);
+    }
+
     #[test]
     fn split_ranges_partition() {
         for n in 0..50 {
@@ -1267,6 +1376,25 @@ mod speed {
             bench(&format!("gemv f16 512x{cols} x64 th={threads}"), 64 * 512 * cols * 2, || {
                 for _ in 0..64 {
                     matmul(&x[..cols], 1, &small, &mut out[..512], threads);
+                }
+            });
+        }
+        // The 1B model's FFN at full width (`ffn_up`: 8192 x 2048, `ffn_down_t`: 8192 neurons
+        // x 2048): four different 8192-row slices per run, so that no run reads from the
+        // last-level cache what the previous one left there.
+        let slices: Vec<Matrix<'_>> = w16
+            .chunks_exact(8192 * cols)
+            .map(|s| Matrix { rows: 8192, cols, parts: vec![Part { first_row: 0, rows: 8192, data: RowData::F16(s) }] })
+            .collect();
+        for threads in [1, 2] {
+            bench(&format!("gemv f16 8192x{cols} x4 th={threads}"), rows * cols * 2, || {
+                for m in &slices {
+                    matmul(&x[..cols], 1, m, &mut out[..8192], threads);
+                }
+            });
+            bench(&format!("down f16 8192x{cols} x4 th={threads}"), rows * cols * 2, || {
+                for m in &slices {
+                    matmul_down(&h[..8192], 1, m, &mut out2[..cols], threads);
                 }
             });
         }

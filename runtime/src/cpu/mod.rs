@@ -32,6 +32,31 @@ pub use tolerance::{Mismatch, Tolerance};
 
 use crate::{ModelError, SubmodelError};
 
+/// The vector instruction sets the CPU kernels were compiled for, e.g. `"x86_64: sse2"` for a
+/// baseline x86-64 build or `"x86_64: sse2 avx avx2 fma f16c avx512f"` for a build with
+/// `-C target-cpu=native` on a recent CPU; `"aarch64: neon"` on phones.
+///
+/// The kernels are plain Rust loops written to auto-vectorise (no `unsafe`, no run-time
+/// dispatch), so their speed follows the target features of the build: benchmark figures
+/// are only comparable between builds with the same features.
+pub fn simd_features() -> String {
+    let on: [(&str, bool); 10] = [
+        ("sse2", cfg!(target_feature = "sse2")),
+        ("sse4.1", cfg!(target_feature = "sse4.1")),
+        ("avx", cfg!(target_feature = "avx")),
+        ("avx2", cfg!(target_feature = "avx2")),
+        ("fma", cfg!(target_feature = "fma")),
+        ("f16c", cfg!(target_feature = "f16c")),
+        ("avx512f", cfg!(target_feature = "avx512f")),
+        ("neon", cfg!(target_feature = "neon")),
+        ("fp16", cfg!(target_feature = "fp16")),
+        ("sve", cfg!(target_feature = "sve")),
+    ];
+    let names: Vec<&str> = on.iter().filter(|(_, yes)| *yes).map(|(name, _)| *name).collect();
+    let names = if names.is_empty() { "scalar".to_string() } else { names.join(" ") };
+    format!("{}: {names}", std::env::consts::ARCH)
+}
+
 /// Errors of the CPU engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -142,3 +167,15 @@ const _: () = {
     assert_send_sync::<CpuEngine>();
     assert_send::<Session>();
 };
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn simd_features_name_the_architecture() {
+        let f = super::simd_features();
+        assert!(f.starts_with(std::env::consts::ARCH), "{f}");
+        if cfg!(target_arch = "x86_64") {
+            assert!(f.contains("sse2"), "x86-64 always has SSE2: {f}");
+        }
+    }
+}

@@ -32,7 +32,7 @@ impl<'a> RowData<'a> {
 
     /// Converts to f32 into `out` (lengths must be equal; extra elements are left alone), with
     /// `half`'s slice conversion: F16C or FP16 instructions when the CPU has them (detected at
-    /// run time), measured faster than the portable [`widen_f16`] for whole rows.
+    /// run time), measured faster than a portable bit-level widening for whole rows.
     pub(crate) fn widen_into(self, out: &mut [f32]) {
         match self {
             RowData::F16(s) => {
@@ -70,7 +70,9 @@ pub(crate) fn f16_bits_unscaled(h: u16) -> f32 {
 }
 
 /// `h` (f16 bits) as f32, exactly for every value (infinities and NaNs included: the NaN
-/// payload is kept), branch-free so that loops over it vectorise.
+/// payload is kept), branch-free so that loops over it vectorise. The tests check
+/// [`f16_bits_unscaled`] against it for every f16 value.
+#[cfg(test)]
 #[inline(always)]
 pub(crate) fn widen_f16(h: u16) -> f32 {
     let finite = (f16_bits_unscaled(h) * F16_SCALE).to_bits();

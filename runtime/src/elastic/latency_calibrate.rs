@@ -211,10 +211,24 @@ mod gpu {
         elem_bytes: u64,
         max_stack: usize,
     ) -> Result<f64, CostModelError> {
+        product_ms(runner, rows, cols, false, elem_bytes, max_stack)
+    }
+
+    /// [`gemv_ms`], or with `transposed` the engine's `ffn_down_t` product over a
+    /// `[rows, cols]` weight (`out = x W`). The runner streams distinct weight copies, so the
+    /// weights come from memory, as in a decode step.
+    fn product_ms(
+        runner: &OpRunner,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        elem_bytes: u64,
+        max_stack: usize,
+    ) -> Result<f64, CostModelError> {
         let f16_bytes = rows * cols * 2;
         let stack = GEMV_TIMED_BYTES.div_ceil(f16_bytes.max(1)).clamp(1, max_stack.max(1));
         let repeats = GEMV_TIMED_BYTES.div_ceil(f16_bytes.max(1) * stack).clamp(2, 256);
-        let gbs = runner.gemv_read_bandwidth(rows * stack, cols, repeats).map_err(gpu_err)?;
+        let gbs = runner.decode_product_read_bandwidth(rows * stack, cols, transposed, repeats).map_err(gpu_err)?;
         if !(gbs.is_finite() && gbs > 0.0) {
             return Err(CostModelError::Calibration {
                 reason: format!("GEMV bandwidth {gbs} GB/s at [{rows}, {cols}]"),
@@ -244,7 +258,7 @@ mod gpu {
             let w_us = w as usize;
             let (n_up, stack) = if shape.gated_ffn { (2.0, 2 * l) } else { (1.0, l) };
             let up = gemv_ms(runner, w_us, d, eb, stack)? * n_up;
-            let down = gemv_ms(runner, d, w_us, eb, l)?;
+            let down = product_ms(runner, w_us, d, true, eb, l)?;
             ffn.push(WidthCost { width: w, up_ms: up, down_ms: down, act_ms: 0.0 });
         }
         let head = gemv_ms(runner, shape.vocab_size as usize, d, eb, 1)?;
@@ -261,7 +275,7 @@ mod gpu {
                 (KernelClass::AttentionProjections, how.clone()),
                 (KernelClass::Attention, "not measured separately".to_string()),
                 (KernelClass::FfnUp, how.clone()),
-                (KernelClass::FfnDown, format!("{how}; as the plain GEMV over [d_model, width]")),
+                (KernelClass::FfnDown, format!("{how}; the transposed product over ffn_down_t [width, d_model]")),
                 (KernelClass::LmHead, how),
                 (KernelClass::SmallOps, "not measured separately".to_string()),
             ],

@@ -14,8 +14,8 @@ use std::time::Instant;
 use super::device::{map_read, Gpu};
 use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
 use super::ops::{
-    gemv_rows, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams,
-    PipeKey, RopeParams, StepParams,
+    gemv_rows, split_partial_floats, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
+    MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -118,9 +118,10 @@ struct GpuNorm {
 struct LayerShared {
     attn_norm: GpuNorm,
     ffn_norm: GpuNorm,
-    wq: GpuMatrix,
-    wk: GpuMatrix,
-    wv: GpuMatrix,
+    /// `wq`, `wk` and `wv` stacked (one decode dispatch for the three projections): q rows at
+    /// 0, k rows at `pad8(q_dim)`, v rows at `pad8(q_dim) + pad8(kv_dim)` (zero rows pad each
+    /// part), so the product writes one activation row `[q | k | v]` ([`Acts::qkv`]).
+    wqkv: GpuMatrix,
     wo: GpuMatrix,
 }
 
@@ -303,15 +304,26 @@ impl GpuEngine {
         let mat = |name: &str, rows: usize, cols: usize| {
             GpuMatrix::upload(&gpu, &model, name, rows, cols, max_binding, release)
         };
+        let (sq, skv) = (pad8(dims.q_dim), pad8(dims.kv_dim));
         let mut layers = Vec::with_capacity(dims.n_layers);
         for i in 0..dims.n_layers {
             let n = |s: &str| names::layer(i, s);
+            let (wq, wk, wv) = (n(names::WQ), n(names::WK), n(names::WV));
+            let parts =
+                [(wq.as_str(), dims.q_dim, 0), (wk.as_str(), dims.kv_dim, sq), (wv.as_str(), dims.kv_dim, sq + skv)];
             layers.push(LayerShared {
                 attn_norm: norm(&n(names::ATTN_NORM), &n(names::ATTN_NORM_BIAS))?,
                 ffn_norm: norm(&n(names::FFN_NORM), &n(names::FFN_NORM_BIAS))?,
-                wq: mat(&n(names::WQ), dims.q_dim, d)?,
-                wk: mat(&n(names::WK), dims.kv_dim, d)?,
-                wv: mat(&n(names::WV), dims.kv_dim, d)?,
+                wqkv: GpuMatrix::upload_stacked(
+                    &gpu,
+                    &model,
+                    &format!("layer {i} wq/wk/wv"),
+                    &parts,
+                    sq + 2 * skv,
+                    d,
+                    max_binding,
+                    release,
+                )?,
                 wo: mat(&n(names::WO), d, dims.q_dim)?,
             });
         }
@@ -326,14 +338,7 @@ impl GpuEngine {
         let norm_bytes = |n: &GpuNorm| n.w.size() + n.b.as_ref().map_or(0, wgpu::Buffer::size);
         let shared_bytes = layers
             .iter()
-            .map(|l| {
-                l.wq.bytes()
-                    + l.wk.bytes()
-                    + l.wv.bytes()
-                    + l.wo.bytes()
-                    + norm_bytes(&l.attn_norm)
-                    + norm_bytes(&l.ffn_norm)
-            })
+            .map(|l| l.wqkv.bytes() + l.wo.bytes() + norm_bytes(&l.attn_norm) + norm_bytes(&l.ffn_norm))
             .sum::<u64>()
             + embed.bytes()
             + head.as_ref().map_or(0, GpuMatrix::bytes)
@@ -387,7 +392,7 @@ impl GpuEngine {
     /// Bytes of weights shared by every session (embeddings, attention, norms, LM head).
     pub fn shared_weight_bytes(&self) -> u64 {
         let i = &*self.inner;
-        let layers: u64 = i.layers.iter().map(|l| l.wq.bytes() + l.wk.bytes() + l.wv.bytes() + l.wo.bytes()).sum();
+        let layers: u64 = i.layers.iter().map(|l| l.wqkv.bytes() + l.wo.bytes()).sum();
         layers + i.embed.bytes() + i.head.as_ref().map_or(0, GpuMatrix::bytes)
     }
 
@@ -514,10 +519,12 @@ enum Grid {
 enum Dispatch {
     /// One pipeline, grid from `t`.
     Fixed { pipe: wgpu::ComputePipeline, bind: wgpu::BindGroup, grid: Grid },
-    /// A matrix product over `n` outputs (both pipelines share the bind group layout): the
-    /// `gemv` kernel on `gemv_grid` for one token, `gemm` tiles (64 outputs x 16 tokens) for more.
+    /// A matrix product over `n` outputs (the pipelines share the bind group layout): the
+    /// `gemv` kernel on `gemv_grid` for one token, followed by `reduce` on its grid when the
+    /// GEMV is the split transposed one; `gemm` tiles (64 outputs x 16 tokens) for more tokens.
     Matmul {
         gemv: wgpu::ComputePipeline,
+        reduce: Option<(wgpu::ComputePipeline, (u32, u32))>,
         gemm: wgpu::ComputePipeline,
         bind: wgpu::BindGroup,
         gemv_grid: (u32, u32),
@@ -526,6 +533,15 @@ enum Dispatch {
 }
 
 impl Dispatch {
+    /// The dispatch that follows [`Dispatch::resolve`]'s in a pass over `t` tokens, if any
+    /// (the reduction of a split transposed GEMV; same bind group).
+    fn follow_up(&self, t: u32) -> Option<(&wgpu::ComputePipeline, (u32, u32))> {
+        match self {
+            Dispatch::Matmul { reduce: Some((pipe, grid)), .. } if t == 1 => Some((pipe, *grid)),
+            _ => None,
+        }
+    }
+
     /// Pipeline, bind group and workgroup counts for a pass over `t` tokens.
     fn resolve(&self, t: u32) -> (&wgpu::ComputePipeline, &wgpu::BindGroup, (u32, u32)) {
         match self {
@@ -543,12 +559,11 @@ impl Dispatch {
     }
 }
 
-/// One recorded item: a dispatch, or a copy of `t` rows of `row_bytes` from `src` into `dst`
-/// at row `pos0` (the KV cache append).
+/// One recorded item of a plan (every item is a dispatch: the KV-cache append is fused into
+/// the RoPE dispatch, so a step is one compute pass).
 #[derive(Debug)]
 enum Item {
     Dispatch(Dispatch),
-    CacheAppend { src: wgpu::Buffer, dst: wgpu::Buffer, row_bytes: u64 },
 }
 
 /// Session buffers.
@@ -623,19 +638,22 @@ pub struct GpuSwitch {
 struct Acts {
     x: wgpu::Buffer,
     xn: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
+    /// q, k and v of each token in one row of `sqkv` floats: q at 0, k at `sq`, v at
+    /// `sq + skv`.
+    qkv: wgpu::Buffer,
     att: wgpu::Buffer,
     up: wgpu::Buffer,
     gate: wgpu::Buffer,
     scores: wgpu::Buffer,
+    /// Partial sums of the split transposed GEMV (binding 5 of every matrix product).
+    partials: wgpu::Buffer,
     caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
     rope: wgpu::Buffer,
     attn_params: wgpu::Buffer,
     sd: usize,
     sq: usize,
-    skv: usize,
+    /// `sq + 2 * pad8(kv_dim)`.
+    sqkv: usize,
     sw: usize,
 }
 
@@ -704,8 +722,7 @@ impl Plan {
 fn plan_shared(p: &Planner<'_>, tokens: &wgpu::Buffer, a: &Acts) -> Result<(Vec<Item>, Vec<Vec<Item>>), GpuError> {
     let i = p.inner;
     let dm = &i.dims;
-    let (sd, sq, skv) = (a.sd, a.sq, a.skv);
-    let f = 4u64;
+    let (sd, sq) = (a.sd, a.sq);
     let mut embed = Vec::new();
     for c in &i.embed.chunks {
         let params = EmbeddingParams {
@@ -728,23 +745,20 @@ fn plan_shared(p: &Planner<'_>, tokens: &wgpu::Buffer, a: &Acts) -> Result<(Vec<
     let mut attn = Vec::with_capacity(dm.n_layers);
     for (li, layer) in i.layers.iter().enumerate() {
         let mut body = vec![p.norm(&layer.attn_norm, &a.x, &a.xn, sd, false)?];
-        p.matmul(&layer.wq, false, false, &a.xn, sd, &a.q, sq, &mut body)?;
-        p.matmul(&layer.wk, false, false, &a.xn, sd, &a.k, skv, &mut body)?;
-        p.matmul(&layer.wv, false, false, &a.xn, sd, &a.v, skv, &mut body)?;
+        p.matmul(&layer.wqkv, false, false, &a.xn, sd, &a.qkv, a.sqkv, &mut body)?;
+        // RoPE writes the rotated keys and the values straight into the cache rows
+        // `pos0..pos0 + t` (no copy command between the dispatches).
+        let (kc, vc) = &a.caches[li];
         body.push(p.fixed(
             Kernel::Rope,
             &[],
-            &[&a.rope, p.step, &a.q, &a.k, &i.rope_table],
+            &[&a.rope, p.step, &a.qkv, &i.rope_table, kc, vc],
             Grid::PerToken((((dm.n_heads + dm.n_kv_heads) * half) as u32).div_ceil(64)),
         )?);
-        let (kc, vc) = &a.caches[li];
-        let row_bytes = skv as u64 * f;
-        body.push(Item::CacheAppend { src: a.k.clone(), dst: kc.clone(), row_bytes });
-        body.push(Item::CacheAppend { src: a.v.clone(), dst: vc.clone(), row_bytes });
         body.push(p.fixed(
             Kernel::Attention,
             &[],
-            &[&a.attn_params, p.step, &a.q, kc, vc, &a.scores, &a.att],
+            &[&a.attn_params, p.step, &a.qkv, kc, vc, &a.scores, &a.att],
             Grid::PerToken(dm.n_heads as u32),
         )?);
         p.matmul(&layer.wo, false, true, &a.att, sq, &a.x, sd, &mut body)?;
@@ -800,6 +814,8 @@ enum Tail {
 struct Planner<'a> {
     inner: &'a Inner,
     step: &'a wgpu::Buffer,
+    /// The session's split-GEMV partials ([`Acts::partials`]).
+    partials: &'a wgpu::Buffer,
 }
 
 impl Planner<'_> {
@@ -840,9 +856,10 @@ impl Planner<'_> {
             return Err(GpuError::Unsupported { reason: "a chunked transposed product must accumulate".into() });
         }
         let k = &self.inner.kernels;
-        let (gemv_key, gemm_key) = k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows);
-        let gemv = k.pipeline(self.gpu(), &gemv_key)?;
-        let gemm = k.pipeline(self.gpu(), &gemm_key)?;
+        let keys = k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows, m.row_units);
+        let gemv = k.pipeline(self.gpu(), &keys.gemv)?;
+        let gemm = k.pipeline(self.gpu(), &keys.gemm)?;
+        let reduce = keys.reduce.as_ref().map(|key| k.pipeline(self.gpu(), key)).transpose()?;
         for c in &m.chunks {
             let (n, kk, out_offset, k_offset) =
                 if transposed { (m.cols, c.rows, 0, c.row_start) } else { (c.rows, m.cols, c.row_start, 0) };
@@ -854,13 +871,16 @@ impl Planner<'_> {
                 out_stride: out_stride as u32,
                 out_offset: out_offset as u32,
                 k_offset: k_offset as u32,
-                _pad: 0,
+                slabs: 0,
             };
+            let gemv_grid =
+                k.gemv_grid(m.f32, transposed, n as u32, kk as u32, m.row_units as u32, self.inner.gemv_rows);
+            let params = MatmulParams { slabs: if reduce.is_some() { gemv_grid.0 } else { 0 }, ..params };
             let ub = self.uniform("matmul params", &params)?;
-            let bind = k.bind(self.gpu(), gemv_key.kernel, &[&ub, self.step, x, &c.buffer, out])?;
-            let gemv_grid = k.gemv_grid(m.f32, transposed, n as u32, m.row_units as u32, self.inner.gemv_rows);
+            let bind = k.bind(self.gpu(), keys.gemv.kernel, &[&ub, self.step, x, &c.buffer, out, self.partials])?;
             items.push(Item::Dispatch(Dispatch::Matmul {
                 gemv: gemv.clone(),
+                reduce: reduce.clone().map(|r| (r, ((m.row_units as u32).div_ceil(64), 1))),
                 gemm: gemm.clone(),
                 bind,
                 gemv_grid,
@@ -912,9 +932,10 @@ impl GpuSession {
         // FFN activations are sized for the widest level so that any later switch fits.
         let sw = pad8(i.max_ffn_width);
         let sv = pad8(dm.vocab);
+        let sqkv = sq + 2 * skv;
 
         // Tokens per pass: the prefill chunk, reduced until every activation buffer fits.
-        let row_max = [sd, sq, skv, sw, sv, dm.n_heads * dm.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
+        let row_max = [sd, sqkv, sw, sv, dm.n_heads * dm.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
         let t_max = (i.prefill_chunk as u64).min(limit / row_max).max(1) as usize;
         if row_max > limit {
             return Err(GpuError::BufferTooLarge { what: "one token's activations".into(), bytes: row_max, limit });
@@ -924,7 +945,9 @@ impl GpuSession {
         let gate_rows = if dm.gated { sw } else { 0 };
         let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * dm.ctx + sv;
         let kv_bytes = 2 * dm.n_layers as u64 * (dm.ctx * skv) as u64 * f;
-        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16;
+        // Transposed products (the FFN down projection) have `d_model` output columns.
+        let partials_floats = split_partial_floats(sd / 8);
+        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
         i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
         // Counted from here on (so the FFN upload below sees it); given back on early return.
         i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
@@ -949,18 +972,18 @@ impl GpuSession {
                 buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
             ));
         }
-        let p = Planner { inner: i, step: &step };
+        let partials = buf("split gemv partials", partials_floats as u64 * f, U::STORAGE)?;
+        let p = Planner { inner: i, step: &step, partials: &partials };
         let half = dm.head_dim / 2;
         let acts = Acts {
             x: buf("x", t * sd as u64 * f, act)?,
             xn: buf("xn", t * sd as u64 * f, act)?,
-            q: buf("q", t * sq as u64 * f, act)?,
-            k: buf("k", t * skv as u64 * f, act)?,
-            v: buf("v", t * skv as u64 * f, act)?,
+            qkv: buf("qkv", t * sqkv as u64 * f, act)?,
             att: buf("att", t * sq as u64 * f, act)?,
             up: buf("ffn up", t * sw as u64 * f, act)?,
             gate: buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?,
             scores: buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?,
+            partials: partials.clone(),
             caches,
             rope: p.uniform(
                 "rope params",
@@ -969,10 +992,12 @@ impl GpuSession {
                     n_kv_heads: dm.n_kv_heads as u32,
                     head_dim: dm.head_dim as u32,
                     half: half as u32,
-                    q_stride: sq as u32,
+                    q_stride: sqkv as u32,
                     kv_stride: skv as u32,
                     sin_offset: (dm.ctx * half) as u32,
-                    _pad: 0,
+                    k_offset: sq as u32,
+                    v_offset: (sq + skv) as u32,
+                    _pad: [0; 3],
                 },
             )?,
             attn_params: p.uniform(
@@ -981,7 +1006,7 @@ impl GpuSession {
                     n_heads: dm.n_heads as u32,
                     group: (dm.n_heads / dm.n_kv_heads) as u32,
                     head_dim: dm.head_dim as u32,
-                    q_stride: sq as u32,
+                    q_stride: sqkv as u32,
                     kv_stride: skv as u32,
                     out_stride: sq as u32,
                     ctx: dm.ctx as u32,
@@ -990,7 +1015,7 @@ impl GpuSession {
             )?,
             sd,
             sq,
-            skv,
+            sqkv,
             sw,
         };
         let (embed, attn) = plan_shared(&p, &tokens, &acts)?;
@@ -1047,7 +1072,7 @@ impl GpuSession {
         let widths = widths_of(model, submodel);
         let (ffn, uploaded_bytes) = inner.ensure_ffn(&widths)?;
         let upload_ms = started.elapsed().as_secs_f64() * 1e3;
-        let p = Planner { inner: &inner, step: &self.bufs.step };
+        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
         self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
         inner.gpu.take_uncaptured("switching submodel")?;
         self.ffn = ffn;
@@ -1064,7 +1089,7 @@ impl GpuSession {
         let inner = Arc::clone(&self.inner);
         let widths = widths_of(&inner.model, &self.submodel);
         let (ffn, uploaded) = inner.ensure_ffn(&widths)?;
-        let p = Planner { inner: &inner, step: &self.bufs.step };
+        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
         self.plan.cache.clear();
         self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
         self.ffn = ffn;
@@ -1220,7 +1245,7 @@ impl GpuSession {
             };
             let tail_t = if tail == Tail::Last { 1 } else { t };
             let items = self.plan.items().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
-            dispatches = record(&mut enc, items, t, self.pos);
+            dispatches = record(&mut enc, items);
             if tail == Tail::Last {
                 enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4);
             }
@@ -1254,33 +1279,22 @@ impl GpuSession {
     }
 }
 
-/// Records `items` (each with its token count) into `enc`, opening a compute pass per run of
-/// dispatches; returns the number of dispatches.
-fn record<'a>(
-    enc: &mut wgpu::CommandEncoder,
-    items: impl Iterator<Item = (&'a Item, usize)>,
-    t: usize,
-    pos0: usize,
-) -> u64 {
+/// Records `items` (each with its token count) into `enc` as one compute pass; returns the
+/// number of dispatches.
+fn record<'a>(enc: &mut wgpu::CommandEncoder, items: impl Iterator<Item = (&'a Item, usize)>) -> u64 {
     let mut n = 0;
-    let mut pass: Option<wgpu::ComputePass<'static>> = None;
+    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
     for (item, tt) in items {
-        match item {
-            Item::Dispatch(d) => {
-                let p = pass.get_or_insert_with(|| {
-                    enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
-                        .forget_lifetime()
-                });
-                let (pipe, bind, (x, y)) = d.resolve(tt as u32);
-                p.set_pipeline(pipe);
-                p.set_bind_group(0, bind, &[]);
-                p.dispatch_workgroups(x, y, 1);
-                n += 1;
-            }
-            Item::CacheAppend { src, dst, row_bytes } => {
-                drop(pass.take());
-                enc.copy_buffer_to_buffer(src, 0, dst, pos0 as u64 * row_bytes, t as u64 * row_bytes);
-            }
+        let Item::Dispatch(d) = item;
+        let (pipe, bind, (x, y)) = d.resolve(tt as u32);
+        pass.set_pipeline(pipe);
+        pass.set_bind_group(0, bind, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+        n += 1;
+        if let Some((pipe, (x, y))) = d.follow_up(tt as u32) {
+            pass.set_pipeline(pipe);
+            pass.dispatch_workgroups(x, y, 1);
+            n += 1;
         }
     }
     drop(pass);

@@ -31,9 +31,13 @@
 //! live in `shaders/` (one WGSL file per op, plus `<op>_f16.wgsl` variants) and are specialised
 //! with `override` constants (weight format, residual accumulation, gating, activation, GEMV
 //! row groups per workgroup and rows per thread, GEMM entry point). On CPU adapters such as
-//! lavapipe the GEMV runs one thread per 4 rows (each activation load serves 4 rows) and the
-//! prefill product the shared-memory-free `gemm_rows` (a 4 x 4 block of outputs per thread);
-//! on GPUs 4 rows of 16 threads and the tiled `gemm`. `MATFORMER_GEMV_ROWS` and
+//! lavapipe the GEMV runs one thread per 4 rows (each activation load serves 4 rows; on the
+//! packed64 path two 8-element units per 32-byte load, `gemv_pairs`), the transposed FFN-down
+//! GEMV splits the weight rows into up to 32 slabs whose partial sums a second dispatch adds
+//! (`gemv_t_split` + `gemv_t_reduce`: each thread streams 64 contiguous bytes of every row of
+//! its slab; the one-pass kernel it replaced strided 4 KiB rows and took half of an xl decode
+//! step), and the prefill product the shared-memory-free `gemm_rows` (a 4 x 4 block of outputs
+//! per thread); on GPUs 4 rows of 16 threads, the K-split `gemv_t` and the tiled `gemm`. `MATFORMER_GEMV_ROWS` and
 //! `MATFORMER_GEMV_RPT` override the GEMV shape for tuning. The residual add is fused into the
 //! `wo` and FFN-down products (`ACCUMULATE`), so there is no separate residual kernel.
 //!

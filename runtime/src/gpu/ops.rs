@@ -104,15 +104,16 @@ impl Kernel {
     fn binds(self) -> &'static [Bind] {
         use Bind::*;
         match self {
-            Kernel::Embedding
-            | Kernel::RmsNorm
-            | Kernel::MatmulGemv
+            Kernel::Embedding | Kernel::RmsNorm => &[Uniform, Uniform, Read, Read, ReadWrite],
+            // The matrix products share one layout (a session binds one group to a product's
+            // GEMV and GEMM pipelines); binding 5 holds the split transposed GEMV's partials.
+            Kernel::MatmulGemv
             | Kernel::MatmulGemm
             | Kernel::MatmulGemvF16
             | Kernel::MatmulGemmF16
-            | Kernel::MatmulGemvU64 => &[Uniform, Uniform, Read, Read, ReadWrite],
+            | Kernel::MatmulGemvU64 => &[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite],
             Kernel::LayerNorm => &[Uniform, Uniform, Read, Read, ReadWrite, Read],
-            Kernel::Rope => &[Uniform, Uniform, ReadWrite, ReadWrite, Read],
+            Kernel::Rope => &[Uniform, Uniform, ReadWrite, Read, ReadWrite, ReadWrite],
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
             Kernel::Argmax | Kernel::CalibrateRead | Kernel::CalibrateReadU64 => &[Uniform, Read, ReadWrite],
@@ -225,8 +226,9 @@ pub(crate) struct Kernels {
     path: WeightPath,
     /// Rows per thread of the packed decode GEMV (`RPT` of `matmul_gemv.wgsl`).
     gemv_rpt: u32,
-    /// The packed products run the CPU-adapter kernels `gemm_rows` (prefill) and `gemv_t_rows`
-    /// (decode, transposed) instead of the tiled `gemm` and the K-split `gemv_t`.
+    /// The packed products run the CPU-adapter kernels `gemm_rows` (prefill) and
+    /// `gemv_t_split` + `gemv_t_reduce` (decode, transposed) instead of the tiled `gemm` and
+    /// the K-split `gemv_t`.
     row_kernels: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
@@ -311,8 +313,9 @@ impl Kernels {
         Ok(())
     }
 
-    /// Makes the packed products run the CPU-adapter kernels `gemm_rows` and `gemv_t_rows`
-    /// (the default there) or the GPU ones, the tiled `gemm` and the K-split `gemv_t`.
+    /// Makes the packed products run the CPU-adapter kernels `gemm_rows` and `gemv_t_split` +
+    /// `gemv_t_reduce` (the default there) or the GPU ones, the tiled `gemm` and the K-split
+    /// `gemv_t`.
     pub(crate) fn set_row_kernels(&mut self, rows: bool) {
         self.row_kernels = rows;
     }
@@ -322,18 +325,26 @@ impl Kernels {
         self.path == WeightPath::F16 && !f32_weights
     }
 
+    /// True when the decode product of a transposed matrix runs the two-pass split kernels
+    /// (`gemv_t_split` then `gemv_t_reduce`, CPU adapters) rather than one `gemv_t` dispatch.
+    pub(crate) fn split_transposed(&self, f32_weights: bool) -> bool {
+        self.row_kernels && !self.native_f16(f32_weights)
+    }
+
     /// Workgroup grid of the decode GEMV of [`Kernels::matmul_keys`] over `n` outputs (`gemv`)
-    /// or `row_units` column units (`gemv_t`), with `rows` row groups per workgroup.
+    /// or `row_units` column units (`gemv_t`; `gemv_t_split` over `k` weight rows in
+    /// [`split_slabs`]`(k)` slabs), with `rows` row groups per workgroup.
     pub(crate) fn gemv_grid(
         &self,
         f32_weights: bool,
         transposed: bool,
         n: u32,
+        k: u32,
         row_units: u32,
         rows: u32,
     ) -> (u32, u32) {
-        if transposed && self.row_kernels && !self.native_f16(f32_weights) {
-            (row_units.div_ceil(128), 1)
+        if transposed && self.split_transposed(f32_weights) {
+            (split_slabs(k), row_units.div_ceil(SPLIT_UNITS))
         } else if transposed {
             (row_units.div_ceil(16), 1)
         } else if self.native_f16(f32_weights) {
@@ -343,42 +354,64 @@ impl Kernels {
         }
     }
 
-    /// Pipeline keys of the decode GEMV and the prefill GEMM for one matrix: on the
-    /// [`WeightPath::F16`] path the `enable f16;` kernels for f16 weights; on the
-    /// [`WeightPath::Packed64`] path the 64-bit-load `gemv` for f16 weights (not transposed)
-    /// and the packed kernels otherwise; else the packed kernels (which also serve f32 weights). `rows` is the GEMV's `ROWS`; grids come from
-    /// [`Kernels::gemv_grid`] (GEMV) and 64 outputs x 16 tokens per workgroup (GEMM).
+    /// Pipeline keys of one matrix's products: the decode GEMV, the reduction that follows it
+    /// (only for the split transposed GEMV, [`Kernels::split_transposed`]) and the prefill
+    /// GEMM. On the [`WeightPath::F16`] path the `enable f16;` kernels for f16 weights; on the
+    /// [`WeightPath::Packed64`] path the 64-bit-load kernels for the decode GEMV (`gemv_pairs`
+    /// when `rows` is 64 and the `row_units` units of a row are even; and the split transposed
+    /// GEMV when they are even) of f16 weights and the packed kernels otherwise; else the
+    /// packed kernels (which also serve f32 weights). `rows` is the GEMV's `ROWS`; grids come from
+    /// [`Kernels::gemv_grid`] (GEMV), `ceil(row_units / 64)` workgroups (reduction) and 64
+    /// outputs x 16 tokens per workgroup (GEMM).
     pub(crate) fn matmul_keys(
         &self,
         f32_weights: bool,
         accumulate: bool,
         transposed: bool,
         rows: u32,
-    ) -> (PipeKey, PipeKey) {
+        row_units: usize,
+    ) -> MatmulKeys {
         let entry = if transposed { "gemv_t" } else { "gemv" };
         if self.native_f16(f32_weights) {
             let acc = [("ACCUMULATE", accumulate)];
-            (
-                PipeKey::new(Kernel::MatmulGemvF16, entry, &acc).with("ROWS", rows),
-                PipeKey::new(Kernel::MatmulGemmF16, "gemm", &[acc[0], ("TRANSPOSED", transposed)]),
-            )
-        } else {
-            let consts = [("F32_WEIGHTS", f32_weights), ("ACCUMULATE", accumulate)];
-            let entry = if transposed && self.row_kernels { "gemv_t_rows" } else { entry };
-            let gemv = if self.path == WeightPath::Packed64 && !f32_weights && !transposed {
-                PipeKey::new(Kernel::MatmulGemvU64, entry, &[consts[1]]).with("ROWS", rows)
-            } else {
-                PipeKey::new(Kernel::MatmulGemv, entry, &consts).with("ROWS", rows)
+            return MatmulKeys {
+                gemv: PipeKey::new(Kernel::MatmulGemvF16, entry, &acc).with("ROWS", rows),
+                reduce: None,
+                gemm: PipeKey::new(Kernel::MatmulGemmF16, "gemm", &[acc[0], ("TRANSPOSED", transposed)]),
             };
-            (
-                if transposed { gemv } else { gemv.with("RPT", self.gemv_rpt) },
-                PipeKey::new(
-                    Kernel::MatmulGemm,
-                    if self.row_kernels { "gemm_rows" } else { "gemm" },
-                    &[consts[0], consts[1], ("TRANSPOSED", transposed)],
-                ),
-            )
         }
+        let consts = [("F32_WEIGHTS", f32_weights), ("ACCUMULATE", accumulate)];
+        let gemm = PipeKey::new(
+            Kernel::MatmulGemm,
+            if self.row_kernels { "gemm_rows" } else { "gemm" },
+            &[consts[0], consts[1], ("TRANSPOSED", transposed)],
+        );
+        let wide = self.path == WeightPath::Packed64 && !f32_weights;
+        // The pair-load kernels need rows of an even number of units (32-byte aligned).
+        let paired = wide && row_units.is_multiple_of(2);
+        if transposed && self.split_transposed(f32_weights) {
+            // The split pass only writes partials; the reduction applies ACCUMULATE.
+            let (split, reduce) = if paired {
+                (
+                    PipeKey::new(Kernel::MatmulGemvU64, "gemv_t_split", &[]),
+                    PipeKey::new(Kernel::MatmulGemvU64, "gemv_t_reduce", &[consts[1]]),
+                )
+            } else {
+                (
+                    PipeKey::new(Kernel::MatmulGemv, "gemv_t_split", &[consts[0]]),
+                    PipeKey::new(Kernel::MatmulGemv, "gemv_t_reduce", &consts),
+                )
+            };
+            return MatmulKeys { gemv: split, reduce: Some(reduce), gemm };
+        }
+        let gemv = if paired && !transposed && rows == 64 {
+            PipeKey::new(Kernel::MatmulGemvU64, "gemv_pairs", &[consts[1]]).with("ROWS", rows)
+        } else if wide && !transposed {
+            PipeKey::new(Kernel::MatmulGemvU64, entry, &[consts[1]]).with("ROWS", rows)
+        } else {
+            PipeKey::new(Kernel::MatmulGemv, entry, &consts).with("ROWS", rows)
+        };
+        MatmulKeys { gemv: if transposed { gemv } else { gemv.with("RPT", self.gemv_rpt) }, reduce: None, gemm }
     }
 
     /// The pipeline for `key`, compiled on first use.
@@ -458,6 +491,39 @@ impl Kernels {
     }
 }
 
+/// Pipeline keys of one matrix's products ([`Kernels::matmul_keys`]).
+#[derive(Clone, Debug)]
+pub(crate) struct MatmulKeys {
+    /// The decode GEMV (`gemv_t_split` for a split transposed product).
+    pub(crate) gemv: PipeKey,
+    /// `gemv_t_reduce`, dispatched after a split transposed GEMV.
+    pub(crate) reduce: Option<PipeKey>,
+    /// The prefill GEMM.
+    pub(crate) gemm: PipeKey,
+}
+
+/// Column units per workgroup of `gemv_t_split` (`SPLIT_UNITS` of `matmul_gemv.wgsl`).
+pub(crate) const SPLIT_UNITS: u32 = 256;
+
+/// Most K slabs of `gemv_t_split` (sizes the partials buffer).
+pub(crate) const SPLIT_MAX_SLABS: u32 = 32;
+
+/// Weight rows per slab of `gemv_t_split` at least: a slab streams at least 128 rows, so the
+/// partials written and summed (8 floats per column unit and slab) stay a few percent of the
+/// weight bytes read, while an 8192-row down projection still splits 32 ways across cores.
+const SPLIT_MIN_ROWS: u32 = 128;
+
+/// K slabs of `gemv_t_split` over `k` weight rows: `ceil(k / 128)`, 1 to 32.
+pub(crate) fn split_slabs(k: u32) -> u32 {
+    k.div_ceil(SPLIT_MIN_ROWS).clamp(1, SPLIT_MAX_SLABS)
+}
+
+/// Floats of the partials buffer (binding 5 of the matrix products) for column rows of up to
+/// `row_units` units: [`SPLIT_MAX_SLABS`] slabs of 8 floats per unit (at least 4 floats).
+pub(crate) fn split_partial_floats(row_units: usize) -> usize {
+    (SPLIT_MAX_SLABS as usize * row_units * 8).max(4)
+}
+
 /// Per-dispatch dynamic values, one 16-byte uniform shared by every kernel of a session and
 /// written before each submit.
 #[repr(C)]
@@ -505,7 +571,8 @@ pub(crate) struct MatmulParams {
     pub(crate) out_stride: u32,
     pub(crate) out_offset: u32,
     pub(crate) k_offset: u32,
-    pub(crate) _pad: u32,
+    /// K slabs summed by `gemv_t_reduce` (0 for the other kernels, which ignore it).
+    pub(crate) slabs: u32,
 }
 
 /// `rope.wgsl`.
@@ -516,10 +583,16 @@ pub(crate) struct RopeParams {
     pub(crate) n_kv_heads: u32,
     pub(crate) head_dim: u32,
     pub(crate) half: u32,
+    /// Row stride of the q/k/v activations (one row holds q, k and v).
     pub(crate) q_stride: u32,
+    /// Row stride of the KV cache.
     pub(crate) kv_stride: u32,
     pub(crate) sin_offset: u32,
-    pub(crate) _pad: u32,
+    /// Offset of k in a q/k/v row.
+    pub(crate) k_offset: u32,
+    /// Offset of v in a q/k/v row.
+    pub(crate) v_offset: u32,
+    pub(crate) _pad: [u32; 3],
 }
 
 /// `attention.wgsl`.

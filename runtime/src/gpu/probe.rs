@@ -8,9 +8,9 @@ use super::device::Gpu;
 use super::device::PathTiming;
 use super::engine::rope_table;
 use super::ops::{
-    check_gemv_rows, gemv_rows, ActParams, ArgmaxParams, AttentionParams, CalibrateFmaParams, CalibrateReadParams,
-    EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams, PipeKey, RopeParams, StepParams, WeightPath,
-    CALIBRATE_WG,
+    check_gemv_rows, gemv_rows, split_partial_floats, ActParams, ArgmaxParams, AttentionParams, CalibrateFmaParams,
+    CalibrateReadParams, EmbeddingParams, Kernel, Kernels, MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
+    WeightPath, CALIBRATE_WG,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
@@ -84,8 +84,8 @@ pub(crate) fn choose_weight_path(
         let mut timings = Vec::new();
         for &p in &available {
             kernels.set_path(p);
-            let best = time_gemv(gpu, kernels, rows, CHOICE_ROWS, CHOICE_COLS, CHOICE_REPEATS)?;
-            let ms = best / CHOICE_REPEATS as f64 * 1e3;
+            let best = time_gemv(gpu, kernels, rows, CHOICE_ROWS, CHOICE_COLS, false, 1, CHOICE_REPEATS)?;
+            let ms = best * 1e3;
             let bytes = (CHOICE_ROWS * CHOICE_COLS * 2) as f64;
             timings.push(PathTiming {
                 path: p.name().to_string(),
@@ -148,53 +148,93 @@ fn remember_choice(report: &AdapterReport, choice: &Choice) {
     }
 }
 
-/// Seconds of the best of 3 timed runs (after a one-round warm-up) of `repeats` rounds of the
-/// decode GEMV of `kernels`' weight path over a `[rows, cols]` f16 matrix, with `gemv_rows`
-/// rows per workgroup.
+/// Weight bytes a timed decode product streams per round at least, cycling over distinct
+/// copies of the weight: four times the 32 MiB last-level cache of current desktop CPUs (which
+/// lavapipe runs on) and well beyond phone and GPU caches, so no copy is still cached when it
+/// is read again and the timing is of memory, as in a real decode step.
+const TIMED_SET_BYTES: usize = 128 << 20;
+
+/// Seconds per product of the best of 3 timed runs (after a one-round warm-up) of `repeats`
+/// rounds of the decode product of `kernels`' weight path over a `[rows, cols]` f16 matrix
+/// (`transposed`: the `ffn_down_t` product, `out = x W` over `rows` inputs), with `gemv_rows`
+/// rows per workgroup. Each round runs the product once on each of `copies` distinct weight
+/// buffers in turn (`copies = 0`: as many as make the round stream [`TIMED_SET_BYTES`]).
+#[allow(clippy::too_many_arguments)]
 fn time_gemv(
     gpu: &Gpu,
     kernels: &Kernels,
     gemv_rows: u32,
     rows: usize,
     cols: usize,
+    transposed: bool,
+    copies: usize,
     repeats: usize,
 ) -> Result<f64, GpuError> {
+    let copies = if copies == 0 { TIMED_SET_BYTES.div_ceil(rows * cols * 2).clamp(1, 64) } else { copies };
     // Small finite f16 values (a repeating ramp), so no path meets denormals or infinities.
     let bytes: Vec<u8> =
         (0..rows * cols).flat_map(|i| f16::from_f32(((i % 61) as f32 - 30.0) / 512.0).to_le_bytes()).collect();
-    let m = GpuMatrix::build(gpu, "timed weight", rows, cols, DType::F16, gpu.max_binding(), [(0u64, &bytes[..])])?;
-    let xs: Vec<f32> = (0..pad8(cols)).map(|i| if i < cols { ((i % 7) as f32 - 3.0) / 4.0 } else { 0.0 }).collect();
+    let mut mats = Vec::with_capacity(copies);
+    for _ in 0..copies {
+        mats.push(GpuMatrix::build(
+            gpu,
+            "timed weight",
+            rows,
+            cols,
+            DType::F16,
+            gpu.max_binding(),
+            [(0u64, &bytes[..])],
+        )?);
+    }
+    drop(bytes);
+    let (k, n) = if transposed { (rows, cols) } else { (cols, rows) };
+    let xs: Vec<f32> = (0..pad8(k)).map(|i| if i < k { ((i % 7) as f32 - 3.0) / 4.0 } else { 0.0 }).collect();
     use wgpu::BufferUsages as U;
     let xb = upload_bytes(gpu, "x", bytemuck::cast_slice(&xs), U::STORAGE)?;
-    let out = zeroed(gpu, "out", rows as u64 * 4, U::STORAGE, gpu.max_binding())?;
+    let out = zeroed(gpu, "out", n as u64 * 4, U::STORAGE, gpu.max_binding())?;
+    let row_units = pad8(cols) / 8;
+    let partials = zeroed(gpu, "partials", split_partial_floats(row_units) as u64 * 4, U::STORAGE, gpu.max_binding())?;
     let step = upload_bytes(gpu, "step", bytemuck::bytes_of(&StepParams { pos0: 0, t: 1, _pad: [0; 2] }), U::UNIFORM)?;
-    let (key, _) = kernels.matmul_keys(false, false, false, gemv_rows);
-    let pipe = kernels.pipeline(gpu, &key)?;
+    let chunked = mats[0].chunks.len() > 1;
+    let keys = kernels.matmul_keys(false, transposed && chunked, transposed, gemv_rows, row_units);
+    let pipe = kernels.pipeline(gpu, &keys.gemv)?;
+    let reduce = keys.reduce.as_ref().map(|key| kernels.pipeline(gpu, key)).transpose()?;
     let mut binds = Vec::new();
-    for c in &m.chunks {
-        let params = MatmulParams {
-            n: c.rows as u32,
-            k: cols as u32,
-            row_units: m.row_units as u32,
-            x_stride: pad8(cols) as u32,
-            out_stride: rows as u32,
-            out_offset: c.row_start as u32,
-            k_offset: 0,
-            _pad: 0,
-        };
-        let ub = upload_bytes(gpu, "params", bytemuck::bytes_of(&params), U::UNIFORM)?;
-        let bind = kernels.bind(gpu, key.kernel, &[&ub, &step, &xb, &c.buffer, &out])?;
-        binds.push((bind, kernels.gemv_grid(false, false, c.rows as u32, m.row_units as u32, gemv_rows)));
+    for m in &mats {
+        for c in &m.chunks {
+            let (pn, pk, oo, ko) =
+                if transposed { (cols, c.rows, 0, c.row_start) } else { (c.rows, cols, c.row_start, 0) };
+            let grid = kernels.gemv_grid(false, transposed, pn as u32, pk as u32, row_units as u32, gemv_rows);
+            let params = MatmulParams {
+                n: pn as u32,
+                k: pk as u32,
+                row_units: row_units as u32,
+                x_stride: pad8(k) as u32,
+                out_stride: n as u32,
+                out_offset: oo as u32,
+                k_offset: ko as u32,
+                slabs: if reduce.is_some() { grid.0 } else { 0 },
+            };
+            let ub = upload_bytes(gpu, "params", bytemuck::bytes_of(&params), U::UNIFORM)?;
+            let bind = kernels.bind(gpu, keys.gemv.kernel, &[&ub, &step, &xb, &c.buffer, &out, &partials])?;
+            let follow = reduce.as_ref().map(|r| (r.clone(), (row_units as u32).div_ceil(64), 1));
+            binds.push((bind, grid, follow));
+        }
     }
-    best_time(gpu, &pipe, &binds, repeats, "timing the decode GEMV")
+    let best = best_time(gpu, &pipe, &binds, repeats, "timing the decode GEMV")?;
+    Ok(best / (repeats * copies) as f64)
 }
+
+/// A bind group, its workgroup grid, and an optional second pipeline dispatched right after
+/// with the same bind group (the split transposed GEMV's reduction) on its grid.
+type TimedBind = (wgpu::BindGroup, (u32, u32), Option<(wgpu::ComputePipeline, u32, u32)>);
 
 /// Seconds for `repeats` rounds of the dispatches `binds` of `pipe`, recorded in one
 /// encoder, submitted once and waited for: the best of 3 runs after a one-round warm-up.
 fn best_time(
     gpu: &Gpu,
     pipe: &wgpu::ComputePipeline,
-    binds: &[(wgpu::BindGroup, (u32, u32))],
+    binds: &[TimedBind],
     repeats: usize,
     during: &str,
 ) -> Result<f64, GpuError> {
@@ -205,11 +245,15 @@ fn best_time(
             {
                 let mut pass =
                     enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-                pass.set_pipeline(pipe);
                 for _ in 0..n {
-                    for (bind, (x, y)) in binds {
+                    for (bind, (x, y), follow) in binds {
+                        pass.set_pipeline(pipe);
                         pass.set_bind_group(0, bind, &[]);
                         pass.dispatch_workgroups(*x, *y, 1);
+                        if let Some((p2, x2, y2)) = follow {
+                            pass.set_pipeline(p2);
+                            pass.dispatch_workgroups(*x2, *y2, 1);
+                        }
                     }
                 }
             }
@@ -275,8 +319,9 @@ impl OpRunner {
 
     /// Makes the packed products of [`OpRunner::matmul`] run the CPU-adapter kernels (`true`,
     /// the default on CPU adapters): `gemm_rows` for several tokens (no shared memory) and
-    /// `gemv_t_rows` for one token, transposed (whole-row streaming); or (`false`, the default
-    /// on GPUs) the tiled `gemm` and the K-split `gemv_t`.
+    /// `gemv_t_split` + `gemv_t_reduce` for one token, transposed (rows split in slabs, each
+    /// thread streaming 64 contiguous bytes per row); or (`false`, the default on GPUs) the
+    /// tiled `gemm` and the K-split `gemv_t`.
     pub fn set_row_kernels(&mut self, rows: bool) {
         self.kernels.set_row_kernels(rows);
     }
@@ -409,10 +454,18 @@ impl OpRunner {
         let out = self.out(t * n)?;
         let step = self.step(0, t)?;
         let accumulate = transposed && m.chunks.len() > 1;
+        let keys = self.kernels.matmul_keys(m.f32, accumulate, transposed, self.rows, m.row_units);
+        let partials = self.out(split_partial_floats(m.row_units))?;
         let mut uniforms = Vec::new();
+        let mut grids = Vec::new();
         for c in &m.chunks {
             let (pn, pk, oo, ko) =
                 if transposed { (cols, c.rows, 0, c.row_start) } else { (c.rows, cols, c.row_start, 0) };
+            let grid = if t == 1 {
+                self.kernels.gemv_grid(m.f32, transposed, pn as u32, pk as u32, m.row_units as u32, self.rows)
+            } else {
+                ((pn as u32).div_ceil(64), (t as u32).div_ceil(16))
+            };
             uniforms.push(self.uniform(&MatmulParams {
                 n: pn as u32,
                 k: pk as u32,
@@ -421,19 +474,21 @@ impl OpRunner {
                 out_stride: n as u32,
                 out_offset: oo as u32,
                 k_offset: ko as u32,
-                _pad: 0,
+                slabs: if t == 1 && keys.reduce.is_some() { grid.0 } else { 0 },
             })?);
+            grids.push(grid);
         }
         let mut dispatches = Vec::new();
-        for (c, ub) in m.chunks.iter().zip(&uniforms) {
-            let pn = if transposed { cols } else { c.rows } as u32;
-            let (gemv, gemm) = self.kernels.matmul_keys(m.f32, accumulate, transposed, self.rows);
-            let (key, grid) = if t == 1 {
-                (gemv, self.kernels.gemv_grid(m.f32, transposed, pn, m.row_units as u32, self.rows))
+        for ((c, ub), &grid) in m.chunks.iter().zip(&uniforms).zip(&grids) {
+            let bufs = vec![ub, &step, &xb, &c.buffer, &out, &partials];
+            if t == 1 {
+                dispatches.push((keys.gemv.clone(), bufs.clone(), grid));
+                if let Some(reduce) = &keys.reduce {
+                    dispatches.push((reduce.clone(), bufs, ((m.row_units as u32).div_ceil(64), 1)));
+                }
             } else {
-                (gemm, (pn.div_ceil(64), (t as u32).div_ceil(16)))
-            };
-            dispatches.push((key, vec![ub, &step, &xb, &c.buffer, &out], grid));
+                dispatches.push((keys.gemm.clone(), bufs, grid));
+            }
         }
         self.run(&dispatches, &out, t * n)
     }
@@ -465,7 +520,9 @@ impl OpRunner {
     }
 
     /// RoPE of `t` tokens at positions `pos0..` on q `[t, n_heads * head_dim]` and k
-    /// `[t, n_kv_heads * head_dim]`; returns the rotated q then k, concatenated.
+    /// `[t, n_kv_heads * head_dim]`, with the fused KV-cache append (k is also passed as the
+    /// values): returns the rotated q, then the key-cache rows `pos0..pos0 + t` (rotated k),
+    /// then the value-cache rows `pos0..pos0 + t` (k unchanged), concatenated.
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -488,30 +545,42 @@ impl OpRunner {
         let ctx = pos0 + t;
         let half = head_dim / 2;
         let table = upload_f32(&self.gpu, "rope table", &rope_table(theta, head_dim, ctx))?;
+        let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let stride = q_dim + 2 * kv_dim;
         let p = self.uniform(&RopeParams {
             n_heads: n_heads as u32,
             n_kv_heads: n_kv_heads as u32,
             head_dim: head_dim as u32,
             half: half as u32,
-            q_stride: (n_heads * head_dim) as u32,
-            kv_stride: (n_kv_heads * head_dim) as u32,
+            q_stride: stride as u32,
+            kv_stride: kv_dim as u32,
             sin_offset: (ctx * half) as u32,
-            _pad: 0,
+            k_offset: q_dim as u32,
+            v_offset: (q_dim + kv_dim) as u32,
+            _pad: [0; 3],
         })?;
-        // q and k live in one buffer pair; read both back through one output buffer.
         let step = self.step(pos0, t)?;
-        let qb = self.out(q.len())?;
-        let kb = self.out(k.len())?;
-        self.gpu.queue.write_buffer(&qb, 0, bytemuck::cast_slice(q));
-        self.gpu.queue.write_buffer(&kb, 0, bytemuck::cast_slice(k));
+        // Rows [q | k | v] as the engine lays them out, with k as the values.
+        let rows: Vec<f32> = (0..t)
+            .flat_map(|tok| {
+                let kr = &k[tok * kv_dim..(tok + 1) * kv_dim];
+                q[tok * q_dim..(tok + 1) * q_dim].iter().chain(kr).chain(kr).copied()
+            })
+            .collect();
+        let qkv = self.out(rows.len())?;
+        let cache_floats = ctx * kv_dim;
+        let (kc, vc) = (self.out(cache_floats)?, self.out(cache_floats)?);
+        self.gpu.queue.write_buffer(&qkv, 0, bytemuck::cast_slice(&rows));
         let grid = (((n_heads + n_kv_heads) * half) as u32).div_ceil(64);
-        let mut out = self.run(
-            &[(PipeKey::new(Kernel::Rope, "main", &[]), vec![&p, &step, &qb, &kb, &table], (grid, t as u32))],
-            &qb,
-            q.len(),
-        )?;
-        let kr = self.gpu.read_back(&kb, (k.len().max(1) * 4).div_ceil(16) as u64 * 16)?;
-        out.extend(kr.chunks_exact(4).take(k.len()).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        let bufs = vec![&p, &step, &qkv, &table, &kc, &vc];
+        let all = self.run(&[(PipeKey::new(Kernel::Rope, "main", &[]), bufs, (grid, t as u32))], &qkv, rows.len())?;
+        let mut out: Vec<f32> = all.chunks_exact(stride).flat_map(|r| r[..q_dim].iter().copied()).collect();
+        let skip = pos0 * n_kv_heads * head_dim;
+        for cache in [&kc, &vc] {
+            let bytes = self.gpu.read_back(cache, (cache_floats.max(1) * 4).div_ceil(16) as u64 * 16)?;
+            let rows = bytes.chunks_exact(4).skip(skip).take(k.len());
+            out.extend(rows.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        }
         Ok(out)
     }
 
@@ -640,7 +709,7 @@ impl OpRunner {
         let repeats = repeats.max(1);
         let pipe = self.kernels.pipeline(&self.gpu, &key)?;
         let bind = self.kernels.bind(&self.gpu, key.kernel, buffers)?;
-        let best = best_time(&self.gpu, &pipe, &[(bind, grid)], repeats, "timing a kernel")?;
+        let best = best_time(&self.gpu, &pipe, &[(bind, grid, None)], repeats, "timing a kernel")?;
         Ok(best / repeats as f64 * 1e3)
     }
 
@@ -715,16 +784,20 @@ impl OpRunner {
             n_kv_heads: n_kv_heads as u32,
             head_dim: head_dim as u32,
             half: half as u32,
-            q_stride: (n_heads * head_dim) as u32,
+            q_stride: ((n_heads + 2 * n_kv_heads) * head_dim) as u32,
             kv_stride: (n_kv_heads * head_dim) as u32,
             sin_offset: half as u32,
-            _pad: 0,
+            k_offset: (n_heads * head_dim) as u32,
+            v_offset: ((n_heads + n_kv_heads) * head_dim) as u32,
+            _pad: [0; 3],
         })?;
-        let (qb, kb) = (self.out(n_heads * head_dim)?, self.out(n_kv_heads * head_dim)?);
+        let qkv = self.out((n_heads + 2 * n_kv_heads) * head_dim)?;
+        // One-row caches: the step uniform's position is 0.
+        let (kc, vc) = (self.out(n_kv_heads * head_dim)?, self.out(n_kv_heads * head_dim)?);
         let grid = (((n_heads + n_kv_heads) * half) as u32).div_ceil(64);
         let rope_ms = self.time_dispatch(
             PipeKey::new(Kernel::Rope, "main", &[]),
-            &[&rp, &step, &qb, &kb, &table],
+            &[&rp, &step, &qkv, &table, &kc, &vc],
             (grid, 1),
             repeats,
         )?;
@@ -748,15 +821,36 @@ impl OpRunner {
     }
 
     /// Calibration for benchmarks: the weight-read bandwidth (GB/s) the decode GEMV kernel
-    /// reaches on a packed-f16 `[rows, cols]` matrix, from `repeats` dispatches recorded in one
-    /// encoder (one submit, one wait; the best of 3 runs after a warm-up). Decode tokens/s is
-    /// bounded by this figure divided by the weight bytes read per token.
+    /// reaches on a packed-f16 `[rows, cols]` matrix
+    /// ([`decode_product_read_bandwidth`](Self::decode_product_read_bandwidth), not
+    /// transposed: distinct weight copies streamed from memory, `repeats` rounds). Decode
+    /// tokens/s is bounded by this figure divided by the weight bytes read per token.
     pub fn gemv_read_bandwidth(&self, rows: usize, cols: usize, repeats: usize) -> Result<f64, GpuError> {
         if rows == 0 || cols == 0 || repeats == 0 {
             return Err(bad_input("gemv_read_bandwidth: empty shape"));
         }
-        let best = time_gemv(&self.gpu, &self.kernels, self.rows, rows, cols, repeats)?;
-        Ok((rows * cols * 2 * repeats) as f64 / best / 1e9)
+        self.decode_product_read_bandwidth(rows, cols, false, repeats)
+    }
+
+    /// Calibration for benchmarks: the weight-read bandwidth (GB/s) of the decode product the
+    /// engine runs on a packed-f16 `[rows, cols]` matrix: the GEMV (`out = W x`), or with
+    /// `transposed` the `ffn_down_t` product (`out = x W`, the split kernels on CPU adapters).
+    /// Each timed round runs the product once on each of several distinct copies of the
+    /// weight, together at least 128 MiB, so the weights stream from memory as in a decode step
+    /// rather than from the last-level cache; `repeats` rounds are recorded in one encoder
+    /// (one submit, one wait; the best of 3 runs after a warm-up).
+    pub fn decode_product_read_bandwidth(
+        &self,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+        repeats: usize,
+    ) -> Result<f64, GpuError> {
+        if rows == 0 || cols == 0 || repeats == 0 {
+            return Err(bad_input("decode_product_read_bandwidth: empty shape"));
+        }
+        let per_product = time_gemv(&self.gpu, &self.kernels, self.rows, rows, cols, transposed, 0, repeats)?;
+        Ok((rows * cols * 2) as f64 / per_product / 1e9)
     }
 
     /// Workgroup size of the calibration kernels ([`read_sums`](Self::read_sums),
@@ -828,7 +922,8 @@ impl OpRunner {
             let key = PipeKey::new(kernel, "main", &[("BLOCKED", cpu)]);
             let pipe = self.kernels.pipeline(&self.gpu, &key)?;
             let bind = self.kernels.bind(&self.gpu, kernel, &[&p, &data, &out])?;
-            let best = best_time(&self.gpu, &pipe, &[(bind, (groups, 1))], repeats, "running the read calibration")?;
+            let best =
+                best_time(&self.gpu, &pipe, &[(bind, (groups, 1), None)], repeats, "running the read calibration")?;
             best_gbs = best_gbs.max((size * repeats as u64) as f64 / best / 1e9);
         }
         Ok(best_gbs)
@@ -850,7 +945,7 @@ impl OpRunner {
         let key = PipeKey::new(Kernel::CalibrateFma, "main", &[]);
         let pipe = self.kernels.pipeline(&self.gpu, &key)?;
         let bind = self.kernels.bind(&self.gpu, Kernel::CalibrateFma, &[&p, &out])?;
-        let best = best_time(&self.gpu, &pipe, &[(bind, (groups, 1))], repeats, "running the fma calibration")?;
+        let best = best_time(&self.gpu, &pipe, &[(bind, (groups, 1), None)], repeats, "running the fma calibration")?;
         let flops = f64::from(groups * CALIBRATE_WG) * f64::from(iterations) * 64.0 * repeats as f64;
         Ok(flops / best / 1e9)
     }

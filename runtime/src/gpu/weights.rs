@@ -66,6 +66,73 @@ impl GpuMatrix {
         })
     }
 
+    /// Uploads several `[rows, cols]` tensors stacked into one matrix: `parts` are `(name,
+    /// rows, first_row)` in increasing `first_row` order, each tensor's rows landing at
+    /// `first_row..first_row + rows`; rows no part covers (up to `total_rows`) are zero. One
+    /// product over the stack computes every part's outputs in one dispatch, each output row
+    /// exactly as a product over its own tensor would (rows are independent). The tensors must
+    /// share one dtype.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn upload_stacked(
+        gpu: &Gpu,
+        model: &ModelFile,
+        label: &str,
+        parts: &[(&str, usize, usize)],
+        total_rows: usize,
+        cols: usize,
+        max_binding: u64,
+        release_pages: bool,
+    ) -> Result<GpuMatrix, GpuError> {
+        let mut dtype = None;
+        let mut segments: Vec<(u64, &[u8])> = Vec::new();
+        let mut next = 0usize;
+        let mut gaps = Vec::new();
+        for &(name, rows, first_row) in parts {
+            let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+            let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
+            if info.row_elems() != cols as u64 {
+                return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
+            }
+            if info.rows() < rows as u64 || rows == 0 {
+                return Err(bad(format!("has {} rows, {rows} needed", info.rows())));
+            }
+            if *dtype.get_or_insert(info.dtype) != info.dtype {
+                return Err(bad(format!("is {:?}, the other tensors of {label} are {dtype:?}", info.dtype)));
+            }
+            if first_row < next {
+                return Err(bad(format!("would start at row {first_row} of {label}, before row {next}")));
+            }
+            gaps.push((next, first_row - next));
+            for (first, bytes) in model.tensor_segments(name, rows as u64)? {
+                segments.push((first + first_row as u64, bytes));
+            }
+            next = first_row + rows;
+        }
+        let Some(dtype) = dtype else {
+            return Err(GpuError::BadTensor { tensor: label.to_string(), reason: "no tensors to stack".into() });
+        };
+        if total_rows < next {
+            return Err(GpuError::BadTensor {
+                tensor: label.to_string(),
+                reason: format!("the parts need {next} rows, {total_rows} given"),
+            });
+        }
+        gaps.push((next, total_rows - next));
+        let row_bytes = cols * dtype.size_bytes();
+        let zeros = vec![0u8; gaps.iter().map(|g| g.1).max().unwrap_or(0) * row_bytes];
+        let mut pieces = segments;
+        for (start, n) in gaps.into_iter().filter(|g| g.1 > 0) {
+            pieces.push((start as u64, &zeros[..n * row_bytes]));
+        }
+        pieces.sort_by_key(|piece| piece.0);
+        GpuMatrix::build_with(gpu, label, total_rows, cols, dtype, max_binding, pieces, &mut || {
+            if release_pages {
+                model.release_all()?;
+            }
+            Ok(())
+        })
+    }
+
     /// Uploads rows `[0, rows)` given as `(first_row, bytes)` pieces in row order (raw
     /// little-endian `dtype` rows of `cols` elements), in chunks of at most `max_binding` bytes.
     pub(crate) fn build<'a>(
