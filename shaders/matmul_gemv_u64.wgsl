@@ -17,10 +17,11 @@
 //       vec4<u64> of two units, halving the load instructions again (measured ~1.2x on
 //       lavapipe); the two units are added to the row's sum one after the other, so the
 //       results equal gemv's (and the packed path's) bit for bit. Same grid as gemv.
-// gemv_t_split + gemv_t_reduce: the transposed product of the CPU adapters for an even number
-//       of units per row (matmul_gemv.wgsl: same slabs, grid, partials and f32 operations in
-//       the same order, so the same results), each thread's 4 column units read as two
-//       vec4<u64> loads.
+// gemv_t_split: the split pass of the transposed product of the CPU adapters for an even
+//       number of units per row (matmul_gemv.wgsl: same slabs, grid, partials and f32
+//       operations in the same order, so the same results), each thread's 4 column units read
+//       as two vec4<u64> loads; matmul_gemv.wgsl's gemv_t_reduce (which reads only the
+//       partials) finishes it.
 // ACCUMULATE adds into out instead of overwriting (residual connection fused in).
 
 override ACCUMULATE: bool = false;
@@ -281,33 +282,4 @@ fn gemv_t_split(
         partials[o + 6u] = a3.lo;
         partials[o + 7u] = a3.hi;
     }
-}
-
-// Stores the 8 outputs of column unit cu (those below n).
-fn store_unit(cu: u32, lo: vec4<f32>, hi: vec4<f32>) {
-    let c0 = cu * 8u;
-    for (var j = 0u; j < 4u; j++) {
-        if c0 + j < p.n {
-            store(p.out_offset + c0 + j, lo[j]);
-        }
-        if c0 + 4u + j < p.n {
-            store(p.out_offset + c0 + 4u + j, hi[j]);
-        }
-    }
-}
-
-@compute @workgroup_size(WG)
-fn gemv_t_reduce(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let cu = gid.x;
-    if cu >= p.row_units {
-        return;
-    }
-    var lo = vec4<f32>(0.0);
-    var hi = vec4<f32>(0.0);
-    for (var s = 0u; s < p.slabs; s++) {
-        let o = 2u * (s * p.row_units + cu);
-        lo += partials[o];
-        hi += partials[o + 1u];
-    }
-    store_unit(cu, lo, hi);
 }

@@ -394,7 +394,8 @@ impl Kernels {
             let (split, reduce) = if paired {
                 (
                     PipeKey::new(Kernel::MatmulGemvU64, "gemv_t_split", &[]),
-                    PipeKey::new(Kernel::MatmulGemvU64, "gemv_t_reduce", &[consts[1]]),
+                    // The reduction reads only the partials: the packed file's serves both.
+                    PipeKey::new(Kernel::MatmulGemv, "gemv_t_reduce", &consts),
                 )
             } else {
                 (
