@@ -15,8 +15,8 @@
 //! checks in the inner loops, no `unsafe`, no run-time dispatch), so their speed follows the
 //! build's target features: NEON on aarch64 (phones) is the baseline; the workspace's desktop
 //! x86-64 builds target `x86-64-v3` (AVX2, FMA, F16C; `.cargo/config.toml`), where they run
-//! 1.3-1.7x faster per core than in a baseline SSE2 build. [`crate::cpu::simd_features`] names
-//! the features of the running build.
+//! 1.2-1.7x faster per core than in a baseline SSE2 build (`kernel_speed`).
+//! [`crate::cpu::simd_features`] names the features of the running build.
 //!
 //! f16 weights: a one-input product (decode) never materialises f32 rows. It reads each f16's
 //! bits as an f32 scaled by `2^-112` ([`f16_bits_unscaled`]: a shift and a mask) and folds the
