@@ -49,14 +49,7 @@ impl GpuMatrix {
         max_binding: u64,
         release_pages: bool,
     ) -> Result<GpuMatrix, GpuError> {
-        let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
-        let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
-        if info.row_elems() != cols as u64 {
-            return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
-        }
-        if info.rows() < rows as u64 || rows == 0 {
-            return Err(bad(format!("has {} rows, {rows} needed", info.rows())));
-        }
+        let info = checked_tensor(model, name, rows, cols)?;
         let pieces = model.tensor_segments(name, rows as u64)?;
         GpuMatrix::build_with(gpu, name, rows, cols, info.dtype, max_binding, pieces, &mut || {
             if release_pages {
@@ -88,14 +81,8 @@ impl GpuMatrix {
         let mut next = 0usize;
         let mut gaps = Vec::new();
         for &(name, rows, first_row) in parts {
-            let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+            let info = checked_tensor(model, name, rows, cols)?;
             let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
-            if info.row_elems() != cols as u64 {
-                return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
-            }
-            if info.rows() < rows as u64 || rows == 0 {
-                return Err(bad(format!("has {} rows, {rows} needed", info.rows())));
-            }
             if *dtype.get_or_insert(info.dtype) != info.dtype {
                 return Err(bad(format!("is {:?}, the other tensors of {label} are {dtype:?}", info.dtype)));
             }
@@ -280,4 +267,23 @@ pub(crate) fn zeroed(
     gpu.scoped(&format!("allocating {label}"), || {
         gpu.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
     })
+}
+
+/// The tensor `name` of `model`, checked to hold at least `rows` rows (at least one) of
+/// `cols` elements.
+fn checked_tensor<'m>(
+    model: &'m ModelFile,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<&'m crate::format::TensorInfo, GpuError> {
+    let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+    let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
+    if info.row_elems() != cols as u64 {
+        return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
+    }
+    if info.rows() < rows as u64 || rows == 0 {
+        return Err(bad(format!("has {} rows, {rows} needed", info.rows())));
+    }
+    Ok(info)
 }
