@@ -4,7 +4,9 @@
 //! Efficiency of a decode step = max(bytes read / bandwidth, flops / throughput) / measured time:
 //! the fraction of the machine's own limit the engine reaches. The CPU limits come from a
 //! multi-threaded streaming-read loop and a multiply-add loop; the GPU limits from two
-//! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`).
+//! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`). The read
+//! calibration runs before and after each backend's rows and the faster pass is the bandwidth
+//! used: a pass slowed by other work on the machine would otherwise flatter the efficiencies.
 //!
 //! The same efficiency is printed per kernel class of the decode step (attention projections,
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
@@ -29,8 +31,12 @@ use crate::backend::{BackendChoice, Engine};
 /// Calibration figures of one backend.
 #[derive(Clone, Debug, Serialize)]
 pub struct Calibration {
-    /// Streaming-read bandwidth, GB/s (1e9 bytes per second).
+    /// Streaming-read bandwidth, GB/s (1e9 bytes per second): the larger of
+    /// [`read_passes_gb_per_s`](Self::read_passes_gb_per_s), so that a calibration pass slowed
+    /// by other work on the machine cannot inflate the efficiencies.
     pub read_gb_per_s: f64,
+    /// The read calibration measured before and after this backend's rows, GB/s.
+    pub read_passes_gb_per_s: Vec<f64>,
     /// Multiply-add throughput, GFLOP/s (a multiply and an add count as 2 flops); None when not
     /// measured on this backend.
     pub gflops: Option<f64>,
@@ -111,6 +117,19 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
     /// GPU decode tokens/s divided by CPU decode tokens/s per submodel (when both ran).
     pub gpu_over_cpu_decode: Vec<(String, f64)>,
+}
+
+/// The raw measurements of one row, kept until the second calibration pass.
+struct Measured<'a> {
+    sub: &'a Submodel,
+    name: String,
+    mean_pos: u32,
+    weight_bytes: u64,
+    flops_per_token: f64,
+    prefill_s: f64,
+    decode_s: f64,
+    counters: Option<(u64, u64, u64)>,
+    peak_rss_bytes: Option<u64>,
 }
 
 /// Bytes read and flops per decoded token of `sub` with `context` tokens cached, from the same
@@ -213,21 +232,32 @@ pub fn bench(
         let engine = Engine::load(&model, choice, threads, json)?;
         let n_threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         eprintln!("calibrating {} ...", engine.name());
-        let cal = match &engine {
+        let read_bandwidth = || -> Result<f64> {
+            Ok(match &engine {
+                Engine::Cpu(_) => matformer::calibrate::cpu_read_bandwidth(n_threads),
+                Engine::Gpu(g) => {
+                    matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.read_bandwidth(128 << 20, 8)?
+                }
+            })
+        };
+        let read_before = read_bandwidth()?;
+        let mut cal = match &engine {
             Engine::Cpu(_) => Calibration {
-                read_gb_per_s: matformer::calibrate::cpu_read_bandwidth(n_threads),
+                read_gb_per_s: read_before,
+                read_passes_gb_per_s: vec![read_before],
                 gflops: Some(matformer::calibrate::cpu_multiply_add_gflops(n_threads)),
                 method: format!(
-                    "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
+                    "{n_threads}-thread streaming sum over 512 MiB, the faster of a pass before and one after the rows; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
                     matformer::cpu::simd_features()
                 ),
             },
             Engine::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
                 Calibration {
-                    read_gb_per_s: runner.read_bandwidth(128 << 20, 8)?,
+                    read_gb_per_s: read_before,
+                    read_passes_gb_per_s: vec![read_before],
                     gflops: Some(runner.fma_throughput(2048, 4)?),
-                    method: "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
+                    method: "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster), the faster of a pass before and one after the rows; calibrate_fma.wgsl 8 independent vec4 fma chains"
                         .into(),
                 }
             }
@@ -245,6 +275,7 @@ pub fn bench(
                 t
             }
         };
+        let mut measured = Vec::with_capacity(subs.len());
         for sub in &subs {
             let name = sub.name(&meta);
             eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}", engine.name());
@@ -268,6 +299,36 @@ pub fn bench(
             }
             let decode_s = t1.elapsed().as_secs_f64();
             let counters = session.gpu_counters();
+            let peak_rss_bytes = if rss_ok { peak_rss() } else { None };
+            drop(session);
+            measured.push(Measured {
+                sub,
+                name,
+                mean_pos,
+                weight_bytes,
+                flops_per_token,
+                prefill_s,
+                decode_s,
+                counters,
+                peak_rss_bytes,
+            });
+        }
+        // A second read calibration after the rows: the faster pass is the one used.
+        let read_after = read_bandwidth()?;
+        cal.read_passes_gb_per_s.push(read_after);
+        cal.read_gb_per_s = cal.read_gb_per_s.max(read_after);
+        for m in measured {
+            let Measured {
+                sub,
+                name,
+                mean_pos,
+                weight_bytes,
+                flops_per_token,
+                prefill_s,
+                decode_s,
+                counters,
+                peak_rss_bytes,
+            } = m;
             let per_token_s = decode_s / gen_len as f64;
             let mem_s = weight_bytes as f64 / (cal.read_gb_per_s * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
@@ -289,7 +350,7 @@ pub fn bench(
                 prefill_compute_efficiency: cal
                     .gflops
                     .map(|g| flops_per_token * prompt.len() as f64 / (g * 1e9) / prefill_s),
-                peak_rss_bytes: if rss_ok { peak_rss() } else { None },
+                peak_rss_bytes,
                 submits_per_step: counters.map(|c| c.0 as f64 / gen_len as f64),
                 readbacks_per_step: counters.map(|c| c.1 as f64 / gen_len as f64),
                 readback_bytes_per_step: counters.map(|c| c.2 as f64 / gen_len as f64),
@@ -315,7 +376,13 @@ pub fn bench(
     }
     for (b, c) in &report.calibration {
         let g = c.gflops.map(|g| format!("{g:.1} GFLOP/s")).unwrap_or_else(|| "not measured".into());
-        println!("calibration {b}: read {:.2} GB/s, multiply-add {g} ({})", c.read_gb_per_s, c.method);
+        let passes: Vec<String> = c.read_passes_gb_per_s.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "calibration {b}: read {:.2} GB/s (passes {}), multiply-add {g} ({})",
+            c.read_gb_per_s,
+            passes.join(" / "),
+            c.method
+        );
     }
     println!(
         "{:<4} {:<12} {:>10} {:>11} {:>9} {:>10} {:>9} {:>7} {:>10} {:>8}",
