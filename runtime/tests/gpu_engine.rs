@@ -145,6 +145,16 @@ fn decode_step_is_one_submit_and_one_4_byte_readback() {
     }
     let c = s.counters();
     assert_eq!((c.passes, c.submits, c.readbacks, c.readback_bytes), (5, 5, 5, 20), "{c:?}");
+    // Dispatches per decode step, pinned: the embedding gather (one chunk here); per layer the
+    // attention block (norm, q/k/v as one stacked product, RoPE writing K and V into the cache,
+    // attention, wo with the residual add) and the gated FFN block (norm, up, gate, activation,
+    // down with the residual add, plus the reduction pass of the split down projection that CPU
+    // adapters run off the native-f16 path); then the final norm, the LM head and the argmax.
+    let split_down =
+        gpu.adapter().device_type == "Cpu" && WeightPath::parse(&gpu.adapter().weight_path) != Some(WeightPath::F16);
+    let layers = u64::from(meta.architecture.n_layers);
+    let per_step = 1 + layers * (5 + 5 + u64::from(split_down)) + 3;
+    assert_eq!(c.dispatches, 5 * per_step, "{c:?}: {per_step} dispatches per decode step expected");
 }
 
 /// The bundled trained model, when it has been exported (`tests/fixtures/matlm.matf`): GPU

@@ -63,13 +63,23 @@ fn matmul_gemv_and_gemm_match_reference() {
 
 #[test]
 fn packed64_gemv_equals_the_packed_gemv() {
-    // Same f32 arithmetic in the same order, only wider loads: the decode GEMV of the packed64
-    // path must give the packed path's results bit for bit.
+    // Same f32 arithmetic in the same order, only wider loads (and, in the subgroup variant,
+    // activations shared across the subgroup): the decode GEMV of the packed64 path must give
+    // the packed path's results bit for bit.
     let Some(mut r) = runner_or_skip() else { return };
     if !r.available_weight_paths().contains(&WeightPath::Packed64) {
         println!("skipping: {} has no SHADER_INT64", r.adapter().name);
         return;
     }
+    // With 8-invocation subgroups (lavapipe) the paired kernel runs both with the activations
+    // broadcast across the subgroup (`matmul_gemv_u64_sg.wgsl`, the default there) and without.
+    let sg8 = r.subgroup_size() == Some(8);
+    println!("subgroup size {:?}: subgroup GEMV {}", r.subgroup_size(), if sg8 { "tested" } else { "not available" });
+    let runs: Vec<(WeightPath, bool)> = [(WeightPath::Packed, false), (WeightPath::Packed64, false)]
+        .into_iter()
+        .chain(sg8.then_some((WeightPath::Packed64, true)))
+        .collect();
+    let runs = runs.as_slice();
     // Odd and even units per row (the paired 32-byte-load kernels need even), one and two
     // column blocks of the split transposed GEMV.
     let shapes = [(1usize, 1usize), (37, 19), (130, 67), (300, 1030), (257, 2048), (300, 2064)];
@@ -80,12 +90,19 @@ fn packed64_gemv_equals_the_packed_gemv() {
             for rpt in [1, 2, 4] {
                 r.set_gemv_rows_per_thread(rpt).expect("valid rows per thread");
                 let mut got = Vec::new();
-                for path in [WeightPath::Packed, WeightPath::Packed64] {
+                for &(path, subgroup) in runs {
                     r.set_weight_path(path).expect("available path");
+                    if path == WeightPath::Packed64 {
+                        r.set_subgroup_gemv(subgroup).expect("subgroup GEMV where subgroups are 8 wide");
+                    }
                     got.push(r.matmul(&w, rows, cols, WeightFormat::F16, &x, 1, transposed, None).expect("gemv"));
                 }
-                let what = format!("packed64 vs packed {rows}x{cols} transposed={transposed} rpt={rpt}");
-                check(&what, Tolerance::EXACT, &got[0], &got[1]);
+                for (g, &(path, subgroup)) in got.iter().zip(runs).skip(1) {
+                    let what = format!(
+                        "{path} (subgroup GEMV {subgroup}) vs packed {rows}x{cols} transposed={transposed} rpt={rpt}"
+                    );
+                    check(&what, Tolerance::EXACT, &got[0], g);
+                }
             }
         }
     }

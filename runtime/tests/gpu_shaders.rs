@@ -20,14 +20,20 @@ fn every_shader_parses_and_validates() {
         // SHADER_FLOAT16. No other capability is allowed.
         // The packed64 kernels (`<op>_u64.wgsl`, run only when the device has SHADER_INT64)
         // get SHADER_INT64.
+        // The subgroup variants (`<op>_sg.wgsl`, run only on devices opened with SUBGROUP) get
+        // SUBGROUP.
         let f16 = s.source.starts_with("enable f16;");
-        let u64 = s.name.ends_with("_u64");
+        let sg = s.name.ends_with("_sg");
+        let u64 = s.name.ends_with("_u64") || s.name.ends_with("_u64_sg");
         let mut caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
         if f16 {
             caps |= naga::valid::Capabilities::SHADER_FLOAT16;
         }
         if u64 {
             caps |= naga::valid::Capabilities::SHADER_INT64;
+        }
+        if sg {
+            caps |= naga::valid::Capabilities::SUBGROUP;
         }
         naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
             .validate(&module)
@@ -39,7 +45,7 @@ fn every_shader_parses_and_validates() {
             "{}.wgsl: f16 variants are named <op>_f16 and start with `enable f16;`",
             s.name
         );
-        if !f16 && !u64 {
+        if !f16 && !u64 && !sg {
             let strict = naga::valid::Validator::new(
                 naga::valid::ValidationFlags::all(),
                 naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
@@ -108,5 +114,26 @@ fn u64_variants_need_the_int64_capability() {
         )
         .validate(&module);
         assert!(without.is_err(), "{}.wgsl validates without the int64 capability", s.name);
+    }
+}
+
+#[test]
+fn subgroup_variants_need_the_subgroup_capability() {
+    // Without SUBGROUP the subgroup kernels must fail validation (they are compiled only on
+    // devices opened with SUBGROUP and 8-invocation subgroups): the packed64 decode GEMV.
+    let sg: Vec<_> = matformer::gpu::shader_sources().into_iter().filter(|s| s.name.ends_with("_sg")).collect();
+    assert!(
+        sg.iter().any(|s| s.name == "matmul_gemv_u64_sg"),
+        "subgroup variants: {:?}",
+        sg.iter().map(|s| s.name).collect::<Vec<_>>()
+    );
+    for s in sg {
+        let module = naga::front::wgsl::parse_str(s.source).expect("parses");
+        let without = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32 | naga::valid::Capabilities::SHADER_INT64,
+        )
+        .validate(&module);
+        assert!(without.is_err(), "{}.wgsl validates without the subgroup capability", s.name);
     }
 }

@@ -137,6 +137,9 @@ pub(crate) struct Gpu {
     pub(crate) queue: wgpu::Queue,
     pub(crate) report: AdapterReport,
     pub(crate) limits: wgpu::Limits,
+    /// Invocations per subgroup when the device was opened with `SUBGROUP` and the adapter's
+    /// subgroups have one fixed size (8 on lavapipe); `None` otherwise.
+    pub(crate) subgroup_size: Option<u32>,
     uncaptured: Arc<Mutex<Option<String>>>,
 }
 
@@ -173,14 +176,16 @@ impl Gpu {
     }
 
     /// Opens a device on `adapter` with its own limits and, when it has them, `SHADER_F16`
-    /// (f16 arithmetic and 16-bit storage: the [`WeightPath::F16`] kernels) and
-    /// `SHADER_INT64` (the [`WeightPath::Packed64`] kernel).
+    /// (f16 arithmetic and 16-bit storage: the [`WeightPath::F16`] kernels),
+    /// `SHADER_INT64` (the [`WeightPath::Packed64`] kernel) and `SUBGROUP` (its subgroup
+    /// variant, `matmul_gemv_u64_sg.wgsl`).
     pub(crate) fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {
         let report = AdapterReport::of(&adapter);
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
             label: Some("matformer"),
-            required_features: adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SHADER_INT64),
+            required_features: adapter.features()
+                & (wgpu::Features::SHADER_F16 | wgpu::Features::SHADER_INT64 | wgpu::Features::SUBGROUP),
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
@@ -195,7 +200,11 @@ impl Gpu {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
-        Ok(Gpu { device, queue, report, limits, uncaptured })
+        let info = adapter.get_info();
+        let subgroup_size = (device.features().contains(wgpu::Features::SUBGROUP)
+            && info.subgroup_min_size == info.subgroup_max_size)
+            .then_some(info.subgroup_min_size);
+        Ok(Gpu { device, queue, report, limits, subgroup_size, uncaptured })
     }
 
     /// True when the device was opened with what `path`'s kernels need.

@@ -32,7 +32,9 @@
 //! with `override` constants (weight format, residual accumulation, gating, activation, GEMV
 //! row groups per workgroup and rows per thread, GEMM entry point). On CPU adapters such as
 //! lavapipe the GEMV runs one thread per 4 rows (each activation load serves 4 rows; on the
-//! packed64 path two 8-element units per 32-byte load, `gemv_pairs`), the transposed FFN-down
+//! packed64 path two 8-element units per 32-byte load, `gemv_pairs`, and with 8-invocation
+//! subgroups each activation loaded once per subgroup and broadcast, `matmul_gemv_u64_sg.wgsl`;
+//! `MATFORMER_SUBGROUP_GEMV=0` turns that off), the transposed FFN-down
 //! GEMV splits the weight rows into up to 32 slabs whose partial sums a second dispatch adds
 //! (`gemv_t_split` + `gemv_t_reduce`: each thread streams 64 contiguous bytes of every row of
 //! its slab; the one-pass kernel it replaced strided 4 KiB rows and took half of an xl decode

@@ -49,6 +49,7 @@ pub(crate) enum Kernel {
     MatmulGemmF16,
     /// The packed64 decode GEMV (64-bit loads, needs `SHADER_INT64`).
     MatmulGemvU64,
+    MatmulGemvU64Sg,
     Rope,
     Attention,
     FfnAct,
@@ -62,7 +63,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 15] = [
+    const ALL: [Kernel; 16] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -71,6 +72,7 @@ impl Kernel {
         Kernel::MatmulGemvF16,
         Kernel::MatmulGemmF16,
         Kernel::MatmulGemvU64,
+        Kernel::MatmulGemvU64Sg,
         Kernel::Rope,
         Kernel::Attention,
         Kernel::FfnAct,
@@ -90,6 +92,7 @@ impl Kernel {
             Kernel::MatmulGemvF16 => shader!("matmul_gemv_f16"),
             Kernel::MatmulGemmF16 => shader!("matmul_gemm_f16"),
             Kernel::MatmulGemvU64 => shader!("matmul_gemv_u64"),
+            Kernel::MatmulGemvU64Sg => shader!("matmul_gemv_u64_sg"),
             Kernel::Rope => shader!("rope"),
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
@@ -111,7 +114,8 @@ impl Kernel {
             | Kernel::MatmulGemm
             | Kernel::MatmulGemvF16
             | Kernel::MatmulGemmF16
-            | Kernel::MatmulGemvU64 => &[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite],
+            | Kernel::MatmulGemvU64
+            | Kernel::MatmulGemvU64Sg => &[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite],
             Kernel::LayerNorm => &[Uniform, Uniform, Read, Read, ReadWrite, Read],
             Kernel::Rope => &[Uniform, Uniform, ReadWrite, Read, ReadWrite, ReadWrite],
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
@@ -230,6 +234,10 @@ pub(crate) struct Kernels {
     /// `gemv_t_split` + `gemv_t_reduce` (decode, transposed) instead of the tiled `gemm` and
     /// the K-split `gemv_t`.
     row_kernels: bool,
+    /// The paired packed64 decode GEMV shares each activation load across an 8-invocation
+    /// subgroup (`matmul_gemv_u64_sg.wgsl`): devices opened with `SUBGROUP` whose subgroups
+    /// are exactly 8 invocations.
+    subgroup_gemv: bool,
     layouts: HashMap<Kernel, (wgpu::BindGroupLayout, wgpu::PipelineLayout)>,
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipeKey, wgpu::ComputePipeline>>,
@@ -288,6 +296,8 @@ impl Kernels {
             path: WeightPath::Packed,
             gemv_rpt: default_gemv_rpt(gpu),
             row_kernels: gpu.report.device_type == "Cpu",
+            subgroup_gemv: gpu.subgroup_size == Some(8)
+                && std::env::var("MATFORMER_SUBGROUP_GEMV").as_deref() != Ok("0"),
             layouts,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
@@ -318,6 +328,21 @@ impl Kernels {
     /// `gemv_t`.
     pub(crate) fn set_row_kernels(&mut self, rows: bool) {
         self.row_kernels = rows;
+    }
+
+    /// Makes the paired packed64 decode GEMV use the subgroup kernel (`gemv_pairs` of
+    /// `matmul_gemv_u64_sg.wgsl`) or not; refused on a device without 8-invocation subgroups.
+    pub(crate) fn set_subgroup_gemv(&mut self, gpu: &Gpu, on: bool) -> Result<(), GpuError> {
+        if on && gpu.subgroup_size != Some(8) {
+            return Err(GpuError::Unsupported {
+                reason: format!(
+                    "the subgroup GEMV needs subgroups of 8 invocations, the device has {:?}",
+                    gpu.subgroup_size
+                ),
+            });
+        }
+        self.subgroup_gemv = on;
+        Ok(())
     }
 
     /// True when the matrix products of an `f32_weights` matrix run the native-f16 kernels.
@@ -358,7 +383,8 @@ impl Kernels {
     /// (only for the split transposed GEMV, [`Kernels::split_transposed`]) and the prefill
     /// GEMM. On the [`WeightPath::F16`] path the `enable f16;` kernels for f16 weights; on the
     /// [`WeightPath::Packed64`] path the 64-bit-load kernels for the decode GEMV (`gemv_pairs`
-    /// when `rows` is 64 and the `row_units` units of a row are even; and the split transposed
+    /// when `rows` is 64 and the `row_units` units of a row are even, its subgroup variant on
+    /// devices with 8-invocation subgroups; and the split transposed
     /// GEMV when they are even) of f16 weights and the packed kernels otherwise; else the
     /// packed kernels (which also serve f32 weights). `rows` is the GEMV's `ROWS`; grids come from
     /// [`Kernels::gemv_grid`] (GEMV), `ceil(row_units / 64)` workgroups (reduction) and 64
@@ -406,7 +432,8 @@ impl Kernels {
             return MatmulKeys { gemv: split, reduce: Some(reduce), gemm };
         }
         let gemv = if paired && !transposed && rows == 64 {
-            PipeKey::new(Kernel::MatmulGemvU64, "gemv_pairs", &[consts[1]]).with("ROWS", rows)
+            let kernel = if self.subgroup_gemv { Kernel::MatmulGemvU64Sg } else { Kernel::MatmulGemvU64 };
+            PipeKey::new(kernel, "gemv_pairs", &[consts[1]]).with("ROWS", rows)
         } else if wide && !transposed {
             PipeKey::new(Kernel::MatmulGemvU64, entry, &[consts[1]]).with("ROWS", rows)
         } else {

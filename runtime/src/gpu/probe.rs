@@ -317,6 +317,17 @@ impl OpRunner {
         self.kernels.set_gemv_rpt(rpt)
     }
 
+    /// Makes the paired packed64 decode GEMV run its subgroup variant (`true`, the default on
+    /// devices with 8-invocation subgroups) or not; refused where subgroups are not 8 wide.
+    pub fn set_subgroup_gemv(&mut self, on: bool) -> Result<(), GpuError> {
+        self.kernels.set_subgroup_gemv(&self.gpu, on)
+    }
+
+    /// Invocations per subgroup of the device (`None`: no `SUBGROUP`, or no fixed size).
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.gpu.subgroup_size
+    }
+
     /// Makes the packed products of [`OpRunner::matmul`] run the CPU-adapter kernels (`true`,
     /// the default on CPU adapters): `gemm_rows` for several tokens (no shared memory) and
     /// `gemv_t_split` + `gemv_t_reduce` for one token, transposed (rows split in slabs, each
