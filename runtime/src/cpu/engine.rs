@@ -429,9 +429,7 @@ impl Session {
             let wq = Matrix::load(model, &layer.wq, q_dim, d)?;
             let wk = Matrix::load(model, &layer.wk, kv_dim, d)?;
             let wv = Matrix::load(model, &layer.wv, kv_dim, d)?;
-            kernels::matmul(&xn, t, &wq, &mut q, threads);
-            kernels::matmul(&xn, t, &wk, &mut k, threads);
-            kernels::matmul(&xn, t, &wv, &mut v, threads);
+            kernels::matmul_many(&xn, t, &mut [(&wq, &mut q[..]), (&wk, &mut k[..]), (&wv, &mut v[..])], threads);
             for i in 0..t {
                 let (c, s) = (&cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half]);
                 for head in q[i * q_dim..(i + 1) * q_dim].chunks_exact_mut(hd) {
@@ -466,7 +464,6 @@ impl Session {
                 layer.ffn_norm.apply(&x, &mut xn, d, dm.eps);
                 let up = Matrix::load(model, &layer.ffn_up, w, d)?;
                 let mut h = vec![0.0f32; t * w];
-                kernels::matmul(&xn, t, &up, &mut h, threads);
                 let act = match dm.activation {
                     Activation::Silu => kernels::silu,
                     Activation::GeluTanh => kernels::gelu_tanh,
@@ -474,11 +471,12 @@ impl Session {
                 if dm.gated {
                     let gate = Matrix::load(model, &layer.ffn_gate, w, d)?;
                     let mut g = vec![0.0f32; t * w];
-                    kernels::matmul(&xn, t, &gate, &mut g, threads);
+                    kernels::matmul_many(&xn, t, &mut [(&up, &mut h[..]), (&gate, &mut g[..])], threads);
                     for (hv, gv) in h.iter_mut().zip(&g) {
                         *hv *= act(*gv);
                     }
                 } else {
+                    kernels::matmul(&xn, t, &up, &mut h, threads);
                     for hv in h.iter_mut() {
                         *hv = act(*hv);
                     }

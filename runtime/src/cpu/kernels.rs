@@ -528,6 +528,57 @@ pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threa
     par_columns(out, t, n, threads, pieces, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, xs, t, w, s, e, chunk, ld));
 }
 
+/// [`matmul`] of one input against several matrices of the same width (`outs[i] = x @ W_i^T`):
+/// a decode step's q, k and v projections, or its FFN gate and up. With one input the rows of
+/// all the matrices are shared among the threads in one hand-off, so small products (k and v:
+/// 512 x 2048 on the 1B model, below [`PAR_MIN_WORK`] alone) run on every thread and the step
+/// waits for the workers once instead of once per matrix. Each output row is the same
+/// [`dot_row`] as in [`matmul`], so the results are bitwise those of separate calls. With
+/// several inputs (prefill, compute-bound) it is separate [`matmul`] calls.
+pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mut [f32])], threads: usize) {
+    let cols = products.first().map_or(0, |(w, _)| w.cols);
+    if t != 1 || products.iter().any(|(w, _)| w.cols != cols) {
+        for (w, out) in products.iter_mut() {
+            matmul(x, t, w, out, threads);
+        }
+        return;
+    }
+    let x = &x[..cols.min(x.len())];
+    let rows: usize = products.iter().map(|(w, _)| w.rows).sum();
+    let threads = threads_for(rows.saturating_mul(cols), threads).min(rows.div_ceil(ROW_BLOCK).max(1));
+    let f16_rows = products.iter().any(|(w, _)| w.parts.iter().any(|p| matches!(p.data, RowData::F16(_))));
+    let xs = if f16_rows && !HW_F16 { prescale(x) } else { None };
+    let xs = xs.as_deref();
+    // Items of about ITEM_BYTES of weights (f16 counted as 2 bytes per element, f32 as 4), at
+    // least ITEMS_PER_THREAD per thread over all the matrices, each within one matrix.
+    let bytes: usize = products
+        .iter()
+        .map(|(w, _)| {
+            let elem = if w.parts.iter().any(|p| matches!(p.data, RowData::F32(_))) { 4 } else { 2 };
+            w.rows.saturating_mul(w.cols).saturating_mul(elem)
+        })
+        .sum();
+    let item_rows = (rows.saturating_mul(ITEM_BYTES) / bytes.max(1))
+        .min(rows.div_ceil(threads * ITEMS_PER_THREAD))
+        .div_ceil(ROW_BLOCK)
+        .max(1)
+        * ROW_BLOCK;
+    let mut items = Vec::new();
+    for (w, out) in products.iter_mut() {
+        let w: &Matrix<'_> = w;
+        let mut rest: &mut [f32] = &mut out[..w.rows];
+        let mut s = 0;
+        while s < w.rows {
+            let e = (s + item_rows).min(w.rows);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(e - s);
+            rest = tail;
+            items.push((w, s, e, chunk));
+            s = e;
+        }
+    }
+    run_dynamic(items, threads, |(w, s, e, chunk)| matmul_rows(x, xs, 1, w, s, e, chunk, e - s));
+}
+
 /// Neurons per partial sum of the down projection. Fixed (not derived from the thread count
 /// or the width) so that every output is the same sequence of operations whatever the batch,
 /// the threads or the submodel: `out = ((p_0 + p_1) + p_2) + ...` where `p_g` sums neurons
@@ -1095,6 +1146,43 @@ mod tests {
         }
     }
 
+    /// Several products of one input in one hand-off (q/k/v, gate/up) give bitwise the
+    /// results of separate [`matmul`] calls, for one and several inputs, f16 and f32 weights,
+    /// small matrices (below [`PAR_MIN_WORK`] alone) and large ones, any thread count.
+    #[test]
+    fn matmul_many_equals_separate_products_bitwise() {
+        let mut rng = Rng(31);
+        for &(shapes, cols, t) in &[
+            (&[700usize, 90, 90][..], 400usize, 1usize),
+            (&[2048, 512, 512][..], 1030, 1),
+            (&[33, 7][..], 61, 1),
+            (&[300, 300][..], 257, 3),
+        ] {
+            for use_f16 in [false, true] {
+                let ms: Vec<TestMatrix> = shapes.iter().map(|&r| TestMatrix::new(&mut rng, r, cols, use_f16)).collect();
+                let views: Vec<Matrix<'_>> = ms.iter().map(|m| m.view(use_f16)).collect();
+                let x = rng.vec(t * cols);
+                let separate: Vec<Vec<f32>> = views
+                    .iter()
+                    .map(|v| {
+                        let mut out = vec![0.0; t * v.rows];
+                        matmul(&x, t, v, &mut out, 1);
+                        out
+                    })
+                    .collect();
+                for threads in [1, 2, 3] {
+                    let mut outs: Vec<Vec<f32>> = views.iter().map(|v| vec![f32::NAN; t * v.rows]).collect();
+                    let mut products: Vec<(&Matrix<'_>, &mut [f32])> =
+                        views.iter().zip(outs.iter_mut()).map(|(v, o)| (v, &mut o[..])).collect();
+                    matmul_many(&x, t, &mut products, threads);
+                    for (want, got) in separate.iter().zip(&outs) {
+                        check(Tolerance::EXACT, want, got, "matmul_many");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn down_projection_matches_reference_and_batch() {
         let mut rng = Rng(4);
@@ -1482,6 +1570,36 @@ mod speed {
             bench(&format!("down f16 8192x{cols} x4 th={threads}"), rows * cols * 2, || {
                 for m in &slices {
                     matmul_down(&h[..8192], 1, m, &mut out2[..cols], threads);
+                }
+            });
+        }
+        // A decode step's q, k and v products (2048, 512 and 512 rows) on ten distinct sets of
+        // weights: one hand-off for the three (`matmul_many`) against three calls.
+        let sets: Vec<[Matrix<'_>; 3]> = w16
+            .chunks_exact(3072 * cols)
+            .map(|s| {
+                let m = |a: usize, b: usize| Matrix {
+                    rows: b - a,
+                    cols,
+                    parts: vec![Part { first_row: 0, rows: b - a, data: RowData::F16(&s[a * cols..b * cols]) }],
+                };
+                [m(0, 2048), m(2048, 2560), m(2560, 3072)]
+            })
+            .collect();
+        let qkv_bytes = sets.len() * 3072 * cols * 2;
+        for round in 0..2 {
+            bench(&format!("qkv 3 calls th=2 ({round})"), qkv_bytes, || {
+                for [q, k, v] in &sets {
+                    matmul(&x[..cols], 1, q, &mut out[..2048], 2);
+                    matmul(&x[..cols], 1, k, &mut out[2048..2560], 2);
+                    matmul(&x[..cols], 1, v, &mut out[2560..3072], 2);
+                }
+            });
+            bench(&format!("qkv matmul_many th=2 ({round})"), qkv_bytes, || {
+                for [q, k, v] in &sets {
+                    let (oq, rest) = out[..3072].split_at_mut(2048);
+                    let (ok, ov) = rest.split_at_mut(512);
+                    matmul_many(&x[..cols], 1, &mut [(q, oq), (k, ok), (v, ov)], 2);
                 }
             });
         }
