@@ -129,20 +129,6 @@ pub struct BenchReport {
     pub gpu_over_cpu_decode: Vec<(String, f64)>,
 }
 
-/// The raw measurements of one row, kept until the second calibration pass.
-struct Measured<'a> {
-    read_passes: [f64; 2],
-    sub: &'a Submodel,
-    name: String,
-    mean_pos: u32,
-    weight_bytes: u64,
-    flops_per_token: f64,
-    prefill_s: f64,
-    decode_s: f64,
-    counters: Option<(u64, u64, u64)>,
-    peak_rss_bytes: Option<u64>,
-}
-
 /// Bytes read and flops per decoded token of `sub` with `context` tokens cached, from the same
 /// cost model the elastic catalog uses (`CatalogEntry::for_submodel`).
 fn submodel_cost(model: &ModelFile, summary: &ModelSummary, sub: &Submodel, context: u32) -> Result<(u64, f64)> {
@@ -286,7 +272,8 @@ pub fn bench(
                 t
             }
         };
-        let mut measured = Vec::with_capacity(subs.len());
+        // Rows whose kernel classes are filled in after the last read pass.
+        let mut pending = Vec::with_capacity(subs.len());
         for sub in &subs {
             let name = sub.name(&meta);
             eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}", engine.name());
@@ -316,44 +303,13 @@ pub fn bench(
             let peak_rss_bytes = if rss_ok { peak_rss() } else { None };
             drop(session);
             let row_after = read_bandwidth()?;
-            measured.push(Measured {
-                read_passes: [row_before, row_after],
-                sub,
-                name,
-                mean_pos,
-                weight_bytes,
-                flops_per_token,
-                prefill_s,
-                decode_s,
-                counters,
-                peak_rss_bytes,
-            });
-        }
-        // The kernel classes (timed after the first pass) are against the fastest pass of all.
-        for m in &measured {
-            cal.read_passes_gb_per_s.extend(m.read_passes);
-        }
-        cal.read_gb_per_s = cal.read_passes_gb_per_s.iter().copied().fold(0.0, f64::max);
-        for m in measured {
-            let Measured {
-                read_passes,
-                sub,
-                name,
-                mean_pos,
-                weight_bytes,
-                flops_per_token,
-                prefill_s,
-                decode_s,
-                counters,
-                peak_rss_bytes,
-            } = m;
             let per_token_s = decode_s / gen_len as f64;
-            let row_read = read_passes[0].max(read_passes[1]);
+            let row_read = row_before.max(row_after);
             let mem_s = weight_bytes as f64 / (row_read * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
             let bound = mem_s.max(compute_s);
-            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal)?;
-            let measured_sum: f64 = classes.iter().filter_map(|c| c.ms_per_token).sum();
+            cal.read_passes_gb_per_s.extend([row_before, row_after]);
+            pending.push((rows.len(), sub, mean_pos, per_token_s));
             rows.push(BenchRow {
                 backend: engine.name().into(),
                 submodel: name,
@@ -366,7 +322,7 @@ pub fn bench(
                 decode_tokens_per_s: gen_len as f64 / decode_s,
                 decode_efficiency: bound / per_token_s,
                 read_gb_per_s: row_read,
-                read_passes_gb_per_s: read_passes.to_vec(),
+                read_passes_gb_per_s: vec![row_before, row_after],
                 decode_bound: if mem_s >= compute_s { "memory".into() } else { "compute".into() },
                 prefill_compute_efficiency: cal
                     .gflops
@@ -375,9 +331,18 @@ pub fn bench(
                 submits_per_step: counters.map(|c| c.0 as f64 / gen_len as f64),
                 readbacks_per_step: counters.map(|c| c.1 as f64 / gen_len as f64),
                 readback_bytes_per_step: counters.map(|c| c.2 as f64 / gen_len as f64),
-                classes,
-                remainder_ms_per_token: per_token_s * 1e3 - measured_sum,
+                // Filled in below, against the fastest read pass of the backend.
+                classes: Vec::new(),
+                remainder_ms_per_token: 0.0,
             });
+        }
+        // The kernel classes (timed after the first pass) are against the fastest pass of all.
+        cal.read_gb_per_s = cal.read_passes_gb_per_s.iter().copied().fold(0.0, f64::max);
+        for (i, sub, mean_pos, per_token_s) in pending {
+            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal)?;
+            let measured_sum: f64 = classes.iter().filter_map(|c| c.ms_per_token).sum();
+            rows[i].remainder_ms_per_token = per_token_s * 1e3 - measured_sum;
+            rows[i].classes = classes;
         }
         calibration.push((engine.name().to_string(), cal));
     }
