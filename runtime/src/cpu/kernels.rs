@@ -72,8 +72,10 @@ const ROW_BLOCK: usize = 8;
 const TOKEN_BLOCK: usize = 2;
 /// Below this many multiply-adds a kernel runs on the calling thread only: handing work to
 /// the worker threads and waiting for them costs microseconds (tens when a worker sleeps).
-/// 2^21: a one-token 512 x 2048 f16 product (the 1B model's k and v projections) measured
-/// 19 GB/s on one thread and 14 on two (`kernel_speed`, release, AVX2).
+/// 2^21: a one-token 512 x 2048 f16 product (the size of the 1B model's k and v projections)
+/// measured 19 GB/s on one thread and 14 on two with the earlier 8-lane dot product
+/// (`kernel_speed`, release, AVX2). A decode step's k and v now run with q as one hand-off
+/// ([`matmul_many`]), so this threshold no longer keeps them on one thread.
 pub(crate) const PAR_MIN_WORK: usize = 1 << 21;
 
 #[inline(always)]
