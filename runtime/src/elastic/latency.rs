@@ -29,7 +29,9 @@
 //! thread wake-ups, command recording, synchronisation), `scale` how much slower or faster
 //! the kernels run inside a pass than alone (cache state, overlap). The kernel timings give
 //! the shape of the cost over widths and classes, the decodes anchor its level. With one
-//! decode, or a scale outside [`SCALE_RANGE`], `scale = 1` and `fixed` is the median residual. Widths must be those of the file
+//! decode, a scale outside [`SCALE_RANGE`], or a line that would predict no time (or less) for
+//! the cheapest fit decode, `scale = 1` and `fixed` is the median residual (0 if that too
+//! would predict no time). Widths must be those of the file
 //! (the model is keyed by them), so every `w_i` has a measured row.
 //!
 //! # Cache
@@ -457,8 +459,10 @@ pub enum CacheMiss {
 impl DeviceCostModel {
     /// A model from measured kernel times and fit decodes (module documentation): with two or
     /// more fit decodes of different kernel sums, `measured = fixed + scale * kernels` by
-    /// least squares, kept when the scale lies in [`SCALE_RANGE`]; otherwise (or with one
-    /// decode) `scale = 1` and `fixed` is the median of `measured - kernels` (0 without runs).
+    /// least squares, kept when the scale lies in [`SCALE_RANGE`] and the line predicts a
+    /// positive time for the cheapest fit decode at zero context; otherwise (or with one
+    /// decode) `scale = 1` and `fixed` is the median of `measured - kernels` (0 without runs,
+    /// or when that would predict no time for the cheapest decode).
     pub fn fit(
         device: DeviceId,
         shape: ShapeFingerprint,
@@ -489,12 +493,28 @@ impl DeviceCostModel {
         let sxx: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
         let sxy: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
         let slope = sxy / sxx;
-        if xs.len() >= 2 && sxx > 0.0 && slope.is_finite() && (SCALE_RANGE.0..=SCALE_RANGE.1).contains(&slope) {
+        // The smallest kernel sum a prediction starts from: the cheapest fit run (the smallest
+        // uniform submodel) at zero context. A fit that predicts no time for it is refused.
+        let mut x_min = f64::INFINITY;
+        for r in &model.fit_runs {
+            x_min = x_min.min(model.kernels_ms(&r.widths, 0.0)?);
+        }
+        let positive = |fixed: f64, scale: f64| x_min.is_infinite() || fixed + scale * x_min > 0.0;
+        let intercept = my - slope * mx;
+        if xs.len() >= 2
+            && sxx > 0.0
+            && slope.is_finite()
+            && (SCALE_RANGE.0..=SCALE_RANGE.1).contains(&slope)
+            && positive(intercept, slope)
+        {
             model.scale = slope;
-            model.fixed_ms_per_token = my - slope * mx;
+            model.fixed_ms_per_token = intercept;
         } else {
             let mut residuals: Vec<f64> = ys.iter().zip(&xs).map(|(y, x)| y - x).collect();
-            model.fixed_ms_per_token = median(&mut residuals);
+            let fixed = median(&mut residuals);
+            // Noisy decodes of a tiny model can leave even the median residual below minus the
+            // smallest kernel sum: the kernels alone are then the prediction.
+            model.fixed_ms_per_token = if positive(fixed, 1.0) { fixed } else { 0.0 };
         }
         model.check().map_err(|reason| CostModelError::Invalid { reason })?;
         Ok(model)
@@ -774,11 +794,29 @@ mod tests {
 
         // A scale outside SCALE_RANGE falls back to scale 1 and the median residual:
         // residuals 1.0 and 70.0 - 30.5 = 39.5, median 20.25.
-        let mut wild = runs;
+        let mut wild = runs.clone();
         wild[1].measured_ms = 70.0;
         let m = DeviceCostModel::fit(device(), shape(), kernels(), wild, 1.0).expect("fit");
         assert_eq!(m.scale, 1.0);
         assert!((m.fixed_ms_per_token - 20.25).abs() < SUM_TOLERANCE);
+
+        // A line that predicts no time for the cheapest decode at zero context is refused:
+        // through (24, 10) and (30.5, 33.75) the scale is 3.65 (in range) but run a's kernels
+        // at zero context (21) would take -0.96 ms. Scale 1 and the median residual instead:
+        // residuals -14 and 3.25, median -5.375.
+        let mut steep = runs.clone();
+        steep[0].measured_ms = 10.0;
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), steep, 1.0).expect("fit");
+        assert_eq!(m.scale, 1.0);
+        assert!((m.fixed_ms_per_token + 5.375).abs() < SUM_TOLERANCE);
+        // Decodes far faster than their kernels timed alone (a tiny model, noisy timings): the
+        // median residual (-27.2) would also predict no time, so the kernels alone predict.
+        let mut tiny = runs.clone();
+        tiny[0].measured_ms = 0.05;
+        tiny[1].measured_ms = 0.06;
+        let m = DeviceCostModel::fit(device(), shape(), kernels(), tiny, 1.0).expect("fit");
+        assert_eq!((m.scale, m.fixed_ms_per_token), (1.0, 0.0));
+        assert!(m.ms_per_token_widths(&widths, 0).expect("ms") > 0.0);
         assert!(matches!(m.ms_per_token_widths(&[4, 4, 5], 0), Err(CostModelError::UnknownWidth { width: 5 })));
         assert!(m.ms_per_token_widths(&[4, 4], 0).is_err(), "one width per layer");
         // Work: proj = 3 layers * (2 * 8 * 8 + 2 * 4 * 8) params, 2 bytes each.
