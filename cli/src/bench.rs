@@ -1,5 +1,7 @@
 //! `matformer bench`: prefill and decode speed per submodel and backend, in the manner of
-//! llama-bench, with efficiencies against calibration figures measured in the same run.
+//! llama-bench, with efficiencies against calibration figures measured in the same run. Each
+//! row times `--repetitions` runs (default 3; llama-bench's `-r`) of the prefill and the decode
+//! after one warm-up and reports their mean and standard deviation.
 //!
 //! Efficiency of a decode step = max(bytes read / bandwidth, flops / throughput) / measured time:
 //! the fraction of the machine's own limit the engine reaches. The CPU limits come from a
@@ -81,16 +83,22 @@ pub struct BenchRow {
     pub flops_per_token: f64,
     /// Prompt tokens.
     pub prompt_tokens: usize,
-    /// Prefill tokens/s.
+    /// Timed runs (prefill of the prompt, then the decode), after one warm-up.
+    pub repetitions: usize,
+    /// Prefill tokens/s, mean over the runs.
     pub prefill_tokens_per_s: f64,
-    /// Time to first token (prefill of the prompt, producing the first new token), ms.
+    /// Standard deviation of the runs' prefill tokens/s (0 with one run).
+    pub prefill_tokens_per_s_sd: f64,
+    /// Time to first token (prefill of the prompt, producing the first new token), ms, mean.
     pub time_to_first_token_ms: f64,
-    /// Decoded tokens.
+    /// Decoded tokens per run.
     pub decode_tokens: usize,
-    /// Decode tokens/s.
+    /// Decode tokens/s, mean over the runs.
     pub decode_tokens_per_s: f64,
-    /// max(bytes / bandwidth, flops / throughput) / measured decode time per token, with the
-    /// bandwidth [`read_gb_per_s`](Self::read_gb_per_s).
+    /// Standard deviation of the runs' decode tokens/s (0 with one run).
+    pub decode_tokens_per_s_sd: f64,
+    /// max(bytes / bandwidth, flops / throughput) / mean measured decode time per token, with
+    /// the bandwidth [`read_gb_per_s`](Self::read_gb_per_s).
     pub decode_efficiency: f64,
     /// The read bandwidth this row's efficiency is against, GB/s: the faster of
     /// [`read_passes_gb_per_s`](Self::read_passes_gb_per_s).
@@ -187,16 +195,34 @@ fn peak_rss() -> Option<u64> {
 
 /// `matformer bench`.
 #[allow(clippy::too_many_arguments)] // one parameter per command-line flag
+/// What one row times: a prompt of `prompt_len` tokens, then `gen_len` decoded tokens,
+/// `repetitions` times.
+#[derive(Clone, Copy, Debug)]
+pub struct RunShape {
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub repetitions: usize,
+}
+
+/// Mean and (sample) standard deviation.
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
 pub fn bench(
     file: &Path,
     backends: &[BackendChoice],
     specs: Vec<String>,
     budget: &crate::select::BudgetArgs,
-    prompt_len: usize,
-    gen_len: usize,
+    run: RunShape,
     threads: Option<usize>,
     json: bool,
 ) -> Result<()> {
+    let RunShape { prompt_len, gen_len, repetitions } = run;
+    let repetitions = repetitions.max(1);
     let model = Arc::new(ModelFile::open(file)?);
     let meta = model.metadata().clone();
     let a = &meta.architecture;
@@ -276,7 +302,7 @@ pub fn bench(
         let mut pending = Vec::with_capacity(subs.len());
         for sub in &subs {
             let name = sub.name(&meta);
-            eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}", engine.name());
+            eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}, {repetitions} runs", engine.name());
             let mean_pos = (prompt_len + gen_len / 2) as u32;
             let (weight_bytes, flops_per_token) = submodel_cost(&model, &summary, sub, mean_pos)?;
             // Earlier rows and the kernel-class timings left other levels' pages resident: hand
@@ -289,17 +315,27 @@ pub fn bench(
             let mut session = engine.session(sub)?;
             // Warm-up: touches the weights once so both backends start from resident pages.
             session.prefill(&prompt[..prompt.len().min(4)])?;
-            session.reset();
-            let t0 = Instant::now();
-            let mut next = session.prefill(&prompt)?;
-            let prefill_s = t0.elapsed().as_secs_f64();
-            session.reset_counters();
-            let t1 = Instant::now();
-            for _ in 0..gen_len {
-                next = session.decode(next)?;
+            let (mut prefill_times, mut decode_times) = (Vec::new(), Vec::new());
+            let mut counters = None;
+            for _ in 0..repetitions {
+                session.reset();
+                let t0 = Instant::now();
+                let mut next = session.prefill(&prompt)?;
+                prefill_times.push(t0.elapsed().as_secs_f64());
+                session.reset_counters();
+                let t1 = Instant::now();
+                for _ in 0..gen_len {
+                    next = session.decode(next)?;
+                }
+                decode_times.push(t1.elapsed().as_secs_f64());
+                counters = session.gpu_counters();
             }
-            let decode_s = t1.elapsed().as_secs_f64();
-            let counters = session.gpu_counters();
+            let prefill_s = mean_sd(&prefill_times).0;
+            let decode_s = mean_sd(&decode_times).0;
+            let prefill_rates: Vec<f64> = prefill_times.iter().map(|s| prompt.len() as f64 / s).collect();
+            let decode_rates: Vec<f64> = decode_times.iter().map(|s| gen_len as f64 / s).collect();
+            let (prefill_tps, prefill_sd) = mean_sd(&prefill_rates);
+            let (decode_tps, decode_sd) = mean_sd(&decode_rates);
             let peak_rss_bytes = if rss_ok { peak_rss() } else { None };
             drop(session);
             let row_after = read_bandwidth()?;
@@ -316,10 +352,13 @@ pub fn bench(
                 weight_bytes,
                 flops_per_token,
                 prompt_tokens: prompt.len(),
-                prefill_tokens_per_s: prompt.len() as f64 / prefill_s,
+                repetitions,
+                prefill_tokens_per_s: prefill_tps,
+                prefill_tokens_per_s_sd: prefill_sd,
                 time_to_first_token_ms: prefill_s * 1e3,
                 decode_tokens: gen_len,
-                decode_tokens_per_s: gen_len as f64 / decode_s,
+                decode_tokens_per_s: decode_tps,
+                decode_tokens_per_s_sd: decode_sd,
                 decode_efficiency: bound / per_token_s,
                 read_gb_per_s: row_read,
                 read_passes_gb_per_s: vec![row_before, row_after],
@@ -371,7 +410,7 @@ pub fn bench(
         );
     }
     println!(
-        "{:<4} {:<12} {:>10} {:>11} {:>9} {:>10} {:>9} {:>9} {:>7} {:>10} {:>8}",
+        "{:<4} {:<12} {:>10} {:>19} {:>9} {:>19} {:>9} {:>9} {:>7} {:>10} {:>8}",
         "",
         "submodel",
         "weights",
@@ -386,13 +425,13 @@ pub fn bench(
     );
     for r in &report.rows {
         println!(
-            "{:<4} {:<12} {:>10} {:>11.1} {:>9.1} {:>10.2} {:>8.0}% {:>9.2} {:>7} {:>10} {:>8}",
+            "{:<4} {:<12} {:>10} {:>19} {:>9.1} {:>19} {:>8.0}% {:>9.2} {:>7} {:>10} {:>8}",
             r.backend,
             r.submodel,
             human_bytes(r.weight_bytes),
-            r.prefill_tokens_per_s,
+            format!("{:.1} ± {:.1}", r.prefill_tokens_per_s, r.prefill_tokens_per_s_sd),
             r.time_to_first_token_ms,
-            r.decode_tokens_per_s,
+            format!("{:.2} ± {:.2}", r.decode_tokens_per_s, r.decode_tokens_per_s_sd),
             r.decode_efficiency * 100.0,
             r.read_gb_per_s,
             r.decode_bound,

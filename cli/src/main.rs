@@ -206,6 +206,10 @@ enum Command {
         /// Tokens to decode.
         #[arg(long, default_value_t = 32)]
         gen_len: usize,
+        /// Timed prefill + decode runs per row; speeds are their mean and standard deviation
+        /// (llama-bench's `-r`).
+        #[arg(long, short = 'r', default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        repetitions: u32,
         /// CPU threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -295,11 +299,12 @@ fn main() -> ExitCode {
         Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {
             latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
         }
-        Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, threads, switch, json } => {
+        Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, repetitions, threads, switch, json } => {
             if switch {
                 switch_bench::run(&file, &backend, prompt_len, gen_len, threads, json)
             } else {
-                bench::bench(&file, &backend, submodel, &budget, prompt_len, gen_len, threads, json)
+                let run = bench::RunShape { prompt_len, gen_len, repetitions: repetitions as usize };
+                bench::bench(&file, &backend, submodel, &budget, run, threads, json)
             }
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {

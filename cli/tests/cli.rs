@@ -213,8 +213,20 @@ fn generate_on_a_gpu_without_room_for_the_submodel_steps_down_instead_of_failing
 
 #[test]
 fn bench_reports_speed_and_efficiency() {
-    let mut args =
-        vec!["bench", "--prompt-len", "8", "--gen-len", "4", "--submodel", "s", "--json", "--backend", "cpu"];
+    let mut args = vec![
+        "bench",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "4",
+        "--repetitions",
+        "2",
+        "--submodel",
+        "s",
+        "--json",
+        "--backend",
+        "cpu",
+    ];
     let gpu = gpu_available();
     if gpu {
         args.extend(["--backend", "gpu"]);
@@ -228,6 +240,14 @@ fn bench_reports_speed_and_efficiency() {
     assert_eq!(rows.len(), if gpu { 2 } else { 1 });
     for r in rows {
         assert!(r["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["repetitions"], 2, "{r}");
+        assert!(r["decode_tokens_per_s_sd"].as_f64().is_some_and(|sd| sd >= 0.0 && sd.is_finite()), "{r}");
+        assert!(r["prefill_tokens_per_s_sd"].as_f64().is_some_and(|sd| sd >= 0.0 && sd.is_finite()), "{r}");
+        // The row's bandwidth is the faster of the read calibrations just before and after it.
+        let passes: Vec<f64> =
+            r["read_passes_gb_per_s"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
+        assert_eq!(passes.len(), 2, "{r}");
+        assert_eq!(r["read_gb_per_s"].as_f64().unwrap(), passes[0].max(passes[1]), "{r}");
         assert!(r["decode_efficiency"].as_f64().unwrap() > 0.0);
         assert!(r["weight_bytes"].as_u64().unwrap() > 0);
         // Every kernel class with its work, a time and an efficiency, on both backends.
