@@ -7,11 +7,11 @@
 //! the fraction of the machine's own limit the engine reaches. The CPU limits come from a
 //! multi-threaded streaming-read loop and a multiply-add loop; the GPU limits from two
 //! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`). The
-//! machine's bandwidth drifts (other work, a shared host: 32 to 48 GB/s within a minute on the
-//! development VM), so the read calibration runs just before and just after each row and that
-//! row's decode efficiency is against the faster of the two; the kernel classes, timed
-//! separately, are against the fastest pass of the backend. A pass slowed by other work can
-//! then not flatter an efficiency.
+//! machine's bandwidth drifts (other work, a shared host: 27 to 54 GB/s within minutes on the
+//! development VM), so the read calibration runs just before each row, between its runs and
+//! just after it, and that row's decode efficiency is against the fastest of those passes; the
+//! kernel classes, timed separately, are against the fastest pass of the backend. A pass slowed
+//! by other work can then not flatter an efficiency.
 //!
 //! The same efficiency is printed per kernel class of the decode step (attention projections,
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
@@ -41,7 +41,7 @@ pub struct Calibration {
     /// by other work on the machine cannot inflate the kernel classes' efficiencies.
     pub read_gb_per_s: f64,
     /// Every read calibration of this backend, GB/s: one before the kernel classes are timed,
-    /// then one before and one after each row.
+    /// then each row's (before it, between its runs, after it).
     pub read_passes_gb_per_s: Vec<f64>,
     /// Multiply-add throughput, GFLOP/s (a multiply and an add count as 2 flops); None when not
     /// measured on this backend.
@@ -100,10 +100,11 @@ pub struct BenchRow {
     /// max(bytes / bandwidth, flops / throughput) / mean measured decode time per token, with
     /// the bandwidth [`read_gb_per_s`](Self::read_gb_per_s).
     pub decode_efficiency: f64,
-    /// The read bandwidth this row's efficiency is against, GB/s: the faster of
+    /// The read bandwidth this row's efficiency is against, GB/s: the fastest of
     /// [`read_passes_gb_per_s`](Self::read_passes_gb_per_s).
     pub read_gb_per_s: f64,
-    /// The read calibration run just before and just after this row, GB/s.
+    /// The read calibrations run just before this row, between its runs and just after it,
+    /// GB/s (`repetitions + 1` passes).
     pub read_passes_gb_per_s: Vec<f64>,
     /// Which bound is the larger one: `memory` or `compute`.
     pub decode_bound: String,
@@ -309,15 +310,20 @@ pub fn bench(
             // them back so the peak below is this submodel's own.
             model.release_all()?;
             // The machine's bandwidth drifts (other work, a shared host): each row's decode
-            // efficiency is against read calibrations run just before and just after it.
-            let row_before = read_bandwidth()?;
+            // efficiency is against the fastest of read calibrations run just before it,
+            // between its runs and just after it.
+            let mut passes = vec![read_bandwidth()?];
             let rss_ok = reset_peak_rss();
+            let mut peak_rss_bytes = None;
             let mut session = engine.session(sub)?;
             // Warm-up: touches the weights once so both backends start from resident pages.
             session.prefill(&prompt[..prompt.len().min(4)])?;
             let (mut prefill_times, mut decode_times) = (Vec::new(), Vec::new());
             let mut counters = None;
-            for _ in 0..repetitions {
+            for rep in 0..repetitions {
+                if rep > 0 {
+                    passes.push(read_bandwidth()?);
+                }
                 session.reset();
                 let t0 = Instant::now();
                 let mut next = session.prefill(&prompt)?;
@@ -329,6 +335,10 @@ pub fn bench(
                 }
                 decode_times.push(t1.elapsed().as_secs_f64());
                 counters = session.gpu_counters();
+                if rep == 0 && rss_ok {
+                    // Before the next calibration pass allocates its buffer.
+                    peak_rss_bytes = peak_rss();
+                }
             }
             let prefill_s = mean_sd(&prefill_times).0;
             let decode_s = mean_sd(&decode_times).0;
@@ -336,15 +346,14 @@ pub fn bench(
             let decode_rates: Vec<f64> = decode_times.iter().map(|s| gen_len as f64 / s).collect();
             let (prefill_tps, prefill_sd) = mean_sd(&prefill_rates);
             let (decode_tps, decode_sd) = mean_sd(&decode_rates);
-            let peak_rss_bytes = if rss_ok { peak_rss() } else { None };
             drop(session);
-            let row_after = read_bandwidth()?;
+            passes.push(read_bandwidth()?);
             let per_token_s = decode_s / gen_len as f64;
-            let row_read = row_before.max(row_after);
+            let row_read = passes.iter().copied().fold(0.0, f64::max);
             let mem_s = weight_bytes as f64 / (row_read * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
             let bound = mem_s.max(compute_s);
-            cal.read_passes_gb_per_s.extend([row_before, row_after]);
+            cal.read_passes_gb_per_s.extend(&passes);
             pending.push((rows.len(), sub, mean_pos, per_token_s));
             rows.push(BenchRow {
                 backend: engine.name().into(),
@@ -361,7 +370,7 @@ pub fn bench(
                 decode_tokens_per_s_sd: decode_sd,
                 decode_efficiency: bound / per_token_s,
                 read_gb_per_s: row_read,
-                read_passes_gb_per_s: vec![row_before, row_after],
+                read_passes_gb_per_s: passes,
                 decode_bound: if mem_s >= compute_s { "memory".into() } else { "compute".into() },
                 prefill_compute_efficiency: cal
                     .gflops
@@ -445,7 +454,7 @@ pub fn bench(
     for (s, ratio) in &report.gpu_over_cpu_decode {
         println!("gpu/cpu decode {s}: {ratio:.2}x");
     }
-    println!("(decode eff: against the read calibration just before and after the row, the faster: `vs GB/s`)");
+    println!("(decode eff: against the fastest read calibration before, between and after the row's runs: `vs GB/s`)");
     println!("per kernel class (decode, at the mean context; efficiency against the fastest read calibration");
     println!("of the backend; small tensors that stay in cache can exceed 100% of the streaming bandwidth):");
     for r in &report.rows {
