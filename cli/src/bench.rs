@@ -9,9 +9,9 @@
 //! calibration shaders (`shaders/calibrate_read.wgsl`, `shaders/calibrate_fma.wgsl`). The
 //! machine's bandwidth drifts (other work, a shared host: 27 to 54 GB/s within minutes on the
 //! development VM), so the read calibration runs just before each row, between its runs and
-//! just after it, and that row's decode efficiency is against the fastest of those passes; the
-//! kernel classes, timed separately, are against the fastest pass of the backend. A pass slowed
-//! by other work can then not flatter an efficiency.
+//! just after it: each run's decode efficiency is against the faster of the passes around it,
+//! and the row's is the median over its runs. The kernel classes, timed separately, are against
+//! the fastest pass of the backend.
 //!
 //! The same efficiency is printed per kernel class of the decode step (attention projections,
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
@@ -97,11 +97,14 @@ pub struct BenchRow {
     pub decode_tokens_per_s: f64,
     /// Standard deviation of the runs' decode tokens/s (0 with one run).
     pub decode_tokens_per_s_sd: f64,
-    /// max(bytes / bandwidth, flops / throughput) / mean measured decode time per token, with
-    /// the bandwidth [`read_gb_per_s`](Self::read_gb_per_s).
+    /// Decode-step efficiency: the median of
+    /// [`decode_efficiency_runs`](Self::decode_efficiency_runs).
     pub decode_efficiency: f64,
-    /// The read bandwidth this row's efficiency is against, GB/s: the fastest of
-    /// [`read_passes_gb_per_s`](Self::read_passes_gb_per_s).
+    /// Per run, max(bytes / bandwidth, flops / throughput) / its decode time per token, with
+    /// the bandwidth the faster of the read calibrations just before and just after the run.
+    pub decode_efficiency_runs: Vec<f64>,
+    /// The fastest of [`read_passes_gb_per_s`](Self::read_passes_gb_per_s), GB/s (which bound,
+    /// memory or compute, is reported against it).
     pub read_gb_per_s: f64,
     /// The read calibrations run just before this row, between its runs and just after it,
     /// GB/s (`repetitions + 1` passes).
@@ -203,6 +206,17 @@ pub struct RunShape {
     pub prompt_len: usize,
     pub gen_len: usize,
     pub repetitions: usize,
+}
+
+/// Median (the mean of the two middle values for an even count; 0 for none).
+fn median_of(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Mean and (sample) standard deviation.
@@ -352,7 +366,18 @@ pub fn bench(
             let row_read = passes.iter().copied().fold(0.0, f64::max);
             let mem_s = weight_bytes as f64 / (row_read * 1e9);
             let compute_s = cal.gflops.map(|g| flops_per_token / (g * 1e9)).unwrap_or(0.0);
-            let bound = mem_s.max(compute_s);
+            // Run i lies between passes i and i + 1: its efficiency is against the faster of the
+            // two, and the row's is the median over the runs (a single fast or slow pass, or
+            // run, moves it little).
+            let run_efficiency: Vec<f64> = decode_times
+                .iter()
+                .zip(passes.windows(2))
+                .map(|(t, w)| {
+                    let mem = weight_bytes as f64 / (w[0].max(w[1]) * 1e9);
+                    mem.max(compute_s) / (t / gen_len as f64)
+                })
+                .collect();
+            let decode_efficiency = median_of(&run_efficiency);
             cal.read_passes_gb_per_s.extend(&passes);
             pending.push((rows.len(), sub, mean_pos, per_token_s));
             rows.push(BenchRow {
@@ -368,7 +393,8 @@ pub fn bench(
                 decode_tokens: gen_len,
                 decode_tokens_per_s: decode_tps,
                 decode_tokens_per_s_sd: decode_sd,
-                decode_efficiency: bound / per_token_s,
+                decode_efficiency,
+                decode_efficiency_runs: run_efficiency,
                 read_gb_per_s: row_read,
                 read_passes_gb_per_s: passes,
                 decode_bound: if mem_s >= compute_s { "memory".into() } else { "compute".into() },
@@ -454,7 +480,8 @@ pub fn bench(
     for (s, ratio) in &report.gpu_over_cpu_decode {
         println!("gpu/cpu decode {s}: {ratio:.2}x");
     }
-    println!("(decode eff: against the fastest read calibration before, between and after the row's runs: `vs GB/s`)");
+    println!("(decode eff: median over the runs, each against the faster read calibration around it; `vs GB/s`:");
+    println!("the fastest calibration of the row)");
     println!("per kernel class (decode, at the mean context; efficiency against the fastest read calibration");
     println!("of the backend; small tensors that stay in cache can exceed 100% of the streaming bandwidth):");
     for r in &report.rows {

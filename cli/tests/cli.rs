@@ -249,6 +249,13 @@ fn bench_reports_speed_and_efficiency() {
             r["read_passes_gb_per_s"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
         assert_eq!(passes.len(), 3, "{r}");
         assert_eq!(r["read_gb_per_s"].as_f64().unwrap(), passes.iter().copied().fold(0.0, f64::max), "{r}");
+        // One efficiency per run, each against the faster pass around it; the row's is their
+        // median (the mean of the two, with two runs).
+        let runs: Vec<f64> =
+            r["decode_efficiency_runs"].as_array().unwrap().iter().map(|e| e.as_f64().unwrap()).collect();
+        assert_eq!(runs.len(), 2, "{r}");
+        let median = (runs[0] + runs[1]) / 2.0;
+        assert!((r["decode_efficiency"].as_f64().unwrap() - median).abs() <= 1e-12 * median, "{r}");
         assert!(r["decode_efficiency"].as_f64().unwrap() > 0.0);
         assert!(r["weight_bytes"].as_u64().unwrap() > 0);
         // Every kernel class with its work, a time and an efficiency, on both backends.
