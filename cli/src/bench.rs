@@ -279,26 +279,25 @@ pub fn bench(
             })
         };
         let read_before = read_bandwidth()?;
-        let mut cal = match &engine {
-            Engine::Cpu(_) => Calibration {
-                read_gb_per_s: read_before,
-                read_passes_gb_per_s: vec![read_before],
-                gflops: Some(matformer::calibrate::cpu_multiply_add_gflops(n_threads)),
-                method: format!(
+        let (gflops, method) = match &engine {
+            Engine::Cpu(_) => (
+                matformer::calibrate::cpu_multiply_add_gflops(n_threads),
+                format!(
                     "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
                     matformer::cpu::simd_features()
                 ),
-            },
-            Engine::Gpu(g) => {
-                let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
-                Calibration {
-                    read_gb_per_s: read_before,
-                    read_passes_gb_per_s: vec![read_before],
-                    gflops: Some(runner.fma_throughput(2048, 4)?),
-                    method: "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
-                        .into(),
-                }
-            }
+            ),
+            Engine::Gpu(g) => (
+                matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.fma_throughput(2048, 4)?,
+                "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
+                    .into(),
+            ),
+        };
+        let mut cal = Calibration {
+            read_gb_per_s: read_before,
+            read_passes_gb_per_s: vec![read_before],
+            gflops: Some(gflops),
+            method,
         };
         eprintln!("timing kernel classes on {} ...", engine.name());
         let timings: KernelTimings = match &engine {
