@@ -249,7 +249,7 @@ pub fn bench(
     };
     let subs: Vec<Submodel> = specs
         .iter()
-        .map(|s| crate::commands::resolve_submodel(&model, s, budget, cost_backend, threads))
+        .map(|s| crate::select::resolve_submodel(&model, s, budget, cost_backend, threads))
         .collect::<Result<Vec<_>>>()?;
     let prompt_len = prompt_len.clamp(1, a.max_context as usize / 2);
     let gen_len = gen_len.clamp(1, a.max_context as usize - prompt_len);

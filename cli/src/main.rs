@@ -5,10 +5,17 @@
 
 mod backend;
 mod bench;
-mod commands;
+mod common;
+mod devices;
+mod eval;
+mod export;
+mod generate;
+mod inspect;
 mod latency;
 mod select;
 mod switch_bench;
+mod synth;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -281,20 +288,18 @@ fn main() -> ExitCode {
             no_verify,
             calibration,
             json,
-        } => {
-            commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json)
-        }
+        } => export::run(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json),
         Command::Synth { preset, output, layers, dtype, seed, list } => {
-            commands::synth(&preset, output, layers, &dtype, seed, list)
+            synth::run(&preset, output, layers, &dtype, seed, list)
         }
-        Command::Inspect { file, tensors, json } => commands::inspect(&file, tensors, json),
+        Command::Inspect { file, tensors, json } => inspect::run(&file, tensors, json),
         Command::Verify { file, against, mapping, submodel, json } => {
-            commands::verify(&file, against, mapping, submodel, json)
+            verify::run(&file, against, mapping, submodel, json)
         }
         Command::Generate { file, prompt, max_tokens, submodel, budget, backend, threads, json } => {
-            commands::generate(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
+            generate::run(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
         }
-        Command::Devices { json } => commands::devices(json),
+        Command::Devices { json } => devices::run(json),
         Command::Select { file, budget, cost, all, json } => select::run(&file, &budget, &cost, all, json),
         Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {
             latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
@@ -308,7 +313,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {
-            commands::eval(&file, &text, submodel, chunk, threads, json)
+            eval::run(&file, &text, submodel, chunk, threads, json)
         }
     };
     match result {
