@@ -1,17 +1,18 @@
-//! `matformer generate`: greedy generation with timings.
+//! `matformer generate`: text completion through the public API (`Engine`, `Session`), with
+//! sampling and stop flags, streamed to stdout, and timings.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use matformer::tokenizer::ByteTokenizer;
+use matformer::{Engine, FinishReason, Input, SessionOptions, SinkControl};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
 
-use crate::backend::{BackendChoice, Engine};
+use crate::chat::{submodel_choice, EngineArgs, SamplingArgs};
 use crate::common::{open, print_json};
-use crate::select::resolve_submodel;
 
 #[derive(Serialize)]
 struct GenerateOut {
@@ -37,116 +38,105 @@ struct GenerateOut {
     load_ms: f64,
     /// From the start of `open` to the first generated token (open, load, prefill), ms.
     time_to_first_token_ms: f64,
+    /// Why generation ended: eos, stop, length or cancelled.
+    finish_reason: String,
+    /// Changes of submodel (a GPU out-of-memory step-down at start included).
+    switches: Vec<matformer::SwitchEvent>,
+}
+
+/// `matformer generate` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    /// The .matf file.
+    pub file: PathBuf,
+    /// Prompt text.
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Submodel: a width name (s, m, l, xl), per-layer level indices (0,0,1,3), or `auto`
+    /// (the catalog entry `select` picks for the budget flags below).
+    #[arg(long, default_value = "largest")]
+    pub submodel: String,
+    #[command(flatten)]
+    pub budget: crate::select::BudgetArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the result as JSON (text, tokens, timings).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `matformer generate`.
-#[allow(clippy::too_many_arguments)] // one parameter per command-line flag
-pub fn run(
-    file: &Path,
-    prompt: &str,
-    max_tokens: usize,
-    spec: &str,
-    budget: &crate::select::BudgetArgs,
-    backend: BackendChoice,
-    threads: Option<usize>,
-    json: bool,
-) -> Result<()> {
+pub fn run(args: &GenerateArgs) -> Result<()> {
     let started = Instant::now();
-    let model = open(file)?;
+    let model = open(&args.file)?;
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
-    let resident_after_open = crate::switch_bench::mapping_resident_bytes(file);
-    let meta = model.metadata().clone();
-    // A named submodel is checked before the engine loads; `auto` needs the backend (its
-    // latency model).
-    let named = if spec == "auto" {
-        None
-    } else {
-        Some(resolve_submodel(&model, spec, budget, crate::latency::CostBackend::Cpu, threads)?)
-    };
-    let engine = Engine::load(&model, backend, threads, false)?;
-    let sub = match named {
-        Some(sub) => sub,
-        None => {
-            let cost_backend = match engine {
-                Engine::Cpu(_) => crate::latency::CostBackend::Cpu,
-                Engine::Gpu(_) => crate::latency::CostBackend::Gpu,
-            };
-            resolve_submodel(&model, spec, budget, cost_backend, threads)?
-        }
-    };
-    let tok = ByteTokenizer::from_metadata(&meta);
-    let mut session = engine.session(&sub)?;
-    let sub = session.submodel().clone();
+    let resident_after_open = crate::switch_bench::mapping_resident_bytes(&args.file);
+    let engine = Engine::from_model(Arc::clone(&model), args.engine.options()?)?;
+    let b = engine.backend();
+    eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
+    let session = engine.session(SessionOptions {
+        submodel: submodel_choice(&args.submodel, &args.budget)?,
+        context_length: args.budget.context.map(|c| c as usize),
+        ..SessionOptions::default()
+    })?;
     let load_ms = started.elapsed().as_secs_f64() * 1e3 - open_ms;
-    let prompt_ids = tok.encode(prompt, true);
-    let room = (meta.architecture.max_context as usize).saturating_sub(prompt_ids.len());
-    let max_tokens = max_tokens.min(room);
-    let t0 = Instant::now();
-    let mut next = session.prefill(&prompt_ids)?;
-    let prefill = t0.elapsed();
-    let first_token_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut out = Vec::new();
+    let options = args.sampling.options(args.max_tokens);
     let mut stdout = std::io::stdout();
-    if !json {
-        print!("{prompt}");
+    if !args.json {
+        print!("{}", args.prompt);
     }
-    let t1 = Instant::now();
-    let mut pending: Vec<u8> = Vec::new();
-    for i in 0..max_tokens {
-        if Some(next) == meta.tokenizer.eos_id {
-            break;
-        }
-        out.push(next);
+    let json = args.json;
+    let call_started = Instant::now();
+    let c = session.generate(Input::Text(args.prompt.clone()), &options, &mut |piece: &str| {
         if !json {
-            pending.extend(tok.decode_bytes(&[next]));
-            // Print whole UTF-8 characters as they complete.
-            match std::str::from_utf8(&pending) {
-                Ok(s) => {
-                    print!("{s}");
-                    pending.clear();
-                }
-                Err(e) if e.error_len().is_some() => {
-                    print!("{}", String::from_utf8_lossy(&pending));
-                    pending.clear();
-                }
-                Err(_) => {}
-            }
+            print!("{piece}");
             let _ = stdout.flush();
         }
-        if i + 1 < max_tokens {
-            next = session.decode(next)?;
+        SinkControl::Continue
+    })?;
+    for s in &c.stats.switches {
+        match s.reason.strip_prefix("GPU out of memory at start: ") {
+            Some(why) => eprintln!("note: {} does not fit ({why}); running {}", s.from, s.to),
+            None => eprintln!("switched {} -> {} at token {}: {}", s.from, s.to, s.at_token, s.reason),
         }
     }
-    let decode = t1.elapsed();
-    let text = tok.decode(&out);
-    let decode_steps = out.len().saturating_sub(1).max(1);
+    let meta = model.metadata();
+    let sub = matformer::Submodel::parse(&c.stats.submodel, meta, model.view().available_levels)?;
+    let mut tokens = c.token_ids.clone();
+    if c.finish_reason == FinishReason::Eos {
+        tokens.pop();
+    }
     let res = GenerateOut {
-        backend: engine.name().to_string(),
-        submodel: sub.name(&meta),
-        widths: sub.widths(&meta),
-        prompt_tokens: prompt_ids.len(),
-        generated_tokens: out.len(),
-        tokens: out,
-        text,
-        prefill_ms: prefill.as_secs_f64() * 1e3,
-        decode_ms: decode.as_secs_f64() * 1e3,
-        prefill_tokens_per_s: prompt_ids.len() as f64 / prefill.as_secs_f64().max(1e-9),
-        decode_tokens_per_s: decode_steps as f64 / decode.as_secs_f64().max(1e-9),
+        backend: c.stats.backend.clone(),
+        submodel: c.stats.submodel.clone(),
+        widths: sub.widths(meta),
+        prompt_tokens: c.usage.prompt_tokens,
+        generated_tokens: tokens.len(),
+        tokens,
+        text: c.text.clone(),
+        prefill_ms: c.stats.prefill_ms,
+        decode_ms: c.stats.decode_ms,
+        prefill_tokens_per_s: c.stats.prefill_tokens_per_s,
+        decode_tokens_per_s: c.stats.decode_tokens_per_s,
         file_bytes: model.view().file_len,
         open_ms,
         resident_after_open_bytes: resident_after_open,
         load_ms,
-        time_to_first_token_ms: first_token_ms,
+        time_to_first_token_ms: (call_started - started).as_secs_f64() * 1e3 + c.stats.time_to_first_token_ms,
+        finish_reason: c.finish_reason.name().to_string(),
+        switches: c.stats.switches.clone(),
     };
-    if json {
+    if args.json {
         return print_json(&res);
-    }
-    if !pending.is_empty() {
-        print!("{}", String::from_utf8_lossy(&pending));
     }
     println!();
     eprintln!(
-        "[{} {}: {} prompt tokens in {:.1} ms ({:.1} tok/s), {} generated in {:.1} ms ({:.1} tok/s)]",
+        "[{} {}: {} prompt tokens in {:.1} ms ({:.1} tok/s), {} generated in {:.1} ms ({:.1} tok/s), finish {}]",
         res.backend,
         res.submodel,
         res.prompt_tokens,
@@ -154,7 +144,8 @@ pub fn run(
         res.prefill_tokens_per_s,
         res.generated_tokens,
         res.decode_ms,
-        res.decode_tokens_per_s
+        res.decode_tokens_per_s,
+        res.finish_reason
     );
     eprintln!(
         "[open {:.2} ms ({} file, {} resident after open), load {:.1} ms, first token after {:.1} ms]",

@@ -5,6 +5,7 @@
 
 mod backend;
 mod bench;
+mod chat;
 mod common;
 mod devices;
 mod eval;
@@ -114,32 +115,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate text greedily.
-    Generate {
-        /// The .matf file.
-        file: PathBuf,
-        /// Prompt text.
-        #[arg(short, long)]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(short = 'n', long, default_value_t = 64)]
-        max_tokens: usize,
-        /// Submodel: a width name (s, m, l, xl), per-layer level indices (0,0,1,3), or `auto`
-        /// (the catalog entry `select` picks for the budget flags below).
-        #[arg(long, default_value = "largest")]
-        submodel: String,
-        #[command(flatten)]
-        budget: select::BudgetArgs,
-        /// Engine: auto (GPU if it passes a self-check, else CPU), gpu, cpu.
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: backend::BackendChoice,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print the result as JSON (text, tokens, timings).
-        #[arg(long)]
-        json: bool,
-    },
+    /// Generate text from a prompt (greedy by default; sampling and stop flags).
+    Generate(generate::GenerateArgs),
+    /// Chat with a model: an interactive session (or one `--prompt`), streamed.
+    Chat(chat::ChatArgs),
     /// The submodel the runtime would run under a device budget, and which constraint decided.
     Select {
         /// The .matf file.
@@ -296,9 +275,8 @@ fn main() -> ExitCode {
         Command::Verify { file, against, mapping, submodel, json } => {
             verify::run(&file, against, mapping, submodel, json)
         }
-        Command::Generate { file, prompt, max_tokens, submodel, budget, backend, threads, json } => {
-            generate::run(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
-        }
+        Command::Generate(args) => generate::run(&args),
+        Command::Chat(args) => chat::run(&args),
         Command::Devices { json } => devices::run(json),
         Command::Select { file, budget, cost, all, json } => select::run(&file, &budget, &cost, all, json),
         Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {

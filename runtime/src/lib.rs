@@ -5,6 +5,7 @@
 //! every FFN form a smaller FFN. Any per-layer choice of widths ("Mix'n'Match") is a usable
 //! submodel, and every submodel reads only a prefix of each FFN tensor.
 //!
+//! - [`Engine`] and [`Session`]: the app API (open, select, chat, stream, cancel, switch).
 //! - [`format`](mod@format): parse and validate the file from a byte slice (no `unsafe`), and write it.
 //! - [`ModelFile`]: the opened file (memory-mapped or owned bytes) plus its validated view.
 //! - [`Submodel`]: a per-layer width assignment, parsed from `xl`, `s` or `0,0,1,3`.
@@ -15,6 +16,8 @@
 //! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
 //! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
+mod api;
+pub mod backend;
 pub mod calibrate;
 pub mod cpu;
 /// Elastic inference: the submodel catalog, calibration, device budget, policy and selection.
@@ -26,7 +29,18 @@ pub mod gpu;
 mod mmap;
 mod model;
 mod submodel;
+pub mod sampling;
 pub mod tokenizer;
 
+pub use api::{
+    BackendChoice, BackendInfo, BackendKind, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, Error,
+    FinishReason, GenerateOptions, Input, ModelInfo, NoSink, SamplingParams, Session, SessionOptions, SinkControl,
+    Stats, SubmodelChoice, SwitchEvent, SwitchMode, TokenSink, Usage,
+};
 pub use model::{ModelError, ModelFile};
 pub use submodel::{Submodel, SubmodelError};
+
+/// `docs/api.md` ("Using the runtime from Rust"): its example runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/api.md")]
+struct ApiPageExample;

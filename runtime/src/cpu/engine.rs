@@ -336,6 +336,18 @@ impl Session {
         self.run(&[token], Logits::Last)
     }
 
+    /// Runs `submodel` from the next token on, keeping the KV cache the previous submodel
+    /// wrote (the keep-KV switch: no re-prefill; the cache's entries are an approximation of
+    /// what `submodel` would have written). On error (a level not in the file) nothing
+    /// changes.
+    pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<(), EngineError> {
+        let model = &self.shared.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        self.widths = submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect();
+        self.submodel = submodel.clone();
+        Ok(())
+    }
+
     /// Empties the KV cache (keeps its memory for reuse).
     pub fn reset(&mut self) {
         self.truncate(0);

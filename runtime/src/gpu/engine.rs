@@ -1081,6 +1081,17 @@ impl GpuSession {
         Ok(GpuSwitch { uploaded_bytes, upload_ms, total_ms: started.elapsed().as_secs_f64() * 1e3, cache_kept: false })
     }
 
+    /// [`switch_to`](Self::switch_to) that keeps the KV cache and position: later tokens run
+    /// `submodel` over the keys and values the previous submodel wrote (the keep-KV switch,
+    /// no re-prefill). On error the session is unchanged.
+    pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
+        let pos = self.pos;
+        let mut sw = self.switch_to(submodel)?;
+        self.pos = pos;
+        sw.cache_kept = true;
+        Ok(sw)
+    }
+
     /// Re-reads this session's FFN layers from the engine's store (after
     /// [`GpuEngine::trim_ffn`]) so that it stops holding GPU buffers the store released.
     /// The weights are the same rows, so the KV cache and position are kept. Uploads only if
