@@ -293,3 +293,48 @@ fn llama3_template_matches_transformers() {
 fn gemma_template_matches_transformers_and_raises() {
     check_template("gemma");
 }
+
+#[test]
+fn thread_safety() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<Tokenizer>();
+    send_sync::<ChatTemplate>();
+    send::<matformer::tokenizer::StreamDecoder>();
+    // A tokenizer shared across threads gives the same ids.
+    let (tok, golden) = load("llama_sp");
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let tok = tok.clone();
+            let texts: Vec<String> = golden.cases.iter().take(50).map(|c| c.text.clone()).collect();
+            std::thread::spawn(move || texts.iter().map(|t| tok.encode(t, false).unwrap()).collect::<Vec<_>>())
+        })
+        .collect();
+    let want: Vec<Vec<u32>> = golden.cases.iter().take(50).map(|c| c.ids.clone()).collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), want);
+    }
+}
+
+/// Inputs on which the `tokenizers` crate panics (found by the `tokenizer_json` fuzz target,
+/// kept in tests/fixtures/tokenizers/fuzz/) and the component it panics on are refused with
+/// an error.
+#[test]
+fn tokenizers_crate_panics_are_refused() {
+    for file in ["decoder_syntax_error.json", "decoder_bad_unicode_escape.json"] {
+        let bytes = std::fs::read(fixtures().join("fuzz").join(file)).unwrap();
+        let err = Tokenizer::from_json(&bytes, SpecialTokens::default()).unwrap_err();
+        assert!(err.to_string().starts_with("invalid tokenizer.json"), "{file}: {err}");
+    }
+    let json = std::fs::read_to_string(fixtures().join("llama_sp.tokenizer.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["decoder"] = serde_json::json!({"type": "Replace", "pattern": {"String": "x"}, "content": "y"});
+    let text = serde_json::to_string(&v).unwrap().replace("\"content\":\"y\"", "\"content\":\"\\ud800\"");
+    let err = Tokenizer::from_json(text.as_bytes(), SpecialTokens::default()).unwrap_err();
+    assert!(err.to_string().starts_with("invalid tokenizer.json"), "{err}");
+    v["normalizer"] = serde_json::json!({"type": "Sequence", "normalizers": [
+        {"type": "Precompiled", "precompiled_charsmap": "AAAAAA=="}]});
+    let err =
+        Tokenizer::from_json(serde_json::to_string(&v).unwrap().as_bytes(), SpecialTokens::default()).unwrap_err();
+    assert!(err.to_string().contains("Precompiled"), "{err}");
+}

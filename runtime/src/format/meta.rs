@@ -297,8 +297,9 @@ impl Metadata {
                 self.extra.remove(SPECIAL_TOKENS_KEY);
             }
             Some(s) => {
-                let v = serde_json::to_value(s)
-                    .map_err(|e| FormatError::BadMetadata { reason: format!("cannot serialise special tokens: {e}") })?;
+                let v = serde_json::to_value(s).map_err(|e| FormatError::BadMetadata {
+                    reason: format!("cannot serialise special tokens: {e}"),
+                })?;
                 self.extra.insert(SPECIAL_TOKENS_KEY.to_string(), v);
             }
         }

@@ -11,8 +11,9 @@ use serde::Serialize;
 use super::error::FormatError;
 use super::layout::{
     align_up, blob_id, check_shape, expected_row_ranges, required_tensor_specs, reserved_dtype_name, BlobInfo, DType,
-    Segment, TensorInfo, BLOB_CODE, BLOB_PREFIX, HEADER_CRC_OFFSET, MAX_BLOB_LEN, TOKENIZER_JSON_BLOB, MAGIC, MAX_ALIGNMENT_LOG2, MAX_HEADER_LEN, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS,
-    MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, SEGMENT_RECORD_LEN, VERSION,
+    Segment, TensorInfo, BLOB_CODE, BLOB_PREFIX, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_LEN,
+    MAX_HEADER_LEN, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
+    SEGMENT_RECORD_LEN, TOKENIZER_JSON_BLOB, VERSION,
 };
 use super::meta::Metadata;
 
@@ -678,8 +679,7 @@ enum Record {
 /// [R14b] the blobs the metadata relies on are present: `tokenizer.kind == "huggingface"`
 /// needs `blob.tokenizer_json`.
 pub(crate) fn check_blob_set(metadata: &Metadata, blobs: &[BlobInfo]) -> Result<(), FormatError> {
-    if metadata.tokenizer.kind == super::meta::HF_TOKENIZER_KIND && !blobs.iter().any(|b| b.id == TOKENIZER_JSON_BLOB)
-    {
+    if metadata.tokenizer.kind == super::meta::HF_TOKENIZER_KIND && !blobs.iter().any(|b| b.id == TOKENIZER_JSON_BLOB) {
         return Err(FormatError::MissingTensor { name: format!("{BLOB_PREFIX}{TOKENIZER_JSON_BLOB}") });
     }
     Ok(())
@@ -715,7 +715,10 @@ fn parse_record(
 
     let code = cur.u8().ok_or_else(|| short("dtype"))?;
     if code == BLOB_CODE {
-        return Err(FormatError::BadBlob { name, reason: format!("code {BLOB_CODE} (bytes) is only for blob.* records") });
+        return Err(FormatError::BadBlob {
+            name,
+            reason: format!("code {BLOB_CODE} (bytes) is only for blob.* records"),
+        });
     }
     let dtype = match DType::from_code(code) {
         Some(d) => d,
@@ -806,7 +809,10 @@ fn parse_blob_record(
     let rec = cur.take(SEGMENT_RECORD_LEN).ok_or_else(|| short("a segment"))?;
     for at in [4, 44] {
         if le_u32(rec, at) != 0 {
-            return Err(FormatError::ReservedNonZero { what: "segment record reserved u32", offset: rec_at + at as u64 });
+            return Err(FormatError::ReservedNonZero {
+                what: "segment record reserved u32",
+                offset: rec_at + at as u64,
+            });
         }
     }
     let segment = Segment {

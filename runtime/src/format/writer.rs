@@ -127,7 +127,8 @@ fn plan(
             info
         })
         .collect();
-    let table_len: u64 = infos.iter().map(record_len).sum::<u64>() + blob_infos.iter().map(blob_record_len).sum::<u64>();
+    let table_len: u64 =
+        infos.iter().map(record_len).sum::<u64>() + blob_infos.iter().map(blob_record_len).sum::<u64>();
     let header_len = (PREAMBLE_LEN + 8 * n_levels + json.len()) as u64 + table_len;
     if header_len > MAX_HEADER_LEN {
         return Err(FormatError::BadCount {

@@ -52,6 +52,7 @@ impl HfTokenizer {
                 reason: format!("{} bytes, more than the {MAX_TOKENIZER_JSON_BYTES} allowed", json.len()),
             });
         }
+        precheck(json)?;
         guarded("loading tokenizer.json", || {
             let inner = tokenizers::Tokenizer::from_bytes(json)
                 .map_err(|e| TokenizerError::Json { reason: one_line(&e.to_string()) })?;
@@ -67,7 +68,8 @@ impl HfTokenizer {
         };
         let bos_id = special.bos.as_deref().map(|t| id_of("bos", t)).transpose()?;
         let mut eos_ids = Vec::new();
-        for (what, t) in special.eos.iter().map(|t| ("eos", t)).chain(special.end_of_turn.iter().map(|t| ("end_of_turn", t)))
+        for (what, t) in
+            special.eos.iter().map(|t| ("eos", t)).chain(special.end_of_turn.iter().map(|t| ("end_of_turn", t)))
         {
             let id = id_of(what, t)?;
             if !eos_ids.contains(&id) {
@@ -146,6 +148,41 @@ impl HfTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// The part of `tokenizer.json` checked before the `tokenizers` crate sees it.
+/// Both are decoded as values, so their strings are fully validated (an ignored string's
+/// `\u` escapes are not), before `tokenizers` reaches its `expect`.
+#[derive(serde::Deserialize)]
+struct Shape {
+    #[serde(default)]
+    normalizer: Option<serde_json::Value>,
+    #[serde(default, rename = "decoder")]
+    _decoder: Option<serde_json::Value>,
+}
+
+/// Rejects inputs on which `tokenizers` 0.22 panics instead of returning an error (found by
+/// the `tokenizer_json` fuzz target): malformed JSON inside a `decoder`, such as a bad
+/// `\u` escape (an `expect` in its deserializer), and the `Precompiled` normalizer (SentencePiece's compiled `nmt_nfkc`
+/// charsmap, used by T5/ALBERT-style models: an `expect` on a bad charsmap when loading and
+/// unchecked indexing into it when normalizing). Checks the whole document's syntax first.
+fn precheck(json: &[u8]) -> Result<(), TokenizerError> {
+    let shape: Shape = serde_json::from_slice(json).map_err(|e| TokenizerError::Json { reason: e.to_string() })?;
+    fn has_precompiled(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.get("type").and_then(|t| t.as_str()) == Some("Precompiled") || m.values().any(has_precompiled)
+            }
+            serde_json::Value::Array(a) => a.iter().any(has_precompiled),
+            _ => false,
+        }
+    }
+    if shape.normalizer.as_ref().is_some_and(has_precompiled) {
+        return Err(TokenizerError::Unsupported {
+            what: "the Precompiled normalizer (a compiled SentencePiece charsmap, T5/ALBERT style)".to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The first line of an error message, so every error stays one line.
@@ -243,5 +280,10 @@ impl HfStreamDecoder {
 
 /// Length in bytes of the longest common prefix of `a` and `b` on a char boundary.
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices().zip(b.chars()).take_while(|((_, ca), cb)| ca == cb).map(|((i, c), _)| i + c.len_utf8()).last().unwrap_or(0)
+    a.char_indices()
+        .zip(b.chars())
+        .take_while(|((_, ca), cb)| ca == cb)
+        .map(|((i, c), _)| i + c.len_utf8())
+        .last()
+        .unwrap_or(0)
 }

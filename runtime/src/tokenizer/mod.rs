@@ -42,6 +42,12 @@ pub enum TokenizerError {
         /// The parser's message.
         reason: String,
     },
+    /// The `tokenizer.json` uses a component this runtime refuses.
+    #[error("unsupported tokenizer.json: {what}")]
+    Unsupported {
+        /// The component.
+        what: String,
+    },
     /// A special token named in the metadata is not in the vocabulary.
     #[error("{what} token {token:?} is not in the tokenizer's vocabulary")]
     UnknownSpecialToken {
@@ -113,12 +119,10 @@ impl Tokenizer {
                         model_vocab: meta.architecture.vocab_size,
                     });
                 }
-                let mismatch = |what: &str, stored: Option<u32>, resolved: Option<u32>| {
-                    FormatError::BadMetadata {
-                        reason: format!(
-                            "tokenizer.{what} is {stored:?} but the special-token string resolves to {resolved:?}"
-                        ),
-                    }
+                let mismatch = |what: &str, stored: Option<u32>, resolved: Option<u32>| FormatError::BadMetadata {
+                    reason: format!(
+                        "tokenizer.{what} is {stored:?} but the special-token string resolves to {resolved:?}"
+                    ),
                 };
                 if meta.tokenizer.bos_id != tok.bos_id() {
                     return Err(mismatch("bos_id", meta.tokenizer.bos_id, tok.bos_id()).into());

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -130,7 +130,11 @@ impl ChatTemplate {
     }
 
     /// Compiles `source` with these values for `bos_token` and `eos_token`.
-    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<ChatTemplate, TemplateError> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<ChatTemplate, TemplateError> {
         Self::with_special_tokens(source, &SpecialTokens { bos: bos_token, eos: eos_token, ..Default::default() })
     }
 
@@ -183,22 +187,25 @@ impl ChatTemplate {
         let strftime_now = Value::from_function(move |format: String| strftime(&format, secs));
         let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Syntax { reason: describe(&e) })?;
         let s = &self.special;
-        let ctx = minijinja::context! {
-            messages => Value::from_serialize(messages),
-            add_generation_prompt => add_generation_prompt,
-            tools => Value::from(()),
-            documents => Value::from(()),
-            strftime_now => strftime_now,
-            bos_token => s.bos.clone(),
-            eos_token => s.eos.clone(),
-            pad_token => s.pad.clone(),
-            unk_token => s.unk.clone(),
-        };
-        // Undefined special tokens must stay undefined (`is defined` tests), not `none`.
-        let ctx = drop_none(ctx);
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx))).map_err(|_| {
-            TemplateError::Render { reason: "the template engine failed on this template".to_string() }
-        })?;
+        let mut pairs: Vec<(&str, Value)> = vec![
+            ("messages", Value::from(Serde(messages))),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
+            ("tools", Value::from(())),
+            ("documents", Value::from(())),
+            ("strftime_now", strftime_now),
+        ];
+        // As transformers passes them: only the special tokens the tokenizer has, so a missing
+        // one stays undefined (`is defined` tests) rather than `none`.
+        for (name, token) in
+            [("bos_token", &s.bos), ("eos_token", &s.eos), ("pad_token", &s.pad), ("unk_token", &s.unk)]
+        {
+            if let Some(t) = token {
+                pairs.push((name, Value::from(t.clone())));
+            }
+        }
+        let ctx = Value::from_pairs(pairs);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .map_err(|_| TemplateError::Render { reason: "the template engine failed on this template".to_string() })?;
         let out = out.map_err(|e| {
             let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(cur) = src {
@@ -214,20 +221,6 @@ impl ChatTemplate {
         }
         Ok(out)
     }
-}
-
-/// The context map without its `none` special tokens (transformers passes only the special
-/// tokens a tokenizer has).
-fn drop_none(ctx: Value) -> Value {
-    let Ok(iter) = ctx.try_iter() else { return ctx };
-    let pairs: Vec<(Value, Value)> = iter
-        .filter_map(|k| {
-            let v = ctx.get_item(&k).ok()?;
-            let special = k.as_str().is_some_and(|k| k.ends_with("_token"));
-            (!(special && v.is_none())).then_some((k, v))
-        })
-        .collect();
-    Value::from_iter(pairs)
 }
 
 /// `tojson` as transformers defines it: `json.dumps(value, ensure_ascii=False, indent=indent,
@@ -402,8 +395,20 @@ fn python_float(f: f64) -> String {
 }
 
 const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
-const MONTHS: [&str; 12] =
-    ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
 
 /// Civil date (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (Howard
 /// Hinnant's `civil_from_days`).
@@ -513,6 +518,70 @@ mod tests {
             let (y, m, d) = civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
         }
+    }
+
+    fn t(src: &str) -> ChatTemplate {
+        ChatTemplate::new(src, Some("<s>".into()), Some("</s>".into())).unwrap()
+    }
+
+    #[test]
+    fn hugging_face_template_features() {
+        let msgs = vec![ChatMessage::new("user", " Hi <b> & 'x' ")];
+        // tojson is Python's json.dumps: no HTML escaping, insertion order, Python spacing.
+        assert_eq!(
+            t("{{ messages[0] | tojson }}").render(&msgs, false).unwrap(),
+            r#"{"role": "user", "content": " Hi <b> & 'x' "}"#
+        );
+        assert_eq!(
+            t("{{ {'b': [1, 2.5, none, true], 'a': 'é\n'} | tojson(indent=2) }}").render(&[], false).unwrap(),
+            "{\n  \"b\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"a\": \"é\\n\"\n}"
+        );
+        assert_eq!(
+            t("{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}").render(&[], false).unwrap(),
+            r#"{"a": 2, "b": 1}"#
+        );
+        // Python string and dict methods.
+        assert_eq!(
+            t("{{ messages[0].content.strip().upper() }}|{{ 'a,b'.split(',') | length }}|\
+               {% if 'abc'.startswith('ab') %}yes{% endif %}|{% for k, v in {'x': 1}.items() %}{{ k }}={{ v }}{% endfor %}")
+            .render(&msgs, false)
+            .unwrap(),
+            "HI <B> & 'X'|2|yes|x=1"
+        );
+        // Special tokens, the generation prompt, loop controls, trim_blocks/lstrip_blocks.
+        let src = "{{ bos_token }}{% for m in messages %}\n  {% if loop.index > 1 %}{% break %}{% endif %}\n{{ m.role }}{% endfor %}\n{% if add_generation_prompt %}GEN{{ eos_token }}{% endif %}";
+        let two = vec![ChatMessage::new("a", "1"), ChatMessage::new("b", "2")];
+        assert_eq!(t(src).render(&two, true).unwrap(), "<s>aGEN</s>");
+        assert_eq!(t(src).render(&two, false).unwrap(), "<s>a");
+        // Undefined special tokens stay undefined.
+        let only_eos =
+            ChatTemplate::new("{% if bos_token is defined %}B{% endif %}{{ eos_token }}", None, Some("E".into()));
+        assert_eq!(only_eos.unwrap().render(&[], false).unwrap(), "E");
+        // strftime_now at a fixed instant.
+        let at = UNIX_EPOCH + std::time::Duration::from_secs(1_741_964_966);
+        assert_eq!(t("{{ strftime_now('%d %b %Y') }}").render_at(&[], false, at).unwrap(), "14 Mar 2025");
+    }
+
+    #[test]
+    fn template_errors() {
+        let msgs = vec![ChatMessage::new("system", "x")];
+        let e = t("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}")
+            .render(&msgs, true)
+            .unwrap_err();
+        assert!(matches!(&e, TemplateError::Raised { message } if message == "System role not supported"), "{e:?}");
+        assert_eq!(e.to_string(), "the chat template rejected the conversation: System role not supported");
+        let e = ChatTemplate::new("{% if %}", None, None).unwrap_err();
+        assert!(matches!(e, TemplateError::Syntax { .. }), "{e:?}");
+        assert!(!e.to_string().contains('\n'));
+        let e = t("{{ messages.nope() }}").render(&msgs, true).unwrap_err();
+        assert!(matches!(e, TemplateError::Render { .. }), "{e:?}");
+        // A hostile template runs out of fuel instead of running for minutes.
+        let e = t("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}")
+            .render(&msgs, true)
+            .unwrap_err();
+        assert!(matches!(e, TemplateError::Render { .. }), "{e:?}");
+        let huge = "x".repeat(MAX_TEMPLATE_BYTES + 1);
+        assert!(matches!(ChatTemplate::new(&huge, None, None), Err(TemplateError::Syntax { .. })));
     }
 
     #[test]
