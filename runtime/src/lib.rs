@@ -12,7 +12,8 @@
 //! - [`cpu`]: the reference engine: the test oracle and the fallback where no GPU is usable.
 //! - `gpu` (feature `gpu`, on by default): the wgpu compute backend (Vulkan, Metal), checked
 //!   against the CPU engine.
-//! - [`tokenizer`]: the byte-level tokenizer.
+//! - [`tokenizer`]: tokenizers (byte-level, Hugging Face `tokenizer.json`), streaming
+//!   detokenisation and chat templates.
 //! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
 //! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
