@@ -13,6 +13,8 @@
 //!   against the CPU engine.
 //! - [`tokenizer`]: the byte-level tokenizer.
 //! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
+//! - [`sampling`]: greedy and seeded sampling (temperature, top-k, top-p, min-p, penalties)
+//!   on full logits or on a device's candidate list.
 //! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
 pub mod calibrate;
@@ -25,6 +27,7 @@ pub mod format;
 pub mod gpu;
 mod mmap;
 mod model;
+pub mod sampling;
 mod submodel;
 pub mod tokenizer;
 
