@@ -15,6 +15,8 @@
 //! - [`tokenizer`]: tokenizers (byte-level, Hugging Face `tokenizer.json`), streaming
 //!   detokenisation and chat templates.
 //! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
+//! - [`sampling`]: greedy and seeded sampling (temperature, top-k, top-p, min-p, penalties)
+//!   on full logits or on a device's candidate list.
 //! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
 mod api;
@@ -29,6 +31,7 @@ pub mod format;
 pub mod gpu;
 mod mmap;
 mod model;
+pub mod sampling;
 mod submodel;
 pub mod sampling;
 pub mod tokenizer;

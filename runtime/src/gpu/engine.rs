@@ -15,11 +15,12 @@ use super::device::{map_read, Gpu};
 use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
 use super::ops::{
     gemv_rows, split_partial_floats, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
-    MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
+    MatmulParams, NormParams, PipeKey, RopeParams, StepParams, TopkParams,
 };
 use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
 use crate::format::{names, Activation, NormKind};
+use crate::sampling::{Candidates, LogitTransform, Sampler, MAX_CANDIDATES};
 use crate::{ModelFile, Submodel};
 
 /// Options of a [`GpuEngine`].
@@ -598,6 +599,22 @@ pub struct GpuSession {
     ffn: Vec<Arc<LayerFfn>>,
     /// Bytes counted in `Inner::session_bytes` for this session.
     alloc_bytes: u64,
+    /// The candidate tail, created by the first candidates call.
+    sampling: Option<SamplingBufs>,
+}
+
+/// Buffers and tail of [`GpuSession::decode_candidates`]: the last token's logits, then
+/// `topk.wgsl` (penalties in place, top-k, log-sum-exp), then a copy of its output to
+/// `staging`.
+#[derive(Debug)]
+struct SamplingBufs {
+    params: wgpu::Buffer,
+    /// `(token, count)` pairs, room for one per vocabulary entry.
+    pen: wgpu::Buffer,
+    /// `MAX_CANDIDATES` pairs and the log-sum-exp.
+    out: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    tail: Vec<Item>,
 }
 
 impl Drop for GpuSession {
@@ -807,6 +824,8 @@ enum Tail {
     None,
     /// Last token's logits into logits row 0, then its argmax.
     Last,
+    /// Last token's logits into logits row 0, then the sampling candidates (`k` of them).
+    Candidates(usize),
     /// Every token's logits.
     All,
 }
@@ -1049,6 +1068,7 @@ impl GpuSession {
             counters: StepCounters::default(),
             kv_bytes,
             alloc_bytes,
+            sampling: None,
         })
     }
 
@@ -1191,6 +1211,186 @@ impl GpuSession {
         self.read_logits(1)
     }
 
+    /// Like [`GpuSession::prefill`], but returns sampling candidates of the last token's
+    /// logits instead of their argmax: on the device the logits get `transform`'s penalties
+    /// (in place), then the `k` largest processed logits (ties to the lowest id; `k` at most
+    /// [`MAX_CANDIDATES`], clamped to the vocabulary) come back with the log-sum-exp of
+    /// `v / transform.temperature` over the whole vocabulary, for
+    /// [`Sampler::sample_from_candidates`]. One submit per chunk and one readback of
+    /// `8k + 4` bytes in all; the pairs are in id order.
+    pub fn prefill_candidates(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+        transform: &LogitTransform<'_>,
+    ) -> Result<Candidates, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::EmptyInput { what: "prefill" });
+        }
+        self.validate(tokens)?;
+        let k = self.prepare_candidates(k, transform)?;
+        self.run(tokens, Tail::Candidates(k))?;
+        self.read_candidates(k)
+    }
+
+    /// Like [`GpuSession::decode`], but returns sampling candidates as
+    /// [`GpuSession::prefill_candidates`]: one submit and one `8k + 4`-byte readback.
+    pub fn decode_candidates(
+        &mut self,
+        token: u32,
+        k: usize,
+        transform: &LogitTransform<'_>,
+    ) -> Result<Candidates, GpuError> {
+        self.validate(&[token])?;
+        let k = self.prepare_candidates(k, transform)?;
+        self.run(&[token], Tail::Candidates(k))?;
+        self.read_candidates(k)
+    }
+
+    /// The last token's logits (`vocab_size` values) as the latest pass left them: after a
+    /// candidates call, with its transform's penalties applied (what
+    /// [`Sampler::sample_processed_logits`] takes when the candidates did not decide).
+    pub fn processed_logits(&mut self) -> Result<Vec<f32>, GpuError> {
+        self.read_logits(1)
+    }
+
+    /// Appends `tokens` and chooses the next token with `sampler`: greedy without penalties
+    /// runs [`GpuSession::prefill`] (a 4-byte readback); otherwise
+    /// [`GpuSession::prefill_candidates`] with [`Sampler::candidate_count`] candidates, and
+    /// the processed logits are read back only when the candidates do not decide. The same
+    /// seed gives the tokens [`Sampler::sample_logits`] gives on the CPU engine's logits
+    /// wherever the logits agree. The caller tells `sampler` the tokens
+    /// ([`Sampler::observe`]).
+    pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, GpuError> {
+        let p = sampler.params();
+        if p.is_greedy() && !p.has_penalties() {
+            return self.prefill(tokens);
+        }
+        let c = self.prefill_candidates(tokens, sampler.candidate_count(), &sampler.logit_transform())?;
+        self.finish_sample(&c, sampler)
+    }
+
+    /// [`GpuSession::prefill_sample`] for one token: one submit and one readback per step
+    /// unless the candidates do not decide.
+    pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, GpuError> {
+        let p = sampler.params();
+        if p.is_greedy() && !p.has_penalties() {
+            return self.decode(token);
+        }
+        let c = self.decode_candidates(token, sampler.candidate_count(), &sampler.logit_transform())?;
+        self.finish_sample(&c, sampler)
+    }
+
+    fn finish_sample(&mut self, c: &Candidates, sampler: &mut Sampler) -> Result<u32, GpuError> {
+        match sampler.sample_from_candidates(&c.pairs, c.log_sum_exp) {
+            Some(t) => Ok(t),
+            None => {
+                let processed = self.processed_logits()?;
+                Ok(sampler.sample_processed_logits(&processed))
+            }
+        }
+    }
+
+    /// Checks `k` and `transform`, creates the candidate tail on first use and writes its
+    /// uniforms and penalty list for the next pass. Returns `k` clamped to the vocabulary.
+    fn prepare_candidates(&mut self, k: usize, transform: &LogitTransform<'_>) -> Result<usize, GpuError> {
+        let vocab = self.inner.dims.vocab;
+        let bad = |what: String| Err(GpuError::InvalidArgument { what });
+        if k == 0 || k > MAX_CANDIDATES {
+            return bad(format!("{k} sampling candidates requested; ask for 1 to {MAX_CANDIDATES}"));
+        }
+        let tr = transform;
+        if !(tr.temperature.is_finite() && tr.temperature > 0.0) {
+            return bad(format!("candidate temperature {} must be finite and > 0", tr.temperature));
+        }
+        if !(tr.repetition_penalty.is_finite() && tr.repetition_penalty > 0.0) {
+            return bad(format!("repetition penalty {} must be finite and > 0", tr.repetition_penalty));
+        }
+        if !(tr.frequency_penalty.is_finite() && tr.presence_penalty.is_finite()) {
+            return bad("frequency and presence penalties must be finite".into());
+        }
+        let mut words = Vec::with_capacity(2 * tr.counts.len());
+        let mut prev = None;
+        for &(token, count) in tr.counts {
+            if token as usize >= vocab {
+                return Err(GpuError::TokenOutOfRange { token, vocab: vocab as u32 });
+            }
+            if prev.is_some_and(|p| p >= token) || count == 0 {
+                return bad(
+                    "penalty counts must be distinct tokens in ascending order, each counted at least once".into()
+                );
+            }
+            prev = Some(token);
+            words.extend_from_slice(&[token, count]);
+        }
+        self.ensure_sampling()?;
+        let k = k.min(vocab);
+        let params = TopkParams {
+            n: vocab as u32,
+            k: k as u32,
+            n_pen: tr.counts.len() as u32,
+            _pad0: 0,
+            inv_temp: 1.0 / tr.temperature,
+            rep: tr.repetition_penalty,
+            freq: tr.frequency_penalty,
+            presence: tr.presence_penalty,
+        };
+        let gpu = &self.inner.gpu;
+        if let Some(sb) = &self.sampling {
+            gpu.queue.write_buffer(&sb.params, 0, bytemuck::bytes_of(&params));
+            if !words.is_empty() {
+                gpu.queue.write_buffer(&sb.pen, 0, bytemuck::cast_slice(&words));
+            }
+        }
+        Ok(k)
+    }
+
+    /// Creates the candidate tail and its buffers (counted against the memory limit) once.
+    fn ensure_sampling(&mut self) -> Result<(), GpuError> {
+        if self.sampling.is_some() {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let i = &*inner;
+        let gpu = &i.gpu;
+        let limit = gpu.max_binding();
+        let pen_bytes = (i.dims.vocab as u64 * 8).div_ceil(16) * 16;
+        let out_bytes = candidate_bytes(MAX_CANDIDATES).div_ceil(16) * 16;
+        let bytes = 32 + pen_bytes + 2 * out_bytes;
+        i.check_limit(bytes, "allocating the sampling buffers")?;
+        use wgpu::BufferUsages as U;
+        let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
+        let params = buf("topk params", 32, U::UNIFORM | U::COPY_DST)?;
+        let pen = buf("penalty counts", pen_bytes, U::STORAGE | U::COPY_DST)?;
+        let out = buf("candidates", out_bytes, U::STORAGE | U::COPY_SRC)?;
+        let staging = buf("candidates staging", out_bytes, U::MAP_READ | U::COPY_DST)?;
+        let a = &self.acts;
+        let p = Planner { inner: i, step: &self.bufs.step, partials: &a.partials };
+        let head = i.head.as_ref().unwrap_or(&i.embed);
+        let mut tail = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, true)?];
+        p.matmul(head, false, false, &a.xn, a.sd, &self.bufs.logits, self.bufs.sv, &mut tail)?;
+        tail.push(p.fixed(Kernel::TopK, &[], &[&params, &pen, &self.bufs.logits, &out], Grid::Fixed(1, 1))?);
+        gpu.take_uncaptured("creating the sampling buffers")?;
+        i.session_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.alloc_bytes += bytes;
+        self.sampling = Some(SamplingBufs { params, pen, out, staging, tail });
+        Ok(())
+    }
+
+    /// The candidates the last [`Tail::Candidates`] pass copied to the staging buffer.
+    fn read_candidates(&mut self, k: usize) -> Result<Candidates, GpuError> {
+        let Some(sb) = &self.sampling else {
+            return Err(GpuError::Readback { reason: "no candidates were computed".into() });
+        };
+        let n = candidate_bytes(k);
+        let bytes = map_read(&self.inner.gpu, &sb.staging, n)?;
+        self.counters.readbacks += 1;
+        self.counters.readback_bytes += n;
+        let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        let pairs = (0..k).map(|j| (word(2 * j), f32::from_bits(word(2 * j + 1)))).collect();
+        Ok(Candidates { pairs, log_sum_exp: f32::from_bits(word(2 * k)) })
+    }
+
     /// Appends `tokens` and returns the logits of every one of them, row-major
     /// `[tokens.len(), vocab_size]` (evaluation, parity tests). Empty input gives empty output.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
@@ -1249,16 +1449,22 @@ impl GpuSession {
             gpu.queue.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&step));
             gpu.queue.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(tokens));
             let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("pass") });
-            let tail_items: &[Item] = match tail {
-                Tail::None => &[],
-                Tail::Last => &self.tail_last,
-                Tail::All => &self.tail_all,
+            let tail_items: &[Item] = match (tail, &self.sampling) {
+                (Tail::None, _) => &[],
+                (Tail::Last, _) => &self.tail_last,
+                (Tail::Candidates(_), Some(sb)) => &sb.tail,
+                (Tail::Candidates(_), None) => &[],
+                (Tail::All, _) => &self.tail_all,
             };
-            let tail_t = if tail == Tail::Last { 1 } else { t };
+            let tail_t = if tail == Tail::All { t } else { 1 };
             let items = self.plan.items().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
             dispatches = record(&mut enc, items);
-            if tail == Tail::Last {
-                enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4);
+            match (tail, &self.sampling) {
+                (Tail::Last, _) => enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4),
+                (Tail::Candidates(k), Some(sb)) => {
+                    enc.copy_buffer_to_buffer(&sb.out, 0, &sb.staging, 0, candidate_bytes(k));
+                }
+                _ => {}
             }
             gpu.queue.submit([enc.finish()]);
         })?;
@@ -1288,6 +1494,11 @@ impl GpuSession {
         let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(all.chunks_exact(sv).take(rows).flat_map(|r| r[..vocab].iter().copied()).collect())
     }
+}
+
+/// Bytes of `k` candidates and the log-sum-exp in `topk.wgsl`'s output.
+fn candidate_bytes(k: usize) -> u64 {
+    (2 * k as u64 + 1) * 4
 }
 
 /// Records `items` (each with its token count) into `enc` as one compute pass; returns the

@@ -54,6 +54,8 @@ pub(crate) enum Kernel {
     Attention,
     FfnAct,
     Argmax,
+    /// Sampling candidates: penalties, top-k and log-sum-exp of the last logits row.
+    TopK,
     /// Benchmark calibration: streaming read bandwidth.
     CalibrateRead,
     /// Benchmark calibration: streaming read bandwidth with 64-bit loads (needs `SHADER_INT64`).
@@ -63,7 +65,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 16] = [
+    const ALL: [Kernel; 17] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -77,6 +79,7 @@ impl Kernel {
         Kernel::Attention,
         Kernel::FfnAct,
         Kernel::Argmax,
+        Kernel::TopK,
         Kernel::CalibrateRead,
         Kernel::CalibrateReadU64,
         Kernel::CalibrateFma,
@@ -97,6 +100,7 @@ impl Kernel {
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
             Kernel::Argmax => shader!("argmax"),
+            Kernel::TopK => shader!("topk"),
             Kernel::CalibrateRead => shader!("calibrate_read"),
             Kernel::CalibrateReadU64 => shader!("calibrate_read_u64"),
             Kernel::CalibrateFma => shader!("calibrate_fma"),
@@ -121,6 +125,7 @@ impl Kernel {
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
             Kernel::Argmax | Kernel::CalibrateRead | Kernel::CalibrateReadU64 => &[Uniform, Read, ReadWrite],
+            Kernel::TopK => &[Uniform, Read, ReadWrite, ReadWrite],
             Kernel::CalibrateFma => &[Uniform, ReadWrite],
         }
     }
@@ -652,6 +657,27 @@ pub(crate) struct ActParams {
 pub(crate) struct ArgmaxParams {
     pub(crate) n: u32,
     pub(crate) _pad: [u32; 3],
+}
+
+/// `topk.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct TopkParams {
+    /// Logits in row 0 (vocabulary size).
+    pub(crate) n: u32,
+    /// Candidates, `1..=n`.
+    pub(crate) k: u32,
+    /// `(token, count)` entries of the penalty list.
+    pub(crate) n_pen: u32,
+    pub(crate) _pad0: u32,
+    /// `1 / temperature` of the log-sum-exp.
+    pub(crate) inv_temp: f32,
+    /// Repetition penalty.
+    pub(crate) rep: f32,
+    /// Frequency penalty.
+    pub(crate) freq: f32,
+    /// Presence penalty.
+    pub(crate) presence: f32,
 }
 
 /// `calibrate_read.wgsl`.
