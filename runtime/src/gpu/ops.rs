@@ -23,7 +23,7 @@ pub struct ShaderSource {
 
 macro_rules! shader {
     ($name:literal) => {
-        ShaderSource { name: $name, source: include_str!(concat!("../../../shaders/", $name, ".wgsl")) }
+        ShaderSource { name: $name, source: include_str!(concat!("../../shaders/", $name, ".wgsl")) }
     };
 }
 
