@@ -1,12 +1,13 @@
 //! `matformer eval`: mean loss and perplexity on a text file.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use matformer::cpu::CpuEngine;
 use matformer::tokenizer::ByteTokenizer;
-use matformer::Submodel;
+use matformer::{ModelFile, Submodel};
 use serde::Serialize;
 
 use crate::common::{open, print_json};
