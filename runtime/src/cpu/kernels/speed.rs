@@ -4,10 +4,7 @@ use std::time::Instant;
 
 use half::f16;
 
-use super::dot::*;
 use super::matmul::*;
-use super::ops::*;
-use super::pool::*;
 use crate::cpu::weights::{Matrix, Part, RowData};
 
 fn bench(name: &str, bytes: usize, mut f: impl FnMut()) {

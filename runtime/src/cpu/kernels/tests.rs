@@ -9,7 +9,7 @@ use super::ops::*;
 use super::pool::*;
 use crate::cpu::reference;
 use crate::cpu::tolerance::Tolerance;
-use crate::cpu::weights::{Matrix, Part, RowData};
+use crate::cpu::weights::{Matrix, Part, RowData, F16_SCALE};
 
 /// SplitMix64: a tiny deterministic generator for test data.
 struct Rng(u64);
