@@ -84,7 +84,7 @@ fn gpu_engine(model: &Arc<ModelFile>) -> Result<GpuEngine> {
 /// The device id of `args.backend` without loading any weights.
 fn device_of(args: &CostArgs) -> Result<DeviceId> {
     Ok(match args.backend {
-        CostBackend::Cpu => matformer::cpu::probe::cpu_device_id(threads_of(args)),
+        CostBackend::Cpu => matformer::elastic::cpu_probe::cpu_device_id(threads_of(args)),
         CostBackend::Gpu => {
             let runner = OpRunner::new(None).map_err(|e| anyhow!("--backend gpu: no usable GPU: {e}"))?;
             latency_calibrate::gpu_device_id(runner.adapter())

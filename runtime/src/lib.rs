@@ -12,14 +12,11 @@
 //! - `gpu` (feature `gpu`, on by default): the wgpu compute backend (Vulkan, Metal), checked
 //!   against the CPU engine.
 //! - [`tokenizer`]: the byte-level tokenizer.
-//! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
-//! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
 
-pub mod calibrate;
 pub mod cpu;
-/// Elastic inference: the submodel catalog, calibration, device budget, policy and selection.
+mod dims;
+/// Elastic inference: the submodel catalog, device budget, policy, latency model and selection.
 pub mod elastic;
-pub mod eval;
 pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;
