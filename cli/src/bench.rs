@@ -16,7 +16,7 @@
 //! The same efficiency is printed per kernel class of the decode step (attention projections,
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
 //! the class times measured in the same run: on the CPU by replaying the engine's kernels at
-//! the model's shapes (`matformer::cpu::probe`), on the GPU by timing the decode GEMV kernel at
+//! the model's shapes (`matformer::elastic::cpu_probe`), on the GPU by timing the decode GEMV kernel at
 //! each GEMV class's shape and the attention, norm, RoPE, activation and argmax kernels one
 //! dispatch at a time (`OpRunner::time_decode_*`). The remainder is the measured step minus the
 //! timed classes (dispatch, synchronisation, the embedding gather).
@@ -272,7 +272,7 @@ pub fn bench(
         eprintln!("calibrating {} ...", engine.name());
         let read_bandwidth = || -> Result<f64> {
             Ok(match &engine {
-                Engine::Cpu(_) => matformer::calibrate::cpu_read_bandwidth(n_threads),
+                Engine::Cpu(_) => crate::calibrate::cpu_read_bandwidth(n_threads),
                 Engine::Gpu(g) => {
                     matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.read_bandwidth(128 << 20, 8)?
                 }
@@ -281,7 +281,7 @@ pub fn bench(
         let read_before = read_bandwidth()?;
         let (gflops, method) = match &engine {
             Engine::Cpu(_) => (
-                matformer::calibrate::cpu_multiply_add_gflops(n_threads),
+                crate::calibrate::cpu_multiply_add_gflops(n_threads),
                 format!(
                     "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
                     matformer::cpu::simd_features()
@@ -302,8 +302,8 @@ pub fn bench(
         eprintln!("timing kernel classes on {} ...", engine.name());
         let timings: KernelTimings = match &engine {
             Engine::Cpu(c) => {
-                let opts = matformer::cpu::probe::ProbeOptions::default();
-                matformer::cpu::probe::measure_kernels(c, &opts)?
+                let opts = matformer::elastic::cpu_probe::ProbeOptions::default();
+                matformer::elastic::cpu_probe::measure_kernels(c, &opts)?
             }
             Engine::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;

@@ -51,7 +51,7 @@ pub fn run(
     for s in &specs {
         let sub = Submodel::parse(s, &meta, model.view().available_levels)?;
         let t0 = Instant::now();
-        let r = matformer::eval::mean_cross_entropy(&engine, &sub, &tok, &bytes, chunk)?;
+        let r = matformer_export::eval::mean_cross_entropy(&engine, &sub, &tok, &bytes, chunk)?;
         let (nats, n) = (r.nats_per_token, r.predicted_tokens);
         let row = EvalRow {
             submodel: sub.name(&meta),

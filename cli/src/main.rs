@@ -5,6 +5,7 @@
 
 mod backend;
 mod bench;
+mod calibrate;
 mod chat;
 mod common;
 mod devices;

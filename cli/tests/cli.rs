@@ -318,8 +318,14 @@ fn latency_command_calibrates_caches_and_checks_every_entry() {
         assert!(r["predicted_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["run"]["measured_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["error_pct"].as_f64().unwrap().is_finite(), "{r}");
+        assert!(r["roofline_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["roofline_fitted_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(check["max_abs_error_pct"].as_f64().unwrap() >= check["mean_abs_error_pct"].as_f64().unwrap());
+    let roof = &check["roofline"];
+    assert!(roof["measured_limits"]["bytes_per_second"].as_f64().unwrap() > 0.0, "{roof}");
+    assert!(roof["fitted"]["fixed_ms_per_token"].as_f64().unwrap() >= 0.0, "{roof}");
+    assert!(roof["fitted_max_abs_error_pct"].as_f64().unwrap() >= roof["fitted_mean_abs_error_pct"].as_f64().unwrap());
 
     // The second run reads the cache; a corrupt or mismatching cache is rebuilt, not fatal.
     let (v, _) = run(&[]);

@@ -216,7 +216,8 @@ fn calibrate_catalog(
     meta: &Metadata,
     text_path: &Path,
 ) -> Result<(Metadata, matformer::elastic::CalibrationSummary, Vec<String>)> {
-    use matformer::elastic::{calibrate, CalibrationOptions, Catalog, CATALOG_KEY};
+    use crate::calibrate::{calibrate, CalibrationOptions};
+    use matformer::elastic::{Catalog, CATALOG_KEY};
     let text =
         std::fs::read(text_path).with_context(|| format!("cannot read calibration text {}", text_path.display()))?;
     let model = std::sync::Arc::new(matformer::ModelFile::open(written)?);

@@ -5,8 +5,12 @@
 //! graph, with its FFN weights sliced to each nested width, and the runtime's CPU engine runs the
 //! written file; the export is refused when they disagree beyond a named tolerance.
 //!
-//! Also makes synthetic files with random weights at real model shapes (`synth`) for benchmarks.
+//! Also estimates the loss of every catalog entry on a calibration text ([`calibrate`], stored in
+//! the file's catalog), scores a text under a submodel ([`eval`]), and makes synthetic files
+//! with random weights at real model shapes (`synth`) for benchmarks.
 
+pub mod calibrate;
+pub mod eval;
 pub mod export;
 pub mod mapping;
 pub mod onnx_source;

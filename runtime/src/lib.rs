@@ -14,18 +14,16 @@
 //!   against the CPU engine.
 //! - [`tokenizer`]: tokenizers (byte-level, Hugging Face `tokenizer.json`), streaming
 //!   detokenisation and chat templates.
-//! - [`calibrate`]: streaming-read bandwidth and multiply-add throughput of the CPU cores.
 //! - [`sampling`]: greedy and seeded sampling (temperature, top-k, top-p, min-p, penalties)
 //!   on full logits or on a device's candidate list.
-//! - [`eval`]: mean cross-entropy of a text under a submodel (loss tables, calibration).
+//! - [`backend`]: the one CPU-or-GPU abstraction the layers above use.
 
 mod api;
 pub mod backend;
-pub mod calibrate;
 pub mod cpu;
-/// Elastic inference: the submodel catalog, calibration, device budget, policy and selection.
+mod dims;
+/// Elastic inference: the submodel catalog, device budget, policy, latency model and selection.
 pub mod elastic;
-pub mod eval;
 pub mod format;
 #[cfg(feature = "gpu")]
 pub mod gpu;

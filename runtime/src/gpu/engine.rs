@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use super::device::{map_read, Gpu};
 use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
+use super::ops::rope_table;
 use super::ops::{
     gemv_rows, split_partial_floats, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
     MatmulParams, NormParams, PipeKey, RopeParams, StepParams, TopkParams,
@@ -278,7 +279,7 @@ impl GpuEngine {
         let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
         let mut kernels = Kernels::new(&gpu)?;
-        super::probe::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
+        super::weight_path::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
         let gemv_rows = gemv_rows(&gpu, opts.gemv_rows)?;
 
         let d = dims.d;
@@ -486,22 +487,6 @@ pub fn step_down_on_oom<T>(
             Err(e) => return Err(e),
         }
     }
-}
-
-/// cos then sin of `pos * inv_freq[i]` for positions `0..ctx`, `[ctx, head_dim / 2]` each,
-/// computed exactly as the CPU engine does (f32 `inv_freq`, f32 angle), so angles match bitwise.
-pub(crate) fn rope_table(theta: f32, head_dim: usize, ctx: usize) -> Vec<f32> {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
-    let mut table = vec![0.0f32; 2 * ctx * half];
-    for pos in 0..ctx {
-        for (i, f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            table[pos * half + i] = angle.cos();
-            table[ctx * half + pos * half + i] = angle.sin();
-        }
-    }
-    table
 }
 
 /// Workgroup counts of a single-pipeline dispatch as a function of the pass's token count `t`.

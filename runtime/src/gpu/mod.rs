@@ -64,14 +64,16 @@
 mod device;
 mod engine;
 mod ffn_store;
+mod op_runner;
 mod ops;
-mod probe;
+mod weight_path;
 mod weights;
 
 pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
 pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use op_runner::{OpRunner, WeightFormat};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
-pub use probe::{OpRunner, WeightFormat, WEIGHT_PATH_ENV};
+pub use weight_path::WEIGHT_PATH_ENV;
 
 use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};

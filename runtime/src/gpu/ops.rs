@@ -23,7 +23,7 @@ pub struct ShaderSource {
 
 macro_rules! shader {
     ($name:literal) => {
-        ShaderSource { name: $name, source: include_str!(concat!("../../../shaders/", $name, ".wgsl")) }
+        ShaderSource { name: $name, source: include_str!(concat!("../../shaders/", $name, ".wgsl")) }
     };
 }
 
@@ -757,4 +757,20 @@ pub(crate) fn split_2d(n: u32) -> (u32, u32) {
     } else {
         (MAX, n.div_ceil(MAX))
     }
+}
+
+/// cos then sin of `pos * inv_freq[i]` for positions `0..ctx`, `[ctx, head_dim / 2]` each,
+/// computed exactly as the CPU engine does (f32 `inv_freq`, f32 angle), so angles match bitwise.
+pub(crate) fn rope_table(theta: f32, head_dim: usize, ctx: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut table = vec![0.0f32; 2 * ctx * half];
+    for pos in 0..ctx {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            table[pos * half + i] = angle.cos();
+            table[ctx * half + pos * half + i] = angle.sin();
+        }
+    }
+    table
 }
