@@ -31,7 +31,6 @@ mod mmap;
 mod model;
 pub mod sampling;
 mod submodel;
-pub mod sampling;
 pub mod tokenizer;
 
 pub use api::{

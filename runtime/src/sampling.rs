@@ -59,7 +59,8 @@ pub const MAX_CANDIDATES: usize = 1024;
 
 /// How the next token is chosen. [`Default`]: greedy (temperature 0) with no truncation and
 /// no penalties. Check with [`SamplingParams::validate`] (done by [`Sampler::new`]).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SamplingParams {
     /// Softmax temperature, finite and `>= 0`; `0` is greedy (argmax).
     pub temperature: f32,

@@ -218,7 +218,7 @@ impl Engine {
         let shape = elastic::ShapeFingerprint::of(model);
         let opts = elastic::latency_calibrate::LatencyCalibrationOptions::default();
         let device = match &self.inner.backend {
-            Backend::Cpu(e) => crate::cpu::probe::cpu_device_id(e.threads()),
+            Backend::Cpu(e) => elastic::cpu_probe::cpu_device_id(e.threads()),
             #[cfg(feature = "gpu")]
             Backend::Gpu(e) => elastic::latency_calibrate::gpu_device_id(e.adapter()),
         };

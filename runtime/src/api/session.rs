@@ -225,10 +225,11 @@ impl Session {
         let common = elastic.history().iter().zip(&full).take_while(|(a, b)| a == b).count();
         let keep = common.min(full.len() - 1);
         elastic.truncate(keep);
-        // Greedy decoding without penalties needs only the argmax (computed on the GPU, 4
-        // bytes read back); anything else samples from the logits.
-        let greedy = options.sampling.is_greedy() && !options.sampling.has_penalties();
-        let mut next = Next::Token(0);
+        // The sampler sees the whole context (penalties). On the GPU only its candidates are
+        // read back per step (greedy: the 4-byte argmax).
+        let mut sampler = Sampler::new(options.sampling)?;
+        sampler.observe_all(&full[..keep]);
+        let mut next = 0;
         let prefill_started = Instant::now();
         for pass in full[keep..].chunks(PREFILL_PASS) {
             if self.cancelled() {
@@ -242,14 +243,13 @@ impl Session {
                     stats,
                 });
             }
-            next = if greedy { Next::Token(elastic.prefill_greedy(pass)?) } else { Next::Logits(elastic.prefill(pass)?) };
+            sampler.observe_all(pass);
+            next = elastic.prefill_sample(pass, &mut sampler)?;
             self.control.position.store(elastic.position(), Ordering::SeqCst);
         }
         let prefill_ms = prefill_started.elapsed().as_secs_f64() * 1e3;
         let prefilled = full.len() - keep;
 
-        let mut sampler = Sampler::new(options.sampling.clone())?;
-        sampler.observe_all(&full);
         let eos = tokenizer.eos_ids();
         let mut decoder = tokenizer.stream_decoder();
         let mut stops = StopScanner::new(&options.stop);
@@ -257,10 +257,7 @@ impl Session {
         let mut first_token_at = None;
         let finish;
         loop {
-            let token = match &next {
-                Next::Token(t) => *t,
-                Next::Logits(l) => sampler.sample_logits(l),
-            };
+            let token = next;
             sampler.observe(token);
             first_token_at.get_or_insert_with(Instant::now);
             ids.push(token);
@@ -290,7 +287,7 @@ impl Session {
             }
             self.engine.check_open()?;
             self.apply_pending(elastic, ids.len(), &mut events)?;
-            next = if greedy { Next::Token(elastic.decode_greedy(token)?) } else { Next::Logits(elastic.decode(token)?) };
+            next = elastic.decode_sample(token, &mut sampler)?;
             self.control.position.store(elastic.position(), Ordering::SeqCst);
         }
         if !stops.stopped() {
@@ -497,12 +494,6 @@ impl Session {
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
-}
-
-/// The model's output after the last token fed: the greedy token, or the logits to sample.
-enum Next {
-    Token(u32),
-    Logits(Vec<f32>),
 }
 
 /// What [`StopScanner::push`] decided.

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, BackendError, BackendSession};
 use crate::cpu::{CpuEngine, EngineError, Session};
+use crate::sampling::Sampler;
 #[cfg(feature = "gpu")]
 use crate::gpu::{step_down_on_oom, GpuEngine, GpuError, GpuSession};
 use crate::{ModelError, ModelFile, Submodel};
@@ -290,6 +291,33 @@ impl ElasticSession {
     /// [`ElasticSession::decode`] returning the greedy next token only.
     pub fn decode_greedy(&mut self, token: u32) -> Result<u32, ElasticError> {
         let t = self.session.decode_greedy(token)?;
+        self.history.push(token);
+        self.last_logits = None;
+        Ok(t)
+    }
+
+    /// [`ElasticSession::prefill`] choosing the next token with `sampler` (which must have
+    /// observed the context for its penalties). On the GPU only the sampler's candidates are
+    /// read back (the full logits only when they do not suffice); greedy without penalties
+    /// reads back the 4-byte argmax.
+    pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        let t = match &mut self.session {
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.prefill(tokens)?),
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.prefill_sample(tokens, sampler)?,
+        };
+        self.history.extend_from_slice(tokens);
+        self.last_logits = None;
+        Ok(t)
+    }
+
+    /// [`ElasticSession::decode`] choosing the next token with `sampler`.
+    pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        let t = match &mut self.session {
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.decode(token)?),
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.decode_sample(token, sampler)?,
+        };
         self.history.push(token);
         self.last_logits = None;
         Ok(t)
