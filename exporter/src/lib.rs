@@ -8,6 +8,7 @@
 //! Also makes synthetic files with random weights at real model shapes (`synth`) for benchmarks.
 
 pub mod export;
+pub mod hf_config;
 pub mod mapping;
 pub mod onnx_source;
 pub mod progress;
@@ -15,5 +16,6 @@ pub mod synth;
 pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};
+pub use hf_config::{HfConfig, HfConfigError};
 pub use mapping::{NamePreset, Strategy};
 pub use verify::{Tolerance, VerifyOptions, VerifyReport};
