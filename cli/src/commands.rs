@@ -54,6 +54,7 @@ pub fn export(
     mapping: Option<PathBuf>,
     by_structure: bool,
     no_verify: bool,
+    verify_goldens: Option<PathBuf>,
     calibration: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
@@ -69,7 +70,7 @@ pub fn export(
         widths,
         config,
         strategy,
-        verify: if no_verify { None } else { Some(VerifyOptions::default()) },
+        verify: if no_verify { None } else { Some(VerifyOptions { goldens: verify_goldens, ..VerifyOptions::default() }) },
         calibration,
     };
     let report = matformer_export::export(&opts)?;
@@ -83,7 +84,7 @@ pub fn export(
     }
     match &report.verification {
         Some(v) => {
-            println!("verified against tract-onnx: {}", v.summary());
+            println!("verified against {}: {}", v.reference, v.summary());
             for c in &v.checks {
                 println!(
                     "  {:<12} probe {}  max|diff| {:.3e}  max|logit| {:.2}  relative {:.2e}  argmax {}/{}",

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod onnx_source;
 pub mod progress;
 pub mod synth;
+pub mod tract_run;
 pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};
