@@ -44,7 +44,7 @@ pub enum HfConfigError {
     /// An architecture this exporter does not convert.
     #[error(
         "unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM){}",
-        reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
     )]
     UnsupportedArchitecture {
         /// As spelled in `architectures` (or `model_type`).

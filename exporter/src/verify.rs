@@ -210,7 +210,7 @@ pub fn run_onnx(
 ) -> Result<Vec<Vec<f32>>> {
     let proto = sliced_proto(src, map, widths)?;
     let mut out = Vec::new();
-    let mut plans: Vec<(usize, TypedRunnableModel)> = Vec::new();
+    let mut plans: Vec<(usize, Arc<TypedRunnableModel>)> = Vec::new();
     for p in probes {
         let len = p.len();
         if !plans.iter().any(|(l, _)| *l == len) {
