@@ -20,6 +20,7 @@ pub fn run(
     mapping: Option<PathBuf>,
     by_structure: bool,
     no_verify: bool,
+    verify_goldens: Option<PathBuf>,
     calibration: Option<PathBuf>,
     json: bool,
 ) -> Result<()> {
@@ -35,7 +36,7 @@ pub fn run(
         widths,
         config,
         strategy,
-        verify: if no_verify { None } else { Some(VerifyOptions::default()) },
+        verify: if no_verify { None } else { Some(VerifyOptions { goldens: verify_goldens, ..VerifyOptions::default() }) },
         calibration,
     };
     let report = matformer_export::export(&opts)?;
@@ -49,7 +50,7 @@ pub fn run(
     }
     match &report.verification {
         Some(v) => {
-            println!("verified against tract-onnx: {}", v.summary());
+            println!("verified against {}: {}", v.reference, v.summary());
             for c in &v.checks {
                 println!(
                     "  {:<12} probe {}  max|diff| {:.3e}  max|logit| {:.2}  relative {:.2e}  argmax {}/{}",

@@ -47,7 +47,8 @@ enum Command {
         /// Nested FFN widths for every layer, smallest first (overrides the model's metadata).
         #[arg(long, value_delimiter = ',')]
         widths: Option<Vec<u32>>,
-        /// Config JSON when the ONNX carries no `matformer_config` metadata.
+        /// Config JSON: a Hugging Face config.json or our own keys (docs/format.md). Default:
+        /// the ONNX's `matformer_config` metadata, else a config.json next to the ONNX.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Mapping file from canonical to initializer names (docs/exporter.md).
@@ -57,8 +58,13 @@ enum Command {
         #[arg(long)]
         by_structure: bool,
         /// Skip the verification against tract-onnx (not recommended).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "verify_goldens")]
         no_verify: bool,
+        /// Verify against PyTorch goldens (JSON: probes of token ids and float32 logits, see
+        /// docs/exporter.md) instead of running the ONNX graph in tract, for graphs with ops
+        /// tract lacks.
+        #[arg(long)]
+        verify_goldens: Option<PathBuf>,
         /// Calibration text: estimate every Mix'n'Match catalog entry's loss on it and store
         /// the catalog (with its Pareto frontier) in the file.
         #[arg(long)]
@@ -266,9 +272,22 @@ fn main() -> ExitCode {
             mapping,
             by_structure,
             no_verify,
+            verify_goldens,
             calibration,
             json,
-        } => export::run(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json),
+        } => export::run(
+            input,
+            output,
+            &dtype,
+            widths,
+            config,
+            mapping,
+            by_structure,
+            no_verify,
+            verify_goldens,
+            calibration,
+            json,
+        ),
         Command::Synth { preset, output, layers, dtype, seed, list } => {
             synth::run(&preset, output, layers, &dtype, seed, list)
         }

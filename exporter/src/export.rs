@@ -11,7 +11,7 @@ use matformer::format::{self, names, testing::required_tensor_specs, DType, Form
 use crate::mapping::{find_weights, Strategy, WeightMap};
 use crate::onnx_source::{SourceModel, Weight};
 use crate::progress::Progress;
-use crate::verify::{verify_against_onnx, VerifyOptions, VerifyReport};
+use crate::verify::{verify_against_goldens, verify_against_onnx, VerifyOptions, VerifyReport};
 
 /// Options of `matformer export`.
 #[derive(Clone, Debug)]
@@ -173,7 +173,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         let bytes = write_matf(&tmp, &meta, &tensors, opts.dtype)?;
         let verification = match &opts.verify {
             Some(v) => {
-                let report = verify_against_onnx(&src, &map, &tmp, v)?;
+                let report = match &v.goldens {
+                    Some(goldens) => verify_against_goldens(&tmp, goldens, v)?,
+                    None => verify_against_onnx(&src, &map, &tmp, v)?,
+                };
                 if !report.passed {
                     bail!("verification failed: {}", report.summary());
                 }

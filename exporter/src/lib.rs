@@ -12,12 +12,15 @@
 pub mod calibrate;
 pub mod eval;
 pub mod export;
+pub mod hf_config;
 pub mod mapping;
 pub mod onnx_source;
 pub mod progress;
 pub mod synth;
+pub mod tract_run;
 pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};
+pub use hf_config::{HfConfig, HfConfigError};
 pub use mapping::{NamePreset, Strategy};
 pub use verify::{Tolerance, VerifyOptions, VerifyReport};
