@@ -105,7 +105,11 @@ pub fn unsupported_ops(proto: &pb::ModelProto) -> BTreeSet<String> {
         for node in &g.node {
             let known = node.domain.is_empty() || node.domain == "ai.onnx";
             if !known || !onnx.op_register.0.contains_key(&node.op_type) {
-                let name = if node.domain.is_empty() { node.op_type.clone() } else { format!("{}:{}", node.domain, node.op_type) };
+                let name = if node.domain.is_empty() {
+                    node.op_type.clone()
+                } else {
+                    format!("{}:{}", node.domain, node.op_type)
+                };
                 missing.insert(name);
             }
             for a in &node.attribute {

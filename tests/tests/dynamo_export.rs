@@ -148,7 +148,10 @@ fn config_json_next_to_the_onnx_is_found() {
     assert!(report.verification.unwrap().passed);
     let meta = ModelFile::open(&out).unwrap().metadata().clone();
     let a = &meta.architecture;
-    assert_eq!((a.family.as_str(), a.d_model, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim), ("llama", 32, 2, 4, 2, 8));
+    assert_eq!(
+        (a.family.as_str(), a.d_model, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim),
+        ("llama", 32, 2, 4, 2, 8)
+    );
     assert_eq!((a.vocab_size, a.max_context, a.rope_theta, a.norm_eps), (260, 128, 10000.0, 1e-5));
     assert_eq!(meta.ffn_widths, vec![vec![128], vec![128]]);
     assert_eq!(meta.level_names, vec!["full".to_string()]);
@@ -159,8 +162,7 @@ fn config_json_next_to_the_onnx_is_found() {
     let e = export(&opts(&onnx, &out, None)).unwrap_err();
     assert!(format!("{e:#}").contains("--config"), "{e:#}");
     // A Hugging Face config the runtime cannot run is refused by name.
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(CONFIG)).unwrap()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(CONFIG)).unwrap()).unwrap();
     cfg["rope_parameters"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0});
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     let e = export(&opts(&onnx, &out, None)).unwrap_err();
