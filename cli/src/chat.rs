@@ -52,10 +52,9 @@ impl EngineArgs {
             // The harness keeps honouring the variable the earlier CLI read (the library
             // reads none).
             None => match std::env::var("MATFORMER_GPU_MEMORY_LIMIT") {
-                Ok(v) => Some(
-                    crate::select::parse_bytes(&v)
-                        .map_err(|e| anyhow!("MATFORMER_GPU_MEMORY_LIMIT={v:?}: {e}"))?,
-                ),
+                Ok(v) => {
+                    Some(crate::select::parse_bytes(&v).map_err(|e| anyhow!("MATFORMER_GPU_MEMORY_LIMIT={v:?}: {e}"))?)
+                }
                 Err(_) => None,
             },
         };

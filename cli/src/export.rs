@@ -36,7 +36,11 @@ pub fn run(
         widths,
         config,
         strategy,
-        verify: if no_verify { None } else { Some(VerifyOptions { goldens: verify_goldens, ..VerifyOptions::default() }) },
+        verify: if no_verify {
+            None
+        } else {
+            Some(VerifyOptions { goldens: verify_goldens, ..VerifyOptions::default() })
+        },
         calibration,
     };
     let report = matformer_export::export(&opts)?;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use matformer::cpu::{argmax, CpuEngine};
 use matformer::elastic::{DeviceBudget, MemoryPressure};
 use matformer::{
-    BackendChoice, ChatMessage, Engine, EngineOptions, Error, FinishReason, GenerateOptions, Input, ModelFile,
-    NoSink, SamplingParams, Session, SessionOptions, SinkControl, Submodel, SubmodelChoice, SwitchMode,
+    BackendChoice, ChatMessage, Engine, EngineOptions, Error, FinishReason, GenerateOptions, Input, ModelFile, NoSink,
+    SamplingParams, Session, SessionOptions, SinkControl, Submodel, SubmodelChoice, SwitchMode,
 };
 
 fn fixture() -> PathBuf {
@@ -196,10 +196,8 @@ fn bad_input_is_a_clear_error_and_the_session_stays_usable() {
             ..Default::default()
         })
         .unwrap();
-    let bad = GenerateOptions {
-        sampling: SamplingParams { temperature: -1.0, ..Default::default() },
-        ..Default::default()
-    };
+    let bad =
+        GenerateOptions { sampling: SamplingParams { temperature: -1.0, ..Default::default() }, ..Default::default() };
     let e = s.generate(Input::Text("x".into()), &bad, &mut NoSink).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
     let e = s.generate(Input::Text("x".repeat(100)), &greedy(4), &mut NoSink).unwrap_err();
@@ -208,7 +206,8 @@ fn bad_input_is_a_clear_error_and_the_session_stays_usable() {
     let truncating = GenerateOptions { truncate_prompt: true, ..greedy(4) };
     let c = s.generate(Input::Text("x".repeat(100)), &truncating, &mut NoSink).unwrap();
     assert!(c.usage.prompt_tokens <= 64);
-    let e = s.generate(Input::Text("x".into()), &GenerateOptions { stop: vec![String::new()], ..greedy(4) }, &mut NoSink);
+    let e =
+        s.generate(Input::Text("x".into()), &GenerateOptions { stop: vec![String::new()], ..greedy(4) }, &mut NoSink);
     assert!(matches!(e, Err(Error::InvalidArgument { .. })));
     let e = s.generate(Input::Chat(vec![]), &greedy(4), &mut NoSink).unwrap_err();
     assert!(e.to_string().contains("message"), "{e}");
@@ -218,7 +217,8 @@ fn bad_input_is_a_clear_error_and_the_session_stays_usable() {
         .unwrap_err();
     assert!(e.to_string().contains("huge"), "{e}");
     let nothing = DeviceBudget { available_memory_bytes: Some(1024), ..Default::default() };
-    let e = engine.session(SessionOptions { submodel: SubmodelChoice::Auto(nothing), ..Default::default() }).unwrap_err();
+    let e =
+        engine.session(SessionOptions { submodel: SubmodelChoice::Auto(nothing), ..Default::default() }).unwrap_err();
     assert!(matches!(e, Error::NothingFits(_)), "{e}");
     s.reset();
     assert!(s.generate(Input::Text("The ".into()), &greedy(4), &mut NoSink).is_ok(), "still usable");

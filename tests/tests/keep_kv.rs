@@ -38,7 +38,15 @@ struct Outcome {
 
 /// Runs `from` over `history`, switches to `to` in `mode`, then scores `next` (teacher
 /// forcing) and, separately, decodes `n_greedy` greedy tokens.
-fn run(model: &Arc<ModelFile>, from: &str, to: &str, mode: SwitchMode, history: &[u32], next: &[u32], n_greedy: usize) -> Outcome {
+fn run(
+    model: &Arc<ModelFile>,
+    from: &str,
+    to: &str,
+    mode: SwitchMode,
+    history: &[u32],
+    next: &[u32],
+    n_greedy: usize,
+) -> Outcome {
     let levels = model.view().available_levels;
     let sub = |s: &str| Submodel::parse(s, model.metadata(), levels).unwrap();
     let engine = || CpuEngine::new(Arc::clone(model)).unwrap().with_threads(1);

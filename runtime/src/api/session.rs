@@ -121,11 +121,8 @@ impl Session {
             });
         }
         let control = Control { submodel: Mutex::new(elastic.submodel().name(meta)), ..Control::default() };
-        let conversation = options
-            .system_prompt
-            .iter()
-            .map(|s| ChatMessage { role: "system".into(), content: s.clone() })
-            .collect();
+        let conversation =
+            options.system_prompt.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
         Ok(Session {
             engine,
             context_length,
@@ -461,11 +458,8 @@ impl Session {
         if let Some(e) = state.elastic.as_mut() {
             e.reset();
         }
-        state.conversation = self
-            .system_prompt
-            .iter()
-            .map(|s| ChatMessage { role: "system".into(), content: s.clone() })
-            .collect();
+        state.conversation =
+            self.system_prompt.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
         self.control.position.store(0, Ordering::SeqCst);
     }
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::backend::BackendKind;
-pub use crate::elastic::SwitchMode;
 use crate::elastic::DeviceBudget;
+pub use crate::elastic::SwitchMode;
 pub use crate::sampling::SamplingParams;
 pub use crate::tokenizer::ChatMessage;
 

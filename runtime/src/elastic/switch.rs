@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use crate::backend::{Backend, BackendError, BackendSession};
 use crate::cpu::{CpuEngine, EngineError, Session};
-use crate::sampling::Sampler;
 #[cfg(feature = "gpu")]
 use crate::gpu::{step_down_on_oom, GpuEngine, GpuError, GpuSession};
+use crate::sampling::Sampler;
 use crate::{ModelError, ModelFile, Submodel};
 
 /// How a switch moves between two submodels, compared layer by layer.

@@ -261,7 +261,7 @@ fn check_position(
     level_ends: &[u64],
     alignment: u64,
 ) -> Result<(), FormatError> {
-    if seg.offset % alignment != 0 {
+    if !seg.offset.is_multiple_of(alignment) {
         return Err(FormatError::Misaligned { tensor: name.to_string(), offset: seg.offset, alignment });
     }
     let lvl = seg.level as usize;

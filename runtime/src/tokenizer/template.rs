@@ -248,7 +248,7 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     };
     let opts = JsonOpts { indent, item_sep, key_sep, sort_keys, ensure_ascii };
     let mut out = String::new();
-    write_json(&mut out, value, &opts, 0, 0)?;
+    write_json(&mut out, value, &opts, 0)?;
     Ok(Value::from_safe_string(out))
 }
 
@@ -272,7 +272,7 @@ fn newline(out: &mut String, opts: &JsonOpts, depth: usize) {
     }
 }
 
-fn write_json(out: &mut String, v: &Value, opts: &JsonOpts, depth: usize, total: usize) -> Result<(), Error> {
+fn write_json(out: &mut String, v: &Value, opts: &JsonOpts, depth: usize) -> Result<(), Error> {
     if depth > MAX_JSON_DEPTH {
         return Err(Error::new(ErrorKind::InvalidOperation, "tojson: value nested too deeply"));
     }
@@ -303,7 +303,7 @@ fn write_json(out: &mut String, v: &Value, opts: &JsonOpts, depth: usize, total:
                     out.push_str(&opts.item_sep);
                 }
                 newline(out, opts, depth + 1);
-                write_json(out, item, opts, depth + 1, total)?;
+                write_json(out, item, opts, depth + 1)?;
             }
             newline(out, opts, depth);
             out.push(']');
@@ -331,7 +331,7 @@ fn write_json(out: &mut String, v: &Value, opts: &JsonOpts, depth: usize, total:
                 };
                 write_json_str(out, &key, opts.ensure_ascii);
                 out.push_str(&opts.key_sep);
-                write_json(out, &v.get_item(k)?, opts, depth + 1, total)?;
+                write_json(out, &v.get_item(k)?, opts, depth + 1)?;
             }
             newline(out, opts, depth);
             out.push('}');
