@@ -44,6 +44,16 @@ pub enum BackendArg {
     Gpu,
 }
 
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> BackendChoice {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Cpu => BackendChoice::Cpu,
+            BackendArg::Gpu => BackendChoice::Gpu,
+        }
+    }
+}
+
 impl EngineArgs {
     /// The engine options these flags describe.
     pub fn options(&self) -> Result<EngineOptions> {
@@ -59,11 +69,7 @@ impl EngineArgs {
             },
         };
         Ok(EngineOptions {
-            backend: match self.backend {
-                BackendArg::Auto => BackendChoice::Auto,
-                BackendArg::Cpu => BackendChoice::Cpu,
-                BackendArg::Gpu => BackendChoice::Gpu,
-            },
+            backend: self.backend.into(),
             threads: self.threads,
             gpu_memory_limit_bytes,
             cache_dir: self.cache_dir.clone().or_else(matformer::elastic::default_cache_dir),

@@ -186,7 +186,7 @@ enum Command {
         file: PathBuf,
         /// Backends to measure (repeatable).
         #[arg(long, value_enum, default_values = ["cpu"])]
-        backend: Vec<backend::BackendChoice>,
+        backend: Vec<chat::BackendArg>,
         /// Submodels to measure (repeatable; default: smallest and largest; `auto`: the entry
         /// `select` picks for the budget flags).
         #[arg(long)]
@@ -303,6 +303,7 @@ fn main() -> ExitCode {
             latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
         }
         Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, repetitions, threads, switch, json } => {
+            let backend: Vec<matformer::BackendChoice> = backend.into_iter().map(Into::into).collect();
             if switch {
                 switch_bench::run(&file, &backend, prompt_len, gen_len, threads, json)
             } else {
