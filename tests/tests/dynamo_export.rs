@@ -158,6 +158,7 @@ fn config_json_next_to_the_onnx_is_found() {
     assert_eq!((meta.tokenizer.bos_id, meta.tokenizer.eos_id), (Some(256), Some(257)));
 
     // Without it, the error says what to pass.
+    std::fs::remove_file(&out).unwrap();
     std::fs::remove_file(dir.join("config.json")).unwrap();
     let e = export(&opts(&onnx, &out, None)).unwrap_err();
     assert!(format!("{e:#}").contains("--config"), "{e:#}");
