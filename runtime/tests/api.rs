@@ -344,3 +344,52 @@ fn the_engine_exposes_catalog_selection_tokenizer_and_info() {
     assert_eq!(engine.backend().kind, matformer::BackendKind::Cpu);
     assert!(engine.backend().reason.contains("CPU"));
 }
+
+/// For the notes: time from `cancel()` to `generate` returning, over 100 cancels at varied
+/// points, and whether the next turn equals a fresh session's
+/// (`cargo test -p matformer --test api -- --ignored --nocapture`).
+#[test]
+#[ignore = "measurement for the notes"]
+fn cancel_latency_table() {
+    let engine = cpu_engine();
+    let s = Arc::new(session(&engine, "xl"));
+    let fresh = session(&engine, "xl").generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
+    let mut lat_us = Vec::new();
+    let mut steps_ms = Vec::new();
+    for i in 0..100u64 {
+        s.reset();
+        let h = s.cancel_handle();
+        let delay = Duration::from_micros(200 + (i * 7919) % 5000);
+        let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let at = Instant::now();
+            h.cancel();
+            tx.send(at).unwrap();
+        });
+        let c = s.generate(Input::Text("The ".into()), &greedy(200), &mut NoSink).unwrap();
+        let back = Instant::now();
+        t.join().unwrap();
+        let at = rx.recv().unwrap();
+        if c.finish_reason == FinishReason::Cancelled {
+            lat_us.push(back.duration_since(at).as_secs_f64() * 1e6);
+            if c.usage.completion_tokens > 1 {
+                steps_ms.push(c.stats.decode_ms / (c.usage.completion_tokens - 1) as f64);
+            }
+        }
+        s.reset();
+        let next = s.generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
+        assert_eq!(next.token_ids, fresh.token_ids, "the turn after a cancel equals a fresh session's");
+    }
+    lat_us.sort_by(f64::total_cmp);
+    steps_ms.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p) as usize];
+    println!(
+        "cancelled {} of 100; cancel -> return: median {:.1} us, p90 {:.1} us, max {:.1} us; decode step median {:.3} ms",
+        lat_us.len(),
+        pct(&lat_us, 0.5),
+        pct(&lat_us, 0.9),
+        lat_us.last().copied().unwrap_or(0.0),
+        if steps_ms.is_empty() { 0.0 } else { pct(&steps_ms, 0.5) }
+    );
+}
