@@ -5,7 +5,7 @@
 //! greedy continuations with the exact switch's.
 //!
 //! The checked test holds keep-KV to a bounded cost; the ignored one prints the table for the
-//! notes (`cargo test -p matformer-tests --test keep_kv -- --ignored --nocapture`).
+//! notes (`cargo test -p matformer --test keep_kv -- --ignored --nocapture`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,12 +14,16 @@ use matformer::cpu::{argmax, CpuEngine};
 use matformer::elastic::{ElasticSession, SwitchMode};
 use matformer::{ModelFile, Submodel};
 
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
 fn model() -> Arc<ModelFile> {
-    Arc::new(ModelFile::open(matformer_tests::fixture("matlm.matf")).unwrap())
+    Arc::new(ModelFile::open(fixture("matlm.matf")).unwrap())
 }
 
 fn heldout() -> Vec<u32> {
-    let text = std::fs::read(matformer_tests::fixture("heldout.txt")).unwrap();
+    let text = std::fs::read(fixture("heldout.txt")).unwrap();
     text.into_iter().map(u32::from).collect()
 }
 
