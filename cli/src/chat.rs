@@ -205,13 +205,17 @@ pub struct ChatArgs {
 
 /// `matformer chat`.
 pub fn run(args: &ChatArgs) -> Result<()> {
-    let engine = open_engine(&args.file, &args.engine, false)?;
+    let engine = open_engine(&args.file, &args.engine, true)?;
     let session = engine.session(SessionOptions {
         submodel: submodel_choice(&args.submodel, &args.budget)?,
         context_length: args.context,
         system_prompt: args.system.clone(),
         switch_mode: args.switch_mode.into(),
     })?;
+    if !args.json {
+        let b = engine.backend();
+        eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
+    }
     let options = args.sampling.options(args.max_tokens);
     if !args.json {
         eprintln!("submodel: {} ({} tokens of context)", session.submodel(), session.context_length());

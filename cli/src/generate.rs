@@ -77,13 +77,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let open_ms = started.elapsed().as_secs_f64() * 1e3;
     let resident_after_open = crate::switch_bench::mapping_resident_bytes(&args.file);
     let engine = Engine::from_model(Arc::clone(&model), args.engine.options()?)?;
-    let b = engine.backend();
-    eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
     let session = engine.session(SessionOptions {
         submodel: submodel_choice(&args.submodel, &args.budget)?,
         context_length: args.budget.context.map(|c| c as usize),
         ..SessionOptions::default()
     })?;
+    // After the session: a bad submodel is then the only line on stderr.
+    let b = engine.backend();
+    eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
     let load_ms = started.elapsed().as_secs_f64() * 1e3 - open_ms;
     let options = args.sampling.options(args.max_tokens);
     let mut stdout = std::io::stdout();
