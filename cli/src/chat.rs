@@ -186,9 +186,6 @@ pub struct ChatArgs {
     /// for the budget flags).
     #[arg(long, default_value = "largest")]
     pub submodel: String,
-    /// Context length of the session, tokens (default: the model's).
-    #[arg(long)]
-    pub context: Option<usize>,
     /// How a change of submodel treats the KV cache.
     #[arg(long, value_enum, default_value = "exact")]
     pub switch_mode: SwitchModeArg,
@@ -208,7 +205,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let engine = open_engine(&args.file, &args.engine, true)?;
     let session = engine.session(SessionOptions {
         submodel: submodel_choice(&args.submodel, &args.budget)?,
-        context_length: args.context,
+        context_length: args.budget.context.map(|c| c as usize),
         system_prompt: args.system.clone(),
         switch_mode: args.switch_mode.into(),
     })?;
