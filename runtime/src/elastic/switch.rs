@@ -355,11 +355,6 @@ impl ElasticSession {
         &self.history
     }
 
-    /// The logits after the last token fed, when the last call returned them.
-    pub fn last_logits(&self) -> Option<&[f32]> {
-        self.last_logits.as_deref()
-    }
-
     /// The CPU engine, when running on it.
     pub fn cpu_engine(&self) -> Option<&CpuEngine> {
         self.backend.cpu()
@@ -380,19 +375,6 @@ impl ElasticSession {
     #[cfg(feature = "gpu")]
     pub fn gpu_session(&self) -> Option<&GpuSession> {
         self.session.gpu()
-    }
-
-    /// The GPU session, mutably (candidate sampling, counters).
-    #[cfg(feature = "gpu")]
-    pub fn gpu_session_mut(&mut self) -> Option<&mut GpuSession> {
-        self.session.gpu_mut()
-    }
-
-    /// Records tokens fed to the backend session directly (through
-    /// [`gpu_session_mut`](Self::gpu_session_mut)), so the history stays that of the cache.
-    pub fn note_fed(&mut self, tokens: &[u32]) {
-        self.history.extend_from_slice(tokens);
-        self.last_logits = None;
     }
 
     /// Switches to `submodel` at the current token boundary and re-prefills the KV cache from
