@@ -65,13 +65,16 @@ mod device;
 mod engine;
 mod ffn_store;
 mod ops;
+mod plan;
 mod probe;
+mod session;
 mod weights;
 
 pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
-pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, StepCounters};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
 pub use probe::{OpRunner, WeightFormat, WEIGHT_PATH_ENV};
+pub use session::{GpuSession, GpuSwitch};
 
 use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};
