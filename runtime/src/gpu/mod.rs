@@ -66,13 +66,16 @@ mod engine;
 mod ffn_store;
 mod op_runner;
 mod ops;
+mod plan;
+mod session;
 mod weight_path;
 mod weights;
 
 pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
-pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, StepCounters};
 pub use op_runner::{OpRunner, WeightFormat};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
+pub use session::{GpuSession, GpuSwitch};
 pub use weight_path::WEIGHT_PATH_ENV;
 
 use crate::cpu::Tolerance;
