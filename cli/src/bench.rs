@@ -274,9 +274,7 @@ pub fn bench(
         let read_bandwidth = || -> Result<f64> {
             Ok(match &engine {
                 Backend::Cpu(_) => crate::calibrate::cpu_read_bandwidth(n_threads),
-                Backend::Gpu(g) => {
-                    matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.read_bandwidth(128 << 20, 8)?
-                }
+                Backend::Gpu(g) => matformer::gpu::OpRunner::for_engine(g)?.read_bandwidth(128 << 20, 8)?,
             })
         };
         let read_before = read_bandwidth()?;
@@ -289,7 +287,7 @@ pub fn bench(
                 ),
             ),
             Backend::Gpu(g) => (
-                matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.fma_throughput(2048, 4)?,
+                matformer::gpu::OpRunner::for_engine(g)?.fma_throughput(2048, 4)?,
                 "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
                     .into(),
             ),
@@ -307,7 +305,7 @@ pub fn bench(
                 matformer::elastic::cpu_probe::measure_kernels(c, &opts)?
             }
             Backend::Gpu(g) => {
-                let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
+                let runner = matformer::gpu::OpRunner::for_engine(g)?;
                 let mut t = matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?;
                 time_gpu_small_classes(&runner, &meta, &mut t)?;
                 t

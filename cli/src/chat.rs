@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use matformer::{
-    BackendChoice, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, GenerateOptions, Input,
+    BackendChoice, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, GenerateOptions, GpuTuning, Input,
     SamplingParams, Session, SessionOptions, SinkControl, SubmodelChoice, SwitchMode,
 };
 
@@ -72,10 +72,28 @@ impl EngineArgs {
             backend: self.backend.into(),
             threads: self.threads,
             gpu_memory_limit_bytes,
-            cache_dir: self.cache_dir.clone().or_else(matformer::elastic::default_cache_dir),
+            cache_dir: self.cache_dir.clone().or_else(crate::latency::default_cache_dir),
             verify: false,
+            gpu_tuning: gpu_tuning_from_env()?,
         })
     }
+}
+
+/// GPU kernel overrides from the harness's tuning variables (the library reads none):
+/// `MATFORMER_GPU_WEIGHT_PATH` (packed, f16 or packed64), `MATFORMER_GEMV_ROWS` (a power of two,
+/// 1 to 64), `MATFORMER_GEMV_RPT` (1, 2 or 4), `MATFORMER_SUBGROUP_GEMV=0`. The engine rejects
+/// invalid values with an error naming them.
+pub fn gpu_tuning_from_env() -> Result<GpuTuning> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let number = |name: &str| -> Result<Option<u32>> {
+        var(name).map(|v| v.trim().parse::<u32>().map_err(|_| anyhow!("{name}={v:?} is not a number"))).transpose()
+    };
+    Ok(GpuTuning {
+        weight_path: var("MATFORMER_GPU_WEIGHT_PATH").map(|v| v.trim().to_string()),
+        gemv_rows: number("MATFORMER_GEMV_ROWS")?,
+        gemv_rows_per_thread: number("MATFORMER_GEMV_RPT")?,
+        subgroup_gemv: var("MATFORMER_SUBGROUP_GEMV").map(|v| v.trim() != "0"),
+    })
 }
 
 /// Sampling and stop flags.

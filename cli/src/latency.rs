@@ -11,12 +11,22 @@ use anyhow::{anyhow, Context, Result};
 use matformer::cpu::CpuEngine;
 use matformer::elastic::latency_calibrate::{self, LatencyCalibrationOptions};
 use matformer::elastic::{
-    default_cache_path, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, KernelClass, LatencyModel,
-    ShapeFingerprint,
+    cache_file, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, KernelClass, LatencyModel, ShapeFingerprint,
 };
 use matformer::gpu::{GpuEngine, GpuOptions, OpRunner};
 use matformer::ModelFile;
 use serde::Serialize;
+
+/// The CLI's cost-model cache directory: `$XDG_CACHE_HOME/matformer`, else
+/// `$HOME/.cache/matformer`; `None` when neither variable is set to an absolute path (the
+/// library reads no environment variables; the harness does).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").and_then(abs) {
+        return Some(dir.join("matformer"));
+    }
+    std::env::var_os("HOME").and_then(abs).map(|h| h.join(".cache").join("matformer"))
+}
 
 /// Backend a cost model is measured on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -99,7 +109,7 @@ fn device_of(args: &CostArgs) -> Result<DeviceId> {
 pub fn obtain(model: &Arc<ModelFile>, args: &CostArgs) -> Result<Obtained> {
     let shape = ShapeFingerprint::of(model);
     let device = device_of(args)?;
-    let cache_path = args.cost_cache.clone().or_else(|| default_cache_path(&device, &shape));
+    let cache_path = args.cost_cache.clone().or_else(|| default_cache_dir().map(|d| cache_file(&d, &device, &shape)));
     let cache_miss = match &cache_path {
         None => "no cache directory ($XDG_CACHE_HOME and $HOME unset)".to_string(),
         Some(_) if args.refit => "--refit".to_string(),
@@ -223,7 +233,7 @@ fn measured_roofline(obtained: &Obtained, threads: usize) -> Result<LatencyModel
             (crate::calibrate::cpu_read_bandwidth(threads), crate::calibrate::cpu_multiply_add_gflops(threads))
         }
         CostEngine::Gpu(g) => {
-            let runner = OpRunner::new(Some(&g.adapter().name))?;
+            let runner = OpRunner::for_engine(g)?;
             (runner.read_bandwidth(128 << 20, 8)?, runner.fma_throughput(2048, 4)?)
         }
         CostEngine::None => return Err(anyhow!("internal: no engine to measure the roofline on")),

@@ -35,8 +35,8 @@ pub mod tokenizer;
 
 pub use api::{
     BackendChoice, BackendInfo, BackendKind, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, Error,
-    FinishReason, GenerateOptions, Input, ModelInfo, NoSink, SamplingParams, Session, SessionOptions, SinkControl,
-    Stats, SubmodelChoice, SwitchEvent, SwitchMode, TokenSink, Usage,
+    FinishReason, GenerateOptions, GpuTuning, Input, ModelInfo, NoSink, SamplingParams, Session, SessionOptions,
+    SinkControl, Stats, SubmodelChoice, SwitchEvent, SwitchMode, TokenSink, Usage,
 };
 pub use model::{ModelError, ModelFile};
 pub use submodel::{Submodel, SubmodelError};

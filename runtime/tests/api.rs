@@ -346,14 +346,25 @@ fn the_engine_exposes_catalog_selection_tokenizer_and_info() {
 }
 
 /// For the notes: time from `cancel()` to `generate` returning, over 100 cancels at varied
-/// points, and whether the next turn equals a fresh session's
+/// points, and whether the next turn equals a fresh session's, on the CPU engine
 /// (`cargo test -p matformer --test api -- --ignored --nocapture`).
 #[test]
 #[ignore = "measurement for the notes"]
 fn cancel_latency_table() {
-    let engine = cpu_engine();
-    let s = Arc::new(session(&engine, "xl"));
-    let fresh = session(&engine, "xl").generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
+    cancel_table(&cpu_engine(), "cpu");
+}
+
+/// [`cancel_latency_table`] on the GPU engine (lavapipe here).
+#[test]
+#[ignore = "measurement for the notes"]
+fn cancel_latency_table_gpu() {
+    let engine = Engine::open(fixture(), EngineOptions { backend: BackendChoice::Gpu, ..Default::default() }).unwrap();
+    cancel_table(&engine, &engine.backend().device);
+}
+
+fn cancel_table(engine: &Engine, label: &str) {
+    let s = Arc::new(session(engine, "xl"));
+    let fresh = session(engine, "xl").generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
     let mut lat_us = Vec::new();
     let mut steps_ms = Vec::new();
     for i in 0..100u64 {
@@ -385,11 +396,49 @@ fn cancel_latency_table() {
     steps_ms.sort_by(f64::total_cmp);
     let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p) as usize];
     println!(
-        "cancelled {} of 100; cancel -> return: median {:.1} us, p90 {:.1} us, max {:.1} us; decode step median {:.3} ms",
+        "{label}: cancelled {} of 100; cancel -> return: median {:.1} us, p90 {:.1} us, max {:.1} us; decode step median {:.3} ms",
         lat_us.len(),
         pct(&lat_us, 0.5),
         pct(&lat_us, 0.9),
         lat_us.last().copied().unwrap_or(0.0),
         if steps_ms.is_empty() { 0.0 } else { pct(&steps_ms, 0.5) }
+    );
+}
+
+/// For the notes: the process's peak resident memory with `MATFORMER_RSS_SESSIONS` sessions
+/// (default 1) on the file `MATFORMER_RSS_FILE` (a no-op without it), each holding a
+/// 1,024-token KV cache and having generated 16 tokens; run once per count, each in its own
+/// process (`cargo test --release -p matformer --test api rss_sessions -- --ignored --nocapture`).
+/// Sessions share the mapped weights, so N sessions should cost the weights once plus N caches.
+#[test]
+#[ignore = "measurement for the notes"]
+fn rss_sessions() {
+    let Some(path) = std::env::var_os("MATFORMER_RSS_FILE") else { return };
+    let n: usize = std::env::var("MATFORMER_RSS_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let status = |key: &str| -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with(key)).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    };
+    let engine = Engine::open(&path, EngineOptions { backend: BackendChoice::Cpu, ..Default::default() }).unwrap();
+    let before = status("VmRSS:");
+    let sessions: Vec<Session> = (0..n)
+        .map(|_| {
+            engine
+                .session(SessionOptions {
+                    submodel: SubmodelChoice::Named("xl".into()),
+                    context_length: Some(1024),
+                    ..Default::default()
+                })
+                .unwrap()
+        })
+        .collect();
+    for s in &sessions {
+        s.generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
+    }
+    println!(
+        "{n} session(s): RSS after open {before} MiB, peak {} MiB, now {} MiB",
+        status("VmHWM:"),
+        status("VmRSS:")
     );
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use matformer::cpu::{self, CpuEngine, Tolerance};
 use matformer::format::testing::{synthetic_file, synthetic_metadata};
 use matformer::format::{Activation, DType, Metadata, NormKind};
-use matformer::gpu::{forward_tolerance, GpuEngine, GpuError, GpuOptions, WeightPath, WEIGHT_PATH_ENV};
+use matformer::gpu::{forward_tolerance, GpuEngine, GpuError, GpuOptions, WeightPath};
 use matformer::{ModelFile, Submodel};
 
 /// The engine, or `None` (after printing why) when there is no adapter outside CI.
@@ -177,61 +177,56 @@ fn bundled_model_matches_cpu_when_present() {
     check_greedy(&model, &gpu, &Submodel::largest(&meta, model.view().available_levels), &tokens, 16);
 }
 
-/// The engine on every weight path the adapter runs besides the one chosen by default
-/// (native f16 with `SHADER_F16`, packed64 with `SHADER_INT64`, packed): runs
-/// [`forced_path_child`] in a child process of this test binary per path with
-/// `MATFORMER_GPU_WEIGHT_PATH` set (an environment variable is process-wide, so setting it
-/// here would race with the other tests).
+/// The engine on every weight path the adapter runs (native f16 with `SHADER_F16`, packed64
+/// with `SHADER_INT64`, packed), forced through [`GpuOptions::weight_path`]: logits of every
+/// level and a Mix'n'Match submodel within the path's tier and identical greedy continuations,
+/// on an f16 file (and an f32 file, which runs the packed kernels' f32 variant whatever the
+/// path).
 #[test]
 fn gpu_matches_cpu_on_every_weight_path() {
-    if std::env::var_os(WEIGHT_PATH_ENV).is_some() {
-        println!("skipping: {WEIGHT_PATH_ENV} is set for this whole run");
-        return;
-    }
     let Some(runner) = gpu_common::or_skip(matformer::gpu::OpRunner::new(None), "GPU op runner") else { return };
     let paths = runner.available_weight_paths();
     drop(runner);
-    let exe = std::env::current_exe().expect("test binary path");
+    let meta = gated_meta();
+    let model16 = model(&meta, DType::F16, 7);
+    let plain = plain_meta();
+    let model32 = model(&plain, DType::F32, 3);
     for path in paths {
-        let out = std::process::Command::new(&exe)
-            .args(["forced_path_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(WEIGHT_PATH_ENV, path.name())
-            .output()
-            .expect("runs the test binary");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{path} path child failed:\n{stdout}\n{stderr}");
-        assert!(stdout.contains("1 passed"), "the {path} child did not run the test:\n{stdout}");
-        let ran = format!("ran on the {path} path");
-        assert!(stdout.contains(&ran), "the child did not run on the {path} path:\n{stdout}");
+        let forced = GpuOptions { weight_path: Some(path), ..GpuOptions::default() };
+        let Some(gpu) = engine_or_skip(&model16, forced.clone()) else { return };
+        assert_eq!(gpu.adapter().weight_path, path.name(), "{}", gpu.adapter().weight_path_reason);
+        gpu.self_check().expect("self-check on the forced path");
+        let tokens = prompt(23, 300);
+        for level in 0..4u8 {
+            check_logits(&model16, &gpu, &Submodel::uniform(level, 3), &tokens, Tolerance::FORWARD_F32);
+        }
+        let mix = Submodel::parse("0,3,1", &meta, 4).expect("mix");
+        check_logits(&model16, &gpu, &mix, &tokens, Tolerance::FORWARD_F32);
+        check_greedy(&model16, &gpu, &mix, &tokens[..9], 12);
+        check_greedy(&model16, &gpu, &Submodel::uniform(3, 3), &tokens[..5], 12);
+        let Some(gpu32) = engine_or_skip(&model32, forced) else { return };
+        for level in 0..3u8 {
+            check_logits(&model32, &gpu32, &Submodel::uniform(level, 2), &prompt(17, 261), Tolerance::FORWARD_F32);
+        }
+        println!("ran on the {path} path");
     }
 }
 
-/// Run by [`gpu_matches_cpu_on_every_weight_path`]: with `MATFORMER_GPU_WEIGHT_PATH` set, the
-/// engine runs that path; logits of every level and a Mix'n'Match submodel within the path's
-/// tier and identical greedy continuations, on an f16 file (and an f32 file, which runs the
-/// packed kernels' f32 variant whatever the path); a no-op without the variable.
+/// Invalid tuning values are errors naming the value, never a silent default.
 #[test]
-fn forced_path_child() {
-    let Some(path) = std::env::var(WEIGHT_PATH_ENV).ok().and_then(|v| WeightPath::parse(&v)) else { return };
-    let meta = gated_meta();
-    let model16 = model(&meta, DType::F16, 7);
-    let Some(gpu) = engine_or_skip(&model16, GpuOptions::default()) else { return };
-    assert_eq!(gpu.adapter().weight_path, path.name(), "{}", gpu.adapter().weight_path_reason);
-    gpu.self_check().expect("self-check on the forced path");
-    let tokens = prompt(23, 300);
-    for level in 0..4u8 {
-        check_logits(&model16, &gpu, &Submodel::uniform(level, 3), &tokens, Tolerance::FORWARD_F32);
+fn invalid_gpu_tuning_is_an_error() {
+    if gpu_common::or_skip(matformer::gpu::OpRunner::new(None), "GPU op runner").is_none() {
+        return;
     }
-    let mix = Submodel::parse("0,3,1", &meta, 4).expect("mix");
-    check_logits(&model16, &gpu, &mix, &tokens, Tolerance::FORWARD_F32);
-    check_greedy(&model16, &gpu, &mix, &tokens[..9], 12);
-    check_greedy(&model16, &gpu, &Submodel::uniform(3, 3), &tokens[..5], 12);
-    let plain = plain_meta();
-    let model32 = model(&plain, DType::F32, 3);
-    let Some(gpu32) = engine_or_skip(&model32, GpuOptions::default()) else { return };
-    for level in 0..3u8 {
-        check_logits(&model32, &gpu32, &Submodel::uniform(level, 2), &prompt(17, 261), Tolerance::FORWARD_F32);
+    let meta = plain_meta();
+    let model32 = model(&meta, DType::F32, 3);
+    for opts in [
+        GpuOptions { gemv_rows: Some(3), ..GpuOptions::default() },
+        GpuOptions { gemv_rows_per_thread: Some(3), ..GpuOptions::default() },
+    ] {
+        match GpuEngine::new(Arc::clone(&model32), opts.clone()) {
+            Ok(_) => panic!("{opts:?} was accepted"),
+            Err(e) => assert!(e.to_string().contains('3'), "{e}"),
+        }
     }
-    println!("ran on the {path} path");
 }

@@ -5,7 +5,10 @@
 //! greedy continuations with the exact switch's.
 //!
 //! The checked test holds keep-KV to a bounded cost; the ignored one prints the table for the
-//! notes (`cargo test -p matformer --test keep_kv -- --ignored --nocapture`).
+//! notes (`cargo test -p matformer --test keep_kv -- --ignored --nocapture`); with
+//! `MATFORMER_KEEPKV_FILE` naming a nested real model (`matformer import --nest`), the same
+//! table at 1,000 tokens of history on that model, text from `tests/fixtures/heldout.txt`
+//! tokenized by the model's own tokenizer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,7 +44,8 @@ struct Outcome {
 }
 
 /// Runs `from` over `history`, switches to `to` in `mode`, then scores `next` (teacher
-/// forcing) and, separately, decodes `n_greedy` greedy tokens.
+/// forcing) and, separately, decodes `n_greedy` greedy tokens, on `threads` CPU threads.
+#[allow(clippy::too_many_arguments)]
 fn run(
     model: &Arc<ModelFile>,
     from: &str,
@@ -50,10 +54,11 @@ fn run(
     history: &[u32],
     next: &[u32],
     n_greedy: usize,
+    threads: usize,
 ) -> Outcome {
     let levels = model.view().available_levels;
     let sub = |s: &str| Submodel::parse(s, model.metadata(), levels).unwrap();
-    let engine = || CpuEngine::new(Arc::clone(model)).unwrap().with_threads(1);
+    let engine = || CpuEngine::new(Arc::clone(model)).unwrap().with_threads(threads);
     let start = |mode| {
         let mut s = ElasticSession::new(engine(), &sub(from)).unwrap();
         s.prefill(history).unwrap();
@@ -86,8 +91,8 @@ fn keep_kv_costs_little_loss_on_the_bundled_model() {
     let model = model();
     let text = heldout();
     let (history, next) = (&text[..128], &text[128..160]);
-    let exact = run(&model, "xl", "s", SwitchMode::Exact, history, next, 16);
-    let keep = run(&model, "xl", "s", SwitchMode::KeepKv, history, next, 16);
+    let exact = run(&model, "xl", "s", SwitchMode::Exact, history, next, 16, 1);
+    let keep = run(&model, "xl", "s", SwitchMode::KeepKv, history, next, 16, 1);
     // Nested submodels are trained to agree: continuing on the larger one's cache must not be
     // much worse than the exact switch (the bundled model's s and xl differ by 0.03 nats per
     // byte in loss; allow ten times that).
@@ -112,8 +117,8 @@ fn keep_kv_against_exact_table() {
                 let off = w * 1000;
                 let history = &text[off..off + h];
                 let next = &text[off + h..off + h + 32];
-                let e = run(&model, from, to, SwitchMode::Exact, history, next, 32);
-                let k = run(&model, from, to, SwitchMode::KeepKv, history, next, 32);
+                let e = run(&model, from, to, SwitchMode::Exact, history, next, 32, 1);
+                let k = run(&model, from, to, SwitchMode::KeepKv, history, next, 32, 1);
                 losses.0 += e.loss;
                 losses.1 += k.loss;
                 agree += agreement(&e.greedy, &k.greedy);
@@ -123,6 +128,48 @@ fn keep_kv_against_exact_table() {
             let n = windows as f64;
             println!(
                 "| {from} -> {to} | {h} | {:.4} | {:.4} | {:.1} | {:.3} | {:.4} |",
+                losses.0 / n,
+                losses.1 / n,
+                agree as f64 / n,
+                ms.0 / n,
+                ms.1 / n
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "measurement for the notes"]
+fn keep_kv_against_exact_real_model() {
+    let Some(path) = std::env::var_os("MATFORMER_KEEPKV_FILE") else { return };
+    let model = Arc::new(ModelFile::open(&path).unwrap());
+    let tok = matformer::tokenizer::Tokenizer::from_model(&model).unwrap();
+    let text = tok.encode(&String::from_utf8(std::fs::read(fixture("heldout.txt")).unwrap()).unwrap(), false).unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let names: Vec<String> = model.metadata().level_names.clone();
+    let (small, large) = (names[0].as_str(), names[names.len() - 1].as_str());
+    println!("{} tokens of held-out text; levels {names:?}", text.len());
+    println!("| switch | history | exact loss | keep-KV loss | greedy agreement (of 32) | exact switch ms | keep-KV switch ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for (from, to) in [(large, small), (small, large)] {
+        for h in [256usize, 1000] {
+            let windows = 2;
+            let (mut losses, mut agree, mut ms) = ((0.0, 0.0), 0, (0.0, 0.0));
+            for w in 0..windows {
+                let off = w * 2000;
+                let history = &text[off..off + h];
+                let next = &text[off + h..off + h + 32];
+                let e = run(&model, from, to, SwitchMode::Exact, history, next, 32, threads);
+                let k = run(&model, from, to, SwitchMode::KeepKv, history, next, 32, threads);
+                losses.0 += e.loss;
+                losses.1 += k.loss;
+                agree += agreement(&e.greedy, &k.greedy);
+                ms.0 += e.switch_ms;
+                ms.1 += k.switch_ms;
+            }
+            let n = windows as f64;
+            println!(
+                "| {from} -> {to} | {h} | {:.4} | {:.4} | {:.1} | {:.1} | {:.4} |",
                 losses.0 / n,
                 losses.1 / n,
                 agree as f64 / n,

@@ -1,7 +1,7 @@
 //! [`Engine`]: one opened model file on one backend, shared by any number of sessions.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -222,7 +222,7 @@ impl Engine {
             #[cfg(feature = "gpu")]
             Backend::Gpu(e) => elastic::latency_calibrate::gpu_device_id(e.adapter()),
         };
-        let path = self.inner.options.cache_dir.as_ref().map(|d| cache_file(d, &device, &shape));
+        let path = self.inner.options.cache_dir.as_ref().map(|d| elastic::cache_file(d, &device, &shape));
         if let Some(p) = &path {
             if let Ok(m) = DeviceCostModel::load(p, &device, &shape) {
                 *slot = Some(m.clone());
@@ -247,12 +247,6 @@ impl Engine {
     }
 }
 
-/// `cost-<backend>-<key>.json` in `dir`.
-fn cache_file(dir: &Path, device: &elastic::DeviceId, shape: &elastic::ShapeFingerprint) -> PathBuf {
-    let backend: String = device.backend.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    dir.join(format!("cost-{backend}-{}.json", shape.cache_key(device)))
-}
-
 /// The backend `options` asks for, with the reason.
 fn choose_backend(model: &Arc<ModelFile>, options: &EngineOptions) -> Result<(Backend, BackendInfo), Error> {
     let cpu = |reason: String| -> Result<(Backend, BackendInfo), Error> {
@@ -271,7 +265,7 @@ fn choose_backend(model: &Arc<ModelFile>, options: &EngineOptions) -> Result<(Ba
         BackendChoice::Auto => cpu("this build has no GPU backend".into()),
         #[cfg(feature = "gpu")]
         BackendChoice::Gpu => {
-            let g = crate::gpu::GpuEngine::new(Arc::clone(model), gpu_options(options))
+            let g = crate::gpu::GpuEngine::new(Arc::clone(model), gpu_options(options)?)
                 .map_err(crate::backend::BackendError::from)?;
             let a = g.adapter();
             let device = format!("{} ({})", a.name, a.backend);
@@ -292,7 +286,7 @@ fn choose_backend(model: &Arc<ModelFile>, options: &EngineOptions) -> Result<(Ba
                     )
                 });
             }
-            match crate::gpu::GpuEngine::new(Arc::clone(model), gpu_options(options))
+            match crate::gpu::GpuEngine::new(Arc::clone(model), gpu_options(options)?)
                 .and_then(|g| g.self_check().map(|()| g))
             {
                 Ok(g) => {
@@ -308,8 +302,22 @@ fn choose_backend(model: &Arc<ModelFile>, options: &EngineOptions) -> Result<(Ba
 }
 
 #[cfg(feature = "gpu")]
-fn gpu_options(options: &EngineOptions) -> crate::gpu::GpuOptions {
-    crate::gpu::GpuOptions { memory_limit_bytes: options.gpu_memory_limit_bytes, ..Default::default() }
+fn gpu_options(options: &EngineOptions) -> Result<crate::gpu::GpuOptions, Error> {
+    let t = &options.gpu_tuning;
+    let weight_path = match &t.weight_path {
+        None => None,
+        Some(name) => Some(crate::gpu::WeightPath::parse(name).ok_or_else(|| {
+            Error::invalid(format!("GPU weight path {name:?}: expected \"packed\", \"f16\" or \"packed64\""))
+        })?),
+    };
+    Ok(crate::gpu::GpuOptions {
+        memory_limit_bytes: options.gpu_memory_limit_bytes,
+        weight_path,
+        gemv_rows: t.gemv_rows,
+        gemv_rows_per_thread: t.gemv_rows_per_thread,
+        subgroup_gemv: t.subgroup_gemv.unwrap_or(true),
+        ..Default::default()
+    })
 }
 
 const _: () = {

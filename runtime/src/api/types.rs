@@ -44,6 +44,25 @@ pub struct EngineOptions {
     /// Check every segment's CRC at open (reads the whole file once; default off: open reads
     /// only the header).
     pub verify: bool,
+    /// GPU kernel overrides for tuning on a new device (default: none, the engine chooses).
+    pub gpu_tuning: GpuTuning,
+}
+
+/// Overrides of the GPU engine's kernel choices, for tuning on a new device; each `None` keeps
+/// the engine's own choice. Invalid values make [`Engine::open`](super::Engine::open) fail with
+/// [`Error::InvalidArgument`](super::Error::InvalidArgument) (or a backend error naming the value).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GpuTuning {
+    /// Weight path of the matrix products: `"packed"`, `"f16"` or `"packed64"` (`None`: the
+    /// fastest the adapter runs, timed at start-up).
+    pub weight_path: Option<String>,
+    /// Output rows per workgroup of the decode GEMV (a power of two, 1 to 64).
+    pub gemv_rows: Option<u32>,
+    /// Rows per thread of the packed decode GEMV (1, 2 or 4).
+    pub gemv_rows_per_thread: Option<u32>,
+    /// `Some(false)` turns the subgroup decode GEMV off.
+    pub subgroup_gemv: Option<bool>,
 }
 
 /// What the engine runs on and why.

@@ -38,8 +38,9 @@
 //!
 //! A model is stored as one small JSON file keyed by the device ([`DeviceId`]: CPU model name
 //! and thread count, or GPU adapter name and driver) and the model's shape
-//! ([`ShapeFingerprint`]: dimensions, widths and dtype, never the file path), by default
-//! `$XDG_CACHE_HOME/matformer/cost-<backend>-<key>.json` (fallback `~/.cache/matformer/`).
+//! ([`ShapeFingerprint`]: dimensions, widths and dtype, never the file path), named
+//! `cost-<backend>-<key>.json` ([`cache_file`]) in a directory the caller chooses (the library
+//! reads no environment variables; the CLI uses `$XDG_CACHE_HOME/matformer`).
 //! [`DeviceCostModel::load`] refuses (with a [`CacheMiss`] reason, never a panic) a missing,
 //! unreadable, corrupt, older-schema or mismatching file; the caller recalibrates and
 //! overwrites it.
@@ -693,21 +694,10 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// The cache directory: `$XDG_CACHE_HOME/matformer`, else `$HOME/.cache/matformer`; `None`
-/// when neither variable is set to an absolute path.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    let abs = |v: std::ffi::OsString| Some(PathBuf::from(v)).filter(|p| p.is_absolute());
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").and_then(abs) {
-        return Some(dir.join("matformer"));
-    }
-    std::env::var_os("HOME").and_then(abs).map(|h| h.join(".cache").join("matformer"))
-}
-
-/// The default cache file of (`device`, `shape`): `cost-<backend>-<key>.json` in
-/// [`default_cache_dir`].
-pub fn default_cache_path(device: &DeviceId, shape: &ShapeFingerprint) -> Option<PathBuf> {
+/// The cost-model cache file of (`device`, `shape`) in `dir`: `cost-<backend>-<key>.json`.
+pub fn cache_file(dir: &Path, device: &DeviceId, shape: &ShapeFingerprint) -> PathBuf {
     let backend: String = device.backend.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    default_cache_dir().map(|d| d.join(format!("cost-{backend}-{}.json", shape.cache_key(device))))
+    dir.join(format!("cost-{backend}-{}.json", shape.cache_key(device)))
 }
 
 #[cfg(test)]

@@ -326,7 +326,7 @@ mod gpu {
         let model = engine.model();
         let shape = ShapeFingerprint::of(model);
         let mut kernels = {
-            let runner = OpRunner::new(Some(&engine.adapter().name)).map_err(gpu_err)?;
+            let runner = OpRunner::for_engine(engine).map_err(gpu_err)?;
             measure_gpu_gemv_classes(&runner, &shape)?
         };
         let uniform = super::uniform_levels(model);

@@ -40,8 +40,8 @@ pub use catalog::{
     CATALOG_SCHEMA, MAX_ENUMERATED_CONFIGS,
 };
 pub use latency::{
-    default_cache_dir, default_cache_path, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, FitRun,
-    KernelClass, KernelTimings, ShapeFingerprint, WidthCost, COST_MODEL_SCHEMA,
+    cache_file, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, FitRun, KernelClass, KernelTimings,
+    ShapeFingerprint, WidthCost, COST_MODEL_SCHEMA,
 };
 pub use policy::{Footprint, LatencyEstimator, LatencyModel, Policy};
 pub use select::{assess_all, limits, select, Assessment, Constraint, Limits, Plan, SelectError};

@@ -111,7 +111,7 @@ pub fn list_adapters() -> Vec<AdapterReport> {
 
 /// Every adapter as [`list_adapters`] reports it, plus the weight-path choice an engine would
 /// make on it: opens a device on each adapter and times the decode GEMV on every available
-/// path (see [`GpuOptions`](super::GpuOptions) and `MATFORMER_GPU_WEIGHT_PATH`). An adapter
+/// path (see [`GpuOptions::weight_path`](super::GpuOptions::weight_path)). An adapter
 /// that fails to open or to run the kernels keeps its [`list_adapters`] entry, with the error
 /// as `weight_path_reason`. Takes a fraction of a second per adapter (pipeline compilation).
 pub fn probe_adapters() -> Vec<AdapterReport> {

@@ -12,7 +12,8 @@ use super::ops::{gemv_rows, rope_table, Kernels};
 use super::session::GpuSession;
 use super::weights::{pad8, upload_f32, GpuMatrix};
 use super::{AdapterReport, GpuError};
-use crate::format::{names, Activation, NormKind};
+use crate::dims::ModelDims;
+use crate::format::{names, NormKind};
 use crate::{ModelFile, Submodel};
 
 /// Options of a [`GpuEngine`].
@@ -30,9 +31,15 @@ pub struct GpuOptions {
     /// Cap on one weight buffer (row chunk), in bytes, below the device's storage-binding
     /// limit (tests use it to force the row-chunk path). `None`: the device limit.
     pub max_binding_bytes: Option<u64>,
-    /// Output rows per workgroup of the decode GEMV kernel (a power of two, 1 to 64). `None`:
-    /// `MATFORMER_GEMV_ROWS` if set, else 64 on CPU adapters and 4 on GPUs.
+    /// Output rows per workgroup of the decode GEMV kernel (a power of two, 1 to 64; anything
+    /// else is an error), for tuning on a new device. `None`: 64 on CPU adapters, 4 on GPUs.
     pub gemv_rows: Option<u32>,
+    /// Rows per thread of the packed decode GEMV (1, 2 or 4; anything else is an error), for
+    /// tuning. `None`: 4 on CPU adapters, 1 on GPUs.
+    pub gemv_rows_per_thread: Option<u32>,
+    /// Use the subgroup decode GEMV where the adapter has subgroups of 8 (default `true`;
+    /// `false` compares it against the shared-memory GEMV).
+    pub subgroup_gemv: bool,
     /// Cap on the GPU memory this engine allocates (shared weights, the FFN weight store and
     /// every session's KV cache and activations), bytes. An allocation beyond it fails with
     /// [`GpuError::OutOfMemory`] exactly like a device allocation failure, so elastic sessions
@@ -46,7 +53,7 @@ pub struct GpuOptions {
     /// pages back in. Default `true`.
     pub release_uploaded_pages: bool,
     /// Force a weight path instead of timing the available ones at start-up (an error if the
-    /// adapter cannot run it). `None`: `MATFORMER_GPU_WEIGHT_PATH` if set, else the fastest.
+    /// adapter cannot run it). `None`: the fastest, timed once per adapter and process.
     pub weight_path: Option<super::WeightPath>,
 }
 
@@ -58,6 +65,8 @@ impl Default for GpuOptions {
             prefill_chunk: 64,
             max_binding_bytes: None,
             gemv_rows: None,
+            gemv_rows_per_thread: None,
+            subgroup_gemv: true,
             memory_limit_bytes: None,
             release_uploaded_pages: true,
             weight_path: None,
@@ -79,24 +88,6 @@ pub struct StepCounters {
     pub readback_bytes: u64,
     /// Compute dispatches recorded.
     pub dispatches: u64,
-}
-
-/// Architecture numbers in `usize`.
-#[derive(Clone, Debug)]
-pub(super) struct Dims {
-    pub(super) d: usize,
-    pub(super) n_layers: usize,
-    pub(super) n_heads: usize,
-    pub(super) n_kv_heads: usize,
-    pub(super) head_dim: usize,
-    pub(super) q_dim: usize,
-    pub(super) kv_dim: usize,
-    pub(super) vocab: usize,
-    pub(super) ctx: usize,
-    pub(super) eps: f32,
-    pub(super) norm: NormKind,
-    pub(super) activation: Activation,
-    pub(super) gated: bool,
 }
 
 /// A norm's weight (and LayerNorm bias) as f32 buffers.
@@ -122,7 +113,9 @@ pub(super) struct Inner {
     pub(super) model: Arc<ModelFile>,
     pub(super) gpu: Gpu,
     pub(super) kernels: Kernels,
-    pub(super) dims: Dims,
+    pub(super) dims: ModelDims,
+    /// Context window of sessions (KV cache rows).
+    pub(super) ctx: usize,
     pub(super) max_binding: u64,
     pub(super) prefill_chunk: usize,
     /// `ROWS` of the decode GEMV kernel.
@@ -184,7 +177,7 @@ impl Inner {
             .map(|layer| FfnShape {
                 model: &self.model,
                 layer,
-                cols: self.dims.d,
+                cols: self.dims.d_model,
                 gated: self.dims.gated,
                 max_binding: self.max_binding,
                 release_pages: self.options.release_uploaded_pages,
@@ -236,44 +229,16 @@ impl GpuEngine {
         }
         let meta = model.metadata();
         let a = &meta.architecture;
-        let u = |v: u32| v as usize;
-        let unsupported = |reason: String| Err(GpuError::Unsupported { reason });
-        if a.n_heads == 0 || a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
-            return unsupported(format!(
-                "n_heads {} must be a positive multiple of n_kv_heads {}",
-                a.n_heads, a.n_kv_heads
-            ));
-        }
-        if a.head_dim == 0 || !a.head_dim.is_multiple_of(2) || a.d_model == 0 || a.vocab_size == 0 || a.max_context == 0
-        {
-            return unsupported("d_model, vocab_size, max_context and an even head_dim must be positive".into());
-        }
-        if meta.ffn_widths.len() != u(a.n_layers) {
-            return unsupported(format!("ffn_widths has {} layers, n_layers is {}", meta.ffn_widths.len(), a.n_layers));
-        }
-        let ctx = opts.max_context.map_or(u(a.max_context), |c| c.clamp(1, u(a.max_context)));
-        let dims = Dims {
-            d: u(a.d_model),
-            n_layers: u(a.n_layers),
-            n_heads: u(a.n_heads),
-            n_kv_heads: u(a.n_kv_heads),
-            head_dim: u(a.head_dim),
-            q_dim: u(a.n_heads) * u(a.head_dim),
-            kv_dim: u(a.n_kv_heads) * u(a.head_dim),
-            vocab: u(a.vocab_size),
-            ctx,
-            eps: a.norm_eps,
-            norm: a.norm,
-            activation: a.activation,
-            gated: a.gated_ffn,
-        };
+        let dims = ModelDims::from_metadata(meta).map_err(|reason| GpuError::Unsupported { reason })?;
+        let ctx = opts.max_context.map_or(dims.max_context, |c| c.clamp(1, dims.max_context));
         let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
         let mut kernels = Kernels::new(&gpu)?;
+        kernels.tune(opts.gemv_rows_per_thread, opts.subgroup_gemv)?;
         super::weight_path::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
         let gemv_rows = gemv_rows(&gpu, opts.gemv_rows)?;
 
-        let d = dims.d;
+        let d = dims.d_model;
         let norm = |w: &str, b: &str| -> Result<GpuNorm, GpuError> {
             let load = |name: &str| -> Result<wgpu::Buffer, GpuError> {
                 let v = model.tensor_f32(name)?;
@@ -354,6 +319,7 @@ impl GpuEngine {
                 gpu,
                 kernels,
                 dims,
+                ctx,
                 max_binding,
                 prefill_chunk,
                 gemv_rows,

@@ -26,8 +26,8 @@
 //! At engine start, when more than one path runs, the decode GEMV of each is timed on a
 //! 1024 x 2048 matrix (tens of ms with pipeline compilation) and the fastest taken (another
 //! path than packed only when more than 5% faster); [`AdapterReport`] records the timings and
-//! the reason. `MATFORMER_GPU_WEIGHT_PATH` (`packed`, `f16` or `packed64`, [`WEIGHT_PATH_ENV`])
-//! forces a path. On lavapipe, where every storage load is a per-lane scalar loop whose cost
+//! the reason. [`GpuOptions::weight_path`] forces a path (the library reads no environment
+//! variables; the CLI maps `MATFORMER_GPU_WEIGHT_PATH` to it). On lavapipe, where every storage load is a per-lane scalar loop whose cost
 //! is per component, packed64 wins (~1.2x packed) and f16 loses (~3x slower: 16-bit loads).
 //!
 //! Tensors larger than the device's storage-binding limit are split into row chunks. Shaders
@@ -37,13 +37,13 @@
 //! lavapipe the GEMV runs one thread per 4 rows (each activation load serves 4 rows; on the
 //! packed64 path two 8-element units per 32-byte load, `gemv_pairs`, and with 8-invocation
 //! subgroups each activation loaded once per subgroup and broadcast, `matmul_gemv_u64_sg.wgsl`;
-//! `MATFORMER_SUBGROUP_GEMV=0` turns that off), the transposed FFN-down
+//! [`GpuOptions::subgroup_gemv`] turns that off), the transposed FFN-down
 //! GEMV splits the weight rows into up to 32 slabs whose partial sums a second dispatch adds
 //! (`gemv_t_split` + `gemv_t_reduce`: each thread streams 64 contiguous bytes of every row of
 //! its slab; the one-pass kernel it replaced strided 4 KiB rows and took half of an xl decode
 //! step), and the prefill product the shared-memory-free `gemm_rows` (a 4 x 4 block of outputs
-//! per thread); on GPUs 4 rows of 16 threads, the K-split `gemv_t` and the tiled `gemm`. `MATFORMER_GEMV_ROWS` and
-//! `MATFORMER_GEMV_RPT` override the GEMV shape for tuning. The residual add is fused into the
+//! per thread); on GPUs 4 rows of 16 threads, the K-split `gemv_t` and the tiled `gemm`. [`GpuOptions::gemv_rows`]
+//! and [`GpuOptions::gemv_rows_per_thread`] override the GEMV shape for tuning. The residual add is fused into the
 //! `wo` and FFN-down products (`ACCUMULATE`), so there is no separate residual kernel.
 //!
 //! ```no_run
@@ -76,7 +76,6 @@ pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, StepCounters};
 pub use op_runner::{OpRunner, WeightFormat};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
 pub use session::{GpuSession, GpuSwitch};
-pub use weight_path::WEIGHT_PATH_ENV;
 
 use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};

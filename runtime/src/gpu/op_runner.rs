@@ -44,9 +44,9 @@ fn bad_input(what: &str) -> GpuError {
 
 impl OpRunner {
     /// Opens the adapter named like `adapter` (or wgpu's preferred one).
-    /// The weight path is chosen as an engine chooses it (forced by
-    /// `MATFORMER_GPU_WEIGHT_PATH`, else measured), so calibrations time the kernels an
-    /// engine on this adapter runs; [`OpRunner::set_weight_path`] changes it.
+    /// The weight path is chosen as an engine with default options chooses it (measured, or
+    /// remembered from earlier in this process); [`OpRunner::set_weight_path`] changes it and
+    /// [`OpRunner::for_engine`] takes an engine's.
     pub fn new(adapter: Option<&str>) -> Result<OpRunner, GpuError> {
         let mut gpu = Gpu::open(adapter)?;
         let mut kernels = Kernels::new(&gpu)?;
@@ -90,6 +90,17 @@ impl OpRunner {
     /// `SHADER_INT64`.
     pub fn available_weight_paths(&self) -> Vec<WeightPath> {
         WeightPath::ALL.into_iter().filter(|p| self.gpu.runs(*p)).collect()
+    }
+
+    /// Opens `engine`'s adapter on the weight path the engine runs (forced or chosen), so
+    /// calibrations time the kernels that engine runs.
+    pub fn for_engine(engine: &super::GpuEngine) -> Result<OpRunner, GpuError> {
+        let adapter = engine.adapter();
+        let mut runner = OpRunner::new(Some(&adapter.name))?;
+        if let Some(path) = WeightPath::parse(&adapter.weight_path) {
+            runner.set_weight_path(path)?;
+        }
+        Ok(runner)
     }
 
     /// Makes the matrix products ([`OpRunner::matmul`], [`OpRunner::gemv_read_bandwidth`]) use

@@ -153,7 +153,7 @@ impl WeightPath {
     /// Every path, packed first.
     pub const ALL: [WeightPath; 3] = [WeightPath::Packed, WeightPath::F16, WeightPath::Packed64];
 
-    /// The name used in reports and in `MATFORMER_GPU_WEIGHT_PATH`: `"packed"`, `"f16"` or
+    /// The name used in reports and accepted by [`WeightPath::parse`]: `"packed"`, `"f16"` or
     /// `"packed64"`.
     pub fn name(self) -> &'static str {
         match self {
@@ -301,12 +301,25 @@ impl Kernels {
             path: WeightPath::Packed,
             gemv_rpt: default_gemv_rpt(gpu),
             row_kernels: gpu.report.device_type == "Cpu",
-            subgroup_gemv: gpu.subgroup_size == Some(8)
-                && std::env::var("MATFORMER_SUBGROUP_GEMV").as_deref() != Ok("0"),
+            subgroup_gemv: gpu.subgroup_size == Some(8),
             layouts,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Applies the caller's overrides: rows per thread of the packed decode GEMV (1, 2 or 4;
+    /// anything else is an error) and whether the subgroup GEMV may be used (it still needs a
+    /// subgroup size of 8).
+    pub(crate) fn tune(&mut self, rows_per_thread: Option<u32>, subgroup_gemv: bool) -> Result<(), GpuError> {
+        if let Some(r) = rows_per_thread {
+            if !matches!(r, 1 | 2 | 4) {
+                return Err(GpuError::Unsupported { reason: format!("{r} GEMV rows per thread: expected 1, 2 or 4") });
+            }
+            self.gemv_rpt = r;
+        }
+        self.subgroup_gemv &= subgroup_gemv;
+        Ok(())
     }
 
     /// The weight path of the matrix products.
@@ -705,17 +718,11 @@ pub(crate) const CALIBRATE_WG: u32 = 64;
 /// Output rows per workgroup of the decode GEMV (`ROWS` override of `matmul_gemv.wgsl`): one
 /// thread per row on CPU adapters (software Vulkan runs a workgroup as SIMD loops, where
 /// shared-memory reductions and barriers are expensive), 4 rows of 16 threads on GPUs.
-/// The environment variable `MATFORMER_GEMV_ROWS` (a power of two, 1 to 64) overrides the
-/// choice, for tuning on a new device; other values are ignored with a warning.
+/// `requested` ([`GpuOptions::gemv_rows`](super::GpuOptions::gemv_rows)) overrides the
+/// choice, for tuning on a new device; an invalid value is an error.
 pub(crate) fn gemv_rows(gpu: &Gpu, requested: Option<u32>) -> Result<u32, GpuError> {
     if let Some(r) = requested {
         return check_gemv_rows(r);
-    }
-    if let Ok(v) = std::env::var("MATFORMER_GEMV_ROWS") {
-        match v.parse::<u32>() {
-            Ok(r) if r.is_power_of_two() && r <= 64 => return Ok(r),
-            _ => log::warn!("ignoring MATFORMER_GEMV_ROWS={v:?}: expected a power of two from 1 to 64"),
-        }
     }
     Ok(if gpu.report.device_type == "Cpu" { 64 } else { 4 })
 }
@@ -723,14 +730,9 @@ pub(crate) fn gemv_rows(gpu: &Gpu, requested: Option<u32>) -> Result<u32, GpuErr
 /// Rows per thread of the packed decode GEMV (`RPT` of `matmul_gemv.wgsl`): 4 on CPU adapters
 /// (lavapipe: each storage load is a per-lane scalar loop, so sharing every x load among 4
 /// rows halves the loads per weight unit; measured ~2x on a 8192 x 2048 GEMV), 1 on GPUs.
-/// The environment variable `MATFORMER_GEMV_RPT` (1, 2 or 4) overrides it, for tuning.
+/// [`GpuOptions::gemv_rows_per_thread`](super::GpuOptions::gemv_rows_per_thread) overrides it
+/// (for tuning) through [`Kernels::tune`].
 pub(crate) fn default_gemv_rpt(gpu: &Gpu) -> u32 {
-    if let Ok(v) = std::env::var("MATFORMER_GEMV_RPT") {
-        match v.parse::<u32>() {
-            Ok(r) if matches!(r, 1 | 2 | 4) => return r,
-            _ => log::warn!("ignoring MATFORMER_GEMV_RPT={v:?}: expected 1, 2 or 4"),
-        }
-    }
     if gpu.report.device_type == "Cpu" {
         4
     } else {

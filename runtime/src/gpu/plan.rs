@@ -148,7 +148,7 @@ pub(super) fn plan_shared(
         let params = EmbeddingParams {
             row_start: c.row_start as u32,
             rows: c.rows as u32,
-            cols: dm.d as u32,
+            cols: dm.d_model as u32,
             row_words: (i.embed.row_units * if i.embed.f32 { 8 } else { 4 }) as u32,
             out_stride: sd as u32,
             _pad: [0; 3],
@@ -158,7 +158,7 @@ pub(super) fn plan_shared(
             Kernel::Embedding,
             &[("F32_WEIGHTS", i.embed.f32)],
             &[&ub, p.step, tokens, &c.buffer, &a.x],
-            Grid::PerToken((dm.d as u32).div_ceil(64)),
+            Grid::PerToken((dm.d_model as u32).div_ceil(64)),
         )?);
     }
     let half = dm.head_dim / 2;
@@ -301,11 +301,11 @@ impl Planner<'_> {
     ) -> Result<Item, GpuError> {
         let dm = &self.inner.dims;
         let params = NormParams {
-            cols: dm.d as u32,
+            cols: dm.d_model as u32,
             in_stride: stride as u32,
             out_stride: stride as u32,
             last_only: u32::from(last_only),
-            eps: dm.eps,
+            eps: dm.norm_eps,
             _pad: [0; 3],
         };
         let ub = self.uniform("norm params", &params)?;

@@ -164,14 +164,14 @@ impl GpuSession {
         let gpu = &i.gpu;
         // Activations and caches use the device limit; `max_binding` caps weight chunks.
         let limit = gpu.max_binding();
-        let (sd, sq, skv) = (pad8(dm.d), pad8(dm.q_dim), pad8(dm.kv_dim));
+        let (sd, sq, skv) = (pad8(dm.d_model), pad8(dm.q_dim), pad8(dm.kv_dim));
         // FFN activations are sized for the widest level so that any later switch fits.
         let sw = pad8(i.max_ffn_width);
         let sv = pad8(dm.vocab);
         let sqkv = sq + 2 * skv;
 
         // Tokens per pass: the prefill chunk, reduced until every activation buffer fits.
-        let row_max = [sd, sqkv, sw, sv, dm.n_heads * dm.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
+        let row_max = [sd, sqkv, sw, sv, dm.n_heads * i.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
         let t_max = (i.prefill_chunk as u64).min(limit / row_max).max(1) as usize;
         if row_max > limit {
             return Err(GpuError::BufferTooLarge { what: "one token's activations".into(), bytes: row_max, limit });
@@ -179,8 +179,8 @@ impl GpuSession {
         let f = 4u64;
         let t = t_max as u64;
         let gate_rows = if dm.gated { sw } else { 0 };
-        let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * dm.ctx + sv;
-        let kv_bytes = 2 * dm.n_layers as u64 * (dm.ctx * skv) as u64 * f;
+        let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * i.ctx + sv;
+        let kv_bytes = 2 * dm.n_layers as u64 * (i.ctx * skv) as u64 * f;
         // Transposed products (the FFN down projection) have `d_model` output columns.
         let partials_floats = split_partial_floats(sd / 8);
         let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
@@ -202,7 +202,7 @@ impl GpuSession {
         let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
         let mut caches = Vec::with_capacity(dm.n_layers);
         for li in 0..dm.n_layers {
-            let bytes = (dm.ctx * skv) as u64 * f;
+            let bytes = (i.ctx * skv) as u64 * f;
             caches.push((
                 buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
                 buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
@@ -218,7 +218,7 @@ impl GpuSession {
             att: buf("att", t * sq as u64 * f, act)?,
             up: buf("ffn up", t * sw as u64 * f, act)?,
             gate: buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?,
-            scores: buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?,
+            scores: buf("scores", t * (dm.n_heads * i.ctx) as u64 * f, act)?,
             partials: partials.clone(),
             caches,
             rope: p.uniform(
@@ -230,7 +230,7 @@ impl GpuSession {
                     half: half as u32,
                     q_stride: sqkv as u32,
                     kv_stride: skv as u32,
-                    sin_offset: (dm.ctx * half) as u32,
+                    sin_offset: (i.ctx * half) as u32,
                     k_offset: sq as u32,
                     v_offset: (sq + skv) as u32,
                     _pad: [0; 3],
@@ -245,7 +245,7 @@ impl GpuSession {
                     q_stride: sqkv as u32,
                     kv_stride: skv as u32,
                     out_stride: sq as u32,
-                    ctx: dm.ctx as u32,
+                    ctx: i.ctx as u32,
                     scale: 1.0 / (dm.head_dim as f32).sqrt(),
                 },
             )?,
@@ -356,7 +356,7 @@ impl GpuSession {
 
     /// The context window: the KV cache holds at most this many tokens.
     pub fn max_context(&self) -> usize {
-        self.inner.dims.ctx
+        self.inner.ctx
     }
 
     /// Vocabulary size (length of a logits vector).
@@ -632,8 +632,8 @@ impl GpuSession {
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= dm.vocab) {
             return Err(GpuError::TokenOutOfRange { token, vocab: dm.vocab as u32 });
         }
-        if self.pos + tokens.len() > dm.ctx {
-            return Err(GpuError::ContextFull { max: dm.ctx });
+        if self.pos + tokens.len() > self.inner.ctx {
+            return Err(GpuError::ContextFull { max: self.inner.ctx });
         }
         Ok(())
     }

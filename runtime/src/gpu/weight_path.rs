@@ -9,9 +9,6 @@ use super::weights::{pad8, upload_bytes, zeroed, GpuMatrix};
 use super::{AdapterReport, GpuError};
 use crate::format::DType;
 
-/// Environment variable forcing the weight path: `packed`, `f16` or `packed64`.
-pub const WEIGHT_PATH_ENV: &str = "MATFORMER_GPU_WEIGHT_PATH";
-
 /// Shape of the GEMV timed for the weight-path choice: a 4 MiB f16 matrix (1024 x 2048, the
 /// shape of a small model's projection), large enough to stream from memory rather than cache
 /// on phones, small enough that both paths time in a few tens of ms on a software adapter.
@@ -23,27 +20,8 @@ const CHOICE_REPEATS: usize = 4;
 /// tie the packed path, whose arithmetic is all f32, is kept.
 const CHOICE_MARGIN: f64 = 0.05;
 
-/// The weight path forced by `forced`, else by [`WEIGHT_PATH_ENV`], else `None`. An invalid
-/// environment value is an error (a typo must not silently measure).
-pub(crate) fn forced_weight_path(forced: Option<WeightPath>) -> Result<Option<(WeightPath, String)>, GpuError> {
-    if let Some(p) = forced {
-        return Ok(Some((p, "forced by the caller".to_string())));
-    }
-    match std::env::var(WEIGHT_PATH_ENV) {
-        Ok(v) if !v.trim().is_empty() => match WeightPath::parse(&v) {
-            Some(p) => Ok(Some((p, format!("forced by {WEIGHT_PATH_ENV}={v}")))),
-            None => Err(GpuError::Unsupported {
-                reason: format!(
-                    "{WEIGHT_PATH_ENV}={v:?} is not a weight path; use \"packed\", \"f16\" or \"packed64\""
-                ),
-            }),
-        },
-        _ => Ok(None),
-    }
-}
-
 /// Chooses the weight path of `kernels` on `gpu` and records the choice (and the timings) in
-/// `gpu.report`: `forced` (or [`WEIGHT_PATH_ENV`]) if set; else the choice measured earlier in
+/// `gpu.report`: `forced` if set; else the choice measured earlier in
 /// this process on the same adapter; the packed path when the device runs no other; otherwise
 /// the decode GEMV of every path the device runs is timed on a 1024 x 2048 f16 matrix and the
 /// fastest taken, a path other than packed only when more than 5% faster than packed (timing
@@ -55,7 +33,8 @@ pub(crate) fn choose_weight_path(
 ) -> Result<WeightPath, GpuError> {
     let rows = gemv_rows(gpu, None)?;
     let available: Vec<WeightPath> = WeightPath::ALL.into_iter().filter(|p| gpu.runs(*p)).collect();
-    let (path, reason, timings) = if let Some((p, reason)) = forced_weight_path(forced)? {
+    let (path, reason, timings) = if let Some(p) = forced {
+        let reason = "forced by the caller".to_string();
         if !gpu.runs(p) {
             return Err(GpuError::Unsupported {
                 reason: format!(
