@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use matformer::elastic::{Catalog, CatalogEntry, KernelClass, KernelTimings, ModelSummary, ShapeFingerprint};
+use matformer::elastic::kernel_probe::KernelTimings;
+use matformer::elastic::{Catalog, CatalogEntry, KernelClass, ModelSummary, ShapeFingerprint};
 use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
@@ -273,14 +274,14 @@ pub fn bench(
         eprintln!("calibrating {} ...", engine.name());
         let read_bandwidth = || -> Result<f64> {
             Ok(match &engine {
-                Backend::Cpu(_) => crate::calibrate::cpu_read_bandwidth(n_threads),
+                Backend::Cpu(_) => matformer::elastic::cpu_probe::read_bandwidth(n_threads, 512 << 20),
                 Backend::Gpu(g) => matformer::gpu::OpRunner::for_engine(g)?.read_bandwidth(128 << 20, 8)?,
             })
         };
         let read_before = read_bandwidth()?;
         let (gflops, method) = match &engine {
             Backend::Cpu(_) => (
-                crate::calibrate::cpu_multiply_add_gflops(n_threads),
+                matformer::elastic::cpu_probe::multiply_add_gflops(n_threads, 20_000_000),
                 format!(
                     "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
                     matformer::cpu::simd_features()
@@ -301,12 +302,12 @@ pub fn bench(
         eprintln!("timing kernel classes on {} ...", engine.name());
         let timings: KernelTimings = match &engine {
             Backend::Cpu(c) => {
-                let opts = matformer::elastic::cpu_probe::ProbeOptions::default();
-                matformer::elastic::cpu_probe::measure_kernels(c, &opts)?
+                let opts = matformer::elastic::kernel_probe::ProbeOptions::default();
+                matformer::elastic::kernel_probe::measure_kernels(c, &opts)?
             }
             Backend::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::for_engine(g)?;
-                let mut t = matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?;
+                let mut t = matformer::elastic::kernel_probe::measure_gpu_gemv_classes(&runner, &shape)?;
                 time_gpu_small_classes(&runner, &meta, &mut t)?;
                 t
             }
@@ -533,7 +534,7 @@ fn class_rows(
         .iter()
         .zip(ms)
         .map(|(&class, ms)| {
-            let (bytes, flops) = shape.class_work(class, widths, context);
+            let (bytes, flops) = shape.class_work(class, widths, f64::from(context));
             let unmeasured = timings.source(class).starts_with("not measured");
             let mem_s = bytes / (cal.read_gb_per_s * 1e9);
             let compute_s = cal.gflops.map_or(0.0, |g| flops / (g * 1e9));

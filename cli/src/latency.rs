@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use matformer::cpu::CpuEngine;
+use matformer::elastic::cpu_probe;
 use matformer::elastic::latency_calibrate::{self, LatencyCalibrationOptions};
 use matformer::elastic::{
-    cache_file, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, KernelClass, LatencyModel, ShapeFingerprint,
+    cache_file, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, LatencyModel, ShapeFingerprint,
 };
 use matformer::gpu::{GpuEngine, GpuOptions, OpRunner};
 use matformer::ModelFile;
@@ -230,7 +231,7 @@ pub struct CheckReport {
 fn measured_roofline(obtained: &Obtained, threads: usize) -> Result<LatencyModel> {
     let (gb_per_s, gflops) = match &obtained.engine {
         CostEngine::Cpu(_) => {
-            (crate::calibrate::cpu_read_bandwidth(threads), crate::calibrate::cpu_multiply_add_gflops(threads))
+            (cpu_probe::read_bandwidth(threads, 512 << 20), cpu_probe::multiply_add_gflops(threads, 20_000_000))
         }
         CostEngine::Gpu(g) => {
             let runner = OpRunner::for_engine(g)?;
@@ -459,33 +460,15 @@ pub fn run(
         obtained.cache_path.as_ref().map_or_else(|| "not cached".to_string(), |p| p.display().to_string()),
         cost.calibration_seconds
     );
-    let k = &cost.kernels;
+    let l = &cost.limits;
     println!(
-        "  attention projections {:.4} ms/layer [{}]",
-        k.attention_projections_ms,
-        k.source(KernelClass::AttentionProjections)
+        "  limits                {:.2} GB/s read, {:.1} GFLOP/s [{}]",
+        l.read_bytes_per_second / 1e9,
+        l.flops_per_second / 1e9,
+        l.method
     );
     println!(
-        "  attention             {:.4} ms/layer + {:.3e} ms/layer/context token [{}]",
-        k.attention_ms_at_zero,
-        k.attention_ms_per_context_token,
-        k.source(KernelClass::Attention)
-    );
-    for w in &k.ffn {
-        println!(
-            "  ffn width {:>6}      up {:.4}  down {:.4}  act {:.4} ms/layer",
-            w.width, w.up_ms, w.down_ms, w.act_ms
-        );
-    }
-    println!("  lm head               {:.4} ms/token [{}]", k.lm_head_ms, k.source(KernelClass::LmHead));
-    println!(
-        "  small ops             {:.4} ms/layer + {:.4} ms/token [{}]",
-        k.small_ms_per_layer,
-        k.small_ms_per_token,
-        k.source(KernelClass::SmallOps)
-    );
-    println!(
-        "  in a pass             {:.4} ms/token + {:.3} x the kernels (fitted to the decodes below)",
+        "  in a pass             {:.4} ms/token + {:.3} x the roofline (fitted to the decodes below)",
         cost.fixed_ms_per_token, cost.scale
     );
     for r in &cost.fit_runs {

@@ -5,7 +5,6 @@
 
 mod backend;
 mod bench;
-mod calibrate;
 mod chat;
 mod common;
 mod devices;

@@ -407,7 +407,7 @@ fn cancel_table(engine: &Engine, label: &str) {
 
 /// For the notes: the process's peak resident memory with `MATFORMER_RSS_SESSIONS` sessions
 /// (default 1) on the file `MATFORMER_RSS_FILE` (a no-op without it), each holding a
-/// 1,024-token KV cache and having generated 16 tokens; run once per count, each in its own
+/// 1,024-token KV cache and having prefilled 512 tokens and generated 16; run once per count, each in its own
 /// process (`cargo test --release -p matformer --test api rss_sessions -- --ignored --nocapture`).
 /// Sessions share the mapped weights, so N sessions should cost the weights once plus N caches.
 #[test]
@@ -433,8 +433,11 @@ fn rss_sessions() {
                 .unwrap()
         })
         .collect();
+    // 512 prompt tokens each (the byte tokenizer of a synthetic file: one per byte), so every
+    // session's cache holds real keys and values, not untouched zero pages.
+    let prompt: String = "The quick brown fox jumps over the lazy dog. ".repeat(12)[..512].to_string();
     for s in &sessions {
-        s.generate(Input::Text("The ".into()), &greedy(16), &mut NoSink).unwrap();
+        s.generate(Input::Text(prompt.clone()), &greedy(16), &mut NoSink).unwrap();
     }
     println!(
         "{n} session(s): RSS after open {before} MiB, peak {} MiB, now {} MiB",

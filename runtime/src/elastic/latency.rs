@@ -1,38 +1,32 @@
-//! The per-device latency cost model: decode milliseconds per token of any submodel, from short
-//! timings of each kernel class on this device at the model's real shapes, plus a fixed
-//! per-token part fitted to a few real decodes; cached per device and model shape.
-//!
-//! # Kernel classes
-//!
-//! A decode step (one token) of the engines runs, per layer, the attention projections
-//! ([`KernelClass::AttentionProjections`]: `q`, `k`, `v`, `o` GEMVs at `d_model`), attention
-//! over the KV cache ([`KernelClass::Attention`], linear in the context), the FFN up (and gate)
-//! GEMVs at the layer's width ([`KernelClass::FfnUp`]) and the down GEMV
-//! ([`KernelClass::FfnDown`]); then the LM head ([`KernelClass::LmHead`]). Norms, RoPE,
-//! residual adds, the FFN activation, the embedding row and the argmax are one class,
-//! [`KernelClass::SmallOps`].
+//! The per-device latency cost model: decode milliseconds per token of any submodel, a roofline
+//! at this device's measured limits with a fixed part and a scale fitted to a few real decodes;
+//! cached per device and model shape.
 //!
 //! # Prediction
 //!
-//! For an entry with FFN widths `w_i` at `c` tokens of context:
+//! A decode step (one token) moves bytes and does arithmetic per kernel class
+//! ([`KernelClass`]: attention projections, attention over the KV cache, FFN up (and gate) and
+//! down at each layer's width, the LM head, and the small ops), counted by
+//! [`ShapeFingerprint::class_work`]. At the device's measured streaming-read bandwidth `B` and
+//! multiply-add throughput `F` ([`DeviceLimits`]) each class takes `bytes / B + flops / F`;
+//! for an entry with FFN widths `w_i` at `c` tokens of context:
 //!
 //! ```text
-//! kernels = n_layers * (proj + attn0 + attn1 * c + small_layer)
-//!         + sum_i (up(w_i) + act(w_i) + down(w_i))
-//!         + head + small_token
-//! ms = fixed + scale * kernels
+//! roofline = sum over classes of (bytes(w, c) / B + flops(w, c) / F)
+//! ms = fixed + scale * roofline
 //! ```
 //!
-//! where every term of `kernels` is a measured kernel time ([`KernelTimings`]), and `fixed`
-//! and `scale` are fitted to real decodes ([`FitRun`], least squares; the smallest and the
-//! largest uniform submodel): `fixed` is what a pass costs beyond its kernels (allocation,
-//! thread wake-ups, command recording, synchronisation), `scale` how much slower or faster
-//! the kernels run inside a pass than alone (cache state, overlap). The kernel timings give
-//! the shape of the cost over widths and classes, the decodes anchor its level. With one
-//! decode, a scale outside [`SCALE_RANGE`], or a line that would predict no time (or less) for
-//! the cheapest fit decode, `scale = 1` and `fixed` is the median residual (0 if that too
-//! would predict no time). Widths must be those of the file
-//! (the model is keyed by them), so every `w_i` has a measured row.
+//! where `fixed` and `scale` are fitted to real decodes ([`FitRun`], least squares; every
+//! uniform submodel): `fixed` is what a pass costs beyond moving its bytes (thread wake-ups,
+//! command recording, synchronisation, small kernels), `scale` how far below the measured
+//! limits the engine's kernels run. With one decode, a scale outside [`SCALE_RANGE`], or a
+//! line that would predict no time (or less) for the cheapest fit decode, `scale = 1` and
+//! `fixed` is the median residual (0 if that too would predict no time).
+//!
+//! This replaced a model that timed every kernel class on the device at the model's shapes
+//! (about 700 more lines, kept for `matformer bench`'s per-class table behind the `probes`
+//! feature): measured on the same catalog, device and decodes, the fitted roofline was as
+//! accurate or better (docs/latency.md).
 //!
 //! # Cache
 //!
@@ -53,19 +47,20 @@ use super::catalog::{CatalogEntry, ModelSummary};
 use crate::format::{DType, Metadata};
 use crate::ModelFile;
 
-/// Accepted range of the fitted [`DeviceCostModel::scale`]. Kernels timed alone and inside a
-/// real pass differ by cache state, thread wake-ups and dispatch overlap: within a factor of
-/// 2 on the machines measured (docs/latency.md). A fit outside a factor of 4 means the fit
-/// decodes or the kernel timings were disturbed (another process took the cores), and the
-/// unscaled sum with a fixed offset is the safer model.
-pub const SCALE_RANGE: (f64, f64) = (0.25, 4.0);
+/// Accepted range of the fitted [`DeviceCostModel::scale`]. The engine's kernels run at a
+/// fraction of the measured streaming-read bandwidth (decode GEMVs, attention over the cache,
+/// small kernels that do not stream): 1 to 4 times the roofline on the machines measured
+/// (docs/latency.md). A fit outside 0.25 to 8 means the fit decodes or the limits were
+/// disturbed (another process took the cores), and the unscaled roofline with a fixed offset
+/// is the safer model.
+pub const SCALE_RANGE: (f64, f64) = (0.25, 8.0);
 
 fn one() -> f64 {
     1.0
 }
 
 /// Value of [`DeviceCostModel::schema`] this version writes and reads.
-pub const COST_MODEL_SCHEMA: &str = "matformer.cost_model/1";
+pub const COST_MODEL_SCHEMA: &str = "matformer.cost_model/2";
 
 /// One class of kernels of a decode step (module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -213,13 +208,13 @@ impl ShapeFingerprint {
     /// products: 2 FLOPs per multiply-add; attention: `q.k` and the weighted sum of `v` over
     /// the f32 KV cache; small ops: norm weights, embedding row and logits, FLOPs not
     /// counted).
-    pub fn class_work(&self, class: KernelClass, widths: &[u32], context: u32) -> (f64, f64) {
+    pub fn class_work(&self, class: KernelClass, widths: &[u32], context: f64) -> (f64, f64) {
         let (d, l) = (f64::from(self.d_model), f64::from(self.n_layers));
         let q = f64::from(self.n_heads) * f64::from(self.head_dim);
         let kv = f64::from(self.n_kv_heads) * f64::from(self.head_dim);
         let eb = self.weight_bytes() as f64;
         let sum_w: f64 = widths.iter().map(|&w| f64::from(w)).sum();
-        let c = f64::from(context);
+        let c = context.max(0.0);
         let params = match class {
             KernelClass::AttentionProjections => l * (2.0 * q * d + 2.0 * kv * d),
             KernelClass::FfnUp => sum_w * d * if self.gated_ffn { 2.0 } else { 1.0 },
@@ -237,90 +232,37 @@ impl ShapeFingerprint {
     }
 }
 
-/// Measured time of one FFN width, milliseconds for one layer and one token.
+/// The device's measured limits: the rates of the roofline (module documentation).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WidthCost {
-    /// FFN neurons.
-    pub width: u32,
-    /// Up (and gate) GEMVs.
-    pub up_ms: f64,
-    /// Down GEMV.
-    pub down_ms: f64,
-    /// Activation (counted as a small op).
-    pub act_ms: f64,
+pub struct DeviceLimits {
+    /// Streaming-read bandwidth, bytes per second.
+    pub read_bytes_per_second: f64,
+    /// Multiply-add throughput, FLOPs per second (a multiply-add is 2).
+    pub flops_per_second: f64,
+    /// How they were measured.
+    pub method: String,
 }
 
-/// Kernel times of one device and model shape, milliseconds per token (module documentation).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KernelTimings {
-    /// Attention projections of one layer.
-    pub attention_projections_ms: f64,
-    /// Attention of one layer at zero context (intercept).
-    pub attention_ms_at_zero: f64,
-    /// Attention of one layer per token of context (slope).
-    pub attention_ms_per_context_token: f64,
-    /// One row per FFN width of the model, ascending.
-    pub ffn: Vec<WidthCost>,
-    /// LM head.
-    pub lm_head_ms: f64,
-    /// Norms, RoPE and residual adds of one layer.
-    pub small_ms_per_layer: f64,
-    /// Embedding row, RoPE angles, final norm and argmax of one token.
-    pub small_ms_per_token: f64,
-    /// How each class was obtained (`"timed: ..."`, `"fitted: ..."`), by class name.
-    pub sources: Vec<(KernelClass, String)>,
-}
-
-impl KernelTimings {
-    /// The row of `width`.
-    pub fn width(&self, width: u32) -> Option<&WidthCost> {
-        self.ffn.iter().find(|w| w.width == width)
+impl DeviceLimits {
+    /// Milliseconds per token of every class at these rates for `widths` at `context` tokens,
+    /// in [`KernelClass::ALL`] order.
+    pub fn class_ms(&self, shape: &ShapeFingerprint, widths: &[u32], context: f64) -> [f64; 6] {
+        KernelClass::ALL.map(|class| {
+            let (bytes, flops) = shape.class_work(class, widths, context);
+            1e3 * (bytes / self.read_bytes_per_second + flops / self.flops_per_second)
+        })
     }
 
-    /// How `class` was obtained.
-    pub fn source(&self, class: KernelClass) -> &str {
-        self.sources.iter().find(|(c, _)| *c == class).map_or("", |(_, s)| s.as_str())
-    }
-
-    /// Milliseconds per token of every class for `widths` at `context` tokens, in
-    /// [`KernelClass::ALL`] order; an error names a width without a measured row.
-    pub fn class_ms(&self, widths: &[u32], context: u32) -> Result<[f64; 6], CostModelError> {
-        let l = widths.len() as f64;
-        let (mut up, mut down, mut act) = (0.0, 0.0, 0.0);
-        for &w in widths {
-            if w == 0 {
-                continue;
+    /// Why the limits cannot be used, if so (non-positive or non-finite rates).
+    pub fn check(&self) -> Result<(), String> {
+        for (what, v) in
+            [("read_bytes_per_second", self.read_bytes_per_second), ("flops_per_second", self.flops_per_second)]
+        {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("device limit {what} is {v}, expected a positive number"));
             }
-            let row = self.width(w).ok_or(CostModelError::UnknownWidth { width: w })?;
-            up += row.up_ms;
-            down += row.down_ms;
-            act += row.act_ms;
         }
-        Ok([
-            l * self.attention_projections_ms,
-            l * (self.attention_ms_at_zero + self.attention_ms_per_context_token * f64::from(context)),
-            up,
-            down,
-            self.lm_head_ms,
-            l * self.small_ms_per_layer + act + self.small_ms_per_token,
-        ])
-    }
-
-    fn values(&self) -> impl Iterator<Item = (&'static str, f64)> + '_ {
-        [
-            ("attention_projections_ms", self.attention_projections_ms),
-            ("attention_ms_at_zero", self.attention_ms_at_zero),
-            ("attention_ms_per_context_token", self.attention_ms_per_context_token),
-            ("lm_head_ms", self.lm_head_ms),
-            ("small_ms_per_layer", self.small_ms_per_layer),
-            ("small_ms_per_token", self.small_ms_per_token),
-        ]
-        .into_iter()
-        .chain(
-            self.ffn
-                .iter()
-                .flat_map(|w| [("ffn up_ms", w.up_ms), ("ffn down_ms", w.down_ms), ("ffn act_ms", w.act_ms)]),
-        )
+        Ok(())
     }
 }
 
@@ -345,7 +287,7 @@ pub struct FitRun {
 /// Per-class prediction for one submodel and context.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Breakdown {
-    /// Milliseconds per token of each class inside a pass (timed alone, times the fitted
+    /// Milliseconds per token of each class inside a pass (the roofline's, times the fitted
     /// scale), in [`KernelClass::ALL`] order.
     pub classes: Vec<(KernelClass, f64)>,
     /// The fixed part.
@@ -363,12 +305,12 @@ pub struct DeviceCostModel {
     pub device: DeviceId,
     /// For which model shape.
     pub shape: ShapeFingerprint,
-    /// Kernel times.
-    pub kernels: KernelTimings,
+    /// The measured limits the roofline runs at.
+    pub limits: DeviceLimits,
     /// Fixed part per token, milliseconds (fitted to `fit_runs`).
     pub fixed_ms_per_token: f64,
-    /// Factor from the kernels timed alone to their time inside a real pass (fitted to
-    /// `fit_runs`; 1 when not fitted).
+    /// Factor from the roofline at the measured limits to the time inside a real pass
+    /// (fitted to `fit_runs`; 1 when not fitted).
     #[serde(default = "one")]
     pub scale: f64,
     /// The decodes the fixed part was fitted to.
@@ -383,12 +325,6 @@ pub struct DeviceCostModel {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CostModelError {
-    /// A width without a measured row (the model was calibrated for another file shape).
-    #[error("no kernel timing for FFN width {width}: the cost model was calibrated for another model shape")]
-    UnknownWidth {
-        /// The width.
-        width: u32,
-    },
     /// A number of the model is not usable.
     #[error("invalid cost model: {reason}")]
     Invalid {
@@ -458,8 +394,8 @@ pub enum CacheMiss {
 }
 
 impl DeviceCostModel {
-    /// A model from measured kernel times and fit decodes (module documentation): with two or
-    /// more fit decodes of different kernel sums, `measured = fixed + scale * kernels` by
+    /// A model from measured limits and fit decodes (module documentation): with two or
+    /// more fit decodes of different roofline times, `measured = fixed + scale * kernels` by
     /// least squares, kept when the scale lies in [`SCALE_RANGE`] and the line predicts a
     /// positive time for the cheapest fit decode at zero context; otherwise (or with one
     /// decode) `scale = 1` and `fixed` is the median of `measured - kernels` (0 without runs,
@@ -467,15 +403,16 @@ impl DeviceCostModel {
     pub fn fit(
         device: DeviceId,
         shape: ShapeFingerprint,
-        kernels: KernelTimings,
+        limits: DeviceLimits,
         fit_runs: Vec<FitRun>,
         calibration_seconds: f64,
     ) -> Result<DeviceCostModel, CostModelError> {
+        limits.check().map_err(|reason| CostModelError::Invalid { reason })?;
         let mut model = DeviceCostModel {
             schema: COST_MODEL_SCHEMA.to_string(),
             device,
             shape,
-            kernels,
+            limits,
             fixed_ms_per_token: 0.0,
             scale: 1.0,
             fit_runs,
@@ -486,7 +423,7 @@ impl DeviceCostModel {
         };
         let mut xs = Vec::new();
         for r in &model.fit_runs {
-            xs.push(model.kernels_ms(&r.widths, r.context)?);
+            xs.push(model.kernels_ms(&r.widths, r.context));
         }
         let ys: Vec<f64> = model.fit_runs.iter().map(|r| r.measured_ms).collect();
         let n = xs.len() as f64;
@@ -498,7 +435,7 @@ impl DeviceCostModel {
         // uniform submodel) at zero context. A fit that predicts no time for it is refused.
         let mut x_min = f64::INFINITY;
         for r in &model.fit_runs {
-            x_min = x_min.min(model.kernels_ms(&r.widths, 0.0)?);
+            x_min = x_min.min(model.kernels_ms(&r.widths, 0.0));
         }
         let positive = |fixed: f64, scale: f64| x_min.is_infinite() || fixed + scale * x_min > 0.0;
         let intercept = my - slope * mx;
@@ -521,11 +458,9 @@ impl DeviceCostModel {
         Ok(model)
     }
 
-    /// Sum of the kernel classes (no fixed part) at a fractional context.
-    fn kernels_ms(&self, widths: &[u32], context: f64) -> Result<f64, CostModelError> {
-        let at0 = self.kernels.class_ms(widths, 0)?;
-        let slope = widths.len() as f64 * self.kernels.attention_ms_per_context_token;
-        Ok(at0.iter().sum::<f64>() + slope * context)
+    /// The roofline (no fixed part, no scale) at a fractional context.
+    fn kernels_ms(&self, widths: &[u32], context: f64) -> f64 {
+        self.limits.class_ms(&self.shape, widths, context).iter().sum()
     }
 
     /// Per-class prediction for FFN widths `widths` (one per layer) at `context` tokens.
@@ -535,7 +470,7 @@ impl DeviceCostModel {
                 reason: format!("{} widths given, the model has {} layers", widths.len(), self.shape.n_layers),
             });
         }
-        let ms = self.kernels.class_ms(widths, context)?.map(|m| m * self.scale);
+        let ms = self.limits.class_ms(&self.shape, widths, f64::from(context)).map(|m| m * self.scale);
         let total_ms = ms.iter().sum::<f64>() + self.fixed_ms_per_token;
         Ok(Breakdown {
             classes: KernelClass::ALL.iter().copied().zip(ms).collect(),
@@ -553,7 +488,7 @@ impl DeviceCostModel {
     /// for comparing with `run.measured_ms`.
     pub fn predict_run(&self, run: &FitRun) -> Result<f64, CostModelError> {
         self.breakdown(&run.widths, 0)?;
-        Ok(self.scale * self.kernels_ms(&run.widths, run.context)? + self.fixed_ms_per_token)
+        Ok(self.scale * self.kernels_ms(&run.widths, run.context) + self.fixed_ms_per_token)
     }
 
     /// Predicted milliseconds to decode one token of `entry` with `context` tokens cached.
@@ -561,27 +496,18 @@ impl DeviceCostModel {
         self.ms_per_token_widths(&entry.widths, context)
     }
 
-    /// Why the model cannot be used, if so (non-finite or negative kernel times, a
-    /// non-finite fixed part, an FFN row missing for a width of its shape).
+    /// Why the model cannot be used, if so (non-positive or non-finite limits, a non-finite
+    /// fixed part or scale).
     pub fn check(&self) -> Result<(), String> {
         if self.schema != COST_MODEL_SCHEMA {
             return Err(format!("schema {:?}, this runtime reads {COST_MODEL_SCHEMA:?}", self.schema));
         }
-        for (what, v) in self.kernels.values() {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("kernel time {what} is {v}, expected a finite number >= 0"));
-            }
-        }
+        self.limits.check()?;
         if !self.fixed_ms_per_token.is_finite() {
             return Err(format!("fixed_ms_per_token is {}", self.fixed_ms_per_token));
         }
         if !(self.scale.is_finite() && self.scale > 0.0) {
             return Err(format!("scale is {}, expected a positive number", self.scale));
-        }
-        for w in self.shape.distinct_widths() {
-            if self.kernels.width(w).is_none() {
-                return Err(format!("no kernel timing for FFN width {w} of the model shape"));
-            }
         }
         Ok(())
     }
@@ -723,104 +649,88 @@ mod tests {
         DeviceId { backend: "cpu".into(), name: "Test CPU".into(), detail: "2 threads".into() }
     }
 
-    fn kernels() -> KernelTimings {
-        KernelTimings {
-            attention_projections_ms: 1.0,
-            attention_ms_at_zero: 0.5,
-            attention_ms_per_context_token: 0.01,
-            ffn: vec![
-                WidthCost { width: 4, up_ms: 2.0, down_ms: 1.0, act_ms: 0.25 },
-                WidthCost { width: 8, up_ms: 4.0, down_ms: 2.0, act_ms: 0.5 },
-            ],
-            lm_head_ms: 3.0,
-            small_ms_per_layer: 0.1,
-            small_ms_per_token: 0.2,
-            sources: vec![],
-        }
+    fn limits() -> DeviceLimits {
+        DeviceLimits { read_bytes_per_second: 1e6, flops_per_second: 2e6, method: "test".into() }
+    }
+
+    /// The roofline of `widths` at `context` under [`limits`], ms.
+    fn roofline(widths: &[u32], context: f64) -> f64 {
+        KernelClass::ALL
+            .iter()
+            .map(|&c| {
+                let (bytes, flops) = shape().class_work(c, widths, context);
+                1e3 * (bytes / 1e6 + flops / 2e6)
+            })
+            .sum()
     }
 
     /// Tolerance of the f64 sums below (a few ulps of values near 100).
     const SUM_TOLERANCE: f64 = 1e-9;
 
+    fn run(entry: &str, widths: &[u32], measured_ms: f64) -> FitRun {
+        FitRun {
+            entry: entry.into(),
+            widths: widths.to_vec(),
+            context: 100.0,
+            tokens: 4,
+            measured_ms,
+            mean_ms: measured_ms,
+        }
+    }
+
     #[test]
-    fn prediction_is_the_sum_of_the_classes_and_the_fitted_fixed_part() {
-        let widths = [4, 4, 8];
-        // Per class at context 100: proj 3, attention 3 * (0.5 + 1) = 4.5, up 8, down 4,
-        // head 3, small 0.3 + 1.0 + 0.2 = 1.5; total 24.
-        let runs = vec![
-            FitRun {
-                entry: "a".into(),
-                widths: widths.to_vec(),
-                context: 100.0,
-                tokens: 4,
-                measured_ms: 25.0,
-                mean_ms: 25.0,
-            },
-            FitRun {
-                entry: "b".into(),
-                widths: vec![8, 8, 8],
-                context: 100.0,
-                tokens: 4,
-                measured_ms: 33.75,
-                mean_ms: 33.75,
-            },
-        ];
-        // Run b: proj 3, attn 4.5, up 12, down 6, head 3, small 0.3 + 1.5 + 0.2 = 2; total 30.5.
-        // The line through (24, 25) and (30.5, 33.75): scale 1.346..., fixed -7.307...
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), runs.clone(), 1.0).expect("fit");
-        let scale = 8.75 / 6.5;
-        assert!((m.scale - scale).abs() < SUM_TOLERANCE);
-        assert!((m.fixed_ms_per_token - (25.0 - 24.0 * scale)).abs() < SUM_TOLERANCE);
+    fn prediction_is_the_fitted_roofline() {
+        let (a, b) = ([4, 4, 8], [8, 8, 8]);
+        let (xa, xb) = (roofline(&a, 100.0), roofline(&b, 100.0));
+        // Work by hand for a at context 100 (d 8, 3 layers, q 8, kv 4, f16): projections
+        // 3 * (2*8*8 + 2*4*8) = 576 params, attention 3 * 100 * 32 bytes and FLOPs, up 16 * 8 * 2
+        // params, down 16 * 8, head 16 * 8, small ops 304 bytes: 12,080 bytes and 11,776 FLOPs.
+        assert!((xa - (12_080.0 / 1e3 + 11_776.0 / 2e3)).abs() < SUM_TOLERANCE, "{xa}");
+        let runs = vec![run("a", &a, 2.0 + 1.5 * xa), run("b", &b, 2.0 + 1.5 * xb)];
+        let m = DeviceCostModel::fit(device(), shape(), limits(), runs.clone(), 1.0).expect("fit");
+        assert!((m.scale - 1.5).abs() < SUM_TOLERANCE && (m.fixed_ms_per_token - 2.0).abs() < SUM_TOLERANCE);
         for r in &runs {
             assert!((m.predict_run(r).expect("predict") - r.measured_ms).abs() < SUM_TOLERANCE, "two runs fit exactly");
         }
-        let b = m.breakdown(&widths, 100).expect("breakdown");
-        let expect = [3.0, 4.5, 8.0, 4.0, 3.0, 1.5];
-        for ((class, ms), e) in b.classes.iter().zip(expect) {
-            assert!((ms - e * scale).abs() < SUM_TOLERANCE, "{}: {ms} != {e} * scale", class.name());
-        }
-        assert!((b.total_ms - 25.0).abs() < SUM_TOLERANCE);
-        assert!((m.ms_per_token_widths(&widths, 0).expect("ms") - (25.0 - 3.0 * scale)).abs() < SUM_TOLERANCE);
+        let br = m.breakdown(&a, 100).expect("breakdown");
+        let (attn_bytes, attn_flops) = shape().class_work(KernelClass::Attention, &a, 100.0);
+        assert_eq!((attn_bytes, attn_flops), (9600.0, 9600.0));
+        let attn_ms = br.classes.iter().find(|(c, _)| *c == KernelClass::Attention).expect("attention").1;
+        assert!((attn_ms - 1.5 * 1e3 * (9600.0 / 1e6 + 9600.0 / 2e6)).abs() < SUM_TOLERANCE);
+        assert!((br.total_ms - runs[0].measured_ms).abs() < SUM_TOLERANCE);
+        let at0 = m.ms_per_token_widths(&a, 0).expect("ms");
+        assert!((at0 - (2.0 + 1.5 * roofline(&a, 0.0))).abs() < SUM_TOLERANCE);
 
-        // A scale outside SCALE_RANGE falls back to scale 1 and the median residual:
-        // residuals 1.0 and 70.0 - 30.5 = 39.5, median 20.25.
-        let mut wild = runs.clone();
-        wild[1].measured_ms = 70.0;
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), wild, 1.0).expect("fit");
+        // A scale outside SCALE_RANGE (10) falls back to scale 1 and the median residual.
+        let wild = vec![run("a", &a, xa), run("b", &b, xa + 10.0 * (xb - xa))];
+        let m = DeviceCostModel::fit(device(), shape(), limits(), wild, 1.0).expect("fit");
         assert_eq!(m.scale, 1.0);
-        assert!((m.fixed_ms_per_token - 20.25).abs() < SUM_TOLERANCE);
+        assert!((m.fixed_ms_per_token - 4.5 * (xb - xa)).abs() < SUM_TOLERANCE);
 
-        // A line that predicts no time for the cheapest decode at zero context is refused:
-        // through (24, 10) and (30.5, 33.75) the scale is 3.65 (in range) but run a's kernels
-        // at zero context (21) would take -0.96 ms. Scale 1 and the median residual instead:
-        // residuals -14 and 3.25, median -5.375.
-        let mut steep = runs.clone();
-        steep[0].measured_ms = 10.0;
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), steep, 1.0).expect("fit");
+        // A line that predicts no time for the cheapest decode at zero context is refused
+        // (scale 3 in range, fixed below minus 3 x that decode's roofline): scale 1 and the
+        // median residual instead, or nothing when that too would predict no time.
+        let x0 = roofline(&a, 0.0);
+        let fixed = -3.0 * x0 - 1.0;
+        let steep = vec![run("a", &a, fixed + 3.0 * xa), run("b", &b, fixed + 3.0 * xb)];
+        let m = DeviceCostModel::fit(device(), shape(), limits(), steep.clone(), 1.0).expect("fit");
         assert_eq!(m.scale, 1.0);
-        assert!((m.fixed_ms_per_token + 5.375).abs() < SUM_TOLERANCE);
-        // Decodes far faster than their kernels timed alone (a tiny model, noisy timings): the
-        // median residual (-27.2) would also predict no time, so the kernels alone predict.
-        let mut tiny = runs.clone();
-        tiny[0].measured_ms = 0.05;
-        tiny[1].measured_ms = 0.06;
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), tiny, 1.0).expect("fit");
+        let median = ((steep[0].measured_ms - xa) + (steep[1].measured_ms - xb)) / 2.0;
+        let expect = if median + x0 > 0.0 { median } else { 0.0 };
+        assert!((m.fixed_ms_per_token - expect).abs() < SUM_TOLERANCE, "{} vs {expect}", m.fixed_ms_per_token);
+        // Decodes far faster than the roofline (a tiny model, noisy timings): the roofline alone.
+        let tiny = vec![run("a", &a, 0.05), run("b", &b, 0.06)];
+        let m = DeviceCostModel::fit(device(), shape(), limits(), tiny, 1.0).expect("fit");
         assert_eq!((m.scale, m.fixed_ms_per_token), (1.0, 0.0));
-        assert!(m.ms_per_token_widths(&widths, 0).expect("ms") > 0.0);
-        assert!(matches!(m.ms_per_token_widths(&[4, 4, 5], 0), Err(CostModelError::UnknownWidth { width: 5 })));
+        assert!(m.ms_per_token_widths(&a, 0).expect("ms") > 0.0);
         assert!(m.ms_per_token_widths(&[4, 4], 0).is_err(), "one width per layer");
-        // Work: proj = 3 layers * (2 * 8 * 8 + 2 * 4 * 8) params, 2 bytes each.
-        let (bytes, flops) = m.shape.class_work(KernelClass::AttentionProjections, &widths, 0);
-        assert_eq!((bytes, flops), (3.0 * 192.0 * 2.0, 3.0 * 192.0 * 2.0));
-        let (bytes, flops) = m.shape.class_work(KernelClass::FfnUp, &widths, 0);
-        assert_eq!((bytes, flops), (16.0 * 8.0 * 2.0 * 2.0, 16.0 * 8.0 * 2.0 * 2.0));
     }
 
     #[test]
     fn cache_round_trip_and_refusals() {
         let dir = std::env::temp_dir().join(format!("matformer-latency-test-{}", std::process::id()));
         let path = dir.join("sub").join("cost.json");
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), vec![], 0.5).expect("fit");
+        let m = DeviceCostModel::fit(device(), shape(), limits(), vec![], 0.5).expect("fit");
         assert!(matches!(DeviceCostModel::load(&path, &device(), &shape()), Err(CacheMiss::NotFound { .. })));
         m.save(&path).expect("save");
         assert_eq!(DeviceCostModel::load(&path, &device(), &shape()).expect("load"), m);
@@ -837,9 +747,8 @@ mod tests {
             (text[..text.len() / 2].to_string(), "truncated"),
             ("not json".to_string(), "garbage"),
             (text.replace(COST_MODEL_SCHEMA, "matformer.cost_model/0"), "old schema"),
-            (text.replace("\"lm_head_ms\": 3.0", "\"lm_head_ms\": -3.0"), "negative time"),
-            (text.replace("\"width\": 8", "\"width\": 9"), "missing width row"),
-            (text.replace("\"kernels\"", "\"kernelz\""), "missing field"),
+            (text.replace("\"read_bytes_per_second\": 1000000.0", "\"read_bytes_per_second\": -1.0"), "negative rate"),
+            (text.replace("\"limits\"", "\"limitz\""), "missing field"),
         ] {
             assert_ne!(bad, text, "{what}: the edit applies");
             std::fs::write(&path, &bad).expect("write");
@@ -889,32 +798,35 @@ mod tests {
             monotone_configs: 2,
             calibration: None,
         };
-        let m = DeviceCostModel::fit(device(), shape(), kernels(), vec![], 0.0).expect("fit");
-        // At context 100: s = 3 + 4.5 + 6 + 3 + 3 + 1.25 = 20.75 ms, xl = 3 + 4.5 + 12 + 6 + 3 + 2 = 30.5.
-        let xl_ms = m.ms_per_token(&catalog.entries[1], 100).expect("xl");
-        assert!((xl_ms - 30.5).abs() < SUM_TOLERANCE, "{xl_ms}");
+        let m = DeviceCostModel::fit(device(), shape(), limits(), vec![], 0.0).expect("fit");
+        let (s_ms, xl_ms) = (roofline(&[4; 3], 100.0), roofline(&[8; 3], 100.0));
+        assert!((m.ms_per_token(&catalog.entries[1], 100).expect("xl") - xl_ms).abs() < SUM_TOLERANCE);
         let est = LatencyEstimator::from(m.clone());
         let policy = Policy::default();
         let budget = |t: f64| DeviceBudget { latency_target_ms_per_token: Some(t), ..Default::default() };
-        let fast = select(&catalog, &budget(25.0), &policy, Some(&est)).expect("plan");
+        let between = (s_ms + xl_ms) / 2.0;
+        let fast = select(&catalog, &budget(between), &policy, Some(&est)).expect("plan");
         assert_eq!(fast.entry.name, "s");
         assert_eq!(fast.deciding_constraint, Some(Constraint::Latency));
-        assert!((fast.predicted_ms_per_token.expect("ms") - 20.75).abs() < SUM_TOLERANCE);
-        assert_eq!(select(&catalog, &budget(31.0), &policy, Some(&est)).expect("plan").entry.name, "xl");
+        assert!((fast.predicted_ms_per_token.expect("ms") - s_ms).abs() < SUM_TOLERANCE);
+        assert_eq!(select(&catalog, &budget(xl_ms + 1.0), &policy, Some(&est)).expect("plan").entry.name, "xl");
         // A cost model of another shape is refused, not silently used.
         let mut other = m;
         other.shape.n_layers = 4;
         let est = LatencyEstimator::from(other);
-        assert!(matches!(select(&catalog, &budget(25.0), &policy, Some(&est)), Err(SelectError::BadPolicy { .. })));
+        assert!(matches!(select(&catalog, &budget(between), &policy, Some(&est)), Err(SelectError::BadPolicy { .. })));
     }
 
     #[test]
     fn invalid_models_are_refused() {
-        let mut k = kernels();
-        k.lm_head_ms = f64::NAN;
-        assert!(matches!(DeviceCostModel::fit(device(), shape(), k, vec![], 0.0), Err(CostModelError::Invalid { .. })));
-        let mut k = kernels();
-        k.ffn.pop();
-        assert!(DeviceCostModel::fit(device(), shape(), k, vec![], 0.0).is_err(), "width 8 missing");
+        for bad in [f64::NAN, 0.0, -1.0, f64::INFINITY] {
+            let l = DeviceLimits { read_bytes_per_second: bad, ..limits() };
+            assert!(matches!(
+                DeviceCostModel::fit(device(), shape(), l, vec![], 0.0),
+                Err(CostModelError::Invalid { .. })
+            ));
+            let l = DeviceLimits { flops_per_second: bad, ..limits() };
+            assert!(DeviceCostModel::fit(device(), shape(), l, vec![], 0.0).is_err(), "flops {bad}");
+        }
     }
 }

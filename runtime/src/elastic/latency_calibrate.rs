@@ -1,25 +1,19 @@
-//! Measuring a [`DeviceCostModel`]: kernel-class timings on the backend in use plus a few real
-//! decodes for the fixed part (see [`super::latency`]).
+//! Measuring a [`DeviceCostModel`]: the device's limits on the backend in use plus a few real
+//! decodes for the fixed part and the scale (see [`super::latency`]).
 //!
-//! - **CPU** ([`calibrate_cpu`]): every class timed with the engine's own kernels and thread
-//!   count ([`crate::elastic::cpu_probe`]); the fixed part and the scale are fitted to decodes of
-//!   every uniform submodel (least squares over as many points as levels).
-//! - **GPU** ([`calibrate_gpu`], feature `gpu`): the GEMV classes (attention projections, FFN
-//!   up/gate and down at every width, LM head) timed with the decode GEMV kernel at their real
-//!   shapes ([`OpRunner::gemv_read_bandwidth`](crate::gpu::OpRunner::gemv_read_bandwidth): many
-//!   dispatches in one submit, so no per-call upload or readback is timed). The down projection
-//!   runs the transposed GEMV in a real pass; it is timed as the plain GEMV over the same
-//!   `[d_model, width]` bytes. For the cost model, attention and the small ops come from real
-//!   decodes (`matformer bench` times them one dispatch at a time with
-//!   `OpRunner::time_decode_*` for its per-class table): the smallest
-//!   uniform submodel at a short and at a long context gives the attention slope, and the
-//!   fitted fixed part holds the small ops, the attention intercept and the per-pass
-//!   overhead. The fixed part and the scale are fitted over every uniform submodel at the
-//!   short context plus the long-context decode.
+//! - **CPU** ([`calibrate_cpu`]): streaming-read bandwidth and multiply-add throughput at the
+//!   engine's thread count ([`crate::elastic::cpu_probe::measure_limits`]); the fixed part and
+//!   the scale are fitted to decodes of every uniform submodel (least squares over as many
+//!   points as levels, each decode repeated).
+//! - **GPU** ([`calibrate_gpu`], feature `gpu`): the adapter's streaming-read bandwidth and
+//!   vec4 FMA throughput ([`OpRunner::read_bandwidth`](crate::gpu::OpRunner::read_bandwidth),
+//!   [`OpRunner::fma_throughput`](crate::gpu::OpRunner::fma_throughput)); the fit decodes are
+//!   every uniform submodel at a short prompt plus the smallest at a long one (so attention
+//!   over the cache is in the fit).
 
 use std::time::Instant;
 
-use super::cpu_probe::{self as probe, ProbeOptions};
+use super::cpu_probe as probe;
 use super::latency::{CostModelError, DeviceCostModel, FitRun, ShapeFingerprint};
 use crate::cpu::CpuEngine;
 use crate::{ModelFile, Submodel};
@@ -27,8 +21,6 @@ use crate::{ModelFile, Submodel};
 /// Options of the calibrations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LatencyCalibrationOptions {
-    /// Kernel timing options (CPU).
-    pub probe: ProbeOptions,
     /// Decode steps timed per fit decode (after one untimed step). Default 4.
     pub fit_tokens: usize,
     /// Times each fit decode is repeated, alternating between the submodels so a burst of
@@ -42,13 +34,7 @@ pub struct LatencyCalibrationOptions {
 
 impl Default for LatencyCalibrationOptions {
     fn default() -> Self {
-        LatencyCalibrationOptions {
-            probe: ProbeOptions::default(),
-            fit_tokens: 4,
-            fit_repeats: 2,
-            short_prompt: 4,
-            long_prompt: 128,
-        }
+        LatencyCalibrationOptions { fit_tokens: 4, fit_repeats: 2, short_prompt: 4, long_prompt: 128 }
     }
 }
 
@@ -156,8 +142,7 @@ pub fn measure_cpu_decode(
 pub fn calibrate_cpu(engine: &CpuEngine, opts: &LatencyCalibrationOptions) -> Result<DeviceCostModel, CostModelError> {
     let t = Instant::now();
     let model = engine.model();
-    let kernels = probe::measure_kernels(engine, &opts.probe)
-        .map_err(|e| CostModelError::Calibration { reason: e.to_string() })?;
+    let limits = probe::measure_limits(engine.threads());
     let mut runs = Vec::new();
     for _ in 0..opts.fit_repeats.max(1) {
         for sub in uniform_levels(model) {
@@ -165,7 +150,7 @@ pub fn calibrate_cpu(engine: &CpuEngine, opts: &LatencyCalibrationOptions) -> Re
         }
     }
     let device = probe::cpu_device_id(engine.threads());
-    DeviceCostModel::fit(device, ShapeFingerprint::of(model), kernels, merge_runs(runs), t.elapsed().as_secs_f64())
+    DeviceCostModel::fit(device, ShapeFingerprint::of(model), limits, merge_runs(runs), t.elapsed().as_secs_f64())
 }
 
 #[cfg(feature = "gpu")]
@@ -176,16 +161,9 @@ mod gpu {
     use std::time::Instant;
 
     use super::{probe_prompt, time_decode, widths_of, LatencyCalibrationOptions};
-    use crate::elastic::latency::{
-        CostModelError, DeviceCostModel, DeviceId, FitRun, KernelClass, KernelTimings, ShapeFingerprint, WidthCost,
-    };
+    use crate::elastic::latency::{CostModelError, DeviceCostModel, DeviceId, DeviceLimits, FitRun, ShapeFingerprint};
     use crate::gpu::{AdapterReport, GpuEngine, GpuSession, OpRunner};
     use crate::Submodel;
-
-    /// Bytes of weights read per timed GEMV run at least (repeats are raised until then), so
-    /// each timing spans well over the submit and wait overhead; also the size a weight is
-    /// stacked up to, beyond the last-level caches of current GPUs and CPUs (lavapipe).
-    const GEMV_TIMED_BYTES: usize = 64 << 20;
 
     /// A GPU adapter as a cost-model device: its name and driver.
     pub fn gpu_device_id(adapter: &AdapterReport) -> DeviceId {
@@ -198,88 +176,6 @@ mod gpu {
 
     fn gpu_err(e: crate::gpu::GpuError) -> CostModelError {
         CostModelError::Calibration { reason: e.to_string() }
-    }
-
-    /// Milliseconds of one decode GEMV over a `[rows, cols]` weight of the shape's dtype. A
-    /// weight smaller than [`GEMV_TIMED_BYTES`] is timed as up to `max_stack` copies stacked
-    /// into one taller matrix (as the layers of a pass follow each other), so repeated
-    /// dispatches stream it from memory instead of finding it in the cache.
-    fn gemv_ms(
-        runner: &OpRunner,
-        rows: usize,
-        cols: usize,
-        elem_bytes: u64,
-        max_stack: usize,
-    ) -> Result<f64, CostModelError> {
-        product_ms(runner, rows, cols, false, elem_bytes, max_stack)
-    }
-
-    /// [`gemv_ms`], or with `transposed` the engine's `ffn_down_t` product over a
-    /// `[rows, cols]` weight (`out = x W`). The runner streams distinct weight copies, so the
-    /// weights come from memory, as in a decode step.
-    fn product_ms(
-        runner: &OpRunner,
-        rows: usize,
-        cols: usize,
-        transposed: bool,
-        elem_bytes: u64,
-        max_stack: usize,
-    ) -> Result<f64, CostModelError> {
-        let f16_bytes = rows * cols * 2;
-        let stack = GEMV_TIMED_BYTES.div_ceil(f16_bytes.max(1)).clamp(1, max_stack.max(1));
-        let repeats = GEMV_TIMED_BYTES.div_ceil(f16_bytes.max(1) * stack).clamp(2, 256);
-        let gbs = runner.decode_product_read_bandwidth(rows * stack, cols, transposed, repeats).map_err(gpu_err)?;
-        if !(gbs.is_finite() && gbs > 0.0) {
-            return Err(CostModelError::Calibration {
-                reason: format!("GEMV bandwidth {gbs} GB/s at [{rows}, {cols}]"),
-            });
-        }
-        // The packed-f16 kernel is timed; an f32 file reads twice the bytes.
-        Ok((rows * cols) as f64 * elem_bytes as f64 / (gbs * 1e9) * 1e3)
-    }
-
-    /// The GEMV classes of `shape` timed on `runner`'s adapter; attention and the small ops
-    /// are left at 0 with a source saying they are not separately measured (module
-    /// documentation).
-    pub fn measure_gpu_gemv_classes(
-        runner: &OpRunner,
-        shape: &ShapeFingerprint,
-    ) -> Result<KernelTimings, CostModelError> {
-        let (d, q, kv) = (
-            shape.d_model as usize,
-            (shape.n_heads * shape.head_dim) as usize,
-            (shape.n_kv_heads * shape.head_dim) as usize,
-        );
-        let eb = shape.weight_bytes();
-        let l = shape.n_layers as usize;
-        let proj = gemv_ms(runner, q, d, eb, l)? + 2.0 * gemv_ms(runner, kv, d, eb, l)? + gemv_ms(runner, d, q, eb, l)?;
-        let mut ffn = Vec::new();
-        for w in shape.distinct_widths() {
-            let w_us = w as usize;
-            let (n_up, stack) = if shape.gated_ffn { (2.0, 2 * l) } else { (1.0, l) };
-            let up = gemv_ms(runner, w_us, d, eb, stack)? * n_up;
-            let down = product_ms(runner, w_us, d, true, eb, l)?;
-            ffn.push(WidthCost { width: w, up_ms: up, down_ms: down, act_ms: 0.0 });
-        }
-        let head = gemv_ms(runner, shape.vocab_size as usize, d, eb, 1)?;
-        let how = format!("timed: decode GEMV kernel on {} (best of 3)", runner.adapter().name);
-        Ok(KernelTimings {
-            attention_projections_ms: proj,
-            attention_ms_at_zero: 0.0,
-            attention_ms_per_context_token: 0.0,
-            ffn,
-            lm_head_ms: head,
-            small_ms_per_layer: 0.0,
-            small_ms_per_token: 0.0,
-            sources: vec![
-                (KernelClass::AttentionProjections, how.clone()),
-                (KernelClass::Attention, "not measured separately".to_string()),
-                (KernelClass::FfnUp, how.clone()),
-                (KernelClass::FfnDown, format!("{how}; the transposed product over ffn_down_t [width, d_model]")),
-                (KernelClass::LmHead, how),
-                (KernelClass::SmallOps, "not measured separately".to_string()),
-            ],
-        })
     }
 
     /// One timed decode of `sub` on the GPU engine.
@@ -325,9 +221,18 @@ mod gpu {
         let t = Instant::now();
         let model = engine.model();
         let shape = ShapeFingerprint::of(model);
-        let mut kernels = {
+        let limits = {
             let runner = OpRunner::for_engine(engine).map_err(gpu_err)?;
-            measure_gpu_gemv_classes(&runner, &shape)?
+            let gbs = runner.read_bandwidth(64 << 20, 8).map_err(gpu_err)?;
+            let gflops = runner.fma_throughput(2048, 4).map_err(gpu_err)?;
+            DeviceLimits {
+                read_bytes_per_second: gbs * 1e9,
+                flops_per_second: gflops * 1e9,
+                method: format!(
+                    "calibrate_read.wgsl streaming reads of 64 MiB and calibrate_fma.wgsl vec4 FMA chains on {}",
+                    runner.adapter().name
+                ),
+            }
         };
         let uniform = super::uniform_levels(model);
         let max_ctx = model.metadata().architecture.max_context as usize;
@@ -340,51 +245,20 @@ mod gpu {
             sessions.push(engine.session(sub).map_err(gpu_err)?);
         }
         let mut runs = Vec::new();
-        let mut short_small = Vec::new();
         for _ in 0..opts.fit_repeats.max(1) {
-            for (k, session) in sessions.iter_mut().enumerate() {
-                let r = measure_on(engine, session, short_prompt, opts.fit_tokens)?;
-                if k == 0 {
-                    short_small.push(r.measured_ms);
+            for session in sessions.iter_mut() {
+                runs.push(measure_on(engine, session, short_prompt, opts.fit_tokens)?);
+            }
+            if long_prompt > short_prompt {
+                if let Some(small) = sessions.first_mut() {
+                    runs.push(measure_on(engine, small, long_prompt, opts.fit_tokens)?);
                 }
-                runs.push(r);
             }
         }
-        sessions.truncate(1);
-        let short_ms = short_small.iter().copied().fold(f64::INFINITY, f64::min);
-        let long_run = match (long_prompt > short_prompt, sessions.first_mut()) {
-            (true, Some(small_s)) => Some(measure_on(engine, small_s, long_prompt, opts.fit_tokens)?),
-            _ => None,
-        };
         drop(sessions);
-        for (class, source) in &mut kernels.sources {
-            match class {
-                KernelClass::Attention => {
-                    *source = format!(
-                        "fitted: slope of two real decodes at {short_prompt} and {long_prompt} prompt tokens; intercept in the fixed part"
-                    )
-                }
-                KernelClass::SmallOps => *source = "fitted: part of the fixed part".to_string(),
-                _ => {}
-            }
-        }
-        // Fixed part and scale from the short-context decodes (attention there is part of the
-        // fixed part), then the attention slope measured inside a pass, expressed in timed-
-        // kernel units (divided by the scale) and taken out of the fixed part at the short
-        // context, so the short-context predictions do not change.
-        let short_runs = super::merge_runs(runs);
-        let short_context = short_runs.first().map_or(0.0, |r| r.context);
         let elapsed = t.elapsed().as_secs_f64();
-        let mut model = DeviceCostModel::fit(gpu_device_id(engine.adapter()), shape, kernels, short_runs, elapsed)?;
-        if let Some(long) = long_run {
-            let layers = f64::from(model.shape.n_layers.max(1));
-            let in_pass = ((long.measured_ms - short_ms) / (long.context - short_context) / layers).max(0.0);
-            if in_pass.is_finite() {
-                model.kernels.attention_ms_per_context_token = in_pass / model.scale;
-                model.fixed_ms_per_token -= in_pass * layers * short_context;
-            }
-            model.fit_runs.push(long);
-        }
+        let mut model =
+            DeviceCostModel::fit(gpu_device_id(engine.adapter()), shape, limits, super::merge_runs(runs), elapsed)?;
         model.calibration_seconds = t.elapsed().as_secs_f64();
         model.check().map_err(|reason| CostModelError::Invalid { reason })?;
         Ok(model)

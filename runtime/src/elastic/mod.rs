@@ -6,10 +6,11 @@
 //! - [`budget`](crate::elastic::budget): the device signals (memory, battery, low-power mode, thermal state, latency
 //!   target, context).
 //! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
-//! - [`latency`](crate::elastic::latency): the per-device latency cost model (kernel classes
-//!   timed at the model's shapes, a fitted fixed part, a per-device cache);
-//!   [`latency_calibrate`](crate::elastic::latency_calibrate) measures it on the CPU engine
-//!   (kernel classes timed by [`cpu_probe`](crate::elastic::cpu_probe)) or a GPU.
+//! - [`latency`](crate::elastic::latency): the per-device latency cost model (a roofline at
+//!   the device's measured limits with a fixed part and a scale fitted to real decodes, a
+//!   per-device cache); [`latency_calibrate`](crate::elastic::latency_calibrate) measures it on
+//!   the CPU engine (limits from [`cpu_probe`](crate::elastic::cpu_probe)) or a GPU.
+//!   `kernel_probe` (feature `probes`, for `matformer bench`) times every kernel class.
 //! - [`select`](mod@crate::elastic::select): the best entry within the limits, with an explanation.
 //! - [`ElasticSession`](crate::elastic::ElasticSession): switch submodel mid-generation (exact
 //!   re-prefill of the KV cache) and release the pages of unused levels under memory pressure.
@@ -28,6 +29,8 @@
 pub mod budget;
 pub mod catalog;
 pub mod cpu_probe;
+#[cfg(feature = "probes")]
+pub mod kernel_probe;
 pub mod latency;
 pub mod latency_calibrate;
 pub mod policy;
@@ -40,8 +43,8 @@ pub use catalog::{
     CATALOG_SCHEMA, MAX_ENUMERATED_CONFIGS,
 };
 pub use latency::{
-    cache_file, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, FitRun, KernelClass, KernelTimings,
-    ShapeFingerprint, WidthCost, COST_MODEL_SCHEMA,
+    cache_file, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, DeviceLimits, FitRun, KernelClass,
+    ShapeFingerprint, COST_MODEL_SCHEMA,
 };
 pub use policy::{Footprint, LatencyEstimator, LatencyModel, Policy};
 pub use select::{assess_all, limits, select, Assessment, Constraint, Limits, Plan, SelectError};
