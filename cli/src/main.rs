@@ -6,6 +6,7 @@
 mod backend;
 mod bench;
 mod commands;
+mod import;
 mod latency;
 mod select;
 mod switch_bench;
@@ -58,6 +59,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import a pretrained model: a GGUF file or a Hugging Face directory (Llama family).
+    Import(import::ImportArgs),
     /// Write a file with random weights at real model shapes (benchmarks).
     Synth {
         /// Shape preset: llama-3.2-1b, gemma-3n-e2b, small.
@@ -284,6 +287,7 @@ fn main() -> ExitCode {
         } => {
             commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json)
         }
+        Command::Import(args) => import::run(args),
         Command::Synth { preset, output, layers, dtype, seed, list } => {
             commands::synth(&preset, output, layers, &dtype, seed, list)
         }
