@@ -12,6 +12,7 @@
 
 pub mod export;
 pub mod gguf;
+pub mod hf_config;
 pub mod hf_import;
 pub mod import;
 pub mod mapping;
@@ -22,6 +23,7 @@ pub mod synth;
 pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};
+pub use hf_config::{HfConfig, HfConfigError};
 pub use import::{import, ImportOptions, ImportReport};
 pub use mapping::{NamePreset, Strategy};
 pub use verify::{Tolerance, VerifyOptions, VerifyReport};
