@@ -66,11 +66,7 @@ pub fn run(args: ImportArgs) -> Result<()> {
         "  {} layers, d_model {}, vocab {}, {} storage, {} bytes, {:.1} s",
         report.n_layers, report.d_model, report.vocab_size, report.dtype, report.bytes, report.seconds
     );
-    println!(
-        "  levels {} (FFN widths {:?})",
-        report.level_names.join(","),
-        report.ffn_widths_layer0
-    );
+    println!("  levels {} (FFN widths {:?})", report.level_names.join(","), report.ffn_widths_layer0);
     println!(
         "  tokenizer {}: bos {:?}, eos {:?}, chat template {}",
         report.tokenizer,
@@ -81,7 +77,10 @@ pub fn run(args: ImportArgs) -> Result<()> {
     if let Some(n) = &report.nest {
         println!("  nested on {} calibration tokens; measured loss per level (nats/token):", n.calibration_tokens);
         for l in &n.levels {
-            println!("    {:<4} width {:>6}: {:.4} (perplexity {:.2})", l.name, l.width, l.loss_nats_per_token, l.perplexity);
+            println!(
+                "    {:<4} width {:>6}: {:.4} (perplexity {:.2})",
+                l.name, l.width, l.loss_nats_per_token, l.perplexity
+            );
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! A Hugging Face Llama-family model directory -> canonical tensors: `config.json`,
+//! A Hugging Face Llama-family model directory -> canonical tensors: `config.json` (read by
+//! [`crate::hf_config`]),
 //! `model.safetensors` (or shards listed in `model.safetensors.index.json`), `tokenizer.json`,
 //! `tokenizer_config.json` or `chat_template.jinja`, and `generation_config.json`.
 
@@ -6,11 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::{names, Activation, Architecture, NormKind, Positional};
+use matformer::format::names;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-use crate::gguf::ImportedTokenizer;
+use crate::gguf::{ImportedTokenizer, SpecialStrings};
+use crate::hf_config::HfConfig;
 use crate::import::{dense_metadata, SourceWeights};
 use crate::onnx_source::Weight;
 use crate::progress::Progress;
@@ -28,76 +30,31 @@ fn read_json_opt(path: &Path) -> Result<Option<Json>> {
     }
 }
 
-/// Architecture and FFN width from a Llama `config.json`.
-pub fn architecture_from_config(c: &Json) -> Result<(Architecture, u32)> {
-    let model_type = c.get("model_type").and_then(Json::as_str).unwrap_or("");
-    if model_type != "llama" {
-        bail!("config.json: model_type `{model_type}` is not supported (supported: llama)");
+/// The string of a token named by `tokenizer_config.json` (a string or an `{"content": ...}`
+/// object).
+fn token_str(v: Option<&Json>) -> Option<&str> {
+    match v? {
+        Json::String(s) => Some(s.as_str()),
+        o => o.get("content")?.as_str(),
     }
-    let u = |k: &str| -> Result<u32> {
-        let v = c.get(k).ok_or_else(|| anyhow!("config.json: `{k}` is missing"))?;
-        v.as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| anyhow!("config.json: `{k}` is {v}, not an unsigned 32-bit integer"))
-    };
-    let f = |k: &str| -> Option<f64> { c.get(k).and_then(Json::as_f64) };
-    let d_model = u("hidden_size")?;
-    let n_heads = u("num_attention_heads")?;
-    let n_kv_heads = if c.get("num_key_value_heads").is_some_and(|v| !v.is_null()) { u("num_key_value_heads")? } else { n_heads };
-    let head_dim = if c.get("head_dim").is_some_and(|v| !v.is_null()) {
-        u("head_dim")?
-    } else {
-        if n_heads == 0 || d_model % n_heads != 0 {
-            bail!("config.json: num_attention_heads {n_heads} does not divide hidden_size {d_model}");
-        }
-        d_model / n_heads
-    };
-    let act = c.get("hidden_act").and_then(Json::as_str).unwrap_or("silu");
-    if act != "silu" {
-        bail!("config.json: hidden_act `{act}` is not supported (supported: silu)");
-    }
-    for k in ["attention_bias", "mlp_bias"] {
-        if c.get(k).and_then(Json::as_bool) == Some(true) {
-            bail!("config.json: `{k}` is true; biases are not supported");
+}
+
+/// The string of token `id` of a `tokenizer.json` (added tokens, then the model's vocabulary).
+fn token_of_id(tok_json: &Json, id: u32) -> Option<String> {
+    if let Some(added) = tok_json.get("added_tokens").and_then(Json::as_array) {
+        for t in added {
+            if t.get("id").and_then(Json::as_u64) == Some(u64::from(id)) {
+                return t.get("content").and_then(Json::as_str).map(str::to_string);
+            }
         }
     }
-    let rope_params = c.get("rope_parameters").filter(|v| v.is_object());
-    let scaling = c
-        .get("rope_scaling")
-        .filter(|v| !v.is_null())
-        .or_else(|| rope_params.filter(|p| p.get("rope_type").and_then(Json::as_str).is_some_and(|t| t != "default")));
-    if let Some(s) = scaling {
-        bail!("config.json: RoPE scaling {s} is not supported");
-    }
-    let rope_theta = f("rope_theta")
-        .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Json::as_f64))
-        .unwrap_or(10_000.0);
-    let arch = Architecture {
-        family: "llama".into(),
-        d_model,
-        n_layers: u("num_hidden_layers")?,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        vocab_size: u("vocab_size")?,
-        max_context: u("max_position_embeddings")?,
-        norm: NormKind::RmsNorm,
-        norm_eps: f("rms_norm_eps").unwrap_or(1e-6) as f32,
-        activation: Activation::Silu,
-        gated_ffn: true,
-        positional: Positional::Rope,
-        rope_theta: rope_theta as f32,
-        tied_embeddings: c.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
-    };
-    Ok((arch, u("intermediate_size")?))
+    let vocab = tok_json.get("model")?.get("vocab")?.as_object()?;
+    vocab.iter().find(|(_, v)| v.as_u64() == Some(u64::from(id))).map(|(k, _)| k.clone())
 }
 
 /// Id of a token named by `tokenizer_config.json` (a string or an `{"content": ...}` object).
 fn token_id_of(tok_json: &Json, v: Option<&Json>) -> Option<u32> {
-    let content = match v? {
-        Json::String(s) => s.as_str(),
-        o => o.get("content")?.as_str()?,
-    };
+    let content = token_str(v)?;
     if let Some(added) = tok_json.get("added_tokens").and_then(Json::as_array) {
         for t in added {
             if t.get("content").and_then(Json::as_str) == Some(content) {
@@ -121,7 +78,8 @@ pub fn tokenizer_from_dir(dir: &Path, config: &Json) -> Result<ImportedTokenizer
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = std::fs::read_to_string(&tok_path)
         .with_context(|| format!("cannot read {} (a Hugging Face tokenizer.json is required)", tok_path.display()))?;
-    let tok: Json = serde_json::from_str(&tokenizer_json).with_context(|| format!("{} is not valid JSON", tok_path.display()))?;
+    let tok: Json =
+        serde_json::from_str(&tokenizer_json).with_context(|| format!("{} is not valid JSON", tok_path.display()))?;
     let tc = read_json_opt(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
     let gen = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);
     let chat_template = match tc.get("chat_template") {
@@ -169,7 +127,26 @@ pub fn tokenizer_from_dir(dir: &Path, config: &Json) -> Result<ImportedTokenizer
             }
         }
     }
-    Ok(ImportedTokenizer { tokenizer_json, chat_template, bos_id, eos_id, extra_eos_ids: extra, add_bos, vocab_len })
+    let name = |key: &str, id: Option<u32>| -> Option<String> {
+        token_str(tc.get(key)).map(str::to_string).or_else(|| id.and_then(|i| token_of_id(&tok, i)))
+    };
+    let special = SpecialStrings {
+        bos: name("bos_token", bos_id),
+        eos: name("eos_token", eos_id),
+        pad: name("pad_token", None),
+        unk: name("unk_token", None),
+        end_of_turn: extra.iter().filter_map(|&i| token_of_id(&tok, i)).collect(),
+    };
+    Ok(ImportedTokenizer {
+        tokenizer_json,
+        chat_template,
+        bos_id,
+        eos_id,
+        extra_eos_ids: extra,
+        add_bos,
+        special,
+        vocab_len,
+    })
 }
 
 fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f32>> {
@@ -185,8 +162,10 @@ fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<
 
 /// Reads a Hugging Face Llama directory.
 pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
-    let config = read_json(&dir.join("config.json"))?;
-    let (arch, ffn) = architecture_from_config(&config)?;
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?;
+    let hf = HfConfig::from_value(&config).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    let (arch, ffn) = (hf.architecture.clone(), hf.intermediate_size);
     let tokenizer = tokenizer_from_dir(dir, &config)?;
     if tokenizer.vocab_len > arch.vocab_size as usize {
         bail!("tokenizer.json has {} tokens but config.json's vocab_size is {}", tokenizer.vocab_len, arch.vocab_size);
@@ -247,7 +226,8 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     let kv = (arch.n_kv_heads * arch.head_dim) as usize;
     let v = arch.vocab_size as usize;
     let h = ffn as usize;
-    let mut plan: Vec<(String, String, Vec<usize>, bool)> = vec![("model.embed_tokens.weight".into(), names::TOK_EMBEDDINGS.into(), vec![v, d], false)];
+    let mut plan: Vec<(String, String, Vec<usize>, bool)> =
+        vec![("model.embed_tokens.weight".into(), names::TOK_EMBEDDINGS.into(), vec![v, d], false)];
     for i in 0..arch.n_layers as usize {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
         let l = |s: &str| names::layer(i, s);

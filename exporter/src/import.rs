@@ -108,7 +108,11 @@ pub fn dense_metadata(
         architecture,
         ffn_widths: vec![vec![ffn_width]; n_layers],
         level_names: vec!["full".to_string()],
-        tokenizer: Tokenizer { kind: TOKENIZER_KIND.to_string(), bos_id: tok.bos_id.filter(|_| tok.add_bos), eos_id: tok.eos_id },
+        tokenizer: Tokenizer {
+            kind: TOKENIZER_KIND.to_string(),
+            bos_id: tok.bos_id.filter(|_| tok.add_bos),
+            eos_id: tok.eos_id,
+        },
         provenance: Provenance {
             source_sha256,
             source_name,
@@ -116,6 +120,17 @@ pub fn dense_metadata(
         },
         extra: Default::default(),
     }
+}
+
+/// Writes an imported model: its tensors in `dtype` and its tokenizer.
+pub fn write_model(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    dtype: DType,
+    _tokenizer: &ImportedTokenizer,
+) -> Result<u64> {
+    write_matf(path, meta, tensors, dtype)
 }
 
 /// Reads a GGUF file into canonical tensors.
@@ -153,11 +168,7 @@ pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
 pub fn import(opts: &ImportOptions) -> Result<(ImportReport, ImportedTokenizer)> {
     let started = Instant::now();
     eprintln!("reading {}", opts.input.display());
-    let src = if opts.input.is_dir() {
-        hf_import::load_dir(&opts.input)?
-    } else {
-        load_gguf(&opts.input)?
-    };
+    let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
     let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types } = src;
     meta.validate().map_err(|e| anyhow!("the imported model is not valid: {e}"))?;
 
@@ -171,7 +182,7 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, ImportedTokenizer)>
             }
             None => None,
         };
-        let bytes = write_matf(&tmp, &meta, &tensors, opts.dtype)?;
+        let bytes = write_model(&tmp, &meta, &tensors, opts.dtype, &tokenizer)?;
         matformer::ModelFile::open(&tmp)?.verify()?;
         std::fs::rename(&tmp, &opts.output)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;

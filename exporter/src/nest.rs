@@ -12,13 +12,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::elastic::{StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA};
 use matformer::format::{names, Architecture, DType, Metadata};
 use matformer::Submodel;
 
-use crate::export::write_matf;
 use crate::gguf::ImportedTokenizer;
 use crate::onnx_source::{default_level_names, Weight};
 
@@ -78,7 +78,8 @@ pub fn nested_widths(h: u32, levels: usize) -> Result<Vec<u32>> {
 
 /// Tokenises `text` with the model's tokenizer.
 pub fn tokenize(tok: &ImportedTokenizer, text: &str) -> Result<Vec<u32>> {
-    let t = tokenizers::Tokenizer::from_str(&tok.tokenizer_json).map_err(|e| anyhow!("cannot load the tokenizer: {e}"))?;
+    let t =
+        tokenizers::Tokenizer::from_str(&tok.tokenizer_json).map_err(|e| anyhow!("cannot load the tokenizer: {e}"))?;
     let enc = t.encode(text, true).map_err(|e| anyhow!("cannot tokenise the calibration text: {e}"))?;
     Ok(enc.get_ids().to_vec())
 }
@@ -123,8 +124,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for ((s, xi), yi) in acc.iter_mut().zip(x).zip(y) {
+            *s += xi * yi;
         }
     }
     let mut s: f32 = acc.iter().sum();
@@ -139,8 +140,8 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize) -> Vec<f32> {
     for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
-        for i in 0..d {
-            o[i] = row[i] * inv * w[i];
+        for ((oi, ri), wi) in o.iter_mut().zip(row).zip(w) {
+            *oi = ri * inv * wi;
         }
     }
     out
@@ -179,7 +180,8 @@ pub fn forward_scores(
     let emb = get(names::TOK_EMBEDDINGS)?;
     let mut x = vec![0f32; n * d];
     for (i, &tok) in tokens.iter().enumerate() {
-        let row = emb.get(tok as usize * d..(tok as usize + 1) * d).ok_or_else(|| anyhow!("token {tok} out of range"))?;
+        let row =
+            emb.get(tok as usize * d..(tok as usize + 1) * d).ok_or_else(|| anyhow!("token {tok} out of range"))?;
         x[i * d..(i + 1) * d].copy_from_slice(row);
     }
     let scale = 1.0 / (hd as f32).sqrt();
@@ -212,8 +214,8 @@ pub fn forward_scores(
                 for (tj, pj) in p.iter().enumerate().take(ti + 1) {
                     let vv = &v[tj * nkv * hd + kvh * hd..][..hd];
                     let wgt = pj / sum;
-                    for e in 0..hd {
-                        out[e] += wgt * vv[e];
+                    for (o, ve) in out.iter_mut().zip(vv) {
+                        *o += wgt * ve;
                     }
                 }
             }
@@ -226,21 +228,19 @@ pub fn forward_scores(
         let width = t.get(&name(names::FFN_UP)).map_or(0, |w| w.shape[0]);
         let g = matmul(&h, n, get(&name(names::FFN_GATE))?, width, d);
         let u = matmul(&h, n, get(&name(names::FFN_UP))?, width, d);
-        let mut act = vec![0f32; n * width];
-        for i in 0..n * width {
-            let gi = g[i];
-            act[i] = gi / (1.0 + (-gi).exp()) * u[i];
-            layer_scores[i % width] += f64::from(act[i].abs());
+        let act: Vec<f32> = g.iter().zip(&u).map(|(&gi, &ui)| gi / (1.0 + (-gi).exp()) * ui).collect();
+        for row in act.chunks_exact(width.max(1)) {
+            for (s, a) in layer_scores.iter_mut().zip(row) {
+                *s += f64::from(a.abs());
+            }
         }
         // down_t is [width, d]: x[t] += sum_j act[t][j] * down_t[j].
         let down_t = get(&name(names::FFN_DOWN_T))?;
         for ti in 0..n {
             let xr = &mut x[ti * d..(ti + 1) * d];
-            for j in 0..width {
-                let aj = act[ti * width + j];
-                let dr = &down_t[j * d..(j + 1) * d];
-                for e in 0..d {
-                    xr[e] += aj * dr[e];
+            for (j, &aj) in act[ti * width..(ti + 1) * width].iter().enumerate() {
+                for (xe, de) in xr.iter_mut().zip(&down_t[j * d..(j + 1) * d]) {
+                    *xe += aj * de;
                 }
             }
         }
@@ -339,7 +339,7 @@ pub fn nest(
     nested.level_names = default_level_names(opts.levels);
     nested.validate().map_err(|e| anyhow!("nested metadata: {e}"))?;
 
-    write_matf(scratch, &nested, tensors, dtype)?;
+    crate::import::write_model(scratch, &nested, tensors, dtype, tok)?;
     let model = std::sync::Arc::new(matformer::ModelFile::open(scratch)?);
     let mut levels = Vec::new();
     let mut entries = Vec::new();
@@ -347,11 +347,26 @@ pub fn nest(
         let sub = Submodel::uniform(j as u8, n_layers);
         let loss = measure_loss(&model, &sub, &chunks)?;
         eprintln!("nest: level {name} (width {}): {loss:.4} nats/token", nested.ffn_widths[0][j]);
-        levels.push(LevelLoss { name: name.clone(), width: nested.ffn_widths[0][j], loss_nats_per_token: loss, perplexity: loss.exp() });
-        entries.push(StoredEntry { name: name.clone(), levels: sub.levels.clone(), predicted_loss: None, measured_loss: Some(loss) });
+        levels.push(LevelLoss {
+            name: name.clone(),
+            width: nested.ffn_widths[0][j],
+            loss_nats_per_token: loss,
+            perplexity: loss.exp(),
+        });
+        entries.push(StoredEntry {
+            name: name.clone(),
+            levels: sub.levels.clone(),
+            predicted_loss: None,
+            measured_loss: Some(loss),
+        });
     }
     drop(model);
-    let stored = StoredCatalog { schema: CATALOG_SCHEMA.to_string(), loss_unit: "nats_per_token".to_string(), calibration: None, entries };
+    let stored = StoredCatalog {
+        schema: CATALOG_SCHEMA.to_string(),
+        loss_unit: "nats_per_token".to_string(),
+        calibration: None,
+        entries,
+    };
     nested.extra.insert(CATALOG_KEY.to_string(), serde_json::to_value(stored)?);
     Ok((nested, NestReport { calibration_tokens: ids.len(), levels }))
 }

@@ -15,7 +15,7 @@
 //! /var/tmp/matformer-models/SmolLM2-135M-Instruct.Q4_1.gguf (`.ci/run` downloads it there).
 //! When absent the test fails under `CI=true` and is skipped with a printed reason otherwise.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matformer::cpu::{argmax, CpuEngine};
@@ -49,14 +49,13 @@ struct Goldens {
 }
 
 fn gguf_path() -> Option<PathBuf> {
-    let p = std::env::var_os("MATFORMER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_GGUF));
+    let p =
+        std::env::var_os("MATFORMER_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_GGUF));
     if p.is_file() {
         return Some(p);
     }
-    let reason = format!(
-        "SmolLM2 GGUF not found at {} (set MATFORMER_SMOLLM2_GGUF or run scripts/smollm2.sh)",
-        p.display()
-    );
+    let reason =
+        format!("SmolLM2 GGUF not found at {} (set MATFORMER_SMOLLM2_GGUF or run scripts/smollm2.sh)", p.display());
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{reason}; CI must provide it (.ci/run downloads it)");
     }
@@ -71,11 +70,11 @@ fn goldens() -> Goldens {
 
 /// Imports the GGUF with `dtype` and checks every golden case. Returns the number of greedy
 /// tokens compared and how many cases stopped comparing at a near-tie.
-fn check(gguf: &PathBuf, dtype: DType) -> (usize, usize) {
+fn check(gguf: &Path, dtype: DType) -> (usize, usize) {
     let g = goldens();
     let dir = temp_dir(&format!("smollm2-{}", dtype.name()));
     let out = dir.join("smollm2.matf");
-    let (report, tok) = import(&ImportOptions { input: gguf.clone(), output: out.clone(), dtype, nest: None })
+    let (report, tok) = import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
         .expect("import SmolLM2 GGUF");
     eprintln!("imported in {:.1} s: {} bytes", report.seconds, report.bytes);
     assert_eq!(report.n_layers, 30);
@@ -100,7 +99,11 @@ fn check(gguf: &PathBuf, dtype: DType) -> (usize, usize) {
             .zip(&case.prompt_last_topk.logits)
             .map(|(&id, &r)| (logits[id as usize] - r).abs())
             .fold(0f32, f32::max);
-        eprintln!("{:?}: top-k logits max|diff| {max_diff:.2e} (scale {scale:.2}, bound {})", case.prompt, tol.bound * scale);
+        eprintln!(
+            "{:?}: top-k logits max|diff| {max_diff:.2e} (scale {scale:.2}, bound {})",
+            case.prompt,
+            tol.bound * scale
+        );
         assert!(max_diff <= tol.bound * scale, "{:?}: logits differ by {max_diff} beyond {tol:?}", case.prompt);
         // Greedy continuation.
         let mut ours = Vec::new();

@@ -26,6 +26,9 @@ fn f16(b: &[u8], at: usize) -> f32 {
 
 /// Dequantises `bytes` (whole blocks of `ty`) into `out`; `out.len()` must be the element
 /// count the bytes encode.
+// Index loops mirror ggml's `dequantize_row_*` line for line, which is what makes them
+// checkable against it.
+#[allow(clippy::needless_range_loop)]
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), SizeMismatch> {
     let be = ty.block_elems() as usize;
     let bb = ty.block_bytes() as usize;

@@ -35,7 +35,7 @@ pub fn architecture(g: &Gguf<'_>) -> Result<Architecture, GgufError> {
         Some(_) => u32_key("llama.attention.head_count_kv")?,
         None => n_heads,
     };
-    if n_heads == 0 || d_model % n_heads != 0 {
+    if n_heads == 0 || !d_model.is_multiple_of(n_heads) {
         return Err(GgufError::Key {
             key: "llama.attention.head_count".into(),
             problem: format!("is {n_heads}, which does not divide embedding_length {d_model}"),
@@ -126,10 +126,9 @@ pub fn tensors(
     let q_dim = u64::from(a.n_heads) * u64::from(a.head_dim);
     let kv_dim = u64::from(a.n_kv_heads) * u64::from(a.head_dim);
     let vocab = u64::from(a.vocab_size);
-    let ffn = g
-        .tensor("blk.0.ffn_up.weight")
-        .ok_or_else(|| GgufError::MissingTensor("blk.0.ffn_up.weight".into()))?
-        .shape()[0];
+    let ffn =
+        g.tensor("blk.0.ffn_up.weight").ok_or_else(|| GgufError::MissingTensor("blk.0.ffn_up.weight".into()))?.shape()
+            [0];
     if let Some(v) = g.get("llama.feed_forward_length") {
         if v.as_u64() != Some(ffn) {
             return Err(GgufError::Key {
@@ -182,10 +181,7 @@ pub fn tensors(
     for (src, dst, shape, fix) in plan {
         let t: &TensorInfo = g.tensor(&src).ok_or_else(|| GgufError::MissingTensor(src.clone()))?;
         if t.shape() != shape {
-            return Err(GgufError::Malformed(format!(
-                "tensor `{src}` has shape {:?}, expected {shape:?}",
-                t.shape()
-            )));
+            return Err(GgufError::Malformed(format!("tensor `{src}` has shape {:?}, expected {shape:?}", t.shape())));
         }
         let data = g.dequantize(t)?;
         let (rows, cols) = (shape[0] as usize, shape.get(1).copied().unwrap_or(1) as usize);

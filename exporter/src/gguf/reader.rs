@@ -200,10 +200,48 @@ impl GgmlType {
     /// ggml's name of a type code (also for the unsupported ones, for error messages).
     pub fn code_name(code: u32) -> &'static str {
         const NAMES: [&str; 42] = [
-            "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
-            "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS",
-            "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0",
-            "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4", "NVFP4", "Q1_0",
+            "F32",
+            "F16",
+            "Q4_0",
+            "Q4_1",
+            "Q4_2",
+            "Q4_3",
+            "Q5_0",
+            "Q5_1",
+            "Q8_0",
+            "Q8_1",
+            "Q2_K",
+            "Q3_K",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q8_K",
+            "IQ2_XXS",
+            "IQ2_XS",
+            "IQ3_XXS",
+            "IQ1_S",
+            "IQ4_NL",
+            "IQ3_S",
+            "IQ2_S",
+            "IQ4_XS",
+            "I8",
+            "I16",
+            "I32",
+            "I64",
+            "F64",
+            "IQ1_M",
+            "BF16",
+            "Q4_0_4_4",
+            "Q4_0_4_8",
+            "Q4_0_8_8",
+            "TQ1_0",
+            "TQ2_0",
+            "IQ4_NL_4_4",
+            "IQ4_NL_4_8",
+            "IQ4_NL_8_8",
+            "MXFP4",
+            "NVFP4",
+            "Q1_0",
         ];
         NAMES.get(code as usize).copied().unwrap_or("unknown")
     }
@@ -430,7 +468,11 @@ impl<'a> Gguf<'a> {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() && (8..=1 << 20).contains(&a) => a,
-                _ => return Err(GgufError::Malformed(format!("general.alignment {v:?} is not a power of two in 8..=1 MiB"))),
+                _ => {
+                    return Err(GgufError::Malformed(format!(
+                        "general.alignment {v:?} is not a power of two in 8..=1 MiB"
+                    )))
+                }
             },
         };
         let mut tensors = Vec::with_capacity(n_tensors.min(c.remaining() as u64 / 24) as usize);
@@ -462,7 +504,7 @@ impl<'a> Gguf<'a> {
             // Byte length for supported types; unsupported ones keep 0 and are refused when read.
             let byte_len = match GgmlType::from_code(type_code) {
                 Some(t) => {
-                    if ne[0] % t.block_elems() != 0 {
+                    if !ne[0].is_multiple_of(t.block_elems()) {
                         return Err(GgufError::Malformed(format!(
                             "{what}: row length {} is not a multiple of the {} block size {}",
                             ne[0],
@@ -474,7 +516,7 @@ impl<'a> Gguf<'a> {
                 }
                 None => 0,
             };
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(GgufError::Malformed(format!("{what}: offset {offset} is not a multiple of {alignment}")));
             }
             tensors.push(TensorInfo { name, ne, type_code, offset, byte_len });
@@ -491,14 +533,13 @@ impl<'a> Gguf<'a> {
         }
         let mut spans: Vec<(u64, u64, &str)> = Vec::with_capacity(tensors.len());
         for t in &tensors {
-            let end = t.offset.checked_add(t.byte_len).filter(|&e| e <= data_len).ok_or_else(|| {
-                GgufError::Truncated {
+            let end =
+                t.offset.checked_add(t.byte_len).filter(|&e| e <= data_len).ok_or_else(|| GgufError::Truncated {
                     what: format!("tensor `{}` data", t.name),
                     offset: data_offset.saturating_add(t.offset),
                     needed: t.byte_len,
                     available: data_len.saturating_sub(t.offset),
-                }
-            })?;
+                })?;
             if t.byte_len > 0 {
                 spans.push((t.offset, end, &t.name));
             }
@@ -520,7 +561,8 @@ impl<'a> Gguf<'a> {
     /// A required unsigned integer.
     pub fn u64_key(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.get(key).ok_or_else(|| GgufError::Key { key: key.into(), problem: "is missing".into() })?;
-        v.as_u64().ok_or_else(|| GgufError::Key { key: key.into(), problem: format!("is {v:?}, not an unsigned integer") })
+        v.as_u64()
+            .ok_or_else(|| GgufError::Key { key: key.into(), problem: format!("is {v:?}, not an unsigned integer") })
     }
 
     /// A required float.

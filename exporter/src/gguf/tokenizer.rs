@@ -35,10 +35,28 @@ pub struct ImportedTokenizer {
     pub eos_id: Option<u32>,
     /// Further ids that end a turn (end-of-turn, `generation_config.json` eos ids), without `eos_id`.
     pub extra_eos_ids: Vec<u32>,
-    /// Whether the bos token is prepended to every encoded text.
+    /// Whether the model's tokenizer prepends the bos token to plain text.
     pub add_bos: bool,
+    /// The special tokens as strings of the vocabulary (`bos`, `eos`, `pad`, `unk` and the
+    /// further end-of-turn tokens of `extra_eos_ids`).
+    pub special: SpecialStrings,
     /// Number of tokens in the vocabulary.
     pub vocab_len: usize,
+}
+
+/// Special tokens as strings of a tokenizer's vocabulary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialStrings {
+    /// Beginning of sequence.
+    pub bos: Option<String>,
+    /// End of sequence.
+    pub eos: Option<String>,
+    /// Padding.
+    pub pad: Option<String>,
+    /// Unknown token.
+    pub unk: Option<String>,
+    /// Further tokens that end a generation.
+    pub end_of_turn: Vec<String>,
 }
 
 /// GPT-2's reversible byte -> printable character map (`bytes_to_unicode`).
@@ -72,7 +90,8 @@ fn strings(g: &Gguf<'_>, key: &str) -> Result<Option<Vec<String>>, GgufError> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => {
-            let arr = v.as_array().ok_or_else(|| GgufError::Key { key: key.into(), problem: "is not an array".into() })?;
+            let arr =
+                v.as_array().ok_or_else(|| GgufError::Key { key: key.into(), problem: "is not an array".into() })?;
             arr.iter()
                 .map(|e| {
                     e.as_str()
@@ -186,16 +205,25 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
             let alphabet: std::collections::HashSet<char> = map.iter().copied().collect();
             let respelled = tokens
                 .iter()
-                .map(|t| if t.chars().all(|c| alphabet.contains(&c)) { t.clone() } else { t.bytes().map(|b| map[b as usize]).collect() })
+                .map(|t| {
+                    if t.chars().all(|c| alphabet.contains(&c)) {
+                        t.clone()
+                    } else {
+                        t.bytes().map(|b| map[b as usize]).collect()
+                    }
+                })
                 .collect();
             let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
             let pre_tokenizer = match split_regex(pre) {
                 Some(re) => json!({"type": "Sequence", "pretokenizers": [
                     {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
                     {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]}),
-                None => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}),
+                None => {
+                    json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+                }
             };
-            let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+            let decoder =
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
             let opts = json!({"continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false});
             (respelled, pre_tokenizer, decoder, opts)
         }
@@ -225,7 +253,9 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
         other => {
             return Err(GgufError::Key {
                 key: "tokenizer.ggml.model".into(),
-                problem: format!("is `{other}`; supported tokenizers: gpt2 (byte-level BPE), llama (SentencePiece BPE)"),
+                problem: format!(
+                    "is `{other}`; supported tokenizers: gpt2 (byte-level BPE), llama (SentencePiece BPE)"
+                ),
             })
         }
     };
@@ -267,11 +297,13 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
     let post_processor = match (add_bos, bos_id) {
         (true, Some(b)) => {
             let bos = &vocab_tokens[b as usize];
+            let mut special_map = serde_json::Map::new();
+            special_map.insert(bos.clone(), json!({"id": bos, "ids": [b], "tokens": [bos]}));
             json!({"type": "TemplateProcessing",
                    "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                    "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                             {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                   "special_tokens": {bos.clone(): {"id": bos, "ids": [b], "tokens": [bos]}}})
+                   "special_tokens": special_map})
         }
         _ => json!({"type": "TemplateProcessing",
                     "single": [{"Sequence": {"id": "A", "type_id": 0}}],
@@ -295,9 +327,21 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
         None => None,
         Some(v) => Some(
             v.as_str()
-                .ok_or_else(|| GgufError::Key { key: "tokenizer.chat_template".into(), problem: "is not a string".into() })?
+                .ok_or_else(|| GgufError::Key {
+                    key: "tokenizer.chat_template".into(),
+                    problem: "is not a string".into(),
+                })?
                 .to_string(),
         ),
+    };
+    let name = |id: Option<u32>| id.map(|i| vocab_tokens[i as usize].clone());
+    let extra_eos_ids: Vec<u32> = eot_id.filter(|&e| Some(e) != eos_id).into_iter().collect();
+    let special = SpecialStrings {
+        bos: name(bos_id),
+        eos: name(eos_id),
+        pad: name(pad_id),
+        unk: name(unk_id),
+        end_of_turn: extra_eos_ids.iter().map(|&i| vocab_tokens[i as usize].clone()).collect(),
     };
     let tokenizer_json = serde_json::to_string(&tokenizer)
         .map_err(|e| GgufError::Malformed(format!("cannot serialise the tokenizer: {e}")))?;
@@ -306,8 +350,9 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
         chat_template,
         bos_id,
         eos_id,
-        extra_eos_ids: eot_id.filter(|&e| Some(e) != eos_id).into_iter().collect(),
+        extra_eos_ids,
         add_bos,
+        special,
         vocab_len: n,
     })
 }
