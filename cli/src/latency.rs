@@ -11,7 +11,8 @@ use anyhow::{anyhow, Context, Result};
 use matformer::cpu::CpuEngine;
 use matformer::elastic::latency_calibrate::{self, LatencyCalibrationOptions};
 use matformer::elastic::{
-    default_cache_path, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, KernelClass, ShapeFingerprint,
+    default_cache_path, Catalog, CatalogEntry, DeviceCostModel, DeviceId, FitRun, KernelClass, LatencyModel,
+    ShapeFingerprint,
 };
 use matformer::gpu::{GpuEngine, GpuOptions, OpRunner};
 use matformer::ModelFile;
@@ -84,7 +85,7 @@ fn gpu_engine(model: &Arc<ModelFile>) -> Result<GpuEngine> {
 /// The device id of `args.backend` without loading any weights.
 fn device_of(args: &CostArgs) -> Result<DeviceId> {
     Ok(match args.backend {
-        CostBackend::Cpu => matformer::cpu::probe::cpu_device_id(threads_of(args)),
+        CostBackend::Cpu => matformer::elastic::cpu_probe::cpu_device_id(threads_of(args)),
         CostBackend::Gpu => {
             let runner = OpRunner::new(None).map_err(|e| anyhow!("--backend gpu: no usable GPU: {e}"))?;
             latency_calibrate::gpu_device_id(runner.adapter())
@@ -159,6 +160,31 @@ pub struct CheckRow {
     pub error_pct: f64,
     /// The entry was one of the fit decodes' submodels (in-sample for the fixed part).
     pub used_in_fit: bool,
+    /// The roofline estimate (`policy.rs`) at the measured limits, ms per token.
+    pub roofline_ms: f64,
+    /// The roofline with its fixed part and scale fitted to the cost model's fit decodes, ms
+    /// per token.
+    pub roofline_fitted_ms: f64,
+}
+
+/// The roofline estimate of `policy.rs` ([`LatencyModel`]) on the same device and decodes as
+/// the cost model: once at the machine's measured limits (no fixed part), once with a fixed
+/// part and a scale fitted to the same fit decodes as the cost model's (two parameters each).
+#[derive(Clone, Debug, Serialize)]
+pub struct RooflineCheck {
+    /// The roofline at the measured streaming-read bandwidth and multiply-add throughput.
+    pub measured_limits: LatencyModel,
+    /// The roofline fitted to the fit decodes (`fixed + scale * roofline` written as a
+    /// [`LatencyModel`]: the rates divided by the scale).
+    pub fitted: LatencyModel,
+    /// Mean |error| of the measured-limits roofline, percent.
+    pub mean_abs_error_pct: f64,
+    /// Max |error| of the measured-limits roofline, percent.
+    pub max_abs_error_pct: f64,
+    /// Mean |error| of the fitted roofline, percent.
+    pub fitted_mean_abs_error_pct: f64,
+    /// Max |error| of the fitted roofline, percent.
+    pub fitted_max_abs_error_pct: f64,
 }
 
 /// The `--check` report.
@@ -185,6 +211,49 @@ pub struct CheckReport {
     /// `/proc/loadavg` (1, 5, 15 minutes) before and after the check: other processes on the
     /// same cores move every number.
     pub load_average: [Option<[f64; 3]>; 2],
+    /// The roofline estimate on the same decodes.
+    pub roofline: RooflineCheck,
+}
+
+/// The roofline at this device's measured limits: streaming-read bandwidth and multiply-add
+/// throughput, measured as `matformer bench` measures them.
+fn measured_roofline(obtained: &Obtained, threads: usize) -> Result<LatencyModel> {
+    let (gb_per_s, gflops) = match &obtained.engine {
+        CostEngine::Cpu(_) => {
+            (crate::calibrate::cpu_read_bandwidth(threads), crate::calibrate::cpu_multiply_add_gflops(threads))
+        }
+        CostEngine::Gpu(g) => {
+            let runner = OpRunner::new(Some(&g.adapter().name))?;
+            (runner.read_bandwidth(128 << 20, 8)?, runner.fma_throughput(2048, 4)?)
+        }
+        CostEngine::None => return Err(anyhow!("internal: no engine to measure the roofline on")),
+    };
+    Ok(LatencyModel { bytes_per_second: gb_per_s * 1e9, flops_per_second: gflops * 1e9, fixed_ms_per_token: 0.0 })
+}
+
+/// `fixed + scale * raw` fitted to `(raw, measured)` by least squares (`fixed >= 0`; through the
+/// origin when the free fit's intercept is negative or the points do not determine it),
+/// returned as the [`LatencyModel`] it is: `raw`'s rates divided by the scale.
+fn fit_roofline(raw: &LatencyModel, points: &[(f64, f64)]) -> LatencyModel {
+    let n = points.len() as f64;
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let sxx: f64 = points.iter().map(|(x, _)| x * x).sum();
+    let sxy: f64 = points.iter().map(|(x, y)| x * y).sum();
+    let det = n * sxx - sx * sx;
+    let (mut fixed, mut scale) = (0.0, if sxx > 0.0 { sxy / sxx } else { 1.0 });
+    if points.len() >= 2 && det.abs() > 1e-12 * sxx.max(1e-300) {
+        let b = (n * sxy - sx * sy) / det;
+        let a = (sy - b * sx) / n;
+        if a >= 0.0 && b > 0.0 {
+            (fixed, scale) = (a, b);
+        }
+    }
+    let scale = if scale.is_finite() && scale > 0.0 { scale } else { 1.0 };
+    LatencyModel {
+        bytes_per_second: raw.bytes_per_second / scale,
+        flops_per_second: raw.flops_per_second / scale,
+        fixed_ms_per_token: fixed,
+    }
 }
 
 /// The 1, 5 and 15-minute load averages (Linux).
@@ -263,6 +332,21 @@ fn run_check(
             samples[i].push(run);
         }
     }
+    eprintln!("check: measuring the roofline's limits (read bandwidth, multiply-add throughput)");
+    let raw_roofline = measured_roofline(obtained, threads_of(args))?;
+    let roofline_at = |m: &LatencyModel, e: &CatalogEntry, context: f64| {
+        m.ms_per_token(e, &catalog.model, context.round().max(0.0) as u32)
+    };
+    let fit_points: Vec<(f64, f64)> = obtained
+        .model
+        .fit_runs
+        .iter()
+        .filter_map(|r| {
+            let e = catalog.entries.iter().find(|e| e.name == r.entry)?;
+            Some((roofline_at(&raw_roofline, e, r.context), r.measured_ms))
+        })
+        .collect();
+    let fitted_roofline = fit_roofline(&raw_roofline, &fit_points);
     let mut rows = Vec::new();
     for (e, runs) in entries.iter().zip(samples) {
         let run = latency_calibrate::merge_runs(runs)
@@ -276,13 +360,28 @@ fn run_check(
             error_pct: (predicted_ms - run.measured_ms) / run.measured_ms * 100.0,
             predicted_ms,
             used_in_fit: fit_names.contains(&e.name.as_str()),
+            roofline_ms: roofline_at(&raw_roofline, e, run.context),
+            roofline_fitted_ms: roofline_at(&fitted_roofline, e, run.context),
             run,
         });
     }
     let n = rows.len().max(1) as f64;
     let abs_pct = rows.iter().map(|r| r.error_pct.abs());
     let abs_ms: Vec<f64> = rows.iter().map(|r| (r.predicted_ms - r.run.measured_ms).abs()).collect();
+    let pct = |f: fn(&CheckRow) -> f64| -> Vec<f64> {
+        rows.iter().map(|r| ((f(r) - r.run.measured_ms) / r.run.measured_ms * 100.0).abs()).collect()
+    };
+    let (raw_pct, fitted_pct) = (pct(|r| r.roofline_ms), pct(|r| r.roofline_fitted_ms));
+    let roofline = RooflineCheck {
+        measured_limits: raw_roofline,
+        fitted: fitted_roofline,
+        mean_abs_error_pct: raw_pct.iter().sum::<f64>() / n,
+        max_abs_error_pct: raw_pct.iter().copied().fold(0.0, f64::max),
+        fitted_mean_abs_error_pct: fitted_pct.iter().sum::<f64>() / n,
+        fitted_max_abs_error_pct: fitted_pct.iter().copied().fold(0.0, f64::max),
+    };
     Ok(CheckReport {
+        roofline,
         selection,
         prompt_tokens,
         decode_tokens,
@@ -395,21 +494,41 @@ pub fn run(
             r.selection, r.prompt_tokens, r.repeats, r.decode_tokens
         );
         let width = r.rows.iter().map(|row| row.entry.len()).max().unwrap_or(5).max(5);
-        println!("  {:<width$} {:>10} {:>12} {:>12} {:>9}", "entry", "weights", "predicted ms", "measured ms", "error");
+        println!(
+            "  {:<width$} {:>10} {:>12} {:>12} {:>9} {:>12} {:>12}",
+            "entry", "weights", "predicted ms", "measured ms", "error", "roofline ms", "fitted roof"
+        );
         for row in &r.rows {
             println!(
-                "  {:<width$} {:>10} {:>12.3} {:>12.3} {:>+8.1}%{}",
+                "  {:<width$} {:>10} {:>12.3} {:>12.3} {:>+8.1}% {:>12.3} {:>12.3}{}",
                 row.entry,
                 matformer_export::progress::human_bytes(row.weight_bytes),
                 row.predicted_ms,
                 row.run.measured_ms,
                 row.error_pct,
+                row.roofline_ms,
+                row.roofline_fitted_ms,
                 if row.used_in_fit { "  (fit)" } else { "" }
             );
         }
         println!(
-            "  mean |error| {:.1}% ({:.3} ms), max |error| {:.1}% ({:.3} ms)",
+            "  cost model: mean |error| {:.1}% ({:.3} ms), max |error| {:.1}% ({:.3} ms)",
             r.mean_abs_error_pct, r.mean_abs_error_ms, r.max_abs_error_pct, r.max_abs_error_ms
+        );
+        let rf = &r.roofline;
+        println!(
+            "  roofline at measured limits ({:.1} GB/s, {:.1} GFLOP/s): mean |error| {:.1}%, max |error| {:.1}%",
+            rf.measured_limits.bytes_per_second / 1e9,
+            rf.measured_limits.flops_per_second / 1e9,
+            rf.mean_abs_error_pct,
+            rf.max_abs_error_pct
+        );
+        println!(
+            "  roofline fitted to the fit decodes ({:.4} ms + {:.3} x): mean |error| {:.1}%, max |error| {:.1}%",
+            rf.fitted.fixed_ms_per_token,
+            rf.measured_limits.bytes_per_second / rf.fitted.bytes_per_second,
+            rf.fitted_mean_abs_error_pct,
+            rf.fitted_max_abs_error_pct
         );
         let fmt =
             |l: Option<[f64; 3]>| l.map_or_else(|| "-".to_string(), |l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]));

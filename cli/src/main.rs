@@ -5,11 +5,20 @@
 
 mod backend;
 mod bench;
-mod commands;
+mod calibrate;
+mod chat;
+mod common;
+mod devices;
+mod eval;
+mod export;
+mod generate;
 mod import;
+mod inspect;
 mod latency;
 mod select;
 mod switch_bench;
+mod synth;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +48,8 @@ enum Command {
         /// Nested FFN widths for every layer, smallest first (overrides the model's metadata).
         #[arg(long, value_delimiter = ',')]
         widths: Option<Vec<u32>>,
-        /// Config JSON when the ONNX carries no `matformer_config` metadata.
+        /// Config JSON: a Hugging Face config.json or our own keys (docs/format.md). Default:
+        /// the ONNX's `matformer_config` metadata, else a config.json next to the ONNX.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Mapping file from canonical to initializer names (docs/exporter.md).
@@ -49,8 +59,13 @@ enum Command {
         #[arg(long)]
         by_structure: bool,
         /// Skip the verification against tract-onnx (not recommended).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "verify_goldens")]
         no_verify: bool,
+        /// Verify against PyTorch goldens (JSON: probes of token ids and float32 logits, see
+        /// docs/exporter.md) instead of running the ONNX graph in tract, for graphs with ops
+        /// tract lacks.
+        #[arg(long)]
+        verify_goldens: Option<PathBuf>,
         /// Calibration text: estimate every Mix'n'Match catalog entry's loss on it and store
         /// the catalog (with its Pareto frontier) in the file.
         #[arg(long)]
@@ -110,32 +125,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Generate text greedily.
-    Generate {
-        /// The .matf file.
-        file: PathBuf,
-        /// Prompt text.
-        #[arg(short, long)]
-        prompt: String,
-        /// Tokens to generate.
-        #[arg(short = 'n', long, default_value_t = 64)]
-        max_tokens: usize,
-        /// Submodel: a width name (s, m, l, xl), per-layer level indices (0,0,1,3), or `auto`
-        /// (the catalog entry `select` picks for the budget flags below).
-        #[arg(long, default_value = "largest")]
-        submodel: String,
-        #[command(flatten)]
-        budget: select::BudgetArgs,
-        /// Engine: auto (GPU if it passes a self-check, else CPU), gpu, cpu.
-        #[arg(long, value_enum, default_value = "auto")]
-        backend: backend::BackendChoice,
-        /// CPU threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print the result as JSON (text, tokens, timings).
-        #[arg(long)]
-        json: bool,
-    },
+    /// Generate text from a prompt (greedy by default; sampling and stop flags).
+    Generate(generate::GenerateArgs),
+    /// Chat with a model: an interactive session (or one `--prompt`), streamed.
+    Chat(chat::ChatArgs),
     /// The submodel the runtime would run under a device budget, and which constraint decided.
     Select {
         /// The .matf file.
@@ -196,7 +189,7 @@ enum Command {
         file: PathBuf,
         /// Backends to measure (repeatable).
         #[arg(long, value_enum, default_values = ["cpu"])]
-        backend: Vec<backend::BackendChoice>,
+        backend: Vec<chat::BackendArg>,
         /// Submodels to measure (repeatable; default: smallest and largest; `auto`: the entry
         /// `select` picks for the budget flags).
         #[arg(long)]
@@ -282,28 +275,39 @@ fn main() -> ExitCode {
             mapping,
             by_structure,
             no_verify,
+            verify_goldens,
             calibration,
             json,
-        } => {
-            commands::export(input, output, &dtype, widths, config, mapping, by_structure, no_verify, calibration, json)
-        }
+        } => export::run(
+            input,
+            output,
+            &dtype,
+            widths,
+            config,
+            mapping,
+            by_structure,
+            no_verify,
+            verify_goldens,
+            calibration,
+            json,
+        ),
         Command::Import(args) => import::run(args),
         Command::Synth { preset, output, layers, dtype, seed, list } => {
-            commands::synth(&preset, output, layers, &dtype, seed, list)
+            synth::run(&preset, output, layers, &dtype, seed, list)
         }
-        Command::Inspect { file, tensors, json } => commands::inspect(&file, tensors, json),
+        Command::Inspect { file, tensors, json } => inspect::run(&file, tensors, json),
         Command::Verify { file, against, mapping, submodel, json } => {
-            commands::verify(&file, against, mapping, submodel, json)
+            verify::run(&file, against, mapping, submodel, json)
         }
-        Command::Generate { file, prompt, max_tokens, submodel, budget, backend, threads, json } => {
-            commands::generate(&file, &prompt, max_tokens, &submodel, &budget, backend, threads, json)
-        }
-        Command::Devices { json } => commands::devices(json),
+        Command::Generate(args) => generate::run(&args),
+        Command::Chat(args) => chat::run(&args),
+        Command::Devices { json } => devices::run(json),
         Command::Select { file, budget, cost, all, json } => select::run(&file, &budget, &cost, all, json),
         Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {
             latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
         }
         Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, repetitions, threads, switch, json } => {
+            let backend: Vec<matformer::BackendChoice> = backend.into_iter().map(Into::into).collect();
             if switch {
                 switch_bench::run(&file, &backend, prompt_len, gen_len, threads, json)
             } else {
@@ -312,7 +316,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Eval { file, text, submodel, chunk, threads, json } => {
-            commands::eval(&file, &text, submodel, chunk, threads, json)
+            eval::run(&file, &text, submodel, chunk, threads, json)
         }
     };
     match result {

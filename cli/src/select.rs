@@ -1,10 +1,11 @@
 //! `matformer select`: the submodel the runtime would run under a device budget, and why.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use matformer::elastic::{select, Catalog, DeviceBudget, LatencyEstimator, Policy, ThermalState};
-use matformer::ModelFile;
+use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 
 /// Parses `300MiB`, `1.5GiB`, `512M`, `2G`, `1000000` (bytes).
@@ -139,4 +140,34 @@ pub fn run(file: &Path, args: &BudgetArgs, cost: &crate::latency::CostArgs, all:
         }
     }
     Ok(())
+}
+
+/// A `--submodel` value: a level name, per-layer levels, or `auto` (the catalog entry `select`
+/// picks for the budget flags, with its reason on stderr). With a latency target (`--latency-ms`)
+/// the latency is predicted by `backend`'s cached cost model (calibrated and cached when absent,
+/// as `matformer latency` does).
+pub fn resolve_submodel(
+    model: &Arc<ModelFile>,
+    spec: &str,
+    budget: &BudgetArgs,
+    backend: crate::latency::CostBackend,
+    threads: Option<usize>,
+) -> Result<Submodel> {
+    if spec == "auto" {
+        let catalog = matformer::elastic::Catalog::from_metadata_extra(model)?;
+        let budget = budget.budget()?;
+        let latency = match budget.latency_target_ms_per_token {
+            Some(_) => {
+                let args = crate::latency::CostArgs { backend, threads, cost_cache: None, refit: false };
+                Some(matformer::elastic::LatencyEstimator::from(crate::latency::obtain(model, &args)?.model))
+            }
+            None => None,
+        };
+        let plan =
+            matformer::elastic::select(&catalog, &budget, &matformer::elastic::Policy::default(), latency.as_ref())?;
+        eprintln!("submodel: {} ({})", plan.entry.name, plan.explanation);
+        Ok(plan.entry.levels.clone())
+    } else {
+        Ok(Submodel::parse(spec, model.metadata(), model.view().available_levels)?)
+    }
 }

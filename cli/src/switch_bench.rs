@@ -20,7 +20,8 @@ use matformer::{ModelFile, Submodel};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
 
-use crate::backend::{BackendChoice, Engine};
+use matformer::backend::Backend;
+use matformer::BackendChoice;
 
 /// One switching measurement.
 #[derive(Clone, Debug, Serialize)]
@@ -122,12 +123,12 @@ pub fn run(
     let mut rows = Vec::new();
     let mut pressures = Vec::new();
     for choice in backends {
-        let engine = Engine::load(&model, choice, threads, json)?;
+        let engine = crate::backend::load(&model, choice, threads, json)?;
         let backend = engine.name().to_string();
         // The GPU starts small so that the first upshift shows the cost of uploading.
         let mut es = match engine {
-            Engine::Cpu(e) => ElasticSession::new(e, &large)?,
-            Engine::Gpu(e) => ElasticSession::new_gpu(*e, &small)?,
+            Backend::Cpu(_) => ElasticSession::on(engine.clone(), &large)?,
+            Backend::Gpu(_) => ElasticSession::on(engine.clone(), &small)?,
         };
         let mut step = |es: &mut ElasticSession, what: &str, to: &Submodel| -> Result<()> {
             let extra = if *to == large { extra_up } else { -extra_up };

@@ -318,8 +318,14 @@ fn latency_command_calibrates_caches_and_checks_every_entry() {
         assert!(r["predicted_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["run"]["measured_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["error_pct"].as_f64().unwrap().is_finite(), "{r}");
+        assert!(r["roofline_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["roofline_fitted_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert!(check["max_abs_error_pct"].as_f64().unwrap() >= check["mean_abs_error_pct"].as_f64().unwrap());
+    let roof = &check["roofline"];
+    assert!(roof["measured_limits"]["bytes_per_second"].as_f64().unwrap() > 0.0, "{roof}");
+    assert!(roof["fitted"]["fixed_ms_per_token"].as_f64().unwrap() >= 0.0, "{roof}");
+    assert!(roof["fitted_max_abs_error_pct"].as_f64().unwrap() >= roof["fitted_mean_abs_error_pct"].as_f64().unwrap());
 
     // The second run reads the cache; a corrupt or mismatching cache is rebuilt, not fatal.
     let (v, _) = run(&[]);
@@ -454,4 +460,41 @@ fn generate_picks_the_submodel_from_a_budget() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(v["submodel"], "xl", "3 MiB does not hold the largest submodel with a 256-token cache");
+}
+
+#[test]
+fn chat_answers_one_prompt_and_runs_an_interactive_session() {
+    let out = matformer(&[
+        "chat",
+        path_str(&fixture("matlm.matf")),
+        "--prompt",
+        "The meaning of ",
+        "-n",
+        "8",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"].as_u64(), Some(8));
+    assert_eq!(v["finish_reason"], "length");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_matformer"))
+        .args(["chat", path_str(&fixture("matlm.matf")), "-n", "6", "--backend", "cpu", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run matformer chat");
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(b"A word\nThe end\n/reset\nA word\n/quit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let turns: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(turns.len(), 3, "one JSON object per turn");
+    assert!(turns[1]["usage"]["cached_prompt_tokens"].as_u64().unwrap() > 0, "the second turn reuses the cache");
+    assert_eq!(turns[2]["usage"]["cached_prompt_tokens"].as_u64(), Some(0), "/reset forgets the conversation");
+    assert_eq!(turns[2]["token_ids"], turns[0]["token_ids"], "after /reset the same question gets the same answer");
 }

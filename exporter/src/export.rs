@@ -11,7 +11,7 @@ use matformer::format::{self, names, testing::required_tensor_specs, DType, Form
 use crate::mapping::{find_weights, Strategy, WeightMap};
 use crate::onnx_source::{SourceModel, Weight};
 use crate::progress::Progress;
-use crate::verify::{verify_against_onnx, VerifyOptions, VerifyReport};
+use crate::verify::{verify_against_goldens, verify_against_onnx, VerifyOptions, VerifyReport};
 
 /// Options of `matformer export`.
 #[derive(Clone, Debug)]
@@ -137,13 +137,27 @@ pub fn encode_rows(
 
 /// Writes `tensors` to `path` with the given metadata.
 pub fn write_matf(path: &Path, meta: &Metadata, tensors: &HashMap<String, Weight>, dtype: DType) -> Result<u64> {
+    write_matf_with_blobs(path, meta, tensors, dtype, &[])
+}
+
+/// [`write_matf`] with blobs (docs/format.md 5.5), such as a stored tokenizer
+/// (`matformer::tokenizer::TokenizerAssets::blobs`).
+pub fn write_matf_with_blobs(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    dtype: DType,
+    blobs: &[format::BlobSpec<'_>],
+) -> Result<u64> {
     let specs = required_tensor_specs(meta, dtype);
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut progress = Progress::new("writing");
-    let len = format::write_file(
+    let len = format::write_file_with_blobs(
         BufWriter::new(file),
         meta,
         &specs,
+        blobs,
+        format::DEFAULT_ALIGNMENT_LOG2,
         |idx, rows, out| {
             let spec = &specs[idx];
             let w = tensors.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
@@ -173,7 +187,10 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         let bytes = write_matf(&tmp, &meta, &tensors, opts.dtype)?;
         let verification = match &opts.verify {
             Some(v) => {
-                let report = verify_against_onnx(&src, &map, &tmp, v)?;
+                let report = match &v.goldens {
+                    Some(goldens) => verify_against_goldens(&tmp, goldens, v)?,
+                    None => verify_against_onnx(&src, &map, &tmp, v)?,
+                };
                 if !report.passed {
                     bail!("verification failed: {}", report.summary());
                 }
@@ -216,7 +233,8 @@ fn calibrate_catalog(
     meta: &Metadata,
     text_path: &Path,
 ) -> Result<(Metadata, matformer::elastic::CalibrationSummary, Vec<String>)> {
-    use matformer::elastic::{calibrate, CalibrationOptions, Catalog, CATALOG_KEY};
+    use crate::calibrate::{calibrate, CalibrationOptions};
+    use matformer::elastic::{Catalog, CATALOG_KEY};
     let text =
         std::fs::read(text_path).with_context(|| format!("cannot read calibration text {}", text_path.display()))?;
     let model = std::sync::Arc::new(matformer::ModelFile::open(written)?);

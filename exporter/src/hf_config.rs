@@ -44,7 +44,7 @@ pub enum HfConfigError {
     /// An architecture this exporter does not convert.
     #[error(
         "unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM){}",
-        reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
     )]
     UnsupportedArchitecture {
         /// As spelled in `architectures` (or `model_type`).
@@ -111,7 +111,9 @@ fn refusal_reason(name: &str) -> Option<&'static str> {
         "Qwen2ForCausalLM" | "qwen2" => {
             Some("its q/k/v projections carry biases, which the runtime's attention does not have")
         }
-        "Qwen3ForCausalLM" | "qwen3" => Some("it normalises q and k per head (q_norm/k_norm), which the runtime does not"),
+        "Qwen3ForCausalLM" | "qwen3" => {
+            Some("it normalises q and k per head (q_norm/k_norm), which the runtime does not")
+        }
         "GemmaForCausalLM" | "Gemma2ForCausalLM" | "Gemma3ForCausalLM" | "gemma" | "gemma2" | "gemma3" => {
             Some("Gemma scales embeddings and uses (1 + weight) norms, which the runtime does not")
         }
@@ -126,7 +128,8 @@ fn refusal_reason(name: &str) -> Option<&'static str> {
 pub fn is_hf_config(value: &Value) -> bool {
     let Some(obj) = value.as_object() else { return false };
     let ours = obj.contains_key("d_model") || obj.contains_key("n_layers");
-    let hf = obj.contains_key("architectures") || obj.contains_key("model_type") || obj.contains_key("num_hidden_layers");
+    let hf =
+        obj.contains_key("architectures") || obj.contains_key("model_type") || obj.contains_key("num_hidden_layers");
     hf && !ours
 }
 
@@ -179,8 +182,8 @@ impl HfConfig {
             }
         };
         // transformers' defaults: LlamaConfig 2048, MistralConfig 4096 * 32.
-        let mut max_context = opt_u32(obj, "max_position_embeddings")?
-            .unwrap_or(if family == "mistral" { 4096 * 32 } else { 2048 });
+        let mut max_context =
+            opt_u32(obj, "max_position_embeddings")?.unwrap_or(if family == "mistral" { 4096 * 32 } else { 2048 });
         let norm_eps = opt_f64(obj, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
         let rope_theta = rope_theta(obj)?;
         let tied_embeddings = match obj.get("tie_word_embeddings") {
@@ -305,7 +308,9 @@ fn rope_theta(obj: &Map<String, Value>) -> Result<f32, HfConfigError> {
                 match kind {
                     None | Some(Value::Null) => {}
                     Some(Value::String(k)) if k == "default" => {}
-                    Some(Value::String(k)) => return Err(HfConfigError::UnsupportedRopeScaling { key, kind: k.clone() }),
+                    Some(Value::String(k)) => {
+                        return Err(HfConfigError::UnsupportedRopeScaling { key, kind: k.clone() })
+                    }
                     Some(v) => return Err(invalid(key, format!("has rope_type {v}, expected a string"))),
                 }
                 if let Some(v) = params.get("rope_theta") {
@@ -477,7 +482,8 @@ mod tests {
 
     #[test]
     fn unsupported_architectures_are_named() {
-        let e = HfConfig::parse(&with(SMOLLM2, "architectures", serde_json::json!(["GPTNeoXForCausalLM"]))).unwrap_err();
+        let e =
+            HfConfig::parse(&with(SMOLLM2, "architectures", serde_json::json!(["GPTNeoXForCausalLM"]))).unwrap_err();
         assert_eq!(
             e.to_string(),
             "unsupported architecture `GPTNeoXForCausalLM` (supported: LlamaForCausalLM, MistralForCausalLM)"
@@ -523,9 +529,11 @@ mod tests {
         }
         let e = HfConfig::parse(&with(SMOLLM2, "-intermediate_size", Value::Null)).unwrap_err();
         assert_eq!(e.to_string(), "config.json lacks `intermediate_size`");
-        let e = HfConfig::parse(
-            &with(&with(SMOLLM2, "hidden_size", serde_json::json!(100)), "num_attention_heads", serde_json::json!(3)),
-        )
+        let e = HfConfig::parse(&with(
+            &with(SMOLLM2, "hidden_size", serde_json::json!(100)),
+            "num_attention_heads",
+            serde_json::json!(3),
+        ))
         .unwrap_err();
         assert!(e.to_string().contains("not a multiple"), "{e}");
         assert!(HfConfig::parse("[1, 2]").is_err());

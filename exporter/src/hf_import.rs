@@ -11,7 +11,10 @@ use matformer::format::names;
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
-use crate::gguf::{ImportedTokenizer, SpecialStrings};
+use matformer::format::SpecialTokens;
+use matformer::tokenizer::TokenizerAssets;
+
+use crate::gguf::ImportedTokenizer;
 use crate::hf_config::HfConfig;
 use crate::import::{dense_metadata, SourceWeights};
 use crate::onnx_source::Weight;
@@ -130,21 +133,23 @@ pub fn tokenizer_from_dir(dir: &Path, config: &Json) -> Result<ImportedTokenizer
     let name = |key: &str, id: Option<u32>| -> Option<String> {
         token_str(tc.get(key)).map(str::to_string).or_else(|| id.and_then(|i| token_of_id(&tok, i)))
     };
-    let special = SpecialStrings {
+    let special = SpecialTokens {
         bos: name("bos_token", bos_id),
         eos: name("eos_token", eos_id),
         pad: name("pad_token", None),
         unk: name("unk_token", None),
-        end_of_turn: extra.iter().filter_map(|&i| token_of_id(&tok, i)).collect(),
+        end_of_turn: extra
+            .iter()
+            .map(|&i| {
+                token_of_id(&tok, i).ok_or_else(|| {
+                    anyhow!("eos_token_id {i} (config.json or generation_config.json) is not a token of tokenizer.json")
+                })
+            })
+            .collect::<Result<_>>()?,
+        add_bos: add_bos && bos_id.is_some(),
     };
     Ok(ImportedTokenizer {
-        tokenizer_json,
-        chat_template,
-        bos_id,
-        eos_id,
-        extra_eos_ids: extra,
-        add_bos,
-        special,
+        assets: TokenizerAssets { tokenizer_json: tokenizer_json.into_bytes(), chat_template, special },
         vocab_len,
     })
 }
@@ -276,6 +281,6 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     }
     let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let meta = dense_metadata(arch, ffn, &tokenizer, sha, name);
+    let meta = dense_metadata(arch, ffn, sha, name);
     Ok(SourceWeights { meta, tensors, tokenizer, source_format: "huggingface".into(), source_types })
 }

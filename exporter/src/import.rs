@@ -1,8 +1,11 @@
 //! `matformer import`: a GGUF file or a Hugging Face model directory (Llama family) -> `.matf`.
 //!
-//! The source is read into canonical tensors (f32, the file's layouts), the tokenizer and chat
-//! template are taken along, and the file is written under a temporary name, re-opened and
-//! checksum-verified, then renamed: a failed import leaves no output file behind.
+//! The source is read into canonical tensors (f32, the file's layouts); the tokenizer, its
+//! special tokens and the chat template are stored as every Hugging Face tokenizer is
+//! ([`TokenizerAssets`]: blob `blob.tokenizer_json`, metadata `special_tokens` and
+//! `chat_template`, docs/format.md 5.5 and 6). The file is written under a temporary name,
+//! re-opened, checksum-verified and its tokenizer loaded back, then renamed: a failed import
+//! leaves no output file behind.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,17 +13,15 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::format::{Architecture, DType, Metadata, Provenance, Tokenizer};
+use matformer::tokenizer::TokenizerAssets;
 use sha2::{Digest, Sha256};
 
-use crate::export::write_matf;
+use crate::export::write_matf_with_blobs;
 use crate::gguf::{self, Gguf, ImportedTokenizer};
 use crate::hf_import;
 use crate::nest::{self, NestOptions, NestReport};
 use crate::onnx_source::Weight;
 use crate::progress::Progress;
-
-/// Tokenizer kind recorded in the metadata of imported models: a Hugging Face `tokenizer.json`.
-pub const TOKENIZER_KIND: &str = "huggingface";
 
 /// Options of `matformer import`.
 #[derive(Clone, Debug)]
@@ -42,7 +43,7 @@ pub struct SourceWeights {
     pub meta: Metadata,
     /// Canonical tensors (f32, file layout).
     pub tensors: HashMap<String, Weight>,
-    /// Tokenizer and chat template.
+    /// Tokenizer, special tokens and chat template.
     pub tokenizer: ImportedTokenizer,
     /// `gguf` or `huggingface`.
     pub source_format: String,
@@ -77,10 +78,14 @@ pub struct ImportReport {
     pub dtype: String,
     /// Tokenizer kind recorded.
     pub tokenizer: String,
-    /// Beginning/end-of-sequence ids.
+    /// Beginning-of-sequence id.
     pub bos_id: Option<u32>,
     /// End-of-sequence id.
     pub eos_id: Option<u32>,
+    /// Further tokens that end a generation (end of turn).
+    pub end_of_turn: Vec<String>,
+    /// Whether plain text gets BOS prepended.
+    pub add_bos: bool,
     /// Whether a chat template was found.
     pub has_chat_template: bool,
     /// Nesting results (`--nest`).
@@ -95,24 +100,15 @@ fn sha256_hex(bytes: &[u8]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Metadata for a dense (one-level) model.
-pub fn dense_metadata(
-    architecture: Architecture,
-    ffn_width: u32,
-    tok: &ImportedTokenizer,
-    source_sha256: String,
-    source_name: String,
-) -> Metadata {
+/// Metadata for a dense (one-level) model. Its tokenizer is set by
+/// [`TokenizerAssets::apply_to`] before writing.
+pub fn dense_metadata(architecture: Architecture, ffn_width: u32, source_sha256: String, source_name: String) -> Metadata {
     let n_layers = architecture.n_layers as usize;
     Metadata {
         architecture,
         ffn_widths: vec![vec![ffn_width]; n_layers],
         level_names: vec!["full".to_string()],
-        tokenizer: Tokenizer {
-            kind: TOKENIZER_KIND.to_string(),
-            bos_id: tok.bos_id.filter(|_| tok.add_bos),
-            eos_id: tok.eos_id,
-        },
+        tokenizer: Tokenizer { kind: "bytes".to_string(), bos_id: None, eos_id: None },
         provenance: Provenance {
             source_sha256,
             source_name,
@@ -122,15 +118,16 @@ pub fn dense_metadata(
     }
 }
 
-/// Writes an imported model: its tensors in `dtype` and its tokenizer.
+/// Writes an imported model: its tensors in `dtype` and its tokenizer (`meta` must have been
+/// through [`TokenizerAssets::apply_to`] with the same `assets`).
 pub fn write_model(
     path: &Path,
     meta: &Metadata,
     tensors: &HashMap<String, Weight>,
     dtype: DType,
-    _tokenizer: &ImportedTokenizer,
+    assets: &TokenizerAssets,
 ) -> Result<u64> {
-    write_matf(path, meta, tensors, dtype)
+    write_matf_with_blobs(path, meta, tensors, dtype, &assets.blobs())
 }
 
 /// Reads a GGUF file into canonical tensors.
@@ -160,30 +157,38 @@ pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     progress.finish();
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let meta = dense_metadata(arch, ffn, &tokenizer, sha256_hex(&map), name);
+    let meta = dense_metadata(arch, ffn, sha256_hex(&map), name);
     Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types })
 }
 
-/// Imports `opts.input` into `opts.output`.
-pub fn import(opts: &ImportOptions) -> Result<(ImportReport, ImportedTokenizer)> {
+/// Imports `opts.input` into `opts.output`. Returns the report and the stored tokenizer assets.
+pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
     let started = Instant::now();
     eprintln!("reading {}", opts.input.display());
     let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
     let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types } = src;
+    let assets = tokenizer.assets;
+    let runtime_tokenizer =
+        assets.apply_to(&mut meta).map_err(|e| anyhow!("the model's tokenizer cannot be stored: {e}"))?;
     meta.validate().map_err(|e| anyhow!("the imported model is not valid: {e}"))?;
 
     let tmp = opts.output.with_extension("matf.partial");
     let result = (|| -> Result<(u64, Option<NestReport>)> {
         let nest_report = match &opts.nest {
             Some(n) => {
-                let (meta2, report) = nest::nest(&meta, &mut tensors, &tokenizer, n, opts.dtype, &tmp)?;
+                let (meta2, report) =
+                    nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, opts.dtype, &tmp)?;
                 meta = meta2;
                 Some(report)
             }
             None => None,
         };
-        let bytes = write_model(&tmp, &meta, &tensors, opts.dtype, &tokenizer)?;
-        matformer::ModelFile::open(&tmp)?.verify()?;
+        let bytes = write_model(&tmp, &meta, &tensors, opts.dtype, &assets)?;
+        let written = matformer::ModelFile::open(&tmp)?;
+        written.verify()?;
+        matformer::tokenizer::Tokenizer::from_model(&written)
+            .map_err(|e| anyhow!("the written tokenizer does not load back: {e}"))?;
+        drop(written);
         std::fs::rename(&tmp, &opts.output)
             .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
         Ok((bytes, nest_report))
@@ -209,11 +214,13 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, ImportedTokenizer)>
         ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
         dtype: opts.dtype.name().to_string(),
         tokenizer: meta.tokenizer.kind.clone(),
-        bos_id: tokenizer.bos_id,
-        eos_id: tokenizer.eos_id,
-        has_chat_template: tokenizer.chat_template.is_some(),
+        bos_id: meta.tokenizer.bos_id,
+        eos_id: meta.tokenizer.eos_id,
+        end_of_turn: assets.special.end_of_turn.clone(),
+        add_bos: assets.special.add_bos,
+        has_chat_template: assets.chat_template.is_some(),
         nest,
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((report, tokenizer))
+    Ok((report, assets))
 }

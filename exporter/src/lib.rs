@@ -5,11 +5,15 @@
 //! graph, with its FFN weights sliced to each nested width, and the runtime's CPU engine runs the
 //! written file; the export is refused when they disagree beyond a named tolerance.
 //!
-//! Imports pretrained models too (`import`): a GGUF file (`gguf`) or a Hugging Face Llama
-//! directory (`hf_import`), optionally nested by measured neuron importance (`nest`).
+//! Imports pretrained models too ([`import`]): a GGUF file ([`gguf`]) or a Hugging Face Llama
+//! directory ([`hf_import`]), optionally nested by measured neuron importance ([`nest`]).
 //!
-//! Also makes synthetic files with random weights at real model shapes (`synth`) for benchmarks.
+//! Also estimates the loss of every catalog entry on a calibration text ([`calibrate`], stored in
+//! the file's catalog), scores a text under a submodel ([`eval`]), and makes synthetic files
+//! with random weights at real model shapes (`synth`) for benchmarks.
 
+pub mod calibrate;
+pub mod eval;
 pub mod export;
 pub mod gguf;
 pub mod hf_config;
@@ -20,6 +24,7 @@ pub mod nest;
 pub mod onnx_source;
 pub mod progress;
 pub mod synth;
+pub mod tract_run;
 pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};

@@ -12,14 +12,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::elastic::{StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA};
-use matformer::format::{names, Architecture, DType, Metadata};
+use matformer::format::{names, Activation, Architecture, DType, Metadata};
+use matformer::tokenizer::{Tokenizer, TokenizerAssets};
 use matformer::Submodel;
 
-use crate::gguf::ImportedTokenizer;
 use crate::onnx_source::{default_level_names, Weight};
 
 /// Settings of `--nest`.
@@ -76,12 +75,10 @@ pub fn nested_widths(h: u32, levels: usize) -> Result<Vec<u32>> {
     Ok(w)
 }
 
-/// Tokenises `text` with the model's tokenizer.
-pub fn tokenize(tok: &ImportedTokenizer, text: &str) -> Result<Vec<u32>> {
-    let t =
-        tokenizers::Tokenizer::from_str(&tok.tokenizer_json).map_err(|e| anyhow!("cannot load the tokenizer: {e}"))?;
-    let enc = t.encode(text, true).map_err(|e| anyhow!("cannot tokenise the calibration text: {e}"))?;
-    Ok(enc.get_ids().to_vec())
+/// Tokenises `text` as the model's tokenizer does for plain text (BOS prepended when the
+/// model's tokenizer adds it).
+pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    tok.encode(text, tok.adds_bos()).map_err(|e| anyhow!("cannot tokenise the calibration text: {e}"))
 }
 
 /// `y[t][o] = dot(w[o], x[t])` for `x: [n, cols]`, `w: [rows, cols]`; rows split over threads.
@@ -133,6 +130,17 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// The FFN gate's activation, as the CPU engine defines it.
+fn activation(kind: Activation, x: f32) -> f32 {
+    match kind {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => {
+            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+            0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+        }
+    }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize) -> Vec<f32> {
@@ -228,7 +236,7 @@ pub fn forward_scores(
         let width = t.get(&name(names::FFN_UP)).map_or(0, |w| w.shape[0]);
         let g = matmul(&h, n, get(&name(names::FFN_GATE))?, width, d);
         let u = matmul(&h, n, get(&name(names::FFN_UP))?, width, d);
-        let act: Vec<f32> = g.iter().zip(&u).map(|(&gi, &ui)| gi / (1.0 + (-gi).exp()) * ui).collect();
+        let act: Vec<f32> = g.iter().zip(&u).map(|(&gi, &ui)| activation(a.activation, gi) * ui).collect();
         for row in act.chunks_exact(width.max(1)) {
             for (s, a) in layer_scores.iter_mut().zip(row) {
                 *s += f64::from(a.abs());
@@ -300,7 +308,8 @@ fn measure_loss(model: &std::sync::Arc<matformer::ModelFile>, sub: &Submodel, ch
 pub fn nest(
     meta: &Metadata,
     tensors: &mut HashMap<String, Weight>,
-    tok: &ImportedTokenizer,
+    tok: &Tokenizer,
+    assets: &TokenizerAssets,
     opts: &NestOptions,
     dtype: DType,
     scratch: &Path,
@@ -339,7 +348,7 @@ pub fn nest(
     nested.level_names = default_level_names(opts.levels);
     nested.validate().map_err(|e| anyhow!("nested metadata: {e}"))?;
 
-    crate::import::write_model(scratch, &nested, tensors, dtype, tok)?;
+    crate::import::write_model(scratch, &nested, tensors, dtype, assets)?;
     let model = std::sync::Arc::new(matformer::ModelFile::open(scratch)?);
     let mut levels = Vec::new();
     let mut entries = Vec::new();

@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 use tract_onnx::pb::{self, tensor_proto::DataLocation};
 use tract_onnx::prelude::*;
 
+use crate::hf_config::{is_hf_config, HfConfig};
+
 /// Metadata key (ONNX `metadata_props`) holding the MatFormer config JSON.
 pub const CONFIG_KEY: &str = "matformer_config";
 
@@ -155,20 +157,26 @@ impl SourceModel {
         Ok(Weight { shape, data: view.iter().copied().collect() })
     }
 
-    /// The config: the embedded one, or the sidecar JSON given by the user.
+    /// The config, from the first of: the file given by the user (`--config`), the ONNX's
+    /// `matformer_config` metadata, a Hugging Face `config.json` next to the ONNX. A file may
+    /// hold our own keys (docs/format.md) or a Hugging Face config.json, told apart by its keys.
     pub fn config(&self, sidecar: Option<&Path>) -> Result<SourceConfig> {
         if let Some(p) = sidecar {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
-            return serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid MatFormer config", p.display()));
+            return read_config_file(p);
         }
-        match &self.embedded_config {
-            Some(c) => Ok(c.clone()),
-            None => bail!(
-                "{} carries no `{CONFIG_KEY}` metadata; pass --config CONFIG.json (keys as in docs/format.md)",
-                self.path.display()
-            ),
+        if let Some(c) = &self.embedded_config {
+            return Ok(c.clone());
         }
+        let next_to = self.path.with_file_name("config.json");
+        if next_to.is_file() {
+            eprintln!("using {} (no --config given, no `{CONFIG_KEY}` metadata)", next_to.display());
+            return read_config_file(&next_to);
+        }
+        bail!(
+            "{} carries no `{CONFIG_KEY}` metadata and has no config.json next to it; pass --config CONFIG.json \
+             (a Hugging Face config.json, or our keys as in docs/format.md)",
+            self.path.display()
+        )
     }
 
     /// Builds the `.matf` metadata from the config and widths.
@@ -197,6 +205,34 @@ impl SourceModel {
             extra: Default::default(),
         })
     }
+}
+
+/// Reads a config file holding either our own keys (docs/format.md) or a Hugging Face
+/// `config.json` (recognised by its keys, see [`is_hf_config`]). A Hugging Face config gives a
+/// one-level model (the full FFN; `--widths` declares nested levels) and a byte tokenizer with
+/// the config's BOS and first EOS id: config.json does not describe the tokenizer itself.
+pub fn read_config_file(path: &Path) -> Result<SourceConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("config {} is not JSON", path.display()))?;
+    if is_hf_config(&value) {
+        let hf = HfConfig::from_value(&value).with_context(|| format!("Hugging Face config {}", path.display()))?;
+        eprintln!(
+            "read Hugging Face config {} ({}, {} layers, d_model {}, FFN {})",
+            path.display(),
+            hf.architecture_name,
+            hf.architecture.n_layers,
+            hf.architecture.d_model,
+            hf.intermediate_size
+        );
+        return Ok(hf.to_source_config(hf.tokenizer("bytes")));
+    }
+    serde_json::from_value(value).with_context(|| {
+        format!(
+            "{} is neither a MatFormer config (keys as in docs/format.md) nor a Hugging Face config.json",
+            path.display()
+        )
+    })
 }
 
 /// Level names for `n` levels: `s, m, l, xl` for four, `l0, l1, ...` otherwise.

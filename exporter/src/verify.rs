@@ -15,6 +15,7 @@ use tract_onnx::prelude::*;
 
 use crate::mapping::WeightMap;
 use crate::onnx_source::{constant_value_mut, SourceModel, WeightRef};
+use crate::tract_run;
 
 /// Agreement bound on logits, relative to the reference's scale:
 /// `max |engine - onnx| <= bound * max(1, max |onnx|)` over every position and vocabulary entry.
@@ -56,11 +57,13 @@ pub struct VerifyOptions {
     pub probe_len: usize,
     /// Tolerance override (default: by dtype).
     pub tolerance: Option<Tolerance>,
+    /// Verify against these PyTorch goldens instead of running the ONNX graph in tract.
+    pub goldens: Option<std::path::PathBuf>,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        VerifyOptions { submodels: vec![], probe_len: 24, tolerance: None }
+        VerifyOptions { submodels: vec![], probe_len: 24, tolerance: None, goldens: None }
     }
 }
 
@@ -90,6 +93,8 @@ pub struct Check {
 /// All comparisons.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
+    /// What the file was compared with: `tract-onnx`, or `goldens FILE`.
+    pub reference: String,
     /// Tolerance applied.
     pub tolerance: Tolerance,
     /// Every check.
@@ -195,7 +200,7 @@ pub fn sliced_proto(src: &SourceModel, map: &WeightMap, widths: &[u32]) -> Resul
 }
 
 /// Runs the source ONNX (sliced to `widths`) with tract on each probe; returns logits
-/// `[len * vocab]` per probe.
+/// `[len * vocab]` per probe. One plan per probe length (input facts are concrete).
 pub fn run_onnx(
     src: &SourceModel,
     map: &WeightMap,
@@ -204,55 +209,15 @@ pub fn run_onnx(
     vocab: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let proto = sliced_proto(src, map, widths)?;
-    let input_type = proto
-        .graph
-        .as_ref()
-        .and_then(|g| g.input.iter().find(|i| !src.initializer_index.contains_key(&i.name)))
-        .and_then(|i| i.r#type.as_ref())
-        .and_then(|t| match &t.value {
-            Some(pb::type_proto::Value::TensorType(tt)) => Some(tt.elem_type),
-            _ => None,
-        })
-        .unwrap_or(7);
     let mut out = Vec::new();
     let mut plans: Vec<(usize, Arc<TypedRunnableModel>)> = Vec::new();
     for p in probes {
         let len = p.len();
-        let plan = match plans.iter().find(|(l, _)| *l == len) {
-            Some((_, plan)) => plan.clone(),
-            None => {
-                let dt = if input_type == 6 { i32::datum_type() } else { i64::datum_type() };
-                // Shapes recorded in the graph describe the full widths: let tract infer them.
-                let model = tract_onnx::onnx()
-                    .with_ignore_output_shapes(true)
-                    .with_ignore_value_info(true)
-                    .model_for_proto_model(&proto)
-                    .map_err(|e| anyhow!("{e:#}"))
-                    .context("tract could not load the sliced ONNX graph")?
-                    .with_input_fact(0, InferenceFact::dt_shape(dt, tvec![1, len]))
-                    .map_err(|e| anyhow!("{e:#}"))?
-                    .into_optimized()
-                    .map_err(|e| anyhow!("{e:#}"))
-                    .context("tract could not optimise the ONNX graph")?
-                    .into_runnable()
-                    .map_err(|e| anyhow!("{e:#}"))?;
-                plans.push((len, model.clone()));
-                model
-            }
-        };
-        let input: Tensor = if input_type == 6 {
-            Tensor::from_shape(&[1, len], &p.iter().map(|&t| t as i32).collect::<Vec<_>>())
-        } else {
-            Tensor::from_shape(&[1, len], &p.iter().map(|&t| t as i64).collect::<Vec<_>>())
+        if !plans.iter().any(|(l, _)| *l == len) {
+            plans.push((len, tract_run::runnable(&proto, len)?));
         }
-        .map_err(|e| anyhow!("{e:#}"))?;
-        let result = plan
-            .run(tvec![input.into()])
-            .map_err(|e| anyhow!("{e:#}"))
-            .context("tract failed to run the ONNX graph")?;
-        let logits = result[0].cast_to::<f32>().map_err(|e| anyhow!("{e:#}"))?;
-        let view = logits.to_plain_array_view::<f32>().map_err(|e| anyhow!("{e:#}"))?;
-        let v: Vec<f32> = view.iter().copied().collect();
+        let plan = &plans.iter().find(|(l, _)| *l == len).expect("planned above").1;
+        let v = tract_run::run(plan, &proto, p)?;
         if v.len() != len * vocab {
             bail!("the ONNX graph returned {} logits for {len} tokens, expected {len} x {vocab}", v.len());
         }
@@ -322,7 +287,15 @@ pub fn verify_against_onnx(
             .map(|s| Submodel::parse(s, &meta, model.view().available_levels))
             .collect::<Result<_, _>>()?
     };
-    let probes = probes(&meta, opts.probe_len.min(meta.architecture.max_context as usize));
+    // A graph exported with a static sequence axis runs at that length only.
+    let probe_len = match tract_run::fixed_sequence_len(&src.proto)? {
+        Some(fixed) => {
+            eprintln!("the ONNX graph's sequence axis is static ({fixed} tokens): probes are {fixed} tokens long");
+            fixed
+        }
+        None => opts.probe_len,
+    };
+    let probes = probes(&meta, probe_len.min(meta.architecture.max_context as usize));
     let vocab = meta.architecture.vocab_size as usize;
     let mut checks = Vec::new();
     for (k, sub) in submodels.iter().enumerate() {
@@ -347,5 +320,85 @@ pub fn verify_against_onnx(
         }
     }
     let passed = checks.iter().all(|c| c.passed);
-    Ok(VerifyReport { tolerance, checks, passed })
+    Ok(VerifyReport { reference: "tract-onnx".into(), tolerance, checks, passed })
+}
+
+/// Reference logits made by the model's own framework (PyTorch), for models whose ONNX graph
+/// tract cannot run: `matformer export --verify-goldens FILE` (format in docs/exporter.md).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Goldens {
+    /// Where the logits come from, informational.
+    #[serde(default)]
+    pub source: String,
+    /// One entry per prompt.
+    pub probes: Vec<GoldenProbe>,
+}
+
+/// One prompt of a [`Goldens`] file.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct GoldenProbe {
+    /// Token ids fed to the model.
+    pub ids: Vec<u32>,
+    /// `logits[position][token]` of the full-width model, float32.
+    pub logits: Vec<Vec<f32>>,
+}
+
+impl Goldens {
+    /// Reads a goldens JSON file and checks it against the model's vocabulary and context.
+    pub fn load(path: &Path, meta: &Metadata) -> Result<Goldens> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading goldens {}", path.display()))?;
+        let g: Goldens = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a goldens file (probes: [{{ids, logits}}])", path.display()))?;
+        let vocab = meta.architecture.vocab_size as usize;
+        if g.probes.is_empty() {
+            bail!("goldens {} hold no probes", path.display());
+        }
+        for (i, p) in g.probes.iter().enumerate() {
+            if p.ids.is_empty() || p.ids.len() > meta.architecture.max_context as usize {
+                bail!("goldens probe {i} has {} tokens; expected 1 to {}", p.ids.len(), meta.architecture.max_context);
+            }
+            if let Some(bad) = p.ids.iter().find(|&&t| t as usize >= vocab) {
+                bail!("goldens probe {i} has token {bad}, outside the vocabulary ({vocab})");
+            }
+            if p.logits.len() != p.ids.len() || p.logits.iter().any(|row| row.len() != vocab) {
+                bail!("goldens probe {i}: logits must be {} positions x {vocab} tokens", p.ids.len());
+            }
+        }
+        Ok(g)
+    }
+}
+
+/// Verifies the file at `matf` against PyTorch goldens: the full-width model (every layer at
+/// its widest level) must reproduce each probe's logits within the dtype's tolerance.
+pub fn verify_against_goldens(matf: &Path, goldens: &Path, opts: &VerifyOptions) -> Result<VerifyReport> {
+    let model = Arc::new(ModelFile::open(matf)?);
+    let meta = model.metadata().clone();
+    let g = Goldens::load(goldens, &meta)?;
+    let dtype = model.view().tensors.first().map(|t| t.dtype).unwrap_or(DType::F32);
+    let tolerance = opts.tolerance.unwrap_or(Tolerance::for_dtype(dtype));
+    let full = Submodel::uniform((meta.n_levels() - 1) as u8, meta.architecture.n_layers as usize);
+    let widths = full.widths(&meta);
+    let name = full.name(&meta);
+    let vocab = meta.architecture.vocab_size as usize;
+    eprintln!("verifying {name} against {} goldens of {}", g.probes.len(), goldens.display());
+    let ids: Vec<Vec<u32>> = g.probes.iter().map(|p| p.ids.clone()).collect();
+    let actual = run_engine(&model, &full, &ids)?;
+    let mut checks = Vec::new();
+    for (i, (p, a)) in g.probes.iter().zip(&actual).enumerate() {
+        let reference: Vec<f32> = p.logits.iter().flatten().copied().collect();
+        let (max_abs_diff, max_abs_ref, argmax_agree, positions, passed) = compare(&reference, a, vocab, tolerance);
+        checks.push(Check {
+            submodel: name.clone(),
+            widths: widths.clone(),
+            probe: i,
+            max_abs_diff,
+            max_abs_ref,
+            relative: max_abs_diff / max_abs_ref.max(1.0),
+            argmax_agree,
+            positions,
+            passed,
+        });
+    }
+    let passed = checks.iter().all(|c| c.passed);
+    Ok(VerifyReport { reference: format!("goldens {}", goldens.display()), tolerance, checks, passed })
 }

@@ -127,6 +127,13 @@ impl ModelFile {
         self.storage.bytes()
     }
 
+    /// The content of blob `id` (the stored tokenizer is
+    /// [`TOKENIZER_JSON_BLOB`](crate::format::TOKENIZER_JSON_BLOB)), its CRC-32 checked;
+    /// `Ok(None)` when the file has no such blob. Reads only the blob's pages.
+    pub fn blob(&self, id: &str) -> Result<Option<&[u8]>, ModelError> {
+        Ok(self.view.blob_bytes(self.bytes(), id)?)
+    }
+
     /// The path, when opened from a file.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

@@ -11,7 +11,7 @@
 //! all cores), `MATF_SUBMODELS` (space-separated specs), `MATF_DECODE` (tokens, default 16),
 //! `MATF_LOAD=heap` (read the file into memory instead of mapping it), `MATF_BENCH_FILE`.
 //! The kernels run about twice as fast when the build enables F16C/AVX2
-//! (`RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c"`), see `cpu/kernels.rs`.
+//! (`RUSTFLAGS="-C target-feature=+avx2,+fma,+f16c"`), see `cpu/kernels/`.
 
 use std::io::BufWriter;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 
 use matformer::format::testing::synthetic_metadata;
 use matformer::format::Metadata;
-use matformer::tokenizer::{ByteTokenizer, StreamDecoder};
+use matformer::tokenizer::{ByteTokenizer, Utf8StreamDecoder};
 use matformer::{Submodel, SubmodelError};
 
 /// 4 layers, levels s/m/l/xl with per-layer widths.
@@ -175,7 +175,7 @@ fn stream_decoder_matches_decode() {
         );
     }
     for ids in cases {
-        let mut d = StreamDecoder::new();
+        let mut d = Utf8StreamDecoder::new();
         let mut s = String::new();
         for &id in &ids {
             s.push_str(&d.push(id));

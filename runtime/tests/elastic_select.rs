@@ -1,12 +1,9 @@
 //! The elastic core: catalog enumeration and exact sizes (complete, cut and many-layer files),
-//! stored catalogs, selection over a grid of budgets, and calibration on the bundled model.
+//! stored catalogs and selection over a grid of budgets (the exporter tests calibration).
 
-use std::sync::Arc;
-
-use matformer::cpu::CpuEngine;
 use matformer::elastic::{
-    calibrate, select, CalibrationOptions, Catalog, CatalogEntry, CatalogError, Constraint, DeviceBudget,
-    LatencyEstimator, LatencyModel, Policy, SelectError, ThermalState, CATALOG_KEY, MAX_ENUMERATED_CONFIGS,
+    select, Catalog, CatalogEntry, CatalogError, Constraint, DeviceBudget, LatencyEstimator, LatencyModel, Policy,
+    SelectError, ThermalState, CATALOG_KEY, MAX_ENUMERATED_CONFIGS,
 };
 use matformer::format::testing::{required_tensor_specs, synthetic_file, synthetic_metadata};
 use matformer::format::{write_file_with_alignment, DType, Metadata};
@@ -434,83 +431,6 @@ fn bad_inputs_are_errors() {
     assert_eq!(b.thermal_state, Some(ThermalState::Serious));
     let pj: Policy = serde_json::from_str(r#"{"memory_headroom_fraction": 0.8}"#).expect("json");
     assert_eq!(pj.low_battery_percent, 20);
-}
-
-/// The bundled trained model, when present.
-fn bundled() -> Option<(Arc<ModelFile>, Vec<u8>)> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-    let model = ModelFile::open(dir.join("matlm.matf")).ok()?;
-    let mut text = std::fs::read(dir.join("heldout.txt")).ok()?;
-    text.truncate(4096);
-    Some((Arc::new(model), text))
-}
-
-#[test]
-fn calibration_on_the_bundled_model() {
-    let Some((model, text)) = bundled() else {
-        eprintln!("tests/fixtures/matlm.matf missing: skipped");
-        return;
-    };
-    let start = std::time::Instant::now();
-    let engine = CpuEngine::new(model.clone()).expect("engine");
-    let catalog = Catalog::from_model(&model);
-    assert_eq!(catalog.entries.len(), 35);
-    // 6 frontier points keep the test within ~20 s on a loaded 2-core machine (22 evaluations).
-    let options = CalibrationOptions { max_frontier_evals: 6, ..CalibrationOptions::default() };
-    let report = calibrate(&engine, &catalog, &text, &options, |line| eprintln!("{line}")).expect("calibration");
-    let u: Vec<f64> = report.uniform_losses.iter().map(|n| n.loss).collect();
-    eprintln!("uniform losses: {:?}", report.uniform_losses);
-    assert_eq!(u.len(), 4);
-    assert!(u.windows(2).all(|w| w[1] < w[0]), "uniform losses decrease with width: {u:?}");
-    let s = &report.summary;
-    eprintln!(
-        "prediction: {} checked, mean |err| {:?}, max |err| {:?}, Spearman {:?}; {} evaluations in {:.1?}",
-        s.checked_points,
-        s.mean_abs_error,
-        s.max_abs_error,
-        s.spearman,
-        s.evaluations,
-        start.elapsed()
-    );
-    for c in &report.checks {
-        eprintln!("  {:<10} predicted {:.5} measured {:.5}", c.name, c.predicted_loss, c.measured_loss);
-    }
-    for (i, row) in report.sensitivity.iter().enumerate() {
-        eprintln!("  layer {i} deltas by level: {row:?}");
-    }
-    eprintln!("frontier: {:?}", report.frontier);
-    assert!(s.checked_points >= 3);
-    assert!(s.mean_abs_error <= s.uncorrected_mean_abs_error, "the correction helps");
-    assert!(s.spearman.is_some_and(|r| r > 0.8));
-    assert!(s.mean_abs_error.is_some_and(|e| e.is_finite() && e < 0.05));
-    assert!(report.catalog.entries.iter().all(|e| e.predicted_loss.is_some()));
-    assert!(!report.frontier.is_empty());
-    let best = report
-        .catalog
-        .entries
-        .iter()
-        .filter(|e| e.loss().is_some())
-        .min_by(|a, b| a.loss().unwrap_or(f64::INFINITY).total_cmp(&b.loss().unwrap_or(f64::INFINITY)));
-    assert_eq!(report.frontier.last(), best.map(|e| &e.name), "the frontier ends at the best loss");
-    // The calibrated catalog stores and reloads into the same losses.
-    let json = report.catalog.to_json();
-    let mut meta = model.metadata().clone();
-    meta.extra.insert(CATALOG_KEY.to_string(), json);
-    let synth = model_of(&meta);
-    let back = Catalog::from_metadata_extra(&synth).expect("reload");
-    // (serde_json parses floats to within an ulp.)
-    let (a, b) = (back.calibration.as_ref().expect("stored"), report.catalog.calibration.as_ref().expect("set"));
-    assert_eq!((a.evaluations, a.checked_points, a.text_bytes), (b.evaluations, b.checked_points, b.text_bytes));
-    assert!((a.full_loss - b.full_loss).abs() < 1e-12);
-    for e in &report.catalog.entries {
-        let b = back.find_levels(&e.levels.levels).and_then(|b| b.loss()).unwrap_or(f64::NAN);
-        assert!((b - e.loss().unwrap_or(f64::NAN)).abs() < 1e-12, "{}", e.name);
-    }
-    // Selection with losses picks the best loss that fits.
-    let plan = select(&report.catalog, &DeviceBudget::default(), &Policy::default(), None).expect("plan");
-    eprintln!("{}", plan.explanation);
-    let best = report.catalog.entries.iter().filter_map(|e| e.loss()).fold(f64::INFINITY, f64::min);
-    assert_eq!(plan.entry.loss(), Some(best));
 }
 
 #[test]

@@ -1,12 +1,27 @@
-//! Every WGSL file in `shaders/` parses and validates with naga (no GPU needed), and the set
-//! of files is exactly the set of shaders the GPU backend compiles in.
+//! Every WGSL file in `runtime/shaders/` (the top-level `shaders/` is a link to it) parses and
+//! validates with naga (no GPU needed), and the set of files is exactly the set of shaders the
+//! GPU backend compiles in.
 #![cfg(feature = "gpu")]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+/// The shaders live inside the runtime crate so that a packaged `matformer` carries them.
 fn shader_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shaders")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders")
+}
+
+/// The workspace's top-level `shaders/` (the design card's place for them) is a link to the
+/// runtime's directory, so there is one copy of every shader.
+#[test]
+fn top_level_shaders_is_the_runtime_directory() {
+    let top = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shaders");
+    if !PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("Cargo.toml").exists() {
+        println!("skipping: not inside the workspace (a packaged crate)");
+        return;
+    }
+    let canonical = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(canonical(&top), canonical(&shader_dir()), "shaders/ must link to runtime/shaders/");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use matformer::cpu::{argmax, CpuEngine};
 use matformer::elastic::{StoredCatalog, CATALOG_KEY};
 use matformer::format::DType;
+use matformer::tokenizer::Tokenizer;
 use matformer::{ModelFile, Submodel};
 use matformer_export::gguf::{Gguf, GgufError};
 use matformer_export::nest::{tokenize, NestOptions};
@@ -76,13 +77,21 @@ fn tiny_llama_gguf_matches_transformers() {
     let dir = temp_dir("gguf-tiny");
     for dtype in [DType::F32, DType::F16] {
         let out = dir.join(format!("tiny-{}.matf", dtype.name()));
-        let (report, tok) =
+        let (report, assets) =
             import(&ImportOptions { input: fixture("tiny_llama.gguf"), output: out.clone(), dtype, nest: None })
                 .unwrap();
         assert_eq!(report.level_names, ["full"]);
         assert_eq!((report.n_layers, report.d_model, report.vocab_size), (2, 64, 261));
-        assert_eq!((tok.bos_id, tok.eos_id, tok.add_bos), (Some(258), Some(260), false));
-        assert!(tok.chat_template.as_deref().is_some_and(|t| t.contains("add_generation_prompt")));
+        assert_eq!((report.bos_id, report.eos_id, report.add_bos), (Some(258), Some(260), false));
+        assert_eq!(report.tokenizer, "huggingface");
+        assert!(assets.chat_template.as_deref().is_some_and(|t| t.contains("add_generation_prompt")));
+        // The tokenizer as stored in the file (blob and metadata), not the importer's copy.
+        let model = ModelFile::open(&out).unwrap();
+        let tok = Tokenizer::from_model(&model).unwrap();
+        assert_eq!(tok.eos_ids(), [260]);
+        let stored = model.metadata().chat_template().unwrap().map(str::to_string);
+        assert_eq!(stored, assets.chat_template);
+        drop(model);
         for e in &g.encodings {
             assert_eq!(tokenize(&tok, &e.text).unwrap(), e.ids, "tokenizer ids of {:?}", e.text);
         }

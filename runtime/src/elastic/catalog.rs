@@ -57,7 +57,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::calibrate::CalibrationSummary;
 use crate::format::{names, FileView, Metadata};
 use crate::{ModelFile, Submodel, SubmodelError};
 
@@ -103,6 +102,40 @@ pub struct ModelSummary {
     /// Attention FLOPs per generated token per token of context: `4 * n_layers * n_heads *
     /// head_dim`.
     pub attention_flops_per_context_token: u64,
+}
+
+/// How a catalog's losses were obtained (by the exporter's calibration); stored with the
+/// catalog.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationSummary {
+    /// Bytes of calibration text.
+    pub text_bytes: u64,
+    /// Tokens per evaluation chunk (BOS included).
+    pub chunk_tokens: u32,
+    /// Exact evaluations run.
+    pub evaluations: u32,
+    /// Loss of the full model, nats per token.
+    pub full_loss: f64,
+    /// Measured entries the prediction quality is computed on (not used to fit it).
+    pub checked_points: u32,
+    /// Mean `|predicted - measured|` on the checked points.
+    #[serde(default)]
+    pub mean_abs_error: Option<f64>,
+    /// Largest `|predicted - measured|` on the checked points.
+    #[serde(default)]
+    pub max_abs_error: Option<f64>,
+    /// Spearman rank correlation of predicted against measured loss on the checked points
+    /// (`None` with fewer than two points or constant values).
+    #[serde(default)]
+    pub spearman: Option<f64>,
+    /// Mean `|error|` of the plain additive prediction (no uniform correction) on the same
+    /// checked points.
+    #[serde(default)]
+    pub uncorrected_mean_abs_error: Option<f64>,
+    /// The uniform correction curve: `[additive delta, ratio]` points (module documentation),
+    /// empty without correction.
+    #[serde(default)]
+    pub correction: Vec<[f64; 2]>,
 }
 
 /// One submodel of the catalog with its exact cost and (after calibration) its loss.
@@ -352,7 +385,7 @@ impl Catalog {
 
 /// Indices of the Pareto frontier of `entries` (weight bytes against `loss`), by increasing
 /// weight bytes (ties by name); entries without a loss are ignored.
-pub(crate) fn pareto_indices(entries: &[CatalogEntry], loss: impl Fn(&CatalogEntry) -> Option<f64>) -> Vec<usize> {
+pub fn pareto_indices(entries: &[CatalogEntry], loss: impl Fn(&CatalogEntry) -> Option<f64>) -> Vec<usize> {
     let mut order: Vec<usize> = (0..entries.len()).filter(|&i| loss(&entries[i]).is_some()).collect();
     order.sort_by(|&a, &b| {
         let (ea, eb) = (&entries[a], &entries[b]);

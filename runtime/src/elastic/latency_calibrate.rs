@@ -2,7 +2,7 @@
 //! decodes for the fixed part (see [`super::latency`]).
 //!
 //! - **CPU** ([`calibrate_cpu`]): every class timed with the engine's own kernels and thread
-//!   count ([`crate::cpu::probe`]); the fixed part and the scale are fitted to decodes of
+//!   count ([`crate::elastic::cpu_probe`]); the fixed part and the scale are fitted to decodes of
 //!   every uniform submodel (least squares over as many points as levels).
 //! - **GPU** ([`calibrate_gpu`], feature `gpu`): the GEMV classes (attention projections, FFN
 //!   up/gate and down at every width, LM head) timed with the decode GEMV kernel at their real
@@ -19,8 +19,8 @@
 
 use std::time::Instant;
 
+use super::cpu_probe::{self as probe, ProbeOptions};
 use super::latency::{CostModelError, DeviceCostModel, FitRun, ShapeFingerprint};
-use crate::cpu::probe::{self, ProbeOptions};
 use crate::cpu::CpuEngine;
 use crate::{ModelFile, Submodel};
 

@@ -3,15 +3,13 @@
 //! - [`catalog`](crate::elastic::catalog): every Mix'n'Match configuration of a file whose levels do not decrease with
 //!   depth, with exact weight bytes, KV bytes and FLOPs per token; stored catalogs
 //!   (`metadata.extra["catalog"]`) and the Pareto frontier.
-//! - [`calibrate`](mod@crate::elastic::calibrate): losses for every entry from the uniform levels, per-layer sensitivities and
-//!   an additive prediction, checked exactly on the predicted Pareto points.
 //! - [`budget`](crate::elastic::budget): the device signals (memory, battery, low-power mode, thermal state, latency
 //!   target, context).
 //! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
 //! - [`latency`](crate::elastic::latency): the per-device latency cost model (kernel classes
 //!   timed at the model's shapes, a fitted fixed part, a per-device cache);
-//!   [`latency_calibrate`](crate::elastic::latency_calibrate) measures it on the CPU engine or
-//!   a GPU.
+//!   [`latency_calibrate`](crate::elastic::latency_calibrate) measures it on the CPU engine
+//!   (kernel classes timed by [`cpu_probe`](crate::elastic::cpu_probe)) or a GPU.
 //! - [`select`](mod@crate::elastic::select): the best entry within the limits, with an explanation.
 //! - [`ElasticSession`](crate::elastic::ElasticSession): switch submodel mid-generation (exact
 //!   re-prefill of the KV cache) and release the pages of unused levels under memory pressure.
@@ -28,8 +26,8 @@
 //! ```
 
 pub mod budget;
-pub mod calibrate;
 pub mod catalog;
+pub mod cpu_probe;
 pub mod latency;
 pub mod latency_calibrate;
 pub mod policy;
@@ -37,12 +35,9 @@ pub mod select;
 mod switch;
 
 pub use budget::{DeviceBudget, ThermalState};
-pub use calibrate::{
-    calibrate, CalibrateError, CalibrationOptions, CalibrationReport, CalibrationSummary, NamedLoss, PredictionCheck,
-};
 pub use catalog::{
-    Catalog, CatalogEntry, CatalogError, ModelSummary, StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA,
-    MAX_ENUMERATED_CONFIGS,
+    CalibrationSummary, Catalog, CatalogEntry, CatalogError, ModelSummary, StoredCatalog, StoredEntry, CATALOG_KEY,
+    CATALOG_SCHEMA, MAX_ENUMERATED_CONFIGS,
 };
 pub use latency::{
     default_cache_dir, default_cache_path, Breakdown, CacheMiss, CostModelError, DeviceCostModel, DeviceId, FitRun,

@@ -19,9 +19,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cpu::{argmax, CpuEngine, EngineError, Session};
+use crate::backend::{Backend, BackendError, BackendSession};
+use crate::cpu::{CpuEngine, EngineError, Session};
 #[cfg(feature = "gpu")]
 use crate::gpu::{step_down_on_oom, GpuEngine, GpuError, GpuSession};
+use crate::sampling::Sampler;
 use crate::{ModelError, ModelFile, Submodel};
 
 /// How a switch moves between two submodels, compared layer by layer.
@@ -134,17 +136,29 @@ pub enum ElasticError {
     Model(#[from] ModelError),
 }
 
-/// The engine and session an [`ElasticSession`] runs on.
-enum Backend {
-    Cpu {
-        engine: CpuEngine,
-        session: Session,
-    },
-    #[cfg(feature = "gpu")]
-    Gpu {
-        engine: GpuEngine,
-        session: Box<GpuSession>,
-    },
+impl From<BackendError> for ElasticError {
+    fn from(e: BackendError) -> ElasticError {
+        match e {
+            BackendError::Cpu(e) => ElasticError::Cpu(e),
+            #[cfg(feature = "gpu")]
+            BackendError::Gpu(e) => ElasticError::Gpu(e),
+        }
+    }
+}
+
+/// How a switch treats the KV cache the previous submodel wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SwitchMode {
+    /// Re-prefill the history with the new submodel: every later output is exactly the new
+    /// submodel's on the same tokens. Costs one batched prefill of the whole history.
+    #[default]
+    Exact,
+    /// Keep the KV cache the previous submodel wrote and continue on it (attention and
+    /// embeddings are shared by every submodel and nested submodels are trained to agree):
+    /// no re-prefill, so the switch costs microseconds whatever the history length, and the
+    /// output is an approximation of the new submodel's until the old entries scroll out.
+    KeepKv,
 }
 
 /// A generation session that can change submodel at any token boundary, on the CPU engine
@@ -169,6 +183,7 @@ enum Backend {
 /// ```
 pub struct ElasticSession {
     backend: Backend,
+    session: BackendSession,
     history: Vec<u32>,
     last_logits: Option<Vec<f32>>,
     /// Set when an allocation failure made the session start smaller than asked.
@@ -190,13 +205,7 @@ impl ElasticSession {
     /// An empty session running `submodel` (one level per layer, each present in the file) on
     /// the CPU engine.
     pub fn new(engine: CpuEngine, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
-        let session = engine.session(submodel)?;
-        Ok(ElasticSession {
-            backend: Backend::Cpu { engine, session },
-            history: Vec::new(),
-            last_logits: None,
-            start_fallback: None,
-        })
+        ElasticSession::on(Backend::from(engine), submodel)
     }
 
     /// An empty session running `submodel` on the GPU. If the GPU cannot allocate it
@@ -207,24 +216,39 @@ impl ElasticSession {
     /// errors.
     #[cfg(feature = "gpu")]
     pub fn new_gpu(engine: GpuEngine, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
-        let meta = engine.model().metadata();
-        let (session, _, oom) = step_down_on_oom(engine.model(), submodel, |s| engine.session(s))?;
-        let fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
-        Ok(ElasticSession {
-            backend: Backend::Gpu { engine, session: Box::new(session) },
-            history: Vec::new(),
-            last_logits: None,
-            start_fallback: fallback,
-        })
+        ElasticSession::on(Backend::from(engine), submodel)
+    }
+
+    /// An empty session running `submodel` on a shared engine of either kind (many sessions
+    /// may share one engine's weights). On the GPU an allocation failure steps down as
+    /// [`ElasticSession::new_gpu`] describes.
+    pub fn on(backend: Backend, submodel: &Submodel) -> Result<ElasticSession, ElasticError> {
+        let (session, start_fallback) = match &backend {
+            Backend::Cpu(_) => (backend.session(submodel)?, None),
+            #[cfg(feature = "gpu")]
+            Backend::Gpu(engine) => {
+                let meta = engine.model().metadata();
+                let (session, _, oom) = step_down_on_oom(engine.model(), submodel, |s| engine.session(s))?;
+                let fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
+                (BackendSession::Gpu(Box::new(session)), fallback)
+            }
+        };
+        Ok(ElasticSession { backend, session, history: Vec::new(), last_logits: None, start_fallback })
     }
 
     /// `"cpu"` or `"gpu"`.
     pub fn backend_name(&self) -> &'static str {
-        match &self.backend {
-            Backend::Cpu { .. } => "cpu",
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { .. } => "gpu",
-        }
+        self.backend.name()
+    }
+
+    /// The engine this session runs on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The backend session (KV cache, position).
+    pub fn backend_session(&self) -> &BackendSession {
+        &self.session
     }
 
     /// When the session started smaller than asked because the GPU could not allocate the
@@ -235,21 +259,13 @@ impl ElasticSession {
 
     /// The model file.
     pub fn model(&self) -> &Arc<ModelFile> {
-        match &self.backend {
-            Backend::Cpu { engine, .. } => engine.model(),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { engine, .. } => engine.model(),
-        }
+        self.backend.model()
     }
 
     /// Appends `tokens` to the context and returns the logits of the last one (on the GPU they
     /// are read back: `vocab_size` floats). On error nothing changes.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ElasticError> {
-        let logits = match &mut self.backend {
-            Backend::Cpu { session, .. } => session.prefill(tokens)?,
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => session.prefill_logits(tokens)?,
-        };
+        let logits = self.session.prefill(tokens)?;
         self.history.extend_from_slice(tokens);
         self.last_logits = Some(logits.clone());
         Ok(logits)
@@ -257,11 +273,7 @@ impl ElasticSession {
 
     /// Appends one token and returns its logits. On error nothing changes.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, ElasticError> {
-        let logits = match &mut self.backend {
-            Backend::Cpu { session, .. } => session.decode(token)?,
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => session.decode_logits(token)?,
-        };
+        let logits = self.session.decode(token)?;
         self.history.push(token);
         self.last_logits = Some(logits.clone());
         Ok(logits)
@@ -270,59 +282,72 @@ impl ElasticSession {
     /// [`ElasticSession::prefill`] returning the greedy next token only (on the GPU the argmax
     /// runs on the device and 4 bytes are read back).
     pub fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, ElasticError> {
-        match &mut self.backend {
-            Backend::Cpu { .. } => self.prefill(tokens).map(|l| argmax(&l)),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => {
-                let t = session.prefill(tokens)?;
-                self.history.extend_from_slice(tokens);
-                self.last_logits = None;
-                Ok(t)
-            }
-        }
+        let t = self.session.prefill_greedy(tokens)?;
+        self.history.extend_from_slice(tokens);
+        self.last_logits = None;
+        Ok(t)
     }
 
     /// [`ElasticSession::decode`] returning the greedy next token only.
     pub fn decode_greedy(&mut self, token: u32) -> Result<u32, ElasticError> {
-        match &mut self.backend {
-            Backend::Cpu { .. } => self.decode(token).map(|l| argmax(&l)),
+        let t = self.session.decode_greedy(token)?;
+        self.history.push(token);
+        self.last_logits = None;
+        Ok(t)
+    }
+
+    /// [`ElasticSession::prefill`] choosing the next token with `sampler` (which must have
+    /// observed the context for its penalties). On the GPU only the sampler's candidates are
+    /// read back (the full logits only when they do not suffice); greedy without penalties
+    /// reads back the 4-byte argmax.
+    pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        let t = match &mut self.session {
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.prefill(tokens)?),
             #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => {
-                let t = session.decode(token)?;
-                self.history.push(token);
-                self.last_logits = None;
-                Ok(t)
-            }
-        }
+            BackendSession::Gpu(s) => s.prefill_sample(tokens, sampler)?,
+        };
+        self.history.extend_from_slice(tokens);
+        self.last_logits = None;
+        Ok(t)
+    }
+
+    /// [`ElasticSession::decode`] choosing the next token with `sampler`.
+    pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        let t = match &mut self.session {
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.decode(token)?),
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.decode_sample(token, sampler)?,
+        };
+        self.history.push(token);
+        self.last_logits = None;
+        Ok(t)
     }
 
     /// Forgets the history and empties the KV cache (a new generation); keeps the submodel.
     pub fn reset(&mut self) {
-        match &mut self.backend {
-            Backend::Cpu { session, .. } => session.reset(),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => session.reset(),
-        }
+        self.session.reset();
         self.history.clear();
         self.last_logits = None;
     }
 
+    /// Forgets every token from `position` on (history and KV cache), e.g. to keep the common
+    /// prefix of a conversation and prefill only what changed. No-op beyond the end.
+    pub fn truncate(&mut self, position: usize) {
+        if position < self.history.len() {
+            self.session.truncate(position);
+            self.history.truncate(position);
+            self.last_logits = None;
+        }
+    }
+
     /// The submodel running now.
     pub fn submodel(&self) -> &Submodel {
-        match &self.backend {
-            Backend::Cpu { session, .. } => session.submodel(),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => session.submodel(),
-        }
+        self.session.submodel()
     }
 
     /// Tokens in the KV cache.
     pub fn position(&self) -> usize {
-        match &self.backend {
-            Backend::Cpu { session, .. } => session.position(),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { session, .. } => session.position(),
-        }
+        self.session.position()
     }
 
     /// Every token fed so far in this generation (prompt and generated tokens), in order.
@@ -332,38 +357,24 @@ impl ElasticSession {
 
     /// The CPU engine, when running on it.
     pub fn cpu_engine(&self) -> Option<&CpuEngine> {
-        match &self.backend {
-            Backend::Cpu { engine, .. } => Some(engine),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { .. } => None,
-        }
+        self.backend.cpu()
     }
 
     /// The CPU session (KV cache size, widths), when running on the CPU engine.
     pub fn cpu_session(&self) -> Option<&Session> {
-        match &self.backend {
-            Backend::Cpu { session, .. } => Some(session),
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { .. } => None,
-        }
+        self.session.cpu()
     }
 
     /// The GPU engine (memory in use, FFN store), when running on the GPU.
     #[cfg(feature = "gpu")]
     pub fn gpu_engine(&self) -> Option<&GpuEngine> {
-        match &self.backend {
-            Backend::Gpu { engine, .. } => Some(engine),
-            Backend::Cpu { .. } => None,
-        }
+        self.backend.gpu()
     }
 
     /// The GPU session (counters, bytes), when running on the GPU.
     #[cfg(feature = "gpu")]
     pub fn gpu_session(&self) -> Option<&GpuSession> {
-        match &self.backend {
-            Backend::Gpu { session, .. } => Some(session),
-            Backend::Cpu { .. } => None,
-        }
+        self.session.gpu()
     }
 
     /// Switches to `submodel` at the current token boundary and re-prefills the KV cache from
@@ -377,6 +388,14 @@ impl ElasticSession {
     /// On error (a level not present in the file, a wrong layer count, the GPU out of memory
     /// even at level 0) the session is left unchanged.
     pub fn switch_to(&mut self, submodel: &Submodel) -> Result<SwitchReport, ElasticError> {
+        self.switch_with(submodel, SwitchMode::Exact)
+    }
+
+    /// [`switch_to`](Self::switch_to) with a choice of what happens to the KV cache:
+    /// [`SwitchMode::Exact`] re-prefills the history, [`SwitchMode::KeepKv`] keeps the cache
+    /// the previous submodel wrote and only changes the weights later tokens use (no
+    /// re-prefill; `reprefilled_tokens` is 0).
+    pub fn switch_with(&mut self, submodel: &Submodel, mode: SwitchMode) -> Result<SwitchReport, ElasticError> {
         let started = Instant::now();
         let model = Arc::clone(self.model());
         let meta = model.metadata();
@@ -399,7 +418,10 @@ impl ElasticSession {
             return Ok(report);
         }
         let history = std::mem::take(&mut self.history);
-        let result = self.switch_backend(submodel, &history, &mut report, started);
+        let result = match mode {
+            SwitchMode::Exact => self.switch_backend(submodel, &history, &mut report, started),
+            SwitchMode::KeepKv => self.switch_keep_kv(submodel, &mut report, started),
+        };
         self.history = history;
         let last_logits = result?;
         report.direction = SwitchDirection::between(&old, self.submodel());
@@ -408,6 +430,28 @@ impl ElasticSession {
         self.last_logits = last_logits;
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(report)
+    }
+
+    /// The keep-KV switch: new weights, same cache. The last logits are those the previous
+    /// submodel produced (the next token is the first one the new submodel computes).
+    fn switch_keep_kv(
+        &mut self,
+        submodel: &Submodel,
+        report: &mut SwitchReport,
+        started: Instant,
+    ) -> Result<Option<Vec<f32>>, ElasticError> {
+        match &mut self.session {
+            BackendSession::Cpu(session) => session.switch_keep_cache(submodel)?,
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(session) => {
+                let meta = self.backend.model().metadata();
+                let (sw, _, oom) = step_down_on_oom(self.backend.model(), submodel, |s| session.switch_keep_cache(s))?;
+                report.fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
+                report.uploaded_bytes = sw.uploaded_bytes;
+            }
+        }
+        report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(self.last_logits.clone())
     }
 
     /// The backend part of [`ElasticSession::switch_to`]: returns the last history token's
@@ -419,20 +463,23 @@ impl ElasticSession {
         report: &mut SwitchReport,
         started: Instant,
     ) -> Result<Option<Vec<f32>>, ElasticError> {
-        match &mut self.backend {
-            Backend::Cpu { engine, session } => {
-                let mut next = engine.session(submodel)?;
+        match &mut self.session {
+            BackendSession::Cpu(session) => {
+                let mut next = self.backend.session(submodel)?;
                 report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
                 let logits = if history.is_empty() { None } else { Some(next.prefill(history)?) };
                 report.reprefilled_tokens = history.len();
-                *session = next;
+                if let BackendSession::Cpu(next) = next {
+                    *session = next;
+                }
                 Ok(logits)
             }
             #[cfg(feature = "gpu")]
-            Backend::Gpu { engine, session } => {
-                let meta = engine.model().metadata();
+            BackendSession::Gpu(session) => {
+                let model = self.backend.model();
+                let meta = model.metadata();
                 let previous = session.submodel().clone();
-                let (sw, _, oom) = step_down_on_oom(engine.model(), submodel, |s| session.switch_to(s))?;
+                let (sw, _, oom) = step_down_on_oom(model, submodel, |s| session.switch_to(s))?;
                 report.fallback = oom.map(|e| format!("{} asked: {e}", submodel.name(meta)));
                 report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
                 report.uploaded_bytes = sw.uploaded_bytes;
@@ -485,26 +532,12 @@ impl ElasticSession {
         };
         report.levels_after = grown.view().available_levels;
         report.bytes_verified = grown.view().file_len - old_len;
-        let grown = Arc::new(grown);
-        let sub = self.submodel().clone();
-        let history = &self.history;
-        let (backend, last_logits) = match &self.backend {
-            Backend::Cpu { engine, .. } => {
-                let engine = CpuEngine::new(grown)?.with_threads(engine.threads());
-                let mut session = engine.session(&sub)?;
-                let logits = if history.is_empty() { None } else { Some(session.prefill(history)?) };
-                (Backend::Cpu { engine, session }, logits)
-            }
-            #[cfg(feature = "gpu")]
-            Backend::Gpu { engine, .. } => {
-                let engine = GpuEngine::new(grown, engine.options().clone())?;
-                let mut session = engine.session(&sub)?;
-                let logits = if history.is_empty() { None } else { Some(session.prefill_logits(history)?) };
-                (Backend::Gpu { engine, session: Box::new(session) }, logits)
-            }
-        };
+        let backend = self.backend.reopen(Arc::new(grown))?;
+        let mut session = backend.session(self.submodel())?;
+        let logits = if self.history.is_empty() { None } else { Some(session.prefill(&self.history)?) };
         self.backend = backend;
-        self.last_logits = last_logits;
+        self.session = session;
+        self.last_logits = logits;
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(report)
     }
@@ -520,19 +553,28 @@ impl ElasticSession {
     /// still runs higher levels stays correct (its reads fault the pages back in) but pays
     /// for it.
     pub fn on_memory_pressure(&mut self, pressure: MemoryPressure) -> Result<PressureReport, ElasticError> {
+        self.on_memory_pressure_with(pressure, SwitchMode::Exact)
+    }
+
+    /// [`on_memory_pressure`](Self::on_memory_pressure) with the downshift made in `mode`.
+    pub fn on_memory_pressure_with(
+        &mut self,
+        pressure: MemoryPressure,
+        mode: SwitchMode,
+    ) -> Result<PressureReport, ElasticError> {
         let target = match pressure {
             MemoryPressure::Moderate => self.submodel().step_down().unwrap_or_else(|| self.submodel().clone()),
             MemoryPressure::Critical => Submodel::uniform(0, self.submodel().levels.len()),
         };
-        let switch = self.switch_to(&target)?;
-        let gpu_bytes_released = match &mut self.backend {
-            Backend::Cpu { .. } => 0,
+        let switch = self.switch_with(&target, mode)?;
+        let gpu_bytes_released = match (&self.backend, &mut self.session) {
             #[cfg(feature = "gpu")]
-            Backend::Gpu { engine, session } => {
+            (Backend::Gpu(engine), BackendSession::Gpu(session)) => {
                 let released = engine.trim_ffn(session.submodel())?;
                 session.rebind()?;
                 released
             }
+            _ => 0,
         };
         let level = usize::from(self.submodel().max_level());
         let bytes_advised = self.model().release_levels_above(level)?;

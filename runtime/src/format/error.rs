@@ -292,6 +292,14 @@ pub enum FormatError {
         /// Tensor name.
         name: String,
     },
+    /// A blob record (`blob.*`, the stored tokenizer) is malformed.
+    #[error("blob record {name} is malformed: {reason}")]
+    BadBlob {
+        /// The record's name as stored.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A level's bytes are not in this (cut) file.
     #[error("level {level} is not in this file (only {available} levels are present); download the rest of the file")]
     LevelNotAvailable {

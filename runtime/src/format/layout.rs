@@ -111,6 +111,46 @@ pub(crate) fn reserved_dtype_name(code: u8) -> Option<&'static str> {
     }
 }
 
+/// Table code of a blob record: raw bytes, not a tensor element type (docs/format.md 5.5).
+pub const BLOB_CODE: u8 = 4;
+/// Prefix of every blob record's name in the tensor table.
+pub const BLOB_PREFIX: &str = "blob.";
+/// Longest blob id (the part of the name after [`BLOB_PREFIX`]), in bytes.
+pub const MAX_BLOB_ID_LEN: usize = 64;
+/// Largest blob, in bytes (1 GiB); anything larger is treated as corruption.
+pub const MAX_BLOB_LEN: u64 = 1 << 30;
+/// Id of the blob holding a Hugging Face `tokenizer.json` (metadata `tokenizer.kind` is
+/// `"huggingface"`).
+pub const TOKENIZER_JSON_BLOB: &str = "tokenizer_json";
+
+/// If `name` is a blob record's name (`blob.` + 1 to 64 of `[a-z0-9_]`), its id.
+pub(crate) fn blob_id(name: &str) -> Option<&str> {
+    let id = name.strip_prefix(BLOB_PREFIX)?;
+    let ok = !id.is_empty()
+        && id.len() <= MAX_BLOB_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    ok.then_some(id)
+}
+
+/// A named byte string stored in level 0 next to the tensors (the tokenizer's JSON): one
+/// segment with its own CRC-32, read only when asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BlobInfo {
+    /// The id (the record's name without the `blob.` prefix), e.g. `"tokenizer_json"`.
+    pub id: String,
+    /// Where the bytes are: level 0, "rows" `[0, byte_len)` of one byte each.
+    pub segment: Segment,
+}
+
+/// A blob to be written: its id (without the `blob.` prefix) and its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobSpec<'a> {
+    /// `[a-z0-9_]{1,64}`, unique in the file.
+    pub id: &'a str,
+    /// The content, 1 byte to 1 GiB.
+    pub bytes: &'a [u8],
+}
+
 /// One contiguous run of rows of a tensor, stored at one level.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Segment {

@@ -75,16 +75,72 @@ pub struct Architecture {
     pub tied_embeddings: bool,
 }
 
-/// The tokenizer. Byte-level is the only kind today: token id `b` is byte `b` for `b < 256`,
-/// followed by special tokens.
+/// `tokenizer.kind` of a byte-level tokenizer: token id `b` is byte `b` for `b < 256`, special
+/// tokens follow.
+pub const BYTES_TOKENIZER_KIND: &str = "bytes";
+/// `tokenizer.kind` of a Hugging Face `tokenizer.json` stored in blob `blob.tokenizer_json`.
+pub const HF_TOKENIZER_KIND: &str = "huggingface";
+/// Top-level metadata key of the special-token strings ([`SpecialTokens`]), optional.
+pub const SPECIAL_TOKENS_KEY: &str = "special_tokens";
+/// Top-level metadata key of the Jinja chat template (a string), optional.
+pub const CHAT_TEMPLATE_KEY: &str = "chat_template";
+
+/// The tokenizer's kind and its BOS/EOS ids. With kind [`BYTES_TOKENIZER_KIND`] token id `b`
+/// is byte `b` for `b < 256`, followed by special tokens; with [`HF_TOKENIZER_KIND`] the
+/// vocabulary is the stored `tokenizer.json` and the special tokens' strings are in
+/// [`Metadata::special_tokens`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tokenizer {
-    /// `"bytes"`.
+    /// `"bytes"` or `"huggingface"`.
     pub kind: String,
     /// Beginning-of-sequence token, prepended to every prompt when present.
     pub bos_id: Option<u32>,
     /// End-of-sequence token: generation stops when it is produced.
     pub eos_id: Option<u32>,
+}
+
+/// The special tokens of a Hugging Face tokenizer, as strings of its vocabulary (metadata key
+/// `special_tokens`; from `tokenizer_config.json`, `generation_config.json` or GGUF
+/// `tokenizer.ggml.*_token_id`). Every field is optional in the JSON.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpecialTokens {
+    /// Beginning of sequence (`<s>`, `<|begin_of_text|>`, `<bos>`); `bos_token` in templates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bos: Option<String>,
+    /// End of sequence (`</s>`, `<|end_of_text|>`, `<eos>`); `eos_token` in templates. Ends
+    /// generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eos: Option<String>,
+    /// Further tokens that end a generation (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`; the
+    /// other ids of `generation_config.json`'s `eos_token_id` list).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub end_of_turn: Vec<String>,
+    /// Padding token; `pad_token` in templates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pad: Option<String>,
+    /// Unknown-token token; `unk_token` in templates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unk: Option<String>,
+    /// Whether the model's own tokenizer prepends BOS to plain text (`add_bos_token` of
+    /// `tokenizer_config.json`, GGUF `tokenizer.ggml.add_bos_token`). Chat templates write
+    /// their BOS themselves.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub add_bos: bool,
+}
+
+impl SpecialTokens {
+    /// Every token string named here (bos, eos, end of turn, pad, unk), each once.
+    pub fn all(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let named = [&self.bos, &self.eos, &self.pad, &self.unk].into_iter().flatten().map(String::as_str);
+        for t in named.chain(self.end_of_turn.iter().map(String::as_str)) {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
 }
 
 /// Where the file came from.
@@ -208,7 +264,9 @@ impl Metadata {
             }
         }
 
-        if self.tokenizer.kind == "bytes" && a.vocab_size < 256 {
+        self.special_tokens()?;
+        self.chat_template()?;
+        if self.tokenizer.kind == BYTES_TOKENIZER_KIND && a.vocab_size < 256 {
             return bad(format!("byte tokenizer needs vocab_size >= 256, found {}", a.vocab_size));
         }
         for (what, id) in [("bos_id", self.tokenizer.bos_id), ("eos_id", self.tokenizer.eos_id)] {
@@ -219,6 +277,51 @@ impl Metadata {
             }
         }
         Ok(())
+    }
+
+    /// The special-token strings (metadata key `special_tokens`), if stored. Errors if the key
+    /// holds something else than a [`SpecialTokens`] object.
+    pub fn special_tokens(&self) -> Result<Option<SpecialTokens>, FormatError> {
+        match self.extra.get(SPECIAL_TOKENS_KEY) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => SpecialTokens::deserialize(v).map(Some).map_err(|e| FormatError::BadMetadata {
+                reason: format!("{SPECIAL_TOKENS_KEY} is not an object of token strings: {e}"),
+            }),
+        }
+    }
+
+    /// Stores (or, with `None`, removes) the special-token strings.
+    pub fn set_special_tokens(&mut self, special: Option<&SpecialTokens>) -> Result<(), FormatError> {
+        match special {
+            None => {
+                self.extra.remove(SPECIAL_TOKENS_KEY);
+            }
+            Some(s) => {
+                let v = serde_json::to_value(s).map_err(|e| FormatError::BadMetadata {
+                    reason: format!("cannot serialise special tokens: {e}"),
+                })?;
+                self.extra.insert(SPECIAL_TOKENS_KEY.to_string(), v);
+            }
+        }
+        Ok(())
+    }
+
+    /// The Jinja chat template (metadata key `chat_template`), if stored. Errors if the key
+    /// holds something else than a string.
+    pub fn chat_template(&self) -> Result<Option<&str>, FormatError> {
+        match self.extra.get(CHAT_TEMPLATE_KEY) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(FormatError::BadMetadata { reason: format!("{CHAT_TEMPLATE_KEY} is not a string") }),
+        }
+    }
+
+    /// Stores (or, with `None`, removes) the chat template.
+    pub fn set_chat_template(&mut self, template: Option<&str>) {
+        match template {
+            None => self.extra.remove(CHAT_TEMPLATE_KEY),
+            Some(t) => self.extra.insert(CHAT_TEMPLATE_KEY.to_string(), serde_json::Value::String(t.to_string())),
+        };
     }
 
     /// The metadata as compact JSON, exactly as the writer stores it.

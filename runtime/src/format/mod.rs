@@ -19,10 +19,14 @@ mod writer;
 
 pub use error::FormatError;
 pub use layout::{
-    required_tensor_specs, DType, Segment, TensorInfo, TensorSpec, DEFAULT_ALIGNMENT_LOG2, MAGIC, MAX_ALIGNMENT_LOG2,
-    MAX_DIM, MAX_HEADER_LEN, MAX_LAYERS, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS, MAX_TENSOR_ELEMENTS,
-    MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, VERSION,
+    required_tensor_specs, BlobInfo, BlobSpec, DType, Segment, TensorInfo, TensorSpec, BLOB_CODE, BLOB_PREFIX,
+    DEFAULT_ALIGNMENT_LOG2, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_ID_LEN, MAX_BLOB_LEN, MAX_DIM, MAX_HEADER_LEN,
+    MAX_LAYERS, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS, MAX_TENSOR_ELEMENTS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
+    TOKENIZER_JSON_BLOB, VERSION,
 };
 pub use meta::*;
 pub use parser::FileView;
-pub use writer::{plan_layout, plan_layout_with_alignment, write_file, write_file_with_alignment};
+pub use writer::{
+    plan_layout, plan_layout_with_alignment, plan_layout_with_blobs, write_file, write_file_with_alignment,
+    write_file_with_blobs,
+};

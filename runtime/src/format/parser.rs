@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use super::error::FormatError;
 use super::layout::{
-    align_up, check_shape, expected_row_ranges, required_tensor_specs, reserved_dtype_name, DType, Segment, TensorInfo,
-    HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_HEADER_LEN, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS,
-    MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, SEGMENT_RECORD_LEN, VERSION,
+    align_up, blob_id, check_shape, expected_row_ranges, required_tensor_specs, reserved_dtype_name, BlobInfo, DType,
+    Segment, TensorInfo, BLOB_CODE, BLOB_PREFIX, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_LEN,
+    MAX_HEADER_LEN, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
+    SEGMENT_RECORD_LEN, TOKENIZER_JSON_BLOB, VERSION,
 };
 use super::meta::Metadata;
 
@@ -29,8 +30,11 @@ pub struct FileView {
     pub header_len: u64,
     /// The decoded, validated metadata.
     pub metadata: Metadata,
-    /// The tensors in table order.
+    /// The tensors in table order (blob records excluded).
     pub tensors: Vec<TensorInfo>,
+    /// The blob records (`blob.*`: the stored tokenizer) in table order; empty in files
+    /// without any.
+    pub blobs: Vec<BlobInfo>,
     /// `level_ends[j]`: offset one past the last byte of level `j`, for every level in the
     /// header (including levels this cut file does not contain).
     pub level_ends: Vec<u64>,
@@ -41,9 +45,34 @@ pub struct FileView {
     /// Name -> index into `tensors`.
     #[serde(skip)]
     index: HashMap<String, usize>,
-    /// Every segment as (tensor index, segment index), sorted by offset.
+    /// Every segment (of tensors and blobs), sorted by offset.
     #[serde(skip)]
-    by_offset: Vec<(usize, usize)>,
+    by_offset: Vec<SegRef>,
+}
+
+/// One segment of a file: segment `.1` of tensor `.0`, or the segment of a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SegRef {
+    /// `(tensor index, segment index)`.
+    Tensor(usize, usize),
+    /// Blob index.
+    Blob(usize),
+}
+
+impl SegRef {
+    fn segment<'a>(self, tensors: &'a [TensorInfo], blobs: &'a [BlobInfo]) -> &'a Segment {
+        match self {
+            SegRef::Tensor(t, s) => &tensors[t].segments[s],
+            SegRef::Blob(b) => &blobs[b].segment,
+        }
+    }
+
+    fn name(self, tensors: &[TensorInfo], blobs: &[BlobInfo]) -> String {
+        match self {
+            SegRef::Tensor(t, _) => tensors[t].name.clone(),
+            SegRef::Blob(b) => format!("{BLOB_PREFIX}{}", blobs[b].id),
+        }
+    }
 }
 
 /// Little-endian reads from a byte slice that fail instead of panicking.
@@ -160,11 +189,12 @@ fn region_start(header_len: u64, level_ends: &[u64], j: usize, alignment: u64) -
 /// returns the segments sorted by offset. Shared by the reader and the writer's planner.
 pub(crate) fn check_placement(
     tensors: &[TensorInfo],
+    blobs: &[BlobInfo],
     metadata: &Metadata,
     header_len: u64,
     level_ends: &[u64],
     alignment: u64,
-) -> Result<Vec<(usize, usize)>, FormatError> {
+) -> Result<Vec<SegRef>, FormatError> {
     let mut all = Vec::new();
     for (ti, t) in tensors.iter().enumerate() {
         let expected = expected_row_ranges(metadata, &t.name, t.rows());
@@ -199,42 +229,56 @@ pub(crate) fn check_placement(
                     found: seg.byte_len,
                 });
             }
-            // [R19] aligned.
-            if seg.offset % alignment != 0 {
-                return Err(FormatError::Misaligned { tensor: t.name.clone(), offset: seg.offset, alignment });
-            }
-            // [R20] inside the level's region.
-            let lvl = level as usize;
-            let rstart = region_start(header_len, level_ends, lvl, alignment).unwrap_or(u64::MAX);
-            let rend = level_ends.get(lvl).copied().unwrap_or(0);
-            let inside = seg.offset >= rstart && seg.offset.checked_add(seg.byte_len).is_some_and(|e| e <= rend);
-            if !inside {
-                return Err(FormatError::SegmentOutOfBounds {
-                    tensor: t.name.clone(),
-                    level,
-                    offset: seg.offset,
-                    byte_len: seg.byte_len,
-                    region_start: rstart,
-                    region_end: rend,
-                });
-            }
-            all.push((ti, si));
+            check_position(&t.name, seg, header_len, level_ends, alignment)?;
+            all.push(SegRef::Tensor(ti, si));
         }
     }
+    for (bi, b) in blobs.iter().enumerate() {
+        // [R13b] a blob is one level-0 segment of byte_len bytes (checked when parsed).
+        check_position(&format!("{BLOB_PREFIX}{}", b.id), &b.segment, header_len, level_ends, alignment)?;
+        all.push(SegRef::Blob(bi));
+    }
     // [R21] no two segments share a byte.
-    all.sort_by_key(|&(t, s)| tensors[t].segments[s].offset);
+    all.sort_by_key(|r| r.segment(tensors, blobs).offset);
     for w in all.windows(2) {
-        let (a, b) = (&tensors[w[0].0], &tensors[w[1].0]);
-        let (sa, sb) = (&a.segments[w[0].1], &b.segments[w[1].1]);
+        let (sa, sb) = (w[0].segment(tensors, blobs), w[1].segment(tensors, blobs));
         if sa.end() > sb.offset {
             return Err(FormatError::Overlap {
-                a: format!("{}[level {}]", a.name, sa.level),
-                b: format!("{}[level {}]", b.name, sb.level),
+                a: format!("{}[level {}]", w[0].name(tensors, blobs), sa.level),
+                b: format!("{}[level {}]", w[1].name(tensors, blobs), sb.level),
                 offset: sb.offset,
             });
         }
     }
     Ok(all)
+}
+
+/// [R19] the segment is aligned and [R20] lies inside its level's data region.
+fn check_position(
+    name: &str,
+    seg: &Segment,
+    header_len: u64,
+    level_ends: &[u64],
+    alignment: u64,
+) -> Result<(), FormatError> {
+    if !seg.offset.is_multiple_of(alignment) {
+        return Err(FormatError::Misaligned { tensor: name.to_string(), offset: seg.offset, alignment });
+    }
+    let lvl = seg.level as usize;
+    let rstart = region_start(header_len, level_ends, lvl, alignment).unwrap_or(u64::MAX);
+    let rend = level_ends.get(lvl).copied().unwrap_or(0);
+    let inside = seg.offset >= rstart && seg.offset.checked_add(seg.byte_len).is_some_and(|e| e <= rend);
+    if !inside {
+        return Err(FormatError::SegmentOutOfBounds {
+            tensor: name.to_string(),
+            level: seg.level,
+            offset: seg.offset,
+            byte_len: seg.byte_len,
+            region_start: rstart,
+            region_end: rend,
+        });
+    }
+    Ok(())
 }
 
 impl FileView {
@@ -395,8 +439,17 @@ impl FileView {
         let mut cur = Cursor { bytes: &header[meta_end..], pos: 0 };
         let mut checker = TensorSetChecker::new(&metadata);
         let mut tensors = Vec::with_capacity(n_tensors.min(1024));
+        let mut blobs: Vec<BlobInfo> = Vec::new();
         for index in 0..n_tensors {
-            tensors.push(parse_record(&mut cur, index, meta_end as u64, n_levels, &mut checker)?);
+            match parse_record(&mut cur, index, meta_end as u64, n_levels, &mut checker)? {
+                Record::Tensor(t) => tensors.push(t),
+                Record::Blob(b) => {
+                    if blobs.iter().any(|o| o.id == b.id) {
+                        return Err(FormatError::DuplicateTensor { name: format!("{BLOB_PREFIX}{}", b.id) });
+                    }
+                    blobs.push(b)
+                }
+            }
         }
         if cur.pos != cur.bytes.len() {
             return Err(FormatError::BadTensorTable {
@@ -405,14 +458,16 @@ impl FileView {
             });
         }
         checker.finish()?;
+        check_blob_set(&metadata, &blobs)?;
 
         // [R16]-[R21] segment placement.
-        let by_offset = check_placement(&tensors, &metadata, header_len, &level_ends, alignment)?;
+        let by_offset = check_placement(&tensors, &blobs, &metadata, header_len, &level_ends, alignment)?;
         Ok(FileView::assemble(
             alignment,
             header_len,
             metadata,
             tensors,
+            blobs,
             level_ends,
             available_levels,
             file_len,
@@ -427,10 +482,11 @@ impl FileView {
         header_len: u64,
         metadata: Metadata,
         tensors: Vec<TensorInfo>,
+        blobs: Vec<BlobInfo>,
         level_ends: Vec<u64>,
         available_levels: usize,
         file_len: u64,
-        by_offset: Vec<(usize, usize)>,
+        by_offset: Vec<SegRef>,
     ) -> FileView {
         let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         FileView {
@@ -439,6 +495,7 @@ impl FileView {
             header_len,
             metadata,
             tensors,
+            blobs,
             level_ends,
             available_levels,
             file_len,
@@ -453,6 +510,29 @@ impl FileView {
             .get(name)
             .and_then(|&i| self.tensors.get(i))
             .ok_or_else(|| FormatError::MissingTensor { name: name.to_string() })
+    }
+
+    /// The blob record with this id (`"tokenizer_json"`), if the file has one.
+    pub fn blob(&self, id: &str) -> Option<&BlobInfo> {
+        self.blobs.iter().find(|b| b.id == id)
+    }
+
+    /// The content of blob `id` inside `bytes` (the file this view was parsed from), its CRC-32
+    /// checked (O(blob length)); `Ok(None)` when the file has no such blob.
+    pub fn blob_bytes<'a>(&self, bytes: &'a [u8], id: &str) -> Result<Option<&'a [u8]>, FormatError> {
+        let Some(b) = self.blob(id) else { return Ok(None) };
+        let data = self.segment_bytes(bytes, &b.segment)?;
+        let computed = crc32fast::hash(data);
+        if computed != b.segment.crc32 {
+            return Err(FormatError::SegmentChecksum {
+                tensor: format!("{BLOB_PREFIX}{id}"),
+                level: 0,
+                offset: b.segment.offset,
+                stored: b.segment.crc32,
+                computed,
+            });
+        }
+        Ok(Some(data))
     }
 
     /// The bytes of one segment inside `bytes` (the file this view was parsed from). Errors
@@ -504,9 +584,8 @@ impl FileView {
         include: impl Fn(usize) -> bool,
     ) -> Result<(), FormatError> {
         let mut pos = range.start;
-        for &(ti, si) in &self.by_offset {
-            let t = &self.tensors[ti];
-            let seg = &t.segments[si];
+        for &r in &self.by_offset {
+            let seg = r.segment(&self.tensors, &self.blobs);
             if !include(seg.level as usize) {
                 continue;
             }
@@ -515,7 +594,7 @@ impl FileView {
             let computed = crc32fast::hash(data);
             if computed != seg.crc32 {
                 return Err(FormatError::SegmentChecksum {
-                    tensor: t.name.clone(),
+                    tensor: r.name(&self.tensors, &self.blobs),
                     level: seg.level,
                     offset: seg.offset,
                     stored: seg.crc32,
@@ -591,6 +670,21 @@ fn check_zero(bytes: &[u8], from: u64, to: u64) -> Result<(), FormatError> {
     }
 }
 
+/// A record of the tensor table.
+enum Record {
+    Tensor(TensorInfo),
+    Blob(BlobInfo),
+}
+
+/// [R14b] the blobs the metadata relies on are present: `tokenizer.kind == "huggingface"`
+/// needs `blob.tokenizer_json`.
+pub(crate) fn check_blob_set(metadata: &Metadata, blobs: &[BlobInfo]) -> Result<(), FormatError> {
+    if metadata.tokenizer.kind == super::meta::HF_TOKENIZER_KIND && !blobs.iter().any(|b| b.id == TOKENIZER_JSON_BLOB) {
+        return Err(FormatError::MissingTensor { name: format!("{BLOB_PREFIX}{TOKENIZER_JSON_BLOB}") });
+    }
+    Ok(())
+}
+
 /// Parses tensor record `index`; `base` is the absolute offset of the table.
 fn parse_record(
     cur: &mut Cursor<'_>,
@@ -598,7 +692,7 @@ fn parse_record(
     base: u64,
     n_levels: usize,
     checker: &mut TensorSetChecker,
-) -> Result<TensorInfo, FormatError> {
+) -> Result<Record, FormatError> {
     let short = |what: &str| FormatError::BadTensorTable {
         index,
         reason: format!("record overruns the table while reading {what}"),
@@ -614,9 +708,18 @@ fn parse_record(
     let name = std::str::from_utf8(name_bytes)
         .map_err(|e| FormatError::BadTensorName { index, reason: format!("not UTF-8: {e}") })?
         .to_string();
+    if name.starts_with(BLOB_PREFIX) {
+        return parse_blob_record(cur, name, base, short).map(Record::Blob);
+    }
     let req = checker.check_name(&name)?;
 
     let code = cur.u8().ok_or_else(|| short("dtype"))?;
+    if code == BLOB_CODE {
+        return Err(FormatError::BadBlob {
+            name,
+            reason: format!("code {BLOB_CODE} (bytes) is only for blob.* records"),
+        });
+    }
     let dtype = match DType::from_code(code) {
         Some(d) => d,
         None => {
@@ -667,5 +770,73 @@ fn parse_record(
             crc32: le_u32(rec, 40),
         });
     }
-    Ok(TensorInfo { name, dtype, shape, segments })
+    Ok(Record::Tensor(TensorInfo { name, dtype, shape, segments }))
+}
+
+/// [R13b] the rest of a blob record named `name` (`blob.` + id): code 4, one dimension of
+/// 1 to 2^30 bytes, one level-0 segment of rows `[0, n)` and `n` bytes.
+fn parse_blob_record(
+    cur: &mut Cursor<'_>,
+    name: String,
+    base: u64,
+    short: impl Fn(&str) -> FormatError,
+) -> Result<BlobInfo, FormatError> {
+    let bad = |name: &str, reason: String| FormatError::BadBlob { name: name.to_string(), reason };
+    let Some(id) = blob_id(&name).map(str::to_string) else {
+        return Err(bad(&name, "the id after \"blob.\" must be 1 to 64 of a-z, 0-9 and _".to_string()));
+    };
+    let code = cur.u8().ok_or_else(|| short("dtype"))?;
+    if code != BLOB_CODE {
+        return Err(bad(&name, format!("element code {code}, expected {BLOB_CODE} (bytes)")));
+    }
+    let ndim = cur.u8().ok_or_else(|| short("ndim"))?;
+    let reserved_at = base + cur.pos as u64;
+    if cur.u16().ok_or_else(|| short("reserved"))? != 0 {
+        return Err(FormatError::ReservedNonZero { what: "tensor record reserved u16", offset: reserved_at });
+    }
+    if ndim != 1 {
+        return Err(bad(&name, format!("{ndim} dimensions, expected 1")));
+    }
+    let n = cur.u64().ok_or_else(|| short("the shape"))?;
+    if n == 0 || n > MAX_BLOB_LEN {
+        return Err(bad(&name, format!("{n} bytes, allowed 1..={MAX_BLOB_LEN}")));
+    }
+    let n_segments = cur.u32().ok_or_else(|| short("n_segments"))?;
+    if n_segments != 1 {
+        return Err(FormatError::SegmentCount { tensor: name, expected: 1, found: u64::from(n_segments) });
+    }
+    let rec_at = base + cur.pos as u64;
+    let rec = cur.take(SEGMENT_RECORD_LEN).ok_or_else(|| short("a segment"))?;
+    for at in [4, 44] {
+        if le_u32(rec, at) != 0 {
+            return Err(FormatError::ReservedNonZero {
+                what: "segment record reserved u32",
+                offset: rec_at + at as u64,
+            });
+        }
+    }
+    let segment = Segment {
+        level: le_u32(rec, 0),
+        row_start: le_u64(rec, 8),
+        row_end: le_u64(rec, 16),
+        offset: le_u64(rec, 24),
+        byte_len: le_u64(rec, 32),
+        crc32: le_u32(rec, 40),
+    };
+    if segment.level != 0 || segment.row_start != 0 || segment.row_end != n {
+        return Err(FormatError::SegmentRows {
+            tensor: name,
+            index: 0,
+            level: segment.level,
+            row_start: segment.row_start,
+            row_end: segment.row_end,
+            expected_level: 0,
+            expected_start: 0,
+            expected_end: n,
+        });
+    }
+    if segment.byte_len != n {
+        return Err(FormatError::LengthMismatch { tensor: name, expected: n, found: segment.byte_len });
+    }
+    Ok(BlobInfo { id, segment })
 }

@@ -4,10 +4,10 @@
 use std::io::Write;
 
 use super::error::FormatError;
-use super::layout::{DType, HEADER_CRC_OFFSET, PREAMBLE_LEN};
+use super::layout::{BlobSpec, DType, DEFAULT_ALIGNMENT_LOG2, HEADER_CRC_OFFSET, PREAMBLE_LEN};
 use super::meta::{Activation, Architecture, Metadata, NormKind, Positional, Provenance, Tokenizer};
 use super::parser::header_crc;
-use super::writer::write_file;
+use super::writer::write_file_with_blobs;
 
 pub use super::layout::{required_tensor_specs, TensorSpec};
 
@@ -107,11 +107,25 @@ pub fn synthetic_value(seed: u64, spec: &TensorSpec, index: u64) -> f32 {
 /// Writes a complete model for `meta` with [`synthetic_value`] weights in `dtype`; returns the
 /// file length. The same `(meta, dtype, seed)` always gives the same bytes.
 pub fn write_synthetic<W: Write>(out: W, meta: &Metadata, dtype: DType, seed: u64) -> Result<u64, FormatError> {
+    write_synthetic_with_blobs(out, meta, dtype, seed, &[], DEFAULT_ALIGNMENT_LOG2)
+}
+
+/// [`write_synthetic`] with blobs (a stored tokenizer) and an explicit alignment.
+pub fn write_synthetic_with_blobs<W: Write>(
+    out: W,
+    meta: &Metadata,
+    dtype: DType,
+    seed: u64,
+    blobs: &[BlobSpec<'_>],
+    alignment_log2: u32,
+) -> Result<u64, FormatError> {
     let specs = required_tensor_specs(meta, dtype);
-    write_file(
+    write_file_with_blobs(
         out,
         meta,
         &specs,
+        blobs,
+        alignment_log2,
         |ti, rows, buf| {
             let spec = &specs[ti];
             let row_elems: u64 = spec.shape.iter().skip(1).product();
@@ -132,6 +146,19 @@ pub fn write_synthetic<W: Write>(out: W, meta: &Metadata, dtype: DType, seed: u6
 pub fn synthetic_file(meta: &Metadata, dtype: DType, seed: u64) -> Result<Vec<u8>, FormatError> {
     let mut out = Vec::new();
     write_synthetic(&mut out, meta, dtype, seed)?;
+    Ok(out)
+}
+
+/// [`write_synthetic_with_blobs`] into memory.
+pub fn synthetic_file_with_blobs(
+    meta: &Metadata,
+    dtype: DType,
+    seed: u64,
+    blobs: &[BlobSpec<'_>],
+    alignment_log2: u32,
+) -> Result<Vec<u8>, FormatError> {
+    let mut out = Vec::new();
+    write_synthetic_with_blobs(&mut out, meta, dtype, seed, blobs, alignment_log2)?;
     Ok(out)
 }
 

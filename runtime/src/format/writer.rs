@@ -6,12 +6,12 @@ use std::ops::Range;
 
 use super::error::FormatError;
 use super::layout::{
-    align_up, check_shape, expected_row_ranges, Segment, TensorInfo, TensorSpec, DEFAULT_ALIGNMENT_LOG2,
-    HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_HEADER_LEN, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
-    SEGMENT_RECORD_LEN, VERSION,
+    align_up, blob_id, check_shape, expected_row_ranges, BlobInfo, BlobSpec, Segment, TensorInfo, TensorSpec,
+    BLOB_CODE, BLOB_PREFIX, DEFAULT_ALIGNMENT_LOG2, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_LEN,
+    MAX_HEADER_LEN, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, SEGMENT_RECORD_LEN, VERSION,
 };
 use super::meta::Metadata;
-use super::parser::{check_placement, header_crc, FileView, TensorSetChecker};
+use super::parser::{check_blob_set, check_placement, header_crc, FileView, SegRef, TensorSetChecker};
 
 /// Largest row range handed to `fill` in one call.
 const CHUNK_BYTES: u64 = 4 << 20;
@@ -31,24 +31,62 @@ pub fn plan_layout_with_alignment(
     tensors: &[TensorSpec],
     alignment_log2: u32,
 ) -> Result<FileView, FormatError> {
-    plan(metadata, tensors, alignment_log2).map(|(view, _)| view)
+    plan(metadata, tensors, &[], alignment_log2).map(|(view, _)| view)
+}
+
+/// [`plan_layout_with_alignment`] for a file that also stores blobs (the tokenizer's JSON):
+/// they are placed at the end of level 0, after its tensor segments, in the order given (their
+/// CRC fields are 0 here).
+pub fn plan_layout_with_blobs(
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    blobs: &[BlobSpec<'_>],
+    alignment_log2: u32,
+) -> Result<FileView, FormatError> {
+    plan(metadata, tensors, blobs, alignment_log2).map(|(view, _)| view)
+}
+
+/// Checks the blobs to be written: valid unique ids, 1 byte to 1 GiB each.
+fn check_blob_specs(blobs: &[BlobSpec<'_>]) -> Result<(), FormatError> {
+    for (i, b) in blobs.iter().enumerate() {
+        let name = format!("{BLOB_PREFIX}{}", b.id);
+        if blob_id(&name).is_none() {
+            let reason = "the id after \"blob.\" must be 1 to 64 of a-z, 0-9 and _".to_string();
+            return Err(FormatError::BadBlob { name, reason });
+        }
+        if b.bytes.is_empty() || b.bytes.len() as u64 > MAX_BLOB_LEN {
+            let reason = format!("{} bytes, allowed 1..={MAX_BLOB_LEN}", b.bytes.len());
+            return Err(FormatError::BadBlob { name, reason });
+        }
+        if blobs[..i].iter().any(|o| o.id == b.id) {
+            return Err(FormatError::DuplicateTensor { name });
+        }
+    }
+    Ok(())
 }
 
 /// The layout plus the metadata JSON it was computed for.
-fn plan(metadata: &Metadata, tensors: &[TensorSpec], alignment_log2: u32) -> Result<(FileView, Vec<u8>), FormatError> {
+fn plan(
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    blobs: &[BlobSpec<'_>],
+    alignment_log2: u32,
+) -> Result<(FileView, Vec<u8>), FormatError> {
     if !(MIN_ALIGNMENT_LOG2..=MAX_ALIGNMENT_LOG2).contains(&alignment_log2) {
         return Err(FormatError::BadAlignment { log2: alignment_log2 });
     }
     let alignment = 1u64 << alignment_log2;
     metadata.validate()?;
-    if tensors.is_empty() || tensors.len() > MAX_TENSORS {
+    let n_records = tensors.len().saturating_add(blobs.len());
+    if tensors.is_empty() || n_records > MAX_TENSORS {
         return Err(FormatError::BadCount {
             what: "n_tensors",
-            found: tensors.len() as u64,
+            found: n_records as u64,
             min: 1,
             max: MAX_TENSORS as u64,
         });
     }
+    check_blob_specs(blobs)?;
     let mut checker = TensorSetChecker::new(metadata);
     for t in tensors {
         let i = checker.check_name(&t.name)?;
@@ -56,6 +94,15 @@ fn plan(metadata: &Metadata, tensors: &[TensorSpec], alignment_log2: u32) -> Res
         checker.check_shape(i, &t.shape)?;
     }
     checker.finish()?;
+    let mut blob_infos: Vec<BlobInfo> = blobs
+        .iter()
+        .map(|b| {
+            let n = b.bytes.len() as u64;
+            let segment = Segment { level: 0, row_start: 0, row_end: n, offset: 0, byte_len: n, crc32: 0 };
+            BlobInfo { id: b.id.to_string(), segment }
+        })
+        .collect();
+    check_blob_set(metadata, &blob_infos)?;
 
     let json = metadata.to_json_bytes()?;
     let n_levels = metadata.n_levels();
@@ -80,7 +127,8 @@ fn plan(metadata: &Metadata, tensors: &[TensorSpec], alignment_log2: u32) -> Res
             info
         })
         .collect();
-    let table_len: u64 = infos.iter().map(record_len).sum();
+    let table_len: u64 =
+        infos.iter().map(record_len).sum::<u64>() + blob_infos.iter().map(blob_record_len).sum::<u64>();
     let header_len = (PREAMBLE_LEN + 8 * n_levels + json.len()) as u64 + table_len;
     if header_len > MAX_HEADER_LEN {
         return Err(FormatError::BadCount {
@@ -102,14 +150,29 @@ fn plan(metadata: &Metadata, tensors: &[TensorSpec], alignment_log2: u32) -> Res
                 cursor = seg.offset.checked_add(seg.byte_len).ok_or_else(overflow)?;
             }
         }
+        if level == 0 {
+            for b in &mut blob_infos {
+                b.segment.offset = align_up(cursor, alignment).ok_or_else(overflow)?;
+                cursor = b.segment.offset.checked_add(b.segment.byte_len).ok_or_else(overflow)?;
+            }
+        }
         if cursor == start {
             return Err(FormatError::BadLevelTable { reason: format!("level {level} would hold no data") });
         }
         level_ends.push(cursor);
     }
-    let by_offset = check_placement(&infos, metadata, header_len, &level_ends, alignment)?;
-    let view =
-        FileView::assemble(alignment, header_len, metadata.clone(), infos, level_ends, n_levels, cursor, by_offset);
+    let by_offset = check_placement(&infos, &blob_infos, metadata, header_len, &level_ends, alignment)?;
+    let view = FileView::assemble(
+        alignment,
+        header_len,
+        metadata.clone(),
+        infos,
+        blob_infos,
+        level_ends,
+        n_levels,
+        cursor,
+        by_offset,
+    );
     Ok((view, json))
 }
 
@@ -118,15 +181,34 @@ fn record_len(t: &TensorInfo) -> u64 {
     (2 + t.name.len() + 1 + 1 + 2 + 8 * t.shape.len() + 4 + SEGMENT_RECORD_LEN * t.segments.len()) as u64
 }
 
+/// Bytes of one blob record in the table (a one-dimensional record with one segment).
+fn blob_record_len(b: &BlobInfo) -> u64 {
+    (2 + BLOB_PREFIX.len() + b.id.len() + 1 + 1 + 2 + 8 + 4 + SEGMENT_RECORD_LEN) as u64
+}
+
+/// Appends one segment record.
+fn encode_segment(h: &mut Vec<u8>, s: &Segment) {
+    h.extend_from_slice(&s.level.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&s.row_start.to_le_bytes());
+    h.extend_from_slice(&s.row_end.to_le_bytes());
+    h.extend_from_slice(&s.offset.to_le_bytes());
+    h.extend_from_slice(&s.byte_len.to_le_bytes());
+    h.extend_from_slice(&s.crc32.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+}
+
 /// The header bytes (preamble, level table, metadata, tensor table) of `view`, with its CRC.
+/// Blob records follow the tensor records in the table.
 pub(crate) fn encode_header(view: &FileView, json: &[u8]) -> Vec<u8> {
-    let table_len: u64 = view.tensors.iter().map(record_len).sum();
+    let table_len: u64 =
+        view.tensors.iter().map(record_len).sum::<u64>() + view.blobs.iter().map(blob_record_len).sum::<u64>();
     let mut h = Vec::with_capacity(view.header_len as usize);
     h.extend_from_slice(&MAGIC);
     h.extend_from_slice(&VERSION.to_le_bytes());
     h.extend_from_slice(&view.alignment.trailing_zeros().to_le_bytes());
     h.extend_from_slice(&(view.level_ends.len() as u32).to_le_bytes());
-    h.extend_from_slice(&(view.tensors.len() as u32).to_le_bytes());
+    h.extend_from_slice(&((view.tensors.len() + view.blobs.len()) as u32).to_le_bytes());
     h.extend_from_slice(&0u32.to_le_bytes()); // flags
     h.extend_from_slice(&view.header_len.to_le_bytes());
     h.extend_from_slice(&(json.len() as u64).to_le_bytes());
@@ -148,15 +230,19 @@ pub(crate) fn encode_header(view: &FileView, json: &[u8]) -> Vec<u8> {
         }
         h.extend_from_slice(&(t.segments.len() as u32).to_le_bytes());
         for s in &t.segments {
-            h.extend_from_slice(&s.level.to_le_bytes());
-            h.extend_from_slice(&0u32.to_le_bytes());
-            h.extend_from_slice(&s.row_start.to_le_bytes());
-            h.extend_from_slice(&s.row_end.to_le_bytes());
-            h.extend_from_slice(&s.offset.to_le_bytes());
-            h.extend_from_slice(&s.byte_len.to_le_bytes());
-            h.extend_from_slice(&s.crc32.to_le_bytes());
-            h.extend_from_slice(&0u32.to_le_bytes());
+            encode_segment(&mut h, s);
         }
+    }
+    for b in &view.blobs {
+        h.extend_from_slice(&((BLOB_PREFIX.len() + b.id.len()) as u16).to_le_bytes());
+        h.extend_from_slice(BLOB_PREFIX.as_bytes());
+        h.extend_from_slice(b.id.as_bytes());
+        h.push(BLOB_CODE);
+        h.push(1);
+        h.extend_from_slice(&0u16.to_le_bytes());
+        h.extend_from_slice(&b.segment.byte_len.to_le_bytes());
+        h.extend_from_slice(&1u32.to_le_bytes());
+        encode_segment(&mut h, &b.segment);
     }
     let crc = header_crc(&h);
     h[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
@@ -217,10 +303,28 @@ pub fn write_file_with_alignment<W: Write>(
     metadata: &Metadata,
     tensors: &[TensorSpec],
     alignment_log2: u32,
+    fill: impl FnMut(usize, Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
+    progress: impl FnMut(u64, u64),
+) -> Result<u64, FormatError> {
+    write_file_with_blobs(out, metadata, tensors, &[], alignment_log2, fill, progress)
+}
+
+/// [`write_file_with_alignment`] for a file that also stores blobs (docs/format.md 5.5): each
+/// blob is one CRC-checked level-0 segment after level 0's tensor segments, read only when
+/// asked for ([`FileView::blob_bytes`]). A model with a Hugging Face tokenizer stores its
+/// `tokenizer.json` as blob [`TOKENIZER_JSON_BLOB`](super::TOKENIZER_JSON_BLOB) with metadata
+/// `tokenizer.kind == "huggingface"` (`crate::tokenizer::TokenizerAssets` sets up both).
+/// With no blobs the file is byte-identical to [`write_file_with_alignment`]'s.
+pub fn write_file_with_blobs<W: Write>(
+    out: W,
+    metadata: &Metadata,
+    tensors: &[TensorSpec],
+    blobs: &[BlobSpec<'_>],
+    alignment_log2: u32,
     mut fill: impl FnMut(usize, Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, FormatError> {
-    let (mut view, json) = plan(metadata, tensors, alignment_log2)?;
+    let (mut view, json) = plan(metadata, tensors, blobs, alignment_log2)?;
     let mut buf = Vec::new();
 
     // Progress counts both passes: `total_work` = twice the file's data.
@@ -241,6 +345,11 @@ pub fn write_file_with_alignment<W: Write>(
             view.tensors[ti].segments[si].crc32 = h.finalize();
         }
     }
+    for (b, spec) in view.blobs.iter_mut().zip(blobs) {
+        b.segment.crc32 = crc32fast::hash(spec.bytes);
+        done += spec.bytes.len() as u64;
+        progress(done, total_work);
+    }
 
     // Pass 2: header, then the segments in file order with zero padding between them.
     let header = encode_header(&view, &json);
@@ -249,20 +358,32 @@ pub fn write_file_with_alignment<W: Write>(
     out.write_all(&header)?;
     let mut pos = header.len() as u64;
     let zeros = vec![0u8; view.alignment as usize];
-    let order: Vec<(usize, usize)> = {
-        let mut o: Vec<(usize, usize)> =
-            view.tensors.iter().enumerate().flat_map(|(ti, t)| (0..t.segments.len()).map(move |si| (ti, si))).collect();
-        o.sort_by_key(|&(ti, si)| view.tensors[ti].segments[si].offset);
-        o
+    let order: Vec<SegRef> = {
+        let mut o: Vec<(u64, SegRef)> = view
+            .tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(ti, t)| t.segments.iter().enumerate().map(move |(si, s)| (s.offset, SegRef::Tensor(ti, si))))
+            .chain(view.blobs.iter().enumerate().map(|(bi, b)| (b.segment.offset, SegRef::Blob(bi))))
+            .collect();
+        o.sort_by_key(|&(offset, _)| offset);
+        o.into_iter().map(|(_, r)| r).collect()
     };
-    for (ti, si) in order {
+    for r in order {
+        let (ti, si) = match r {
+            SegRef::Tensor(ti, si) => (ti, si),
+            SegRef::Blob(bi) => {
+                let seg = &view.blobs[bi].segment;
+                write_zeros(&mut out, &zeros, &mut pos, seg.offset)?;
+                out.write_all(blobs[bi].bytes)?;
+                pos += seg.byte_len;
+                progress(total.saturating_add(pos).min(total_work), total_work);
+                continue;
+            }
+        };
         let t = &view.tensors[ti];
         let seg = &t.segments[si];
-        while pos < seg.offset {
-            let n = (seg.offset - pos).min(zeros.len() as u64) as usize;
-            out.write_all(&zeros[..n])?;
-            pos += n as u64;
-        }
+        write_zeros(&mut out, &zeros, &mut pos, seg.offset)?;
         let mut h = crc32fast::Hasher::new();
         for rows in chunks(seg, t.row_bytes()) {
             fill_rows(&mut fill, ti, t, rows, &mut buf)?;
@@ -282,4 +403,14 @@ pub fn write_file_with_alignment<W: Write>(
     out.flush()?;
     debug_assert_eq!(pos, total);
     Ok(pos)
+}
+
+/// Writes zero bytes from `*pos` up to `to`.
+fn write_zeros(out: &mut impl Write, zeros: &[u8], pos: &mut u64, to: u64) -> Result<(), FormatError> {
+    while *pos < to {
+        let n = (to - *pos).min(zeros.len() as u64) as usize;
+        out.write_all(&zeros[..n])?;
+        *pos += n as u64;
+    }
+    Ok(())
 }

@@ -122,7 +122,7 @@ pub fn probe_adapters() -> Vec<AdapterReport> {
             let fallback = AdapterReport::of(&adapter);
             let probed = Gpu::from_adapter(adapter).and_then(|mut gpu| {
                 let mut kernels = super::ops::Kernels::new(&gpu)?;
-                super::probe::choose_weight_path(&mut gpu, &mut kernels, None)?;
+                super::weight_path::choose_weight_path(&mut gpu, &mut kernels, None)?;
                 Ok(gpu.report)
             });
             probed.unwrap_or_else(|e| AdapterReport { weight_path_reason: format!("probe failed: {e}"), ..fallback })

@@ -1,23 +1,16 @@
-//! [`GpuEngine`] and [`GpuSession`]: the CPU engine's forward pass (`crate::cpu`), op for op,
-//! as compute dispatches over GPU-resident weights, activations and KV cache.
-//!
-//! A pass over `t` tokens (`t = 1` for decode) is recorded into one command encoder from a
-//! plan built once per session (pipelines, uniform buffers, bind groups); only a 16-byte step
-//! uniform (`pos0`, `t`) and the token ids are written per pass.
+//! [`GpuEngine`]: the device, the pipelines and the weights every submodel shares, and the
+//! GPU memory accounting of the engine and its sessions. The per-pass dispatch plans are in
+//! `plan.rs`, [`GpuSession`] (KV cache, decode, candidates) in `session.rs`.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use super::device::{map_read, Gpu};
+use super::device::Gpu;
 use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
-use super::ops::{
-    gemv_rows, split_partial_floats, ActParams, ArgmaxParams, AttentionParams, EmbeddingParams, Kernel, Kernels,
-    MatmulParams, NormParams, PipeKey, RopeParams, StepParams,
-};
-use super::weights::{pad8, upload_bytes, upload_f32, zeroed, GpuMatrix};
+use super::ops::{gemv_rows, rope_table, Kernels};
+use super::session::GpuSession;
+use super::weights::{pad8, upload_f32, GpuMatrix};
 use super::{AdapterReport, GpuError};
 use crate::format::{names, Activation, NormKind};
 use crate::{ModelFile, Submodel};
@@ -90,81 +83,81 @@ pub struct StepCounters {
 
 /// Architecture numbers in `usize`.
 #[derive(Clone, Debug)]
-struct Dims {
-    d: usize,
-    n_layers: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    q_dim: usize,
-    kv_dim: usize,
-    vocab: usize,
-    ctx: usize,
-    eps: f32,
-    norm: NormKind,
-    activation: Activation,
-    gated: bool,
+pub(super) struct Dims {
+    pub(super) d: usize,
+    pub(super) n_layers: usize,
+    pub(super) n_heads: usize,
+    pub(super) n_kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) q_dim: usize,
+    pub(super) kv_dim: usize,
+    pub(super) vocab: usize,
+    pub(super) ctx: usize,
+    pub(super) eps: f32,
+    pub(super) norm: NormKind,
+    pub(super) activation: Activation,
+    pub(super) gated: bool,
 }
 
 /// A norm's weight (and LayerNorm bias) as f32 buffers.
 #[derive(Debug)]
-struct GpuNorm {
-    w: wgpu::Buffer,
-    b: Option<wgpu::Buffer>,
+pub(super) struct GpuNorm {
+    pub(super) w: wgpu::Buffer,
+    pub(super) b: Option<wgpu::Buffer>,
 }
 
 /// Weights every submodel shares.
 #[derive(Debug)]
-struct LayerShared {
-    attn_norm: GpuNorm,
-    ffn_norm: GpuNorm,
+pub(super) struct LayerShared {
+    pub(super) attn_norm: GpuNorm,
+    pub(super) ffn_norm: GpuNorm,
     /// `wq`, `wk` and `wv` stacked (one decode dispatch for the three projections): q rows at
     /// 0, k rows at `pad8(q_dim)`, v rows at `pad8(q_dim) + pad8(kv_dim)` (zero rows pad each
     /// part), so the product writes one activation row `[q | k | v]` ([`Acts::qkv`]).
-    wqkv: GpuMatrix,
-    wo: GpuMatrix,
+    pub(super) wqkv: GpuMatrix,
+    pub(super) wo: GpuMatrix,
 }
 
-struct Inner {
-    model: Arc<ModelFile>,
-    gpu: Gpu,
-    kernels: Kernels,
-    dims: Dims,
-    max_binding: u64,
-    prefill_chunk: usize,
+pub(super) struct Inner {
+    pub(super) model: Arc<ModelFile>,
+    pub(super) gpu: Gpu,
+    pub(super) kernels: Kernels,
+    pub(super) dims: Dims,
+    pub(super) max_binding: u64,
+    pub(super) prefill_chunk: usize,
     /// `ROWS` of the decode GEMV kernel.
-    gemv_rows: u32,
-    embed: GpuMatrix,
+    pub(super) gemv_rows: u32,
+    pub(super) embed: GpuMatrix,
     /// `None` when the LM head is tied to the embeddings.
-    head: Option<GpuMatrix>,
-    final_norm: GpuNorm,
-    layers: Vec<LayerShared>,
+    pub(super) head: Option<GpuMatrix>,
+    pub(super) final_norm: GpuNorm,
+    pub(super) layers: Vec<LayerShared>,
     /// cos then sin of `pos * inv_freq[i]`, `[ctx, head_dim / 2]` each.
-    rope_table: wgpu::Buffer,
+    pub(super) rope_table: wgpu::Buffer,
     /// FFN weight prefixes shared by the sessions (grown on demand, trimmed under pressure).
-    ffn: Mutex<FfnStore>,
+    pub(super) ffn: Mutex<FfnStore>,
     /// [`GpuOptions::memory_limit_bytes`].
-    memory_limit: Option<u64>,
+    pub(super) memory_limit: Option<u64>,
     /// Bytes of the shared weights, norms and RoPE table.
-    shared_bytes: u64,
+    pub(super) shared_bytes: u64,
     /// Bytes of the live sessions' buffers.
-    session_bytes: AtomicU64,
+    pub(super) session_bytes: AtomicU64,
     /// Largest FFN width of any level of any layer (sizes the FFN activation buffers).
-    max_ffn_width: usize,
+    pub(super) max_ffn_width: usize,
     /// The options the engine was created with.
-    options: GpuOptions,
+    pub(super) options: GpuOptions,
 }
 
 impl Inner {
     /// GPU bytes allocated by the engine now: shared weights, the FFN store, live sessions.
-    fn memory_in_use(&self) -> u64 {
+    pub(super) fn memory_in_use(&self) -> u64 {
         let store = self.ffn.lock().map_or(0, |s| s.bytes());
         self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed)
     }
 
     /// Fails with [`GpuError::OutOfMemory`] when allocating `extra` more bytes would exceed
     /// the memory limit.
-    fn check_limit(&self, extra: u64, during: &str) -> Result<(), GpuError> {
+    pub(super) fn check_limit(&self, extra: u64, during: &str) -> Result<(), GpuError> {
         if self.memory_limit.is_none() {
             return Ok(());
         }
@@ -173,7 +166,7 @@ impl Inner {
     }
 
     /// [`Inner::check_limit`] with the FFN store's bytes given (its lock is held).
-    fn check_limit_with(&self, extra: u64, store: u64, during: &str) -> Result<(), GpuError> {
+    pub(super) fn check_limit_with(&self, extra: u64, store: u64, during: &str) -> Result<(), GpuError> {
         let Some(limit) = self.memory_limit else { return Ok(()) };
         let used = self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed);
         if used.saturating_add(extra) > limit {
@@ -186,7 +179,7 @@ impl Inner {
     }
 
     /// Per-layer tensor shapes for the FFN store.
-    fn ffn_shapes(&self) -> Vec<FfnShape<'_>> {
+    pub(super) fn ffn_shapes(&self) -> Vec<FfnShape<'_>> {
         (0..self.dims.n_layers)
             .map(|layer| FfnShape {
                 model: &self.model,
@@ -201,7 +194,7 @@ impl Inner {
 
     /// Makes the FFN store hold `widths` (uploading only missing rows, within the memory
     /// limit) and returns the layers with the bytes uploaded.
-    fn ensure_ffn(&self, widths: &[usize]) -> Result<(Vec<Arc<LayerFfn>>, u64), GpuError> {
+    pub(super) fn ensure_ffn(&self, widths: &[usize]) -> Result<(Vec<Arc<LayerFfn>>, u64), GpuError> {
         let shapes = self.ffn_shapes();
         let mut store = self.ffn.lock().map_err(|_| poisoned())?;
         let missing = store.missing_bytes(&shapes, widths)?;
@@ -277,7 +270,7 @@ impl GpuEngine {
         let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
         let mut kernels = Kernels::new(&gpu)?;
-        super::probe::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
+        super::weight_path::choose_weight_path(&mut gpu, &mut kernels, opts.weight_path)?;
         let gemv_rows = gemv_rows(&gpu, opts.gemv_rows)?;
 
         let d = dims.d;
@@ -487,816 +480,7 @@ pub fn step_down_on_oom<T>(
     }
 }
 
-/// cos then sin of `pos * inv_freq[i]` for positions `0..ctx`, `[ctx, head_dim / 2]` each,
-/// computed exactly as the CPU engine does (f32 `inv_freq`, f32 angle), so angles match bitwise.
-pub(crate) fn rope_table(theta: f32, head_dim: usize, ctx: usize) -> Vec<f32> {
-    let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
-    let mut table = vec![0.0f32; 2 * ctx * half];
-    for pos in 0..ctx {
-        for (i, f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            table[pos * half + i] = angle.cos();
-            table[ctx * half + pos * half + i] = angle.sin();
-        }
-    }
-    table
-}
-
-/// Workgroup counts of a single-pipeline dispatch as a function of the pass's token count `t`.
-#[derive(Clone, Copy, Debug)]
-enum Grid {
-    /// `(x, t)`.
-    PerToken(u32),
-    /// `(x, y)` whatever `t`.
-    Fixed(u32, u32),
-    /// `(t, 1)`: one workgroup per token row.
-    Rows,
-}
-
-/// A recorded dispatch.
-#[derive(Debug)]
-enum Dispatch {
-    /// One pipeline, grid from `t`.
-    Fixed { pipe: wgpu::ComputePipeline, bind: wgpu::BindGroup, grid: Grid },
-    /// A matrix product over `n` outputs (the pipelines share the bind group layout): the
-    /// `gemv` kernel on `gemv_grid` for one token, followed by `reduce` on its grid when the
-    /// GEMV is the split transposed one; `gemm` tiles (64 outputs x 16 tokens) for more tokens.
-    Matmul {
-        gemv: wgpu::ComputePipeline,
-        reduce: Option<(wgpu::ComputePipeline, (u32, u32))>,
-        gemm: wgpu::ComputePipeline,
-        bind: wgpu::BindGroup,
-        gemv_grid: (u32, u32),
-        n: u32,
-    },
-}
-
-impl Dispatch {
-    /// The dispatch that follows [`Dispatch::resolve`]'s in a pass over `t` tokens, if any
-    /// (the reduction of a split transposed GEMV; same bind group).
-    fn follow_up(&self, t: u32) -> Option<(&wgpu::ComputePipeline, (u32, u32))> {
-        match self {
-            Dispatch::Matmul { reduce: Some((pipe, grid)), .. } if t == 1 => Some((pipe, *grid)),
-            _ => None,
-        }
-    }
-
-    /// Pipeline, bind group and workgroup counts for a pass over `t` tokens.
-    fn resolve(&self, t: u32) -> (&wgpu::ComputePipeline, &wgpu::BindGroup, (u32, u32)) {
-        match self {
-            Dispatch::Fixed { pipe, bind, grid } => {
-                let g = match *grid {
-                    Grid::PerToken(x) => (x, t),
-                    Grid::Fixed(x, y) => (x, y),
-                    Grid::Rows => (t, 1),
-                };
-                (pipe, bind, g)
-            }
-            Dispatch::Matmul { gemv, bind, gemv_grid, .. } if t == 1 => (gemv, bind, *gemv_grid),
-            Dispatch::Matmul { gemm, bind, n, .. } => (gemm, bind, (n.div_ceil(64), t.div_ceil(16))),
-        }
-    }
-}
-
-/// One recorded item of a plan (every item is a dispatch: the KV-cache append is fused into
-/// the RoPE dispatch, so a step is one compute pass).
-#[derive(Debug)]
-enum Item {
-    Dispatch(Dispatch),
-}
-
-/// Session buffers.
-#[derive(Debug)]
-struct Buffers {
-    step: wgpu::Buffer,
-    tokens: wgpu::Buffer,
-    logits: wgpu::Buffer,
-    argmax: wgpu::Buffer,
-    argmax_staging: wgpu::Buffer,
-    /// Rows of the activation buffers (tokens per pass).
-    t_max: usize,
-    /// Padded row length of the logits.
-    sv: usize,
-}
-
-/// A generation session on the GPU: one submodel, its FFN weight prefixes, a GPU-resident KV
-/// cache (`f32`) and position. `Send`.
-pub struct GpuSession {
-    inner: Arc<Inner>,
-    submodel: Submodel,
-    bufs: Buffers,
-    plan: Plan,
-    tail_last: Vec<Item>,
-    tail_all: Vec<Item>,
-    pos: usize,
-    counters: StepCounters,
-    kv_bytes: u64,
-    /// Activation buffers and KV cache (kept across switches).
-    acts: Acts,
-    /// The FFN layers the plan reads (held so the store may trim without breaking the plan).
-    ffn: Vec<Arc<LayerFfn>>,
-    /// Bytes counted in `Inner::session_bytes` for this session.
-    alloc_bytes: u64,
-}
-
-impl Drop for GpuSession {
-    fn drop(&mut self) {
-        self.inner.session_bytes.fetch_sub(self.alloc_bytes, Ordering::Relaxed);
-    }
-}
-
-/// Bytes counted in `Inner::session_bytes` while a session is being created: given back if
-/// creation fails.
-struct Reservation<'a> {
-    counter: &'a AtomicU64,
-    bytes: u64,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-/// What [`GpuSession::switch_to`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GpuSwitch {
-    /// FFN weight bytes uploaded from the mapping (the rows the engine's store lacked; 0 for a
-    /// downshift).
-    pub uploaded_bytes: u64,
-    /// Time spent uploading, ms.
-    pub upload_ms: f64,
-    /// Whole switch (upload and plan rebuild, not the re-prefill), ms.
-    pub total_ms: f64,
-    /// `true` when the submodel did not change and the KV cache was kept.
-    pub cache_kept: bool,
-}
-
-/// Session activation buffers, KV cache and submodel-independent uniforms.
-#[derive(Debug)]
-struct Acts {
-    x: wgpu::Buffer,
-    xn: wgpu::Buffer,
-    /// q, k and v of each token in one row of `sqkv` floats: q at 0, k at `sq`, v at
-    /// `sq + skv`.
-    qkv: wgpu::Buffer,
-    att: wgpu::Buffer,
-    up: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    scores: wgpu::Buffer,
-    /// Partial sums of the split transposed GEMV (binding 5 of every matrix product).
-    partials: wgpu::Buffer,
-    caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
-    rope: wgpu::Buffer,
-    attn_params: wgpu::Buffer,
-    sd: usize,
-    sq: usize,
-    /// `sq + 2 * pad8(kv_dim)`.
-    sqkv: usize,
-    sw: usize,
-}
-
 /// FFN width per layer of `submodel` (validated against `model`).
-fn widths_of(model: &ModelFile, submodel: &Submodel) -> Vec<usize> {
+pub(super) fn widths_of(model: &ModelFile, submodel: &Submodel) -> Vec<usize> {
     submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect()
-}
-
-/// GPU bytes of the rows a matrix view covers.
-fn view_bytes(m: &GpuMatrix) -> u64 {
-    let row = (m.row_units * 8 * if m.f32 { 4 } else { 2 }) as u64;
-    m.chunks.iter().map(|c| c.rows as u64 * row).sum()
-}
-
-/// The FFN items of one layer at one width, with the bytes of the FFN rows they read.
-type FfnPlan = Arc<(Vec<Item>, u64)>;
-
-/// The per-token work of a pass, in order: `embed`, then for each layer `attn[l]` and
-/// `ffn[l]`. Only `ffn` depends on the submodel.
-#[derive(Debug)]
-struct Plan {
-    embed: Vec<Item>,
-    attn: Vec<Vec<Item>>,
-    ffn: Vec<FfnPlan>,
-    /// FFN plans built so far, by `(layer, width)`: a switch back to a width seen before
-    /// rebuilds nothing. Holds the chunks it reads; cleared by [`GpuSession::rebind`].
-    cache: HashMap<(usize, usize), FfnPlan>,
-}
-
-impl Plan {
-    fn items(&self) -> impl Iterator<Item = &Item> {
-        let layers = self.attn.iter().zip(&self.ffn).flat_map(|(a, f)| a.iter().chain(f.0.iter()));
-        self.embed.iter().chain(layers)
-    }
-
-    fn ffn_bytes(&self) -> u64 {
-        self.ffn.iter().map(|f| f.1).sum()
-    }
-
-    /// Points `ffn` at the plans for `widths` over `layers`, building the missing ones.
-    fn set_ffn(
-        &mut self,
-        p: &Planner<'_>,
-        a: &Acts,
-        layers: &[Arc<LayerFfn>],
-        widths: &[usize],
-    ) -> Result<(), GpuError> {
-        let mut next = Vec::with_capacity(widths.len());
-        for (li, (layer, &w)) in layers.iter().zip(widths).enumerate() {
-            let plan = match self.cache.get(&(li, w)) {
-                Some(plan) => Arc::clone(plan),
-                None => {
-                    let plan = Arc::new(plan_ffn(p, a, li, layer, w)?);
-                    self.cache.insert((li, w), Arc::clone(&plan));
-                    plan
-                }
-            };
-            next.push(plan);
-        }
-        self.ffn = next;
-        Ok(())
-    }
-}
-
-/// The submodel-independent items: the embedding gather and every layer's attention block.
-fn plan_shared(p: &Planner<'_>, tokens: &wgpu::Buffer, a: &Acts) -> Result<(Vec<Item>, Vec<Vec<Item>>), GpuError> {
-    let i = p.inner;
-    let dm = &i.dims;
-    let (sd, sq) = (a.sd, a.sq);
-    let mut embed = Vec::new();
-    for c in &i.embed.chunks {
-        let params = EmbeddingParams {
-            row_start: c.row_start as u32,
-            rows: c.rows as u32,
-            cols: dm.d as u32,
-            row_words: (i.embed.row_units * if i.embed.f32 { 8 } else { 4 }) as u32,
-            out_stride: sd as u32,
-            _pad: [0; 3],
-        };
-        let ub = p.uniform("embedding params", &params)?;
-        embed.push(p.fixed(
-            Kernel::Embedding,
-            &[("F32_WEIGHTS", i.embed.f32)],
-            &[&ub, p.step, tokens, &c.buffer, &a.x],
-            Grid::PerToken((dm.d as u32).div_ceil(64)),
-        )?);
-    }
-    let half = dm.head_dim / 2;
-    let mut attn = Vec::with_capacity(dm.n_layers);
-    for (li, layer) in i.layers.iter().enumerate() {
-        let mut body = vec![p.norm(&layer.attn_norm, &a.x, &a.xn, sd, false)?];
-        p.matmul(&layer.wqkv, false, false, &a.xn, sd, &a.qkv, a.sqkv, &mut body)?;
-        // RoPE writes the rotated keys and the values straight into the cache rows
-        // `pos0..pos0 + t` (no copy command between the dispatches).
-        let (kc, vc) = &a.caches[li];
-        body.push(p.fixed(
-            Kernel::Rope,
-            &[],
-            &[&a.rope, p.step, &a.qkv, &i.rope_table, kc, vc],
-            Grid::PerToken((((dm.n_heads + dm.n_kv_heads) * half) as u32).div_ceil(64)),
-        )?);
-        body.push(p.fixed(
-            Kernel::Attention,
-            &[],
-            &[&a.attn_params, p.step, &a.qkv, kc, vc, &a.scores, &a.att],
-            Grid::PerToken(dm.n_heads as u32),
-        )?);
-        p.matmul(&layer.wo, false, true, &a.att, sq, &a.x, sd, &mut body)?;
-        attn.push(body);
-    }
-    Ok((embed, attn))
-}
-
-/// Layer `li`'s FFN block at width `w` (rows read from `layer`): norm, up (and gate),
-/// activation, down with the residual add.
-fn plan_ffn(p: &Planner<'_>, a: &Acts, li: usize, layer: &LayerFfn, w: usize) -> Result<(Vec<Item>, u64), GpuError> {
-    let i = p.inner;
-    let dm = &i.dims;
-    let (sd, sw) = (a.sd, a.sw);
-    let (fu, fg, fd) = layer.prefix(w);
-    let bytes = view_bytes(&fu) + fg.as_ref().map_or(0, view_bytes) + view_bytes(&fd);
-    let mut body = vec![p.norm(&i.layers[li].ffn_norm, &a.x, &a.xn, sd, false)?];
-    p.matmul(&fu, false, false, &a.xn, sd, &a.up, sw, &mut body)?;
-    if let Some(fg) = &fg {
-        p.matmul(fg, false, false, &a.xn, sd, &a.gate, sw, &mut body)?;
-    }
-    let ap = p.uniform("ffn act params", &ActParams { width: w as u32, stride: sw as u32, _pad: [0; 2] })?;
-    body.push(p.fixed(
-        Kernel::FfnAct,
-        &[("GATED", dm.gated), ("GELU", dm.activation == Activation::GeluTanh)],
-        &[&ap, p.step, &a.up, &a.gate],
-        Grid::PerToken((w as u32).div_ceil(64)),
-    )?);
-    p.matmul(&fd, true, true, &a.up, sw, &a.x, sd, &mut body)?;
-    Ok((body, bytes))
-}
-
-impl fmt::Debug for GpuSession {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GpuSession")
-            .field("submodel", &self.submodel.levels)
-            .field("position", &self.pos)
-            .field("counters", &self.counters)
-            .finish()
-    }
-}
-
-/// Which logits a pass computes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Tail {
-    None,
-    /// Last token's logits into logits row 0, then its argmax.
-    Last,
-    /// Every token's logits.
-    All,
-}
-
-struct Planner<'a> {
-    inner: &'a Inner,
-    step: &'a wgpu::Buffer,
-    /// The session's split-GEMV partials ([`Acts::partials`]).
-    partials: &'a wgpu::Buffer,
-}
-
-impl Planner<'_> {
-    fn gpu(&self) -> &Gpu {
-        &self.inner.gpu
-    }
-
-    fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> Result<wgpu::Buffer, GpuError> {
-        upload_bytes(self.gpu(), label, bytemuck::bytes_of(params), wgpu::BufferUsages::UNIFORM)
-    }
-
-    fn fixed(
-        &self,
-        kernel: Kernel,
-        constants: &[(&'static str, bool)],
-        buffers: &[&wgpu::Buffer],
-        grid: Grid,
-    ) -> Result<Item, GpuError> {
-        let pipe = self.inner.kernels.pipeline(self.gpu(), &PipeKey::new(kernel, "main", constants))?;
-        let bind = self.inner.kernels.bind(self.gpu(), kernel, buffers)?;
-        Ok(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid }))
-    }
-
-    /// `out (+)= x W^T` (or `x W` when `transposed`, for `ffn_down_t`), one dispatch per chunk.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &self,
-        m: &GpuMatrix,
-        transposed: bool,
-        accumulate: bool,
-        x: &wgpu::Buffer,
-        x_stride: usize,
-        out: &wgpu::Buffer,
-        out_stride: usize,
-        items: &mut Vec<Item>,
-    ) -> Result<(), GpuError> {
-        if transposed && !accumulate && m.chunks.len() > 1 {
-            return Err(GpuError::Unsupported { reason: "a chunked transposed product must accumulate".into() });
-        }
-        let k = &self.inner.kernels;
-        let keys = k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows, m.row_units);
-        let gemv = k.pipeline(self.gpu(), &keys.gemv)?;
-        let gemm = k.pipeline(self.gpu(), &keys.gemm)?;
-        let reduce = keys.reduce.as_ref().map(|key| k.pipeline(self.gpu(), key)).transpose()?;
-        for c in &m.chunks {
-            let (n, kk, out_offset, k_offset) =
-                if transposed { (m.cols, c.rows, 0, c.row_start) } else { (c.rows, m.cols, c.row_start, 0) };
-            let params = MatmulParams {
-                n: n as u32,
-                k: kk as u32,
-                row_units: m.row_units as u32,
-                x_stride: x_stride as u32,
-                out_stride: out_stride as u32,
-                out_offset: out_offset as u32,
-                k_offset: k_offset as u32,
-                slabs: 0,
-            };
-            let gemv_grid =
-                k.gemv_grid(m.f32, transposed, n as u32, kk as u32, m.row_units as u32, self.inner.gemv_rows);
-            let params = MatmulParams { slabs: if reduce.is_some() { gemv_grid.0 } else { 0 }, ..params };
-            let ub = self.uniform("matmul params", &params)?;
-            let bind = k.bind(self.gpu(), keys.gemv.kernel, &[&ub, self.step, x, &c.buffer, out, self.partials])?;
-            items.push(Item::Dispatch(Dispatch::Matmul {
-                gemv: gemv.clone(),
-                reduce: reduce.clone().map(|r| (r, ((m.row_units as u32).div_ceil(64), 1))),
-                gemm: gemm.clone(),
-                bind,
-                gemv_grid,
-                n: n as u32,
-            }));
-        }
-        Ok(())
-    }
-
-    /// Norm of rows of `x` into `out` (`last_only`: row t-1 into row 0).
-    fn norm(
-        &self,
-        norm: &GpuNorm,
-        x: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        stride: usize,
-        last_only: bool,
-    ) -> Result<Item, GpuError> {
-        let dm = &self.inner.dims;
-        let params = NormParams {
-            cols: dm.d as u32,
-            in_stride: stride as u32,
-            out_stride: stride as u32,
-            last_only: u32::from(last_only),
-            eps: dm.eps,
-            _pad: [0; 3],
-        };
-        let ub = self.uniform("norm params", &params)?;
-        let grid = if last_only { Grid::Fixed(1, 1) } else { Grid::Rows };
-        match &norm.b {
-            None => self.fixed(Kernel::RmsNorm, &[], &[&ub, self.step, x, &norm.w, out], grid),
-            Some(b) => self.fixed(Kernel::LayerNorm, &[], &[&ub, self.step, x, &norm.w, out, b], grid),
-        }
-    }
-}
-
-impl GpuSession {
-    fn new(inner: Arc<Inner>, submodel: &Submodel) -> Result<GpuSession, GpuError> {
-        let model = Arc::clone(&inner.model);
-        let meta = model.metadata();
-        submodel.validate(meta, model.view().available_levels)?;
-        let widths = widths_of(&model, submodel);
-        let i = &*inner;
-        let dm = &i.dims;
-        let gpu = &i.gpu;
-        // Activations and caches use the device limit; `max_binding` caps weight chunks.
-        let limit = gpu.max_binding();
-        let (sd, sq, skv) = (pad8(dm.d), pad8(dm.q_dim), pad8(dm.kv_dim));
-        // FFN activations are sized for the widest level so that any later switch fits.
-        let sw = pad8(i.max_ffn_width);
-        let sv = pad8(dm.vocab);
-        let sqkv = sq + 2 * skv;
-
-        // Tokens per pass: the prefill chunk, reduced until every activation buffer fits.
-        let row_max = [sd, sqkv, sw, sv, dm.n_heads * dm.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
-        let t_max = (i.prefill_chunk as u64).min(limit / row_max).max(1) as usize;
-        if row_max > limit {
-            return Err(GpuError::BufferTooLarge { what: "one token's activations".into(), bytes: row_max, limit });
-        }
-        let f = 4u64;
-        let t = t_max as u64;
-        let gate_rows = if dm.gated { sw } else { 0 };
-        let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * dm.ctx + sv;
-        let kv_bytes = 2 * dm.n_layers as u64 * (dm.ctx * skv) as u64 * f;
-        // Transposed products (the FFN down projection) have `d_model` output columns.
-        let partials_floats = split_partial_floats(sd / 8);
-        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
-        i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
-        // Counted from here on (so the FFN upload below sees it); given back on early return.
-        i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
-        let reservation = Reservation { counter: &i.session_bytes, bytes: alloc_bytes };
-
-        // FFN weight prefixes: only the rows of this submodel's levels the store lacks.
-        let (ffn, _uploaded) = i.ensure_ffn(&widths)?;
-
-        use wgpu::BufferUsages as U;
-        let act = U::STORAGE | U::COPY_SRC | U::COPY_DST;
-        let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
-        let step = buf("step", 16, U::UNIFORM | U::COPY_DST)?;
-        let tokens = buf("tokens", t * 4, U::STORAGE | U::COPY_DST)?;
-        let logits = buf("logits", t * sv as u64 * f, act)?;
-        let argmax = buf("argmax", 16, act)?;
-        let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
-        let mut caches = Vec::with_capacity(dm.n_layers);
-        for li in 0..dm.n_layers {
-            let bytes = (dm.ctx * skv) as u64 * f;
-            caches.push((
-                buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
-                buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
-            ));
-        }
-        let partials = buf("split gemv partials", partials_floats as u64 * f, U::STORAGE)?;
-        let p = Planner { inner: i, step: &step, partials: &partials };
-        let half = dm.head_dim / 2;
-        let acts = Acts {
-            x: buf("x", t * sd as u64 * f, act)?,
-            xn: buf("xn", t * sd as u64 * f, act)?,
-            qkv: buf("qkv", t * sqkv as u64 * f, act)?,
-            att: buf("att", t * sq as u64 * f, act)?,
-            up: buf("ffn up", t * sw as u64 * f, act)?,
-            gate: buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?,
-            scores: buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?,
-            partials: partials.clone(),
-            caches,
-            rope: p.uniform(
-                "rope params",
-                &RopeParams {
-                    n_heads: dm.n_heads as u32,
-                    n_kv_heads: dm.n_kv_heads as u32,
-                    head_dim: dm.head_dim as u32,
-                    half: half as u32,
-                    q_stride: sqkv as u32,
-                    kv_stride: skv as u32,
-                    sin_offset: (dm.ctx * half) as u32,
-                    k_offset: sq as u32,
-                    v_offset: (sq + skv) as u32,
-                    _pad: [0; 3],
-                },
-            )?,
-            attn_params: p.uniform(
-                "attention params",
-                &AttentionParams {
-                    n_heads: dm.n_heads as u32,
-                    group: (dm.n_heads / dm.n_kv_heads) as u32,
-                    head_dim: dm.head_dim as u32,
-                    q_stride: sqkv as u32,
-                    kv_stride: skv as u32,
-                    out_stride: sq as u32,
-                    ctx: dm.ctx as u32,
-                    scale: 1.0 / (dm.head_dim as f32).sqrt(),
-                },
-            )?,
-            sd,
-            sq,
-            sqkv,
-            sw,
-        };
-        let (embed, attn) = plan_shared(&p, &tokens, &acts)?;
-        let mut plan = Plan { embed, attn, ffn: Vec::new(), cache: HashMap::new() };
-        plan.set_ffn(&p, &acts, &ffn, &widths)?;
-
-        let head = i.head.as_ref().unwrap_or(&i.embed);
-        let (x, xn) = (&acts.x, &acts.xn);
-        let mut tail_last = vec![p.norm(&i.final_norm, x, xn, sd, true)?];
-        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_last)?;
-        let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, _pad: [0; 3] })?;
-        let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
-        let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
-        tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
-        let mut tail_all = vec![p.norm(&i.final_norm, x, xn, sd, false)?];
-        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_all)?;
-
-        gpu.take_uncaptured("creating a session")?;
-        // The session's `Drop` gives the bytes back from now on.
-        std::mem::forget(reservation);
-        Ok(GpuSession {
-            inner: Arc::clone(&inner),
-            submodel: submodel.clone(),
-            bufs: Buffers { step, tokens, logits, argmax, argmax_staging, t_max, sv },
-            acts,
-            ffn,
-            plan,
-            tail_last,
-            tail_all,
-            pos: 0,
-            counters: StepCounters::default(),
-            kv_bytes,
-            alloc_bytes,
-        })
-    }
-
-    /// Switches this session to `submodel` without reloading anything: the FFN rows the
-    /// engine's store lacks are uploaded (only those: a downshift uploads nothing and copies
-    /// nothing), the dispatch plan is rebuilt for the new widths, and the session's buffers
-    /// (KV cache, activations) are kept. The KV cache is emptied (its keys and values depend on
-    /// the FFN widths of earlier layers), so the caller re-prefills the history to continue
-    /// exactly as `submodel` would; [`ElasticSession`](crate::elastic::ElasticSession) does.
-    /// Switching to the current submodel changes nothing and keeps the cache.
-    ///
-    /// On error (a level not in the file, [`GpuError::OutOfMemory`]) the session is unchanged.
-    pub fn switch_to(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
-        let started = Instant::now();
-        let inner = Arc::clone(&self.inner);
-        let model = &inner.model;
-        submodel.validate(model.metadata(), model.view().available_levels)?;
-        if *submodel == self.submodel {
-            return Ok(GpuSwitch { cache_kept: true, ..GpuSwitch::default() });
-        }
-        let widths = widths_of(model, submodel);
-        let (ffn, uploaded_bytes) = inner.ensure_ffn(&widths)?;
-        let upload_ms = started.elapsed().as_secs_f64() * 1e3;
-        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
-        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
-        inner.gpu.take_uncaptured("switching submodel")?;
-        self.ffn = ffn;
-        self.submodel = submodel.clone();
-        self.pos = 0;
-        Ok(GpuSwitch { uploaded_bytes, upload_ms, total_ms: started.elapsed().as_secs_f64() * 1e3, cache_kept: false })
-    }
-
-    /// Re-reads this session's FFN layers from the engine's store (after
-    /// [`GpuEngine::trim_ffn`]) so that it stops holding GPU buffers the store released.
-    /// The weights are the same rows, so the KV cache and position are kept. Uploads only if
-    /// the store was trimmed below this session's widths.
-    pub fn rebind(&mut self) -> Result<u64, GpuError> {
-        let inner = Arc::clone(&self.inner);
-        let widths = widths_of(&inner.model, &self.submodel);
-        let (ffn, uploaded) = inner.ensure_ffn(&widths)?;
-        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
-        self.plan.cache.clear();
-        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
-        self.ffn = ffn;
-        Ok(uploaded)
-    }
-
-    /// The submodel this session runs.
-    pub fn submodel(&self) -> &Submodel {
-        &self.submodel
-    }
-
-    /// Tokens in the KV cache.
-    pub fn position(&self) -> usize {
-        self.pos
-    }
-
-    /// The context window: the KV cache holds at most this many tokens.
-    pub fn max_context(&self) -> usize {
-        self.inner.dims.ctx
-    }
-
-    /// Vocabulary size (length of a logits vector).
-    pub fn vocab_size(&self) -> usize {
-        self.inner.dims.vocab
-    }
-
-    /// Bytes of this session's FFN weight prefixes on the GPU.
-    pub fn ffn_weight_bytes(&self) -> u64 {
-        self.plan.ffn_bytes()
-    }
-
-    /// Bytes of the GPU KV cache (allocated for the whole context window).
-    pub fn kv_cache_bytes(&self) -> u64 {
-        self.kv_bytes
-    }
-
-    /// GPU work done so far (cumulative; see [`GpuSession::reset_counters`]).
-    pub fn counters(&self) -> StepCounters {
-        self.counters
-    }
-
-    /// Zeroes the counters.
-    pub fn reset_counters(&mut self) {
-        self.counters = StepCounters::default();
-    }
-
-    /// Empties the KV cache.
-    pub fn reset(&mut self) {
-        self.pos = 0;
-    }
-
-    /// Forgets every token from `position` on (no-op if `position >= self.position()`).
-    pub fn truncate(&mut self, position: usize) {
-        self.pos = self.pos.min(position);
-    }
-
-    /// Appends `tokens` (batched passes of up to the prefill chunk) and returns the argmax of
-    /// the last token's logits (the greedy next token). One submit per chunk and one 4-byte
-    /// readback in all.
-    pub fn prefill(&mut self, tokens: &[u32]) -> Result<u32, GpuError> {
-        if tokens.is_empty() {
-            return Err(GpuError::EmptyInput { what: "prefill" });
-        }
-        self.run(tokens, Tail::Last)?;
-        self.read_argmax()
-    }
-
-    /// Appends one token and returns the argmax of its logits: the whole step is recorded in
-    /// one command encoder, with one submit and one 4-byte readback.
-    pub fn decode(&mut self, token: u32) -> Result<u32, GpuError> {
-        self.run(&[token], Tail::Last)?;
-        self.read_argmax()
-    }
-
-    /// Like [`GpuSession::prefill`] but returns the last token's logits (`vocab_size`
-    /// values; reads them back: for tests and sampling).
-    pub fn prefill_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
-        if tokens.is_empty() {
-            return Err(GpuError::EmptyInput { what: "prefill" });
-        }
-        self.run(tokens, Tail::Last)?;
-        self.read_logits(1)
-    }
-
-    /// Like [`GpuSession::decode`] but returns the token's logits (`vocab_size` values).
-    pub fn decode_logits(&mut self, token: u32) -> Result<Vec<f32>, GpuError> {
-        self.run(&[token], Tail::Last)?;
-        self.read_logits(1)
-    }
-
-    /// Appends `tokens` and returns the logits of every one of them, row-major
-    /// `[tokens.len(), vocab_size]` (evaluation, parity tests). Empty input gives empty output.
-    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
-        let start = self.pos;
-        let mut out = Vec::with_capacity(tokens.len() * self.inner.dims.vocab);
-        self.validate(tokens)?;
-        for chunk in tokens.chunks(self.bufs.t_max) {
-            let r = self.pass(chunk, Tail::All).and_then(|()| self.read_logits(chunk.len()));
-            match r {
-                Ok(l) => out.extend_from_slice(&l),
-                Err(e) => {
-                    self.pos = start;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn validate(&self, tokens: &[u32]) -> Result<(), GpuError> {
-        let dm = &self.inner.dims;
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= dm.vocab) {
-            return Err(GpuError::TokenOutOfRange { token, vocab: dm.vocab as u32 });
-        }
-        if self.pos + tokens.len() > dm.ctx {
-            return Err(GpuError::ContextFull { max: dm.ctx });
-        }
-        Ok(())
-    }
-
-    /// Validates, then runs `tokens` in chunks, computing `tail` on the last one; on failure
-    /// the session is left as it was.
-    fn run(&mut self, tokens: &[u32], tail: Tail) -> Result<(), GpuError> {
-        self.validate(tokens)?;
-        let start = self.pos;
-        let n_chunks = tokens.len().div_ceil(self.bufs.t_max);
-        for (c, chunk) in tokens.chunks(self.bufs.t_max).enumerate() {
-            let tail = if c + 1 == n_chunks { tail } else { Tail::None };
-            if let Err(e) = self.pass(chunk, tail) {
-                self.pos = start;
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// One pass over `tokens` (at most `t_max`, validated) at positions `pos..pos + t`:
-    /// recorded in one encoder, one submit.
-    fn pass(&mut self, tokens: &[u32], tail: Tail) -> Result<(), GpuError> {
-        let inner = Arc::clone(&self.inner);
-        let gpu = &inner.gpu;
-        let t = tokens.len();
-        let step = StepParams { pos0: self.pos as u32, t: t as u32, _pad: [0; 2] };
-        let mut dispatches = 0u64;
-        gpu.scoped("running a forward pass", || {
-            gpu.queue.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&step));
-            gpu.queue.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(tokens));
-            let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("pass") });
-            let tail_items: &[Item] = match tail {
-                Tail::None => &[],
-                Tail::Last => &self.tail_last,
-                Tail::All => &self.tail_all,
-            };
-            let tail_t = if tail == Tail::Last { 1 } else { t };
-            let items = self.plan.items().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
-            dispatches = record(&mut enc, items);
-            if tail == Tail::Last {
-                enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4);
-            }
-            gpu.queue.submit([enc.finish()]);
-        })?;
-        self.pos += t;
-        self.counters.passes += 1;
-        self.counters.submits += 1;
-        self.counters.dispatches += dispatches;
-        Ok(())
-    }
-
-    fn read_argmax(&mut self) -> Result<u32, GpuError> {
-        let bytes = map_read(&self.inner.gpu, &self.bufs.argmax_staging, 4)?;
-        self.counters.readbacks += 1;
-        self.counters.readback_bytes += 4;
-        let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        Ok(v)
-    }
-
-    /// Rows `[0, rows)` of the logits buffer, without padding.
-    fn read_logits(&mut self, rows: usize) -> Result<Vec<f32>, GpuError> {
-        let sv = self.bufs.sv;
-        let vocab = self.inner.dims.vocab;
-        let bytes = self.inner.gpu.read_back(&self.bufs.logits, (rows * sv * 4) as u64)?;
-        self.counters.submits += 1;
-        self.counters.readbacks += 1;
-        self.counters.readback_bytes += bytes.len() as u64;
-        let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(all.chunks_exact(sv).take(rows).flat_map(|r| r[..vocab].iter().copied()).collect())
-    }
-}
-
-/// Records `items` (each with its token count) into `enc` as one compute pass; returns the
-/// number of dispatches.
-fn record<'a>(enc: &mut wgpu::CommandEncoder, items: impl Iterator<Item = (&'a Item, usize)>) -> u64 {
-    let mut n = 0;
-    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
-    for (item, tt) in items {
-        let Item::Dispatch(d) = item;
-        let (pipe, bind, (x, y)) = d.resolve(tt as u32);
-        pass.set_pipeline(pipe);
-        pass.set_bind_group(0, bind, &[]);
-        pass.dispatch_workgroups(x, y, 1);
-        n += 1;
-        if let Some((pipe, (x, y))) = d.follow_up(tt as u32) {
-            pass.set_pipeline(pipe);
-            pass.dispatch_workgroups(x, y, 1);
-            n += 1;
-        }
-    }
-    drop(pass);
-    n
 }

@@ -8,7 +8,10 @@
 //!   weights; `Send + Sync`.
 //! - [`GpuSession`] uploads one submodel's FFN weight prefixes (only the segments of the levels
 //!   it uses), owns a GPU-resident KV cache and records a whole decode step in one command
-//!   encoder with one submit and one 4-byte readback (the argmax).
+//!   encoder with one submit and one 4-byte readback (the argmax), or for sampling one
+//!   `8k + 4`-byte readback: `topk.wgsl` applies the sampler's penalties to the logits on the
+//!   device and returns the top `k` with the log-sum-exp of the whole vocabulary
+//!   ([`GpuSession::decode_sample`], [`crate::sampling`]).
 //!
 //! Weights stay f16 on the GPU (the file's bytes, rows zero-padded to 8 elements; f32 files
 //! are uploaded as f32 and always run the packed kernels' f32 variant). Three [`WeightPath`]s
@@ -61,14 +64,19 @@
 mod device;
 mod engine;
 mod ffn_store;
+mod op_runner;
 mod ops;
-mod probe;
+mod plan;
+mod session;
+mod weight_path;
 mod weights;
 
 pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
-pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, GpuSession, GpuSwitch, StepCounters};
+pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, StepCounters};
+pub use op_runner::{OpRunner, WeightFormat};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
-pub use probe::{OpRunner, WeightFormat, WEIGHT_PATH_ENV};
+pub use session::{GpuSession, GpuSwitch};
+pub use weight_path::WEIGHT_PATH_ENV;
 
 use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};
@@ -171,6 +179,12 @@ pub enum GpuError {
         token: u32,
         /// Vocabulary size.
         vocab: u32,
+    },
+    /// An argument out of its range (candidate count, sampling transform).
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What is wrong.
+        what: String,
     },
     /// An operation that needs at least one token was given none.
     #[error("empty input: {what} needs at least one token")]

@@ -23,7 +23,7 @@ pub struct ShaderSource {
 
 macro_rules! shader {
     ($name:literal) => {
-        ShaderSource { name: $name, source: include_str!(concat!("../../../shaders/", $name, ".wgsl")) }
+        ShaderSource { name: $name, source: include_str!(concat!("../../shaders/", $name, ".wgsl")) }
     };
 }
 
@@ -54,6 +54,8 @@ pub(crate) enum Kernel {
     Attention,
     FfnAct,
     Argmax,
+    /// Sampling candidates: penalties, top-k and log-sum-exp of the last logits row.
+    TopK,
     /// Benchmark calibration: streaming read bandwidth.
     CalibrateRead,
     /// Benchmark calibration: streaming read bandwidth with 64-bit loads (needs `SHADER_INT64`).
@@ -63,7 +65,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 16] = [
+    const ALL: [Kernel; 17] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -77,6 +79,7 @@ impl Kernel {
         Kernel::Attention,
         Kernel::FfnAct,
         Kernel::Argmax,
+        Kernel::TopK,
         Kernel::CalibrateRead,
         Kernel::CalibrateReadU64,
         Kernel::CalibrateFma,
@@ -97,6 +100,7 @@ impl Kernel {
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
             Kernel::Argmax => shader!("argmax"),
+            Kernel::TopK => shader!("topk"),
             Kernel::CalibrateRead => shader!("calibrate_read"),
             Kernel::CalibrateReadU64 => shader!("calibrate_read_u64"),
             Kernel::CalibrateFma => shader!("calibrate_fma"),
@@ -121,6 +125,7 @@ impl Kernel {
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
             Kernel::FfnAct => &[Uniform, Uniform, ReadWrite, Read],
             Kernel::Argmax | Kernel::CalibrateRead | Kernel::CalibrateReadU64 => &[Uniform, Read, ReadWrite],
+            Kernel::TopK => &[Uniform, Read, ReadWrite, ReadWrite],
             Kernel::CalibrateFma => &[Uniform, ReadWrite],
         }
     }
@@ -654,6 +659,27 @@ pub(crate) struct ArgmaxParams {
     pub(crate) _pad: [u32; 3],
 }
 
+/// `topk.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct TopkParams {
+    /// Logits in row 0 (vocabulary size).
+    pub(crate) n: u32,
+    /// Candidates, `1..=n`.
+    pub(crate) k: u32,
+    /// `(token, count)` entries of the penalty list.
+    pub(crate) n_pen: u32,
+    pub(crate) _pad0: u32,
+    /// `1 / temperature` of the log-sum-exp.
+    pub(crate) inv_temp: f32,
+    /// Repetition penalty.
+    pub(crate) rep: f32,
+    /// Frequency penalty.
+    pub(crate) freq: f32,
+    /// Presence penalty.
+    pub(crate) presence: f32,
+}
+
 /// `calibrate_read.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -731,4 +757,20 @@ pub(crate) fn split_2d(n: u32) -> (u32, u32) {
     } else {
         (MAX, n.div_ceil(MAX))
     }
+}
+
+/// cos then sin of `pos * inv_freq[i]` for positions `0..ctx`, `[ctx, head_dim / 2]` each,
+/// computed exactly as the CPU engine does (f32 `inv_freq`, f32 angle), so angles match bitwise.
+pub(crate) fn rope_table(theta: f32, head_dim: usize, ctx: usize) -> Vec<f32> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let mut table = vec![0.0f32; 2 * ctx * half];
+    for pos in 0..ctx {
+        for (i, f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            table[pos * half + i] = angle.cos();
+            table[ctx * half + pos * half + i] = angle.sin();
+        }
+    }
+    table
 }

@@ -15,10 +15,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::kernels;
-use super::weights::Matrix;
-use super::{CpuEngine, EngineError};
-use crate::elastic::latency::{DeviceId, KernelClass, KernelTimings, WidthCost};
+use super::latency::{DeviceId, KernelClass, KernelTimings, WidthCost};
+use crate::cpu::kernels;
+use crate::cpu::weights::Matrix;
+use crate::cpu::{CpuEngine, EngineError};
 use crate::format::{names, Activation, NormKind};
 
 /// Options of [`measure_kernels`].
@@ -267,7 +267,7 @@ pub fn measure_kernels(engine: &CpuEngine, opts: &ProbeOptions) -> Result<Kernel
             Ok(())
         })?;
         timed(&mut t_head, || kernels::matmul(&xn, 1, &head, &mut logits, threads));
-        timed(&mut t_tok, || std::hint::black_box(super::argmax(&logits)));
+        timed(&mut t_tok, || std::hint::black_box(crate::cpu::argmax(&logits)));
         record(&mut lm_head, t_head);
         record(&mut small_token, t_tok);
     }

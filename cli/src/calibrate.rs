@@ -1,5 +1,5 @@
-//! Calibration kernels: the machine's own limits, measured in the same run as a benchmark so
-//! efficiencies are ratios, not absolute times (`matformer bench`, the latency model).
+//! CPU calibration kernels of `matformer bench`: the machine's own limits, measured in the same
+//! run as a benchmark so efficiencies are ratios, not absolute times.
 
 use std::hint::black_box;
 use std::time::Instant;

@@ -28,11 +28,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::catalog::{config_name, pareto_indices, Catalog};
-use crate::cpu::CpuEngine;
+use matformer::cpu::CpuEngine;
+use matformer::elastic::catalog::pareto_indices;
+use matformer::elastic::{CalibrationSummary, Catalog};
+use matformer::format::Metadata;
+use matformer::tokenizer::ByteTokenizer;
+use matformer::Submodel;
+
 use crate::eval::{mean_cross_entropy, EvalError};
-use crate::tokenizer::ByteTokenizer;
-use crate::Submodel;
 
 /// Knobs of [`calibrate`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,39 +53,6 @@ impl Default for CalibrationOptions {
     fn default() -> Self {
         CalibrationOptions { chunk_tokens: 256, max_frontier_evals: 24, uniform_correction: true }
     }
-}
-
-/// How a catalog's losses were obtained; stored with the catalog.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CalibrationSummary {
-    /// Bytes of calibration text.
-    pub text_bytes: u64,
-    /// Tokens per evaluation chunk (BOS included).
-    pub chunk_tokens: u32,
-    /// Exact evaluations run.
-    pub evaluations: u32,
-    /// Loss of the full model, nats per token.
-    pub full_loss: f64,
-    /// Measured entries the prediction quality is computed on (not used to fit it).
-    pub checked_points: u32,
-    /// Mean `|predicted - measured|` on the checked points.
-    #[serde(default)]
-    pub mean_abs_error: Option<f64>,
-    /// Largest `|predicted - measured|` on the checked points.
-    #[serde(default)]
-    pub max_abs_error: Option<f64>,
-    /// Spearman rank correlation of predicted against measured loss on the checked points
-    /// (`None` with fewer than two points or constant values).
-    #[serde(default)]
-    pub spearman: Option<f64>,
-    /// Mean `|error|` of the plain additive prediction (no uniform correction) on the same
-    /// checked points.
-    #[serde(default)]
-    pub uncorrected_mean_abs_error: Option<f64>,
-    /// The uniform correction curve: `[additive delta, ratio]` points (module documentation),
-    /// empty without correction.
-    #[serde(default)]
-    pub correction: Vec<[f64; 2]>,
 }
 
 /// A named loss.
@@ -187,11 +157,7 @@ pub fn calibrate(
         let report = mean_cross_entropy(engine, &sub, &tokenizer, text, chunk)?;
         let loss = report.nats_per_token;
         measured.insert(levels.to_vec(), loss);
-        progress(&format!(
-            "  eval {:>3}: {:<24} {loss:.5} nats/token",
-            measured.len(),
-            config_name(levels, &meta.level_names)
-        ));
+        progress(&format!("  eval {:>3}: {:<24} {loss:.5} nats/token", measured.len(), config_name(levels, meta)));
         Ok(loss)
     };
 
@@ -202,7 +168,7 @@ pub fn calibrate(
     let mut uniform_losses = Vec::new();
     for l in 0..=top {
         let loss = eval(&mut measured, &vec![l; n_layers], &mut progress)?;
-        uniform_losses.push(NamedLoss { name: config_name(&vec![l; n_layers], &meta.level_names), loss });
+        uniform_losses.push(NamedLoss { name: config_name(&vec![l; n_layers], meta), loss });
     }
 
     // 2. Per-layer sensitivity.
@@ -343,6 +309,11 @@ fn correction(curve: &[(f64, f64)], d: f64) -> f64 {
         }
     }
     curve.last().map_or(1.0, |&(_, r)| r)
+}
+
+/// The name [`Submodel::name`] gives `levels`.
+fn config_name(levels: &[u8], meta: &Metadata) -> String {
+    Submodel { levels: levels.to_vec() }.name(meta)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

@@ -1,5 +1,5 @@
-//! The byte-level tokenizer: token `b` is byte `b` for `b < 256`; ids from 256 on are special
-//! tokens (BOS, EOS, ...) that carry no text.
+//! The byte-level tokenizer of the bundled model: token `b` is byte `b` for `b < 256`; ids from
+//! 256 on are special tokens (BOS, EOS, ...) that carry no text.
 
 use crate::format::Metadata;
 
@@ -58,14 +58,14 @@ impl ByteTokenizer {
 /// characters: bytes of an incomplete character are held back until it completes (or is
 /// known to be invalid, which yields U+FFFD as [`ByteTokenizer::decode`] would).
 #[derive(Clone, Debug, Default)]
-pub struct StreamDecoder {
+pub struct Utf8StreamDecoder {
     pending: Vec<u8>,
 }
 
-impl StreamDecoder {
+impl Utf8StreamDecoder {
     /// An empty decoder.
-    pub fn new() -> StreamDecoder {
-        StreamDecoder::default()
+    pub fn new() -> Utf8StreamDecoder {
+        Utf8StreamDecoder::default()
     }
 
     /// Feeds one token; returns the text that became complete (possibly empty). Special

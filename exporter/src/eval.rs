@@ -5,9 +5,9 @@
 //! the algorithm of the model card (tests/fixtures/README.md) and of
 //! `exporter/python/eval_loss_table.py`, so `matformer eval` reproduces the PyTorch loss table.
 
-use crate::cpu::{CpuEngine, EngineError};
-use crate::tokenizer::ByteTokenizer;
-use crate::Submodel;
+use matformer::cpu::{CpuEngine, EngineError};
+use matformer::tokenizer::ByteTokenizer;
+use matformer::Submodel;
 
 /// Result of [`mean_cross_entropy`].
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,0 +1,321 @@
+//! `matformer chat`: an interactive conversation through the public API only (`Engine`,
+//! `Session`), and the sampling, stop and engine flags `generate` shares.
+//!
+//! Lines typed are user messages; `/reset` forgets the conversation, `/stats` prints the last
+//! answer's statistics, `/quit` (or end of input) leaves. Ctrl-C while an answer is being
+//! written cancels that answer, not the program; Ctrl-C at the prompt leaves.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+use matformer::{
+    BackendChoice, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, GenerateOptions, Input,
+    SamplingParams, Session, SessionOptions, SinkControl, SubmodelChoice, SwitchMode,
+};
+
+/// Engine flags: backend, threads, GPU memory cap, latency cache.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Backend: auto (a hardware GPU that passes a self-check, else the CPU), cpu or gpu.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Cap on GPU memory (e.g. 1GiB); a submodel that does not fit steps down.
+    #[arg(long)]
+    pub gpu_memory: Option<String>,
+    /// Directory of the latency cost-model cache (default: $XDG_CACHE_HOME/matformer or
+    /// ~/.cache/matformer).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// `--backend` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    /// GPU if usable, else CPU.
+    Auto,
+    /// The CPU engine.
+    Cpu,
+    /// The GPU or an error.
+    Gpu,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> BackendChoice {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Cpu => BackendChoice::Cpu,
+            BackendArg::Gpu => BackendChoice::Gpu,
+        }
+    }
+}
+
+impl EngineArgs {
+    /// The engine options these flags describe.
+    pub fn options(&self) -> Result<EngineOptions> {
+        let gpu_memory_limit_bytes = match &self.gpu_memory {
+            Some(v) => Some(crate::select::parse_bytes(v)?),
+            // The harness keeps honouring the variable the earlier CLI read (the library
+            // reads none).
+            None => match std::env::var("MATFORMER_GPU_MEMORY_LIMIT") {
+                Ok(v) => {
+                    Some(crate::select::parse_bytes(&v).map_err(|e| anyhow!("MATFORMER_GPU_MEMORY_LIMIT={v:?}: {e}"))?)
+                }
+                Err(_) => None,
+            },
+        };
+        Ok(EngineOptions {
+            backend: self.backend.into(),
+            threads: self.threads,
+            gpu_memory_limit_bytes,
+            cache_dir: self.cache_dir.clone().or_else(matformer::elastic::default_cache_dir),
+            verify: false,
+        })
+    }
+}
+
+/// Sampling and stop flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: u32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Frequency penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Presence penalty (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Random seed (the same seed gives the same text).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Stop when this token id is produced (repeatable).
+    #[arg(long)]
+    pub stop_token: Vec<u32>,
+}
+
+impl SamplingArgs {
+    /// The generate options for `max_tokens`.
+    pub fn options(&self, max_tokens: usize) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token.clone(),
+            truncate_prompt: false,
+        }
+    }
+}
+
+/// `--switch-mode` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwitchModeArg {
+    /// Re-prefill the history with the new submodel (exact output).
+    Exact,
+    /// Keep the KV cache (no re-prefill).
+    KeepKv,
+}
+
+impl From<SwitchModeArg> for SwitchMode {
+    fn from(m: SwitchModeArg) -> SwitchMode {
+        match m {
+            SwitchModeArg::Exact => SwitchMode::Exact,
+            SwitchModeArg::KeepKv => SwitchMode::KeepKv,
+        }
+    }
+}
+
+/// The submodel a `--submodel` value and the budget flags name.
+pub fn submodel_choice(spec: &str, budget: &crate::select::BudgetArgs) -> Result<SubmodelChoice> {
+    Ok(if spec == "auto" { SubmodelChoice::Auto(budget.budget()?) } else { SubmodelChoice::Named(spec.to_string()) })
+}
+
+/// Opens the engine, saying on stderr which backend runs and why.
+pub fn open_engine(file: &Path, args: &EngineArgs, quiet: bool) -> Result<Engine> {
+    let engine = Engine::open(file, args.options()?)?;
+    if !quiet {
+        let b = engine.backend();
+        eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
+    }
+    Ok(engine)
+}
+
+/// `matformer chat` arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChatArgs {
+    /// The .matf file.
+    pub file: PathBuf,
+    /// Ask this one question, print the answer and exit (no interactive prompt).
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Tokens per answer at most.
+    #[arg(short = 'n', long, default_value_t = 512)]
+    pub max_tokens: usize,
+    /// Submodel: a level name (s, m, l, xl), `largest`, per-layer levels, or `auto` (chosen
+    /// for the budget flags).
+    #[arg(long, default_value = "largest")]
+    pub submodel: String,
+    /// How a change of submodel treats the KV cache.
+    #[arg(long, value_enum, default_value = "exact")]
+    pub switch_mode: SwitchModeArg,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub budget: crate::select::BudgetArgs,
+    /// One JSON object per turn on stdout (the answer is not streamed).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `matformer chat`.
+pub fn run(args: &ChatArgs) -> Result<()> {
+    let engine = open_engine(&args.file, &args.engine, true)?;
+    let session = engine.session(SessionOptions {
+        submodel: submodel_choice(&args.submodel, &args.budget)?,
+        context_length: args.budget.context.map(|c| c as usize),
+        system_prompt: args.system.clone(),
+        switch_mode: args.switch_mode.into(),
+    })?;
+    if !args.json {
+        let b = engine.backend();
+        eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
+    }
+    let options = args.sampling.options(args.max_tokens);
+    if !args.json {
+        eprintln!("submodel: {} ({} tokens of context)", session.submodel(), session.context_length());
+    }
+    if let Some(p) = &args.prompt {
+        let c = turn(&session, p, &options, args.json)?;
+        if !args.json {
+            eprintln!("{}", stats_line(&c));
+        }
+        return Ok(());
+    }
+    let generating: Arc<Mutex<Option<CancelHandle>>> = Arc::new(Mutex::new(None));
+    let g = Arc::clone(&generating);
+    ctrlc::set_handler(move || match g.lock().ok().and_then(|h| h.clone()) {
+        Some(h) => h.cancel(),
+        None => std::process::exit(130),
+    })
+    .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    let stdin = std::io::stdin();
+    let mut last: Option<Completion> = None;
+    loop {
+        if !args.json {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                session.reset();
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            "/stats" => {
+                match &last {
+                    Some(c) if args.json => println!("{}", serde_json::to_string(&c.stats)?),
+                    Some(c) => eprintln!("{}", stats_line(c)),
+                    None => eprintln!("(no answer yet)"),
+                }
+                continue;
+            }
+            _ => {}
+        }
+        *generating.lock().map_err(|_| anyhow!("poisoned"))? = Some(session.cancel_handle());
+        let result = turn(&session, line, &options, args.json);
+        *generating.lock().map_err(|_| anyhow!("poisoned"))? = None;
+        match result {
+            Ok(c) => last = Some(c),
+            // A bad turn (say, a prompt longer than the context) is reported; the session
+            // goes on.
+            Err(e) => eprintln!("error: {e:#}"),
+        }
+    }
+    Ok(())
+}
+
+/// One user turn: streams the answer (or prints one JSON object) and returns it.
+fn turn(session: &Session, text: &str, options: &GenerateOptions, json: bool) -> Result<Completion> {
+    let input = Input::Chat(vec![ChatMessage { role: "user".into(), content: text.to_string() }]);
+    let mut stdout = std::io::stdout();
+    let c = if json {
+        session.generate(input, options, &mut matformer::NoSink)?
+    } else {
+        let c = session.generate(input, options, &mut |piece: &str| {
+            print!("{piece}");
+            let _ = stdout.flush();
+            SinkControl::Continue
+        })?;
+        println!();
+        c
+    };
+    if json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else if c.finish_reason == matformer::FinishReason::Cancelled {
+        eprintln!("(cancelled)");
+    }
+    for s in &c.stats.switches {
+        if !json {
+            eprintln!("switched {} -> {} at token {} ({:.1} ms): {}", s.from, s.to, s.at_token, s.elapsed_ms, s.reason);
+        }
+    }
+    Ok(c)
+}
+
+/// `[cpu s: 12 prompt tokens (8 cached) ..., finish eos]`.
+pub fn stats_line(c: &Completion) -> String {
+    let s = &c.stats;
+    format!(
+        "[{} {}: {} prompt tokens ({} cached) in {:.1} ms ({:.1} tok/s), first token after {:.1} ms, {} generated ({:.1} tok/s), finish {}]",
+        s.backend,
+        s.submodel,
+        c.usage.prompt_tokens,
+        c.usage.cached_prompt_tokens,
+        s.prefill_ms,
+        s.prefill_tokens_per_s,
+        s.time_to_first_token_ms,
+        c.usage.completion_tokens,
+        s.decode_tokens_per_s,
+        c.finish_reason.name()
+    )
+}

@@ -1,0 +1,279 @@
+//! The plain data of the app API: options, inputs, results and statistics. Every type is owned
+//! (no borrowed data crosses the API), so the FFI layer maps them one to one.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::backend::BackendKind;
+use crate::elastic::DeviceBudget;
+pub use crate::elastic::SwitchMode;
+pub use crate::sampling::SamplingParams;
+pub use crate::tokenizer::ChatMessage;
+
+/// Which backend [`Engine::open`](super::Engine::open) uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// A hardware GPU that passes the start-up self-check against the CPU engine, otherwise
+    /// the CPU engine. Never a software adapter (it runs on the same cores as the CPU engine,
+    /// only slower). [`BackendInfo::reason`] says what was chosen and why.
+    #[default]
+    Auto,
+    /// The CPU engine.
+    Cpu,
+    /// The GPU (any adapter, software ones included), or an error.
+    Gpu,
+}
+
+/// Options of [`Engine::open`](super::Engine::open). `Default`: automatic backend, all cores,
+/// no GPU memory cap, no latency cache, no full verification.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineOptions {
+    /// Which backend to run on.
+    pub backend: BackendChoice,
+    /// Threads of the CPU engine (`None`: every core).
+    pub threads: Option<usize>,
+    /// Cap on the GPU memory the engine allocates, bytes; a session that does not fit steps
+    /// every layer one level down (reported in the stats) instead of failing.
+    pub gpu_memory_limit_bytes: Option<u64>,
+    /// Directory for the per-device latency cost model (created when missing). `None`: no
+    /// cache; a latency target then calibrates on every [`Engine::select`](super::Engine::select).
+    pub cache_dir: Option<PathBuf>,
+    /// Check every segment's CRC at open (reads the whole file once; default off: open reads
+    /// only the header).
+    pub verify: bool,
+}
+
+/// What the engine runs on and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    /// CPU or GPU.
+    pub kind: BackendKind,
+    /// The CPU's instruction sets or the GPU adapter's name and API.
+    pub device: String,
+    /// One sentence: why this backend (self-check result, what was not used and why).
+    pub reason: String,
+}
+
+/// The model's shape, for display.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model family (`"llama"`, `"matlm"`, ...).
+    pub family: String,
+    /// Transformer blocks.
+    pub n_layers: u32,
+    /// Residual stream width.
+    pub d_model: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// Longest context the model supports, tokens.
+    pub max_context: u32,
+    /// Names of the nesting levels present in the file, smallest first.
+    pub level_names: Vec<String>,
+    /// Size of the file, bytes.
+    pub file_bytes: u64,
+    /// Whether the file carries a chat template.
+    pub has_chat_template: bool,
+}
+
+/// Which submodel a session runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubmodelChoice {
+    /// A name: a level (`"s"`, `"xl"`), `"largest"`, per-layer level names (`"s,s,m,l"`) or
+    /// indices (`"0,0,1,3"`).
+    Named(String),
+    /// One level index per layer.
+    Levels(Vec<usize>),
+    /// What [`Engine::select`](super::Engine::select) picks for this budget.
+    Auto(DeviceBudget),
+}
+
+impl Default for SubmodelChoice {
+    fn default() -> Self {
+        SubmodelChoice::Named("largest".into())
+    }
+}
+
+/// Options of [`Engine::session`](super::Engine::session).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionOptions {
+    /// The submodel to start with.
+    pub submodel: SubmodelChoice,
+    /// Most tokens the session holds (prompt, history and answers); `None` or more than the
+    /// model's maximum: the model's maximum.
+    pub context_length: Option<usize>,
+    /// A system message that opens every conversation of this session (chat input).
+    pub system_prompt: Option<String>,
+    /// How a change of submodel in the middle of a conversation treats the KV cache.
+    pub switch_mode: SwitchMode,
+}
+
+/// What to generate from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// Plain text, appended to what the session holds (completion).
+    Text(String),
+    /// The new messages of this chat turn (usually one user message). The session keeps the
+    /// earlier turns and its own answers, renders the whole conversation with the model's
+    /// chat template and prefills only the tokens its cache does not hold yet.
+    Chat(Vec<ChatMessage>),
+}
+
+/// Options of one [`Session::generate`](super::Session::generate) call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How the next token is chosen (default: greedy).
+    pub sampling: SamplingParams,
+    /// Generation stops when the text contains one of these; the stop string is not part of
+    /// the answer and is never streamed.
+    pub stop: Vec<String>,
+    /// Generation stops when one of these tokens is produced (the model's end-of-generation
+    /// tokens always stop it).
+    pub stop_token_ids: Vec<u32>,
+    /// Refuse a prompt that does not fit the session's context (`false`, default) or keep its
+    /// last tokens (`true`, the start of the conversation is dropped).
+    pub truncate_prompt: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            truncate_prompt: false,
+        }
+    }
+}
+
+/// What a [`TokenSink`] wants after a piece of text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SinkControl {
+    /// Keep generating.
+    Continue,
+    /// Stop now (finish reason [`FinishReason::Stop`]).
+    Stop,
+}
+
+/// Receives the answer as it is generated: each piece is complete text (never a split UTF-8
+/// character, never a prefix of a stop string that may still complete).
+pub trait TokenSink: Send {
+    /// A new piece of text.
+    fn on_text(&mut self, piece: &str) -> SinkControl;
+}
+
+impl<F: FnMut(&str) -> SinkControl + Send> TokenSink for F {
+    fn on_text(&mut self, piece: &str) -> SinkControl {
+        self(piece)
+    }
+}
+
+/// A sink that drops the text (the [`Completion`] still holds it).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoSink;
+
+impl TokenSink for NoSink {
+    fn on_text(&mut self, _piece: &str) -> SinkControl {
+        SinkControl::Continue
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    /// A stop string or stop token was produced, or the sink asked to stop.
+    Stop,
+    /// `max_tokens` were generated, or the context is full.
+    Length,
+    /// [`Session::cancel`](super::Session::cancel) was called.
+    Cancelled,
+}
+
+impl FinishReason {
+    /// Lower-case name (`"eos"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Token counts of one call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the whole prompt this turn (conversation so far, rendered).
+    pub prompt_tokens: usize,
+    /// Of those, tokens the cache already held from earlier turns (not prefilled again).
+    pub cached_prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// A change of submodel during a call, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwitchEvent {
+    /// The submodel before.
+    pub from: String,
+    /// The submodel after.
+    pub to: String,
+    /// Why: the budget's plan, a memory-pressure signal, a GPU out-of-memory step-down, or
+    /// an explicit request.
+    pub reason: String,
+    /// Exact (re-prefill) or keep-KV.
+    pub mode: SwitchMode,
+    /// Generated tokens before the switch (0: before the first token).
+    pub at_token: usize,
+    /// Wall time of the switch, re-prefill included, ms.
+    pub elapsed_ms: f64,
+}
+
+/// Timing and elastic behaviour of one call.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// From the call to the first generated token, ms (prefill included).
+    pub time_to_first_token_ms: f64,
+    /// Prefill wall time, ms.
+    pub prefill_ms: f64,
+    /// Decode wall time (every token after the first), ms.
+    pub decode_ms: f64,
+    /// Prompt tokens prefilled per second (tokens taken from the cache excluded).
+    pub prefill_tokens_per_s: f64,
+    /// Tokens decoded per second after the first.
+    pub decode_tokens_per_s: f64,
+    /// The submodel that produced the last token.
+    pub submodel: String,
+    /// `"cpu"` or `"gpu"`.
+    pub backend: String,
+    /// Switches made during the call.
+    pub switches: Vec<SwitchEvent>,
+}
+
+/// The result of [`Session::generate`](super::Session::generate).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The answer (stop string excluded).
+    pub text: String,
+    /// The generated token ids (end-of-generation token included when it ended the call).
+    pub token_ids: Vec<u32>,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timing and switches.
+    pub stats: Stats,
+}

@@ -1,0 +1,328 @@
+//! Matrix products against weight matrices read in place: `x @ W^T` (projections, LM head)
+//! and the down projection `h @ D` (stored transposed, one row per neuron).
+
+use super::dot::*;
+use super::pool::*;
+use crate::cpu::weights::{Matrix, RowData};
+
+/// Rows widened at a time in the batched paths.
+pub(super) const ROW_BLOCK: usize = 8;
+
+/// Rows `[r0, r1)` of `x @ W^T` for `t` inputs: `out[i * ld + (r - r0)] = x[i] . W[r]`;
+/// `xs` is [`prescale`]`(x)` when `t == 1` and it exists.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_rows(
+    x: &[f32],
+    xs: Option<&[f32]>,
+    t: usize,
+    w: &Matrix<'_>,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    let cols = w.cols;
+    if t == 1 {
+        let x = &x[..cols];
+        for (start, rows, data) in w.parts_in(r0, r1) {
+            for k in 0..rows {
+                if let Some(row) = data.get(k * cols, (k + 1) * cols) {
+                    out[start - r0 + k] = dot_row(x, xs, row);
+                }
+            }
+        }
+        return;
+    }
+    let mut wbuf = vec![0.0f32; ROW_BLOCK * cols];
+    for (start, rows, data) in w.parts_in(r0, r1) {
+        let mut b0 = 0;
+        while b0 < rows {
+            let nb = ROW_BLOCK.min(rows - b0);
+            if let Some(block) = data.get(b0 * cols, (b0 + nb) * cols) {
+                block.widen_into(&mut wbuf[..nb * cols]);
+            }
+            let col0 = start - r0 + b0;
+            let mut i = 0;
+            while i + TOKEN_BLOCK <= t {
+                let xs: [&[f32]; TOKEN_BLOCK] = std::array::from_fn(|q| &x[(i + q) * cols..(i + q + 1) * cols]);
+                for (j, wr) in wbuf[..nb * cols].chunks_exact(cols).enumerate() {
+                    let mut acc = [[0.0f32; LANES]; TOKEN_BLOCK];
+                    accumulate_block(&mut acc, xs, wr);
+                    for (ti, a) in acc.iter().enumerate() {
+                        out[(i + ti) * ld + col0 + j] = reduce(a);
+                    }
+                }
+                i += TOKEN_BLOCK;
+            }
+            for ti in i..t {
+                let xr = &x[ti * cols..(ti + 1) * cols];
+                for (j, wr) in wbuf[..nb * cols].chunks_exact(cols).enumerate() {
+                    out[ti * ld + col0 + j] = dot(xr, wr);
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// `out[i, r] = x[i] . W[r]` for `t` inputs of `w.cols` elements: `x` is `[t, cols]`, `out`
+/// is `[t, rows]`. Weight rows are read once for the whole batch.
+pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    debug_assert_eq!(x.len(), t * w.cols, "matmul input");
+    debug_assert_eq!(out.len(), t * w.rows, "matmul output");
+    let n = w.rows;
+    let work = t.saturating_mul(n).saturating_mul(w.cols);
+    let threads = threads_for(work, threads).min(n.div_ceil(ROW_BLOCK).max(1));
+    let f16_rows = w.parts.iter().any(|p| matches!(p.data, RowData::F16(_)));
+    let xs = if t == 1 && f16_rows && !HW_F16 { prescale(x) } else { None };
+    let xs = xs.as_deref();
+    let mut pieces = threads * ITEMS_PER_THREAD;
+    if t == 1 {
+        let elem = match w.parts.first().map(|p| p.data) {
+            Some(RowData::F16(_)) => 2,
+            _ => 4,
+        };
+        pieces = pieces.max(n.saturating_mul(w.cols).saturating_mul(elem) / ITEM_BYTES);
+    }
+    par_columns(out, t, n, threads, pieces, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, xs, t, w, s, e, chunk, ld));
+}
+
+/// [`matmul`] of one input against several matrices of the same width (`outs[i] = x @ W_i^T`):
+/// a decode step's q, k and v projections, or its FFN gate and up. With one input the rows of
+/// all the matrices are shared among the threads in one hand-off, so small products (k and v:
+/// 512 x 2048 on the 1B model, below [`PAR_MIN_WORK`] alone) run on every thread and the step
+/// waits for the workers once instead of once per matrix. Each output row is the same
+/// [`dot_row`] as in [`matmul`], so the results are bitwise those of separate calls. With
+/// several inputs (prefill, compute-bound) it is separate [`matmul`] calls.
+pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mut [f32])], threads: usize) {
+    let cols = products.first().map_or(0, |(w, _)| w.cols);
+    if t != 1 || products.iter().any(|(w, _)| w.cols != cols) {
+        for (w, out) in products.iter_mut() {
+            matmul(x, t, w, out, threads);
+        }
+        return;
+    }
+    let x = &x[..cols.min(x.len())];
+    let rows: usize = products.iter().map(|(w, _)| w.rows).sum();
+    let threads = threads_for(rows.saturating_mul(cols), threads).min(rows.div_ceil(ROW_BLOCK).max(1));
+    let f16_rows = products.iter().any(|(w, _)| w.parts.iter().any(|p| matches!(p.data, RowData::F16(_))));
+    let xs = if f16_rows && !HW_F16 { prescale(x) } else { None };
+    let xs = xs.as_deref();
+    // Items of about ITEM_BYTES of weights (f16 counted as 2 bytes per element, f32 as 4), at
+    // least ITEMS_PER_THREAD per thread over all the matrices, each within one matrix.
+    let bytes: usize = products
+        .iter()
+        .map(|(w, _)| {
+            let elem = if w.parts.iter().any(|p| matches!(p.data, RowData::F32(_))) { 4 } else { 2 };
+            w.rows.saturating_mul(w.cols).saturating_mul(elem)
+        })
+        .sum();
+    let item_rows = (rows.saturating_mul(ITEM_BYTES) / bytes.max(1))
+        .min(rows.div_ceil(threads * ITEMS_PER_THREAD))
+        .div_ceil(ROW_BLOCK)
+        .max(1)
+        * ROW_BLOCK;
+    let mut items = Vec::new();
+    for (w, out) in products.iter_mut() {
+        let w: &Matrix<'_> = w;
+        let mut rest: &mut [f32] = &mut out[..w.rows];
+        let mut s = 0;
+        while s < w.rows {
+            let e = (s + item_rows).min(w.rows);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(e - s);
+            rest = tail;
+            items.push((w, s, e, chunk));
+            s = e;
+        }
+    }
+    run_dynamic(items, threads, |(w, s, e, chunk)| matmul_rows(x, xs, 1, w, s, e, chunk, e - s));
+}
+
+/// Neurons per partial sum of the down projection. Fixed (not derived from the thread count
+/// or the width) so that every output is the same sequence of operations whatever the batch,
+/// the threads or the submodel: `out = ((p_0 + p_1) + p_2) + ...` where `p_g` sums neurons
+/// `[g * DOWN_GROUP, (g + 1) * DOWN_GROUP)` in increasing order.
+pub(super) const DOWN_GROUP: usize = 256;
+/// Up to this many inputs the down projection splits neuron groups across threads (each
+/// thread reads only its own weight rows); beyond it, it splits the inputs (compute-bound).
+pub(super) const DOWN_SPLIT_GROUPS_MAX_T: usize = 8;
+
+/// `out[i] = sum_{r in [r0, r1)} h[i, r] * D[r]` for `t` inputs (`h` is `[t, hw]`, `out` is
+/// `[t, D.cols]`, zero on entry), `r` increasing.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn down_rows(
+    h: &[f32],
+    hw: usize,
+    t: usize,
+    d: &Matrix<'_>,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    wbuf: &mut Vec<f32>,
+) {
+    let n = d.cols;
+    if t == 1 {
+        if down_one_fast(&h[..hw.min(h.len())], d, r0, r1, out) {
+            return;
+        }
+        // A weight is infinite or NaN: start again from zero with exactly widened weights.
+        out.fill(0.0);
+        // Four rows at a time, widened CONVERT_CHUNK columns at a time (the pieces and the
+        // output chunk stay in L1).
+        let chunk = CONVERT_CHUNK.min(n).max(1);
+        wbuf.resize(4 * chunk, 0.0);
+        for (start, rows, data) in d.parts_in(r0, r1) {
+            let hrow = &h[start..start + rows];
+            let mut j = 0;
+            while j + 4 <= rows {
+                let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
+                let mut c0 = 0;
+                while c0 < n {
+                    let c1 = c0 + chunk.min(n - c0);
+                    let m = c1 - c0;
+                    for (q, b) in wbuf.chunks_exact_mut(chunk).enumerate() {
+                        let base = (j + q) * n;
+                        if let Some(piece) = data.get(base + c0, base + c1) {
+                            piece.widen_into(&mut b[..m]);
+                        }
+                    }
+                    let b = |q: usize| &wbuf[q * chunk..q * chunk + m];
+                    axpy4(&mut out[c0..c1], a, [b(0), b(1), b(2), b(3)]);
+                    c0 = c1;
+                }
+                j += 4;
+            }
+            for (j, &a) in hrow.iter().enumerate().skip(j) {
+                let mut c0 = 0;
+                while c0 < n {
+                    let c1 = c0 + chunk.min(n - c0);
+                    if let Some(piece) = data.get(j * n + c0, j * n + c1) {
+                        piece.widen_into(&mut wbuf[..c1 - c0]);
+                    }
+                    axpy(&mut out[c0..c1], a, &wbuf[..c1 - c0]);
+                    c0 = c1;
+                }
+            }
+        }
+        return;
+    }
+    wbuf.resize(ROW_BLOCK * n, 0.0);
+    for (start, rows, data) in d.parts_in(r0, r1) {
+        let mut b0 = 0;
+        while b0 < rows {
+            let nb = ROW_BLOCK.min(rows - b0);
+            if let Some(rows_data) = data.get(b0 * n, (b0 + nb) * n) {
+                rows_data.widen_into(&mut wbuf[..nb * n]);
+            }
+            for (i, o) in out.chunks_exact_mut(n).take(t).enumerate() {
+                let hrow = &h[i * hw + start + b0..i * hw + start + b0 + nb];
+                let mut j = 0;
+                while j + 4 <= nb {
+                    let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
+                    let wr = |q: usize| &wbuf[(j + q) * n..(j + q + 1) * n];
+                    axpy4(o, a, [wr(0), wr(1), wr(2), wr(3)]);
+                    j += 4;
+                }
+                for j in j..nb {
+                    axpy(o, hrow[j], &wbuf[j * n..(j + 1) * n]);
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// Rows of the down projection added per pass over the output in the one-input path: the
+/// output chunk is loaded and stored once per `DOWN_ROWS` rows instead of once per row, and
+/// the rows are read straight from the mapping (`DOWN_ROWS` sequential streams).
+pub(super) const DOWN_ROWS: usize = 8;
+
+/// The one-input down projection over rows `[r0, r1)` (`out += sum_r h[r] * D[r]`, `out`
+/// zero on entry), reading f16 rows in place, [`DOWN_ROWS`] at a time; the same operations
+/// in the same order as the exact path of [`down_rows`]. Returns `false` when a weight is
+/// infinite or NaN (then `out` holds garbage and the caller recomputes it exactly).
+pub(super) fn down_one_fast(h: &[f32], d: &Matrix<'_>, r0: usize, r1: usize, out: &mut [f32]) -> bool {
+    let n = d.cols;
+    for (start, rows, data) in d.parts_in(r0, r1) {
+        let hrow = &h[start..start + rows];
+        match data {
+            RowData::F32(w) => {
+                let mut j = 0;
+                while j + 4 <= rows {
+                    let a = [hrow[j], hrow[j + 1], hrow[j + 2], hrow[j + 3]];
+                    let r = |q: usize| &w[(j + q) * n..(j + q + 1) * n];
+                    axpy4(out, a, [r(0), r(1), r(2), r(3)]);
+                    j += 4;
+                }
+                for (j, &a) in hrow.iter().enumerate().skip(j) {
+                    axpy(out, a, &w[j * n..(j + 1) * n]);
+                }
+            }
+            RowData::F16(w) => {
+                let mut j = 0;
+                while j < rows {
+                    let (step, finite) = match rows - j {
+                        left if left >= DOWN_ROWS => {
+                            (DOWN_ROWS, axpy_rows_f16::<DOWN_ROWS>(out, &hrow[j..], &w[j * n..]))
+                        }
+                        left if left >= 4 => (4, axpy_rows_f16::<4>(out, &hrow[j..], &w[j * n..])),
+                        _ => (1, axpy_rows_f16::<1>(out, &hrow[j..], &w[j * n..])),
+                    };
+                    if !finite {
+                        return false;
+                    }
+                    j += step;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// `out = h @ D` for `t` inputs: `h` is `[t, d.rows]`, `D` is `[d.rows, d.cols]` stored by
+/// rows (the transposed down projection: one contiguous row per neuron), `out` is
+/// `[t, d.cols]`. Summation order: see [`DOWN_GROUP`].
+pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    debug_assert_eq!(h.len(), t * d.rows, "matmul_down input");
+    debug_assert_eq!(out.len(), t * d.cols, "matmul_down output");
+    let (rows, n, hw) = (d.rows, d.cols, d.rows);
+    let n_groups = rows.div_ceil(DOWN_GROUP).max(1);
+    let group = |g: usize| (g * DOWN_GROUP, ((g + 1) * DOWN_GROUP).min(rows));
+    let threads = threads_for(t.saturating_mul(rows).saturating_mul(n), threads);
+    if t > DOWN_SPLIT_GROUPS_MAX_T || n_groups == 1 || threads == 1 {
+        // Each thread: a range of inputs, every group in order.
+        // Every item reads all the weights: as few items as threads.
+        par_slabs(out, n, threads.min(t), threads.min(t), |t0, slab| {
+            let tt = slab.len() / n.max(1);
+            let hs = &h[t0 * hw..(t0 + tt) * hw];
+            let mut p = vec![0.0f32; if n_groups > 1 { tt * n } else { 0 }];
+            let mut wbuf = Vec::new();
+            for g in 0..n_groups {
+                let (r0, r1) = group(g);
+                if g == 0 {
+                    slab.fill(0.0);
+                    down_rows(hs, hw, tt, d, r0, r1, slab, &mut wbuf);
+                } else {
+                    p.fill(0.0);
+                    down_rows(hs, hw, tt, d, r0, r1, &mut p, &mut wbuf);
+                    add_assign(slab, &p);
+                }
+            }
+        });
+        return;
+    }
+    // Few inputs: each thread sums its own groups (reading only its weight rows), then the
+    // partial sums are added in group order.
+    let mut partials = vec![0.0f32; n_groups * t * n];
+    par_slabs(&mut partials, t * n, threads.min(n_groups), n_groups, |g0, slab| {
+        let mut wbuf = Vec::new();
+        for (k, p) in slab.chunks_exact_mut(t * n).enumerate() {
+            let (r0, r1) = group(g0 + k);
+            down_rows(h, hw, t, d, r0, r1, p, &mut wbuf);
+        }
+    });
+    out.copy_from_slice(&partials[..t * n]);
+    for p in partials.chunks_exact(t * n).skip(1) {
+        add_assign(out, p);
+    }
+}

@@ -1,0 +1,138 @@
+//! Micro-benchmarks (ignored): `cargo test -p matformer --release --lib speed -- --ignored --nocapture`.
+
+use std::time::Instant;
+
+use half::f16;
+
+use super::matmul::*;
+use crate::cpu::weights::{Matrix, Part, RowData};
+
+fn bench(name: &str, bytes: usize, mut f: impl FnMut()) {
+    f();
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    eprintln!("{name:>40}: {:8.3} ms  {:6.2} GB/s", best * 1e3, bytes as f64 / best / 1e9);
+}
+
+#[test]
+#[ignore = "benchmark"]
+fn kernel_speed() {
+    let (rows, cols) = (32768usize, 2048usize);
+    let w16: Vec<f16> = (0..rows * cols).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+    let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+    let m16 = Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F16(&w16) }] };
+    let m32 = Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F32(&w32) }] };
+    let x: Vec<f32> = (0..cols * 64).map(|i| (i % 13) as f32 / 13.0).collect();
+    let h: Vec<f32> = (0..rows * 64).map(|i| (i % 11) as f32 / 11.0).collect();
+    let mut out = vec![0.0f32; rows * 64];
+    let mut out2 = vec![0.0f32; cols * 64];
+    bench("widen f16 rows (half)", rows * cols * 2, || {
+        let mut buf = vec![0.0f32; cols];
+        for r in w16.chunks_exact(cols) {
+            half::slice::HalfFloatSliceExt::convert_to_f32_slice(r, &mut buf);
+            std::hint::black_box(&buf);
+        }
+    });
+    bench("widen f16 rows (widen_f16)", rows * cols * 2, || {
+        let mut buf = vec![0.0f32; cols];
+        for r in w16.chunks_exact(cols) {
+            for (o, h) in buf.iter_mut().zip(r) {
+                *o = super::super::weights::widen_f16(h.to_bits());
+            }
+            std::hint::black_box(&buf);
+        }
+    });
+    // Small products, as in a decode step (k and v projections: 512 x 2048): the cost of
+    // handing work to other threads shows here.
+    let small = Matrix {
+        rows: 512,
+        cols,
+        parts: vec![Part { first_row: 0, rows: 512, data: RowData::F16(&w16[..512 * cols]) }],
+    };
+    for threads in [1, 2] {
+        bench(&format!("gemv f16 512x{cols} x64 th={threads}"), 64 * 512 * cols * 2, || {
+            for _ in 0..64 {
+                matmul(&x[..cols], 1, &small, &mut out[..512], threads);
+            }
+        });
+    }
+    // The 1B model's FFN at full width (`ffn_up`: 8192 x 2048, `ffn_down_t`: 8192 neurons
+    // x 2048): four different 8192-row slices per run, so that no run reads from the
+    // last-level cache what the previous one left there.
+    let slices: Vec<Matrix<'_>> = w16
+        .chunks_exact(8192 * cols)
+        .map(|s| Matrix { rows: 8192, cols, parts: vec![Part { first_row: 0, rows: 8192, data: RowData::F16(s) }] })
+        .collect();
+    for threads in [1, 2] {
+        bench(&format!("gemv f16 8192x{cols} x4 th={threads}"), rows * cols * 2, || {
+            for m in &slices {
+                matmul(&x[..cols], 1, m, &mut out[..8192], threads);
+            }
+        });
+        bench(&format!("down f16 8192x{cols} x4 th={threads}"), rows * cols * 2, || {
+            for m in &slices {
+                matmul_down(&h[..8192], 1, m, &mut out2[..cols], threads);
+            }
+        });
+    }
+    // A decode step's q, k and v products (2048, 512 and 512 rows) on ten distinct sets of
+    // weights: one hand-off for the three (`matmul_many`) against three calls.
+    let sets: Vec<[Matrix<'_>; 3]> = w16
+        .chunks_exact(3072 * cols)
+        .map(|s| {
+            let m = |a: usize, b: usize| Matrix {
+                rows: b - a,
+                cols,
+                parts: vec![Part { first_row: 0, rows: b - a, data: RowData::F16(&s[a * cols..b * cols]) }],
+            };
+            [m(0, 2048), m(2048, 2560), m(2560, 3072)]
+        })
+        .collect();
+    let qkv_bytes = sets.len() * 3072 * cols * 2;
+    for round in 0..2 {
+        bench(&format!("qkv 3 calls th=2 ({round})"), qkv_bytes, || {
+            for [q, k, v] in &sets {
+                matmul(&x[..cols], 1, q, &mut out[..2048], 2);
+                matmul(&x[..cols], 1, k, &mut out[2048..2560], 2);
+                matmul(&x[..cols], 1, v, &mut out[2560..3072], 2);
+            }
+        });
+        bench(&format!("qkv matmul_many th=2 ({round})"), qkv_bytes, || {
+            for [q, k, v] in &sets {
+                let (oq, rest) = out[..3072].split_at_mut(2048);
+                let (ok, ov) = rest.split_at_mut(512);
+                matmul_many(&x[..cols], 1, &mut [(q, oq), (k, ok), (v, ov)], 2);
+            }
+        });
+    }
+    for threads in [1, 2] {
+        bench(&format!("gemv f16 t=1 th={threads}"), rows * cols * 2, || {
+            matmul(&x[..cols], 1, &m16, &mut out[..rows], threads)
+        });
+        bench(&format!("gemv f32 t=1 th={threads}"), rows * cols * 4, || {
+            matmul(&x[..cols], 1, &m32, &mut out[..rows], threads)
+        });
+        bench(&format!("down f16 t=1 th={threads}"), rows * cols * 2, || {
+            matmul_down(&h[..rows], 1, &m16, &mut out2[..cols], threads)
+        });
+        let flops = rows * cols * 2 * 64;
+        let t = Instant::now();
+        matmul(&x, 64, &m16, &mut out, threads);
+        eprintln!(
+            "{:>40}: {:.2} GFLOP/s",
+            format!("matmul f16 t=64 th={threads}"),
+            flops as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+        let t = Instant::now();
+        matmul_down(&h, 64, &m16, &mut out2, threads);
+        eprintln!(
+            "{:>40}: {:.2} GFLOP/s",
+            format!("down f16 t=64 th={threads}"),
+            flops as f64 / t.elapsed().as_secs_f64() / 1e9
+        );
+    }
+}

@@ -1,0 +1,719 @@
+//! [`GpuSession`]: one submodel's generation state on the GPU (KV cache, activations, dispatch
+//! plan), its passes (one command encoder and one submit each) and what they read back: the
+//! argmax (4 bytes), sampling candidates (`8k + 4` bytes) or logits.
+//!
+//! A pass over `t` tokens (`t = 1` for decode) is recorded into one command encoder from a
+//! plan built once per session; only a 16-byte step uniform (`pos0`, `t`) and the token ids
+//! are written per pass.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::device::map_read;
+use super::engine::{widths_of, Inner, StepCounters};
+use super::ffn_store::LayerFfn;
+use super::ops::{
+    split_partial_floats, ArgmaxParams, AttentionParams, Kernel, PipeKey, RopeParams, StepParams, TopkParams,
+};
+use super::plan::{plan_shared, record, Dispatch, Grid, Item, Plan, Planner};
+use super::weights::{pad8, zeroed};
+use super::GpuError;
+use crate::sampling::{Candidates, LogitTransform, Sampler, MAX_CANDIDATES};
+use crate::Submodel;
+
+/// Session buffers.
+#[derive(Debug)]
+struct Buffers {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    argmax: wgpu::Buffer,
+    argmax_staging: wgpu::Buffer,
+    /// Rows of the activation buffers (tokens per pass).
+    t_max: usize,
+    /// Padded row length of the logits.
+    sv: usize,
+}
+
+/// A generation session on the GPU: one submodel, its FFN weight prefixes, a GPU-resident KV
+/// cache (`f32`) and position. `Send`.
+pub struct GpuSession {
+    inner: Arc<Inner>,
+    submodel: Submodel,
+    bufs: Buffers,
+    plan: Plan,
+    tail_last: Vec<Item>,
+    tail_all: Vec<Item>,
+    pos: usize,
+    counters: StepCounters,
+    kv_bytes: u64,
+    /// Activation buffers and KV cache (kept across switches).
+    acts: Acts,
+    /// The FFN layers the plan reads (held so the store may trim without breaking the plan).
+    ffn: Vec<Arc<LayerFfn>>,
+    /// Bytes counted in `Inner::session_bytes` for this session.
+    alloc_bytes: u64,
+    /// The candidate tail, created by the first candidates call.
+    sampling: Option<SamplingBufs>,
+}
+
+/// Buffers and tail of [`GpuSession::decode_candidates`]: the last token's logits, then
+/// `topk.wgsl` (penalties in place, top-k, log-sum-exp), then a copy of its output to
+/// `staging`.
+#[derive(Debug)]
+struct SamplingBufs {
+    params: wgpu::Buffer,
+    /// `(token, count)` pairs, room for one per vocabulary entry.
+    pen: wgpu::Buffer,
+    /// `MAX_CANDIDATES` pairs and the log-sum-exp.
+    out: wgpu::Buffer,
+    staging: wgpu::Buffer,
+    tail: Vec<Item>,
+}
+
+impl Drop for GpuSession {
+    fn drop(&mut self) {
+        self.inner.session_bytes.fetch_sub(self.alloc_bytes, Ordering::Relaxed);
+    }
+}
+
+/// Bytes counted in `Inner::session_bytes` while a session is being created: given back if
+/// creation fails.
+struct Reservation<'a> {
+    counter: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// What [`GpuSession::switch_to`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GpuSwitch {
+    /// FFN weight bytes uploaded from the mapping (the rows the engine's store lacked; 0 for a
+    /// downshift).
+    pub uploaded_bytes: u64,
+    /// Time spent uploading, ms.
+    pub upload_ms: f64,
+    /// Whole switch (upload and plan rebuild, not the re-prefill), ms.
+    pub total_ms: f64,
+    /// `true` when the submodel did not change and the KV cache was kept.
+    pub cache_kept: bool,
+}
+
+/// Session activation buffers, KV cache and submodel-independent uniforms.
+#[derive(Debug)]
+pub(super) struct Acts {
+    pub(super) x: wgpu::Buffer,
+    pub(super) xn: wgpu::Buffer,
+    /// q, k and v of each token in one row of `sqkv` floats: q at 0, k at `sq`, v at
+    /// `sq + skv`.
+    pub(super) qkv: wgpu::Buffer,
+    pub(super) att: wgpu::Buffer,
+    pub(super) up: wgpu::Buffer,
+    pub(super) gate: wgpu::Buffer,
+    pub(super) scores: wgpu::Buffer,
+    /// Partial sums of the split transposed GEMV (binding 5 of every matrix product).
+    pub(super) partials: wgpu::Buffer,
+    pub(super) caches: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    pub(super) rope: wgpu::Buffer,
+    pub(super) attn_params: wgpu::Buffer,
+    pub(super) sd: usize,
+    pub(super) sq: usize,
+    /// `sq + 2 * pad8(kv_dim)`.
+    pub(super) sqkv: usize,
+    pub(super) sw: usize,
+}
+
+impl fmt::Debug for GpuSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuSession")
+            .field("submodel", &self.submodel.levels)
+            .field("position", &self.pos)
+            .field("counters", &self.counters)
+            .finish()
+    }
+}
+
+/// Which logits a pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    None,
+    /// Last token's logits into logits row 0, then its argmax.
+    Last,
+    /// Last token's logits into logits row 0, then the sampling candidates (`k` of them).
+    Candidates(usize),
+    /// Every token's logits.
+    All,
+}
+
+impl GpuSession {
+    pub(super) fn new(inner: Arc<Inner>, submodel: &Submodel) -> Result<GpuSession, GpuError> {
+        let model = Arc::clone(&inner.model);
+        let meta = model.metadata();
+        submodel.validate(meta, model.view().available_levels)?;
+        let widths = widths_of(&model, submodel);
+        let i = &*inner;
+        let dm = &i.dims;
+        let gpu = &i.gpu;
+        // Activations and caches use the device limit; `max_binding` caps weight chunks.
+        let limit = gpu.max_binding();
+        let (sd, sq, skv) = (pad8(dm.d), pad8(dm.q_dim), pad8(dm.kv_dim));
+        // FFN activations are sized for the widest level so that any later switch fits.
+        let sw = pad8(i.max_ffn_width);
+        let sv = pad8(dm.vocab);
+        let sqkv = sq + 2 * skv;
+
+        // Tokens per pass: the prefill chunk, reduced until every activation buffer fits.
+        let row_max = [sd, sqkv, sw, sv, dm.n_heads * dm.ctx].into_iter().max().unwrap_or(1) as u64 * 4;
+        let t_max = (i.prefill_chunk as u64).min(limit / row_max).max(1) as usize;
+        if row_max > limit {
+            return Err(GpuError::BufferTooLarge { what: "one token's activations".into(), bytes: row_max, limit });
+        }
+        let f = 4u64;
+        let t = t_max as u64;
+        let gate_rows = if dm.gated { sw } else { 0 };
+        let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * dm.ctx + sv;
+        let kv_bytes = 2 * dm.n_layers as u64 * (dm.ctx * skv) as u64 * f;
+        // Transposed products (the FFN down projection) have `d_model` output columns.
+        let partials_floats = split_partial_floats(sd / 8);
+        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
+        i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
+        // Counted from here on (so the FFN upload below sees it); given back on early return.
+        i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
+        let reservation = Reservation { counter: &i.session_bytes, bytes: alloc_bytes };
+
+        // FFN weight prefixes: only the rows of this submodel's levels the store lacks.
+        let (ffn, _uploaded) = i.ensure_ffn(&widths)?;
+
+        use wgpu::BufferUsages as U;
+        let act = U::STORAGE | U::COPY_SRC | U::COPY_DST;
+        let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
+        let step = buf("step", 16, U::UNIFORM | U::COPY_DST)?;
+        let tokens = buf("tokens", t * 4, U::STORAGE | U::COPY_DST)?;
+        let logits = buf("logits", t * sv as u64 * f, act)?;
+        let argmax = buf("argmax", 16, act)?;
+        let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
+        let mut caches = Vec::with_capacity(dm.n_layers);
+        for li in 0..dm.n_layers {
+            let bytes = (dm.ctx * skv) as u64 * f;
+            caches.push((
+                buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
+                buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
+            ));
+        }
+        let partials = buf("split gemv partials", partials_floats as u64 * f, U::STORAGE)?;
+        let p = Planner { inner: i, step: &step, partials: &partials };
+        let half = dm.head_dim / 2;
+        let acts = Acts {
+            x: buf("x", t * sd as u64 * f, act)?,
+            xn: buf("xn", t * sd as u64 * f, act)?,
+            qkv: buf("qkv", t * sqkv as u64 * f, act)?,
+            att: buf("att", t * sq as u64 * f, act)?,
+            up: buf("ffn up", t * sw as u64 * f, act)?,
+            gate: buf("ffn gate", if dm.gated { t * sw as u64 * f } else { 16 }, act)?,
+            scores: buf("scores", t * (dm.n_heads * dm.ctx) as u64 * f, act)?,
+            partials: partials.clone(),
+            caches,
+            rope: p.uniform(
+                "rope params",
+                &RopeParams {
+                    n_heads: dm.n_heads as u32,
+                    n_kv_heads: dm.n_kv_heads as u32,
+                    head_dim: dm.head_dim as u32,
+                    half: half as u32,
+                    q_stride: sqkv as u32,
+                    kv_stride: skv as u32,
+                    sin_offset: (dm.ctx * half) as u32,
+                    k_offset: sq as u32,
+                    v_offset: (sq + skv) as u32,
+                    _pad: [0; 3],
+                },
+            )?,
+            attn_params: p.uniform(
+                "attention params",
+                &AttentionParams {
+                    n_heads: dm.n_heads as u32,
+                    group: (dm.n_heads / dm.n_kv_heads) as u32,
+                    head_dim: dm.head_dim as u32,
+                    q_stride: sqkv as u32,
+                    kv_stride: skv as u32,
+                    out_stride: sq as u32,
+                    ctx: dm.ctx as u32,
+                    scale: 1.0 / (dm.head_dim as f32).sqrt(),
+                },
+            )?,
+            sd,
+            sq,
+            sqkv,
+            sw,
+        };
+        let (embed, attn) = plan_shared(&p, &tokens, &acts)?;
+        let mut plan = Plan { embed, attn, ffn: Vec::new(), cache: HashMap::new() };
+        plan.set_ffn(&p, &acts, &ffn, &widths)?;
+
+        let head = i.head.as_ref().unwrap_or(&i.embed);
+        let (x, xn) = (&acts.x, &acts.xn);
+        let mut tail_last = vec![p.norm(&i.final_norm, x, xn, sd, true)?];
+        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_last)?;
+        let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, _pad: [0; 3] })?;
+        let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
+        let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
+        tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
+        let mut tail_all = vec![p.norm(&i.final_norm, x, xn, sd, false)?];
+        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_all)?;
+
+        gpu.take_uncaptured("creating a session")?;
+        // The session's `Drop` gives the bytes back from now on.
+        std::mem::forget(reservation);
+        Ok(GpuSession {
+            inner: Arc::clone(&inner),
+            submodel: submodel.clone(),
+            bufs: Buffers { step, tokens, logits, argmax, argmax_staging, t_max, sv },
+            acts,
+            ffn,
+            plan,
+            tail_last,
+            tail_all,
+            pos: 0,
+            counters: StepCounters::default(),
+            kv_bytes,
+            alloc_bytes,
+            sampling: None,
+        })
+    }
+
+    /// Switches this session to `submodel` without reloading anything: the FFN rows the
+    /// engine's store lacks are uploaded (only those: a downshift uploads nothing and copies
+    /// nothing), the dispatch plan is rebuilt for the new widths, and the session's buffers
+    /// (KV cache, activations) are kept. The KV cache is emptied (its keys and values depend on
+    /// the FFN widths of earlier layers), so the caller re-prefills the history to continue
+    /// exactly as `submodel` would; [`ElasticSession`](crate::elastic::ElasticSession) does.
+    /// Switching to the current submodel changes nothing and keeps the cache.
+    ///
+    /// On error (a level not in the file, [`GpuError::OutOfMemory`]) the session is unchanged.
+    pub fn switch_to(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
+        let started = Instant::now();
+        let inner = Arc::clone(&self.inner);
+        let model = &inner.model;
+        submodel.validate(model.metadata(), model.view().available_levels)?;
+        if *submodel == self.submodel {
+            return Ok(GpuSwitch { cache_kept: true, ..GpuSwitch::default() });
+        }
+        let widths = widths_of(model, submodel);
+        let (ffn, uploaded_bytes) = inner.ensure_ffn(&widths)?;
+        let upload_ms = started.elapsed().as_secs_f64() * 1e3;
+        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
+        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        inner.gpu.take_uncaptured("switching submodel")?;
+        self.ffn = ffn;
+        self.submodel = submodel.clone();
+        self.pos = 0;
+        Ok(GpuSwitch { uploaded_bytes, upload_ms, total_ms: started.elapsed().as_secs_f64() * 1e3, cache_kept: false })
+    }
+
+    /// [`switch_to`](Self::switch_to) that keeps the KV cache and position: later tokens run
+    /// `submodel` over the keys and values the previous submodel wrote (the keep-KV switch,
+    /// no re-prefill). On error the session is unchanged.
+    pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
+        let pos = self.pos;
+        let mut sw = self.switch_to(submodel)?;
+        self.pos = pos;
+        sw.cache_kept = true;
+        Ok(sw)
+    }
+
+    /// Re-reads this session's FFN layers from the engine's store (after
+    /// [`GpuEngine::trim_ffn`]) so that it stops holding GPU buffers the store released.
+    /// The weights are the same rows, so the KV cache and position are kept. Uploads only if
+    /// the store was trimmed below this session's widths.
+    pub fn rebind(&mut self) -> Result<u64, GpuError> {
+        let inner = Arc::clone(&self.inner);
+        let widths = widths_of(&inner.model, &self.submodel);
+        let (ffn, uploaded) = inner.ensure_ffn(&widths)?;
+        let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
+        self.plan.cache.clear();
+        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        self.ffn = ffn;
+        Ok(uploaded)
+    }
+
+    /// The submodel this session runs.
+    pub fn submodel(&self) -> &Submodel {
+        &self.submodel
+    }
+
+    /// Tokens in the KV cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The context window: the KV cache holds at most this many tokens.
+    pub fn max_context(&self) -> usize {
+        self.inner.dims.ctx
+    }
+
+    /// Vocabulary size (length of a logits vector).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.dims.vocab
+    }
+
+    /// Bytes of this session's FFN weight prefixes on the GPU.
+    pub fn ffn_weight_bytes(&self) -> u64 {
+        self.plan.ffn_bytes()
+    }
+
+    /// Bytes of the GPU KV cache (allocated for the whole context window).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv_bytes
+    }
+
+    /// GPU work done so far (cumulative; see [`GpuSession::reset_counters`]).
+    pub fn counters(&self) -> StepCounters {
+        self.counters
+    }
+
+    /// Zeroes the counters.
+    pub fn reset_counters(&mut self) {
+        self.counters = StepCounters::default();
+    }
+
+    /// Empties the KV cache.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Forgets every token from `position` on (no-op if `position >= self.position()`).
+    pub fn truncate(&mut self, position: usize) {
+        self.pos = self.pos.min(position);
+    }
+
+    /// Appends `tokens` (batched passes of up to the prefill chunk) and returns the argmax of
+    /// the last token's logits (the greedy next token). One submit per chunk and one 4-byte
+    /// readback in all.
+    pub fn prefill(&mut self, tokens: &[u32]) -> Result<u32, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::EmptyInput { what: "prefill" });
+        }
+        self.run(tokens, Tail::Last)?;
+        self.read_argmax()
+    }
+
+    /// Appends one token and returns the argmax of its logits: the whole step is recorded in
+    /// one command encoder, with one submit and one 4-byte readback.
+    pub fn decode(&mut self, token: u32) -> Result<u32, GpuError> {
+        self.run(&[token], Tail::Last)?;
+        self.read_argmax()
+    }
+
+    /// Like [`GpuSession::prefill`] but returns the last token's logits (`vocab_size`
+    /// values; reads them back: for tests and sampling).
+    pub fn prefill_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::EmptyInput { what: "prefill" });
+        }
+        self.run(tokens, Tail::Last)?;
+        self.read_logits(1)
+    }
+
+    /// Like [`GpuSession::decode`] but returns the token's logits (`vocab_size` values).
+    pub fn decode_logits(&mut self, token: u32) -> Result<Vec<f32>, GpuError> {
+        self.run(&[token], Tail::Last)?;
+        self.read_logits(1)
+    }
+
+    /// Like [`GpuSession::prefill`], but returns sampling candidates of the last token's
+    /// logits instead of their argmax: on the device the logits get `transform`'s penalties
+    /// (in place), then the `k` largest processed logits (ties to the lowest id; `k` at most
+    /// [`MAX_CANDIDATES`], clamped to the vocabulary) come back with the log-sum-exp of
+    /// `v / transform.temperature` over the whole vocabulary, for
+    /// [`Sampler::sample_from_candidates`]. One submit per chunk and one readback of
+    /// `8k + 4` bytes in all; the pairs are in id order.
+    pub fn prefill_candidates(
+        &mut self,
+        tokens: &[u32],
+        k: usize,
+        transform: &LogitTransform<'_>,
+    ) -> Result<Candidates, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::EmptyInput { what: "prefill" });
+        }
+        self.validate(tokens)?;
+        let k = self.prepare_candidates(k, transform)?;
+        self.run(tokens, Tail::Candidates(k))?;
+        self.read_candidates(k)
+    }
+
+    /// Like [`GpuSession::decode`], but returns sampling candidates as
+    /// [`GpuSession::prefill_candidates`]: one submit and one `8k + 4`-byte readback.
+    pub fn decode_candidates(
+        &mut self,
+        token: u32,
+        k: usize,
+        transform: &LogitTransform<'_>,
+    ) -> Result<Candidates, GpuError> {
+        self.validate(&[token])?;
+        let k = self.prepare_candidates(k, transform)?;
+        self.run(&[token], Tail::Candidates(k))?;
+        self.read_candidates(k)
+    }
+
+    /// The last token's logits (`vocab_size` values) as the latest pass left them: after a
+    /// candidates call, with its transform's penalties applied (what
+    /// [`Sampler::sample_processed_logits`] takes when the candidates did not decide).
+    pub fn processed_logits(&mut self) -> Result<Vec<f32>, GpuError> {
+        self.read_logits(1)
+    }
+
+    /// Appends `tokens` and chooses the next token with `sampler`: greedy without penalties
+    /// runs [`GpuSession::prefill`] (a 4-byte readback); otherwise
+    /// [`GpuSession::prefill_candidates`] with [`Sampler::candidate_count`] candidates, and
+    /// the processed logits are read back only when the candidates do not decide. The same
+    /// seed gives the tokens [`Sampler::sample_logits`] gives on the CPU engine's logits
+    /// wherever the logits agree. The caller tells `sampler` the tokens
+    /// ([`Sampler::observe`]).
+    pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, GpuError> {
+        let p = sampler.params();
+        if p.is_greedy() && !p.has_penalties() {
+            return self.prefill(tokens);
+        }
+        let c = self.prefill_candidates(tokens, sampler.candidate_count(), &sampler.logit_transform())?;
+        self.finish_sample(&c, sampler)
+    }
+
+    /// [`GpuSession::prefill_sample`] for one token: one submit and one readback per step
+    /// unless the candidates do not decide.
+    pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, GpuError> {
+        let p = sampler.params();
+        if p.is_greedy() && !p.has_penalties() {
+            return self.decode(token);
+        }
+        let c = self.decode_candidates(token, sampler.candidate_count(), &sampler.logit_transform())?;
+        self.finish_sample(&c, sampler)
+    }
+
+    fn finish_sample(&mut self, c: &Candidates, sampler: &mut Sampler) -> Result<u32, GpuError> {
+        match sampler.sample_from_candidates(&c.pairs, c.log_sum_exp) {
+            Some(t) => Ok(t),
+            None => {
+                let processed = self.processed_logits()?;
+                Ok(sampler.sample_processed_logits(&processed))
+            }
+        }
+    }
+
+    /// Checks `k` and `transform`, creates the candidate tail on first use and writes its
+    /// uniforms and penalty list for the next pass. Returns `k` clamped to the vocabulary.
+    fn prepare_candidates(&mut self, k: usize, transform: &LogitTransform<'_>) -> Result<usize, GpuError> {
+        let vocab = self.inner.dims.vocab;
+        let bad = |what: String| Err(GpuError::InvalidArgument { what });
+        if k == 0 || k > MAX_CANDIDATES {
+            return bad(format!("{k} sampling candidates requested; ask for 1 to {MAX_CANDIDATES}"));
+        }
+        let tr = transform;
+        if !(tr.temperature.is_finite() && tr.temperature > 0.0) {
+            return bad(format!("candidate temperature {} must be finite and > 0", tr.temperature));
+        }
+        if !(tr.repetition_penalty.is_finite() && tr.repetition_penalty > 0.0) {
+            return bad(format!("repetition penalty {} must be finite and > 0", tr.repetition_penalty));
+        }
+        if !(tr.frequency_penalty.is_finite() && tr.presence_penalty.is_finite()) {
+            return bad("frequency and presence penalties must be finite".into());
+        }
+        let mut words = Vec::with_capacity(2 * tr.counts.len());
+        let mut prev = None;
+        for &(token, count) in tr.counts {
+            if token as usize >= vocab {
+                return Err(GpuError::TokenOutOfRange { token, vocab: vocab as u32 });
+            }
+            if prev.is_some_and(|p| p >= token) || count == 0 {
+                return bad(
+                    "penalty counts must be distinct tokens in ascending order, each counted at least once".into()
+                );
+            }
+            prev = Some(token);
+            words.extend_from_slice(&[token, count]);
+        }
+        self.ensure_sampling()?;
+        let k = k.min(vocab);
+        let params = TopkParams {
+            n: vocab as u32,
+            k: k as u32,
+            n_pen: tr.counts.len() as u32,
+            _pad0: 0,
+            inv_temp: 1.0 / tr.temperature,
+            rep: tr.repetition_penalty,
+            freq: tr.frequency_penalty,
+            presence: tr.presence_penalty,
+        };
+        let gpu = &self.inner.gpu;
+        if let Some(sb) = &self.sampling {
+            gpu.queue.write_buffer(&sb.params, 0, bytemuck::bytes_of(&params));
+            if !words.is_empty() {
+                gpu.queue.write_buffer(&sb.pen, 0, bytemuck::cast_slice(&words));
+            }
+        }
+        Ok(k)
+    }
+
+    /// Creates the candidate tail and its buffers (counted against the memory limit) once.
+    fn ensure_sampling(&mut self) -> Result<(), GpuError> {
+        if self.sampling.is_some() {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let i = &*inner;
+        let gpu = &i.gpu;
+        let limit = gpu.max_binding();
+        let pen_bytes = (i.dims.vocab as u64 * 8).div_ceil(16) * 16;
+        let out_bytes = candidate_bytes(MAX_CANDIDATES).div_ceil(16) * 16;
+        let bytes = 32 + pen_bytes + 2 * out_bytes;
+        i.check_limit(bytes, "allocating the sampling buffers")?;
+        use wgpu::BufferUsages as U;
+        let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
+        let params = buf("topk params", 32, U::UNIFORM | U::COPY_DST)?;
+        let pen = buf("penalty counts", pen_bytes, U::STORAGE | U::COPY_DST)?;
+        let out = buf("candidates", out_bytes, U::STORAGE | U::COPY_SRC)?;
+        let staging = buf("candidates staging", out_bytes, U::MAP_READ | U::COPY_DST)?;
+        let a = &self.acts;
+        let p = Planner { inner: i, step: &self.bufs.step, partials: &a.partials };
+        let head = i.head.as_ref().unwrap_or(&i.embed);
+        let mut tail = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, true)?];
+        p.matmul(head, false, false, &a.xn, a.sd, &self.bufs.logits, self.bufs.sv, &mut tail)?;
+        tail.push(p.fixed(Kernel::TopK, &[], &[&params, &pen, &self.bufs.logits, &out], Grid::Fixed(1, 1))?);
+        gpu.take_uncaptured("creating the sampling buffers")?;
+        i.session_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.alloc_bytes += bytes;
+        self.sampling = Some(SamplingBufs { params, pen, out, staging, tail });
+        Ok(())
+    }
+
+    /// The candidates the last [`Tail::Candidates`] pass copied to the staging buffer.
+    fn read_candidates(&mut self, k: usize) -> Result<Candidates, GpuError> {
+        let Some(sb) = &self.sampling else {
+            return Err(GpuError::Readback { reason: "no candidates were computed".into() });
+        };
+        let n = candidate_bytes(k);
+        let bytes = map_read(&self.inner.gpu, &sb.staging, n)?;
+        self.counters.readbacks += 1;
+        self.counters.readback_bytes += n;
+        let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        let pairs = (0..k).map(|j| (word(2 * j), f32::from_bits(word(2 * j + 1)))).collect();
+        Ok(Candidates { pairs, log_sum_exp: f32::from_bits(word(2 * k)) })
+    }
+
+    /// Appends `tokens` and returns the logits of every one of them, row-major
+    /// `[tokens.len(), vocab_size]` (evaluation, parity tests). Empty input gives empty output.
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, GpuError> {
+        let start = self.pos;
+        let mut out = Vec::with_capacity(tokens.len() * self.inner.dims.vocab);
+        self.validate(tokens)?;
+        for chunk in tokens.chunks(self.bufs.t_max) {
+            let r = self.pass(chunk, Tail::All).and_then(|()| self.read_logits(chunk.len()));
+            match r {
+                Ok(l) => out.extend_from_slice(&l),
+                Err(e) => {
+                    self.pos = start;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn validate(&self, tokens: &[u32]) -> Result<(), GpuError> {
+        let dm = &self.inner.dims;
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= dm.vocab) {
+            return Err(GpuError::TokenOutOfRange { token, vocab: dm.vocab as u32 });
+        }
+        if self.pos + tokens.len() > dm.ctx {
+            return Err(GpuError::ContextFull { max: dm.ctx });
+        }
+        Ok(())
+    }
+
+    /// Validates, then runs `tokens` in chunks, computing `tail` on the last one; on failure
+    /// the session is left as it was.
+    fn run(&mut self, tokens: &[u32], tail: Tail) -> Result<(), GpuError> {
+        self.validate(tokens)?;
+        let start = self.pos;
+        let n_chunks = tokens.len().div_ceil(self.bufs.t_max);
+        for (c, chunk) in tokens.chunks(self.bufs.t_max).enumerate() {
+            let tail = if c + 1 == n_chunks { tail } else { Tail::None };
+            if let Err(e) = self.pass(chunk, tail) {
+                self.pos = start;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over `tokens` (at most `t_max`, validated) at positions `pos..pos + t`:
+    /// recorded in one encoder, one submit.
+    fn pass(&mut self, tokens: &[u32], tail: Tail) -> Result<(), GpuError> {
+        let inner = Arc::clone(&self.inner);
+        let gpu = &inner.gpu;
+        let t = tokens.len();
+        let step = StepParams { pos0: self.pos as u32, t: t as u32, _pad: [0; 2] };
+        let mut dispatches = 0u64;
+        gpu.scoped("running a forward pass", || {
+            gpu.queue.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&step));
+            gpu.queue.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(tokens));
+            let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("pass") });
+            let tail_items: &[Item] = match (tail, &self.sampling) {
+                (Tail::None, _) => &[],
+                (Tail::Last, _) => &self.tail_last,
+                (Tail::Candidates(_), Some(sb)) => &sb.tail,
+                (Tail::Candidates(_), None) => &[],
+                (Tail::All, _) => &self.tail_all,
+            };
+            let tail_t = if tail == Tail::All { t } else { 1 };
+            let items = self.plan.items().map(|it| (it, t)).chain(tail_items.iter().map(|it| (it, tail_t)));
+            dispatches = record(&mut enc, items);
+            match (tail, &self.sampling) {
+                (Tail::Last, _) => enc.copy_buffer_to_buffer(&self.bufs.argmax, 0, &self.bufs.argmax_staging, 0, 4),
+                (Tail::Candidates(k), Some(sb)) => {
+                    enc.copy_buffer_to_buffer(&sb.out, 0, &sb.staging, 0, candidate_bytes(k));
+                }
+                _ => {}
+            }
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        self.pos += t;
+        self.counters.passes += 1;
+        self.counters.submits += 1;
+        self.counters.dispatches += dispatches;
+        Ok(())
+    }
+
+    fn read_argmax(&mut self) -> Result<u32, GpuError> {
+        let bytes = map_read(&self.inner.gpu, &self.bufs.argmax_staging, 4)?;
+        self.counters.readbacks += 1;
+        self.counters.readback_bytes += 4;
+        let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        Ok(v)
+    }
+
+    /// Rows `[0, rows)` of the logits buffer, without padding.
+    fn read_logits(&mut self, rows: usize) -> Result<Vec<f32>, GpuError> {
+        let sv = self.bufs.sv;
+        let vocab = self.inner.dims.vocab;
+        let bytes = self.inner.gpu.read_back(&self.bufs.logits, (rows * sv * 4) as u64)?;
+        self.counters.submits += 1;
+        self.counters.readbacks += 1;
+        self.counters.readback_bytes += bytes.len() as u64;
+        let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(all.chunks_exact(sv).take(rows).flat_map(|r| r[..vocab].iter().copied()).collect())
+    }
+}
+
+/// Bytes of `k` candidates and the log-sum-exp in `topk.wgsl`'s output.
+fn candidate_bytes(k: usize) -> u64 {
+    (2 * k as u64 + 1) * 4
+}
