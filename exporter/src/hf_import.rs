@@ -154,14 +154,93 @@ pub fn tokenizer_from_dir(dir: &Path, config: &Json) -> Result<ImportedTokenizer
     })
 }
 
-fn to_f32(view: &safetensors::tensor::TensorView<'_>, name: &str) -> Result<Vec<f32>> {
-    use safetensors::Dtype;
-    let b = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        other => bail!("tensor `{name}` has dtype {other:?}; supported: F32, F16, BF16"),
+/// Largest safetensors JSON header accepted (the `safetensors` crate's limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// One tensor of a safetensors file.
+struct StTensor<'a> {
+    dtype: String,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+/// A safetensors file: `u64` little-endian header length `n`, `n` bytes of JSON
+/// (`{"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`), then
+/// the data, offsets relative to its start. Every length, offset and size is checked against
+/// the file, tensors may not overlap, and each tensor's bytes must be exactly its shape times
+/// its element size. (Our own parser rather than the `safetensors` crate: its current version
+/// turns on `hashbrown/serde`, which changes the build of every crate using hashbrown, tract
+/// included.)
+fn parse_safetensors(bytes: &[u8]) -> std::result::Result<BTreeMap<String, StTensor<'_>>, String> {
+    let head: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| format!("truncated: {} bytes, shorter than the 8-byte header length", bytes.len()))?;
+    let n = u64::from_le_bytes(head);
+    if n > MAX_SAFETENSORS_HEADER || n > bytes.len() as u64 - 8 {
+        return Err(format!(
+            "header length {n} exceeds the file ({} bytes) or the {MAX_SAFETENSORS_HEADER}-byte limit",
+            bytes.len()
+        ));
+    }
+    let header = &bytes[8..8 + n as usize];
+    let data = &bytes[8 + n as usize..];
+    let json: Json = serde_json::from_slice(header).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let obj = json.as_object().ok_or("header is not a JSON object")?;
+    let mut out = BTreeMap::new();
+    let mut spans = Vec::new();
+    for (name, t) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| format!("tensor `{name}`: {what}");
+        let dtype = t.get("dtype").and_then(Json::as_str).ok_or_else(|| bad("no string `dtype`"))?.to_string();
+        let shape = t
+            .get("shape")
+            .and_then(Json::as_array)
+            .ok_or_else(|| bad("no `shape` array"))?
+            .iter()
+            .map(|d| {
+                d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad("a dimension is not an integer"))
+            })
+            .collect::<std::result::Result<Vec<usize>, String>>()?;
+        let offs = t.get("data_offsets").and_then(Json::as_array).ok_or_else(|| bad("no `data_offsets`"))?;
+        let (begin, end) = match offs.as_slice() {
+            [b, e] => (b.as_u64().ok_or_else(|| bad("bad offset"))?, e.as_u64().ok_or_else(|| bad("bad offset"))?),
+            _ => return Err(bad("`data_offsets` is not [begin, end]")),
+        };
+        if begin > end || end > data.len() as u64 {
+            return Err(bad(&format!("data [{begin}, {end}) lies outside the {} data bytes (truncated?)", data.len())));
+        }
+        let elem = match dtype.as_str() {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let want = shape.iter().try_fold(elem as u64, |acc, &d| acc.checked_mul(d as u64));
+        if want != Some(end - begin) {
+            return Err(bad(&format!("shape {shape:?} of {dtype} does not match its {} data bytes", end - begin)));
+        }
+        spans.push((begin, end, name.clone()));
+        out.insert(name.clone(), StTensor { dtype, shape, data: &data[begin as usize..end as usize] });
+    }
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(format!("tensors `{}` and `{}` overlap", w[0].2, w[1].2));
+        }
+    }
+    Ok(out)
+}
+
+fn to_f32(t: &StTensor<'_>, name: &str) -> Result<Vec<f32>> {
+    let b = t.data;
+    Ok(match t.dtype.as_str() {
+        "F32" => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "F16" => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "BF16" => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => bail!("tensor `{name}` has dtype {other}; supported: F32, F16, BF16"),
     })
 }
 
@@ -211,7 +290,7 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     }
     let mut parsed = BTreeMap::new();
     for (f, map) in &maps {
-        let st = safetensors::SafeTensors::deserialize(map).map_err(|e| anyhow!("{}: {e}", dir.join(f).display()))?;
+        let st = parse_safetensors(map).map_err(|e| anyhow!("{}: {e}", dir.join(f).display()))?;
         parsed.insert(f.clone(), st);
     }
     let mut source_types = BTreeMap::new();
@@ -222,8 +301,8 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
             None => bail!("tensor `{name}` is not in {}", index.display()),
         };
         let st = parsed.get(file).ok_or_else(|| anyhow!("shard {file} not loaded"))?;
-        let view = st.tensor(name).map_err(|e| anyhow!("{}: tensor `{name}`: {e}", dir.join(file).display()))?;
-        Ok(Weight { shape: view.shape().to_vec(), data: to_f32(&view, name)? })
+        let t = st.get(name).ok_or_else(|| anyhow!("{}: no tensor `{name}`", dir.join(file).display()))?;
+        Ok(Weight { shape: t.shape.clone(), data: to_f32(t, name)? })
     };
 
     let d = arch.d_model as usize;
@@ -275,8 +354,8 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     }
     progress.finish();
     for st in parsed.values() {
-        for (_, view) in st.tensors() {
-            *source_types.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        for t in st.values() {
+            *source_types.entry(t.dtype.clone()).or_insert(0) += 1;
         }
     }
     let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();

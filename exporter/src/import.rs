@@ -102,7 +102,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Metadata for a dense (one-level) model. Its tokenizer is set by
 /// [`TokenizerAssets::apply_to`] before writing.
-pub fn dense_metadata(architecture: Architecture, ffn_width: u32, source_sha256: String, source_name: String) -> Metadata {
+pub fn dense_metadata(
+    architecture: Architecture,
+    ffn_width: u32,
+    source_sha256: String,
+    source_name: String,
+) -> Metadata {
     let n_layers = architecture.n_layers as usize;
     Metadata {
         architecture,

@@ -17,7 +17,14 @@ use matformer_export::gguf::{Gguf, GgufError};
 use matformer_export::nest::{tokenize, NestOptions};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
-use matformer_tests::{fixture, temp_dir};
+use matformer_tests::temp_dir;
+
+/// A file of tests/fixtures, located from this test's own crate directory (not the shared
+/// `matformer_tests` library's, which a target directory shared between clones may have
+/// compiled from another checkout).
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
 
 #[test]
 fn dequantisation_is_bit_identical_to_gguf_py_for_every_block_type() {

@@ -2,7 +2,7 @@
 //! scripts/tiny_llama_gguf.py) against transformers' float32 logits, and hostile directories
 //! (truncated or lying safetensors, unsupported configs) refused with no output file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matformer::cpu::CpuEngine;
@@ -11,7 +11,14 @@ use matformer::tokenizer::Tokenizer;
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
-use matformer_tests::{fixture, temp_dir};
+use matformer_tests::temp_dir;
+
+/// A file of tests/fixtures, located from this test's own crate directory (not the shared
+/// `matformer_tests` library's, which a target directory shared between clones may have
+/// compiled from another checkout).
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
 
 #[derive(serde::Deserialize)]
 struct Goldens {

@@ -29,7 +29,14 @@ use matformer::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
-use matformer_tests::{fixture, temp_dir};
+use matformer_tests::temp_dir;
+
+/// A file of tests/fixtures, located from this test's own crate directory (not the shared
+/// `matformer_tests` library's, which a target directory shared between clones may have
+/// compiled from another checkout).
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
 
 const DEFAULT_GGUF: &str = "/var/tmp/matformer-models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -83,9 +90,8 @@ fn check(gguf: &Path, dtype: DType) -> (usize, usize) {
     let g = goldens();
     let dir = temp_dir(&format!("smollm2-{}", dtype.name()));
     let out = dir.join("smollm2.matf");
-    let (report, assets) =
-        import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
-            .expect("import SmolLM2 GGUF");
+    let (report, assets) = import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
+        .expect("import SmolLM2 GGUF");
     eprintln!("imported in {:.1} s: {} bytes", report.seconds, report.bytes);
     assert_eq!(report.n_layers, 30);
     assert_eq!(report.vocab_size, 49152);
