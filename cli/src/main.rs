@@ -11,6 +11,7 @@ mod devices;
 mod eval;
 mod export;
 mod generate;
+mod import;
 mod inspect;
 mod latency;
 mod select;
@@ -72,6 +73,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Import a pretrained model: a GGUF file or a Hugging Face directory (Llama family).
+    Import(import::ImportArgs),
     /// Write a file with random weights at real model shapes (benchmarks).
     Synth {
         /// Shape preset: llama-3.2-1b, gemma-3n-e2b, small.
@@ -287,6 +290,7 @@ fn main() -> ExitCode {
             calibration,
             json,
         ),
+        Command::Import(args) => import::run(args),
         Command::Synth { preset, output, layers, dtype, seed, list } => {
             synth::run(&preset, output, layers, &dtype, seed, list)
         }

@@ -137,13 +137,27 @@ pub fn encode_rows(
 
 /// Writes `tensors` to `path` with the given metadata.
 pub fn write_matf(path: &Path, meta: &Metadata, tensors: &HashMap<String, Weight>, dtype: DType) -> Result<u64> {
+    write_matf_with_blobs(path, meta, tensors, dtype, &[])
+}
+
+/// [`write_matf`] with blobs (docs/format.md 5.5), such as a stored tokenizer
+/// (`matformer::tokenizer::TokenizerAssets::blobs`).
+pub fn write_matf_with_blobs(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    dtype: DType,
+    blobs: &[format::BlobSpec<'_>],
+) -> Result<u64> {
     let specs = required_tensor_specs(meta, dtype);
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut progress = Progress::new("writing");
-    let len = format::write_file(
+    let len = format::write_file_with_blobs(
         BufWriter::new(file),
         meta,
         &specs,
+        blobs,
+        format::DEFAULT_ALIGNMENT_LOG2,
         |idx, rows, out| {
             let spec = &specs[idx];
             let w = tensors.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;

@@ -5,6 +5,9 @@
 //! graph, with its FFN weights sliced to each nested width, and the runtime's CPU engine runs the
 //! written file; the export is refused when they disagree beyond a named tolerance.
 //!
+//! Imports pretrained models too ([`import`]): a GGUF file ([`gguf`]) or a Hugging Face Llama
+//! directory ([`hf_import`]), optionally nested by measured neuron importance ([`nest`]).
+//!
 //! Also estimates the loss of every catalog entry on a calibration text ([`calibrate`], stored in
 //! the file's catalog), scores a text under a submodel ([`eval`]), and makes synthetic files
 //! with random weights at real model shapes (`synth`) for benchmarks.
@@ -12,8 +15,12 @@
 pub mod calibrate;
 pub mod eval;
 pub mod export;
+pub mod gguf;
 pub mod hf_config;
+pub mod hf_import;
+pub mod import;
 pub mod mapping;
+pub mod nest;
 pub mod onnx_source;
 pub mod progress;
 pub mod synth;
@@ -22,5 +29,6 @@ pub mod verify;
 
 pub use export::{export, ExportOptions, ExportReport};
 pub use hf_config::{HfConfig, HfConfigError};
+pub use import::{import, ImportOptions, ImportReport};
 pub use mapping::{NamePreset, Strategy};
 pub use verify::{Tolerance, VerifyOptions, VerifyReport};

@@ -1,0 +1,231 @@
+//! `matformer import`: a GGUF file or a Hugging Face model directory (Llama family) -> `.matf`.
+//!
+//! The source is read into canonical tensors (f32, the file's layouts); the tokenizer, its
+//! special tokens and the chat template are stored as every Hugging Face tokenizer is
+//! ([`TokenizerAssets`]: blob `blob.tokenizer_json`, metadata `special_tokens` and
+//! `chat_template`, docs/format.md 5.5 and 6). The file is written under a temporary name,
+//! re-opened, checksum-verified and its tokenizer loaded back, then renamed: a failed import
+//! leaves no output file behind.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use matformer::format::{Architecture, DType, Metadata, Provenance, Tokenizer};
+use matformer::tokenizer::TokenizerAssets;
+use sha2::{Digest, Sha256};
+
+use crate::export::write_matf_with_blobs;
+use crate::gguf::{self, Gguf, ImportedTokenizer};
+use crate::hf_import;
+use crate::nest::{self, NestOptions, NestReport};
+use crate::onnx_source::Weight;
+use crate::progress::Progress;
+
+/// Options of `matformer import`.
+#[derive(Clone, Debug)]
+pub struct ImportOptions {
+    /// A `.gguf` file or a Hugging Face model directory.
+    pub input: PathBuf,
+    /// Destination `.matf`.
+    pub output: PathBuf,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Order the FFN neurons by importance and declare nested levels (`--nest`).
+    pub nest: Option<NestOptions>,
+}
+
+/// A model read from its source, in canonical layout.
+#[derive(Debug)]
+pub struct SourceWeights {
+    /// Metadata of a one-level (dense) file.
+    pub meta: Metadata,
+    /// Canonical tensors (f32, file layout).
+    pub tensors: HashMap<String, Weight>,
+    /// Tokenizer, special tokens and chat template.
+    pub tokenizer: ImportedTokenizer,
+    /// `gguf` or `huggingface`.
+    pub source_format: String,
+    /// ggml or safetensors element types of the source tensors, with counts.
+    pub source_types: std::collections::BTreeMap<String, usize>,
+}
+
+/// What an import produced.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImportReport {
+    /// Written file.
+    pub output: String,
+    /// File length in bytes.
+    pub bytes: u64,
+    /// `gguf` or `huggingface`.
+    pub source_format: String,
+    /// Source tensor element types and how many tensors had each.
+    pub source_types: std::collections::BTreeMap<String, usize>,
+    /// Model family, layers, width, vocabulary.
+    pub family: String,
+    /// Transformer blocks.
+    pub n_layers: u32,
+    /// Residual width.
+    pub d_model: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// Level names, smallest first.
+    pub level_names: Vec<String>,
+    /// FFN width of layer 0 at each level.
+    pub ffn_widths_layer0: Vec<u32>,
+    /// Storage dtype.
+    pub dtype: String,
+    /// Tokenizer kind recorded.
+    pub tokenizer: String,
+    /// Beginning-of-sequence id.
+    pub bos_id: Option<u32>,
+    /// End-of-sequence id.
+    pub eos_id: Option<u32>,
+    /// Further tokens that end a generation (end of turn).
+    pub end_of_turn: Vec<String>,
+    /// Whether plain text gets BOS prepended.
+    pub add_bos: bool,
+    /// Whether a chat template was found.
+    pub has_chat_template: bool,
+    /// Nesting results (`--nest`).
+    pub nest: Option<NestReport>,
+    /// Wall time of the import, seconds.
+    pub seconds: f64,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Metadata for a dense (one-level) model. Its tokenizer is set by
+/// [`TokenizerAssets::apply_to`] before writing.
+pub fn dense_metadata(
+    architecture: Architecture,
+    ffn_width: u32,
+    source_sha256: String,
+    source_name: String,
+) -> Metadata {
+    let n_layers = architecture.n_layers as usize;
+    Metadata {
+        architecture,
+        ffn_widths: vec![vec![ffn_width]; n_layers],
+        level_names: vec!["full".to_string()],
+        tokenizer: Tokenizer { kind: "bytes".to_string(), bos_id: None, eos_id: None },
+        provenance: Provenance {
+            source_sha256,
+            source_name,
+            exporter: format!("matformer-export {} (import)", env!("CARGO_PKG_VERSION")),
+        },
+        extra: Default::default(),
+    }
+}
+
+/// Writes an imported model: its tensors in `dtype` and its tokenizer (`meta` must have been
+/// through [`TokenizerAssets::apply_to`] with the same `assets`).
+pub fn write_model(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    dtype: DType,
+    assets: &TokenizerAssets,
+) -> Result<u64> {
+    write_matf_with_blobs(path, meta, tensors, dtype, &assets.blobs())
+}
+
+/// Reads a GGUF file into canonical tensors.
+pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the map is read-only and private to this call; the file is an input we do not
+    // modify, and every access goes through the checked reader. A concurrent truncation by
+    // another process is the documented hazard of file mappings, accepted for an offline tool.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    let g = Gguf::parse(&map).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let arch = gguf::llama::architecture(&g).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let tokenizer = gguf::tokenizer::from_gguf(&g).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if tokenizer.vocab_len != arch.vocab_size as usize {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            path.display(),
+            tokenizer.vocab_len,
+            arch.vocab_size
+        );
+    }
+    let mut source_types = std::collections::BTreeMap::new();
+    for t in &g.tensors {
+        *source_types.entry(gguf::GgmlType::code_name(t.type_code).to_string()).or_insert(0) += 1;
+    }
+    let mut progress = Progress::new("dequantising");
+    let (tensors, ffn) = gguf::llama::tensors(&g, &arch, |d, t| progress.update(d, t))
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    progress.finish();
+    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let meta = dense_metadata(arch, ffn, sha256_hex(&map), name);
+    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types })
+}
+
+/// Imports `opts.input` into `opts.output`. Returns the report and the stored tokenizer assets.
+pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
+    let started = Instant::now();
+    eprintln!("reading {}", opts.input.display());
+    let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
+    let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types } = src;
+    let assets = tokenizer.assets;
+    let runtime_tokenizer =
+        assets.apply_to(&mut meta).map_err(|e| anyhow!("the model's tokenizer cannot be stored: {e}"))?;
+    meta.validate().map_err(|e| anyhow!("the imported model is not valid: {e}"))?;
+
+    let tmp = opts.output.with_extension("matf.partial");
+    let result = (|| -> Result<(u64, Option<NestReport>)> {
+        let nest_report = match &opts.nest {
+            Some(n) => {
+                let (meta2, report) =
+                    nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, opts.dtype, &tmp)?;
+                meta = meta2;
+                Some(report)
+            }
+            None => None,
+        };
+        let bytes = write_model(&tmp, &meta, &tensors, opts.dtype, &assets)?;
+        let written = matformer::ModelFile::open(&tmp)?;
+        written.verify()?;
+        matformer::tokenizer::Tokenizer::from_model(&written)
+            .map_err(|e| anyhow!("the written tokenizer does not load back: {e}"))?;
+        drop(written);
+        std::fs::rename(&tmp, &opts.output)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
+        Ok((bytes, nest_report))
+    })();
+    let (bytes, nest) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let a = &meta.architecture;
+    let report = ImportReport {
+        output: opts.output.display().to_string(),
+        bytes,
+        source_format,
+        source_types,
+        family: a.family.clone(),
+        n_layers: a.n_layers,
+        d_model: a.d_model,
+        vocab_size: a.vocab_size,
+        level_names: meta.level_names.clone(),
+        ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
+        dtype: opts.dtype.name().to_string(),
+        tokenizer: meta.tokenizer.kind.clone(),
+        bos_id: meta.tokenizer.bos_id,
+        eos_id: meta.tokenizer.eos_id,
+        end_of_turn: assets.special.end_of_turn.clone(),
+        add_bos: assets.special.add_bos,
+        has_chat_template: assets.chat_template.is_some(),
+        nest,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((report, assets))
+}
