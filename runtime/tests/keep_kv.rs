@@ -100,40 +100,58 @@ fn keep_kv_costs_little_loss_on_the_bundled_model() {
     assert!(keep.switch_ms < exact.switch_ms, "keep-KV re-prefills nothing");
 }
 
+/// Prints the table header of [`table_row`].
+fn table_header() {
+    println!("| switch | history | exact loss | keep-KV loss | greedy agreement (of 32) | exact switch ms | keep-KV switch ms |");
+    println!("|---|---|---|---|---|---|---|");
+}
+
+/// One table row: `from -> to` after `h` tokens of history, averaged over `windows` windows of
+/// `text` starting `stride` tokens apart, exact against keep-KV.
+#[allow(clippy::too_many_arguments)]
+fn table_row(
+    model: &Arc<ModelFile>,
+    text: &[u32],
+    from: &str,
+    to: &str,
+    h: usize,
+    windows: usize,
+    stride: usize,
+    threads: usize,
+) {
+    let (mut losses, mut agree, mut ms) = ((0.0, 0.0), 0, (0.0, 0.0));
+    for w in 0..windows {
+        let off = w * stride;
+        let history = &text[off..off + h];
+        let next = &text[off + h..off + h + 32];
+        let e = run(model, from, to, SwitchMode::Exact, history, next, 32, threads);
+        let k = run(model, from, to, SwitchMode::KeepKv, history, next, 32, threads);
+        losses.0 += e.loss;
+        losses.1 += k.loss;
+        agree += agreement(&e.greedy, &k.greedy);
+        ms.0 += e.switch_ms;
+        ms.1 += k.switch_ms;
+    }
+    let n = windows as f64;
+    println!(
+        "| {from} -> {to} | {h} | {:.4} | {:.4} | {:.1} | {:.3} | {:.4} |",
+        losses.0 / n,
+        losses.1 / n,
+        agree as f64 / n,
+        ms.0 / n,
+        ms.1 / n
+    );
+}
+
 #[test]
 #[ignore = "measurement for the notes"]
 fn keep_kv_against_exact_table() {
     let model = model();
     let text = heldout();
-    println!("| switch | history | exact loss | keep-KV loss | greedy agreement (of 32) | exact switch ms | keep-KV switch ms |");
-    println!("|---|---|---|---|---|---|---|");
+    table_header();
     for (from, to) in [("xl", "s"), ("s", "xl"), ("xl", "m"), ("l", "s")] {
         for h in [16usize, 64, 128, 192, 224] {
-            let mut losses = (0.0, 0.0);
-            let mut agree = 0;
-            let mut ms = (0.0, 0.0);
-            let windows = 8;
-            for w in 0..windows {
-                let off = w * 1000;
-                let history = &text[off..off + h];
-                let next = &text[off + h..off + h + 32];
-                let e = run(&model, from, to, SwitchMode::Exact, history, next, 32, 1);
-                let k = run(&model, from, to, SwitchMode::KeepKv, history, next, 32, 1);
-                losses.0 += e.loss;
-                losses.1 += k.loss;
-                agree += agreement(&e.greedy, &k.greedy);
-                ms.0 += e.switch_ms;
-                ms.1 += k.switch_ms;
-            }
-            let n = windows as f64;
-            println!(
-                "| {from} -> {to} | {h} | {:.4} | {:.4} | {:.1} | {:.3} | {:.4} |",
-                losses.0 / n,
-                losses.1 / n,
-                agree as f64 / n,
-                ms.0 / n,
-                ms.1 / n
-            );
+            table_row(&model, &text, from, to, h, 8, 1000, 1);
         }
     }
 }
@@ -149,33 +167,10 @@ fn keep_kv_against_exact_real_model() {
     let names: Vec<String> = model.metadata().level_names.clone();
     let (small, large) = (names[0].as_str(), names[names.len() - 1].as_str());
     println!("{} tokens of held-out text; levels {names:?}", text.len());
-    println!("| switch | history | exact loss | keep-KV loss | greedy agreement (of 32) | exact switch ms | keep-KV switch ms |");
-    println!("|---|---|---|---|---|---|---|");
+    table_header();
     for (from, to) in [(large, small), (small, large)] {
         for h in [256usize, 1000] {
-            let windows = 2;
-            let (mut losses, mut agree, mut ms) = ((0.0, 0.0), 0, (0.0, 0.0));
-            for w in 0..windows {
-                let off = w * 2000;
-                let history = &text[off..off + h];
-                let next = &text[off + h..off + h + 32];
-                let e = run(&model, from, to, SwitchMode::Exact, history, next, 32, threads);
-                let k = run(&model, from, to, SwitchMode::KeepKv, history, next, 32, threads);
-                losses.0 += e.loss;
-                losses.1 += k.loss;
-                agree += agreement(&e.greedy, &k.greedy);
-                ms.0 += e.switch_ms;
-                ms.1 += k.switch_ms;
-            }
-            let n = windows as f64;
-            println!(
-                "| {from} -> {to} | {h} | {:.4} | {:.4} | {:.1} | {:.1} | {:.4} |",
-                losses.0 / n,
-                losses.1 / n,
-                agree as f64 / n,
-                ms.0 / n,
-                ms.1 / n
-            );
+            table_row(&model, &text, from, to, h, 2, 2000, threads);
         }
     }
 }
