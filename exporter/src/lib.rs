@@ -23,6 +23,7 @@ pub mod mapping;
 pub mod nest;
 pub mod onnx_source;
 pub mod progress;
+mod safetensors;
 pub mod synth;
 pub mod tract_run;
 pub mod verify;

@@ -464,14 +464,12 @@ impl ElasticSession {
         started: Instant,
     ) -> Result<Option<Vec<f32>>, ElasticError> {
         match &mut self.session {
-            BackendSession::Cpu(session) => {
+            BackendSession::Cpu(_) => {
                 let mut next = self.backend.session(submodel)?;
                 report.switch_ms = started.elapsed().as_secs_f64() * 1e3;
                 let logits = if history.is_empty() { None } else { Some(next.prefill(history)?) };
                 report.reprefilled_tokens = history.len();
-                if let BackendSession::Cpu(next) = next {
-                    *session = next;
-                }
+                self.session = next;
                 Ok(logits)
             }
             #[cfg(feature = "gpu")]

@@ -1,0 +1,232 @@
+//! The FFI layer in Rust: conversions both ways, error mapping and cancellation through the
+//! exported objects (the Kotlin and Swift suites test the same through the generated code).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use matformer_ffi::*;
+
+fn matlm() -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/matlm.matf");
+    p.to_string_lossy().into_owned()
+}
+
+fn cpu() -> EngineOptions {
+    EngineOptions {
+        backend: Some(BackendChoice::Cpu),
+        threads: Some(1),
+        gpu_memory_limit_bytes: None,
+        cache_dir: None,
+        verify: true,
+    }
+}
+
+fn session_options(submodel: Option<SubmodelChoice>) -> SessionOptions {
+    SessionOptions { submodel, context_length: Some(256), system_prompt: None, switch_mode: None }
+}
+
+fn greedy(max_tokens: u32) -> GenerateOptions {
+    GenerateOptions { max_tokens, sampling: None, stop: vec![], stop_token_ids: vec![], truncate_prompt: false }
+}
+
+fn text(s: &str) -> Input {
+    Input::Text { text: s.into() }
+}
+
+/// Collects streamed pieces; `stop_after` pieces then asks to stop.
+struct Collect {
+    pieces: Arc<std::sync::Mutex<Vec<String>>>,
+    stop_after: Option<usize>,
+}
+
+impl TokenListener for Collect {
+    fn on_text(&self, piece: String) -> bool {
+        let mut p = self.pieces.lock().unwrap();
+        p.push(piece);
+        self.stop_after.is_none_or(|n| p.len() < n)
+    }
+}
+
+fn collect(stop_after: Option<usize>) -> (Box<Collect>, Arc<std::sync::Mutex<Vec<String>>>) {
+    let pieces = Arc::new(std::sync::Mutex::new(Vec::new()));
+    (Box::new(Collect { pieces: Arc::clone(&pieces), stop_after }), pieces)
+}
+
+#[test]
+fn open_describe_select_generate() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    assert_eq!(engine.backend().kind, BackendKind::Cpu);
+    let info = engine.model_info();
+    assert_eq!(info.level_names, ["s", "m", "l", "xl"]);
+    let catalog = engine.catalog();
+    assert!(catalog.len() >= 4, "{} entries", catalog.len());
+    assert!(catalog.iter().all(|e| e.levels.len() == info.n_layers as usize));
+
+    let everything = DeviceBudget {
+        available_memory_bytes: None,
+        battery_percent: None,
+        charging: None,
+        low_power_mode: None,
+        thermal_state: None,
+        latency_target_ms_per_token: None,
+        context_tokens: Some(256),
+    };
+    let plan = engine.select(everything.clone()).unwrap();
+    assert_eq!(plan.entry.name, "xl");
+    assert!(plan.footprint_bytes >= plan.weight_bytes + plan.kv_cache_bytes);
+    let hot = DeviceBudget { thermal_state: Some(ThermalState::Critical), ..everything };
+    let cool_plan = engine.select(hot).unwrap();
+    assert!(cool_plan.entry.weight_bytes < plan.entry.weight_bytes, "{}", cool_plan.explanation);
+
+    let session = engine.session(session_options(Some(SubmodelChoice::Named { name: "m".into() }))).unwrap();
+    assert_eq!(session.submodel(), "m");
+    let (listener, pieces) = collect(None);
+    let done = session.generate(text("The "), greedy(12), listener).unwrap();
+    assert_eq!(done.finish_reason, FinishReason::Length);
+    assert_eq!(done.usage.completion_tokens, 12);
+    assert_eq!(pieces.lock().unwrap().concat(), done.text);
+    assert_eq!(done.stats.submodel, "m");
+    // The last generated token is not in the cache yet: the next call feeds it.
+    assert_eq!(session.token_count(), done.usage.prompt_tokens + 11);
+
+    // The same greedy call on the runtime directly gives the same tokens.
+    let direct = matformer::Engine::open(
+        matlm(),
+        matformer::EngineOptions { backend: matformer::BackendChoice::Cpu, threads: Some(1), ..Default::default() },
+    )
+    .unwrap();
+    let ds = direct
+        .session(matformer::SessionOptions {
+            submodel: matformer::SubmodelChoice::Named("m".into()),
+            context_length: Some(256),
+            ..Default::default()
+        })
+        .unwrap();
+    let want = ds
+        .generate(
+            matformer::Input::Text("The ".into()),
+            &matformer::GenerateOptions { max_tokens: 12, ..Default::default() },
+            &mut matformer::NoSink,
+        )
+        .unwrap();
+    assert_eq!(done.token_ids, want.token_ids);
+}
+
+#[test]
+fn listener_stop_budget_switch_and_pressure() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    let session = engine.session(session_options(None)).unwrap();
+    let (listener, pieces) = collect(Some(3));
+    let done = session.generate(text("Once upon a time"), greedy(50), listener).unwrap();
+    assert_eq!(done.finish_reason, FinishReason::Stop);
+    assert_eq!(pieces.lock().unwrap().len(), 3);
+
+    let budget = DeviceBudget {
+        available_memory_bytes: None,
+        battery_percent: Some(5),
+        charging: Some(false),
+        low_power_mode: Some(true),
+        thermal_state: None,
+        latency_target_ms_per_token: None,
+        context_tokens: Some(256),
+    };
+    let plan = session.set_budget(budget).unwrap();
+    assert_ne!(plan.entry.name, "xl", "{}", plan.explanation);
+    assert_eq!(session.submodel(), plan.entry.name);
+    session.on_memory_pressure(MemoryPressure::Critical).unwrap();
+    let (listener, _) = collect(None);
+    let done = session.generate(text(" and"), greedy(4), listener).unwrap();
+    assert_eq!(done.stats.submodel, "s");
+    assert!(done.stats.switches.iter().any(|s| s.reason.contains("memory")), "{:?}", done.stats.switches);
+}
+
+#[test]
+fn errors_map_to_their_kind_with_the_message() {
+    match Engine::open("/nonexistent/model.matf".into(), cpu()) {
+        Err(MatformerError::Model { message }) => assert!(message.contains("/nonexistent/model.matf"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    match engine.session(session_options(Some(SubmodelChoice::Named { name: "huge".into() }))) {
+        Err(MatformerError::Model { message }) => assert!(message.contains("huge"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let tiny = DeviceBudget {
+        available_memory_bytes: Some(1000),
+        battery_percent: None,
+        charging: None,
+        low_power_mode: None,
+        thermal_state: None,
+        latency_target_ms_per_token: None,
+        context_tokens: None,
+    };
+    assert!(matches!(engine.select(tiny), Err(MatformerError::NothingFits { .. })));
+    let bad = GenerateOptions {
+        sampling: Some(SamplingParams {
+            temperature: -1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: Some(1),
+        }),
+        ..greedy(4)
+    };
+    let session = engine.session(session_options(None)).unwrap();
+    let (listener, _) = collect(None);
+    assert!(matches!(session.generate(text("x"), bad, listener), Err(MatformerError::InvalidArgument { .. })));
+    let long = "a".repeat(600);
+    let (listener, _) = collect(None);
+    match session.generate(text(&long), greedy(4), listener) {
+        Err(MatformerError::ContextFull { needed, limit, .. }) => assert!(needed > limit && limit == 256),
+        other => panic!("{other:?}"),
+    }
+    // Still usable after every error.
+    let (listener, _) = collect(None);
+    assert_eq!(session.generate(text("ok"), greedy(2), listener).unwrap().usage.completion_tokens, 2);
+    engine.release();
+    assert!(engine.is_released());
+    let (listener, _) = collect(None);
+    assert!(matches!(session.generate(text("x"), greedy(2), listener), Err(MatformerError::EngineClosed { .. })));
+}
+
+/// Cancels from the listener's thread of control on a second thread once streaming began.
+#[test]
+fn cancel_from_another_thread_returns_promptly_and_keeps_the_session() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    let session = engine.session(session_options(None)).unwrap();
+    struct Count(Arc<AtomicUsize>);
+    impl TokenListener for Count {
+        fn on_text(&self, _piece: String) -> bool {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+    }
+    let seen = Arc::new(AtomicUsize::new(0));
+    let canceller = {
+        let session = Arc::clone(&session);
+        let seen = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            while seen.load(Ordering::SeqCst) < 2 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let t = Instant::now();
+            session.cancel();
+            t
+        })
+    };
+    let done = session.generate(text("Once"), greedy(200), Box::new(Count(Arc::clone(&seen)))).unwrap();
+    let cancelled_at = canceller.join().unwrap();
+    let returned_after = cancelled_at.elapsed();
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(done.usage.completion_tokens < 200);
+    // Generous bound: a decode step of the bundled model takes about a millisecond; under a
+    // loaded CI machine it is still far below this.
+    assert!(returned_after < Duration::from_secs(2), "{returned_after:?}");
+    let (listener, _) = collect(None);
+    assert_eq!(session.generate(text(" again"), greedy(3), listener).unwrap().usage.completion_tokens, 3);
+}
