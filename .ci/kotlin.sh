@@ -43,6 +43,8 @@ launcher=/usr/share/java/junit-platform-console-standalone.jar
 for f in "$kotlinc" "$klib/kotlinx-coroutines-core-jvm.jar" "$klib/kotlin-stdlib.jar" "$jna" "$launcher"; do
   [[ -e "$f" ]] || { say "missing $f"; exit 1; }
 done
+# `--prepare`: only the tools (scripts/test.sh runs this in the background while cargo builds).
+[[ "${1:-}" == --prepare ]] && { say "tools ready"; exit 0; }
 
 # --- the real model --------------------------------------------------------------------------
 gguf="${MATFORMER_SMOLLM2_GGUF:-}"

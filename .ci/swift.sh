@@ -68,6 +68,12 @@ in_chroot() {
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"
 }
 in_chroot swift --version >/dev/null 2>&1 || fail "swift does not run in $chroot_dir (remove it to debootstrap it again)"
+# `--prepare`: only the chroot (scripts/test.sh runs this in the background while cargo builds;
+# the lock above makes the later full run wait for it).
+if [[ "${1:-}" == --prepare ]]; then
+  say "chroot ready"
+  exit 0
+fi
 
 # --- Host library and generated Swift --------------------------------------------------------
 # Built one at a time: together, cargo would unify uniffi's features and rebuild both.
