@@ -20,19 +20,8 @@ kt="$out/dev/matformer/ffi/matformer_ffi.kt"
 [[ -f "$kt" ]] || { echo "gen-kotlin: $kt was not written" >&2; exit 1; }
 
 # uniffi's Kotlin for an error variant with a field named `message` does not compile: the
-# field collides with Throwable.message (mozilla/uniffi-rs#1434, open). matformer-ffi's
-# MatformerError has such a field in every variant, so inside the exception class and its
-# converter the field is renamed `detail`, the name the idiomatic layer reads. When the FFI
-# names the field `detail` itself this finds nothing to rename and changes nothing.
-awk '
-  /^sealed class MatformerException/ { inside = 1 }
-  /^public object FfiConverterTypeMatformerError/ { inside = 1; conv = 1 }
-  inside { gsub(/`message`/, "`detail`") }
-  { print }
-  conv && /^}/ { inside = 0; conv = 0 }
-  /^sealed class MatformerException/ { next }
-' "$kt" > "$kt.tmp"
-mv "$kt.tmp" "$kt"
+# field collides with Throwable.message (mozilla/uniffi-rs#1434, open). matformer-ffi names it
+# `detail`; this guards against a field of that name coming back.
 if grep -q 'val `message`' "$kt"; then
   echo "gen-kotlin: a field named message is left in the generated Kotlin; it will not compile" >&2
   exit 1

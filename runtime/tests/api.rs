@@ -121,6 +121,49 @@ fn cancel_stops_within_a_step_and_the_next_turn_is_exact() {
     assert_ne!(again.finish_reason, FinishReason::Cancelled);
 }
 
+/// A sink whose cancel flag is shared with another thread (the bindings' per-call token).
+struct TokenSinkWith(Arc<std::sync::atomic::AtomicBool>);
+
+impl matformer::TokenSink for TokenSinkWith {
+    fn on_text(&mut self, _piece: &str) -> SinkControl {
+        SinkControl::Continue
+    }
+    fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_sink_cancel_made_before_the_call_is_not_lost_and_reaches_no_other_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let engine = cpu_engine();
+    let s = session(&engine, "xl");
+    // Cancelled before the call starts: nothing is prefilled, nothing generated, and the
+    // conversation is as before.
+    let flag = Arc::new(AtomicBool::new(true));
+    let c = s.generate(Input::Text("The ".into()), &greedy(100_000), &mut TokenSinkWith(flag)).unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Cancelled);
+    assert_eq!(c.usage.completion_tokens, 0);
+    assert_eq!(s.token_count(), 0);
+    // Cancelled mid-way from another thread.
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&flag);
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        f.store(true, Ordering::SeqCst);
+    });
+    let c = s.generate(Input::Text("The ".into()), &greedy(100_000), &mut TokenSinkWith(flag)).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Cancelled);
+    assert!(c.usage.completion_tokens < 100_000);
+    // The next call, with its own flag, is untouched and exact.
+    s.reset();
+    let after = s.generate(Input::Text("The ".into()), &greedy(20), &mut TokenSinkWith(Arc::default())).unwrap();
+    let fresh = session(&engine, "xl").generate(Input::Text("The ".into()), &greedy(20), &mut NoSink).unwrap();
+    assert_eq!(after.token_ids, fresh.token_ids);
+    assert_eq!(after.finish_reason, FinishReason::Length);
+}
+
 #[test]
 fn stop_strings_end_the_answer_and_are_never_streamed() {
     let engine = cpu_engine();

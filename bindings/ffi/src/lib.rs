@@ -25,86 +25,88 @@ uniffi::setup_scaffolding!();
 // Errors
 
 /// Every failure of the API, one variant per theme of the runtime's error, each with the
-/// runtime's one-line message. The engine and its sessions stay usable after any of them.
+/// runtime's one-line message in `detail` (not `message`: that name collides with
+/// `Throwable.message` in uniffi's Kotlin, mozilla/uniffi-rs#1434). The engine and its
+/// sessions stay usable after any of them.
 #[derive(Debug, thiserror::Error, uniffi::Error)]
 pub enum MatformerError {
     /// An argument is out of range or malformed (sampling values, sizes, names).
-    #[error("{message}")]
+    #[error("{detail}")]
     InvalidArgument {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The prompt does not fit the session's context.
-    #[error("{message}")]
+    #[error("{detail}")]
     ContextFull {
         /// What is wrong.
-        message: String,
+        detail: String,
         /// Tokens the call needs in the cache.
         needed: u64,
         /// The session's context length.
         limit: u64,
     },
     /// No submodel fits the budget.
-    #[error("{message}")]
+    #[error("{detail}")]
     NothingFits {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The model file could not be opened or read (missing, truncated, corrupt, unknown
     /// version), or the submodel or catalog in it is unusable.
-    #[error("{message}")]
+    #[error("{detail}")]
     Model {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The tokenizer or the chat template failed.
-    #[error("{message}")]
+    #[error("{detail}")]
     Tokenizer {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The CPU engine or the GPU failed, or the latency cost model could not be used.
-    #[error("{message}")]
+    #[error("{detail}")]
     Backend {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
     /// The engine was released (`Engine.release()`); open it again to generate.
-    #[error("{message}")]
+    #[error("{detail}")]
     EngineClosed {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
-    /// The foreign listener threw; its message is kept.
-    #[error("{message}")]
+    /// The foreign listener threw; its error is kept in `detail`.
+    #[error("{detail}")]
     Listener {
         /// What is wrong.
-        message: String,
+        detail: String,
     },
 }
 
 impl From<matformer::Error> for MatformerError {
     fn from(e: matformer::Error) -> Self {
         use matformer::Error as E;
-        let message = e.to_string();
+        let detail = e.to_string();
         match e {
-            E::InvalidArgument { .. } => MatformerError::InvalidArgument { message },
+            E::InvalidArgument { .. } => MatformerError::InvalidArgument { detail },
             E::ContextFull { needed, limit } => {
-                MatformerError::ContextFull { message, needed: needed as u64, limit: limit as u64 }
+                MatformerError::ContextFull { detail, needed: needed as u64, limit: limit as u64 }
             }
-            E::NothingFits(_) => MatformerError::NothingFits { message },
-            E::Model(_) | E::Submodel(_) | E::Catalog(_) => MatformerError::Model { message },
-            E::Tokenizer(_) | E::Template(_) => MatformerError::Tokenizer { message },
-            E::Backend(_) | E::CostModel(_) => MatformerError::Backend { message },
-            E::EngineClosed => MatformerError::EngineClosed { message },
-            _ => MatformerError::Backend { message },
+            E::NothingFits(_) => MatformerError::NothingFits { detail },
+            E::Model(_) | E::Submodel(_) | E::Catalog(_) => MatformerError::Model { detail },
+            E::Tokenizer(_) | E::Template(_) => MatformerError::Tokenizer { detail },
+            E::Backend(_) | E::CostModel(_) => MatformerError::Backend { detail },
+            E::EngineClosed => MatformerError::EngineClosed { detail },
+            _ => MatformerError::Backend { detail },
         }
     }
 }
 
 impl From<uniffi::UnexpectedUniFFICallbackError> for MatformerError {
     fn from(e: uniffi::UnexpectedUniFFICallbackError) -> Self {
-        MatformerError::Listener { message: format!("the text listener failed: {}", e.reason) }
+        MatformerError::Listener { detail: format!("the text listener failed: {}", e.reason) }
     }
 }
 
@@ -773,9 +775,40 @@ pub struct Session {
     inner: matformer::Session,
 }
 
-/// Adapts the foreign listener to the runtime's sink.
+/// Cancels one generation: made by the caller before `Session.generate` and passed to it, then
+/// cancelled from any thread. Unlike `Session.cancel()`, which is a no-op while the session is
+/// idle, a token cancelled before the call starts (the call waiting for the session, or its
+/// thread not yet scheduled) ends that call at once, and it never stops another generation.
+/// The Kotlin Flow and the Swift Task cancellation use one per call.
+#[derive(Debug, Default, uniffi::Object)]
+pub struct CancelToken {
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+#[uniffi::export]
+impl CancelToken {
+    /// A token not yet cancelled.
+    #[uniffi::constructor]
+    pub fn new() -> Arc<Self> {
+        Arc::new(CancelToken::default())
+    }
+
+    /// Ends the generation given this token within one decode step (finish reason
+    /// `Cancelled`), or at once if it has not started. Idempotent.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Adapts the foreign listener (and the call's cancel token) to the runtime's sink.
 struct ListenerSink {
     listener: Box<dyn TokenListener>,
+    cancel: Option<Arc<CancelToken>>,
 }
 
 impl matformer::TokenSink for ListenerSink {
@@ -786,19 +819,26 @@ impl matformer::TokenSink for ListenerSink {
             matformer::SinkControl::Stop
         }
     }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+    }
 }
 
 #[uniffi::export]
 impl Session {
     /// Generates an answer to `input`, streaming text pieces to `listener`, and returns the
-    /// whole completion. Blocks until the answer ends; call it off the UI thread.
+    /// whole completion. Blocks until the answer ends; call it off the UI thread. `cancel`, when
+    /// given, ends this call (finish reason `Cancelled`) once cancelled, even if that happened
+    /// before the call began.
     pub fn generate(
         &self,
         input: Input,
         options: GenerateOptions,
         listener: Box<dyn TokenListener>,
+        cancel: Option<Arc<CancelToken>>,
     ) -> Result<Completion> {
-        let mut sink = ListenerSink { listener };
+        let mut sink = ListenerSink { listener, cancel };
         Ok(self.inner.generate(input.into(), &options.into(), &mut sink)?.into())
     }
 

@@ -83,7 +83,7 @@ fn open_describe_select_generate() {
     let session = engine.session(session_options(Some(SubmodelChoice::Named { name: "m".into() }))).unwrap();
     assert_eq!(session.submodel(), "m");
     let (listener, pieces) = collect(None);
-    let done = session.generate(text("The "), greedy(12), listener).unwrap();
+    let done = session.generate(text("The "), greedy(12), listener, None).unwrap();
     assert_eq!(done.finish_reason, FinishReason::Length);
     assert_eq!(done.usage.completion_tokens, 12);
     assert_eq!(pieces.lock().unwrap().concat(), done.text);
@@ -119,7 +119,7 @@ fn listener_stop_budget_switch_and_pressure() {
     let engine = Engine::open(matlm(), cpu()).unwrap();
     let session = engine.session(session_options(None)).unwrap();
     let (listener, pieces) = collect(Some(3));
-    let done = session.generate(text("Once upon a time"), greedy(50), listener).unwrap();
+    let done = session.generate(text("Once upon a time"), greedy(50), listener, None).unwrap();
     assert_eq!(done.finish_reason, FinishReason::Stop);
     assert_eq!(pieces.lock().unwrap().len(), 3);
 
@@ -137,7 +137,7 @@ fn listener_stop_budget_switch_and_pressure() {
     assert_eq!(session.submodel(), plan.entry.name);
     session.on_memory_pressure(MemoryPressure::Critical).unwrap();
     let (listener, _) = collect(None);
-    let done = session.generate(text(" and"), greedy(4), listener).unwrap();
+    let done = session.generate(text(" and"), greedy(4), listener, None).unwrap();
     assert_eq!(done.stats.submodel, "s");
     assert!(done.stats.switches.iter().any(|s| s.reason.contains("memory")), "{:?}", done.stats.switches);
 }
@@ -145,12 +145,12 @@ fn listener_stop_budget_switch_and_pressure() {
 #[test]
 fn errors_map_to_their_kind_with_the_message() {
     match Engine::open("/nonexistent/model.matf".into(), cpu()) {
-        Err(MatformerError::Model { message }) => assert!(message.contains("/nonexistent/model.matf"), "{message}"),
+        Err(MatformerError::Model { detail }) => assert!(detail.contains("/nonexistent/model.matf"), "{detail}"),
         other => panic!("{other:?}"),
     }
     let engine = Engine::open(matlm(), cpu()).unwrap();
     match engine.session(session_options(Some(SubmodelChoice::Named { name: "huge".into() }))) {
-        Err(MatformerError::Model { message }) => assert!(message.contains("huge"), "{message}"),
+        Err(MatformerError::Model { detail }) => assert!(detail.contains("huge"), "{detail}"),
         other => panic!("{other:?}"),
     }
     let tiny = DeviceBudget {
@@ -178,20 +178,20 @@ fn errors_map_to_their_kind_with_the_message() {
     };
     let session = engine.session(session_options(None)).unwrap();
     let (listener, _) = collect(None);
-    assert!(matches!(session.generate(text("x"), bad, listener), Err(MatformerError::InvalidArgument { .. })));
+    assert!(matches!(session.generate(text("x"), bad, listener, None), Err(MatformerError::InvalidArgument { .. })));
     let long = "a".repeat(600);
     let (listener, _) = collect(None);
-    match session.generate(text(&long), greedy(4), listener) {
+    match session.generate(text(&long), greedy(4), listener, None) {
         Err(MatformerError::ContextFull { needed, limit, .. }) => assert!(needed > limit && limit == 256),
         other => panic!("{other:?}"),
     }
     // Still usable after every error.
     let (listener, _) = collect(None);
-    assert_eq!(session.generate(text("ok"), greedy(2), listener).unwrap().usage.completion_tokens, 2);
+    assert_eq!(session.generate(text("ok"), greedy(2), listener, None).unwrap().usage.completion_tokens, 2);
     engine.release();
     assert!(engine.is_released());
     let (listener, _) = collect(None);
-    assert!(matches!(session.generate(text("x"), greedy(2), listener), Err(MatformerError::EngineClosed { .. })));
+    assert!(matches!(session.generate(text("x"), greedy(2), listener, None), Err(MatformerError::EngineClosed { .. })));
 }
 
 /// Cancels from the listener's thread of control on a second thread once streaming began.
@@ -219,7 +219,7 @@ fn cancel_from_another_thread_returns_promptly_and_keeps_the_session() {
             t
         })
     };
-    let done = session.generate(text("Once"), greedy(200), Box::new(Count(Arc::clone(&seen)))).unwrap();
+    let done = session.generate(text("Once"), greedy(200), Box::new(Count(Arc::clone(&seen))), None).unwrap();
     let cancelled_at = canceller.join().unwrap();
     let returned_after = cancelled_at.elapsed();
     assert_eq!(done.finish_reason, FinishReason::Cancelled);
@@ -228,5 +228,39 @@ fn cancel_from_another_thread_returns_promptly_and_keeps_the_session() {
     // loaded CI machine it is still far below this.
     assert!(returned_after < Duration::from_secs(2), "{returned_after:?}");
     let (listener, _) = collect(None);
-    assert_eq!(session.generate(text(" again"), greedy(3), listener).unwrap().usage.completion_tokens, 3);
+    assert_eq!(session.generate(text(" again"), greedy(3), listener, None).unwrap().usage.completion_tokens, 3);
+}
+
+/// A per-call token: cancelled before the call, the call ends at once with nothing generated;
+/// cancelled during it, the call ends within a step; a token never reaches another call.
+#[test]
+fn cancel_token_before_and_during_the_call() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    let session = engine.session(session_options(None)).unwrap();
+    let token = CancelToken::new();
+    token.cancel();
+    assert!(token.is_cancelled());
+    let (listener, pieces) = collect(None);
+    let done = session.generate(text("Once"), greedy(200), listener, Some(Arc::clone(&token))).unwrap();
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert_eq!(done.usage.completion_tokens, 0);
+    assert!(pieces.lock().unwrap().is_empty());
+    assert_eq!(session.token_count(), 0);
+
+    let token = CancelToken::new();
+    let canceller = {
+        let token = Arc::clone(&token);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            token.cancel();
+        })
+    };
+    let (listener, _) = collect(None);
+    let done = session.generate(text("Once"), greedy(100_000), listener, Some(token)).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    // The next call has a fresh token and runs to its length.
+    let (listener, _) = collect(None);
+    let next = session.generate(text(" again"), greedy(3), listener, Some(CancelToken::new())).unwrap();
+    assert_eq!(next.finish_reason, FinishReason::Length);
 }

@@ -229,7 +229,7 @@ impl Session {
         let mut next = 0;
         let prefill_started = Instant::now();
         for pass in full[keep..].chunks(PREFILL_PASS) {
-            if self.cancelled() {
+            if self.cancelled(sink) {
                 self.control.position.store(elastic.position(), Ordering::SeqCst);
                 let stats = self.stats(elastic, prefill_started.elapsed().as_secs_f64() * 1e3, 0.0, 0, 0, events);
                 return Ok(Completion {
@@ -278,7 +278,7 @@ impl Session {
                 finish = FinishReason::Length;
                 break;
             }
-            if self.cancelled() {
+            if self.cancelled(sink) {
                 finish = FinishReason::Cancelled;
                 break;
             }
@@ -351,8 +351,10 @@ impl Session {
         }
     }
 
-    fn cancelled(&self) -> bool {
-        self.control.cancel.load(Ordering::SeqCst)
+    /// Whether this generation was cancelled: through the session ([`Session::cancel`]) or
+    /// through its sink ([`TokenSink::is_cancelled`]).
+    fn cancelled(&self, sink: &dyn TokenSink) -> bool {
+        self.control.cancel.load(Ordering::SeqCst) || sink.is_cancelled()
     }
 
     /// Applies the changes queued by other threads, recording each switch.

@@ -188,6 +188,16 @@ pub enum SinkControl {
 pub trait TokenSink: Send {
     /// A new piece of text.
     fn on_text(&mut self, piece: &str) -> SinkControl;
+
+    /// Polled before every prefill pass and decode step: `true` ends the generation as
+    /// [`FinishReason::Cancelled`], exactly as [`Session::cancel`](super::Session::cancel) does.
+    /// Unlike that call, which is a no-op while the session is idle, this belongs to one
+    /// generation: a cancel made before the call starts (while it waits for the session, say)
+    /// is not lost, and it can never stop another generation. The bindings' per-call cancel
+    /// tokens use it.
+    fn is_cancelled(&self) -> bool {
+        false
+    }
 }
 
 impl<F: FnMut(&str) -> SinkControl + Send> TokenSink for F {

@@ -174,6 +174,9 @@ public final class Session: @unchecked Sendable {
     final class Generation: @unchecked Sendable {
         let lock = NSLock()
         var cancelled = false
+        /// This generation's own native cancel: it ends the native call even when cancelled
+        /// before the call began, and never reaches another generation of the session.
+        let token = CancelToken()
         /// Inside the native `generate`.
         var native = false
         /// The listener stopped the native generation because of a cancel that may have reached
@@ -213,7 +216,7 @@ public final class Session: @unchecked Sendable {
         generation.lock.lock()
         defer { generation.lock.unlock() }
         generation.cancelled = true
-        if generation.native { ffi.cancel() }
+        generation.token.cancel()
     }
 
     /// Runs the native generation on a thread of its own and hands its result to `done`.
@@ -243,7 +246,7 @@ public final class Session: @unchecked Sendable {
         generation.lock.unlock()
         if cancelledBeforeStart { return .failure(CancellationError()) }
 
-        var result = Result { try mapped { try ffi.generate(input: input, options: options, listener: listener) } }
+        var result = Result { try mapped { try ffi.generate(input: input, options: options, listener: listener, cancel: generation.token) } }
         let returned = ContinuousClock.now
 
         generation.lock.lock()

@@ -1,5 +1,6 @@
 package dev.matformer
 
+import dev.matformer.ffi.CancelToken
 import dev.matformer.ffi.ChatMessage
 import dev.matformer.ffi.Completion
 import dev.matformer.ffi.DeviceBudget
@@ -89,7 +90,7 @@ class MatformerSession internal constructor(
                 false
             }
         }
-        val c = record(ffiCall { ffi.generate(input, options, listener) })
+        val c = record(ffiCall { ffi.generate(input, options, listener, null) })
         thrown?.let { throw MatformerException.Listener("the text listener threw: $it", it) }
         c
     }
@@ -138,24 +139,22 @@ class MatformerSession internal constructor(
     private fun stream(input: Input, options: GenerateOptions, done: (Completion) -> Unit): Flow<String> =
         callbackFlow {
             val returned = AtomicBoolean(false)
-            val stopping = AtomicBoolean(false)
+            // This call's own cancel: it works even before the native call starts (the
+            // collector cancelled while the call waits for the dispatcher or the session) and
+            // can never stop another generation of the session.
+            val token = CancelToken()
             live {}
             launch(engine.dispatcher) {
                 val listener = object : TokenListener {
                     override fun onText(piece: String): Boolean {
-                        if (stopping.get() || !trySendBlocking(piece).isSuccess) {
-                            // The collector left (the channel refuses the piece). The cancel
-                            // from awaitClose may have reached the session before the native
-                            // call started, where it is a no-op, so it is repeated here; the
-                            // call then returns at the next token boundary as CANCELLED.
-                            stopping.set(true)
-                            nativeCancel()
-                        }
+                        // The collector left (the channel refuses the piece): the call returns
+                        // at the next token boundary as CANCELLED.
+                        if (!trySendBlocking(piece).isSuccess) token.cancel()
                         return true
                     }
                 }
                 try {
-                    val c = record(ffiCall { ffi.generate(input, options, listener) })
+                    val c = record(ffiCall { ffi.generate(input, options, listener, token) })
                     returned.set(true)
                     done(c)
                     close()
@@ -168,10 +167,7 @@ class MatformerSession internal constructor(
             // The worker is this producer's child: the flow (and the collector's cancellation)
             // completes only once the native call has returned, so the session is idle again then.
             awaitClose {
-                if (!returned.get()) {
-                    stopping.set(true)
-                    nativeCancel()
-                }
+                if (!returned.get()) token.cancel()
             }
         }
 

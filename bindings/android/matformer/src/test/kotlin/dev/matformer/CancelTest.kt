@@ -64,6 +64,36 @@ class CancelTest {
     }
 
     @Test
+    fun `a collector cancelled while its call waits for the session ends that call only`() = runBlocking {
+        openCpu().use { engine ->
+            val s = engine.session("xl")
+            // A first generation holds the session until `release` completes.
+            val release = CompletableDeferred<Unit>()
+            val holding = CompletableDeferred<Unit>()
+            var first: dev.matformer.ffi.Completion? = null
+            val holder = Thread {
+                first = s.generateBlocking(textInput("The "), greedy(20)) {
+                    holding.complete(Unit)
+                    runBlocking { release.await() }
+                    true
+                }
+            }.apply { start() }
+            holding.await()
+            // A second generation waits for the session; its collector is cancelled meanwhile.
+            val job = launch(Dispatchers.Default) { s.generate(textInput("The "), greedy(100_000)).collect {} }
+            Thread.sleep(100)
+            job.cancel()
+            release.complete(Unit)
+            job.join()
+            holder.join()
+            // The cancel reached the waiting call, not the running one.
+            assertEquals(FinishReason.LENGTH, first!!.finishReason)
+            assertEquals(FinishReason.CANCELLED, s.lastCompletion!!.finishReason)
+            assertEquals(0uL, s.lastCompletion!!.usage.completionTokens)
+        }
+    }
+
+    @Test
     fun `cancel latency from the Flow's cancellation to the native return`() {
         openCpu().use { engine ->
             val s = engine.session("xl")
