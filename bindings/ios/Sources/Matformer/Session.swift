@@ -177,8 +177,6 @@ public final class Session: @unchecked Sendable {
         /// This generation's own native cancel: it ends the native call even when cancelled
         /// before the call began, and never reaches another generation of the session.
         let token = CancelToken()
-        /// Inside the native `generate`.
-        var native = false
         /// The listener stopped the native generation because of a cancel that may have reached
         /// the runtime before its generation began.
         var stoppedByCancel = false
@@ -242,7 +240,6 @@ public final class Session: @unchecked Sendable {
         defer { serial.unlock() }
         generation.lock.lock()
         let cancelledBeforeStart = generation.cancelled
-        generation.native = !cancelledBeforeStart
         generation.lock.unlock()
         if cancelledBeforeStart { return .failure(CancellationError()) }
 
@@ -250,7 +247,6 @@ public final class Session: @unchecked Sendable {
         let returned = ContinuousClock.now
 
         generation.lock.lock()
-        generation.native = false
         let stoppedByCancel = generation.stoppedByCancel
         generation.lock.unlock()
         if stoppedByCancel, case .success(var c) = result, c.finishReason == .stop {
