@@ -6,8 +6,8 @@
 //! step, the verify pass of `k + 1` tokens and the plain decode step.
 //!
 //! `--project-acceptance A` adds, per row, the speed-up those measured costs give at
-//! acceptance rate `A` with the row's last `k` (use `--fixed-k`): `E / (k t_draft + t_verify)
-//! * t_step` with `E = (1 - A^(k+1)) / (1 - A)` tokens per pass (Leviathan et al. 2023, i.i.d.
+//! acceptance rate `A` with the row's last `k` (use `--fixed-k`): `t_step E / (k t_draft +
+//! t_verify)` with `E = (1 - A^(k+1)) / (1 - A)` tokens per pass (Leviathan et al. 2023, i.i.d.
 //! acceptance), for shapes whose random weights accept nothing (the synth file).
 
 use std::path::Path;

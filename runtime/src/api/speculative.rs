@@ -88,6 +88,9 @@ pub(crate) fn resolve_draft(
     Ok(draft)
 }
 
+/// A round's drafts, their distributions (sampling only) and the draft passes run.
+type Drafted = (Vec<u32>, Vec<Vec<f32>>, usize);
+
 /// How a round ended.
 pub(crate) enum RoundEnd {
     /// The next token (the verifier's own: a replacement or the bonus token), not yet fed.
@@ -244,7 +247,7 @@ impl Speculator {
         k: usize,
         greedy: bool,
         drafter: &mut Sampler,
-    ) -> Result<(Vec<u32>, Vec<Vec<f32>>, usize), Error> {
+    ) -> Result<Drafted, Error> {
         if own.as_ref().is_none_or(|o| *o.session.submodel() != self.draft) {
             let session = elastic.backend().session(&self.draft)?;
             *own = Some(OwnDraft { session, history: Vec::new() });
@@ -282,7 +285,7 @@ fn draft_shared(
     k: usize,
     greedy: bool,
     drafter: &mut Sampler,
-) -> Result<(Vec<u32>, Vec<Vec<f32>>, usize), Error> {
+) -> Result<Drafted, Error> {
     let mut drafts = Vec::with_capacity(k);
     let mut qs = Vec::new();
     let mut feed = next;
