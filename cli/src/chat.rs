@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use matformer::{
-    BackendChoice, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, GenerateOptions, GpuTuning, Input,
-    SamplingParams, Session, SessionOptions, SinkControl, SubmodelChoice, SwitchMode,
+    BackendChoice, CancelHandle, ChatMessage, Completion, DraftCache, DraftChoice, Engine, EngineOptions,
+    GenerateOptions, GpuTuning, Input, SamplingParams, Session, SessionOptions, SinkControl, SpeculativeOptions,
+    SubmodelChoice, SwitchMode,
 };
 
 /// Engine flags: backend, threads, GPU memory cap, latency cache.
@@ -149,8 +150,88 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token.clone(),
             truncate_prompt: false,
+            speculative: None,
         }
     }
+}
+
+/// Speculative decoding flags (`generate` and `chat`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SpeculativeArgs {
+    /// Speculative decoding: a narrower nested submodel drafts, the running one verifies
+    /// (the output is the verifier's).
+    #[arg(long)]
+    pub speculative: bool,
+    /// The draft: `auto` (the smallest submodel), a level name (s, m, l), per-layer levels
+    /// (s,s,m,l or 0,0,1,3) or a catalog entry. Implies --speculative.
+    #[arg(long)]
+    pub draft: Option<String>,
+    /// Where the draft keeps its KV cache: shared (the verifier's, no extra memory) or own.
+    #[arg(long, value_enum, default_value = "shared")]
+    pub draft_cache: DraftCacheArg,
+    /// Tokens drafted in the first round.
+    #[arg(long, default_value_t = 4)]
+    pub draft_k: usize,
+    /// Most tokens drafted in a round.
+    #[arg(long, default_value_t = 8)]
+    pub draft_max_k: usize,
+    /// Keep k fixed (default: grow it after a fully accepted round, shrink after a rejection).
+    #[arg(long)]
+    pub fixed_k: bool,
+}
+
+/// `--draft-cache` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraftCacheArg {
+    /// The verifier's KV cache.
+    Shared,
+    /// A second KV cache for the draft.
+    Own,
+}
+
+impl From<DraftCacheArg> for DraftCache {
+    fn from(c: DraftCacheArg) -> DraftCache {
+        match c {
+            DraftCacheArg::Shared => DraftCache::Shared,
+            DraftCacheArg::Own => DraftCache::Own,
+        }
+    }
+}
+
+impl SpeculativeArgs {
+    /// The speculative options these flags describe (`None`: off).
+    pub fn options(&self) -> Option<SpeculativeOptions> {
+        if !self.speculative && self.draft.is_none() {
+            return None;
+        }
+        let draft = match self.draft.as_deref() {
+            None | Some("auto") => DraftChoice::Auto,
+            Some(name) => DraftChoice::Named(name.to_string()),
+        };
+        Some(SpeculativeOptions {
+            draft,
+            cache: self.draft_cache.into(),
+            k: self.draft_k,
+            max_k: self.draft_max_k.max(self.draft_k),
+            adaptive: !self.fixed_k,
+        })
+    }
+}
+
+/// `[speculative: draft s (shared KV), 37 verify passes, acceptance 81.2%, 4.1 tokens per pass]`.
+pub fn speculative_line(s: &matformer::SpeculativeStats) -> String {
+    format!(
+        "[speculative: draft {} ({} KV), {} verify passes, {} of {} drafts accepted ({:.1}%), {:.2} tokens per pass, draft {:.1} ms, verify {:.1} ms]",
+        s.draft,
+        s.cache.name(),
+        s.verify_passes,
+        s.accepted,
+        s.proposed,
+        s.acceptance_rate * 100.0,
+        s.tokens_per_pass,
+        s.draft_ms,
+        s.verify_ms
+    )
 }
 
 /// `--switch-mode` values.
@@ -212,6 +293,8 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
+    pub speculative: SpeculativeArgs,
+    #[command(flatten)]
     pub budget: crate::select::BudgetArgs,
     /// One JSON object per turn on stdout (the answer is not streamed).
     #[arg(long)]
@@ -231,7 +314,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         let b = engine.backend();
         eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
     }
-    let options = args.sampling.options(args.max_tokens);
+    let options = GenerateOptions { speculative: args.speculative.options(), ..args.sampling.options(args.max_tokens) };
     if !args.json {
         eprintln!("submodel: {} ({} tokens of context)", session.submodel(), session.context_length());
     }
@@ -320,10 +403,10 @@ fn turn(session: &Session, text: &str, options: &GenerateOptions, json: bool) ->
     Ok(c)
 }
 
-/// `[cpu s: 12 prompt tokens (8 cached) ..., finish eos]`.
+/// `[cpu s: 12 prompt tokens (8 cached) ..., finish eos]` (and the speculative line).
 pub fn stats_line(c: &Completion) -> String {
     let s = &c.stats;
-    format!(
+    let line = format!(
         "[{} {}: {} prompt tokens ({} cached) in {:.1} ms ({:.1} tok/s), first token after {:.1} ms, {} generated ({:.1} tok/s), finish {}]",
         s.backend,
         s.submodel,
@@ -335,5 +418,9 @@ pub fn stats_line(c: &Completion) -> String {
         c.usage.completion_tokens,
         s.decode_tokens_per_s,
         c.finish_reason.name()
-    )
+    );
+    match &s.speculative {
+        Some(sp) => format!("{line}\n{}", speculative_line(sp)),
+        None => line,
+    }
 }

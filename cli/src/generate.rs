@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use matformer::{Engine, FinishReason, Input, SessionOptions, SinkControl};
+use matformer::{Engine, FinishReason, GenerateOptions, Input, SessionOptions, SinkControl, SpeculativeStats};
 use matformer_export::progress::human_bytes;
 use serde::Serialize;
 
-use crate::chat::{submodel_choice, EngineArgs, SamplingArgs};
+use crate::chat::{speculative_line, submodel_choice, EngineArgs, SamplingArgs, SpeculativeArgs};
 use crate::common::{open, print_json};
 
 #[derive(Serialize)]
@@ -42,6 +42,8 @@ struct GenerateOut {
     finish_reason: String,
     /// Changes of submodel (a GPU out-of-memory step-down at start included).
     switches: Vec<matformer::SwitchEvent>,
+    /// Speculative decoding's counts (draft, acceptance, tokens per verify pass), when on.
+    speculative: Option<SpeculativeStats>,
 }
 
 /// `matformer generate` arguments.
@@ -65,6 +67,8 @@ pub struct GenerateArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
     /// Print the result as JSON (text, tokens, timings).
     #[arg(long)]
     pub json: bool,
@@ -86,7 +90,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let b = engine.backend();
     eprintln!("backend: {} ({}; {})", b.kind.name(), b.device, b.reason);
     let load_ms = started.elapsed().as_secs_f64() * 1e3 - open_ms;
-    let options = args.sampling.options(args.max_tokens);
+    let options = GenerateOptions { speculative: args.speculative.options(), ..args.sampling.options(args.max_tokens) };
     let mut stdout = std::io::stdout();
     if !args.json {
         print!("{}", args.prompt);
@@ -131,6 +135,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         time_to_first_token_ms: (call_started - started).as_secs_f64() * 1e3 + c.stats.time_to_first_token_ms,
         finish_reason: c.finish_reason.name().to_string(),
         switches: c.stats.switches.clone(),
+        speculative: c.stats.speculative.clone(),
     };
     if args.json {
         return print_json(&res);
@@ -156,5 +161,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         res.load_ms,
         res.time_to_first_token_ms
     );
+    if let Some(s) = &res.speculative {
+        eprintln!("{}", speculative_line(s));
+    }
     Ok(())
 }

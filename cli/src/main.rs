@@ -15,6 +15,7 @@ mod import;
 mod inspect;
 mod latency;
 mod select;
+mod spec_bench;
 mod switch_bench;
 mod synth;
 mod verify;
@@ -212,6 +213,30 @@ enum Command {
         /// and memory-pressure handling, with the mapping's resident memory before and after.
         #[arg(long)]
         switch: bool,
+        /// Measure nested speculative decoding instead: each draft (--draft, default every
+        /// level below the verifier, the first --submodel or the largest) with a shared and an
+        /// own KV cache against the verifier alone (greedy, --gen-len tokens per prompt).
+        #[arg(long)]
+        speculative: bool,
+        /// Drafts for --speculative (repeatable).
+        #[arg(long)]
+        draft: Vec<String>,
+        /// Prompts for --speculative (repeatable; default: four English sentence openings).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Tokens drafted in the first round (--speculative).
+        #[arg(long, default_value_t = 4)]
+        draft_k: usize,
+        /// Most tokens drafted in a round (--speculative).
+        #[arg(long, default_value_t = 8)]
+        draft_max_k: usize,
+        /// Keep k fixed (--speculative).
+        #[arg(long)]
+        fixed_k: bool,
+        /// Project the measured costs at this acceptance rate, in [0, 1] (repeatable;
+        /// --speculative).
+        #[arg(long)]
+        project_acceptance: Vec<f64>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -305,9 +330,40 @@ fn main() -> ExitCode {
         Command::Latency { file, cost, check, check_max, prompt_len, gen_len, repeats, context, json } => {
             latency::run(&file, &cost, check, check_max, prompt_len, gen_len, repeats, context, json)
         }
-        Command::Bench { file, backend, submodel, budget, prompt_len, gen_len, repetitions, threads, switch, json } => {
+        Command::Bench {
+            file,
+            backend,
+            submodel,
+            budget,
+            prompt_len,
+            gen_len,
+            repetitions,
+            threads,
+            switch,
+            speculative,
+            draft,
+            prompt,
+            draft_k,
+            draft_max_k,
+            fixed_k,
+            project_acceptance,
+            json,
+        } => {
             let backend: Vec<matformer::BackendChoice> = backend.into_iter().map(Into::into).collect();
-            if switch {
+            if speculative {
+                let a = spec_bench::SpecBenchArgs {
+                    verifier: submodel.first().cloned(),
+                    drafts: draft,
+                    prompts: prompt,
+                    gen_len,
+                    repetitions: repetitions as usize,
+                    k: draft_k.max(1),
+                    max_k: draft_max_k,
+                    fixed_k,
+                    project: project_acceptance,
+                };
+                spec_bench::run(&file, &backend, threads, &a, json)
+            } else if switch {
                 switch_bench::run(&file, &backend, prompt_len, gen_len, threads, json)
             } else {
                 let run = bench::RunShape { prompt_len, gen_len, repetitions: repetitions as usize };

@@ -34,9 +34,10 @@ mod submodel;
 pub mod tokenizer;
 
 pub use api::{
-    BackendChoice, BackendInfo, BackendKind, CancelHandle, ChatMessage, Completion, Engine, EngineOptions, Error,
-    FinishReason, GenerateOptions, GpuTuning, Input, ModelInfo, NoSink, SamplingParams, Session, SessionOptions,
-    SinkControl, Stats, SubmodelChoice, SwitchEvent, SwitchMode, TokenSink, Usage,
+    BackendChoice, BackendInfo, BackendKind, CancelHandle, ChatMessage, Completion, DraftCache, DraftChoice, Engine,
+    EngineOptions, Error, FinishReason, GenerateOptions, GpuTuning, Input, ModelInfo, NoSink, SamplingParams, Session,
+    SessionOptions, SinkControl, SpeculativeOptions, SpeculativeStats, Stats, SubmodelChoice, SwitchEvent, SwitchMode,
+    TokenSink, Usage,
 };
 pub use model::{ModelError, ModelFile};
 pub use submodel::{Submodel, SubmodelError};

@@ -418,6 +418,153 @@ impl Sampler {
     }
 }
 
+/// What [`Sampler::speculative_verdict`] decided about one drafted token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The drafted token is kept.
+    Accepted,
+    /// The drafted token is rejected; this token (drawn from the residual distribution) takes
+    /// its place and ends the round.
+    Rejected(u32),
+}
+
+impl Sampler {
+    /// A sampler for a draft: the same parameters and observed tokens, and a generator seeded
+    /// by one draw of this one (so the draft's draws are independent of the acceptance draws
+    /// that follow, and a seed still reproduces the whole run).
+    pub fn fork(&mut self) -> Sampler {
+        Sampler { params: self.params, rng: SplitMix64::new(self.rng.next_u64()), counts: self.counts.clone() }
+    }
+
+    /// The raw logits with this sampler's penalties applied (step 1 of the pipeline).
+    pub fn processed_logits(&self, logits: &[f32]) -> Vec<f32> {
+        let mut processed = logits.to_vec();
+        if self.params.has_penalties() {
+            let tr = self.logit_transform();
+            for &(t, c) in tr.counts {
+                if let Some(v) = processed.get_mut(t as usize) {
+                    *v = tr.penalize(*v, c);
+                }
+            }
+        }
+        processed
+    }
+
+    /// The distribution [`Sampler::sample_logits`] draws from for these raw logits: penalties,
+    /// temperature, top-k, top-p and min-p applied, normalised; zero outside the kept set.
+    /// Greedy gives a one-hot vector at the greedy token. Empty logits give an empty vector.
+    pub fn probabilities(&self, logits: &[f32]) -> Vec<f32> {
+        let processed = self.processed_logits(logits);
+        let mut probs = vec![0.0f32; processed.len()];
+        if processed.is_empty() {
+            return probs;
+        }
+        let p = &self.params;
+        if p.is_greedy() {
+            let mut greedy = Sampler { params: *p, rng: self.rng.clone(), counts: Vec::new() };
+            probs[greedy.sample_processed_logits(&processed) as usize] = 1.0;
+            return probs;
+        }
+        let mut sorted: Vec<(u32, f32)> =
+            processed.iter().enumerate().map(|(i, &v)| (i as u32, canonical(v))).collect();
+        sorted.sort_unstable_by(order);
+        let t = p.temperature as f64;
+        let z0 = sorted[0].1 as f64 / t;
+        if !z0.is_finite() {
+            // +inf: that token only; -inf: every token has probability 0 and `choose` takes
+            // the first.
+            probs[sorted[0].0 as usize] = 1.0;
+            return probs;
+        }
+        let mut n = sorted.len();
+        if p.top_k > 0 && (p.top_k as usize) < n {
+            n = p.top_k as usize;
+        }
+        let w: Vec<f64> = sorted[..n].iter().map(|&(_, v)| (v as f64 / t - z0).exp()).collect();
+        if p.top_p < 1.0 {
+            let target = p.top_p as f64 * w.iter().sum::<f64>();
+            let mut cum = 0.0;
+            if let Some(i) = w.iter().position(|&wi| {
+                cum += wi;
+                cum >= target
+            }) {
+                n = i + 1;
+            }
+        }
+        if p.min_p > 0.0 {
+            let threshold = (p.min_p as f64).ln();
+            let m = sorted[..n].iter().take_while(|&&(_, v)| v as f64 / t - z0 >= threshold).count();
+            n = m.max(1);
+        }
+        let mass: f64 = w[..n].iter().sum();
+        for (&(tok, _), &wi) in sorted[..n].iter().zip(&w) {
+            probs[tok as usize] = (wi / mass) as f32;
+        }
+        probs
+    }
+
+    /// A token drawn from `probs` (non-negative weights, normalised or not) with one draw of
+    /// the generator; a zero-weight token is never drawn. All zero or empty gives 0.
+    pub fn sample_distribution(&mut self, probs: &[f32]) -> u32 {
+        let u = self.rng.next_f64();
+        draw(probs, u)
+    }
+
+    /// The standard speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023) for a
+    /// token `drafted` that a draft drew from `q`, given the verifier's distribution `p` (both
+    /// from [`Sampler::probabilities`]): keep it with probability `min(1, p(x) / q(x))` (one
+    /// draw of this sampler's generator), otherwise draw its replacement from
+    /// `norm(max(0, p - q))` (a second draw). The token that results is distributed exactly
+    /// as `p`. The acceptance draw is made only when `0 < p(x) < q(x)` (otherwise the
+    /// decision is certain), so for a one-hot `p` (greedy) the drafted token is kept exactly
+    /// when it is the verifier's token.
+    pub fn speculative_verdict(&mut self, p: &[f32], q: &[f32], drafted: u32) -> Verdict {
+        let px = p.get(drafted as usize).copied().unwrap_or(0.0) as f64;
+        let qx = q.get(drafted as usize).copied().unwrap_or(0.0) as f64;
+        let accept = if px <= 0.0 {
+            false
+        } else if px >= qx {
+            true
+        } else {
+            self.rng.next_f64() * qx < px
+        };
+        if accept {
+            return Verdict::Accepted;
+        }
+        let residual: Vec<f32> = p.iter().zip(q).map(|(&a, &b)| (a - b).max(0.0)).collect();
+        let token = if residual.iter().any(|&r| r > 0.0) {
+            self.sample_distribution(&residual)
+        } else {
+            // p == q up to rounding: the residual is empty, p itself is the distribution.
+            self.sample_distribution(p)
+        };
+        Verdict::Rejected(token)
+    }
+}
+
+/// The token whose cumulative weight first exceeds `u` times the total (zero weights skipped);
+/// 0 when every weight is zero.
+fn draw(probs: &[f32], u: f64) -> u32 {
+    let total: f64 = probs.iter().map(|&w| w.max(0.0) as f64).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return 0;
+    }
+    let target = u * total;
+    let mut cum = 0.0;
+    let mut last = 0;
+    for (i, &w) in probs.iter().enumerate() {
+        let w = w.max(0.0) as f64;
+        if w > 0.0 {
+            cum += w;
+            last = i;
+            if target < cum {
+                return i as u32;
+            }
+        }
+    }
+    last as u32
+}
+
 /// `ln sum exp(v / temperature)` over `processed` (NaN as `-inf`), in f64.
 fn log_sum_exp(processed: &[f32], temperature: f32) -> f64 {
     let t = temperature as f64;
@@ -516,6 +663,82 @@ mod tests {
         let mut g = SplitMix64::new(1234567);
         let got: Vec<u64> = (0..3).map(|_| g.next_u64()).collect();
         assert_eq!(got, [6457827717110365317, 3203168211198807973, 9817491932198370423]);
+    }
+
+    #[test]
+    fn probabilities_are_the_kept_set_normalised() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NAN, 0.0];
+        let p = |params: SamplingParams| Sampler::new(params).unwrap().probabilities(&logits);
+        let g = p(SamplingParams::greedy());
+        assert_eq!(g, vec![0.0, 1.0, 0.0, 0.0, 0.0]);
+        let full = p(SamplingParams { temperature: 1.0, ..Default::default() });
+        let z: f64 = [1.0f64, 3.0, 2.0, 0.0].iter().map(|v| v.exp()).sum();
+        assert!((full[1] as f64 - 3.0f64.exp() / z).abs() < 1e-6);
+        assert_eq!(full[3], 0.0, "NaN is never drawn");
+        let top2 = p(SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() });
+        assert_eq!(top2.iter().filter(|&&v| v > 0.0).count(), 2);
+        assert!((top2.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!((top2[1] / top2[2] - 1.0f32.exp()).abs() < 1e-5);
+        // min-p 0.5: only tokens within ln 2 of the best.
+        let minp = p(SamplingParams { temperature: 1.0, min_p: 0.5, ..Default::default() });
+        assert_eq!(minp, vec![0.0, 1.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn probabilities_apply_the_penalties_of_observed_tokens() {
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() }).unwrap();
+        s.observe(1);
+        // 3.0 / 4 < 2.0: the greedy token moves to 2.
+        assert_eq!(s.probabilities(&[1.0, 3.0, 2.0]), vec![0.0, 0.0, 1.0]);
+        assert_eq!(s.processed_logits(&[1.0, 3.0, 2.0]), vec![1.0, 0.75, 2.0]);
+    }
+
+    #[test]
+    fn fork_is_reproducible_and_independent_of_the_parent_stream() {
+        let params = SamplingParams { temperature: 1.0, seed: Some(5), ..Default::default() };
+        let mut a = Sampler::new(params).unwrap();
+        let mut b = Sampler::new(params).unwrap();
+        a.observe(3);
+        b.observe(3);
+        let (mut fa, mut fb) = (a.fork(), b.fork());
+        assert_eq!(fa.context_counts(), &[(3, 1)]);
+        let da: Vec<u64> = (0..4).map(|_| fa.rng.next_u64()).collect();
+        let db: Vec<u64> = (0..4).map(|_| fb.rng.next_u64()).collect();
+        assert_eq!(da, db, "same seed, same fork");
+        let parent: Vec<u64> = (0..4).map(|_| a.rng.next_u64()).collect();
+        assert_ne!(da, parent, "the fork does not replay the parent's draws");
+    }
+
+    #[test]
+    fn sample_distribution_never_draws_a_zero_weight() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(1), ..Default::default() }).unwrap();
+        for _ in 0..1000 {
+            let t = s.sample_distribution(&[0.0, 0.3, 0.0, 0.7, 0.0]);
+            assert!(t == 1 || t == 3);
+        }
+        assert_eq!(s.sample_distribution(&[0.0, 0.0]), 0);
+        assert_eq!(s.sample_distribution(&[]), 0);
+    }
+
+    #[test]
+    fn speculative_verdict_cases() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(2), ..Default::default() }).unwrap();
+        let before = s.rng.clone();
+        // One-hot p (greedy): kept exactly when it is the verifier's token, with no draw.
+        assert_eq!(s.speculative_verdict(&[0.0, 1.0, 0.0], &[0.0, 1.0, 0.0], 1), Verdict::Accepted);
+        assert_eq!(s.rng, before, "a certain acceptance uses no draw");
+        assert_eq!(s.speculative_verdict(&[0.0, 1.0, 0.0], &[1.0, 0.0, 0.0], 0), Verdict::Rejected(1));
+        // p(x) >= q(x): always kept.
+        for _ in 0..100 {
+            assert_eq!(s.speculative_verdict(&[0.5, 0.5], &[0.2, 0.8], 0), Verdict::Accepted);
+        }
+        // A rejection's replacement comes from max(0, p - q): here only token 0.
+        for _ in 0..100 {
+            match s.speculative_verdict(&[0.5, 0.5], &[0.2, 0.8], 1) {
+                Verdict::Accepted => {}
+                Verdict::Rejected(t) => assert_eq!(t, 0),
+            }
+        }
     }
 
     #[test]

@@ -543,6 +543,7 @@ impl From<GenerateOptions> for matformer::GenerateOptions {
             stop: o.stop,
             stop_token_ids: o.stop_token_ids,
             truncate_prompt: o.truncate_prompt,
+            speculative: None,
         }
     }
 }

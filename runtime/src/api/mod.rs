@@ -20,6 +20,7 @@
 mod engine;
 mod error;
 mod session;
+mod speculative;
 mod types;
 
 pub use engine::Engine;

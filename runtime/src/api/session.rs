@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::engine::Engine;
+use super::speculative::{self, Emit, OwnDraft, RoundEnd, Speculator};
 use super::types::{
     Completion, FinishReason, GenerateOptions, Input, SessionOptions, SinkControl, Stats, SubmodelChoice, SwitchEvent,
     SwitchMode, TokenSink, Usage,
@@ -14,7 +15,7 @@ use super::types::{
 use super::Error;
 use crate::elastic::{DeviceBudget, ElasticSession, MemoryPressure, Plan, SwitchReport};
 use crate::sampling::Sampler;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, StreamDecoder};
 use crate::Submodel;
 
 /// Prompt tokens prefilled per pass: a cancel during a long prefill takes effect after at
@@ -71,6 +72,9 @@ struct State {
     conversation: Vec<ChatMessage>,
     /// Switches made while idle, reported with the next call.
     idle_events: Vec<SwitchEvent>,
+    /// The speculative draft's own KV cache ([`DraftCache::Own`](super::DraftCache::Own)),
+    /// kept between turns.
+    draft: Option<OwnDraft>,
 }
 
 /// One conversation on an [`Engine`]: its KV cache, token history and submodel. `Send + Sync`:
@@ -128,7 +132,7 @@ impl Session {
             context_length,
             system_prompt: options.system_prompt,
             switch_mode: options.switch_mode,
-            state: Mutex::new(State { elastic: Some(elastic), conversation, idle_events }),
+            state: Mutex::new(State { elastic: Some(elastic), conversation, idle_events, draft: None }),
             control: Arc::new(control),
         })
     }
@@ -155,6 +159,9 @@ impl Session {
         if let Some(&t) = options.stop_token_ids.iter().find(|&&t| t >= vocab) {
             return Err(Error::invalid(format!("stop token {t} is outside the vocabulary of {vocab}")));
         }
+        if let Some(o) = &options.speculative {
+            speculative::validate(o)?;
+        }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.control.cancel.store(false, Ordering::SeqCst);
         self.control.generating.store(true, Ordering::SeqCst);
@@ -166,6 +173,7 @@ impl Session {
         }
         if matches!(result, Err(Error::EngineClosed)) {
             state.elastic = None;
+            state.draft = None;
         }
         result
     }
@@ -181,7 +189,7 @@ impl Session {
         let inner = &self.engine.inner;
         let tokenizer = &inner.tokenizer;
         let mut events = std::mem::take(&mut state.idle_events);
-        let State { elastic, conversation, .. } = state;
+        let State { elastic, conversation, draft, .. } = state;
         let Some(elastic) = elastic.as_mut() else {
             return Err(Error::EngineClosed);
         };
@@ -216,6 +224,17 @@ impl Session {
 
         // Changes asked for while idle apply before the prefill.
         self.apply_pending(elastic, 0, &mut events)?;
+        let mut speculator = match &options.speculative {
+            Some(o) => {
+                let model = &inner.model;
+                let sub = speculative::resolve_draft(model, &o.draft, elastic.submodel(), |name| {
+                    Ok(self.engine.resolve(&SubmodelChoice::Named(name.into()))?.0)
+                })?;
+                let name = sub.name(model.metadata());
+                Some(Speculator::new(o, sub, name))
+            }
+            None => None,
+        };
 
         // Reuse the cache's common prefix; prefill the rest (at least the last token, for its
         // logits).
@@ -247,35 +266,22 @@ impl Session {
         let prefill_ms = prefill_started.elapsed().as_secs_f64() * 1e3;
         let prefilled = full.len() - keep;
 
-        let eos = tokenizer.eos_ids();
-        let mut decoder = tokenizer.stream_decoder();
-        let mut stops = StopScanner::new(&options.stop);
-        let mut ids = Vec::new();
-        let mut first_token_at = None;
+        let mut em = Emitter {
+            eos: tokenizer.eos_ids(),
+            stop_ids: &options.stop_token_ids,
+            decoder: tokenizer.stream_decoder(),
+            stops: StopScanner::new(&options.stop),
+            ids: Vec::new(),
+            first_token_at: None,
+            max_tokens: options.max_tokens,
+            context_length: self.context_length,
+            sink,
+        };
         let finish;
         loop {
             let token = next;
-            sampler.observe(token);
-            first_token_at.get_or_insert_with(Instant::now);
-            ids.push(token);
-            if eos.contains(&token) {
-                finish = FinishReason::Eos;
-                break;
-            }
-            if options.stop_token_ids.contains(&token) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            let piece = decoder.push(token);
-            match stops.push(&piece, sink) {
-                Scan::Continue => {}
-                Scan::Stopped => {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-            }
-            if ids.len() >= options.max_tokens || elastic.position() + 1 > self.context_length {
-                finish = FinishReason::Length;
+            if let Some(f) = em.emit(token, &mut sampler, elastic.position()) {
+                finish = f;
                 break;
             }
             if self.cancelled(sink) {
@@ -283,10 +289,24 @@ impl Session {
                 break;
             }
             self.engine.check_open()?;
-            self.apply_pending(elastic, ids.len(), &mut events)?;
-            next = elastic.decode_sample(token, &mut sampler)?;
+            self.apply_pending(elastic, em.ids.len(), &mut events)?;
+            match speculator.as_mut() {
+                None => next = elastic.decode_sample(token, &mut sampler)?,
+                Some(spec) => {
+                    let end = spec.round(elastic, draft, token, &mut sampler, &mut em, self.context_length);
+                    self.control.position.store(elastic.position(), Ordering::SeqCst);
+                    match end? {
+                        RoundEnd::Next(t) => next = t,
+                        RoundEnd::Finished(f) => {
+                            finish = f;
+                            break;
+                        }
+                    }
+                }
+            }
             self.control.position.store(elastic.position(), Ordering::SeqCst);
         }
+        let Emitter { mut decoder, mut stops, ids, first_token_at, sink, .. } = em;
         if !stops.stopped() {
             let tail = decoder.flush();
             if let Scan::Continue = stops.push(&tail, sink) {
@@ -298,6 +318,7 @@ impl Session {
         let ttft_ms = first_token_at.map(|t| (t - started).as_secs_f64() * 1e3).unwrap_or(0.0);
         let mut stats = self.stats(elastic, prefill_ms, decode_ms, prefilled, ids.len(), events);
         stats.time_to_first_token_ms = ttft_ms;
+        stats.speculative = speculator.map(|s| s.stats());
         if let Input::Chat(_) = input {
             turn.push(ChatMessage { role: "assistant".into(), content: text.clone() });
             *conversation = turn;
@@ -348,6 +369,7 @@ impl Session {
             submodel: elastic.submodel().name(self.engine.inner.model.metadata()),
             backend: elastic.backend_name().to_string(),
             switches,
+            speculative: None,
         }
     }
 
@@ -460,6 +482,9 @@ impl Session {
         if let Some(e) = state.elastic.as_mut() {
             e.reset();
         }
+        if let Some(d) = state.draft.as_mut() {
+            d.reset();
+        }
         state.conversation =
             self.system_prompt.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
         self.control.position.store(0, Ordering::SeqCst);
@@ -489,6 +514,52 @@ impl Session {
     /// The engine this session runs on.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+}
+
+/// The generated tokens' bookkeeping, shared by plain and speculative decoding: observing,
+/// end-of-generation and stop tokens, streaming through the stop-string scanner, length.
+struct Emitter<'a> {
+    eos: Vec<u32>,
+    stop_ids: &'a [u32],
+    decoder: StreamDecoder,
+    stops: StopScanner<'a>,
+    ids: Vec<u32>,
+    first_token_at: Option<Instant>,
+    max_tokens: usize,
+    context_length: usize,
+    sink: &'a mut dyn TokenSink,
+}
+
+impl Emit for Emitter<'_> {
+    /// Takes `token` as generated (`position`: tokens in the cache before it would be fed);
+    /// `Some` when generation ends with it.
+    fn emit(&mut self, token: u32, sampler: &mut Sampler, position: usize) -> Option<FinishReason> {
+        sampler.observe(token);
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.ids.push(token);
+        if self.eos.contains(&token) {
+            return Some(FinishReason::Eos);
+        }
+        if self.stop_ids.contains(&token) {
+            return Some(FinishReason::Stop);
+        }
+        let piece = self.decoder.push(token);
+        if let Scan::Stopped = self.stops.push(&piece, self.sink) {
+            return Some(FinishReason::Stop);
+        }
+        if self.ids.len() >= self.max_tokens || position + 1 > self.context_length {
+            return Some(FinishReason::Length);
+        }
+        None
+    }
+
+    fn generated(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 }
 

@@ -160,6 +160,10 @@ pub struct GenerateOptions {
     /// Refuse a prompt that does not fit the session's context (`false`, default) or keep its
     /// last tokens (`true`, the start of the conversation is dropped).
     pub truncate_prompt: bool,
+    /// Speculative decoding with a nested draft (`None`, default: off). The output is the
+    /// verifier's: greedy tokens are exactly those of plain decoding, sampled ones follow the
+    /// same distribution.
+    pub speculative: Option<SpeculativeOptions>,
 }
 
 impl Default for GenerateOptions {
@@ -170,8 +174,104 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             truncate_prompt: false,
+            speculative: None,
         }
     }
+}
+
+/// Which submodel drafts for speculative decoding. Every choice must be narrower than the
+/// submodel the session runs (the verifier): no layer wider, at least one narrower.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftChoice {
+    /// The smallest submodel: every layer at the first level (the cheapest draft; on the
+    /// bundled model also the fastest end to end, see `docs/api.md`).
+    #[default]
+    Auto,
+    /// A name: a catalog entry, a level (`"s"`), per-layer level names (`"s,s,m,l"`) or
+    /// indices (`"0,0,1,3"`).
+    Named(String),
+    /// One level index per layer.
+    Levels(Vec<usize>),
+}
+
+/// Where the draft keeps its keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftCache {
+    /// The draft runs on the verifier's own KV cache: attention and embeddings are shared by
+    /// every nested submodel, so for every accepted token it reads the entries the verifier
+    /// wrote, and it writes only its `k` speculative entries, which the verify pass
+    /// overwrites. No KV memory beyond the verifier's.
+    #[default]
+    Shared,
+    /// The textbook draft: a second KV cache, written by the draft's own weights and caught up
+    /// on the accepted tokens at the start of each round (as much KV memory again, at the
+    /// draft's width; it is kept between turns).
+    Own,
+}
+
+impl DraftCache {
+    /// `"shared"` or `"own"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DraftCache::Shared => "shared",
+            DraftCache::Own => "own",
+        }
+    }
+}
+
+/// Options of speculative decoding ([`GenerateOptions::speculative`]): a draft submodel
+/// proposes `k` tokens, the verifier checks them in one batched pass of `k + 1` tokens and
+/// keeps the longest agreeing prefix plus its own next token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpeculativeOptions {
+    /// The draft submodel.
+    pub draft: DraftChoice,
+    /// Where the draft keeps its KV cache.
+    pub cache: DraftCache,
+    /// Tokens drafted in the first round (at least 1).
+    pub k: usize,
+    /// Most tokens drafted in a round (at least `k`).
+    pub max_k: usize,
+    /// Grow `k` by one after a round whose every draft was accepted and shrink it by one
+    /// (not below 1) after a rejection (`true`, default), or keep `k` fixed.
+    pub adaptive: bool,
+}
+
+impl Default for SpeculativeOptions {
+    fn default() -> Self {
+        SpeculativeOptions { draft: DraftChoice::Auto, cache: DraftCache::Shared, k: 4, max_k: 8, adaptive: true }
+    }
+}
+
+/// What speculative decoding did in one call ([`Stats::speculative`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpeculativeStats {
+    /// The draft submodel's name.
+    pub draft: String,
+    /// Where the draft kept its KV cache.
+    pub cache: DraftCache,
+    /// Verify passes (rounds).
+    pub verify_passes: usize,
+    /// Tokens drafted.
+    pub proposed: usize,
+    /// Drafted tokens the verifier kept.
+    pub accepted: usize,
+    /// `accepted / proposed` (0 when nothing was proposed).
+    pub acceptance_rate: f64,
+    /// Tokens produced per verify pass: the accepted drafts plus the verifier's own token.
+    pub tokens_per_pass: f64,
+    /// Wall time of the draft steps (own cache: catch-up included), ms.
+    pub draft_ms: f64,
+    /// Wall time of the verify passes, ms.
+    pub verify_ms: f64,
+    /// Draft passes run: one per drafted token (with its own cache, a round's first pass also
+    /// catches the draft up on the tokens accepted since its last round).
+    pub draft_steps: usize,
+    /// Tokens drafted in the last round (the adaptive `k` where it ended).
+    pub last_k: usize,
 }
 
 /// What a [`TokenSink`] wants after a piece of text.
@@ -290,6 +390,8 @@ pub struct Stats {
     pub backend: String,
     /// Switches made during the call.
     pub switches: Vec<SwitchEvent>,
+    /// Speculative decoding's counts, when it was on.
+    pub speculative: Option<SpeculativeStats>,
 }
 
 /// The result of [`Session::generate`](super::Session::generate).

@@ -279,6 +279,21 @@ impl ElasticSession {
         Ok(logits)
     }
 
+    /// Appends `tokens` and returns the logits of every one of them, row-major
+    /// `[tokens.len(), vocab_size]`, in one batched pass (on the GPU one submit per chunk of
+    /// the prefill size and one readback): the verify pass of speculative decoding. On error
+    /// nothing changes.
+    pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ElasticError> {
+        let logits = match &mut self.session {
+            BackendSession::Cpu(s) => s.forward_all(tokens)?,
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.forward_all(tokens)?,
+        };
+        self.history.extend_from_slice(tokens);
+        self.last_logits = None;
+        Ok(logits)
+    }
+
     /// [`ElasticSession::prefill`] returning the greedy next token only (on the GPU the argmax
     /// runs on the device and 4 bytes are read back).
     pub fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, ElasticError> {

@@ -1,0 +1,337 @@
+//! Nested speculative decoding for [`Session::generate`](super::Session::generate): a narrower
+//! submodel of the same file drafts `k` tokens, the verifier (the session's submodel) checks
+//! them in one batched pass of `k + 1` tokens and keeps the longest agreeing prefix plus its
+//! own next token.
+//!
+//! Greedy: a draft is kept exactly when it is the verifier's greedy token after the same
+//! context, so the output is token for token that of plain decoding (on the CPU engine the
+//! batched pass and a decode step agree bitwise). Sampling: the standard acceptance rule
+//! ([`Sampler::speculative_verdict`]) keeps the verifier's distribution.
+//!
+//! The draft's KV cache is either the verifier's ([`DraftCache::Shared`]: the draft switches
+//! the session's weights in place, keep-KV, writes `k` speculative entries after the accepted
+//! ones, and the verify pass overwrites them) or its own ([`DraftCache::Own`]: a second
+//! backend session at the draft's width, caught up on the accepted tokens each round).
+
+use std::time::Instant;
+
+use super::types::{DraftCache, DraftChoice, FinishReason, SpeculativeOptions, SpeculativeStats};
+use super::Error;
+use crate::backend::BackendSession;
+use crate::elastic::{ElasticSession, SwitchMode};
+use crate::sampling::{Sampler, Verdict};
+use crate::{ModelFile, Submodel};
+
+/// The draft's own KV cache ([`DraftCache::Own`]), kept by the session between calls.
+#[derive(Debug)]
+pub(crate) struct OwnDraft {
+    session: BackendSession,
+    /// Tokens in `session`'s cache, in order.
+    history: Vec<u32>,
+}
+
+impl OwnDraft {
+    /// Empties the cache (the session was reset).
+    pub(crate) fn reset(&mut self) {
+        self.session.reset();
+        self.history.clear();
+    }
+}
+
+/// Checks the options (before the session is locked).
+pub(crate) fn validate(o: &SpeculativeOptions) -> Result<(), Error> {
+    if o.k == 0 {
+        return Err(Error::invalid("speculative k must be at least 1"));
+    }
+    if o.max_k < o.k {
+        return Err(Error::invalid(format!("speculative max_k ({}) must be at least k ({})", o.max_k, o.k)));
+    }
+    Ok(())
+}
+
+/// `true` when `draft` is narrower than `verifier`: no layer wider, at least one narrower.
+pub(crate) fn narrower(draft: &Submodel, verifier: &Submodel) -> bool {
+    draft.levels.len() == verifier.levels.len()
+        && draft.levels.iter().zip(&verifier.levels).all(|(d, v)| d <= v)
+        && draft.levels.iter().zip(&verifier.levels).any(|(d, v)| d < v)
+}
+
+/// The draft submodel `choice` names (`resolve` turns names into submodels as the engine
+/// does); fails unless it is narrower than `verifier`.
+pub(crate) fn resolve_draft(
+    model: &ModelFile,
+    choice: &DraftChoice,
+    verifier: &Submodel,
+    resolve: impl Fn(&str) -> Result<Submodel, Error>,
+) -> Result<Submodel, Error> {
+    let draft = match choice {
+        DraftChoice::Auto => Submodel::uniform(0, verifier.levels.len()),
+        DraftChoice::Named(name) => resolve(name)?,
+        DraftChoice::Levels(l) => {
+            let mut v = Vec::with_capacity(l.len());
+            for &x in l {
+                v.push(u8::try_from(x).map_err(|_| Error::invalid(format!("level {x} is out of range")))?);
+            }
+            let sub = Submodel { levels: v };
+            sub.validate(model.metadata(), model.view().available_levels)?;
+            sub
+        }
+    };
+    if !narrower(&draft, verifier) {
+        let meta = model.metadata();
+        return Err(Error::invalid(format!(
+            "the draft {} is not narrower than the verifier {}: speculative decoding needs a smaller nested submodel",
+            draft.name(meta),
+            verifier.name(meta)
+        )));
+    }
+    Ok(draft)
+}
+
+/// A round's drafts, their distributions (sampling only) and the draft passes run.
+type Drafted = (Vec<u32>, Vec<Vec<f32>>, usize);
+
+/// How a round ended.
+pub(crate) enum RoundEnd {
+    /// The next token (the verifier's own: a replacement or the bonus token), not yet fed.
+    Next(u32),
+    /// An accepted draft ended generation (end-of-generation, stop token or string, length).
+    Finished(FinishReason),
+}
+
+/// One call's speculative state: the draft, the adaptive `k`, the counts.
+pub(crate) struct Speculator {
+    draft: Submodel,
+    cache: DraftCache,
+    k: usize,
+    max_k: usize,
+    adaptive: bool,
+    stats: SpeculativeStats,
+    produced: usize,
+}
+
+/// What a round needs from the generation loop: taking one generated token (streams it and
+/// says whether generation ends with it). The position is that of the token if it were fed.
+pub(crate) trait Emit {
+    fn emit(&mut self, token: u32, sampler: &mut Sampler, position: usize) -> Option<FinishReason>;
+    /// Tokens generated so far.
+    fn generated(&self) -> usize;
+    /// Most tokens to generate.
+    fn max_tokens(&self) -> usize;
+}
+
+impl Speculator {
+    pub(crate) fn new(o: &SpeculativeOptions, draft: Submodel, name: String) -> Speculator {
+        Speculator {
+            draft,
+            cache: o.cache,
+            k: o.k,
+            max_k: o.max_k,
+            adaptive: o.adaptive,
+            stats: SpeculativeStats { draft: name, cache: o.cache, ..SpeculativeStats::default() },
+            produced: 0,
+        }
+    }
+
+    /// The counts so far.
+    pub(crate) fn stats(&self) -> SpeculativeStats {
+        let mut s = self.stats.clone();
+        s.acceptance_rate = if s.proposed > 0 { s.accepted as f64 / s.proposed as f64 } else { 0.0 };
+        s.tokens_per_pass = if s.verify_passes > 0 { self.produced as f64 / s.verify_passes as f64 } else { 0.0 };
+        s
+    }
+
+    /// One round after `next` was emitted (and observed by `sampler`) and before it is fed:
+    /// draft, verify, emit the accepted drafts. Leaves the verifier's cache holding every
+    /// emitted token but the last (as plain decoding does). When the draft is not narrower
+    /// than the verifier (it switched) or no room is left for a draft, it is one plain step.
+    pub(crate) fn round(
+        &mut self,
+        elastic: &mut ElasticSession,
+        own: &mut Option<OwnDraft>,
+        next: u32,
+        sampler: &mut Sampler,
+        emitter: &mut dyn Emit,
+        context_length: usize,
+    ) -> Result<RoundEnd, Error> {
+        let p0 = elastic.position();
+        let verifier = elastic.submodel().clone();
+        let remaining = emitter.max_tokens().saturating_sub(emitter.generated());
+        // The verify pass feeds next and k drafts; every token of the round counts.
+        let room = context_length.saturating_sub(p0 + 1);
+        let k = self.k.min(remaining.saturating_sub(1)).min(room);
+        if k == 0 || !narrower(&self.draft, &verifier) {
+            return Ok(RoundEnd::Next(elastic.decode_sample(next, sampler)?));
+        }
+        let greedy = sampler.params().is_greedy();
+        let mut drafter = sampler.fork();
+        let started = Instant::now();
+        let (drafts, qs) = match self.cache {
+            DraftCache::Shared => {
+                elastic.switch_with(&self.draft, SwitchMode::KeepKv)?;
+                let r = draft_shared(elastic, next, k, greedy, &mut drafter);
+                // The speculative entries go; the verifier's weights come back, whatever happened.
+                elastic.truncate(p0);
+                elastic.switch_with(&verifier, SwitchMode::KeepKv)?;
+                let (d, q, steps) = r?;
+                self.stats.draft_steps += steps;
+                (d, q)
+            }
+            DraftCache::Own => {
+                let (d, q, steps) = self.draft_own(elastic, own, next, k, greedy, &mut drafter)?;
+                self.stats.draft_steps += steps;
+                (d, q)
+            }
+        };
+        let verify_started = Instant::now();
+        self.stats.draft_ms += (verify_started - started).as_secs_f64() * 1e3;
+        let mut feed = Vec::with_capacity(k + 1);
+        feed.push(next);
+        feed.extend_from_slice(&drafts);
+        let rows = elastic.forward_all(&feed)?;
+        self.stats.verify_ms += verify_started.elapsed().as_secs_f64() * 1e3;
+        self.stats.verify_passes += 1;
+        self.stats.proposed += k;
+        self.stats.last_k = k;
+        let vocab = rows.len() / (k + 1);
+        let row = |j: usize| &rows[j * vocab..(j + 1) * vocab];
+
+        for (j, &d) in drafts.iter().enumerate() {
+            let verdict = if greedy {
+                let t = sampler.sample_logits(row(j));
+                if t == d {
+                    Verdict::Accepted
+                } else {
+                    Verdict::Rejected(t)
+                }
+            } else {
+                let p = sampler.probabilities(row(j));
+                sampler.speculative_verdict(&p, &qs[j], d)
+            };
+            match verdict {
+                Verdict::Accepted => {
+                    self.stats.accepted += 1;
+                    self.produced += 1;
+                    // Fed before `d`: next and the drafts before it.
+                    if let Some(f) = emitter.emit(d, sampler, p0 + 1 + j) {
+                        elastic.truncate(p0 + 1 + j);
+                        return Ok(RoundEnd::Finished(f));
+                    }
+                }
+                Verdict::Rejected(t) => {
+                    elastic.truncate(p0 + 1 + j);
+                    self.produced += 1;
+                    if self.adaptive {
+                        self.k = self.k.saturating_sub(1).max(1);
+                    }
+                    return Ok(RoundEnd::Next(t));
+                }
+            }
+        }
+        // Every draft kept: the verifier's token after the last one comes free.
+        self.produced += 1;
+        if self.adaptive && k == self.k {
+            self.k = (self.k + 1).min(self.max_k);
+        }
+        Ok(RoundEnd::Next(sampler.sample_logits(row(k))))
+    }
+
+    /// The own-cache draft: catch the draft's cache up on the accepted tokens and `next` (one
+    /// batched pass), then draft. Returns the drafts, their distributions (sampling only) and
+    /// the draft passes run.
+    fn draft_own(
+        &mut self,
+        elastic: &ElasticSession,
+        own: &mut Option<OwnDraft>,
+        next: u32,
+        k: usize,
+        greedy: bool,
+        drafter: &mut Sampler,
+    ) -> Result<Drafted, Error> {
+        if own.as_ref().is_none_or(|o| *o.session.submodel() != self.draft) {
+            let session = elastic.backend().session(&self.draft)?;
+            *own = Some(OwnDraft { session, history: Vec::new() });
+        }
+        let Some(o) = own.as_mut() else {
+            return Err(Error::invalid("the draft session could not be created"));
+        };
+        let history = elastic.history();
+        let want_len = history.len() + 1;
+        let token_at = |i: usize| if i < history.len() { history[i] } else { next };
+        let mut common = o.history.iter().enumerate().take_while(|&(i, &t)| i < want_len && t == token_at(i)).count();
+        // At least the last token is run, for its logits.
+        common = common.min(want_len - 1);
+        o.session.truncate(common);
+        o.history.truncate(common);
+        let catch_up: Vec<u32> = (common..want_len).map(token_at).collect();
+        let mut drafts = Vec::with_capacity(k);
+        let mut qs = Vec::new();
+        let mut feed = catch_up;
+        for _ in 0..k {
+            let d = draft_step(&mut o.session, &feed, greedy, drafter, &mut qs)?;
+            o.history.extend_from_slice(&feed);
+            drafts.push(d);
+            feed = vec![d];
+        }
+        Ok((drafts, qs, k))
+    }
+}
+
+/// The shared-cache draft: `k` decode steps on the verifier's cache with the draft's weights
+/// (the caller switched them in and truncates afterwards).
+fn draft_shared(
+    elastic: &mut ElasticSession,
+    next: u32,
+    k: usize,
+    greedy: bool,
+    drafter: &mut Sampler,
+) -> Result<Drafted, Error> {
+    let mut drafts = Vec::with_capacity(k);
+    let mut qs = Vec::new();
+    let mut feed = next;
+    for _ in 0..k {
+        let d = if greedy {
+            elastic.decode_sample(feed, drafter)?
+        } else {
+            let q = drafter.probabilities(&elastic.decode(feed)?);
+            let d = drafter.sample_distribution(&q);
+            qs.push(q);
+            d
+        };
+        drafter.observe(d);
+        drafts.push(d);
+        feed = d;
+    }
+    Ok((drafts, qs, k))
+}
+
+/// One draft pass over `feed` on the draft's own session: the drafted token (greedy: the
+/// sampler's choice, on the GPU the device's argmax; sampling: drawn from the distribution,
+/// which is pushed to `qs`).
+fn draft_step(
+    session: &mut BackendSession,
+    feed: &[u32],
+    greedy: bool,
+    drafter: &mut Sampler,
+    qs: &mut Vec<Vec<f32>>,
+) -> Result<u32, Error> {
+    let d = if greedy && !drafter.params().has_penalties() {
+        if feed.len() == 1 {
+            session.decode_greedy(feed[0])?
+        } else {
+            session.prefill_greedy(feed)?
+        }
+    } else {
+        let logits = if feed.len() == 1 { session.decode(feed[0])? } else { session.prefill(feed)? };
+        if greedy {
+            drafter.sample_logits(&logits)
+        } else {
+            let q = drafter.probabilities(&logits);
+            let d = drafter.sample_distribution(&q);
+            qs.push(q);
+            d
+        }
+    };
+    drafter.observe(d);
+    Ok(d)
+}

@@ -1,0 +1,141 @@
+//! Nested speculative decoding on the GPU backend (lavapipe in CI): greedy output identical to
+//! the verifier alone on the same backend for every draft and both draft caches, a stop
+//! inside an accepted run, a cancel between rounds, and sampling that stays seeded.
+//!
+//! No adapter: the tests print "skipping: no GPU adapter (...)" and pass, except in CI
+//! (`CI=true`), where they fail.
+#![cfg(feature = "gpu")]
+
+mod gpu_common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use matformer::backend::BackendError;
+use matformer::gpu::GpuEngine;
+use matformer::{
+    BackendChoice, DraftCache, DraftChoice, Engine, EngineOptions, Error, FinishReason, GenerateOptions, Input,
+    ModelFile, NoSink, SamplingParams, Session, SessionOptions, SinkControl, SpeculativeOptions, SubmodelChoice,
+};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/matlm.matf")
+}
+
+/// The bundled model on the GPU, or `None` (after saying why) without an adapter.
+fn gpu_engine() -> Option<Engine> {
+    match Engine::open(fixture(), EngineOptions { backend: BackendChoice::Gpu, ..Default::default() }) {
+        Ok(e) => Some(e),
+        Err(Error::Backend(BackendError::Gpu(e))) => {
+            let model = Arc::new(ModelFile::open(fixture()).unwrap());
+            // Same policy as the other GPU tests: skip without an adapter (not in CI).
+            gpu_common::or_skip(GpuEngine::new(model, Default::default()), "GPU engine")?;
+            panic!("GPU engine creation failed: {e}");
+        }
+        Err(e) => panic!("GPU engine creation failed: {e}"),
+    }
+}
+
+fn session(engine: &Engine, submodel: &str) -> Session {
+    engine.session(SessionOptions { submodel: SubmodelChoice::Named(submodel.into()), ..Default::default() }).unwrap()
+}
+
+fn greedy(n: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens: n, ..Default::default() }
+}
+
+fn spec(draft: DraftChoice, cache: DraftCache, k: usize) -> SpeculativeOptions {
+    SpeculativeOptions { draft, cache, k, max_k: 8, adaptive: true }
+}
+
+#[test]
+fn gpu_greedy_output_equals_the_verifier_alone_for_every_draft_and_cache() {
+    let Some(engine) = gpu_engine() else { return };
+    let layers = engine.model_info().n_layers as usize;
+    let plain = session(&engine, "xl");
+    let s = session(&engine, "xl");
+    let mut accepted = 0;
+    for prompt in ["The meaning of ", "Once upon a time", "In 1905, the "] {
+        plain.reset();
+        let want = plain.generate(Input::Text(prompt.into()), &greedy(40), &mut NoSink).unwrap();
+        for draft in [
+            DraftChoice::Named("s".into()),
+            DraftChoice::Named("m".into()),
+            DraftChoice::Named("l".into()),
+            DraftChoice::Levels((0..layers).map(|i| i % 3).collect()),
+        ] {
+            for cache in [DraftCache::Shared, DraftCache::Own] {
+                s.reset();
+                let o = GenerateOptions { speculative: Some(spec(draft.clone(), cache, 4)), ..greedy(40) };
+                let c = s.generate(Input::Text(prompt.into()), &o, &mut NoSink).unwrap();
+                let what = format!("{prompt:?} {draft:?} {cache:?}");
+                assert_eq!(c.token_ids, want.token_ids, "{what}");
+                assert_eq!(c.text, want.text, "{what}");
+                assert_eq!(s.token_count(), plain.token_count(), "{what}");
+                assert_eq!(c.stats.backend, "gpu");
+                accepted += c.stats.speculative.unwrap().accepted;
+            }
+        }
+    }
+    assert!(accepted > 0);
+}
+
+#[test]
+fn gpu_stop_inside_a_run_and_cancel_between_rounds() {
+    let Some(engine) = gpu_engine() else { return };
+    let prompt = "The meaning of ";
+    let full = session(&engine, "xl").generate(Input::Text(prompt.into()), &greedy(40), &mut NoSink).unwrap();
+    for cache in [DraftCache::Shared, DraftCache::Own] {
+        for j in [3usize, 7, 12, 20] {
+            let o = GenerateOptions { stop_token_ids: vec![full.token_ids[j]], ..greedy(40) };
+            let plain = session(&engine, "xl");
+            let s = session(&engine, "xl");
+            let want = plain.generate(Input::Text(prompt.into()), &o, &mut NoSink).unwrap();
+            let so = GenerateOptions { speculative: Some(spec(DraftChoice::Auto, cache, 6)), ..o.clone() };
+            let got = s.generate(Input::Text(prompt.into()), &so, &mut NoSink).unwrap();
+            assert_eq!(got.token_ids, want.token_ids, "{cache:?} stop at {j}");
+            assert_eq!(s.token_count(), plain.token_count());
+            let next_plain = plain.generate(Input::Text(" and".into()), &greedy(12), &mut NoSink).unwrap();
+            let next_o = GenerateOptions { speculative: so.speculative.clone(), ..greedy(12) };
+            let next = s.generate(Input::Text(" and".into()), &next_o, &mut NoSink).unwrap();
+            assert_eq!(next.token_ids, next_plain.token_ids, "{cache:?} stop at {j}: the next turn");
+        }
+
+        let s = session(&engine, "xl");
+        let handle = s.cancel_handle();
+        let o = GenerateOptions { speculative: Some(spec(DraftChoice::Auto, cache, 4)), ..greedy(200) };
+        let mut pieces = 0;
+        let c = s
+            .generate(Input::Text(prompt.into()), &o, &mut |_: &str| {
+                pieces += 1;
+                if pieces == 4 {
+                    handle.cancel();
+                }
+                SinkControl::Continue
+            })
+            .unwrap();
+        assert_eq!(c.finish_reason, FinishReason::Cancelled);
+        s.reset();
+        let after =
+            s.generate(Input::Text(prompt.into()), &GenerateOptions { max_tokens: 40, ..o.clone() }, &mut NoSink);
+        assert_eq!(after.unwrap().token_ids, full.token_ids, "{cache:?}: the turn after a cancel is exact");
+    }
+}
+
+#[test]
+fn gpu_speculative_sampling_is_seeded() {
+    let Some(engine) = gpu_engine() else { return };
+    let s = session(&engine, "xl");
+    let o = GenerateOptions {
+        max_tokens: 30,
+        sampling: SamplingParams { temperature: 0.8, top_k: 8, seed: Some(42), ..Default::default() },
+        speculative: Some(spec(DraftChoice::Named("m".into()), DraftCache::Shared, 4)),
+        ..Default::default()
+    };
+    let a = s.generate(Input::Text("Once upon a time".into()), &o, &mut NoSink).unwrap();
+    s.reset();
+    let b = s.generate(Input::Text("Once upon a time".into()), &o, &mut NoSink).unwrap();
+    assert_eq!(a.token_ids, b.token_ids);
+    let st = a.stats.speculative.unwrap();
+    assert!(st.verify_passes > 0 && st.proposed > 0);
+}
