@@ -284,7 +284,7 @@ impl Session {
                 finish = f;
                 break;
             }
-            if self.cancelled(sink) {
+            if self.cancelled(&*em.sink) {
                 finish = FinishReason::Cancelled;
                 break;
             }
