@@ -221,16 +221,18 @@ impl SpeculativeArgs {
 /// `[speculative: draft s (shared KV), 37 verify passes, acceptance 81.2%, 4.1 tokens per pass]`.
 pub fn speculative_line(s: &matformer::SpeculativeStats) -> String {
     format!(
-        "[speculative: draft {} ({} KV), {} verify passes, {} of {} drafts accepted ({:.1}%), {:.2} tokens per pass, draft {:.1} ms, verify {:.1} ms]",
+        "[speculative: draft {} ({} KV, {} of its own), {} verify passes, {} of {} drafts accepted ({:.1}%), {:.2} tokens per pass, draft {:.1} ms, verify {:.1} ms, {} GPU submits]",
         s.draft,
         s.cache.name(),
+        matformer_export::progress::human_bytes(s.draft_kv_bytes),
         s.verify_passes,
         s.accepted,
         s.proposed,
         s.acceptance_rate * 100.0,
         s.tokens_per_pass,
         s.draft_ms,
-        s.verify_ms
+        s.verify_ms,
+        s.gpu_submits
     )
 }
 

@@ -44,6 +44,19 @@ struct GenerateOut {
     switches: Vec<matformer::SwitchEvent>,
     /// Speculative decoding's counts (draft, acceptance, tokens per verify pass), when on.
     speculative: Option<SpeculativeStats>,
+    /// Bytes held by the session's KV caches after the answer (a speculative draft's own
+    /// included).
+    kv_cache_bytes: u64,
+    /// Peak resident memory of the process (Linux `VmHWM`).
+    peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident memory (`VmHWM` of `/proc/self/status`), on Linux.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// `matformer generate` arguments.
@@ -136,6 +149,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         finish_reason: c.finish_reason.name().to_string(),
         switches: c.stats.switches.clone(),
         speculative: c.stats.speculative.clone(),
+        kv_cache_bytes: session.kv_cache_bytes(),
+        peak_rss_bytes: peak_rss(),
     };
     if args.json {
         return print_json(&res);
@@ -164,5 +179,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if let Some(s) = &res.speculative {
         eprintln!("{}", speculative_line(s));
     }
+    eprintln!(
+        "[KV cache {}, peak RSS {}]",
+        human_bytes(res.kv_cache_bytes),
+        res.peak_rss_bytes.map(human_bytes).unwrap_or_else(|| "-".into())
+    );
     Ok(())
 }

@@ -74,6 +74,15 @@ struct Row {
     mean_k: Option<f64>,
     /// Peak resident memory during the row (VmHWM after a reset), bytes.
     peak_rss_bytes: Option<u64>,
+    /// Most bytes the session's KV caches (the verifier's and a draft's own) held after a
+    /// generation of the row.
+    kv_cache_bytes: u64,
+    /// Of which the draft's own cache.
+    draft_kv_bytes: Option<u64>,
+    /// GPU queue submits per round (0 on the CPU engine).
+    submits_per_round: Option<f64>,
+    /// GPU readbacks per round.
+    readbacks_per_round: Option<f64>,
     /// `(acceptance, speed-up)` the measured costs give at that acceptance with `last_k`.
     projected: Vec<(f64, f64)>,
 }
@@ -90,6 +99,10 @@ struct Measured {
     draft_steps: usize,
     verify_ms: f64,
     last_k: usize,
+    kv_bytes: u64,
+    draft_kv_bytes: u64,
+    submits: u64,
+    readbacks: u64,
 }
 
 fn measure(
@@ -118,6 +131,10 @@ fn measure(
         draft_steps: 0,
         verify_ms: 0.0,
         last_k: 0,
+        kv_bytes: 0,
+        draft_kv_bytes: 0,
+        submits: 0,
+        readbacks: 0,
     };
     for rep in 0..a.repetitions {
         for p in prompts {
@@ -127,6 +144,7 @@ fn measure(
                 m.tokens.push(c.token_ids.clone());
             }
             m.generated += c.usage.completion_tokens.saturating_sub(1);
+            m.kv_bytes = m.kv_bytes.max(session.kv_cache_bytes());
             m.decode_ms += c.stats.decode_ms;
             if let Some(s) = &c.stats.speculative {
                 m.passes += s.verify_passes;
@@ -137,6 +155,9 @@ fn measure(
                 m.draft_steps += s.draft_steps;
                 m.verify_ms += s.verify_ms;
                 m.last_k = s.last_k;
+                m.draft_kv_bytes = m.draft_kv_bytes.max(s.draft_kv_bytes);
+                m.submits += s.gpu_submits;
+                m.readbacks += s.gpu_readbacks;
             }
         }
     }
@@ -218,6 +239,10 @@ pub fn run(
             last_k: None,
             mean_k: None,
             peak_rss_bytes: base_rss,
+            kv_cache_bytes: base.kv_bytes,
+            draft_kv_bytes: None,
+            submits_per_round: None,
+            readbacks_per_round: None,
             projected: Vec::new(),
         });
         for draft in &drafts {
@@ -255,6 +280,10 @@ pub fn run(
                     last_k: Some(m.last_k),
                     mean_k: Some(m.proposed as f64 / m.passes.max(1) as f64),
                     peak_rss_bytes: rss,
+                    kv_cache_bytes: m.kv_bytes,
+                    draft_kv_bytes: Some(m.draft_kv_bytes),
+                    submits_per_round: Some(m.submits as f64 / m.passes.max(1) as f64),
+                    readbacks_per_round: Some(m.readbacks as f64 / m.passes.max(1) as f64),
                     projected: proj,
                 });
             }
@@ -265,7 +294,7 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9}",
+        "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
         "be",
         "verifier",
         "draft",
@@ -279,12 +308,14 @@ pub fn run(
         "draft ms",
         "verify ms",
         "mean k",
-        "peak RSS"
+        "peak RSS",
+        "KV",
+        "sub/rnd"
     );
     let opt = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into());
     for r in &rows {
         println!(
-            "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9.1} {:>6.2}x {:>9} {:>8.3} {:>9} {:>9} {:>6} {:>9}",
+            "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9.1} {:>6.2}x {:>9} {:>8.3} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
             r.backend,
             r.verifier,
             r.draft.as_deref().unwrap_or("(alone)"),
@@ -299,6 +330,8 @@ pub fn run(
             opt(r.verify_pass_ms, 3),
             opt(r.mean_k, 2),
             r.peak_rss_bytes.map(matformer_export::progress::human_bytes).unwrap_or_else(|| "-".into()),
+            matformer_export::progress::human_bytes(r.kv_cache_bytes),
+            opt(r.submits_per_round, 2),
         );
         for (al, sp) in &r.projected {
             println!("       projected at acceptance {:.1}% with k = {}: {sp:.2}x", al * 100.0, r.last_k.unwrap_or(0));

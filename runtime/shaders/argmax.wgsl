@@ -1,13 +1,14 @@
-// Index of the largest of n logits (row 0): the first one on ties, NaNs ignored, 0 when no
-// value is larger than -inf (the CPU engine's `argmax`). One workgroup; a decode step reads
-// back only this u32.
+// Index of the largest of n logits of a row: the first one on ties, NaNs ignored, 0 when no
+// value is larger than -inf (the CPU engine's `argmax`). Workgroup r takes row r (rows `stride`
+// floats apart) and writes result[r]: one workgroup for a decode step, which reads back only
+// this u32; one per token for the speculative verify pass.
 
 const WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
 
 struct Params {
     n: u32,
-    _pad0: u32,
+    stride: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -20,11 +21,12 @@ var<workgroup> best_v: array<f32, WG>;
 var<workgroup> best_i: array<u32, WG>;
 
 @compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
+fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let base = wid.x * p.stride;
     var bv = bitcast<f32>(0xff800000u);
     var bi = NONE;
     for (var i = lid.x; i < p.n; i += WG) {
-        let v = logits[i];
+        let v = logits[base + i];
         if v > bv {
             bv = v;
             bi = i;
@@ -47,6 +49,6 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
         workgroupBarrier();
     }
     if lid.x == 0u {
-        result[0] = select(best_i[0], 0u, best_i[0] == NONE);
+        result[wid.x] = select(best_i[0], 0u, best_i[0] == NONE);
     }
 }

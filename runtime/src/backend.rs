@@ -228,6 +228,16 @@ impl BackendSession {
         })
     }
 
+    /// Bytes held by the KV cache: on the CPU engine what it has grown to (it grows with the
+    /// tokens held), on the GPU the whole context window (allocated with the session).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        match self {
+            BackendSession::Cpu(s) => s.kv_cache_bytes() as u64,
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.kv_cache_bytes(),
+        }
+    }
+
     /// Empties the KV cache.
     pub fn reset(&mut self) {
         match self {

@@ -1,6 +1,7 @@
 //! Nested speculative decoding on the GPU backend (lavapipe in CI): greedy output identical to
-//! the verifier alone on the same backend for every draft and both draft caches, a stop
-//! inside an accepted run, a cancel between rounds, and sampling that stays seeded.
+//! the verifier alone on the same backend for every draft and both draft caches, a greedy
+//! shared-cache round in one submit and one readback, a stop inside an accepted run, a cancel
+//! between rounds, and sampling that stays seeded.
 //!
 //! No adapter: the tests print "skipping: no GPU adapter (...)" and pass, except in CI
 //! (`CI=true`), where they fail.
@@ -78,6 +79,92 @@ fn gpu_greedy_output_equals_the_verifier_alone_for_every_draft_and_cache() {
         }
     }
     assert!(accepted > 0);
+}
+
+#[test]
+fn gpu_greedy_round_is_one_submit_and_one_readback() {
+    let Some(engine) = gpu_engine() else { return };
+    let s = session(&engine, "xl");
+    for cache in [DraftCache::Shared, DraftCache::Own] {
+        for draft in ["s", "m", "l"] {
+            s.reset();
+            let o =
+                GenerateOptions { speculative: Some(spec(DraftChoice::Named(draft.into()), cache, 4)), ..greedy(48) };
+            let c = s.generate(Input::Text("The meaning of ".into()), &o, &mut NoSink).unwrap();
+            let st = c.stats.speculative.unwrap();
+            let what = format!("{draft} {cache:?}: {st:?}");
+            assert!(st.verify_passes > 3, "{what}");
+            assert_eq!(st.gpu_submits, st.verify_passes as u64, "one submit per round: {what}");
+            assert_eq!(st.gpu_readbacks, st.verify_passes as u64, "one readback per round: {what}");
+            assert_eq!(st.draft_steps, st.proposed, "{what}");
+        }
+    }
+}
+
+/// The one-submit round at the `GpuSession` level: its drafts are the draft's greedy tokens
+/// and its verdicts the verifier's greedy tokens after each prefix, as separate decode steps
+/// give them, and the counters say one submit, one readback, `k + 1` passes.
+#[test]
+fn gpu_speculate_greedy_matches_separate_steps() {
+    let model = Arc::new(ModelFile::open(fixture()).unwrap());
+    let Some(engine) = gpu_common::or_skip(GpuEngine::new(Arc::clone(&model), Default::default()), "GPU engine") else {
+        return;
+    };
+    let meta = model.metadata();
+    let levels = model.view().available_levels;
+    let xl = matformer::Submodel::parse("xl", meta, levels).unwrap();
+    let prompt: Vec<u32> = "Once upon a time".bytes().map(u32::from).collect();
+    for draft_name in ["s", "m"] {
+        let draft = matformer::Submodel::parse(draft_name, meta, levels).unwrap();
+        for k in [1usize, 3, 6] {
+            let mut fused = engine.session(&xl).unwrap();
+            let next = fused.prefill(&prompt).unwrap();
+            let before = fused.counters();
+            let round = fused.speculate_greedy(next, &draft, k).unwrap();
+            let after = fused.counters();
+            assert_eq!(after.submits - before.submits, 1, "{draft_name} k={k}");
+            assert_eq!(after.readbacks - before.readbacks, 1, "{draft_name} k={k}");
+            assert_eq!(after.passes - before.passes, k as u64 + 1, "{draft_name} k={k}");
+            assert_eq!(fused.position(), prompt.len() + k + 1);
+
+            // The draft alone, keep-KV on the verifier's cache: its greedy tokens.
+            let mut d = engine.session(&xl).unwrap();
+            d.prefill(&prompt).unwrap();
+            d.switch_keep_cache(&draft).unwrap();
+            let mut want_drafts = Vec::new();
+            let mut feed = next;
+            for _ in 0..k {
+                feed = d.decode(feed).unwrap();
+                want_drafts.push(feed);
+            }
+            assert_eq!(round.drafts, want_drafts, "{draft_name} k={k}");
+
+            // The verifier over next and the drafts: its greedy token after each prefix.
+            let mut v = engine.session(&xl).unwrap();
+            v.prefill(&prompt).unwrap();
+            let mut fed = vec![next];
+            fed.extend_from_slice(&round.drafts);
+            let rows = v.forward_all(&fed).unwrap();
+            let vocab = v.vocab_size();
+            let want: Vec<u32> = rows.chunks_exact(vocab).map(matformer::cpu::argmax).collect();
+            assert_eq!(round.verified, want, "{draft_name} k={k}");
+
+            // The cache the round left is the verifier's: truncated to the accepted tokens,
+            // decoding continues as the verifier alone.
+            let accepted = round.drafts.iter().zip(&round.verified).take_while(|(d, v)| d == v).count();
+            fused.truncate(prompt.len() + 1 + accepted);
+            let mut plain = engine.session(&xl).unwrap();
+            plain.prefill(&prompt).unwrap();
+            let mut t = next;
+            for &dd in &round.drafts[..accepted] {
+                assert_eq!(plain.decode(t).unwrap(), dd);
+                t = dd;
+            }
+            let bonus = round.verified[accepted];
+            assert_eq!(plain.decode(t).unwrap(), bonus);
+            assert_eq!(fused.decode(bonus).unwrap(), plain.decode(bonus).unwrap(), "{draft_name} k={k}");
+        }
+    }
 }
 
 #[test]

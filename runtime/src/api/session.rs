@@ -318,7 +318,13 @@ impl Session {
         let ttft_ms = first_token_at.map(|t| (t - started).as_secs_f64() * 1e3).unwrap_or(0.0);
         let mut stats = self.stats(elastic, prefill_ms, decode_ms, prefilled, ids.len(), events);
         stats.time_to_first_token_ms = ttft_ms;
-        stats.speculative = speculator.map(|s| s.stats());
+        stats.speculative = speculator.map(|s| {
+            let mut st = s.stats();
+            if st.cache == super::DraftCache::Own {
+                st.draft_kv_bytes = draft.as_ref().map_or(0, OwnDraft::kv_cache_bytes);
+            }
+            st
+        });
         if let Input::Chat(_) = input {
             turn.push(ChatMessage { role: "assistant".into(), content: text.clone() });
             *conversation = turn;
@@ -498,6 +504,16 @@ impl Session {
     /// Tokens held in the KV cache (readable while generating).
     pub fn token_count(&self) -> usize {
         self.control.position.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held by this session's KV caches: the session's own (on the CPU engine what it
+    /// has grown to, on the GPU the whole context window) and, after speculative decoding with
+    /// [`DraftCache::Own`](super::DraftCache::Own), the draft's. Waits for a running
+    /// generation.
+    pub fn kv_cache_bytes(&self) -> u64 {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let own = state.elastic.as_ref().map_or(0, |e| e.backend_session().kv_cache_bytes());
+        own + state.draft.as_ref().map_or(0, OwnDraft::kv_cache_bytes)
     }
 
     /// The most tokens this session holds.

@@ -12,6 +12,13 @@
 //! the session's weights in place, keep-KV, writes `k` speculative entries after the accepted
 //! ones, and the verify pass overwrites them) or its own ([`DraftCache::Own`]: a second
 //! backend session at the draft's width, caught up on the accepted tokens each round).
+//!
+//! On the GPU a greedy round (no penalties) is one queue submit and one readback with either
+//! cache: the draft steps and the verify pass are recorded in one command encoder, each draft
+//! step's argmax is copied on the device into the next step's token ids and into the verify
+//! pass's, and the verify pass ends with the argmax of every row
+//! ([`GpuSession::speculate_greedy`](crate::gpu::GpuSession::speculate_greedy)). Sampling
+//! reads the verifier's logits back (one pass per draft step, then the verify pass).
 
 use std::time::Instant;
 
@@ -31,6 +38,11 @@ pub(crate) struct OwnDraft {
 }
 
 impl OwnDraft {
+    /// Bytes held by the draft's KV cache.
+    pub(crate) fn kv_cache_bytes(&self) -> u64 {
+        self.session.kv_cache_bytes()
+    }
+
     /// Empties the cache (the session was reset).
     pub(crate) fn reset(&mut self) {
         self.session.reset();
@@ -90,6 +102,32 @@ pub(crate) fn resolve_draft(
 
 /// A round's drafts, their distributions (sampling only) and the draft passes run.
 type Drafted = (Vec<u32>, Vec<Vec<f32>>, usize);
+
+/// A round's drafts, their distributions (sampling only) and what the verifier gave.
+type Round = (Vec<u32>, Vec<Vec<f32>>, Verified);
+
+/// What the verify pass gave.
+enum Verified {
+    /// Every row's logits, row-major `[k + 1, vocab]`.
+    Logits(Vec<f32>),
+    /// The verifier's greedy token after each prefix (the GPU's one-submit round).
+    Greedy(Vec<u32>),
+}
+
+/// GPU queue submits and readbacks done so far by the verifier's session and the draft's own
+/// (zero on the CPU engine).
+fn gpu_work(elastic: &ElasticSession, own: &Option<OwnDraft>) -> (u64, u64) {
+    #[cfg(feature = "gpu")]
+    {
+        let sessions = [elastic.gpu_session(), own.as_ref().and_then(|o| o.session.gpu())];
+        sessions.into_iter().flatten().map(|s| s.counters()).fold((0, 0), |(s, r), c| (s + c.submits, r + c.readbacks))
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = (elastic, own);
+        (0, 0)
+    }
+}
 
 /// How a round ended.
 pub(crate) enum RoundEnd {
@@ -164,49 +202,34 @@ impl Speculator {
             return Ok(RoundEnd::Next(elastic.decode_sample(next, sampler)?));
         }
         let greedy = sampler.params().is_greedy();
-        let mut drafter = sampler.fork();
-        let started = Instant::now();
-        let (drafts, qs) = match self.cache {
-            DraftCache::Shared => {
-                elastic.switch_with(&self.draft, SwitchMode::KeepKv)?;
-                let r = draft_shared(elastic, next, k, greedy, &mut drafter);
-                // The speculative entries go; the verifier's weights come back, whatever happened.
-                elastic.truncate(p0);
-                elastic.switch_with(&verifier, SwitchMode::KeepKv)?;
-                let (d, q, steps) = r?;
-                self.stats.draft_steps += steps;
-                (d, q)
-            }
-            DraftCache::Own => {
-                let (d, q, steps) = self.draft_own(elastic, own, next, k, greedy, &mut drafter)?;
-                self.stats.draft_steps += steps;
-                (d, q)
-            }
-        };
-        let verify_started = Instant::now();
-        self.stats.draft_ms += (verify_started - started).as_secs_f64() * 1e3;
-        let mut feed = Vec::with_capacity(k + 1);
-        feed.push(next);
-        feed.extend_from_slice(&drafts);
-        let rows = elastic.forward_all(&feed)?;
-        self.stats.verify_ms += verify_started.elapsed().as_secs_f64() * 1e3;
+        let work_before = gpu_work(elastic, own);
+        let r = self.draft_and_verify(elastic, own, next, k, greedy, sampler);
+        let work_after = gpu_work(elastic, own);
+        // Saturating: a draft session replaced in the round starts its counters again.
+        self.stats.gpu_submits += work_after.0.saturating_sub(work_before.0);
+        self.stats.gpu_readbacks += work_after.1.saturating_sub(work_before.1);
+        let (drafts, qs, verified) = r?;
         self.stats.verify_passes += 1;
         self.stats.proposed += k;
         self.stats.last_k = k;
-        let vocab = rows.len() / (k + 1);
-        let row = |j: usize| &rows[j * vocab..(j + 1) * vocab];
+        let vocab = elastic.backend_session().vocab_size();
 
         for (j, &d) in drafts.iter().enumerate() {
-            let verdict = if greedy {
-                let t = sampler.sample_logits(row(j));
-                if t == d {
-                    Verdict::Accepted
-                } else {
-                    Verdict::Rejected(t)
+            let verdict = match &verified {
+                Verified::Greedy(v) if v[j] == d => Verdict::Accepted,
+                Verified::Greedy(v) => Verdict::Rejected(v[j]),
+                Verified::Logits(rows) if greedy => {
+                    let t = sampler.sample_logits(&rows[j * vocab..(j + 1) * vocab]);
+                    if t == d {
+                        Verdict::Accepted
+                    } else {
+                        Verdict::Rejected(t)
+                    }
                 }
-            } else {
-                let p = sampler.probabilities(row(j));
-                sampler.speculative_verdict(&p, &qs[j], d)
+                Verified::Logits(rows) => {
+                    let p = sampler.probabilities(&rows[j * vocab..(j + 1) * vocab]);
+                    sampler.speculative_verdict(&p, &qs[j], d)
+                }
             };
             match verdict {
                 Verdict::Accepted => {
@@ -233,7 +256,77 @@ impl Speculator {
         if self.adaptive && k == self.k {
             self.k = (self.k + 1).min(self.max_k);
         }
-        Ok(RoundEnd::Next(sampler.sample_logits(row(k))))
+        Ok(RoundEnd::Next(match &verified {
+            Verified::Greedy(v) => v[k],
+            Verified::Logits(rows) => sampler.sample_logits(&rows[k * vocab..(k + 1) * vocab]),
+        }))
+    }
+
+    /// The round's draft steps and verify pass: the drafts, their distributions (sampling
+    /// only) and what the verifier gave. Greedy without penalties with a shared cache on the
+    /// GPU is one submit ([`ElasticSession::speculate_greedy_gpu`]). Leaves `next` and the
+    /// drafts fed to the verifier.
+    fn draft_and_verify(
+        &mut self,
+        elastic: &mut ElasticSession,
+        own: &mut Option<OwnDraft>,
+        next: u32,
+        k: usize,
+        greedy: bool,
+        sampler: &mut Sampler,
+    ) -> Result<Round, Error> {
+        let started = Instant::now();
+        let p0 = elastic.position();
+        #[cfg(feature = "gpu")]
+        if greedy && !sampler.params().has_penalties() {
+            // One submit per round on the GPU: the draft steps' time is inside it, counted as
+            // the verify pass's.
+            let fused = match self.cache {
+                DraftCache::Shared => elastic.speculate_greedy_gpu(next, &self.draft, k),
+                DraftCache::Own => {
+                    let (o, catch_up) = self.own_catch_up(elastic, own, next)?;
+                    let r = elastic.speculate_greedy_gpu_own(&mut o.session, &catch_up, k);
+                    if let Some(Ok(r)) = &r {
+                        o.history.extend_from_slice(&catch_up);
+                        o.history.extend_from_slice(&r.drafts[..k - 1]);
+                    }
+                    r
+                }
+            };
+            if let Some(r) = fused {
+                let r = r?;
+                self.stats.verify_ms += started.elapsed().as_secs_f64() * 1e3;
+                self.stats.draft_steps += k;
+                return Ok((r.drafts, Vec::new(), Verified::Greedy(r.verified)));
+            }
+        }
+        let verifier = elastic.submodel().clone();
+        let mut drafter = sampler.fork();
+        let (drafts, qs) = match self.cache {
+            DraftCache::Shared => {
+                elastic.switch_with(&self.draft, SwitchMode::KeepKv)?;
+                let r = draft_shared(elastic, next, k, greedy, &mut drafter);
+                // The speculative entries go; the verifier's weights come back, whatever happened.
+                elastic.truncate(p0);
+                elastic.switch_with(&verifier, SwitchMode::KeepKv)?;
+                let (d, q, steps) = r?;
+                self.stats.draft_steps += steps;
+                (d, q)
+            }
+            DraftCache::Own => {
+                let (d, q, steps) = self.draft_own(elastic, own, next, k, greedy, &mut drafter)?;
+                self.stats.draft_steps += steps;
+                (d, q)
+            }
+        };
+        let verify_started = Instant::now();
+        self.stats.draft_ms += (verify_started - started).as_secs_f64() * 1e3;
+        let mut feed = Vec::with_capacity(k + 1);
+        feed.push(next);
+        feed.extend_from_slice(&drafts);
+        let rows = elastic.forward_all(&feed)?;
+        self.stats.verify_ms += verify_started.elapsed().as_secs_f64() * 1e3;
+        Ok((drafts, qs, Verified::Logits(rows)))
     }
 
     /// The own-cache draft: catch the draft's cache up on the accepted tokens and `next` (one
@@ -248,6 +341,30 @@ impl Speculator {
         greedy: bool,
         drafter: &mut Sampler,
     ) -> Result<Drafted, Error> {
+        let (o, catch_up) = self.own_catch_up(elastic, own, next)?;
+        let mut drafts = Vec::with_capacity(k);
+        let mut qs = Vec::new();
+        let mut feed = catch_up;
+        for _ in 0..k {
+            let d = draft_step(&mut o.session, &feed, greedy, drafter, &mut qs)?;
+            o.history.extend_from_slice(&feed);
+            drafts.push(d);
+            feed = vec![d];
+        }
+        Ok((drafts, qs, k))
+    }
+}
+
+impl Speculator {
+    /// The draft's own session (created, or recreated for another draft) truncated to the
+    /// longest prefix of its history that the verifier's history and `next` share, and the
+    /// tokens it lacks (at least `next`, whose logits give the first draft).
+    fn own_catch_up<'o>(
+        &self,
+        elastic: &ElasticSession,
+        own: &'o mut Option<OwnDraft>,
+        next: u32,
+    ) -> Result<(&'o mut OwnDraft, Vec<u32>), Error> {
         if own.as_ref().is_none_or(|o| *o.session.submodel() != self.draft) {
             let session = elastic.backend().session(&self.draft)?;
             *own = Some(OwnDraft { session, history: Vec::new() });
@@ -264,16 +381,7 @@ impl Speculator {
         o.session.truncate(common);
         o.history.truncate(common);
         let catch_up: Vec<u32> = (common..want_len).map(token_at).collect();
-        let mut drafts = Vec::with_capacity(k);
-        let mut qs = Vec::new();
-        let mut feed = catch_up;
-        for _ in 0..k {
-            let d = draft_step(&mut o.session, &feed, greedy, drafter, &mut qs)?;
-            o.history.extend_from_slice(&feed);
-            drafts.push(d);
-            feed = vec![d];
-        }
-        Ok((drafts, qs, k))
+        Ok((o, catch_up))
     }
 }
 

@@ -272,6 +272,16 @@ pub struct SpeculativeStats {
     pub draft_steps: usize,
     /// Tokens drafted in the last round (the adaptive `k` where it ended).
     pub last_k: usize,
+    /// GPU queue submits of the rounds (draft steps and verify passes, the draft's own session
+    /// included; 0 on the CPU engine). Greedy with a shared cache: one per round.
+    pub gpu_submits: u64,
+    /// GPU readbacks of the rounds (each waits for the device). Greedy with a shared cache: one
+    /// per round.
+    pub gpu_readbacks: u64,
+    /// Bytes of the draft's own KV cache at the end of the call (0 with
+    /// [`DraftCache::Shared`]: the draft writes its `k` entries into the verifier's cache,
+    /// where the verify pass overwrites them).
+    pub draft_kv_bytes: u64,
 }
 
 /// What a [`TokenSink`] wants after a piece of text.

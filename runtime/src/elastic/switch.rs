@@ -294,6 +294,57 @@ impl ElasticSession {
         Ok(logits)
     }
 
+    /// A greedy speculative round with the KV cache shared by `draft` and this session's
+    /// submodel, in one GPU submit and one readback ([`GpuSession::speculate_greedy`]): `None`
+    /// on the CPU engine or when `k + 1` tokens do not fit one pass. Appends `next` and the `k`
+    /// drafts to the history (the verify pass fed them); the caller truncates to the tokens
+    /// it keeps. On error nothing changes.
+    #[cfg(feature = "gpu")]
+    pub fn speculate_greedy_gpu(
+        &mut self,
+        next: u32,
+        draft: &Submodel,
+        k: usize,
+    ) -> Option<Result<crate::gpu::SpeculativeRound, ElasticError>> {
+        let BackendSession::Gpu(s) = &mut self.session else {
+            return None;
+        };
+        if k == 0 || k + 1 > s.pass_tokens() {
+            return None;
+        }
+        Some(s.speculate_greedy(next, draft, k).map_err(ElasticError::from).inspect(|r| {
+            self.history.push(next);
+            self.history.extend_from_slice(&r.drafts);
+            self.last_logits = None;
+        }))
+    }
+
+    /// [`speculate_greedy_gpu`](Self::speculate_greedy_gpu) with the draft's own KV cache in
+    /// `draft` (a session of this session's engine; [`GpuSession::speculate_greedy_own`]):
+    /// the draft runs `catch_up` (ending with the fed token) and `k - 1` steps, this session
+    /// the verify pass, in one submit. `None` unless both sessions are on the GPU and the
+    /// round fits one pass each. Appends the fed token and the `k` drafts to the history.
+    #[cfg(feature = "gpu")]
+    pub fn speculate_greedy_gpu_own(
+        &mut self,
+        draft: &mut BackendSession,
+        catch_up: &[u32],
+        k: usize,
+    ) -> Option<Result<crate::gpu::SpeculativeRound, ElasticError>> {
+        let (BackendSession::Gpu(s), BackendSession::Gpu(d)) = (&mut self.session, draft) else {
+            return None;
+        };
+        if k == 0 || k + 1 > s.pass_tokens() || catch_up.is_empty() || catch_up.len() > d.pass_tokens() {
+            return None;
+        }
+        let next = catch_up[catch_up.len() - 1];
+        Some(s.speculate_greedy_own(d, catch_up, k).map_err(ElasticError::from).inspect(|r| {
+            self.history.push(next);
+            self.history.extend_from_slice(&r.drafts);
+            self.last_logits = None;
+        }))
+    }
+
     /// [`ElasticSession::prefill`] returning the greedy next token only (on the GPU the argmax
     /// runs on the device and 4 bytes are read back).
     pub fn prefill_greedy(&mut self, tokens: &[u32]) -> Result<u32, ElasticError> {

@@ -75,7 +75,7 @@ pub use device::{list_adapters, probe_adapters, AdapterReport, PathTiming};
 pub use engine::{step_down_on_oom, GpuEngine, GpuOptions, StepCounters};
 pub use op_runner::{OpRunner, WeightFormat};
 pub use ops::{shader_sources, ShaderSource, WeightPath};
-pub use session::{GpuSession, GpuSwitch};
+pub use session::{GpuSession, GpuSwitch, SpeculativeRound};
 
 use crate::cpu::Tolerance;
 use crate::{ModelError, SubmodelError};

@@ -413,7 +413,7 @@ impl OpRunner {
         if logits.is_empty() {
             return Err(bad_input("argmax: no logits"));
         }
-        let p = self.uniform(&ArgmaxParams { n: logits.len() as u32, _pad: [0; 3] })?;
+        let p = self.uniform(&ArgmaxParams { n: logits.len() as u32, stride: 0, _pad: [0; 2] })?;
         let lb = self.input(logits)?;
         let out = self.out(4)?;
         let r = self.run(&[(PipeKey::new(Kernel::Argmax, "main", &[]), vec![&p, &lb, &out], (1, 1))], &out, 1)?;
@@ -567,7 +567,7 @@ impl OpRunner {
             (grid, 1),
             repeats,
         )?;
-        let ap = self.uniform(&ArgmaxParams { n: vocab as u32, _pad: [0; 3] })?;
+        let ap = self.uniform(&ArgmaxParams { n: vocab as u32, stride: 0, _pad: [0; 2] })?;
         let (lb, ab) = (self.out(vocab)?, self.out(4)?);
         let argmax_ms =
             self.time_dispatch(PipeKey::new(Kernel::Argmax, "main", &[]), &[&ap, &lb, &ab], (1, 1), repeats)?;

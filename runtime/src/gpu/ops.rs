@@ -669,7 +669,9 @@ pub(crate) struct ActParams {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub(crate) struct ArgmaxParams {
     pub(crate) n: u32,
-    pub(crate) _pad: [u32; 3],
+    /// Floats between rows (workgroup `r` takes row `r`).
+    pub(crate) stride: u32,
+    pub(crate) _pad: [u32; 2],
 }
 
 /// `topk.wgsl`.

@@ -109,6 +109,13 @@ impl Plan {
         self.ffn.iter().map(|f| f.1).sum()
     }
 
+    /// The items of a pass with `ffn` as the FFN blocks instead of the plan's own (the
+    /// speculative draft's steps, recorded with the verifier's plan).
+    pub(super) fn items_with<'a>(&'a self, ffn: &'a [FfnPlan]) -> impl Iterator<Item = &'a Item> {
+        let layers = self.attn.iter().zip(ffn).flat_map(|(a, f)| a.iter().chain(f.0.iter()));
+        self.embed.iter().chain(layers)
+    }
+
     /// Points `ffn` at the plans for `widths` over `layers`, building the missing ones.
     pub(super) fn set_ffn(
         &mut self,
@@ -117,6 +124,19 @@ impl Plan {
         layers: &[Arc<LayerFfn>],
         widths: &[usize],
     ) -> Result<(), GpuError> {
+        self.ffn = self.plans_for(p, a, layers, widths)?;
+        Ok(())
+    }
+
+    /// The FFN plans for `widths` over `layers` (from the cache, building the missing ones),
+    /// without changing `ffn`.
+    pub(super) fn plans_for(
+        &mut self,
+        p: &Planner<'_>,
+        a: &Acts,
+        layers: &[Arc<LayerFfn>],
+        widths: &[usize],
+    ) -> Result<Vec<FfnPlan>, GpuError> {
         let mut next = Vec::with_capacity(widths.len());
         for (li, (layer, &w)) in layers.iter().zip(widths).enumerate() {
             let plan = match self.cache.get(&(li, w)) {
@@ -129,8 +149,7 @@ impl Plan {
             };
             next.push(plan);
         }
-        self.ffn = next;
-        Ok(())
+        Ok(next)
     }
 }
 

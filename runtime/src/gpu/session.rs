@@ -5,6 +5,12 @@
 //! A pass over `t` tokens (`t = 1` for decode) is recorded into one command encoder from a
 //! plan built once per session; only a 16-byte step uniform (`pos0`, `t`) and the token ids
 //! are written per pass.
+//!
+//! A greedy speculative round ([`GpuSession::speculate_greedy`],
+//! [`GpuSession::speculate_greedy_own`]) records several passes in one encoder: the step
+//! uniform of each comes from a table copied in between the passes, and each draft step's
+//! argmax is copied into the next pass's token ids on the device, so the round is one submit
+//! and one readback.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,7 +24,7 @@ use super::ffn_store::LayerFfn;
 use super::ops::{
     split_partial_floats, ArgmaxParams, AttentionParams, Kernel, PipeKey, RopeParams, StepParams, TopkParams,
 };
-use super::plan::{plan_shared, record, Dispatch, Grid, Item, Plan, Planner};
+use super::plan::{plan_shared, record, Dispatch, FfnPlan, Grid, Item, Plan, Planner};
 use super::weights::{pad8, zeroed};
 use super::GpuError;
 use crate::sampling::{Candidates, LogitTransform, Sampler, MAX_CANDIDATES};
@@ -58,6 +64,44 @@ pub struct GpuSession {
     alloc_bytes: u64,
     /// The candidate tail, created by the first candidates call.
     sampling: Option<SamplingBufs>,
+    /// The speculative round's buffers, created by the first [`GpuSession::speculate_greedy`].
+    spec: Option<SpecBufs>,
+}
+
+/// Buffers and plans of [`GpuSession::speculate_greedy`].
+#[derive(Debug)]
+struct SpecBufs {
+    /// The step uniforms of a round, 16 bytes each: one per draft step, then the verify pass's
+    /// (copied into the session's step uniform before each pass).
+    steps: wgpu::Buffer,
+    /// The round's token ids: the fed token, then the drafts (copied from the argmax of each
+    /// draft step).
+    ids: wgpu::Buffer,
+    /// What the round reads back: the verifier's argmax of each row, then the drafts.
+    staging: wgpu::Buffer,
+    /// The verify pass's tail: every row's logits, then the argmax of each row.
+    tail: Vec<Item>,
+    /// The draft the FFN plans below are for.
+    draft: Option<DraftPlan>,
+}
+
+/// The draft's FFN blocks, recorded in place of the session's own for the draft steps.
+#[derive(Debug)]
+struct DraftPlan {
+    submodel: Submodel,
+    ffn: Vec<FfnPlan>,
+    /// The FFN layers those plans read (held as [`GpuSession`] holds its own).
+    _layers: Vec<Arc<LayerFfn>>,
+}
+
+/// What [`GpuSession::speculate_greedy`] read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpeculativeRound {
+    /// The `k` drafted tokens (the draft's greedy tokens, each fed to the next draft step).
+    pub drafts: Vec<u32>,
+    /// The verifier's greedy token after each of the `k + 1` prefixes: after the fed token,
+    /// then after each draft.
+    pub verified: Vec<u32>,
 }
 
 /// Buffers and tail of [`GpuSession::decode_candidates`]: the last token's logits, then
@@ -183,7 +227,7 @@ impl GpuSession {
         let kv_bytes = 2 * dm.n_layers as u64 * (i.ctx * skv) as u64 * f;
         // Transposed products (the FFN down projection) have `d_model` output columns.
         let partials_floats = split_partial_floats(sd / 8);
-        let alloc_bytes = t * act_floats as u64 * f + t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
+        let alloc_bytes = t * act_floats as u64 * f + 2 * t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
         i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
         // Counted from here on (so the FFN upload below sees it); given back on early return.
         i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
@@ -198,7 +242,8 @@ impl GpuSession {
         let step = buf("step", 16, U::UNIFORM | U::COPY_DST)?;
         let tokens = buf("tokens", t * 4, U::STORAGE | U::COPY_DST)?;
         let logits = buf("logits", t * sv as u64 * f, act)?;
-        let argmax = buf("argmax", 16, act)?;
+        // One u32 per row: the verify pass of a speculative round takes every row's argmax.
+        let argmax = buf("argmax", (t * 4).div_ceil(16).max(1) * 16, act)?;
         let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
         let mut caches = Vec::with_capacity(dm.n_layers);
         for li in 0..dm.n_layers {
@@ -262,7 +307,7 @@ impl GpuSession {
         let (x, xn) = (&acts.x, &acts.xn);
         let mut tail_last = vec![p.norm(&i.final_norm, x, xn, sd, true)?];
         p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_last)?;
-        let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, _pad: [0; 3] })?;
+        let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, stride: sv as u32, _pad: [0; 2] })?;
         let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
         let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
         tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
@@ -286,6 +331,7 @@ impl GpuSession {
             kv_bytes,
             alloc_bytes,
             sampling: None,
+            spec: None,
         })
     }
 
@@ -341,6 +387,10 @@ impl GpuSession {
         self.plan.cache.clear();
         self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
         self.ffn = ffn;
+        if let Some(sb) = &mut self.spec {
+            // The draft's plans read the store's old buffers: rebuilt by the next round.
+            sb.draft = None;
+        }
         Ok(uploaded)
     }
 
@@ -606,6 +656,227 @@ impl GpuSession {
         let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
         let pairs = (0..k).map(|j| (word(2 * j), f32::from_bits(word(2 * j + 1)))).collect();
         Ok(Candidates { pairs, log_sum_exp: f32::from_bits(word(2 * k)) })
+    }
+
+    /// Most tokens one pass takes (the prefill chunk, or fewer when the activations would not
+    /// fit a buffer): a speculative round drafts at most one fewer.
+    pub fn pass_tokens(&self) -> usize {
+        self.bufs.t_max
+    }
+
+    /// A greedy speculative round over a KV cache shared by draft and verifier, in one submit
+    /// and one readback: `k` decode steps of `draft` from `next` (each step's argmax, computed
+    /// on the device, is copied into the next step's token ids), then the verify pass of this
+    /// session's submodel over `next` and the `k` drafts (`k + 1` tokens at the positions the
+    /// draft steps wrote, overwriting their cache entries) with the argmax of every row.
+    /// Reads back `2k + 1` u32. Leaves `next` and the drafts appended (position `+ k + 1`):
+    /// the caller truncates to the tokens it keeps. `k` is 1 to [`pass_tokens`](Self::pass_tokens)
+    /// `- 1`. The drafts are any submodel of the file (the nested draft is narrower); its FFN
+    /// blocks are planned once and kept. On error the position is unchanged.
+    pub fn speculate_greedy(&mut self, next: u32, draft: &Submodel, k: usize) -> Result<SpeculativeRound, GpuError> {
+        if k == 0 || k + 1 > self.bufs.t_max {
+            return Err(GpuError::InvalidArgument {
+                what: format!("{k} drafts per round; a round takes 1 to {}", self.bufs.t_max - 1),
+            });
+        }
+        self.validate(&vec![next; k + 1])?;
+        self.ensure_spec(draft)?;
+        let inner = Arc::clone(&self.inner);
+        let gpu = &inner.gpu;
+        let Some(sb) = &self.spec else {
+            return Err(GpuError::InvalidArgument { what: "the speculative buffers were not created".into() });
+        };
+        let Some(dp) = &sb.draft else {
+            return Err(GpuError::InvalidArgument { what: "the draft was not planned".into() });
+        };
+        let p0 = self.pos;
+        let t = k + 1;
+        let mut steps: Vec<StepParams> =
+            (0..k).map(|j| StepParams { pos0: (p0 + j) as u32, t: 1, _pad: [0; 2] }).collect();
+        steps.push(StepParams { pos0: p0 as u32, t: t as u32, _pad: [0; 2] });
+        let (step, tokens, argmax) = (&self.bufs.step, &self.bufs.tokens, &self.bufs.argmax);
+        let mut dispatches = 0u64;
+        gpu.scoped("running a speculative round", || {
+            gpu.queue.write_buffer(&sb.steps, 0, bytemuck::cast_slice(&steps));
+            gpu.queue.write_buffer(&sb.ids, 0, bytemuck::bytes_of(&next));
+            let mut enc =
+                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("speculative round") });
+            enc.copy_buffer_to_buffer(&sb.ids, 0, tokens, 0, 4);
+            for j in 0..k as u64 {
+                enc.copy_buffer_to_buffer(&sb.steps, 16 * j, step, 0, 16);
+                let items = self.plan.items_with(&dp.ffn).chain(&self.tail_last).map(|it| (it, 1));
+                dispatches += record(&mut enc, items);
+                enc.copy_buffer_to_buffer(argmax, 0, &sb.ids, 4 * (j + 1), 4);
+                if j + 1 < k as u64 {
+                    enc.copy_buffer_to_buffer(argmax, 0, tokens, 0, 4);
+                }
+            }
+            let tb = t as u64;
+            enc.copy_buffer_to_buffer(&sb.steps, 16 * k as u64, step, 0, 16);
+            enc.copy_buffer_to_buffer(&sb.ids, 0, tokens, 0, 4 * tb);
+            dispatches += record(&mut enc, self.plan.items().chain(&sb.tail).map(|it| (it, t)));
+            enc.copy_buffer_to_buffer(argmax, 0, &sb.staging, 0, 4 * tb);
+            enc.copy_buffer_to_buffer(&sb.ids, 4, &sb.staging, 4 * tb, 4 * (tb - 1));
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        let round = self.read_round(k)?;
+        self.pos = p0 + t;
+        self.counters.passes += t as u64;
+        self.counters.submits += 1;
+        self.counters.dispatches += dispatches;
+        Ok(round)
+    }
+
+    /// Creates the speculative round's buffers and verify tail (counted against the memory
+    /// limit) once, and plans `draft`'s FFN blocks when it is not the draft planned last.
+    fn ensure_spec(&mut self, draft: &Submodel) -> Result<(), GpuError> {
+        self.ensure_spec_bufs()?;
+        let inner = Arc::clone(&self.inner);
+        let i = &*inner;
+        let Some(sb) = &mut self.spec else {
+            return Ok(());
+        };
+        if sb.draft.as_ref().is_some_and(|d| d.submodel == *draft) {
+            return Ok(());
+        }
+        let model = &i.model;
+        draft.validate(model.metadata(), model.view().available_levels)?;
+        let widths = widths_of(model, draft);
+        let (layers, _uploaded) = i.ensure_ffn(&widths)?;
+        let p = Planner { inner: i, step: &self.bufs.step, partials: &self.acts.partials };
+        let ffn = self.plan.plans_for(&p, &self.acts, &layers, &widths)?;
+        i.gpu.take_uncaptured("planning the speculative draft")?;
+        sb.draft = Some(DraftPlan { submodel: draft.clone(), ffn, _layers: layers });
+        Ok(())
+    }
+
+    /// Creates the speculative round's buffers and verify tail (counted against the memory
+    /// limit) once.
+    fn ensure_spec_bufs(&mut self) -> Result<(), GpuError> {
+        let inner = Arc::clone(&self.inner);
+        let i = &*inner;
+        if self.spec.is_none() {
+            let gpu = &i.gpu;
+            let limit = gpu.max_binding();
+            let t = self.bufs.t_max as u64;
+            let (steps_bytes, ids_bytes, staging_bytes) =
+                (16 * t, (4 * t).div_ceil(16) * 16, (8 * t).div_ceil(16) * 16);
+            let bytes = steps_bytes + ids_bytes + staging_bytes + 16;
+            i.check_limit(bytes, "allocating the speculative buffers")?;
+            use wgpu::BufferUsages as U;
+            let buf = |label: &str, bytes: u64, usage: U| zeroed(gpu, label, bytes, usage, limit);
+            let steps = buf("speculative steps", steps_bytes, U::COPY_SRC | U::COPY_DST)?;
+            let ids = buf("speculative ids", ids_bytes, U::COPY_SRC | U::COPY_DST)?;
+            let staging = buf("speculative staging", staging_bytes, U::MAP_READ | U::COPY_DST)?;
+            let a = &self.acts;
+            let p = Planner { inner: i, step: &self.bufs.step, partials: &a.partials };
+            let head = i.head.as_ref().unwrap_or(&i.embed);
+            let mut tail = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, false)?];
+            p.matmul(head, false, false, &a.xn, a.sd, &self.bufs.logits, self.bufs.sv, &mut tail)?;
+            let am = ArgmaxParams { n: i.dims.vocab as u32, stride: self.bufs.sv as u32, _pad: [0; 2] };
+            let am = p.uniform("verify argmax params", &am)?;
+            tail.push(p.fixed(Kernel::Argmax, &[], &[&am, &self.bufs.logits, &self.bufs.argmax], Grid::Rows)?);
+            gpu.take_uncaptured("creating the speculative buffers")?;
+            i.session_bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.alloc_bytes += bytes;
+            self.spec = Some(SpecBufs { steps, ids, staging, tail, draft: None });
+        }
+        Ok(())
+    }
+
+    /// [`speculate_greedy`](Self::speculate_greedy) with the draft's own KV cache: `draft` (a
+    /// session of the same engine) first runs `catch_up` (the tokens its cache lacks, ending
+    /// with the fed token; at most [`pass_tokens`](Self::pass_tokens) of the draft) in one
+    /// pass, then `k - 1` decode steps, each fed the previous step's argmax on the device; then
+    /// this session's verify pass over the fed token and the `k` drafts. One submit and one
+    /// readback of `2k + 1` u32 for the whole round. Leaves `catch_up` and the first `k - 1`
+    /// drafts appended to `draft`, and the fed token and the `k` drafts to this session. On
+    /// error both positions are unchanged.
+    pub fn speculate_greedy_own(
+        &mut self,
+        draft: &mut GpuSession,
+        catch_up: &[u32],
+        k: usize,
+    ) -> Result<SpeculativeRound, GpuError> {
+        let bad = |what: String| Err(GpuError::InvalidArgument { what });
+        if !Arc::ptr_eq(&self.inner, &draft.inner) {
+            return bad("the draft session belongs to another engine".into());
+        }
+        let Some(&next) = catch_up.last() else {
+            return bad("a speculative round needs the fed token".into());
+        };
+        if k == 0 || k + 1 > self.bufs.t_max || catch_up.len() > draft.bufs.t_max {
+            return bad(format!(
+                "{k} drafts after {} catch-up tokens; a round takes 1 to {} drafts after at most {}",
+                catch_up.len(),
+                self.bufs.t_max - 1,
+                draft.bufs.t_max
+            ));
+        }
+        self.validate(&vec![next; k + 1])?;
+        draft.validate(&[catch_up, &vec![next; k - 1]].concat())?;
+        self.ensure_spec_bufs()?;
+        draft.ensure_spec_bufs()?;
+        let inner = Arc::clone(&self.inner);
+        let gpu = &inner.gpu;
+        let (Some(sb), Some(db)) = (&self.spec, &draft.spec) else {
+            return bad("the speculative buffers were not created".into());
+        };
+        let (p0, dp0, c) = (self.pos, draft.pos, catch_up.len());
+        let t = k + 1;
+        let mut dsteps = vec![StepParams { pos0: dp0 as u32, t: c as u32, _pad: [0; 2] }];
+        dsteps.extend((1..k).map(|j| StepParams { pos0: (dp0 + c + j - 1) as u32, t: 1, _pad: [0; 2] }));
+        let verify = StepParams { pos0: p0 as u32, t: t as u32, _pad: [0; 2] };
+        let (step, tokens, argmax) = (&self.bufs.step, &self.bufs.tokens, &self.bufs.argmax);
+        let (dstep, dtokens, dargmax) = (&draft.bufs.step, &draft.bufs.tokens, &draft.bufs.argmax);
+        let mut dispatches = 0u64;
+        gpu.scoped("running a speculative round", || {
+            gpu.queue.write_buffer(&db.steps, 0, bytemuck::cast_slice(&dsteps));
+            gpu.queue.write_buffer(dtokens, 0, bytemuck::cast_slice(catch_up));
+            gpu.queue.write_buffer(&sb.steps, 0, bytemuck::bytes_of(&verify));
+            gpu.queue.write_buffer(&sb.ids, 0, bytemuck::bytes_of(&next));
+            let mut enc =
+                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("speculative round") });
+            for j in 0..k as u64 {
+                let tj = if j == 0 { c } else { 1 };
+                enc.copy_buffer_to_buffer(&db.steps, 16 * j, dstep, 0, 16);
+                let items = draft.plan.items().map(|it| (it, tj)).chain(draft.tail_last.iter().map(|it| (it, 1)));
+                dispatches += record(&mut enc, items);
+                enc.copy_buffer_to_buffer(dargmax, 0, &sb.ids, 4 * (j + 1), 4);
+                if j + 1 < k as u64 {
+                    enc.copy_buffer_to_buffer(dargmax, 0, dtokens, 0, 4);
+                }
+            }
+            let tb = t as u64;
+            enc.copy_buffer_to_buffer(&sb.steps, 0, step, 0, 16);
+            enc.copy_buffer_to_buffer(&sb.ids, 0, tokens, 0, 4 * tb);
+            dispatches += record(&mut enc, self.plan.items().chain(&sb.tail).map(|it| (it, t)));
+            enc.copy_buffer_to_buffer(argmax, 0, &sb.staging, 0, 4 * tb);
+            enc.copy_buffer_to_buffer(&sb.ids, 4, &sb.staging, 4 * tb, 4 * (tb - 1));
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        let round = self.read_round(k)?;
+        self.pos = p0 + t;
+        draft.pos = dp0 + c + k - 1;
+        self.counters.passes += 1;
+        self.counters.submits += 1;
+        self.counters.dispatches += dispatches;
+        draft.counters.passes += k as u64;
+        Ok(round)
+    }
+
+    /// The drafts and verdicts a round copied to the staging buffer (one readback).
+    fn read_round(&mut self, k: usize) -> Result<SpeculativeRound, GpuError> {
+        let Some(sb) = &self.spec else {
+            return Err(GpuError::Readback { reason: "no speculative round was run".into() });
+        };
+        let t = k + 1;
+        let n = 4 * (2 * k + 1) as u64;
+        let bytes = map_read(&self.inner.gpu, &sb.staging, n)?;
+        self.counters.readbacks += 1;
+        self.counters.readback_bytes += n;
+        let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(SpeculativeRound { verified: words[..t].to_vec(), drafts: words[t..].to_vec() })
     }
 
     /// Appends `tokens` and returns the logits of every one of them, row-major
