@@ -9,15 +9,15 @@
 
 use libfuzzer_sys::fuzz_target;
 
+// At the crate root, so the modules' `super::` paths resolve as in the exporter's `gguf` module.
 #[allow(dead_code)]
-mod gguf {
-    #[path = "../../../exporter/src/gguf/dequant.rs"]
-    pub mod dequant;
-    #[path = "../../../exporter/src/gguf/reader.rs"]
-    pub mod reader;
-}
+#[path = "../../exporter/src/gguf/dequant.rs"]
+mod dequant;
+#[allow(dead_code)]
+#[path = "../../exporter/src/gguf/reader.rs"]
+mod reader;
 
-use gguf::reader::Gguf;
+use reader::Gguf;
 
 /// Largest tensor the target dequantises (elements), so huge declared tensors in a small
 /// input do not make the fuzzer allocate gigabytes.
