@@ -238,52 +238,76 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `w` is `d.len()` blocks of 34 bytes, `q` 32 bytes per block.
+    /// `w` is `d.len()` blocks of 34 bytes, `q` 32 bytes per block. Two blocks per step into
+    /// two accumulators (even and odd blocks), so consecutive blocks do not wait on each
+    /// other's multiply-add.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_q8_0(w: &[u8], d: &[f32], q: &[i8]) -> f32 {
         let q: &[u8] = bytemuck::cast_slice(q);
+        const BB: usize = 2 + QK;
         // SAFETY: AVX2/FMA guaranteed by the caller; every load goes through `load32` on a
-        // 32-byte chunk of the slices.
+        // 32-byte sub-slice of the chunks.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for (k, ((blk, qb), &dx)) in w.chunks_exact(2 + QK).zip(q.chunks_exact(QK)).zip(d).enumerate() {
-                let p = mul_sum_i8(load32(&blk[2..]), load32(qb));
-                let scale = _mm256_set1_ps(f16_at(blk, 0) * dx);
-                acc[k & 1] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[k & 1]);
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let block = |blk: &[u8], qb: &[u8], dx: f32, acc: __m256| {
+                let p = mul_sum_i8(load32(&blk[2..BB]), load32(qb));
+                _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * dx), _mm256_cvtepi32_ps(p), acc)
+            };
+            let (wp, qp, dp) = (w.chunks_exact(2 * BB), q.chunks_exact(2 * QK), d.chunks_exact(2));
+            let (wr, qr, dr) = (wp.remainder(), qp.remainder(), dp.remainder());
+            for ((w2, q2), d2) in wp.zip(qp).zip(dp) {
+                acc0 = block(&w2[..BB], &q2[..QK], d2[0], acc0);
+                acc1 = block(&w2[BB..], &q2[QK..], d2[1], acc1);
             }
-            hsum(_mm256_add_ps(acc[0], acc[1]))
+            if let (Some(&dx), true, true) = (dr.first(), wr.len() == BB, qr.len() == QK) {
+                acc0 = block(wr, qr, dx, acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
         }
     }
 
     /// `q4_0` (`MIN == false`: 18-byte blocks, values `n - 8`) or `q4_1` (`MIN == true`:
-    /// 20-byte blocks, values `n`, plus `m * s` per block).
+    /// 20-byte blocks, values `n`, plus `m * s` per block). Two blocks per step, as in
+    /// [`dot_q8_0`].
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot_q4<const MIN: bool>(w: &[u8], d: &[f32], s: &[f32], q: &[i8]) -> f32 {
         let q: &[u8] = bytemuck::cast_slice(q);
         let bb = if MIN { 4 + QK / 2 } else { 2 + QK / 2 };
         // SAFETY: AVX2/FMA guaranteed by the caller; loads go through `load32` and
-        // `unpack_nibbles` on chunks of exactly their length.
+        // `unpack_nibbles` on sub-slices of exactly their length.
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            let mut min_sum = 0.0f32;
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut min0, mut min1) = (0.0f32, 0.0f32);
             let eight = _mm256_set1_epi8(8);
-            for (k, ((blk, qb), (&dx, &sx))) in
-                w.chunks_exact(bb).zip(q.chunks_exact(QK)).zip(d.iter().zip(s)).enumerate()
-            {
-                let nib = unpack_nibbles(&blk[bb - QK / 2..]);
+            let ones = _mm256_set1_epi16(1);
+            let block = |blk: &[u8], qb: &[u8], dx: f32, acc: __m256| {
+                let nib = unpack_nibbles(&blk[bb - QK / 2..bb]);
                 let qx = load32(qb);
                 let p = if MIN {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(nib, qx), _mm256_set1_epi16(1))
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(nib, qx), ones)
                 } else {
                     mul_sum_i8(_mm256_sub_epi8(nib, eight), qx)
                 };
-                let scale = _mm256_set1_ps(f16_at(blk, 0) * dx);
-                acc[k & 1] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc[k & 1]);
+                _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * dx), _mm256_cvtepi32_ps(p), acc)
+            };
+            let (wp, qp) = (w.chunks_exact(2 * bb), q.chunks_exact(2 * QK));
+            let (dp, sp) = (d.chunks_exact(2), s.chunks_exact(2));
+            let (wr, qr, dr, sr) = (wp.remainder(), qp.remainder(), dp.remainder(), sp.remainder());
+            for (((w2, q2), d2), s2) in wp.zip(qp).zip(dp).zip(sp) {
+                acc0 = block(&w2[..bb], &q2[..QK], d2[0], acc0);
+                acc1 = block(&w2[bb..], &q2[QK..], d2[1], acc1);
                 if MIN {
-                    min_sum += f16_at(blk, 2) * sx;
+                    min0 += f16_at(w2, 2) * s2[0];
+                    min1 += f16_at(w2, bb + 2) * s2[1];
                 }
             }
-            hsum(_mm256_add_ps(acc[0], acc[1])) + min_sum
+            if let (Some(&dx), Some(&sx), true, true) = (dr.first(), sr.first(), wr.len() == bb, qr.len() == QK) {
+                acc0 = block(wr, qr, dx, acc0);
+                if MIN {
+                    min0 += f16_at(wr, 2) * sx;
+                }
+            }
+            hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
         }
     }
 }

@@ -276,3 +276,39 @@ fn a_prefix_of_a_quantised_tensor_is_the_quantised_prefix() {
         }
     }
 }
+
+/// Speed of the one-token quantised GEMV on one thread (not a test: `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn quantised_gemv_speed() {
+    let mut rng = Rng(17);
+    let (rows, cols) = (8192, 2048);
+    for dtype in QTYPES {
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        let view = m.view();
+        let x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+        let mut out = vec![0.0; rows];
+        matmul(&x, 1, &view, &mut out, 1);
+        let t0 = std::time::Instant::now();
+        let reps = 20;
+        for _ in 0..reps {
+            matmul(&x, 1, &view, &mut out, 1);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        let bytes = m.bytes.len() as f64;
+        eprintln!(
+            "{dtype}: {:.3} ms, {:.2} GB/s, {:.2} ns/block",
+            s * 1e3,
+            bytes / s / 1e9,
+            s * 1e9 / (rows * cols / QK) as f64
+        );
+        let h: Vec<f32> = (0..rows).map(|_| rng.f()).collect();
+        let mut y = vec![0.0; cols];
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            matmul_down(&h, 1, &view, &mut y, 1);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        eprintln!("{dtype} down: {:.3} ms, {:.2} GB/s", s * 1e3, bytes / s / 1e9);
+    }
+}
