@@ -191,6 +191,16 @@ pub(super) fn down_rows(
     wbuf: &mut Vec<f32>,
 ) {
     let n = d.cols;
+    if t == 1 && d.parts.iter().all(|p| p.data.is_quant()) {
+        // Quantised rows: decoded block by block in registers and added in order, bitwise
+        // the exact path below.
+        for (start, rows, data) in d.parts_in(r0, r1) {
+            if let RowData::Quant(dtype, bytes) = data {
+                qdot::axpy_quant_rows(dtype, &mut out[..n], &h[start..start + rows], bytes);
+            }
+        }
+        return;
+    }
     if t == 1 {
         // Quantised rows are dequantised (below); f16 and f32 rows are read in place.
         let quant = d.parts.iter().any(|p| p.data.is_quant());

@@ -145,6 +145,89 @@ pub(crate) fn kernel_name() -> &'static str {
     "scalar"
 }
 
+/// Decodes one block of type `D` (a [`DType::code`]) into `w`, with exactly the operations
+/// of [`crate::quant::decode_blocks`] (so the values are bitwise the same).
+#[inline(always)]
+fn decode_block<const D: u8>(blk: &[u8], w: &mut [f32; QK]) {
+    let d = f16_at(blk, 0);
+    if D == 2 {
+        for (v, &q) in w.iter_mut().zip(&blk[2..2 + QK]) {
+            *v = d * f32::from(q as i8);
+        }
+    } else if D == 3 {
+        let (lo, hi) = w.split_at_mut(QK / 2);
+        for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&blk[2..2 + QK / 2]) {
+            *l = d * f32::from(i16::from(q & 0x0f) - 8);
+            *h = d * f32::from(i16::from(q >> 4) - 8);
+        }
+    } else {
+        let m = f16_at(blk, 2);
+        let (lo, hi) = w.split_at_mut(QK / 2);
+        for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&blk[4..4 + QK / 2]) {
+            *l = d * f32::from(q & 0x0f) + m;
+            *h = d * f32::from(q >> 4) + m;
+        }
+    }
+}
+
+/// `y = (...((y + a[0] w[0]) + a[1] w[1]) ...) + a[R-1] w[R-1]` elementwise for `R` quantised
+/// rows (`rows`: `R` rows of `y.len() / 32` blocks each, one after the other), decoding each
+/// block in registers: bitwise `R` [`axpy`](super::dot::axpy)s with the decoded rows, without
+/// writing them to memory (the one-token down projection).
+#[inline(never)]
+fn axpy_rows_q<const R: usize, const D: u8>(y: &mut [f32], a: [f32; R], rows: &[u8], bb: usize) {
+    let nb = y.len() / QK;
+    let Some(rows) = rows.get(..R * nb * bb) else { return };
+    for (b, yc) in y.chunks_exact_mut(QK).enumerate() {
+        let Ok(yc) = <&mut [f32; QK]>::try_from(yc) else { continue };
+        let mut v = *yc;
+        for (r, &ar) in a.iter().enumerate() {
+            let at = (r * nb + b) * bb;
+            let mut w = [0.0f32; QK];
+            decode_block::<D>(&rows[at..at + bb], &mut w);
+            for i in 0..QK {
+                v[i] += ar * w[i];
+            }
+        }
+        *yc = v;
+    }
+}
+
+/// `y += sum_r a[r] * W[r]` over the rows of `rows` (whole quantised rows of `y.len()`
+/// elements, `a.len()` of them), rows in increasing order: eight rows per pass over `y`, then
+/// four, then one. Bitwise the f32 down projection over the decoded rows.
+pub(crate) fn axpy_quant_rows(dtype: DType, y: &mut [f32], a: &[f32], rows: &[u8]) {
+    let bb = dtype.block_bytes();
+    let rb = y.len() / QK * bb;
+    let mut j = 0;
+    while j < a.len() {
+        let step = match a.len() - j {
+            n if n >= 8 => 8,
+            n if n >= 4 => 4,
+            _ => 1,
+        };
+        let (Some(w), Some(aj)) = (rows.get(j * rb..(j + step) * rb), a.get(j..j + step)) else { return };
+        macro_rules! go {
+            ($r:literal) => {{
+                let mut arr = [0.0f32; $r];
+                arr.copy_from_slice(aj);
+                match dtype {
+                    DType::Q8_0 => axpy_rows_q::<$r, 2>(y, arr, w, bb),
+                    DType::Q4_0 => axpy_rows_q::<$r, 3>(y, arr, w, bb),
+                    DType::Q4_1 => axpy_rows_q::<$r, 5>(y, arr, w, bb),
+                    DType::F32 | DType::F16 => {}
+                }
+            }};
+        }
+        match step {
+            8 => go!(8),
+            4 => go!(4),
+            _ => go!(1),
+        }
+        j += step;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     //! AVX2 + FMA kernels. Each weight block's values are widened to 32 signed bytes; the
