@@ -176,6 +176,7 @@ mod tests {
     #[test]
     fn simd_features_name_the_architecture() {
         let f = super::simd_features();
+        eprintln!("kernels: {f}");
         assert!(f.starts_with(std::env::consts::ARCH), "{f}");
         if cfg!(target_arch = "x86_64") {
             assert!(f.contains("sse2"), "x86-64 always has SSE2: {f}");
