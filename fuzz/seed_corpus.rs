@@ -6,12 +6,12 @@
 //! `cargo run --manifest-path fuzz/Cargo.toml --bin seed_corpus`
 
 use matformer::format::{
-    required_tensor_specs, testing::synthetic_metadata, testing::synthetic_value, write_file_with_alignment, DType,
+    testing::synthetic_metadata, testing::synthetic_value, write_file_with_alignment, DType,
     FileView, Metadata, NormKind,
 };
 
 fn write(meta: &Metadata, dtype: DType) -> Vec<u8> {
-    let specs = required_tensor_specs(meta, dtype);
+    let specs = matformer::format::testing::synthetic_specs(meta, dtype);
     let mut out = Vec::new();
     write_file_with_alignment(
         &mut out,
@@ -21,12 +21,9 @@ fn write(meta: &Metadata, dtype: DType) -> Vec<u8> {
         |ti, rows, buf| {
             let spec = &specs[ti];
             let row_elems: u64 = spec.shape.iter().skip(1).product();
-            for idx in rows.start * row_elems..rows.end * row_elems {
-                let v = synthetic_value(1, spec, idx);
-                match dtype {
-                    DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
-                    DType::F16 => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                }
+            for r in rows {
+                let row: Vec<f32> = (r * row_elems..(r + 1) * row_elems).map(|i| synthetic_value(1, spec, i)).collect();
+                matformer::quant::encode_row(spec.dtype, &row, buf)?;
             }
             Ok(())
         },
@@ -49,12 +46,16 @@ fn main() {
             DType::F16,
         ),
         ("layernorm", ln, DType::F32),
+        // Block-quantised tensors (norms stay f16): the parse target sees dtype codes 2 and 3.
+        ("q8_0", synthetic_metadata(32, 1, 2, 1, 16, 256, vec![vec![32, 64]], true, false), DType::Q8_0),
+        ("q4_0", synthetic_metadata(32, 1, 2, 1, 16, 256, vec![vec![32, 64]], true, true), DType::Q4_0),
+        ("q4_1", synthetic_metadata(64, 1, 2, 1, 32, 256, vec![vec![16, 48]], false, false), DType::Q4_1),
     ];
     for (name, meta, dtype) in models {
         let bytes = write(&meta, dtype);
         let view = FileView::parse(&bytes).expect("seed parses");
         std::fs::write(dir.join(format!("{name}.header")), &bytes[..view.header_len as usize]).expect("write");
-        if name == "tiny_f32" {
+        if name == "tiny_f32" || name == "q4_1" {
             std::fs::write(dir.join(format!("{name}.matf")), &bytes).expect("write");
         }
     }

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use matformer_export::mapping::{NamePreset, Strategy};
 use matformer_export::progress::human_bytes;
-use matformer_export::{ExportOptions, VerifyOptions};
+use matformer_export::{DTypePlan, ExportOptions, VerifyOptions};
 
-use crate::common::{parse_dtype, print_json};
+use crate::common::print_json;
 
 /// `matformer export`.
 #[allow(clippy::too_many_arguments)]
@@ -15,6 +15,7 @@ pub fn run(
     input: PathBuf,
     output: PathBuf,
     dtype: &str,
+    dtype_override: &[String],
     widths: Option<Vec<u32>>,
     config: Option<PathBuf>,
     mapping: Option<PathBuf>,
@@ -32,7 +33,7 @@ pub fn run(
     let opts = ExportOptions {
         input,
         output,
-        dtype: parse_dtype(dtype)?,
+        dtype: DTypePlan::parse(dtype, dtype_override)?,
         widths,
         config,
         strategy,

@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use matformer::format::DType;
 use matformer_export::nest::NestOptions;
-use matformer_export::{import, ImportOptions};
+use matformer_export::{import, DTypePlan, ImportOptions};
 
 /// Arguments of `matformer import`.
 #[derive(Debug, clap::Args)]
@@ -16,9 +15,13 @@ pub struct ImportArgs {
     /// Output .matf file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Storage dtype.
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    /// Storage dtype: f16, f32, q8 (= q8_0), q4 (= q4_0), q4_1. Norms stay f16 when it is
+    /// quantised.
+    #[arg(long, default_value = "f16", value_parser = crate::DTYPES)]
     pub dtype: String,
+    /// Per-tensor dtype, KEY=DTYPE (repeatable or comma-separated), as for `export`.
+    #[arg(long = "dtype-override", value_delimiter = ',')]
+    pub dtype_override: Vec<String>,
     /// Order every FFN's neurons by importance on --calibration text and declare nested levels
     /// (widths h/8, h/4, h/2, h with the default 4 levels). Each level's loss is measured and
     /// stored in the catalog; a dense model was not trained for this, so small levels lose.
@@ -40,7 +43,7 @@ pub struct ImportArgs {
 
 /// Runs `matformer import`.
 pub fn run(args: ImportArgs) -> Result<()> {
-    let dtype = DType::from_name(&args.dtype).unwrap_or(DType::F16);
+    let dtype = DTypePlan::parse(&args.dtype, &args.dtype_override)?;
     let nest = match (args.nest, args.calibration) {
         (true, Some(cal)) => {
             if args.calibration_tokens < 2 {

@@ -33,6 +33,9 @@ struct Cli {
     command: Command,
 }
 
+/// Storage dtypes accepted by `--dtype` (and, with the same names, by `--dtype-override`).
+pub(crate) const DTYPES: [&str; 7] = ["f16", "f32", "q8", "q8_0", "q4", "q4_0", "q4_1"];
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Export a trained MatFormer from ONNX to a universal .matf file, and prove it right.
@@ -42,9 +45,15 @@ enum Command {
         /// Output .matf file.
         #[arg(short, long)]
         output: PathBuf,
-        /// Storage dtype.
-        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        /// Storage dtype: f16, f32, q8 (= q8_0), q4 (= q4_0), q4_1. Norms stay f16 when it is
+        /// quantised.
+        #[arg(long, default_value = "f16", value_parser = DTYPES)]
         dtype: String,
+        /// Per-tensor dtype, KEY=DTYPE (repeatable or comma-separated): KEY is embed, lm_head,
+        /// attn, ffn, wq, wk, wv, wo, ffn_gate, ffn_up, ffn_down_t or a tensor name, e.g.
+        /// `--dtype q4 --dtype-override embed=q8,lm_head=q8`.
+        #[arg(long = "dtype-override", value_delimiter = ',')]
+        dtype_override: Vec<String>,
         /// Nested FFN widths for every layer, smallest first (overrides the model's metadata).
         #[arg(long, value_delimiter = ',')]
         widths: Option<Vec<u32>>,
@@ -87,9 +96,13 @@ enum Command {
         /// Override the number of layers.
         #[arg(long)]
         layers: Option<u32>,
-        /// Storage dtype.
-        #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+        /// Storage dtype: f16, f32, q8 (= q8_0), q4 (= q4_0), q4_1. Norms stay f16 when it is
+        /// quantised.
+        #[arg(long, default_value = "f16", value_parser = DTYPES)]
         dtype: String,
+        /// Per-tensor dtype, KEY=DTYPE (repeatable or comma-separated), as for `export`.
+        #[arg(long = "dtype-override", value_delimiter = ',')]
+        dtype_override: Vec<String>,
         /// Random seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -294,6 +307,7 @@ fn main() -> ExitCode {
             input,
             output,
             dtype,
+            dtype_override,
             widths,
             config,
             mapping,
@@ -306,6 +320,7 @@ fn main() -> ExitCode {
             input,
             output,
             &dtype,
+            &dtype_override,
             widths,
             config,
             mapping,
@@ -316,8 +331,8 @@ fn main() -> ExitCode {
             json,
         ),
         Command::Import(args) => import::run(args),
-        Command::Synth { preset, output, layers, dtype, seed, list } => {
-            synth::run(&preset, output, layers, &dtype, seed, list)
+        Command::Synth { preset, output, layers, dtype, dtype_override, seed, list } => {
+            synth::run(&preset, output, layers, &dtype, &dtype_override, seed, list)
         }
         Command::Inspect { file, tensors, json } => inspect::run(&file, tensors, json),
         Command::Verify { file, against, mapping, submodel, json } => {

@@ -5,18 +5,26 @@ use std::path::PathBuf;
 use anyhow::Result;
 use matformer_export::progress::human_bytes;
 use matformer_export::synth::{presets, SynthOptions};
-
-use crate::common::parse_dtype;
+use matformer_export::DTypePlan;
 
 /// `matformer synth`.
-pub fn run(preset: &str, output: PathBuf, layers: Option<u32>, dtype: &str, seed: u64, list: bool) -> Result<()> {
+pub fn run(
+    preset: &str,
+    output: PathBuf,
+    layers: Option<u32>,
+    dtype: &str,
+    dtype_override: &[String],
+    seed: u64,
+    list: bool,
+) -> Result<()> {
     if list {
         for p in presets() {
             println!("{:<14} {}", p.name, p.description);
         }
         return Ok(());
     }
-    let opts = SynthOptions { preset: preset.to_string(), layers, dtype: parse_dtype(dtype)?, seed };
+    let opts =
+        SynthOptions { preset: preset.to_string(), layers, dtype: DTypePlan::parse(dtype, dtype_override)?, seed };
     let len = matformer_export::synth::synth(&opts, &output)?;
     println!("wrote {} ({}, {len} bytes)", output.display(), human_bytes(len));
     Ok(())

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::format::{self, names, testing::required_tensor_specs, DType, FormatError, Metadata};
 
+use crate::dtype_plan::DTypePlan;
+
 use crate::mapping::{find_weights, Strategy, WeightMap};
 use crate::onnx_source::{SourceModel, Weight};
 use crate::progress::Progress;
@@ -20,8 +22,8 @@ pub struct ExportOptions {
     pub input: PathBuf,
     /// Destination `.matf`.
     pub output: PathBuf,
-    /// Storage dtype.
-    pub dtype: DType,
+    /// Storage dtype of each tensor (`--dtype`, `--dtype-override`).
+    pub dtype: DTypePlan,
     /// Uniform nested widths overriding the model's metadata.
     pub widths: Option<Vec<u32>>,
     /// Sidecar config JSON when the ONNX carries none.
@@ -108,7 +110,8 @@ pub fn gather_tensors(src: &SourceModel, map: &WeightMap, meta: &Metadata) -> Re
     Ok(out)
 }
 
-/// Appends `rows` of `w` (row-major f32) to `out` in `dtype`.
+/// Appends `rows` of `w` (row-major f32) to `out` in `dtype` (block-quantised types encode each
+/// row on its own, so a prefix of rows is a prefix of bytes).
 pub fn encode_rows(
     w: &[f32],
     row_elems: usize,
@@ -120,23 +123,14 @@ pub fn encode_rows(
     let end = rows.end as usize * row_elems;
     let src =
         w.get(start..end).ok_or_else(|| FormatError::BadMetadata { reason: format!("rows {rows:?} out of range") })?;
-    match dtype {
-        DType::F32 => {
-            for v in src {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F16 => {
-            for v in src {
-                out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-            }
-        }
+    for row in src.chunks(row_elems.max(1)) {
+        matformer::quant::encode_row(dtype, row, out)?;
     }
     Ok(())
 }
 
 /// Writes `tensors` to `path` with the given metadata.
-pub fn write_matf(path: &Path, meta: &Metadata, tensors: &HashMap<String, Weight>, dtype: DType) -> Result<u64> {
+pub fn write_matf(path: &Path, meta: &Metadata, tensors: &HashMap<String, Weight>, dtype: &DTypePlan) -> Result<u64> {
     write_matf_with_blobs(path, meta, tensors, dtype, &[])
 }
 
@@ -146,10 +140,23 @@ pub fn write_matf_with_blobs(
     path: &Path,
     meta: &Metadata,
     tensors: &HashMap<String, Weight>,
-    dtype: DType,
+    dtype: &DTypePlan,
     blobs: &[format::BlobSpec<'_>],
 ) -> Result<u64> {
-    let specs = required_tensor_specs(meta, dtype);
+    write_matf_keeping_blocks(path, meta, tensors, &Default::default(), dtype, blobs)
+}
+
+/// [`write_matf_with_blobs`] that copies a tensor's rows from `raw` (source blocks in canonical
+/// row order, e.g. a GGUF's `Q4_0` blocks) when the planned dtype is their block type.
+pub fn write_matf_keeping_blocks(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    raw: &crate::gguf::llama::RawBlocks,
+    dtype: &DTypePlan,
+    blobs: &[format::BlobSpec<'_>],
+) -> Result<u64> {
+    let specs = dtype.specs(meta)?;
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut progress = Progress::new("writing");
     let len = format::write_file_with_blobs(
@@ -160,9 +167,17 @@ pub fn write_matf_with_blobs(
         format::DEFAULT_ALIGNMENT_LOG2,
         |idx, rows, out| {
             let spec = &specs[idx];
-            let w = tensors.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
             let row_elems: u64 = spec.shape.iter().skip(1).product();
-            encode_rows(&w.data, row_elems as usize, rows, dtype, out)
+            if let Some((_, bytes)) = raw.get(&spec.name).filter(|(d, _)| *d == spec.dtype) {
+                let rb = spec.dtype.row_bytes(row_elems).unwrap_or(0) as usize;
+                let piece = bytes.get(rows.start as usize * rb..rows.end as usize * rb).ok_or_else(|| {
+                    FormatError::BadMetadata { reason: format!("{}: source blocks too short", spec.name) }
+                })?;
+                out.extend_from_slice(piece);
+                return Ok(());
+            }
+            let w = tensors.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
+            encode_rows(&w.data, row_elems as usize, rows, spec.dtype, out)
         },
         |done, total| progress.update(done, total),
     )
@@ -184,7 +199,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
 
     let tmp = opts.output.with_extension("matf.partial");
     let result = (|| -> Result<ExportReport> {
-        let bytes = write_matf(&tmp, &meta, &tensors, opts.dtype)?;
+        let bytes = write_matf(&tmp, &meta, &tensors, &opts.dtype)?;
         let verification = match &opts.verify {
             Some(v) => {
                 let report = match &v.goldens {
@@ -201,7 +216,7 @@ pub fn export(opts: &ExportOptions) -> Result<ExportReport> {
         let (calibration, frontier) = match &opts.calibration {
             Some(text_path) => {
                 let (meta2, summary, frontier) = calibrate_catalog(&tmp, &meta, text_path)?;
-                write_matf(&tmp, &meta2, &tensors, opts.dtype)?;
+                write_matf(&tmp, &meta2, &tensors, &opts.dtype)?;
                 matformer::ModelFile::open(&tmp)?.verify()?;
                 (Some(summary), frontier)
             }

@@ -282,5 +282,12 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = dense_metadata(arch, ffn, sha, name);
-    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "huggingface".into(), source_types })
+    Ok(SourceWeights {
+        meta,
+        tensors,
+        tokenizer,
+        source_format: "huggingface".into(),
+        source_types,
+        raw: Default::default(),
+    })
 }

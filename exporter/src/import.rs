@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::{Architecture, DType, Metadata, Provenance, Tokenizer};
+use matformer::format::{Architecture, Metadata, Provenance, Tokenizer};
 use matformer::tokenizer::TokenizerAssets;
 use sha2::{Digest, Sha256};
 
+use crate::dtype_plan::DTypePlan;
 use crate::export::write_matf_with_blobs;
+use crate::gguf::llama::RawBlocks;
 use crate::gguf::{self, Gguf, ImportedTokenizer};
 use crate::hf_import;
 use crate::nest::{self, NestOptions, NestReport};
@@ -30,8 +32,8 @@ pub struct ImportOptions {
     pub input: PathBuf,
     /// Destination `.matf`.
     pub output: PathBuf,
-    /// Storage dtype.
-    pub dtype: DType,
+    /// Storage dtype of each tensor (`--dtype`, `--dtype-override`).
+    pub dtype: DTypePlan,
     /// Order the FFN neurons by importance and declare nested levels (`--nest`).
     pub nest: Option<NestOptions>,
 }
@@ -49,6 +51,9 @@ pub struct SourceWeights {
     pub source_format: String,
     /// ggml or safetensors element types of the source tensors, with counts.
     pub source_types: std::collections::BTreeMap<String, usize>,
+    /// Source blocks that can be stored as they are (GGUF `Q8_0`, `Q4_0`, `Q4_1` tensors whose
+    /// rows are whole blocks: every tensor but the down projection).
+    pub raw: RawBlocks,
 }
 
 /// What an import produced.
@@ -74,8 +79,11 @@ pub struct ImportReport {
     pub level_names: Vec<String>,
     /// FFN width of layer 0 at each level.
     pub ffn_widths_layer0: Vec<u32>,
-    /// Storage dtype.
+    /// Storage dtype (with the overrides).
     pub dtype: String,
+    /// Tensors whose source blocks (GGUF `Q8_0`, `Q4_0`, `Q4_1`) were stored as they are, with
+    /// no dequantise-requantise loss.
+    pub kept_source_blocks: Vec<String>,
     /// Tokenizer kind recorded.
     pub tokenizer: String,
     /// Beginning-of-sequence id.
@@ -129,10 +137,35 @@ pub fn write_model(
     path: &Path,
     meta: &Metadata,
     tensors: &HashMap<String, Weight>,
-    dtype: DType,
+    dtype: &DTypePlan,
     assets: &TokenizerAssets,
 ) -> Result<u64> {
     write_matf_with_blobs(path, meta, tensors, dtype, &assets.blobs())
+}
+
+/// [`write_model`] that stores a tensor's source blocks byte for byte (`raw`) when its planned
+/// dtype is their block type, instead of quantising the dequantised values again.
+pub fn write_model_keeping_blocks(
+    path: &Path,
+    meta: &Metadata,
+    tensors: &HashMap<String, Weight>,
+    raw: &RawBlocks,
+    dtype: &DTypePlan,
+    assets: &TokenizerAssets,
+) -> Result<u64> {
+    crate::export::write_matf_keeping_blocks(path, meta, tensors, raw, dtype, &assets.blobs())
+}
+
+/// The tensors of a write with `plan` whose source blocks are kept as they are.
+pub fn kept_blocks(meta: &Metadata, raw: &RawBlocks, plan: &DTypePlan) -> Result<Vec<String>> {
+    let mut kept: Vec<String> = plan
+        .specs(meta)?
+        .into_iter()
+        .filter(|s| raw.get(&s.name).is_some_and(|(d, _)| *d == s.dtype))
+        .map(|s| s.name)
+        .collect();
+    kept.sort();
+    Ok(kept)
 }
 
 /// Reads a GGUF file into canonical tensors.
@@ -158,12 +191,12 @@ pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
         *source_types.entry(gguf::GgmlType::code_name(t.type_code).to_string()).or_insert(0) += 1;
     }
     let mut progress = Progress::new("dequantising");
-    let (tensors, ffn) = gguf::llama::tensors(&g, &arch, |d, t| progress.update(d, t))
+    let (tensors, raw, ffn) = gguf::llama::tensors(&g, &arch, |d, t| progress.update(d, t))
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     progress.finish();
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = dense_metadata(arch, ffn, sha256_hex(&map), name);
-    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types })
+    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types, raw })
 }
 
 /// Imports `opts.input` into `opts.output`. Returns the report and the stored tokenizer assets.
@@ -171,24 +204,28 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
     let started = Instant::now();
     eprintln!("reading {}", opts.input.display());
     let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
-    let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types } = src;
+    let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types, mut raw } = src;
     let assets = tokenizer.assets;
     let runtime_tokenizer =
         assets.apply_to(&mut meta).map_err(|e| anyhow!("the model's tokenizer cannot be stored: {e}"))?;
     meta.validate().map_err(|e| anyhow!("the imported model is not valid: {e}"))?;
 
     let tmp = opts.output.with_extension("matf.partial");
+    let mut kept = Vec::new();
     let result = (|| -> Result<(u64, Option<NestReport>)> {
         let nest_report = match &opts.nest {
             Some(n) => {
+                // Nesting reorders the FFN rows: their source blocks no longer apply.
+                raw.retain(|name, _| !name.contains("ffn_"));
                 let (meta2, report) =
-                    nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, opts.dtype, &tmp)?;
+                    nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, &opts.dtype, &tmp)?;
                 meta = meta2;
                 Some(report)
             }
             None => None,
         };
-        let bytes = write_model(&tmp, &meta, &tensors, opts.dtype, &assets)?;
+        kept = kept_blocks(&meta, &raw, &opts.dtype)?;
+        let bytes = write_model_keeping_blocks(&tmp, &meta, &tensors, &raw, &opts.dtype, &assets)?;
         let written = matformer::ModelFile::open(&tmp)?;
         written.verify()?;
         matformer::tokenizer::Tokenizer::from_model(&written)
@@ -217,7 +254,8 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
         vocab_size: a.vocab_size,
         level_names: meta.level_names.clone(),
         ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
-        dtype: opts.dtype.name().to_string(),
+        dtype: opts.dtype.describe(),
+        kept_source_blocks: kept,
         tokenizer: meta.tokenizer.kind.clone(),
         bos_id: meta.tokenizer.bos_id,
         eos_id: meta.tokenizer.eos_id,

@@ -13,6 +13,7 @@
 //! with random weights at real model shapes (`synth`) for benchmarks.
 
 pub mod calibrate;
+pub mod dtype_plan;
 pub mod eval;
 pub mod export;
 pub mod gguf;
@@ -28,6 +29,7 @@ pub mod synth;
 pub mod tract_run;
 pub mod verify;
 
+pub use dtype_plan::DTypePlan;
 pub use export::{export, ExportOptions, ExportReport};
 pub use hf_config::{HfConfig, HfConfigError};
 pub use import::{import, ImportOptions, ImportReport};

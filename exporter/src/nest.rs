@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::elastic::{StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA};
-use matformer::format::{names, Activation, Architecture, DType, Metadata};
+use matformer::format::{names, Activation, Architecture, Metadata};
 use matformer::tokenizer::{Tokenizer, TokenizerAssets};
 use matformer::Submodel;
 
@@ -311,7 +311,7 @@ pub fn nest(
     tok: &Tokenizer,
     assets: &TokenizerAssets,
     opts: &NestOptions,
-    dtype: DType,
+    dtype: &crate::dtype_plan::DTypePlan,
     scratch: &Path,
 ) -> Result<(Metadata, NestReport)> {
     let a = &meta.architecture;

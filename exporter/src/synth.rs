@@ -5,10 +5,7 @@ use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use matformer::format::{
-    self, testing::required_tensor_specs, Activation, Architecture, DType, Metadata, NormKind, Positional, Provenance,
-    Tokenizer,
-};
+use matformer::format::{self, Activation, Architecture, Metadata, NormKind, Positional, Provenance, Tokenizer};
 use serde::Serialize;
 
 use crate::onnx_source::default_level_names;
@@ -89,8 +86,8 @@ pub struct SynthOptions {
     pub preset: String,
     /// Override the number of layers.
     pub layers: Option<u32>,
-    /// Storage dtype.
-    pub dtype: DType,
+    /// Storage dtype of each tensor (`--dtype`, `--dtype-override`).
+    pub dtype: crate::dtype_plan::DTypePlan,
     /// Random seed.
     pub seed: u64,
 }
@@ -137,11 +134,10 @@ fn splitmix(state: &mut u64) -> u64 {
 /// Writes a synthetic file; returns its length.
 pub fn synth(opts: &SynthOptions, out: &Path) -> Result<u64> {
     let meta = synth_metadata(opts)?;
-    let specs = required_tensor_specs(&meta, opts.dtype);
+    let specs = opts.dtype.specs(&meta)?;
     let file = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut progress = Progress::new("synth");
     let seed = opts.seed;
-    let dtype = opts.dtype;
     let len = format::write_file(
         BufWriter::with_capacity(1 << 20, file),
         &meta,
@@ -152,16 +148,19 @@ pub fn synth(opts: &SynthOptions, out: &Path) -> Result<u64> {
             let is_norm = spec.shape.len() == 1;
             // Uniform in [-a, a] with std 1/sqrt(fan_in): activations keep their scale.
             let a = (3.0f32 / row_elems.max(1) as f32).sqrt();
+            let mut row = Vec::with_capacity(row_elems as usize);
             for r in rows {
                 let mut st = seed ^ ((idx as u64) << 40) ^ r.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                row.clear();
                 if is_norm {
-                    push(buf, dtype, 1.0);
-                    continue;
+                    row.push(1.0);
+                } else {
+                    row.extend((0..row_elems).map(|_| {
+                        let u = (splitmix(&mut st) >> 40) as f32 / (1u64 << 24) as f32;
+                        (2.0 * u - 1.0) * a
+                    }));
                 }
-                for _ in 0..row_elems {
-                    let u = (splitmix(&mut st) >> 40) as f32 / (1u64 << 24) as f32;
-                    push(buf, dtype, (2.0 * u - 1.0) * a);
-                }
+                matformer::quant::encode_row(spec.dtype, &row, buf)?;
             }
             Ok(())
         },
@@ -173,11 +172,4 @@ pub fn synth(opts: &SynthOptions, out: &Path) -> Result<u64> {
     })?;
     progress.finish();
     Ok(len)
-}
-
-fn push(buf: &mut Vec<u8>, dtype: DType, v: f32) {
-    match dtype {
-        DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
-        DType::F16 => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-    }
 }

@@ -39,12 +39,34 @@ impl Tolerance {
     /// weight, transposition or width changes logits by O(1) of their scale).
     pub const F16_STORAGE: Tolerance = Tolerance { name: "f16_storage", bound: 1e-2 };
 
+    /// 8-bit blocks (`q8_0`): each weight moves by up to half a step of 1/127 of its block's
+    /// maximum, and the engine rounds activations to 8 bits per block as well (about 100x the
+    /// f16 rounding). A tenth of the logit scale still separates rounding from a wrong tensor.
+    pub const Q8_STORAGE: Tolerance = Tolerance { name: "q8_storage", bound: 1e-1 };
+    /// 4-bit blocks (`q4_0`, `q4_1`): 16 levels per block, errors of several percent per weight;
+    /// only gross mistakes (a wrong or transposed tensor) exceed half the logit scale.
+    pub const Q4_STORAGE: Tolerance = Tolerance { name: "q4_storage", bound: 5e-1 };
+
     /// The tier for a storage dtype.
     pub fn for_dtype(dtype: DType) -> Tolerance {
         match dtype {
             DType::F32 => Self::F32_STORAGE,
             DType::F16 => Self::F16_STORAGE,
+            DType::Q8_0 => Self::Q8_STORAGE,
+            DType::Q4_0 | DType::Q4_1 => Self::Q4_STORAGE,
         }
+    }
+
+    /// The tier of a file: that of its coarsest tensor dtype (fewest bits per weight).
+    pub fn for_model(model: &ModelFile) -> Tolerance {
+        let coarsest = model
+            .view()
+            .tensors
+            .iter()
+            .map(|t| t.dtype)
+            .min_by(|a, b| a.bits_per_weight().total_cmp(&b.bits_per_weight()))
+            .unwrap_or(DType::F32);
+        Self::for_dtype(coarsest)
     }
 }
 
@@ -277,8 +299,7 @@ pub fn verify_against_onnx(
 ) -> Result<VerifyReport> {
     let model = Arc::new(ModelFile::open(matf)?);
     let meta = model.metadata().clone();
-    let dtype = model.view().tensors.first().map(|t| t.dtype).unwrap_or(DType::F32);
-    let tolerance = opts.tolerance.unwrap_or(Tolerance::for_dtype(dtype));
+    let tolerance = opts.tolerance.unwrap_or(Tolerance::for_model(&model));
     let submodels: Vec<Submodel> = if opts.submodels.is_empty() {
         default_submodels(&meta)
     } else {
@@ -374,8 +395,7 @@ pub fn verify_against_goldens(matf: &Path, goldens: &Path, opts: &VerifyOptions)
     let model = Arc::new(ModelFile::open(matf)?);
     let meta = model.metadata().clone();
     let g = Goldens::load(goldens, &meta)?;
-    let dtype = model.view().tensors.first().map(|t| t.dtype).unwrap_or(DType::F32);
-    let tolerance = opts.tolerance.unwrap_or(Tolerance::for_dtype(dtype));
+    let tolerance = opts.tolerance.unwrap_or(Tolerance::for_model(&model));
     let full = Submodel::uniform((meta.n_levels() - 1) as u8, meta.architecture.n_layers as usize);
     let widths = full.widths(&meta);
     let name = full.name(&meta);

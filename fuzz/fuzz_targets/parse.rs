@@ -1,6 +1,8 @@
 //! Fuzz target for the `.matf` reader: `FileView::parse` and `verify` must never panic, never
 //! read out of bounds, and uphold their guarantees on whatever they accept.
 //!
+//! Block-quantised tensors (`q8_0`, `q4_0`, `q4_1`) must be whole blocks per row and decode.
+//!
 //! Each input is tried three ways:
 //! 1. as a whole file;
 //! 2. with its header CRC re-sealed, so mutations reach the checks behind the checksum;
@@ -52,6 +54,16 @@ fn whole_file(data: &[u8]) {
     let model = ModelFile::from_bytes(data.to_vec()).expect("parsed once, parses again");
     for t in &view.tensors {
         let _ = model.tensor_segments(&t.name, t.rows());
+        // Block-quantised tensors: whole 32-element blocks per row, and every row decodes
+        // (hostile scales and nibbles give any f32, never a panic).
+        if t.dtype.is_quantized() {
+            assert!(t.shape.len() >= 2 && t.row_elems() % 32 == 0, "{}: {:?}", t.name, t.shape);
+            assert_eq!(Some(t.row_bytes()), t.dtype.row_bytes(t.row_elems()));
+        }
+        if t.n_elements() <= 1 << 16 && t.segments.iter().all(|s| (s.level as usize) < view.available_levels) {
+            let v = model.tensor_f32(&t.name).expect("available tensor decodes");
+            assert_eq!(v.len() as u64, t.n_elements());
+        }
     }
 }
 

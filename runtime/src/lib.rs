@@ -7,6 +7,7 @@
 //!
 //! - [`Engine`] and [`Session`]: the app API (open, select, chat, stream, cancel, switch).
 //! - [`format`](mod@format): parse and validate the file from a byte slice (no `unsafe`), and write it.
+//! - [`quant`]: the block-quantised weight types (`q8_0`, `q4_0`, `q4_1`): encode and decode rows.
 //! - [`ModelFile`]: the opened file (memory-mapped or owned bytes) plus its validated view.
 //! - [`Submodel`]: a per-layer width assignment, parsed from `xl`, `s` or `0,0,1,3`.
 //! - [`cpu`]: the reference engine: the test oracle and the fallback where no GPU is usable.
@@ -29,6 +30,7 @@ pub mod format;
 pub mod gpu;
 mod mmap;
 mod model;
+pub mod quant;
 pub mod sampling;
 mod submodel;
 pub mod tokenizer;

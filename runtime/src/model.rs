@@ -253,7 +253,7 @@ impl ModelFile {
         Ok(out)
     }
 
-    /// The whole tensor decoded to `f32`, row-major. Errors if part of it is in a level this
+    /// The whole tensor decoded to `f32` (dequantised if block-quantised), row-major. Errors if part of it is in a level this
     /// (cut) file does not contain.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, ModelError> {
         let t = self.view.tensor(name)?;
@@ -262,6 +262,13 @@ impl ModelFile {
             match t.dtype {
                 DType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
                 DType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+                    // Whole blocks only: a parsed quantised tensor's segments are whole rows.
+                    let start = out.len();
+                    let n = data.len() / t.dtype.block_bytes() * crate::format::QK;
+                    out.resize(start + n, 0.0);
+                    crate::quant::decode_blocks(t.dtype, data, &mut out[start..]);
+                }
             }
         }
         Ok(out)

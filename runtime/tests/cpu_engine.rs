@@ -356,13 +356,7 @@ fn physically_truncated(model: &ModelFile, widths: &[u32], dtype: DType) -> Arc<
         &specs,
         |ti, rows, out| {
             let re: u64 = specs[ti].shape.iter().skip(1).product();
-            for &v in &data[ti][(rows.start * re) as usize..(rows.end * re) as usize] {
-                match dtype {
-                    DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                    DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                }
-            }
-            Ok(())
+            matformer::quant::encode_row(dtype, &data[ti][(rows.start * re) as usize..(rows.end * re) as usize], out)
         },
         |_, _| {},
     )

@@ -363,13 +363,19 @@ fn writer_checks_fill() {
 
 #[test]
 fn dtype_codes_and_names() {
-    for d in [DType::F32, DType::F16] {
+    for d in DType::ALL {
         assert_eq!(DType::from_code(d.code()), Some(d));
         assert_eq!(DType::from_name(d.name()), Some(d));
         assert_eq!(d.to_string(), d.name());
     }
+    let codes: Vec<u8> = DType::ALL.iter().map(|d| d.code()).collect();
+    assert_eq!(codes, [0, 1, 2, 3, 5]);
     assert_eq!(DType::F32.size_bytes(), 4);
     assert_eq!(DType::F16.size_bytes(), 2);
-    assert_eq!(DType::from_code(2), None);
-    assert_eq!(DType::from_name("q8_0"), None);
+    assert_eq!([DType::Q8_0, DType::Q4_0, DType::Q4_1].map(|d| d.block_bytes()), [34, 18, 20]);
+    assert_eq!(DType::from_code(4), None, "the blob code is not a tensor dtype");
+    assert_eq!(DType::from_code(6), None);
+    assert_eq!(DType::from_name("q8"), Some(DType::Q8_0));
+    assert_eq!(DType::from_name("q4"), Some(DType::Q4_0));
+    assert_eq!(DType::from_name("q5_0"), None);
 }

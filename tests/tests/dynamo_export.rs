@@ -22,7 +22,7 @@ fn opts(input: &Path, output: &Path, config: Option<PathBuf>) -> ExportOptions {
     ExportOptions {
         input: input.to_path_buf(),
         output: output.to_path_buf(),
-        dtype: DType::F32,
+        dtype: DType::F32.into(),
         widths: None,
         config,
         strategy: Strategy::Auto,
@@ -177,7 +177,7 @@ fn goldens_replace_tract_when_asked() {
     let dir = temp_dir("dynamo-goldens");
     let out = dir.join("g.matf");
     let mut o = opts(&fixture("dynamo_llama_dynamic.onnx"), &out, Some(fixture(CONFIG)));
-    o.dtype = DType::F16;
+    o.dtype = DType::F16.into();
     o.verify = Some(VerifyOptions { goldens: Some(fixture(GOLDENS)), ..VerifyOptions::default() });
     let v = export(&o).expect("export verified by goldens").verification.unwrap();
     assert!(v.reference.starts_with("goldens "), "{}", v.reference);

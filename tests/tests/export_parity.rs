@@ -15,7 +15,7 @@ fn opts(input: &Path, output: &Path, dtype: DType, strategy: Strategy) -> Export
     ExportOptions {
         input: input.to_path_buf(),
         output: output.to_path_buf(),
-        dtype,
+        dtype: dtype.into(),
         widths: None,
         config: None,
         strategy,

@@ -84,9 +84,13 @@ fn tiny_llama_gguf_matches_transformers() {
     let dir = temp_dir("gguf-tiny");
     for dtype in [DType::F32, DType::F16] {
         let out = dir.join(format!("tiny-{}.matf", dtype.name()));
-        let (report, assets) =
-            import(&ImportOptions { input: fixture("tiny_llama.gguf"), output: out.clone(), dtype, nest: None })
-                .unwrap();
+        let (report, assets) = import(&ImportOptions {
+            input: fixture("tiny_llama.gguf"),
+            output: out.clone(),
+            dtype: dtype.into(),
+            nest: None,
+        })
+        .unwrap();
         assert_eq!(report.level_names, ["full"]);
         assert_eq!((report.n_layers, report.d_model, report.vocab_size), (2, 64, 261));
         assert_eq!((report.bos_id, report.eos_id, report.add_bos), (Some(258), Some(260), false));
@@ -130,6 +134,94 @@ fn tiny_llama_gguf_matches_transformers() {
 }
 
 #[test]
+fn matching_gguf_blocks_are_stored_as_they_are() {
+    // tiny_llama.gguf holds Q8_0, Q4_0 and Q4_1 tensors: importing with a block dtype keeps every
+    // tensor of that ggml type byte for byte, except the down projection (stored transposed,
+    // its blocks run across the file's rows), and the logits stay near transformers'.
+    let g = tiny_goldens();
+    let bytes = std::fs::read(fixture("tiny_llama.gguf")).unwrap();
+    let gguf = Gguf::parse(&bytes).unwrap();
+    let dir = temp_dir("gguf-blocks");
+    for (dtype, ggml) in [(DType::Q8_0, "Q8_0"), (DType::Q4_0, "Q4_0"), (DType::Q4_1, "Q4_1")] {
+        let out = dir.join(format!("tiny-{}.matf", dtype.name()));
+        let (report, _) = import(&ImportOptions {
+            input: fixture("tiny_llama.gguf"),
+            output: out.clone(),
+            dtype: dtype.into(),
+            nest: None,
+        })
+        .unwrap();
+        let of_type: Vec<&str> = gguf
+            .tensors
+            .iter()
+            .filter(|t| matformer_export::gguf::GgmlType::code_name(t.type_code) == ggml && t.shape().len() == 2)
+            .map(|t| t.name.as_str())
+            .collect();
+        assert!(!of_type.is_empty(), "the fixture has {ggml} tensors");
+        let model = ModelFile::open(&out).unwrap();
+        for name in &of_type {
+            let canonical = canonical_name(name);
+            let kept = report.kept_source_blocks.contains(&canonical);
+            assert_eq!(kept, !name.contains("ffn_down"), "{name} ({ggml}): kept {kept}");
+            assert_eq!(model.view().tensor(&canonical).unwrap().dtype, dtype);
+            if kept && !name.contains("attn_q") && !name.contains("attn_k") {
+                // Same row order: the bytes are the GGUF tensor's bytes.
+                let t = gguf.tensor(name).unwrap();
+                let (_, src) = gguf.tensor_bytes(t).unwrap();
+                let ours: Vec<u8> = model
+                    .tensor_segments(&canonical, t.shape()[0])
+                    .unwrap()
+                    .into_iter()
+                    .flat_map(|(_, b)| b.to_vec())
+                    .collect();
+                assert_eq!(ours, src, "{name}");
+            }
+            if kept {
+                // Decoding the kept blocks gives exactly the importer's dequantised values.
+                let t = gguf.tensor(name).unwrap();
+                let mut want = gguf.dequantize(t).unwrap();
+                if name.contains("attn_q") || name.contains("attn_k") {
+                    let heads = if name.contains("attn_q") { 4 } else { 2 };
+                    want = matformer_export::gguf::llama::unpermute_rope_rows(&want, heads, 16, 64);
+                }
+                assert_eq!(model.tensor_f32(&canonical).unwrap(), want, "{name}");
+            }
+        }
+        drop(model);
+        let ours = prompt_logits(&out, None, &g.prompt_ids);
+        let reference: Vec<f32> = g.prompt_logits.iter().flatten().copied().collect();
+        let scale = reference.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let tol = Tolerance::for_dtype(dtype);
+        let diff = max_abs_diff(&ours, &reference);
+        eprintln!("{}: prompt logits max|diff| {diff:.2e} (scale {scale:.2}, {})", dtype.name(), tol.name);
+        assert!(diff <= tol.bound * scale, "{}: logits differ by {diff}", dtype.name());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The file name of a GGUF Llama tensor (`blk.1.attn_q.weight` -> `layers.1.wq`).
+fn canonical_name(gguf_name: &str) -> String {
+    let base = gguf_name.trim_end_matches(".weight");
+    match base {
+        "token_embd" => "tok_embeddings".into(),
+        "output" => "lm_head".into(),
+        _ => {
+            let rest = base.strip_prefix("blk.").unwrap();
+            let (i, t) = rest.split_once('.').unwrap();
+            let t = match t {
+                "attn_q" => "wq",
+                "attn_k" => "wk",
+                "attn_v" => "wv",
+                "attn_output" => "wo",
+                "ffn_down" => "ffn_down_t",
+                other => other,
+            };
+            format!("layers.{i}.{t}")
+        }
+    }
+}
+
+#[test]
 fn nest_orders_neurons_without_changing_the_full_width_function() {
     let g = tiny_goldens();
     let dir = temp_dir("gguf-nest");
@@ -137,14 +229,19 @@ fn nest_orders_neurons_without_changing_the_full_width_function() {
     std::fs::write(&cal, "the theory of the thing: the other three, then the rest. ".repeat(8)).unwrap();
     let dense = dir.join("dense.matf");
     let nested = dir.join("nested.matf");
-    import(&ImportOptions { input: fixture("tiny_llama.gguf"), output: dense.clone(), dtype: DType::F32, nest: None })
-        .unwrap();
+    import(&ImportOptions {
+        input: fixture("tiny_llama.gguf"),
+        output: dense.clone(),
+        dtype: DType::F32.into(),
+        nest: None,
+    })
+    .unwrap();
     let mut n = NestOptions::new(cal);
     n.chunk_tokens = 64;
     let (report, _) = import(&ImportOptions {
         input: fixture("tiny_llama.gguf"),
         output: nested.clone(),
-        dtype: DType::F32,
+        dtype: DType::F32.into(),
         nest: Some(n),
     })
     .unwrap();
@@ -320,7 +417,7 @@ fn hostile_gguf_headers_are_refused_with_one_line_errors() {
 }
 
 fn import_err(input: PathBuf, out: &Path) -> String {
-    let e = import(&ImportOptions { input, output: out.to_path_buf(), dtype: DType::F16, nest: None })
+    let e = import(&ImportOptions { input, output: out.to_path_buf(), dtype: DType::F16.into(), nest: None })
         .expect_err("hostile import refused");
     let msg = format!("{e:#}");
     assert!(!msg.contains('\n'), "one-line error: {msg}");

@@ -40,9 +40,13 @@ fn hf_directory_matches_transformers() {
         serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama_goldens.json")).unwrap()).unwrap();
     let dir = temp_dir("hf-import");
     let out = dir.join("tiny.matf");
-    let (report, assets) =
-        import(&ImportOptions { input: fixture("tiny_llama_hf"), output: out.clone(), dtype: DType::F32, nest: None })
-            .unwrap();
+    let (report, assets) = import(&ImportOptions {
+        input: fixture("tiny_llama_hf"),
+        output: out.clone(),
+        dtype: DType::F32.into(),
+        nest: None,
+    })
+    .unwrap();
     assert_eq!(report.source_format, "huggingface");
     assert_eq!((report.n_layers, report.d_model, report.vocab_size), (2, 64, 261));
     assert_eq!((report.bos_id, report.eos_id), (Some(258), Some(260)));
@@ -64,9 +68,13 @@ fn hf_directory_matches_transformers() {
 }
 
 fn refused(input: &Path, out: &Path) -> String {
-    let e =
-        import(&ImportOptions { input: input.to_path_buf(), output: out.to_path_buf(), dtype: DType::F16, nest: None })
-            .expect_err("refused");
+    let e = import(&ImportOptions {
+        input: input.to_path_buf(),
+        output: out.to_path_buf(),
+        dtype: DType::F16.into(),
+        nest: None,
+    })
+    .expect_err("refused");
     let msg = format!("{e:#}");
     assert!(!msg.contains('\n'), "one line: {msg}");
     assert!(!out.exists() && !out.with_extension("matf.partial").exists(), "no file left");

@@ -90,8 +90,9 @@ fn check(gguf: &Path, dtype: DType) -> (usize, usize) {
     let g = goldens();
     let dir = temp_dir(&format!("smollm2-{}", dtype.name()));
     let out = dir.join("smollm2.matf");
-    let (report, assets) = import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype, nest: None })
-        .expect("import SmolLM2 GGUF");
+    let (report, assets) =
+        import(&ImportOptions { input: gguf.to_path_buf(), output: out.clone(), dtype: dtype.into(), nest: None })
+            .expect("import SmolLM2 GGUF");
     eprintln!("imported in {:.1} s: {} bytes", report.seconds, report.bytes);
     assert_eq!(report.n_layers, 30);
     assert_eq!(report.vocab_size, 49152);

@@ -8,12 +8,33 @@
 //!   is row `h*hd + i*hd/2 + j` of the Hugging Face one (`i` in 0..2, `j` in 0..hd/2), which is
 //!   how transformers' GGUF loader reverses it (`_reverse_permute_weights`).
 //! - the file stores the FFN down projection transposed (`ffn_down_t`, `[width, d_model]`).
+//!
+//! Blocks kept as they are: a `Q8_0`, `Q4_0` or `Q4_1` tensor's blocks run along `ne[0]`, the
+//! input features, which is along the rows of every file tensor except `ffn_down_t` (stored
+//! transposed, so its blocks would run across rows). [`tensors`] returns those blocks too
+//! ([`RawBlocks`], with the rotary row order of `wq`/`wk` undone row by row), so that an import
+//! whose planned dtype for the tensor is the same block type copies them instead of
+//! dequantising and quantising again (which would not give the same bytes).
 
 use std::collections::HashMap;
 
-use matformer::format::{names, Activation, Architecture, NormKind, Positional};
+use matformer::format::{names, Activation, Architecture, DType, NormKind, Positional};
 
-use super::reader::{Gguf, GgufError, TensorInfo};
+use super::reader::{GgmlType, Gguf, GgufError, TensorInfo};
+
+/// Raw ggml blocks of tensors whose rows are whole blocks of one of the file's block types,
+/// keyed by canonical name: the dtype and the bytes in canonical row order.
+pub type RawBlocks = HashMap<String, (DType, Vec<u8>)>;
+
+/// The file dtype with the same block layout as ggml type `ty`, if any.
+pub fn block_dtype(ty: GgmlType) -> Option<DType> {
+    match ty {
+        GgmlType::Q8_0 => Some(DType::Q8_0),
+        GgmlType::Q4_0 => Some(DType::Q4_0),
+        GgmlType::Q4_1 => Some(DType::Q4_1),
+        _ => None,
+    }
+}
 use crate::onnx_source::Weight;
 
 /// Architecture parameters read from `llama.*` keys.
@@ -89,9 +110,10 @@ pub fn architecture(g: &Gguf<'_>) -> Result<Architecture, GgufError> {
 
 /// Rows of `w` (`[n_head * head_dim, cols]`) reordered from llama.cpp's interleaved rotary
 /// layout back to Hugging Face's half-split layout.
-pub fn unpermute_rope_rows(w: &[f32], n_head: usize, head_dim: usize, cols: usize) -> Vec<f32> {
+/// `cols` is the length of a row in elements of `T` (bytes, for raw blocks).
+pub fn unpermute_rope_rows<T: Copy + Default>(w: &[T], n_head: usize, head_dim: usize, cols: usize) -> Vec<T> {
     let half = head_dim / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_head {
         for i in 0..2 {
             for j in 0..half {
@@ -114,14 +136,15 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Every tensor in canonical layout (f32), keyed by canonical name; `ffn_width` is the FFN width
-/// read from the tensors (checked against `llama.feed_forward_length` when present).
-/// `on_progress(done, total)` reports progress in bytes of GGUF tensor data.
+/// Every tensor in canonical layout (f32), keyed by canonical name, the raw blocks of the
+/// tensors that can keep them ([`RawBlocks`]), and the FFN width read from the tensors (checked
+/// against `llama.feed_forward_length` when present). `on_progress(done, total)` reports
+/// progress in bytes of GGUF tensor data.
 pub fn tensors(
     g: &Gguf<'_>,
     a: &Architecture,
     mut on_progress: impl FnMut(u64, u64),
-) -> Result<(HashMap<String, Weight>, u32), GgufError> {
+) -> Result<(HashMap<String, Weight>, RawBlocks, u32), GgufError> {
     let d = a.d_model as u64;
     let q_dim = u64::from(a.n_heads) * u64::from(a.head_dim);
     let kv_dim = u64::from(a.n_kv_heads) * u64::from(a.head_dim);
@@ -178,6 +201,7 @@ pub fn tensors(
     let total: u64 = plan.iter().filter_map(|p| g.tensor(&p.0)).map(|t| t.byte_len).sum();
     let mut done = 0u64;
     let mut out = HashMap::with_capacity(plan.len());
+    let mut raw = RawBlocks::new();
     for (src, dst, shape, fix) in plan {
         let t: &TensorInfo = g.tensor(&src).ok_or_else(|| GgufError::MissingTensor(src.clone()))?;
         if t.shape() != shape {
@@ -185,6 +209,19 @@ pub fn tensors(
         }
         let data = g.dequantize(t)?;
         let (rows, cols) = (shape[0] as usize, shape.get(1).copied().unwrap_or(1) as usize);
+        if let (Some(dtype), true) = (g.tensor_bytes(t).ok().and_then(|(ty, _)| block_dtype(ty)), shape.len() == 2) {
+            let (_, bytes) = g.tensor_bytes(t)?;
+            let row_bytes = bytes.len() / rows.max(1);
+            let kept = match fix {
+                Fix::None => Some(bytes.to_vec()),
+                Fix::RopeQ => Some(unpermute_rope_rows(bytes, a.n_heads as usize, a.head_dim as usize, row_bytes)),
+                Fix::RopeK => Some(unpermute_rope_rows(bytes, a.n_kv_heads as usize, a.head_dim as usize, row_bytes)),
+                Fix::Transpose => None,
+            };
+            if let Some(kept) = kept.filter(|k| k.len() == rows * row_bytes) {
+                raw.insert(dst.clone(), (dtype, kept));
+            }
+        }
         let (data, shape) = match fix {
             Fix::None => (data, shape),
             Fix::RopeQ => (unpermute_rope_rows(&data, a.n_heads as usize, a.head_dim as usize, cols), shape),
@@ -195,5 +232,5 @@ pub fn tensors(
         done += t.byte_len;
         on_progress(done, total);
     }
-    Ok((out, ffn32))
+    Ok((out, raw, ffn32))
 }

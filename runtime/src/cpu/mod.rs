@@ -1,8 +1,10 @@
 //! The CPU reference engine: the correctness oracle for other backends and the fallback on
 //! devices without a usable GPU.
 //!
-//! - Weights are read in place from the model file's bytes (f16 or f32), never copied into an
-//!   f32 model; a submodel touches only the FFN segments of the levels it uses.
+//! - Weights are read in place from the model file's bytes (f16, f32 or the block-quantised
+//!   `q8_0`, `q4_0`, `q4_1`), never copied into an f32 model; a submodel touches only the FFN
+//!   segments of the levels it uses. Products with quantised weights quantise the activation to
+//!   8 bits per block and use integer dot products (`kernels::qdot`).
 //! - Arithmetic is f32. Batched prefill, token-by-token decode and any thread count give
 //!   bitwise-identical logits (every sum is computed in one fixed order, never split
 //!   between threads).
@@ -33,7 +35,9 @@ use crate::{ModelError, SubmodelError};
 
 /// The vector instruction sets the CPU kernels were compiled for, e.g. `"x86_64: sse2"` for a
 /// baseline x86-64 build or `"x86_64: sse2 avx avx2 fma f16c avx512f"` for a build with
-/// `-C target-cpu=native` on a recent CPU; `"aarch64: neon"` on phones.
+/// `-C target-cpu=native` on a recent CPU; `"aarch64: neon"` on phones; followed by the kernel
+/// the quantised weights' integer dot products use on this CPU (`"; int8 dot avx2"`,
+/// `"neon-sdot"`, `"neon"` or `"scalar"`, detected at run time).
 ///
 /// The kernels are plain Rust loops written to auto-vectorise (no `unsafe`, no run-time
 /// dispatch), so their speed follows the target features of the build: benchmark figures
@@ -53,7 +57,7 @@ pub fn simd_features() -> String {
     ];
     let names: Vec<&str> = on.iter().filter(|(_, yes)| *yes).map(|(name, _)| *name).collect();
     let names = if names.is_empty() { "scalar".to_string() } else { names.join(" ") };
-    format!("{}: {names}", std::env::consts::ARCH)
+    format!("{}: {names}; int8 dot {}", std::env::consts::ARCH, kernels::qdot::kernel_name())
 }
 
 /// Errors of the CPU engine.
@@ -172,6 +176,7 @@ mod tests {
     #[test]
     fn simd_features_name_the_architecture() {
         let f = super::simd_features();
+        eprintln!("kernels: {f}");
         assert!(f.starts_with(std::env::consts::ARCH), "{f}");
         if cfg!(target_arch = "x86_64") {
             assert!(f.contains("sse2"), "x86-64 always has SSE2: {f}");

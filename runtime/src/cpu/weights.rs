@@ -2,14 +2,14 @@
 //!
 //! A matrix is a list of parts, one per file segment: the rows of a nested FFN tensor are split
 //! across level segments that are not contiguous in the file, so the kernels iterate over parts
-//! and never assume one slice. Rows are read in place as `f16` or `f32` (never copied to an f32
-//! model), and only the segments covering the requested rows are touched.
+//! and never assume one slice. Rows are read in place as `f16`, `f32` or quantised blocks (never
+//! copied to an f32 model), and only the segments covering the requested rows are touched.
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::EngineError;
-use crate::format::DType;
+use crate::format::{DType, QK};
 use crate::ModelFile;
 
 /// Rows of one part, in the file's element type.
@@ -19,6 +19,8 @@ pub(crate) enum RowData<'a> {
     F16(&'a [f16]),
     /// Single-precision rows.
     F32(&'a [f32]),
+    /// Block-quantised rows (`q8_0`, `q4_0`, `q4_1`): whole 32-element blocks, as stored.
+    Quant(DType, &'a [u8]),
 }
 
 impl<'a> RowData<'a> {
@@ -27,11 +29,24 @@ impl<'a> RowData<'a> {
         match self {
             RowData::F16(s) => s.get(start..end).map(RowData::F16),
             RowData::F32(s) => s.get(start..end).map(RowData::F32),
+            RowData::Quant(dtype, b) => {
+                // Only whole blocks can be addressed (quantised rows are whole blocks).
+                if !start.is_multiple_of(QK) || !end.is_multiple_of(QK) || start > end {
+                    return None;
+                }
+                let bb = dtype.block_bytes();
+                b.get(start / QK * bb..end / QK * bb).map(|b| RowData::Quant(*dtype, b))
+            }
         }
     }
 
-    /// Converts to f32 into `out` (lengths must be equal; extra elements are left alone), with
-    /// `half`'s slice conversion: F16C or FP16 instructions when the CPU has them (detected at
+    /// Whether these rows are block-quantised.
+    pub(crate) fn is_quant(&self) -> bool {
+        matches!(self, RowData::Quant(..))
+    }
+
+    /// Converts to f32 into `out` (lengths must be equal; extra elements are left alone),
+    /// dequantising block-quantised rows; f16 with `half`'s slice conversion: F16C or FP16 instructions when the CPU has them (detected at
     /// run time), measured faster than a portable bit-level widening for whole rows.
     pub(crate) fn widen_into(self, out: &mut [f32]) {
         match self {
@@ -42,6 +57,10 @@ impl<'a> RowData<'a> {
             RowData::F32(s) => {
                 let n = s.len().min(out.len());
                 out[..n].copy_from_slice(&s[..n]);
+            }
+            RowData::Quant(dtype, b) => {
+                let n = (b.len() / dtype.block_bytes() * QK).min(out.len());
+                crate::quant::decode_blocks(dtype, b, &mut out[..n]);
             }
         }
     }
@@ -122,8 +141,10 @@ impl<'a> Matrix<'a> {
             return Err(bad("in-place reads need a little-endian CPU".into()));
         }
         let dtype = info.dtype;
-        let elem = dtype.size_bytes();
-        let row_bytes = cols.checked_mul(elem).ok_or_else(|| bad("row size overflows".into()))?;
+        let row_bytes = dtype
+            .row_bytes(cols as u64)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| bad(format!("{cols}-element rows cannot be stored as {dtype}")))?;
         let mut parts = Vec::new();
         let mut next = 0usize;
         if rows > 0 {
@@ -152,6 +173,7 @@ impl<'a> Matrix<'a> {
                     DType::F32 => {
                         RowData::F32(bytemuck::try_cast_slice::<u8, f32>(bytes).map_err(|e| misaligned(name, e))?)
                     }
+                    DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => RowData::Quant(dtype, bytes),
                 };
                 parts.push(Part { first_row: next, rows: seg_rows, data });
                 next += seg_rows;
@@ -164,6 +186,21 @@ impl<'a> Matrix<'a> {
             return Err(bad(format!("segments cover rows [0, {next}) but {rows} rows are needed")));
         }
         Ok(Matrix { rows, cols, parts })
+    }
+
+    /// The dtype of the rows (of the first part; a matrix's parts all come from one tensor).
+    pub(crate) fn dtype(&self) -> Option<DType> {
+        self.parts.first().map(|p| match p.data {
+            RowData::F16(_) => DType::F16,
+            RowData::F32(_) => DType::F32,
+            RowData::Quant(d, _) => d,
+        })
+    }
+
+    /// Bytes of the rows in use, as stored.
+    pub(crate) fn bytes(&self) -> usize {
+        let row = self.dtype().and_then(|d| d.row_bytes(self.cols as u64)).unwrap_or(0) as usize;
+        row.saturating_mul(self.rows)
     }
 
     /// Row `r`, or `None` when out of range.

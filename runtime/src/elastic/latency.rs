@@ -141,7 +141,7 @@ pub struct ShapeFingerprint {
     pub gated_ffn: bool,
     /// LM head tied to the embeddings.
     pub tied_embeddings: bool,
-    /// Weight dtype of the FFN tensors (`"f16"` or `"f32"`).
+    /// Weight dtype of the FFN tensors (`"f16"`, `"f32"`, `"q8_0"`, `"q4_0"`, `"q4_1"`).
     pub dtype: String,
     /// FFN width of every level of every layer (`ffn_widths` of the metadata).
     pub ffn_widths: Vec<Vec<u32>>,
@@ -171,15 +171,19 @@ impl ShapeFingerprint {
             vocab_size: a.vocab_size,
             gated_ffn: a.gated_ffn,
             tied_embeddings: a.tied_embeddings,
-            dtype: match dtype {
-                DType::F32 => "f32".to_string(),
-                _ => "f16".to_string(),
-            },
+            dtype: dtype.name().to_string(),
             ffn_widths: meta.ffn_widths.clone(),
         }
     }
 
-    /// Bytes per weight element.
+    /// Bytes per weight element as stored, scales included: 4 (`f32`), 2 (`f16`), 1.0625
+    /// (`q8_0`), 0.5625 (`q4_0`), 0.625 (`q4_1`).
+    pub fn bytes_per_weight(&self) -> f64 {
+        DType::from_name(&self.dtype).map_or(2.0, |d| d.bits_per_weight() / 8.0)
+    }
+
+    /// Bytes per element of the GPU probes' weights: 4 for `f32`, 2 otherwise (the GPU runs
+    /// `f16` and `f32` only).
     pub fn weight_bytes(&self) -> u64 {
         if self.dtype == "f32" {
             4
@@ -212,7 +216,7 @@ impl ShapeFingerprint {
         let (d, l) = (f64::from(self.d_model), f64::from(self.n_layers));
         let q = f64::from(self.n_heads) * f64::from(self.head_dim);
         let kv = f64::from(self.n_kv_heads) * f64::from(self.head_dim);
-        let eb = self.weight_bytes() as f64;
+        let eb = self.bytes_per_weight();
         let sum_w: f64 = widths.iter().map(|&w| f64::from(w)).sum();
         let c = context.max(0.0);
         let params = match class {

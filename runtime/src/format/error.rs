@@ -170,15 +170,18 @@ pub enum FormatError {
         /// Tensor name.
         tensor: String,
     },
-    /// A dtype code that is reserved but not supported by this reader (block-quantized types).
-    #[error("tensor {tensor} uses dtype {name} (code {code}), reserved but not supported by this reader; re-export with f16 or f32")]
-    UnsupportedDType {
-        /// The code.
-        code: u8,
-        /// The reserved type's name.
-        name: &'static str,
+    /// A quantised tensor whose rows are not a whole number of blocks (or a 1-D tensor, whose
+    /// "rows" are single elements, in a quantised dtype).
+    #[error("tensor {tensor} is {dtype} but its rows have {row_elems} elements, not a multiple of the {block}-element block; the file is corrupt")]
+    BlockAlignment {
         /// Tensor name.
         tensor: String,
+        /// The dtype's name.
+        dtype: &'static str,
+        /// Elements per row.
+        row_elems: u64,
+        /// Elements per block.
+        block: u64,
     },
     /// A tensor's shape is malformed or not what the architecture requires.
     #[error("tensor {tensor} has a bad shape: {reason}")]

@@ -41,54 +41,120 @@ pub(crate) const SEGMENT_RECORD_LEN: usize = 48;
 /// Offset of `header_crc32` inside the preamble.
 pub(crate) const HEADER_CRC_OFFSET: usize = 48;
 
+/// Elements per block of the block-quantised dtypes ([`DType::Q8_0`], [`DType::Q4_0`],
+/// [`DType::Q4_1`]): blocks run along the row (along `d_model` for the nested FFN tensors), so a
+/// quantised row is a whole number of blocks and every prefix of rows is a prefix of bytes.
+pub const QK: usize = 32;
+
 /// Element type of a tensor.
+///
+/// The block-quantised types use ggml's block layouts (docs/format.md 5.4): blocks of [`QK`]
+/// consecutive elements of one row, each block an f16 scale `d` (and for `Q4_1` an f16 minimum
+/// `m`) followed by the quantised values. [`crate::quant`] quantises and dequantises them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
     /// IEEE-754 binary32, little-endian. Code 0.
     F32,
     /// IEEE-754 binary16, little-endian. Code 1.
     F16,
+    /// 34-byte blocks of 32: f16 `d`, 32 x i8 `q`; value `d * q`. Code 2.
+    Q8_0,
+    /// 18-byte blocks of 32: f16 `d`, 16 bytes of 4-bit `n` (byte `j` holds element `j` in its
+    /// low nibble and element `j + 16` in its high nibble); value `d * (n - 8)`. Code 3.
+    Q4_0,
+    /// 20-byte blocks of 32: f16 `d`, f16 `m`, 16 bytes of 4-bit `n` as in `Q4_0`; value
+    /// `d * n + m`. Code 5.
+    Q4_1,
 }
 
 impl DType {
+    /// Every dtype a tensor may have, in code order.
+    pub const ALL: [DType; 5] = [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
     /// The code stored in the tensor table.
     pub fn code(self) -> u8 {
         match self {
             DType::F32 => 0,
             DType::F16 => 1,
+            DType::Q8_0 => 2,
+            DType::Q4_0 => 3,
+            DType::Q4_1 => 5,
         }
     }
 
-    /// Bytes per element.
-    pub fn size_bytes(self) -> usize {
+    /// Elements per block: 1 for `f32` and `f16`, [`QK`] (32) for the quantised types. A row of
+    /// a tensor of this dtype has a multiple of this many elements.
+    pub fn block_elems(self) -> usize {
+        if self.is_quantized() {
+            QK
+        } else {
+            1
+        }
+    }
+
+    /// Bytes per block: 4 (`f32`), 2 (`f16`), 34 (`q8_0`), 18 (`q4_0`), 20 (`q4_1`).
+    pub fn block_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 => 2,
+            DType::Q8_0 => 2 + QK,
+            DType::Q4_0 => 2 + QK / 2,
+            DType::Q4_1 => 4 + QK / 2,
         }
     }
 
-    /// Lower-case name (`"f32"`, `"f16"`).
+    /// Bytes per element of an unquantised dtype (4 or 2); for a quantised dtype the bytes of
+    /// one block of [`block_elems`](Self::block_elems) elements. Use
+    /// [`row_bytes`](Self::row_bytes) for the size of a row.
+    pub fn size_bytes(self) -> usize {
+        self.block_bytes()
+    }
+
+    /// Whether this is a block-quantised type.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    }
+
+    /// Bytes of a row of `row_elems` elements, or `None` when `row_elems` is not a multiple of
+    /// [`block_elems`](Self::block_elems) or the size overflows.
+    pub fn row_bytes(self, row_elems: u64) -> Option<u64> {
+        let be = self.block_elems() as u64;
+        if !row_elems.is_multiple_of(be) {
+            return None;
+        }
+        (row_elems / be).checked_mul(self.block_bytes() as u64)
+    }
+
+    /// Bits per weight, scales included (16, 32, 8.5, 4.5, 5).
+    pub fn bits_per_weight(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / self.block_elems() as f64
+    }
+
+    /// Lower-case name (`"f32"`, `"f16"`, `"q8_0"`, `"q4_0"`, `"q4_1"`).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
             DType::F16 => "f16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
         }
     }
 
     /// The dtype with this table code, if this version supports it.
     pub fn from_code(code: u8) -> Option<DType> {
-        match code {
-            0 => Some(DType::F32),
-            1 => Some(DType::F16),
-            _ => None,
-        }
+        DType::ALL.into_iter().find(|d| d.code() == code)
     }
 
-    /// The dtype with this name (`"f32"`, `"f16"`, case-insensitive).
+    /// The dtype with this name, case-insensitive: `f32`, `f16`, `q8_0` (or `q8`), `q4_0` (or
+    /// `q4`), `q4_1`.
     pub fn from_name(name: &str) -> Option<DType> {
         match name.to_ascii_lowercase().as_str() {
             "f32" => Some(DType::F32),
             "f16" => Some(DType::F16),
+            "q8_0" | "q8" => Some(DType::Q8_0),
+            "q4_0" | "q4" => Some(DType::Q4_0),
+            "q4_1" => Some(DType::Q4_1),
             _ => None,
         }
     }
@@ -100,15 +166,18 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Codes reserved for block-quantized types (blocks of 32 along the row, i.e. along
-/// `d_model`, so every row — every neuron — stays whole and the prefix property holds).
-/// Version-1 readers reject them with [`FormatError::UnsupportedDType`].
-pub(crate) fn reserved_dtype_name(code: u8) -> Option<&'static str> {
-    match code {
-        2 => Some("q8_0"),
-        3 => Some("q4_0"),
-        _ => None,
+/// [R13c] a row of `row_elems` elements can be stored in `dtype`: quantised rows are a whole
+/// number of 32-element blocks (so 1-D tensors, the norms, are never quantised).
+pub(crate) fn check_block_shape(name: &str, dtype: DType, row_elems: u64) -> Result<(), FormatError> {
+    if dtype.row_bytes(row_elems).is_none() {
+        return Err(FormatError::BlockAlignment {
+            tensor: name.to_string(),
+            dtype: dtype.name(),
+            row_elems,
+            block: dtype.block_elems() as u64,
+        });
     }
+    Ok(())
 }
 
 /// Table code of a blob record: raw bytes, not a tensor element type (docs/format.md 5.5).
@@ -204,9 +273,10 @@ impl TensorInfo {
         self.shape.iter().skip(1).fold(1u64, |acc, &d| acc.saturating_mul(d))
     }
 
-    /// Bytes of one row.
+    /// Bytes of one row (saturating; `u64::MAX` for a quantised row that is not a whole
+    /// number of blocks, which parsed tensors never have).
     pub fn row_bytes(&self) -> u64 {
-        self.row_elems().saturating_mul(self.dtype.size_bytes() as u64)
+        self.dtype.row_bytes(self.row_elems()).unwrap_or(u64::MAX)
     }
 
     /// Whether this is a nested FFN tensor (`layers.{i}.ffn_up|ffn_gate|ffn_down_t`), stored in

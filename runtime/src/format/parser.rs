@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::error::FormatError;
 use super::layout::{
-    align_up, blob_id, check_shape, expected_row_ranges, required_tensor_specs, reserved_dtype_name, BlobInfo, DType,
+    align_up, blob_id, check_block_shape, check_shape, expected_row_ranges, required_tensor_specs, BlobInfo, DType,
     Segment, TensorInfo, BLOB_CODE, BLOB_PREFIX, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_LEN,
     MAX_HEADER_LEN, MAX_LEVELS, MAX_NAME_LEN, MAX_NDIM, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN,
     SEGMENT_RECORD_LEN, TOKENIZER_JSON_BLOB, VERSION,
@@ -720,14 +720,8 @@ fn parse_record(
             reason: format!("code {BLOB_CODE} (bytes) is only for blob.* records"),
         });
     }
-    let dtype = match DType::from_code(code) {
-        Some(d) => d,
-        None => {
-            return Err(match reserved_dtype_name(code) {
-                Some(rname) => FormatError::UnsupportedDType { code, name: rname, tensor: name },
-                None => FormatError::UnknownDType { code, tensor: name },
-            })
-        }
+    let Some(dtype) = DType::from_code(code) else {
+        return Err(FormatError::UnknownDType { code, tensor: name });
     };
     let ndim = cur.u8().ok_or_else(|| short("ndim"))? as usize;
     if ndim == 0 || ndim > MAX_NDIM {
@@ -741,7 +735,9 @@ fn parse_record(
     for _ in 0..ndim {
         shape.push(cur.u64().ok_or_else(|| short("the shape"))?);
     }
-    check_shape(&name, &shape)?;
+    let (_, row_elems) = check_shape(&name, &shape)?;
+    // [R13c] a quantised row is a whole number of blocks.
+    check_block_shape(&name, dtype, row_elems)?;
     checker.check_shape(req, &shape)?;
 
     let n_segments = cur.u32().ok_or_else(|| short("n_segments"))? as usize;

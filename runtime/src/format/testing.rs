@@ -105,7 +105,9 @@ pub fn synthetic_value(seed: u64, spec: &TensorSpec, index: u64) -> f32 {
 }
 
 /// Writes a complete model for `meta` with [`synthetic_value`] weights in `dtype`; returns the
-/// file length. The same `(meta, dtype, seed)` always gives the same bytes.
+/// file length. The same `(meta, dtype, seed)` always gives the same bytes. With a quantised
+/// `dtype` (rows of a multiple of 32 elements), the 1-D tensors (norms) stay `f16`; use
+/// [`synthetic_specs`] for the tensor list.
 pub fn write_synthetic<W: Write>(out: W, meta: &Metadata, dtype: DType, seed: u64) -> Result<u64, FormatError> {
     write_synthetic_with_blobs(out, meta, dtype, seed, &[], DEFAULT_ALIGNMENT_LOG2)
 }
@@ -119,7 +121,7 @@ pub fn write_synthetic_with_blobs<W: Write>(
     blobs: &[BlobSpec<'_>],
     alignment_log2: u32,
 ) -> Result<u64, FormatError> {
-    let specs = required_tensor_specs(meta, dtype);
+    let specs = synthetic_specs(meta, dtype);
     write_file_with_blobs(
         out,
         meta,
@@ -129,17 +131,28 @@ pub fn write_synthetic_with_blobs<W: Write>(
         |ti, rows, buf| {
             let spec = &specs[ti];
             let row_elems: u64 = spec.shape.iter().skip(1).product();
-            for idx in rows.start * row_elems..rows.end * row_elems {
-                let v = synthetic_value(seed, spec, idx);
-                match spec.dtype {
-                    DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
-                    DType::F16 => buf.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                }
+            let mut row = Vec::with_capacity(row_elems as usize);
+            for r in rows {
+                row.clear();
+                row.extend((r * row_elems..(r + 1) * row_elems).map(|idx| synthetic_value(seed, spec, idx)));
+                crate::quant::encode_row(spec.dtype, &row, buf)?;
             }
             Ok(())
         },
         |_, _| {},
     )
+}
+
+/// The canonical tensor list in `dtype`, except that the 1-D tensors (norms, their biases),
+/// which cannot be block-quantised, are `f16` when `dtype` is quantised.
+pub fn synthetic_specs(meta: &Metadata, dtype: DType) -> Vec<TensorSpec> {
+    let mut specs = required_tensor_specs(meta, dtype);
+    for s in &mut specs {
+        if dtype.is_quantized() && s.shape.len() == 1 {
+            s.dtype = DType::F16;
+        }
+    }
+    specs
 }
 
 /// [`write_synthetic`] into memory.

@@ -6,9 +6,9 @@ use std::ops::Range;
 
 use super::error::FormatError;
 use super::layout::{
-    align_up, blob_id, check_shape, expected_row_ranges, BlobInfo, BlobSpec, Segment, TensorInfo, TensorSpec,
-    BLOB_CODE, BLOB_PREFIX, DEFAULT_ALIGNMENT_LOG2, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_LEN,
-    MAX_HEADER_LEN, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, SEGMENT_RECORD_LEN, VERSION,
+    align_up, blob_id, check_block_shape, check_shape, expected_row_ranges, BlobInfo, BlobSpec, Segment, TensorInfo,
+    TensorSpec, BLOB_CODE, BLOB_PREFIX, DEFAULT_ALIGNMENT_LOG2, HEADER_CRC_OFFSET, MAGIC, MAX_ALIGNMENT_LOG2,
+    MAX_BLOB_LEN, MAX_HEADER_LEN, MAX_TENSORS, MIN_ALIGNMENT_LOG2, PREAMBLE_LEN, SEGMENT_RECORD_LEN, VERSION,
 };
 use super::meta::Metadata;
 use super::parser::{check_blob_set, check_placement, header_crc, FileView, SegRef, TensorSetChecker};
@@ -90,7 +90,8 @@ fn plan(
     let mut checker = TensorSetChecker::new(metadata);
     for t in tensors {
         let i = checker.check_name(&t.name)?;
-        check_shape(&t.name, &t.shape)?;
+        let (_, row_elems) = check_shape(&t.name, &t.shape)?;
+        check_block_shape(&t.name, t.dtype, row_elems)?;
         checker.check_shape(i, &t.shape)?;
     }
     checker.finish()?;
@@ -119,7 +120,8 @@ fn plan(
                     row_start,
                     row_end,
                     offset: 0,
-                    // Shapes are at most 2^40 elements of at most 4 bytes.
+                    // Shapes are at most 2^40 elements of at most 4 bytes each (block types
+                    // use fewer); row_bytes is finite, checked above.
                     byte_len: (row_end - row_start) * row_bytes,
                     crc32: 0,
                 })

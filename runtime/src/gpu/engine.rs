@@ -227,6 +227,14 @@ impl GpuEngine {
                 reason: "weights are uploaded in place and need a little-endian CPU".into(),
             });
         }
+        if let Some((tensor, dtype)) = super::quantized_tensor(&model) {
+            return Err(GpuError::Unsupported {
+                reason: format!(
+                    "tensor {tensor} is {dtype}: the GPU backend has no kernels for block-quantised weights \
+                     (q8_0, q4_0, q4_1) yet; use the CPU backend or an f16 file"
+                ),
+            });
+        }
         let meta = model.metadata();
         let a = &meta.architecture;
         let dims = ModelDims::from_metadata(meta).map_err(|reason| GpuError::Unsupported { reason })?;

@@ -100,6 +100,14 @@ pub fn forward_tolerance(path: WeightPath) -> Tolerance {
     }
 }
 
+/// The first block-quantised tensor of `model` (name and dtype), if any: the GPU backend runs
+/// `f16` and `f32` weights only, and refuses a file with one of these
+/// ([`GpuEngine::new`] fails with [`GpuError::Unsupported`] naming the dtype; `Auto` backend
+/// choice takes the CPU engine and says why).
+pub fn quantized_tensor(model: &crate::ModelFile) -> Option<(String, crate::format::DType)> {
+    model.view().tensors.iter().find(|t| t.dtype.is_quantized()).map(|t| (t.name.clone(), t.dtype))
+}
+
 /// Errors of the GPU backend. Messages are one line and say what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -15,12 +15,9 @@ pub fn small_meta() -> Metadata {
 /// Deterministic bytes of rows `rows` of `spec`.
 pub fn spec_rows(seed: u64, spec: &TensorSpec, rows: std::ops::Range<u64>, out: &mut Vec<u8>) {
     let row_elems: u64 = spec.shape.iter().skip(1).product();
-    for idx in rows.start * row_elems..rows.end * row_elems {
-        let v = synthetic_value(seed, spec, idx);
-        match spec.dtype {
-            DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-        }
+    for r in rows {
+        let row: Vec<f32> = (r * row_elems..(r + 1) * row_elems).map(|idx| synthetic_value(seed, spec, idx)).collect();
+        matformer::quant::encode_row(spec.dtype, &row, out).expect("whole blocks");
     }
 }
 

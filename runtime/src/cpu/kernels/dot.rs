@@ -170,6 +170,20 @@ pub(super) fn dot_f16_exact(x: &[f32], w: &[f16]) -> f32 {
 pub(super) fn dot_row(x: &[f32], xs: Option<&[f32]>, w: RowData<'_>) -> f32 {
     match w {
         RowData::F32(w) => dot(x, w),
+        // Only when no quantised input was prepared (the integer kernels are the normal path).
+        RowData::Quant(..) => {
+            let mut acc = [0.0f32; LANES];
+            let mut buf = [0.0f32; CONVERT_CHUNK];
+            let mut c0 = 0;
+            while c0 < x.len() {
+                let c1 = (c0 + CONVERT_CHUNK).min(x.len());
+                let Some(piece) = w.get(c0, c1) else { break };
+                piece.widen_into(&mut buf[..c1 - c0]);
+                accumulate(&mut acc, &x[c0..c1], &buf[..c1 - c0]);
+                c0 = c1;
+            }
+            reduce(&acc)
+        }
         RowData::F16(w) if HW_F16 => dot_f16_exact(x, w),
         RowData::F16(w) => {
             let bits: &[u16] = bytemuck::cast_slice(w);

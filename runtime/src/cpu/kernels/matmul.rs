@@ -3,17 +3,20 @@
 
 use super::dot::*;
 use super::pool::*;
+use super::qdot::{self, QActs};
 use crate::cpu::weights::{Matrix, RowData};
 
 /// Rows widened at a time in the batched paths.
 pub(super) const ROW_BLOCK: usize = 8;
 
 /// Rows `[r0, r1)` of `x @ W^T` for `t` inputs: `out[i * ld + (r - r0)] = x[i] . W[r]`;
-/// `xs` is [`prescale`]`(x)` when `t == 1` and it exists.
+/// `xs` is [`prescale`]`(x)` when `t == 1` and it exists; `qx` is `x` quantised to 8 bits
+/// ([`QActs::quantize`]) when `W` is block-quantised (then the integer kernels are used).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_rows(
     x: &[f32],
     xs: Option<&[f32]>,
+    qx: Option<&QActs>,
     t: usize,
     w: &Matrix<'_>,
     r0: usize,
@@ -22,6 +25,10 @@ pub(super) fn matmul_rows(
     ld: usize,
 ) {
     let cols = w.cols;
+    if let Some(qx) = qx.filter(|_| w.parts.iter().all(|p| p.data.is_quant())) {
+        quant_rows(qx, t, w, r0, r1, out, ld);
+        return;
+    }
     if t == 1 {
         let x = &x[..cols];
         for (start, rows, data) in w.parts_in(r0, r1) {
@@ -65,6 +72,34 @@ pub(super) fn matmul_rows(
     }
 }
 
+/// [`matmul_rows`] for a block-quantised `W`: every `(token, row)` is one integer
+/// [`qdot::dot`] of the row's blocks with the token's quantised activation, whatever `t`, so a
+/// prefill batch and one-token decodes give the same bits. Rows are taken [`ROW_BLOCK`] at a
+/// time and used for every token while they are in the cache.
+fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &mut [f32], ld: usize) {
+    for (start, rows, data) in w.parts_in(r0, r1) {
+        let RowData::Quant(dtype, bytes) = data else { continue };
+        let rb = bytes.len() / rows.max(1);
+        let col0 = start - r0;
+        let mut b0 = 0;
+        while b0 < rows {
+            let nb = ROW_BLOCK.min(rows - b0);
+            for ti in 0..t {
+                let x = qx.token(ti);
+                for k in b0..b0 + nb {
+                    out[ti * ld + col0 + k] = qdot::dot(dtype, &bytes[k * rb..(k + 1) * rb], x);
+                }
+            }
+            b0 += nb;
+        }
+    }
+}
+
+/// `x` quantised for the integer kernels when `W` is block-quantised.
+fn quantized_input(x: &[f32], t: usize, w: &Matrix<'_>) -> Option<QActs> {
+    w.parts.iter().any(|p| p.data.is_quant()).then(|| QActs::quantize(x, t, w.cols))
+}
+
 /// `out[i, r] = x[i] . W[r]` for `t` inputs of `w.cols` elements: `x` is `[t, cols]`, `out`
 /// is `[t, rows]`. Weight rows are read once for the whole batch.
 pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
@@ -76,15 +111,13 @@ pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threa
     let f16_rows = w.parts.iter().any(|p| matches!(p.data, RowData::F16(_)));
     let xs = if t == 1 && f16_rows && !HW_F16 { prescale(x) } else { None };
     let xs = xs.as_deref();
+    let qx = quantized_input(x, t, w);
+    let qx = qx.as_ref();
     let mut pieces = threads * ITEMS_PER_THREAD;
     if t == 1 {
-        let elem = match w.parts.first().map(|p| p.data) {
-            Some(RowData::F16(_)) => 2,
-            _ => 4,
-        };
-        pieces = pieces.max(n.saturating_mul(w.cols).saturating_mul(elem) / ITEM_BYTES);
+        pieces = pieces.max(w.bytes() / ITEM_BYTES);
     }
-    par_columns(out, t, n, threads, pieces, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, xs, t, w, s, e, chunk, ld));
+    par_columns(out, t, n, threads, pieces, ROW_BLOCK, |s, e, chunk, ld| matmul_rows(x, xs, qx, t, w, s, e, chunk, ld));
 }
 
 /// [`matmul`] of one input against several matrices of the same width (`outs[i] = x @ W_i^T`):
@@ -108,15 +141,12 @@ pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mu
     let f16_rows = products.iter().any(|(w, _)| w.parts.iter().any(|p| matches!(p.data, RowData::F16(_))));
     let xs = if f16_rows && !HW_F16 { prescale(x) } else { None };
     let xs = xs.as_deref();
-    // Items of about ITEM_BYTES of weights (f16 counted as 2 bytes per element, f32 as 4), at
-    // least ITEMS_PER_THREAD per thread over all the matrices, each within one matrix.
-    let bytes: usize = products
-        .iter()
-        .map(|(w, _)| {
-            let elem = if w.parts.iter().any(|p| matches!(p.data, RowData::F32(_))) { 4 } else { 2 };
-            w.rows.saturating_mul(w.cols).saturating_mul(elem)
-        })
-        .sum();
+    let quant = products.iter().any(|(w, _)| w.parts.iter().any(|p| p.data.is_quant()));
+    let qx = quant.then(|| QActs::quantize(x, 1, cols));
+    let qx = qx.as_ref();
+    // Items of about ITEM_BYTES of weights (as stored), at least ITEMS_PER_THREAD per thread
+    // over all the matrices, each within one matrix.
+    let bytes: usize = products.iter().map(|(w, _)| w.bytes()).sum();
     let item_rows = (rows.saturating_mul(ITEM_BYTES) / bytes.max(1))
         .min(rows.div_ceil(threads * ITEMS_PER_THREAD))
         .div_ceil(ROW_BLOCK)
@@ -135,7 +165,7 @@ pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mu
             s = e;
         }
     }
-    run_dynamic(items, threads, |(w, s, e, chunk)| matmul_rows(x, xs, 1, w, s, e, chunk, e - s));
+    run_dynamic(items, threads, |(w, s, e, chunk)| matmul_rows(x, xs, qx, 1, w, s, e, chunk, e - s));
 }
 
 /// Neurons per partial sum of the down projection. Fixed (not derived from the thread count
@@ -161,11 +191,24 @@ pub(super) fn down_rows(
     wbuf: &mut Vec<f32>,
 ) {
     let n = d.cols;
+    if t == 1 && d.parts.iter().all(|p| p.data.is_quant()) {
+        // Quantised rows: decoded block by block in registers and added in order, bitwise
+        // the exact path below.
+        for (start, rows, data) in d.parts_in(r0, r1) {
+            if let RowData::Quant(dtype, bytes) = data {
+                qdot::axpy_quant_rows(dtype, &mut out[..n], &h[start..start + rows], bytes);
+            }
+        }
+        return;
+    }
     if t == 1 {
-        if down_one_fast(&h[..hw.min(h.len())], d, r0, r1, out) {
+        // Quantised rows are dequantised (below); f16 and f32 rows are read in place.
+        let quant = d.parts.iter().any(|p| p.data.is_quant());
+        if !quant && down_one_fast(&h[..hw.min(h.len())], d, r0, r1, out) {
             return;
         }
-        // A weight is infinite or NaN: start again from zero with exactly widened weights.
+        // Quantised rows, or a weight is infinite or NaN: start again from zero with exactly
+        // widened (dequantised) weights.
         out.fill(0.0);
         // Four rows at a time, widened CONVERT_CHUNK columns at a time (the pieces and the
         // output chunk stay in L1).
@@ -274,6 +317,8 @@ pub(super) fn down_one_fast(h: &[f32], d: &Matrix<'_>, r0: usize, r1: usize, out
                     j += step;
                 }
             }
+            // Dequantised by the caller's exact path.
+            RowData::Quant(..) => return false,
         }
     }
     true

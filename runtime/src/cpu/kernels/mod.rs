@@ -37,6 +37,13 @@
 //! infinity/NaN check): same values, same order. Within one build, every path computes the same
 //! sequence of f32 operations.
 //!
+//! Block-quantised weights (`q8_0`, `q4_0`, `q4_1`): `x @ W^T` quantises `x` to 8 bits per
+//! 32-element block once per product and takes integer dot products ([`qdot`]: explicit
+//! `std::arch` AVX2 / NEON `sdot` kernels chosen at run time, behind safe wrappers, each tested
+//! against its scalar reference), one per (token, row) whatever the batch, so the invariances
+//! above hold for quantised files too. The down projection dequantises its rows and adds them
+//! exactly as the f32 path does.
+//!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`](pool::worker_pool)) rather than spawning threads per product.
 
@@ -44,6 +51,9 @@ mod dot;
 mod matmul;
 mod ops;
 mod pool;
+pub(crate) mod qdot;
+#[cfg(test)]
+mod qtests;
 #[cfg(test)]
 mod speed;
 #[cfg(test)]

@@ -1,0 +1,314 @@
+//! Property tests of the quantised kernels: every SIMD dot product against the scalar
+//! reference on odd and wide shapes, the reference against the f32 product with the decoded
+//! weights, and the bitwise batch / thread / down-projection invariances of the quantised
+//! products.
+
+use super::matmul::{matmul, matmul_down};
+use super::qdot::{self, QActs};
+use crate::cpu::reference;
+use crate::cpu::tolerance::Tolerance;
+use crate::cpu::weights::{Matrix, Part, RowData};
+use crate::format::{DType, QK};
+use crate::quant::{decode_row, encode_row, f16_at};
+
+const QTYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
+
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+    fn f(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    /// Values of mixed magnitudes: some blocks zero, some tiny, some large, some one-sided.
+    fn blocks(&mut self, n_blocks: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(n_blocks * QK);
+        for _ in 0..n_blocks {
+            let kind = self.below(8);
+            let scale = [0.0, 1e-3, 1.0, 30.0, 1.0, 1.0, 0.2, 5.0][kind];
+            let shift = if kind == 6 { 0.7 } else { 0.0 };
+            for _ in 0..QK {
+                v.push(self.f() * scale + shift);
+            }
+        }
+        v
+    }
+}
+
+/// Row `w` (f32) encoded in `dtype`.
+fn encode(dtype: DType, w: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_row(dtype, w, &mut out).expect("whole blocks");
+    out
+}
+
+/// `sum_b |term_b|` of the reference sum: the scale of the f32 rounding error.
+fn magnitude(dtype: DType, w: &[u8], x: qdot::QAct<'_>) -> f32 {
+    let bb = dtype.block_bytes();
+    let mut m = 0.0f32;
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let mut dq = [0.0f32; QK];
+        decode_row(dtype, blk, &mut dq).expect("one block");
+        let xs: f32 = x.q[b * QK..(b + 1) * QK].iter().map(|&q| f32::from(q).abs()).sum();
+        let min_term = if dtype == DType::Q4_1 { (f16_at(blk, 2) * x.s[b]).abs() } else { 0.0 };
+        m += dq.iter().fold(0.0f32, |a, v| a.max(v.abs())) * x.d[b] * xs + min_term;
+    }
+    m
+}
+
+/// A dot-product kernel.
+type Kernel = fn(DType, &[u8], qdot::QAct<'_>) -> f32;
+
+/// The fast kernels this machine can run, by name.
+fn fast_kernels() -> Vec<(&'static str, Kernel)> {
+    let mut k: Vec<(&'static str, Kernel)> = vec![("dispatch", qdot::dot)];
+    #[cfg(target_arch = "x86_64")]
+    if qdot::x86::available() {
+        k.push(("avx2", qdot::x86::dot));
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        k.push(("neon", |d, w, x| qdot::arm::dot(d, w, x, false)));
+        if qdot::arm::has_dotprod() {
+            k.push(("neon-sdot", |d, w, x| qdot::arm::dot(d, w, x, true)));
+        }
+    }
+    k
+}
+
+#[test]
+fn fast_dots_match_the_scalar_reference_on_odd_and_wide_shapes() {
+    let mut rng = Rng(11);
+    let kernels = fast_kernels();
+    for dtype in QTYPES {
+        for nb in [1usize, 2, 3, 5, 7, 8, 9, 16, 31, 33, 64, 65, 127, 256, 259] {
+            for _ in 0..4 {
+                let w = encode(dtype, &rng.blocks(nb));
+                let x = rng.blocks(nb);
+                let qx = QActs::quantize(&x, 1, nb * QK);
+                let xa = qx.token(0);
+                let expected = qdot::dot_scalar(dtype, &w, xa);
+                let tol = magnitude(dtype, &w, xa) * 64.0 * f32::EPSILON + 1e-30;
+                for (name, k) in &kernels {
+                    let got = k(dtype, &w, xa);
+                    assert!(
+                        (got - expected).abs() <= tol,
+                        "{name} {dtype} {nb} blocks: {got} vs reference {expected} (tolerance {tol})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_read_only_whole_blocks_both_operands_hold() {
+    // Short operands never read out of bounds: the product covers the common whole blocks.
+    let mut rng = Rng(12);
+    for dtype in QTYPES {
+        let w = encode(dtype, &rng.blocks(5));
+        let x = rng.blocks(3);
+        let qx = QActs::quantize(&x, 1, 3 * QK);
+        let expected = qdot::dot_scalar(dtype, &w[..3 * dtype.block_bytes()], qx.token(0));
+        for (name, k) in fast_kernels() {
+            let got = k(dtype, &w[..w.len() - 1], qx.token(0));
+            assert!((got - expected).abs() <= expected.abs() * 1e-5 + 1e-6, "{name} {dtype}: {got} vs {expected}");
+            assert_eq!(k(dtype, &[], qx.token(0)), 0.0);
+        }
+    }
+}
+
+#[test]
+fn reference_dot_is_the_f32_product_up_to_the_activation_rounding() {
+    let mut rng = Rng(13);
+    for dtype in QTYPES {
+        for nb in [1usize, 4, 17, 64] {
+            let wf = rng.blocks(nb);
+            let w = encode(dtype, &wf);
+            let mut wd = vec![0.0f32; nb * QK];
+            decode_row(dtype, &w, &mut wd).expect("decode");
+            let x = rng.blocks(nb);
+            let qx = QActs::quantize(&x, 1, nb * QK);
+            let exact: f64 = wd.iter().zip(&x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            // Each activation moves by at most half its block's step.
+            let bound: f64 = (0..nb)
+                .map(|b| {
+                    let half_step = f64::from(qx.token(0).d[b]) / 2.0;
+                    wd[b * QK..(b + 1) * QK].iter().map(|v| f64::from(v.abs()) * half_step).sum::<f64>()
+                })
+                .sum();
+            let got = f64::from(qdot::dot_scalar(dtype, &w, qx.token(0)));
+            assert!((got - exact).abs() <= bound * 1.01 + exact.abs() * 1e-5 + 1e-6, "{dtype} {nb}: {got} vs {exact}");
+        }
+    }
+}
+
+/// A quantised matrix split into parts at random rows, like level segments.
+struct QMatrix {
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    bytes: Vec<u8>,
+    decoded: Vec<f32>,
+    splits: Vec<usize>,
+}
+
+impl QMatrix {
+    fn new(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> QMatrix {
+        let wf = rng.blocks(rows * cols / QK);
+        let bytes = encode(dtype, &wf);
+        let mut decoded = vec![0.0f32; rows * cols];
+        decode_row(dtype, &bytes, &mut decoded).expect("decode");
+        let mut splits: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(rows + 1)).collect();
+        splits.extend([0, rows]);
+        splits.sort_unstable();
+        splits.dedup();
+        QMatrix { rows, cols, dtype, bytes, decoded, splits }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / QK * self.dtype.block_bytes()
+    }
+
+    fn view(&self) -> Matrix<'_> {
+        let rb = self.row_bytes();
+        let parts = self
+            .splits
+            .windows(2)
+            .map(|w| Part {
+                first_row: w[0],
+                rows: w[1] - w[0],
+                data: RowData::Quant(self.dtype, &self.bytes[w[0] * rb..w[1] * rb]),
+            })
+            .collect();
+        Matrix { rows: self.rows, cols: self.cols, parts }
+    }
+
+    fn f32_view(&self) -> Matrix<'_> {
+        Matrix {
+            rows: self.rows,
+            cols: self.cols,
+            parts: vec![Part { first_row: 0, rows: self.rows, data: RowData::F32(&self.decoded) }],
+        }
+    }
+}
+
+#[test]
+fn quantised_matmul_is_batch_and_thread_invariant_and_close_to_f32() {
+    let mut rng = Rng(14);
+    for case in 0..36 {
+        let dtype = QTYPES[case % 3];
+        let rows = 1 + rng.below(70);
+        let cols = QK * (1 + rng.below(20));
+        let t = 1 + rng.below(9);
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        let view = m.view();
+        let x: Vec<f32> = (0..t * cols).map(|_| rng.f()).collect();
+        let mut batched = vec![0.0; t * rows];
+        matmul(&x, t, &view, &mut batched, 1);
+        let mut threaded = vec![0.0; t * rows];
+        matmul(&x, t, &view, &mut threaded, 3);
+        Tolerance::EXACT.check(&batched, &threaded).unwrap_or_else(|e| panic!("threads: {e}"));
+        for i in 0..t {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let mut single = vec![0.0; rows];
+            matmul(xi, 1, &view, &mut single, 1);
+            Tolerance::EXACT
+                .check(&batched[i * rows..(i + 1) * rows], &single)
+                .unwrap_or_else(|e| panic!("{dtype} batched vs one token: {e}"));
+            // Against the f32 product with the decoded weights: the activation's 8-bit rounding
+            // (at most half a step of 1/127 of the block maximum per element).
+            let expected = reference::matvec(&m.decoded, rows, cols, xi);
+            for (r, (&e, &g)) in expected.iter().zip(&single).enumerate() {
+                let w = &m.decoded[r * cols..(r + 1) * cols];
+                let bound: f32 = w
+                    .chunks(QK)
+                    .zip(xi.chunks(QK))
+                    .map(|(wb, xb)| {
+                        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                        wb.iter().map(|v| v.abs()).sum::<f32>() * amax / 254.0
+                    })
+                    .sum();
+                assert!((e - g).abs() <= bound * 1.01 + 1e-5, "{dtype} row {r}: {g} vs f32 {e} (bound {bound})");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantised_down_projection_is_the_f32_one_on_decoded_weights() {
+    let mut rng = Rng(15);
+    for case in 0..24 {
+        let dtype = QTYPES[case % 3];
+        let rows = 1 + rng.below(600);
+        let cols = QK * (1 + rng.below(12));
+        let t = [1, 2, 5, 11][case % 4];
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        let h: Vec<f32> = (0..t * rows).map(|_| rng.f()).collect();
+        let mut q = vec![0.0; t * cols];
+        matmul_down(&h, t, &m.view(), &mut q, 2);
+        let mut f = vec![0.0; t * cols];
+        matmul_down(&h, t, &m.f32_view(), &mut f, 2);
+        Tolerance::EXACT.check(&f, &q).unwrap_or_else(|e| panic!("{dtype} t {t}: {e}"));
+    }
+}
+
+#[test]
+fn a_prefix_of_a_quantised_tensor_is_the_quantised_prefix() {
+    let mut rng = Rng(16);
+    for dtype in QTYPES {
+        let (rows, cols) = (37, 96);
+        let wf: Vec<f32> = (0..rows * cols).map(|_| rng.f()).collect();
+        let full = encode(dtype, &wf);
+        for k in [0, 1, 5, 36, 37] {
+            let prefix = encode(dtype, &wf[..k * cols]);
+            assert_eq!(&full[..prefix.len()], &prefix[..], "{dtype} first {k} rows");
+            assert_eq!(prefix.len(), k * cols / QK * dtype.block_bytes());
+        }
+    }
+}
+
+/// Speed of the one-token quantised GEMV on one thread (not a test: `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn quantised_gemv_speed() {
+    let mut rng = Rng(17);
+    let (rows, cols) = (8192, 2048);
+    for dtype in QTYPES {
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        let view = m.view();
+        let x: Vec<f32> = (0..cols).map(|_| rng.f()).collect();
+        let mut out = vec![0.0; rows];
+        matmul(&x, 1, &view, &mut out, 1);
+        let t0 = std::time::Instant::now();
+        let reps = 20;
+        for _ in 0..reps {
+            matmul(&x, 1, &view, &mut out, 1);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        let bytes = m.bytes.len() as f64;
+        eprintln!(
+            "{dtype}: {:.3} ms, {:.2} GB/s, {:.2} ns/block",
+            s * 1e3,
+            bytes / s / 1e9,
+            s * 1e9 / (rows * cols / QK) as f64
+        );
+        let h: Vec<f32> = (0..rows).map(|_| rng.f()).collect();
+        let mut y = vec![0.0; cols];
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            matmul_down(&h, 1, &view, &mut y, 1);
+        }
+        let s = t0.elapsed().as_secs_f64() / reps as f64;
+        eprintln!("{dtype} down: {:.3} ms, {:.2} GB/s", s * 1e3, bytes / s / 1e9);
+    }
+}
