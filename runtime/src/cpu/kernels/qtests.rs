@@ -11,24 +11,11 @@ use crate::cpu::weights::{Matrix, Part, RowData};
 use crate::format::{DType, QK};
 use crate::quant::{decode_row, encode_row, f16_at};
 
+use super::tests::Rng;
+
 const QTYPES: [DType; 3] = [DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
-struct Rng(u64);
-
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-    fn f(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
     /// Values of mixed magnitudes: some blocks zero, some tiny, some large, some one-sided.
     fn blocks(&mut self, n_blocks: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(n_blocks * QK);

@@ -12,10 +12,10 @@ use crate::cpu::tolerance::Tolerance;
 use crate::cpu::weights::{Matrix, Part, RowData, F16_SCALE};
 
 /// SplitMix64: a tiny deterministic generator for test data.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -23,11 +23,11 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in [0, n).
-    fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n.max(1) as u64) as usize
     }
     /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
+    pub(super) fn f(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
