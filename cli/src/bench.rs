@@ -243,7 +243,14 @@ pub fn bench(
     let model = Arc::new(ModelFile::open(file)?);
     let meta = model.metadata().clone();
     let a = &meta.architecture;
-    let specs = if specs.is_empty() { vec!["s".to_string(), "largest".to_string()] } else { specs };
+    // Default: the smallest level and the largest (one row when the file has a single level).
+    let specs = if specs.is_empty() {
+        let mut d = vec!["0".to_string(), "largest".to_string()];
+        d.truncate(if meta.n_levels() > 1 { 2 } else { 1 });
+        d
+    } else {
+        specs
+    };
     // A latency target is checked with the cost model of the first backend benchmarked.
     let cost_backend = match backends.first() {
         Some(BackendChoice::Gpu) => crate::latency::CostBackend::Gpu,

@@ -499,3 +499,28 @@ fn chat_answers_one_prompt_and_runs_an_interactive_session() {
     assert_eq!(turns[2]["usage"]["cached_prompt_tokens"].as_u64(), Some(0), "/reset forgets the conversation");
     assert_eq!(turns[2]["token_ids"], turns[0]["token_ids"], "after /reset the same question gets the same answer");
 }
+
+#[test]
+fn bench_defaults_to_one_row_on_a_single_level_import() {
+    // A dense import has one level: the default rows (smallest and largest) are the same one.
+    let file = tmp("tiny_llama_bench.matf");
+    let out = matformer(&["import", path_str(&fixture("tiny_llama.gguf")), "-o", path_str(&file)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = matformer(&[
+        "bench",
+        path_str(&file),
+        "--backend",
+        "cpu",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
+        "--repetitions",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+}
