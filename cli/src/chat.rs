@@ -239,6 +239,8 @@ pub fn speculative_line(s: &matformer::SpeculativeStats) -> String {
 /// `--switch-mode` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SwitchModeArg {
+    /// Keep the KV cache, except when a layer widens on a file not trained nested.
+    Auto,
     /// Re-prefill the history with the new submodel (exact output).
     Exact,
     /// Keep the KV cache (no re-prefill).
@@ -248,6 +250,7 @@ pub enum SwitchModeArg {
 impl From<SwitchModeArg> for SwitchMode {
     fn from(m: SwitchModeArg) -> SwitchMode {
         match m {
+            SwitchModeArg::Auto => SwitchMode::Auto,
             SwitchModeArg::Exact => SwitchMode::Exact,
             SwitchModeArg::KeepKv => SwitchMode::KeepKv,
         }
@@ -288,7 +291,7 @@ pub struct ChatArgs {
     #[arg(long, default_value = "largest")]
     pub submodel: String,
     /// How a change of submodel treats the KV cache.
-    #[arg(long, value_enum, default_value = "exact")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub switch_mode: SwitchModeArg,
     #[command(flatten)]
     pub engine: EngineArgs,

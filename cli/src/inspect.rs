@@ -27,6 +27,9 @@ struct InspectOut<'a> {
     alignment: u64,
     header_bytes: u64,
     dtype: &'a str,
+    /// How the levels were nested (`trained`, `post_hoc`, `unknown`): what `--switch-mode auto`
+    /// decides on.
+    nesting: &'static str,
     metadata: &'a matformer::format::Metadata,
     levels: Vec<LevelRow>,
     available_levels: usize,
@@ -72,6 +75,7 @@ pub fn run(file: &Path, tensors: bool, json: bool) -> Result<()> {
         alignment: v.alignment,
         header_bytes: v.header_len,
         dtype,
+        nesting: meta.nesting().as_str(),
         metadata: meta,
         levels,
         available_levels: v.available_levels,
@@ -109,7 +113,12 @@ pub fn run(file: &Path, tensors: bool, json: bool) -> Result<()> {
         meta.provenance.source_name, meta.provenance.source_sha256, meta.provenance.exporter
     );
     println!("header: {} bytes, alignment {} bytes", out.header_bytes, out.alignment);
-    println!("nested FFN levels ({} of {} available in this file):", out.available_levels, meta.n_levels());
+    println!(
+        "nested FFN levels ({} of {} available in this file; nesting {}):",
+        out.available_levels,
+        meta.n_levels(),
+        out.nesting
+    );
     println!(
         "  {:<5} {:<5} {:>14} {:>14}  {:<9} widths per layer",
         "level", "name", "ends at byte", "parameters", "present"
@@ -157,7 +166,7 @@ pub fn run(file: &Path, tensors: bool, json: bool) -> Result<()> {
         }
         Err(e) => println!("submodel catalog: unreadable ({e})"),
     }
-    let extra: Vec<&String> = meta.extra.keys().filter(|k| k.as_str() != "catalog").collect();
+    let extra: Vec<&String> = meta.extra.keys().filter(|k| !matches!(k.as_str(), "catalog" | "nesting")).collect();
     if !extra.is_empty() {
         println!("other metadata: {extra:?}");
     }

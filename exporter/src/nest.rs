@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::elastic::{StoredCatalog, StoredEntry, CATALOG_KEY, CATALOG_SCHEMA};
-use matformer::format::{names, Activation, Architecture, Metadata};
+use matformer::format::{names, Activation, Architecture, Metadata, NestingOrigin};
 use matformer::tokenizer::{Tokenizer, TokenizerAssets};
 use matformer::Submodel;
 
@@ -377,5 +377,6 @@ pub fn nest(
         entries,
     };
     nested.extra.insert(CATALOG_KEY.to_string(), serde_json::to_value(stored)?);
+    nested.set_nesting(NestingOrigin::PostHoc);
     Ok((nested, NestReport { calibration_tokens: ids.len(), levels }))
 }

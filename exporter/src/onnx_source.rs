@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::{Architecture, Metadata, Provenance, Tokenizer};
+use matformer::format::{Architecture, Metadata, NestingOrigin, Provenance, Tokenizer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tract_onnx::pb::{self, tensor_proto::DataLocation};
@@ -192,7 +192,17 @@ impl SourceModel {
             Some(n) if n.len() == n_levels => n.clone(),
             _ => default_level_names(n_levels),
         };
-        Ok(Metadata {
+        // A config that declares several levels comes from MatFormer training; levels declared
+        // only by --widths cut a model trained dense.
+        let declared = config.ffn_widths.as_ref().and_then(|w| w.first()).map_or(0, Vec::len);
+        let nesting = if declared > 1 {
+            NestingOrigin::Trained
+        } else if n_levels > 1 {
+            NestingOrigin::PostHoc
+        } else {
+            NestingOrigin::Unknown
+        };
+        let mut meta = Metadata {
             architecture: config.architecture.clone(),
             ffn_widths,
             level_names,
@@ -203,7 +213,9 @@ impl SourceModel {
                 exporter: format!("matformer-export {}", env!("CARGO_PKG_VERSION")),
             },
             extra: Default::default(),
-        })
+        };
+        meta.set_nesting(nesting);
+        Ok(meta)
     }
 }
 

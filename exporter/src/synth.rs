@@ -5,7 +5,9 @@ use std::io::BufWriter;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use matformer::format::{self, Activation, Architecture, Metadata, NormKind, Positional, Provenance, Tokenizer};
+use matformer::format::{
+    self, Activation, Architecture, Metadata, NestingOrigin, NormKind, Positional, Provenance, Tokenizer,
+};
 use serde::Serialize;
 
 use crate::onnx_source::default_level_names;
@@ -107,7 +109,7 @@ pub fn synth_metadata(opts: &SynthOptions) -> Result<Metadata> {
     }
     let h = p.ffn_width;
     let widths = vec![h / 8, h / 4, h / 2, h];
-    Ok(Metadata {
+    let mut meta = Metadata {
         ffn_widths: vec![widths; a.n_layers as usize],
         level_names: default_level_names(4),
         tokenizer: Tokenizer { kind: "bytes".into(), bos_id: Some(256), eos_id: Some(257) },
@@ -118,7 +120,10 @@ pub fn synth_metadata(opts: &SynthOptions) -> Result<Metadata> {
         },
         architecture: a,
         extra: Default::default(),
-    })
+    };
+    // Synthetic files stand in for MatFormer-trained models (benchmarks of their shapes).
+    meta.set_nesting(NestingOrigin::Trained);
+    Ok(meta)
 }
 
 /// splitmix64: a fast, well-mixed generator; one stream per (tensor, row) so the values do not

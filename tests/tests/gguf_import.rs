@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use matformer::cpu::{argmax, CpuEngine};
-use matformer::elastic::{StoredCatalog, CATALOG_KEY};
-use matformer::format::DType;
+use matformer::elastic::{ElasticSession, StoredCatalog, SwitchMode, CATALOG_KEY};
+use matformer::format::{DType, NestingOrigin};
 use matformer::tokenizer::Tokenizer;
 use matformer::{ModelFile, Submodel};
 use matformer_export::gguf::{Gguf, GgufError};
@@ -273,6 +273,23 @@ fn nest_orders_neurons_without_changing_the_full_width_function() {
     for (e, l) in stored.entries.iter().zip(&nest.levels) {
         assert_eq!(e.measured_loss, Some(l.loss_nats_per_token));
     }
+
+    // The file says its levels were nested after training, and the plain import says nothing
+    // (one level). So the default switch mode re-prefills an upshift and keeps the cache on a
+    // downshift.
+    assert_eq!(model.metadata().nesting(), NestingOrigin::PostHoc);
+    assert_eq!(ModelFile::open(&dense).unwrap().metadata().nesting(), NestingOrigin::Unknown);
+    let model = Arc::new(model);
+    let levels = model.view().available_levels;
+    let sub = |spec: &str| Submodel::parse(spec, model.metadata(), levels).unwrap();
+    let mut es = ElasticSession::new(CpuEngine::new(model.clone()).unwrap(), &sub("s")).unwrap();
+    es.prefill(&g.prompt_ids).unwrap();
+    let up = es.switch_with(&sub("xl"), SwitchMode::Auto).unwrap();
+    assert_eq!(up.mode, SwitchMode::Exact);
+    assert_eq!(up.reprefilled_tokens, g.prompt_ids.len());
+    let down = es.switch_with(&sub("m"), SwitchMode::Auto).unwrap();
+    assert_eq!(down.mode, SwitchMode::KeepKv);
+    assert_eq!(down.reprefilled_tokens, 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -362,6 +362,9 @@ pub enum MemoryPressure {
 /// How a change of submodel in the middle of a conversation treats the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Enum)]
 pub enum SwitchMode {
+    /// The default: keep the KV cache, except when a layer widens on a file whose levels were
+    /// not trained nested (then re-prefill). Switch events report the mode that ran.
+    Auto,
     /// Re-prefill the history with the new submodel (output exactly the new submodel's).
     Exact,
     /// Keep the KV cache the previous submodel wrote (microseconds, approximate).
@@ -371,6 +374,7 @@ pub enum SwitchMode {
 impl From<SwitchMode> for matformer::SwitchMode {
     fn from(m: SwitchMode) -> Self {
         match m {
+            SwitchMode::Auto => matformer::SwitchMode::Auto,
             SwitchMode::Exact => matformer::SwitchMode::Exact,
             SwitchMode::KeepKv => matformer::SwitchMode::KeepKv,
         }
@@ -380,6 +384,7 @@ impl From<SwitchMode> for matformer::SwitchMode {
 impl From<matformer::SwitchMode> for SwitchMode {
     fn from(m: matformer::SwitchMode) -> Self {
         match m {
+            matformer::SwitchMode::Auto => SwitchMode::Auto,
             matformer::SwitchMode::Exact => SwitchMode::Exact,
             matformer::SwitchMode::KeepKv => SwitchMode::KeepKv,
         }
@@ -433,7 +438,7 @@ pub struct SessionOptions {
     /// A system message that opens every conversation of this session.
     #[uniffi(default = None)]
     pub system_prompt: Option<String>,
-    /// How a switch in the middle of a conversation treats the KV cache (`null`: exact).
+    /// How a switch in the middle of a conversation treats the KV cache (`null`: auto).
     #[uniffi(default = None)]
     pub switch_mode: Option<SwitchMode>,
 }
@@ -750,7 +755,7 @@ impl Engine {
             submodel: options.submodel.map(Into::into).unwrap_or_default(),
             context_length: options.context_length.map(to_usize),
             system_prompt: options.system_prompt,
-            switch_mode: options.switch_mode.unwrap_or(SwitchMode::Exact).into(),
+            switch_mode: options.switch_mode.unwrap_or(SwitchMode::Auto).into(),
         };
         Ok(Arc::new(Session { inner: self.inner.session(options)? }))
     }

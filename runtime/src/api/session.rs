@@ -119,7 +119,8 @@ impl Session {
                 from: submodel.name(meta),
                 to: elastic.submodel().name(meta),
                 reason: format!("GPU out of memory at start: {fallback}"),
-                mode: options.switch_mode,
+                // Nothing was cached yet: the session runs the smaller submodel exactly.
+                mode: SwitchMode::Exact,
                 at_token: 0,
                 elapsed_ms: 0.0,
             });
@@ -424,14 +425,7 @@ impl Session {
             Some(f) => format!("{reason}; GPU out of memory, stepped down: {f}"),
             None => reason,
         };
-        SwitchEvent {
-            from: r.from.clone(),
-            to: r.to.clone(),
-            reason,
-            mode: self.switch_mode,
-            at_token,
-            elapsed_ms: r.elapsed_ms,
-        }
+        SwitchEvent { from: r.from.clone(), to: r.to.clone(), reason, mode: r.mode, at_token, elapsed_ms: r.elapsed_ms }
     }
 
     /// Queues `p` and applies it now when the session is idle.

@@ -127,7 +127,9 @@ pub struct SessionOptions {
     pub context_length: Option<usize>,
     /// A system message that opens every conversation of this session (chat input).
     pub system_prompt: Option<String>,
-    /// How a change of submodel in the middle of a conversation treats the KV cache.
+    /// How a change of submodel in the middle of a conversation treats the KV cache. The
+    /// default, [`SwitchMode::Auto`], keeps the cache unless a layer widens on a file whose
+    /// levels were not trained nested.
     pub switch_mode: SwitchMode,
 }
 
@@ -373,7 +375,8 @@ pub struct SwitchEvent {
     /// Why: the budget's plan, a memory-pressure signal, a GPU out-of-memory step-down, or
     /// an explicit request.
     pub reason: String,
-    /// Exact (re-prefill) or keep-KV.
+    /// The mode the switch ran in: exact (re-prefill) or keep-KV, never `Auto` (which
+    /// resolves per switch, see [`SwitchMode::resolve`]).
     pub mode: SwitchMode,
     /// Generated tokens before the switch (0: before the first token).
     pub at_token: usize,

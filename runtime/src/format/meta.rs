@@ -84,6 +84,38 @@ pub const HF_TOKENIZER_KIND: &str = "huggingface";
 pub const SPECIAL_TOKENS_KEY: &str = "special_tokens";
 /// Top-level metadata key of the Jinja chat template (a string), optional.
 pub const CHAT_TEMPLATE_KEY: &str = "chat_template";
+/// Metadata key saying how the file's levels were nested: `"trained"` or `"post_hoc"`
+/// ([`NestingOrigin`]).
+pub const NESTING_KEY: &str = "nesting";
+
+/// How a file's nested levels came to be (metadata key `nesting`). It decides what a switch in
+/// [`SwitchMode::Auto`](crate::elastic::SwitchMode::Auto) does with the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NestingOrigin {
+    /// The levels were trained jointly (MatFormer training, or an export of such a model):
+    /// every submodel agrees with the others on a shared KV cache. `"trained"`.
+    Trained,
+    /// A dense model whose FFN neurons were ordered and cut into levels after training
+    /// (`matformer import --nest`, `export --widths` on a one-level model): narrow levels are
+    /// weak on their own, and a wide level reading a narrow one's cache loses quality.
+    /// `"post_hoc"`.
+    PostHoc,
+    /// The file does not say (written before the key existed, a plain one-level import, or a
+    /// value this version does not know).
+    Unknown,
+}
+
+impl NestingOrigin {
+    /// The metadata value (`"trained"`, `"post_hoc"`, `"unknown"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NestingOrigin::Trained => "trained",
+            NestingOrigin::PostHoc => "post_hoc",
+            NestingOrigin::Unknown => "unknown",
+        }
+    }
+}
 
 /// The tokenizer's kind and its BOS/EOS ids. With kind [`BYTES_TOKENIZER_KIND`] token id `b`
 /// is byte `b` for `b < 256`, followed by special tokens; with [`HF_TOKENIZER_KIND`] the
@@ -324,6 +356,25 @@ impl Metadata {
         };
     }
 
+    /// How the levels were nested (metadata key `nesting`). A missing key or a value this
+    /// version does not know reads as [`NestingOrigin::Unknown`]: the key only tunes the
+    /// default switch mode, so an unfamiliar value must not make a file unreadable.
+    pub fn nesting(&self) -> NestingOrigin {
+        match self.extra.get(NESTING_KEY).and_then(serde_json::Value::as_str) {
+            Some("trained") => NestingOrigin::Trained,
+            Some("post_hoc") => NestingOrigin::PostHoc,
+            _ => NestingOrigin::Unknown,
+        }
+    }
+
+    /// Records how the levels were nested; [`NestingOrigin::Unknown`] removes the key.
+    pub fn set_nesting(&mut self, nesting: NestingOrigin) {
+        match nesting {
+            NestingOrigin::Unknown => self.extra.remove(NESTING_KEY),
+            n => self.extra.insert(NESTING_KEY.to_string(), serde_json::Value::String(n.as_str().to_string())),
+        };
+    }
+
     /// The metadata as compact JSON, exactly as the writer stores it.
     pub fn to_json_bytes(&self) -> Result<Vec<u8>, FormatError> {
         serde_json::to_vec(self).map_err(|e| FormatError::BadMetadata { reason: format!("cannot serialise: {e}") })
@@ -372,4 +423,27 @@ pub mod names {
 
     /// Suffixes of the nested (per-neuron, level-segmented) tensors.
     pub const NESTED_SUFFIXES: [&str; 3] = [FFN_UP, FFN_GATE, FFN_DOWN_T];
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_reads_known_values_and_treats_anything_else_as_unknown() {
+        let mut m = crate::format::testing::synthetic_metadata(16, 2, 2, 1, 8, 300, vec![vec![8, 16]], true, false);
+        assert_eq!(m.nesting(), NestingOrigin::Unknown);
+        for n in [NestingOrigin::Trained, NestingOrigin::PostHoc] {
+            m.set_nesting(n);
+            assert_eq!(m.extra.get(NESTING_KEY).and_then(|v| v.as_str()), Some(n.as_str()));
+            assert_eq!(m.nesting(), n);
+        }
+        m.set_nesting(NestingOrigin::Unknown);
+        assert!(!m.extra.contains_key(NESTING_KEY));
+        for odd in [serde_json::json!("distilled"), serde_json::json!(3), serde_json::Value::Null] {
+            m.extra.insert(NESTING_KEY.into(), odd);
+            assert_eq!(m.nesting(), NestingOrigin::Unknown);
+            m.validate().unwrap();
+        }
+    }
 }
