@@ -558,7 +558,9 @@ impl From<DraftChoice> for matformer::DraftChoice {
         match c {
             DraftChoice::Auto => matformer::DraftChoice::Auto,
             DraftChoice::Named { name } => matformer::DraftChoice::Named(name),
-            DraftChoice::Levels { levels } => matformer::DraftChoice::Levels(levels.into_iter().map(to_usize).collect()),
+            DraftChoice::Levels { levels } => {
+                matformer::DraftChoice::Levels(levels.into_iter().map(to_usize).collect())
+            }
         }
     }
 }

@@ -350,7 +350,9 @@ fn bad_speculative_options_are_errors_and_the_session_stays_usable() {
 
     let (listener, pieces) = collect(None);
     match session.generate(text("The "), with(named("nonesuch")), listener, None) {
-        Err(MatformerError::Model { detail }) => assert!(detail.contains("nonesuch") && !detail.contains('\n'), "{detail}"),
+        Err(MatformerError::Model { detail }) => {
+            assert!(detail.contains("nonesuch") && !detail.contains('\n'), "{detail}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(pieces.lock().unwrap().is_empty(), "nothing streamed");
@@ -398,10 +400,16 @@ fn bad_speculative_options_are_errors_and_the_session_stays_usable() {
 fn speculative_options_convert_both_ways() {
     let d = SpeculativeOptions::default();
     assert_eq!(matformer::SpeculativeOptions::from(d.clone()), matformer::SpeculativeOptions::default());
-    assert_eq!((d.draft, d.cache, d.k, d.max_k, d.adaptive), (Some(DraftChoice::Auto), Some(DraftCache::Shared), 4, 8, true));
+    assert_eq!(
+        (d.draft, d.cache, d.k, d.max_k, d.adaptive),
+        (Some(DraftChoice::Auto), Some(DraftCache::Shared), 4, 8, true)
+    );
     let none = SpeculativeOptions { draft: None, cache: None, k: 2, max_k: 3, adaptive: false };
     let r = matformer::SpeculativeOptions::from(none);
-    assert_eq!((r.draft, r.cache, r.k, r.max_k, r.adaptive), (matformer::DraftChoice::Auto, matformer::DraftCache::Shared, 2, 3, false));
+    assert_eq!(
+        (r.draft, r.cache, r.k, r.max_k, r.adaptive),
+        (matformer::DraftChoice::Auto, matformer::DraftCache::Shared, 2, 3, false)
+    );
     for draft in [
         DraftChoice::Auto,
         DraftChoice::Named { name: "s,s,m,l".into() },

@@ -52,5 +52,5 @@ fun draftLevels(vararg levels: Int): DraftChoice {
 }
 
 /** These options with speculative decoding on ([speculative]'s defaults: the smallest submodel drafts). */
-fun GenerateOptions.withSpeculative(options: SpeculativeOptions = speculative()): GenerateOptions =
+fun GenerateOptions.withSpeculative(options: SpeculativeOptions = dev.matformer.speculative()): GenerateOptions =
     copy(speculative = options)
