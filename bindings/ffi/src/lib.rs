@@ -13,7 +13,8 @@
 //! - [`Session`]: `generate` with a foreign [`TokenListener`] for streamed text, `cancel` from
 //!   any thread, `set_budget`, `set_submodel`, `on_memory_pressure`, `reset`, state getters.
 //! - Records and enums mirror the runtime's ([`EngineOptions`], [`DeviceBudget`],
-//!   [`GenerateOptions`], [`Completion`], ...), with sizes as `u32`/`u64`.
+//!   [`GenerateOptions`], [`Completion`], ...), with sizes as `u32`/`u64`; speculative
+//!   decoding is [`GenerateOptions::speculative`] in, [`Stats::speculative`] out.
 
 use std::sync::Arc;
 
@@ -118,6 +119,10 @@ fn to_usize(v: u32) -> usize {
 
 fn to_u64(v: usize) -> u64 {
     v as u64
+}
+
+fn to_u32_saturating(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -525,6 +530,141 @@ pub struct GenerateOptions {
     /// Keep the last tokens of a prompt that does not fit (`false`: refuse it).
     #[uniffi(default = false)]
     pub truncate_prompt: bool,
+    /// Speculative decoding with a nested draft submodel (`null`: off). The output is the
+    /// verifier's: greedy tokens are exactly those of plain decoding, sampled ones follow the
+    /// same distribution. Its counts come back in `Stats.speculative`.
+    #[uniffi(default = None)]
+    pub speculative: Option<SpeculativeOptions>,
+}
+
+/// Which submodel drafts for speculative decoding. It must be narrower than the submodel the
+/// session runs (the verifier): no layer wider, at least one narrower; otherwise `generate`
+/// fails with `InvalidArgument` (an unknown name fails like an unknown submodel, with `Model`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, uniffi::Enum)]
+pub enum DraftChoice {
+    /// The smallest submodel: every layer at the first level.
+    #[default]
+    Auto,
+    /// A name: a catalog entry, a level (`"s"`), per-layer level names (`"s,s,m,l"`) or
+    /// indices (`"0,0,1,3"`).
+    Named {
+        /// The name.
+        name: String,
+    },
+    /// One level index per layer.
+    Levels {
+        /// The levels.
+        levels: Vec<u32>,
+    },
+}
+
+impl From<DraftChoice> for matformer::DraftChoice {
+    fn from(c: DraftChoice) -> Self {
+        match c {
+            DraftChoice::Auto => matformer::DraftChoice::Auto,
+            DraftChoice::Named { name } => matformer::DraftChoice::Named(name),
+            DraftChoice::Levels { levels } => {
+                matformer::DraftChoice::Levels(levels.into_iter().map(to_usize).collect())
+            }
+        }
+    }
+}
+
+impl From<matformer::DraftChoice> for DraftChoice {
+    fn from(c: matformer::DraftChoice) -> Self {
+        match c {
+            matformer::DraftChoice::Auto => DraftChoice::Auto,
+            matformer::DraftChoice::Named(name) => DraftChoice::Named { name },
+            matformer::DraftChoice::Levels(levels) => {
+                DraftChoice::Levels { levels: levels.into_iter().map(to_u32_saturating).collect() }
+            }
+        }
+    }
+}
+
+/// Where the speculative draft keeps its keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, uniffi::Enum)]
+pub enum DraftCache {
+    /// The draft runs on the verifier's own KV cache (attention and embeddings are shared by
+    /// every nested submodel): no KV memory beyond the verifier's.
+    #[default]
+    Shared,
+    /// A second KV cache written by the draft's own weights (as much KV memory again, at the
+    /// draft's width; kept between turns).
+    Own,
+}
+
+impl From<DraftCache> for matformer::DraftCache {
+    fn from(c: DraftCache) -> Self {
+        match c {
+            DraftCache::Shared => matformer::DraftCache::Shared,
+            DraftCache::Own => matformer::DraftCache::Own,
+        }
+    }
+}
+
+impl From<matformer::DraftCache> for DraftCache {
+    fn from(c: matformer::DraftCache) -> Self {
+        match c {
+            matformer::DraftCache::Shared => DraftCache::Shared,
+            matformer::DraftCache::Own => DraftCache::Own,
+        }
+    }
+}
+
+/// Options of speculative decoding (`GenerateOptions.speculative`): a draft submodel proposes
+/// `k` tokens, the verifier checks them in one batched pass of `k + 1` tokens and keeps the
+/// longest agreeing prefix plus its own next token. Defaults: the smallest submodel drafts on
+/// the shared cache, `k` 4 growing up to 8. `k` 0 or `max_k` below `k` fail with
+/// `InvalidArgument`.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct SpeculativeOptions {
+    /// The draft submodel (`null`: `Auto`, the smallest).
+    #[uniffi(default = None)]
+    pub draft: Option<DraftChoice>,
+    /// Where the draft keeps its KV cache (`null`: `Shared`).
+    #[uniffi(default = None)]
+    pub cache: Option<DraftCache>,
+    /// Tokens drafted in the first round (at least 1).
+    #[uniffi(default = 4)]
+    pub k: u32,
+    /// Most tokens drafted in a round (at least `k`).
+    #[uniffi(default = 8)]
+    pub max_k: u32,
+    /// Grow `k` by one after a round whose every draft was accepted and shrink it by one (not
+    /// below 1) after a rejection (`true`), or keep `k` fixed.
+    #[uniffi(default = true)]
+    pub adaptive: bool,
+}
+
+impl Default for SpeculativeOptions {
+    fn default() -> Self {
+        matformer::SpeculativeOptions::default().into()
+    }
+}
+
+impl From<SpeculativeOptions> for matformer::SpeculativeOptions {
+    fn from(o: SpeculativeOptions) -> Self {
+        matformer::SpeculativeOptions {
+            draft: o.draft.map(Into::into).unwrap_or_default(),
+            cache: o.cache.map(Into::into).unwrap_or_default(),
+            k: to_usize(o.k),
+            max_k: to_usize(o.max_k),
+            adaptive: o.adaptive,
+        }
+    }
+}
+
+impl From<matformer::SpeculativeOptions> for SpeculativeOptions {
+    fn from(o: matformer::SpeculativeOptions) -> Self {
+        SpeculativeOptions {
+            draft: Some(o.draft.into()),
+            cache: Some(o.cache.into()),
+            k: to_u32_saturating(o.k),
+            max_k: to_u32_saturating(o.max_k),
+            adaptive: o.adaptive,
+        }
+    }
 }
 
 impl From<GenerateOptions> for matformer::GenerateOptions {
@@ -548,7 +688,7 @@ impl From<GenerateOptions> for matformer::GenerateOptions {
             stop: o.stop,
             stop_token_ids: o.stop_token_ids,
             truncate_prompt: o.truncate_prompt,
-            speculative: None,
+            speculative: o.speculative.map(Into::into),
         }
     }
 }
@@ -621,6 +761,64 @@ pub struct Stats {
     pub backend: String,
     /// Switches made during the call.
     pub switches: Vec<SwitchEvent>,
+    /// Speculative decoding's counts, when `GenerateOptions.speculative` was set.
+    pub speculative: Option<SpeculativeStats>,
+}
+
+/// What speculative decoding did in one call (`Stats.speculative`).
+#[derive(Clone, Debug, PartialEq, uniffi::Record)]
+pub struct SpeculativeStats {
+    /// The draft submodel's name (`"s"`, or per-layer level names).
+    pub draft: String,
+    /// Where the draft kept its KV cache.
+    pub cache: DraftCache,
+    /// Verify passes (rounds).
+    pub verify_passes: u64,
+    /// Tokens drafted.
+    pub proposed: u64,
+    /// Drafted tokens the verifier kept.
+    pub accepted: u64,
+    /// `accepted / proposed`, in `[0, 1]` (0 when nothing was proposed).
+    pub acceptance_rate: f64,
+    /// Tokens produced per verify pass: the accepted drafts plus the verifier's own token
+    /// (at least 1; plain decoding is 1 per pass).
+    pub tokens_per_pass: f64,
+    /// Wall time of the draft steps (own cache: catch-up included), ms.
+    pub draft_ms: f64,
+    /// Wall time of the verify passes, ms.
+    pub verify_ms: f64,
+    /// Draft passes run: one per drafted token (with its own cache, a round's first pass also
+    /// catches the draft up on the tokens accepted since its last round).
+    pub draft_steps: u64,
+    /// Tokens drafted in the last round (where the adaptive `k` ended).
+    pub last_k: u64,
+    /// GPU queue submits of the rounds (0 on the CPU engine).
+    pub gpu_submits: u64,
+    /// GPU readbacks of the rounds (each waits for the device; 0 on the CPU engine).
+    pub gpu_readbacks: u64,
+    /// Bytes of the draft's own KV cache at the end of the call (0 with `DraftCache.Shared`).
+    pub draft_kv_bytes: u64,
+}
+
+impl From<matformer::SpeculativeStats> for SpeculativeStats {
+    fn from(s: matformer::SpeculativeStats) -> Self {
+        SpeculativeStats {
+            draft: s.draft,
+            cache: s.cache.into(),
+            verify_passes: to_u64(s.verify_passes),
+            proposed: to_u64(s.proposed),
+            accepted: to_u64(s.accepted),
+            acceptance_rate: s.acceptance_rate,
+            tokens_per_pass: s.tokens_per_pass,
+            draft_ms: s.draft_ms,
+            verify_ms: s.verify_ms,
+            draft_steps: to_u64(s.draft_steps),
+            last_k: to_u64(s.last_k),
+            gpu_submits: s.gpu_submits,
+            gpu_readbacks: s.gpu_readbacks,
+            draft_kv_bytes: s.draft_kv_bytes,
+        }
+    }
 }
 
 /// The result of [`Session::generate`].
@@ -677,6 +875,7 @@ impl From<matformer::Completion> for Completion {
                 submodel: s.submodel,
                 backend: s.backend,
                 switches: s.switches.into_iter().map(Into::into).collect(),
+                speculative: s.speculative.map(Into::into),
             },
         }
     }

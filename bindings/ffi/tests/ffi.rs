@@ -28,7 +28,14 @@ fn session_options(submodel: Option<SubmodelChoice>) -> SessionOptions {
 }
 
 fn greedy(max_tokens: u32) -> GenerateOptions {
-    GenerateOptions { max_tokens, sampling: None, stop: vec![], stop_token_ids: vec![], truncate_prompt: false }
+    GenerateOptions {
+        max_tokens,
+        sampling: None,
+        stop: vec![],
+        stop_token_ids: vec![],
+        truncate_prompt: false,
+        speculative: None,
+    }
 }
 
 fn text(s: &str) -> Input {
@@ -263,4 +270,155 @@ fn cancel_token_before_and_during_the_call() {
     let (listener, _) = collect(None);
     let next = session.generate(text(" again"), greedy(3), listener, Some(CancelToken::new())).unwrap();
     assert_eq!(next.finish_reason, FinishReason::Length);
+}
+
+fn speculative(draft: DraftChoice, cache: DraftCache, k: u32, adaptive: bool) -> SpeculativeOptions {
+    SpeculativeOptions { draft: Some(draft), cache: Some(cache), k, max_k: 8.max(k), adaptive }
+}
+
+/// Greedy speculative decoding through the FFI gives the verifier's tokens exactly, for named,
+/// automatic and per-layer drafts on both caches, with sane counts in `Stats.speculative`.
+#[test]
+fn greedy_speculative_output_equals_plain_decoding_with_sane_stats() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    let n_layers = engine.model_info().n_layers;
+    let plain = engine.session(session_options(None)).unwrap();
+    let spec = engine.session(session_options(None)).unwrap();
+    let drafts = [
+        DraftChoice::Named { name: "s".into() },
+        DraftChoice::Named { name: "m".into() },
+        DraftChoice::Auto,
+        DraftChoice::Levels { levels: (0..n_layers).map(|i| i % 3).collect() },
+    ];
+    let (mut proposed, mut accepted, mut passes, mut produced, mut tokens) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    for prompt in ["The meaning of ", "Once upon a time", "She said: \""] {
+        plain.reset();
+        let (listener, _) = collect(None);
+        let want = plain.generate(text(prompt), greedy(40), listener, None).unwrap();
+        assert!(want.stats.speculative.is_none(), "no speculative stats without speculation");
+        for draft in &drafts {
+            for cache in [DraftCache::Shared, DraftCache::Own] {
+                spec.reset();
+                let what = format!("{prompt:?} {draft:?} {cache:?}");
+                let o = GenerateOptions { speculative: Some(speculative(draft.clone(), cache, 4, true)), ..greedy(40) };
+                let (listener, pieces) = collect(None);
+                let got = spec.generate(text(prompt), o, listener, None).unwrap();
+                assert_eq!(got.token_ids, want.token_ids, "{what}");
+                assert_eq!(got.text, want.text, "{what}");
+                assert_eq!(pieces.lock().unwrap().concat(), want.text, "{what}: streamed");
+                assert_eq!(got.finish_reason, want.finish_reason, "{what}");
+                assert_eq!(spec.token_count(), plain.token_count(), "{what}: the cache holds the same tokens");
+                let st = got.stats.speculative.expect("speculative stats");
+                assert!((0.0..=1.0).contains(&st.acceptance_rate), "{what}: {st:?}");
+                assert!(st.tokens_per_pass >= 1.0, "{what}: {st:?}");
+                assert!(st.verify_passes > 0 && st.accepted <= st.proposed, "{what}: {st:?}");
+                assert!(st.draft_steps >= st.proposed, "{what}: {st:?}");
+                assert!((1..=8).contains(&st.last_k), "{what}: {st:?}");
+                assert_eq!(st.cache, cache, "{what}");
+                assert_eq!(st.gpu_submits, 0, "{what}: CPU engine");
+                assert_eq!(st.draft_kv_bytes == 0, cache == DraftCache::Shared, "{what}: {st:?}");
+                match draft {
+                    DraftChoice::Named { name } => assert_eq!(&st.draft, name, "{what}"),
+                    DraftChoice::Auto => assert_eq!(st.draft, "s", "{what}: the smallest submodel"),
+                    DraftChoice::Levels { .. } => assert!(st.draft.contains(','), "{what}: {}", st.draft),
+                }
+                if *draft == drafts[0] {
+                    proposed += st.proposed;
+                    accepted += st.accepted;
+                    passes += st.verify_passes;
+                    produced += (st.tokens_per_pass * st.verify_passes as f64).round() as u64;
+                    tokens += got.usage.completion_tokens;
+                }
+            }
+        }
+    }
+    assert!(accepted > 0, "the nested draft agrees with the verifier at least sometimes");
+    println!(
+        "ffi speculative, draft s on xl (greedy, 3 prompts x 2 caches x 40 tokens): acceptance {:.3} ({accepted}/{proposed}), {:.2} tokens per verify pass ({produced} tokens / {passes} passes; {tokens} generated, the first by the prefill)",
+        accepted as f64 / proposed as f64,
+        produced as f64 / passes as f64
+    );
+}
+
+/// A draft that is unknown, not narrower than the verifier or out of range, and bad `k`s, are
+/// errors with a clear message; the session stays usable, speculative or not.
+#[test]
+fn bad_speculative_options_are_errors_and_the_session_stays_usable() {
+    let engine = Engine::open(matlm(), cpu()).unwrap();
+    let session = engine.session(session_options(Some(SubmodelChoice::Named { name: "l".into() }))).unwrap();
+    let with = |s: SpeculativeOptions| GenerateOptions { speculative: Some(s), ..greedy(8) };
+    let named = |name: &str| speculative(DraftChoice::Named { name: name.into() }, DraftCache::Shared, 4, true);
+
+    let (listener, pieces) = collect(None);
+    match session.generate(text("The "), with(named("nonesuch")), listener, None) {
+        Err(MatformerError::Model { detail }) => {
+            assert!(detail.contains("nonesuch") && !detail.contains('\n'), "{detail}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(pieces.lock().unwrap().is_empty(), "nothing streamed");
+    for wide in ["l", "xl"] {
+        let (listener, _) = collect(None);
+        let e = session.generate(text("The "), with(named(wide)), listener, None).expect_err("not narrower");
+        match e {
+            MatformerError::InvalidArgument { detail } => assert!(detail.contains("not narrower"), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let out_of_range = DraftChoice::Levels { levels: vec![9; engine.model_info().n_layers as usize] };
+    let too_few = DraftChoice::Levels { levels: vec![0] };
+    for draft in [out_of_range, too_few] {
+        let (listener, _) = collect(None);
+        let e = session
+            .generate(text("The "), with(speculative(draft.clone(), DraftCache::Own, 4, true)), listener, None)
+            .expect_err("a bad level list");
+        assert!(!e.to_string().is_empty(), "{draft:?}: {e:?}");
+    }
+    let zero_k = SpeculativeOptions { k: 0, ..SpeculativeOptions::default() };
+    let small_max = SpeculativeOptions { k: 4, max_k: 2, ..SpeculativeOptions::default() };
+    for (o, want) in [(zero_k, "at least 1"), (small_max, "at least k")] {
+        let (listener, _) = collect(None);
+        match session.generate(text("The "), with(o), listener, None) {
+            Err(MatformerError::InvalidArgument { detail }) => assert!(detail.contains(want), "{detail}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(session.token_count(), 0, "a refused call holds nothing");
+
+    // Still usable: plain, then speculative with the default options (the smallest draft).
+    let (listener, _) = collect(None);
+    let plain = session.generate(text("The "), greedy(8), listener, None).unwrap();
+    assert_eq!(plain.usage.completion_tokens, 8);
+    session.reset();
+    let (listener, _) = collect(None);
+    let spec = session.generate(text("The "), with(SpeculativeOptions::default()), listener, None).unwrap();
+    assert_eq!(spec.token_ids, plain.token_ids);
+    assert_eq!(spec.stats.speculative.unwrap().draft, "s");
+}
+
+/// The records convert both ways and default like the runtime's.
+#[test]
+fn speculative_options_convert_both_ways() {
+    let d = SpeculativeOptions::default();
+    assert_eq!(matformer::SpeculativeOptions::from(d.clone()), matformer::SpeculativeOptions::default());
+    assert_eq!(
+        (d.draft, d.cache, d.k, d.max_k, d.adaptive),
+        (Some(DraftChoice::Auto), Some(DraftCache::Shared), 4, 8, true)
+    );
+    let none = SpeculativeOptions { draft: None, cache: None, k: 2, max_k: 3, adaptive: false };
+    let r = matformer::SpeculativeOptions::from(none);
+    assert_eq!(
+        (r.draft, r.cache, r.k, r.max_k, r.adaptive),
+        (matformer::DraftChoice::Auto, matformer::DraftCache::Shared, 2, 3, false)
+    );
+    for draft in [
+        DraftChoice::Auto,
+        DraftChoice::Named { name: "s,s,m,l".into() },
+        DraftChoice::Levels { levels: vec![0, 1, 2, 0] },
+    ] {
+        for cache in [DraftCache::Shared, DraftCache::Own] {
+            let o = speculative(draft.clone(), cache, 3, false);
+            assert_eq!(SpeculativeOptions::from(matformer::SpeculativeOptions::from(o.clone())), o);
+        }
+    }
 }

@@ -123,6 +123,11 @@ public final class Session: @unchecked Sendable {
     /// Timing and switches of the last generation.
     public var lastStats: Stats? { lastCompletion?.stats }
 
+    /// What speculative decoding did in the last generation (draft, acceptance rate, tokens per
+    /// verify pass, ...); `nil` before any generation returned or when the last one ran without
+    /// `GenerateOptions.speculative`.
+    public var lastSpeculativeStats: SpeculativeStats? { lastStats?.speculative }
+
     // MARK: Elastic control
 
     /// Picks the best submodel for `budget` and switches to it at the next token boundary.

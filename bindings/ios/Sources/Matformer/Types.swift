@@ -20,6 +20,10 @@ public typealias ChatMessage = MatformerFFI.ChatMessage
 public typealias Input = MatformerFFI.Input
 public typealias SamplingParams = MatformerFFI.SamplingParams
 public typealias GenerateOptions = MatformerFFI.GenerateOptions
+public typealias DraftChoice = MatformerFFI.DraftChoice
+public typealias DraftCache = MatformerFFI.DraftCache
+public typealias SpeculativeOptions = MatformerFFI.SpeculativeOptions
+public typealias SpeculativeStats = MatformerFFI.SpeculativeStats
 public typealias FinishReason = MatformerFFI.FinishReason
 public typealias Usage = MatformerFFI.Usage
 public typealias SwitchEvent = MatformerFFI.SwitchEvent
@@ -39,6 +43,62 @@ extension Input {
 extension SubmodelChoice {
     /// A submodel by name: a level (`"s"`, `"xl"`), `"largest"`, or per-layer level names.
     public static func named(_ name: String) -> SubmodelChoice { .named(name: name) }
+}
+
+extension SpeculativeOptions {
+    /// Speculative decoding with `draft`: it proposes `k` tokens, the session's own submodel (the
+    /// verifier) checks them in one batched pass and keeps the longest agreeing prefix plus its
+    /// own next token, so the answer is the verifier's (greedy: token for token). The draft must
+    /// be narrower than the verifier (no layer wider, at least one narrower), else `generate`
+    /// throws `MatformerError.invalidArgument`. `cache: .shared` drafts on the verifier's KV cache
+    /// (no extra memory), `.own` gives the draft a cache of its own. With `adaptive`, `k` grows by
+    /// one after a fully accepted round (up to `maxK`, default `max(8, k)`) and shrinks by one
+    /// after a rejection. `k` 0 or `maxK` below `k` throw `invalidArgument`.
+    public static func draft(
+        _ draft: DraftChoice,
+        cache: DraftCache = .shared,
+        k: UInt32 = 4,
+        maxK: UInt32? = nil,
+        adaptive: Bool = true
+    ) -> SpeculativeOptions {
+        SpeculativeOptions(draft: draft, cache: cache, k: k, maxK: maxK ?? max(8, k), adaptive: adaptive)
+    }
+
+    /// `draft(_:)` with the draft named `name`: a level (`"s"`), a catalog entry, or per-layer
+    /// level names or indices (`"s,s,m,l"`, `"0,0,1,3"`). An unknown name throws
+    /// `MatformerError.model`, as an unknown submodel does.
+    public static func draft(
+        _ name: String,
+        cache: DraftCache = .shared,
+        k: UInt32 = 4,
+        maxK: UInt32? = nil,
+        adaptive: Bool = true
+    ) -> SpeculativeOptions {
+        .draft(.named(name: name), cache: cache, k: k, maxK: maxK, adaptive: adaptive)
+    }
+
+    /// `draft(_:)` with one level index per layer.
+    public static func draft(
+        levels: [UInt32],
+        cache: DraftCache = .shared,
+        k: UInt32 = 4,
+        maxK: UInt32? = nil,
+        adaptive: Bool = true
+    ) -> SpeculativeOptions {
+        .draft(.levels(levels: levels), cache: cache, k: k, maxK: maxK, adaptive: adaptive)
+    }
+
+    /// The defaults: the smallest submodel drafts on the shared cache, `k` 4 adapting up to 8.
+    public static var smallestDraft: SpeculativeOptions { .draft(.auto) }
+}
+
+extension GenerateOptions {
+    /// These options with speculative decoding on (default: the smallest submodel drafts).
+    public func withSpeculative(_ options: SpeculativeOptions = .smallestDraft) -> GenerateOptions {
+        var o = self
+        o.speculative = options
+        return o
+    }
 }
 
 /// Every failure of the API, with the runtime's one-line message. The engine and its sessions

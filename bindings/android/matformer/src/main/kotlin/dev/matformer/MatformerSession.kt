@@ -9,6 +9,7 @@ import dev.matformer.ffi.Input
 import dev.matformer.ffi.MemoryPressure
 import dev.matformer.ffi.Plan
 import dev.matformer.ffi.Session
+import dev.matformer.ffi.SpeculativeStats
 import dev.matformer.ffi.Stats
 import dev.matformer.ffi.SubmodelChoice
 import dev.matformer.ffi.TokenListener
@@ -43,6 +44,13 @@ class MatformerSession internal constructor(
 
     /** Timing and submodel switches of the last generation. */
     val stats: Stats? get() = last?.stats
+
+    /**
+     * What speculative decoding did in the last generation (draft, acceptance rate, tokens per
+     * verify pass, ...); `null` before any generation returned or when the last one ran without
+     * [speculative] options.
+     */
+    val speculativeStats: SpeculativeStats? get() = last?.stats?.speculative
 
     /** Name of the submodel running now. */
     val submodel: String get() = live { ffi.submodel() }
