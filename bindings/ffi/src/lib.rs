@@ -987,7 +987,8 @@ pub struct Session {
 /// The Kotlin Flow and the Swift Task cancellation use one per call.
 #[derive(Debug, Default, uniffi::Object)]
 pub struct CancelToken {
-    cancelled: std::sync::atomic::AtomicBool,
+    /// Shared with the runtime (`TokenSink::cancel_flag`), which reads it inside a step too.
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[uniffi::export]
@@ -998,7 +999,7 @@ impl CancelToken {
         Arc::new(CancelToken::default())
     }
 
-    /// Ends the generation given this token within one decode step (finish reason
+    /// Ends the generation given this token, stopping the step in flight (finish reason
     /// `Cancelled`), or at once if it has not started. Idempotent.
     pub fn cancel(&self) {
         self.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1028,6 +1029,10 @@ impl matformer::TokenSink for ListenerSink {
     fn is_cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
     }
+
+    fn cancel_flag(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.cancel.as_ref().map(|c| Arc::clone(&c.cancelled))
+    }
 }
 
 #[uniffi::export]
@@ -1047,7 +1052,7 @@ impl Session {
         Ok(self.inner.generate(input.into(), &options.into(), &mut sink)?.into())
     }
 
-    /// Stops a running `generate` within one decode step (finish reason `Cancelled`); the
+    /// Stops a running `generate`, stopping the step in flight (finish reason `Cancelled`); the
     /// session stays usable. A no-op when idle.
     pub fn cancel(&self) {
         self.inner.cancel();

@@ -54,9 +54,12 @@ pub struct CancelHandle {
 }
 
 impl CancelHandle {
-    /// Makes the running [`Session::generate`] return within one decode step (or one prefill
-    /// pass of [`PREFILL_PASS`] tokens) with [`FinishReason::Cancelled`]. The session stays
-    /// consistent: the next call works. A no-op when nothing is generating.
+    /// Makes the running [`Session::generate`] return with [`FinishReason::Cancelled`]
+    /// without waiting for the step in flight: the flag is read before every layer on the CPU
+    /// and every 0.5 ms while waiting for the GPU, and the interrupted step (a decode step or a
+    /// prefill pass of up to [`PREFILL_PASS`] tokens) is undone. A speculative round is not
+    /// split. The session stays consistent: the next call works. A no-op when nothing is
+    /// generating.
     pub fn cancel(&self) {
         if self.control.generating.load(Ordering::SeqCst) {
             self.control.cancel.store(true, Ordering::SeqCst);
@@ -247,9 +250,25 @@ impl Session {
         let mut sampler = Sampler::new(options.sampling)?;
         sampler.observe_all(&full[..keep]);
         let mut next = 0;
+        // Asked inside a step (kernel worker threads, GPU waits): the session's cancel flag
+        // and the sink's, when it has one.
+        let sink_flag = sink.cancel_flag();
+        let control = &*self.control;
+        let stop = move || {
+            control.cancel.load(Ordering::SeqCst) || sink_flag.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+        };
         let prefill_started = Instant::now();
         for pass in full[keep..].chunks(PREFILL_PASS) {
-            if self.cancelled(sink) {
+            let step = if self.cancelled(sink) {
+                None
+            } else {
+                sampler.observe_all(pass);
+                match elastic.prefill_sample_until(pass, &mut sampler, &stop) {
+                    Err(e) if e.is_interrupted() => None,
+                    r => Some(r?),
+                }
+            };
+            let Some(t) = step else {
                 self.control.position.store(elastic.position(), Ordering::SeqCst);
                 let stats = self.stats(elastic, prefill_started.elapsed().as_secs_f64() * 1e3, 0.0, 0, 0, events);
                 return Ok(Completion {
@@ -259,9 +278,8 @@ impl Session {
                     usage: Usage { prompt_tokens: full.len(), cached_prompt_tokens: keep, completion_tokens: 0 },
                     stats,
                 });
-            }
-            sampler.observe_all(pass);
-            next = elastic.prefill_sample(pass, &mut sampler)?;
+            };
+            next = t;
             self.control.position.store(elastic.position(), Ordering::SeqCst);
         }
         let prefill_ms = prefill_started.elapsed().as_secs_f64() * 1e3;
@@ -292,7 +310,14 @@ impl Session {
             self.engine.check_open()?;
             self.apply_pending(elastic, em.ids.len(), &mut events)?;
             match speculator.as_mut() {
-                None => next = elastic.decode_sample(token, &mut sampler)?,
+                None => match elastic.decode_sample_until(token, &mut sampler, &stop) {
+                    Ok(t) => next = t,
+                    Err(e) if e.is_interrupted() => {
+                        finish = FinishReason::Cancelled;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                },
                 Some(spec) => {
                     let end = spec.round(elastic, draft, token, &mut sampler, &mut em, self.context_length);
                     self.control.position.store(elastic.position(), Ordering::SeqCst);
@@ -441,7 +466,8 @@ impl Session {
         Ok(())
     }
 
-    /// Stops a running [`generate`](Self::generate) within one decode step; a no-op when idle.
+    /// Stops a running [`generate`](Self::generate) without waiting for the step in flight
+    /// ([`CancelHandle::cancel`]); a no-op when idle.
     pub fn cancel(&self) {
         self.cancel_handle().cancel();
     }

@@ -310,6 +310,15 @@ pub trait TokenSink: Send {
     fn is_cancelled(&self) -> bool {
         false
     }
+
+    /// The flag behind [`is_cancelled`](Self::is_cancelled), when it is one: the generation
+    /// then also reads it in the middle of a step (before every layer on the CPU, every
+    /// 0.5 ms while waiting for the GPU), so that a cancel does not wait for the step to end,
+    /// as with [`Session::cancel`](super::Session::cancel). Without it (the default) the sink
+    /// is asked between steps only.
+    fn cancel_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
 }
 
 impl<F: FnMut(&str) -> SinkControl + Send> TokenSink for F {

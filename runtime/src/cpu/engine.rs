@@ -260,18 +260,35 @@ impl Session {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput { what: "prefill" });
         }
-        self.run(tokens, Logits::Last)
+        self.run(tokens, Logits::Last, &|| false)
+    }
+
+    /// [`Session::prefill`] that gives up with [`EngineError::Interrupted`], leaving the
+    /// session as it was, as soon as `stop` returns true. `stop` is asked before every layer
+    /// (from a kernel worker thread), so a cancel takes effect within one layer's time instead
+    /// of one pass.
+    pub fn prefill_until(&mut self, tokens: &[u32], stop: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput { what: "prefill" });
+        }
+        self.run(tokens, Logits::Last, stop)
     }
 
     /// Appends `tokens` and returns the logits of every one of them, row-major
     /// `[tokens.len(), vocab_size]` (evaluation, parity tests). Empty input gives empty output.
     pub fn forward_all(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.run(tokens, Logits::All)
+        self.run(tokens, Logits::All, &|| false)
     }
 
     /// Appends one token and returns its logits.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
-        self.run(&[token], Logits::Last)
+        self.run(&[token], Logits::Last, &|| false)
+    }
+
+    /// [`Session::decode`] that stops between two layers as soon as `stop` returns true, as
+    /// [`Session::prefill_until`] does.
+    pub fn decode_until(&mut self, token: u32, stop: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, EngineError> {
+        self.run(&[token], Logits::Last, stop)
     }
 
     /// Runs `submodel` from the next token on, keeping the KV cache the previous submodel
@@ -304,7 +321,7 @@ impl Session {
 
     /// Validates the whole input, then runs it in chunks; on failure the session is left as
     /// it was before the call.
-    fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
+    fn run(&mut self, tokens: &[u32], want: Logits, stop: &(dyn Fn() -> bool + Sync)) -> Result<Vec<f32>, EngineError> {
         let dims = &self.shared.dims;
         if let Some(&token) = tokens.iter().find(|&&t| t as usize >= dims.vocab) {
             return Err(EngineError::TokenOutOfRange { token, vocab: dims.vocab as u32 });
@@ -324,7 +341,7 @@ impl Session {
             // On a worker of the kernels' pool: the products inside then keep unstarted work
             // for themselves instead of waiting for a sleeping or descheduled worker.
             let threads = self.threads;
-            match kernels::with_workers(threads, || self.forward_chunk(chunk, chunk_want)) {
+            match kernels::with_workers(threads, || self.forward_chunk(chunk, chunk_want, stop)) {
                 Ok(l) => logits.extend_from_slice(&l),
                 Err(e) => {
                     self.truncate(start);
@@ -336,7 +353,12 @@ impl Session {
     }
 
     /// One batched pass over `tokens` (already validated) at positions `pos..pos + t`.
-    fn forward_chunk(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, EngineError> {
+    fn forward_chunk(
+        &mut self,
+        tokens: &[u32],
+        want: Logits,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Vec<f32>, EngineError> {
         let shared = Arc::clone(&self.shared);
         let sh = &*shared;
         let model = &*sh.model;
@@ -374,6 +396,10 @@ impl Session {
         let n_ctx = p0 + t;
 
         for (li, layer) in sh.layers.iter().enumerate() {
+            // A cancel stops the pass here; `run` truncates the cache rows written so far.
+            if stop() {
+                return Err(EngineError::Interrupted);
+            }
             // Attention block.
             layer.attn_norm.apply(&x, &mut xn, d, dm.norm_eps);
             let wq = Matrix::load(model, &layer.wq, q_dim, d)?;

@@ -103,6 +103,10 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// The call's stop condition became true between two layers (a cancel): nothing was
+    /// appended, the session is as it was before the call.
+    #[error("interrupted: the step was cancelled before it finished; the session is unchanged")]
+    Interrupted,
     /// A tensor's bytes are not aligned for their element type (the file or buffer does not
     /// honour the format's alignment).
     #[error("tensor {tensor} is not aligned for its element type ({reason}); load the file with ModelFile::open or from_bytes")]

@@ -140,6 +140,20 @@ pub enum ElasticError {
     Model(#[from] ModelError),
 }
 
+impl ElasticError {
+    /// True when the call gave up because its stop condition became true (a cancel, through
+    /// [`ElasticSession::prefill_sample_until`] or [`ElasticSession::decode_sample_until`]):
+    /// the session is as it was before the call.
+    pub fn is_interrupted(&self) -> bool {
+        match self {
+            ElasticError::Cpu(EngineError::Interrupted) => true,
+            #[cfg(feature = "gpu")]
+            ElasticError::Gpu(GpuError::Interrupted) => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<BackendError> for ElasticError {
     fn from(e: BackendError) -> ElasticError {
         match e {
@@ -399,10 +413,24 @@ impl ElasticSession {
     /// read back (the full logits only when they do not suffice); greedy without penalties
     /// reads back the 4-byte argmax.
     pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        self.prefill_sample_until(tokens, sampler, &|| false)
+    }
+
+    /// [`ElasticSession::prefill_sample`] that gives up, leaving the session as it was
+    /// ([`ElasticError::is_interrupted`]), as soon as `stop` returns true: on the CPU `stop` is
+    /// asked before every layer (from a kernel worker thread), on the GPU while waiting for the
+    /// device (every 0.5 ms). A cancel then takes effect within a layer's time (CPU) or half
+    /// a millisecond (GPU) instead of a whole pass.
+    pub fn prefill_sample_until(
+        &mut self,
+        tokens: &[u32],
+        sampler: &mut Sampler,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<u32, ElasticError> {
         let t = match &mut self.session {
-            BackendSession::Cpu(s) => sampler.sample_logits(&s.prefill(tokens)?),
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.prefill_until(tokens, stop)?),
             #[cfg(feature = "gpu")]
-            BackendSession::Gpu(s) => s.prefill_sample(tokens, sampler)?,
+            BackendSession::Gpu(s) => s.prefill_sample_until(tokens, sampler, stop)?,
         };
         self.history.extend_from_slice(tokens);
         self.last_logits = None;
@@ -411,10 +439,21 @@ impl ElasticSession {
 
     /// [`ElasticSession::decode`] choosing the next token with `sampler`.
     pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, ElasticError> {
+        self.decode_sample_until(token, sampler, &|| false)
+    }
+
+    /// [`ElasticSession::decode_sample`] that stops as
+    /// [`ElasticSession::prefill_sample_until`] does.
+    pub fn decode_sample_until(
+        &mut self,
+        token: u32,
+        sampler: &mut Sampler,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<u32, ElasticError> {
         let t = match &mut self.session {
-            BackendSession::Cpu(s) => sampler.sample_logits(&s.decode(token)?),
+            BackendSession::Cpu(s) => sampler.sample_logits(&s.decode_until(token, stop)?),
             #[cfg(feature = "gpu")]
-            BackendSession::Gpu(s) => s.decode_sample(token, sampler)?,
+            BackendSession::Gpu(s) => s.decode_sample_until(token, sampler, stop)?,
         };
         self.history.push(token);
         self.last_logits = None;

@@ -253,6 +253,22 @@ impl Gpu {
             .map_err(|e| GpuError::Readback { reason: e.to_string() })
     }
 
+    /// Waits for all submitted work like [`Gpu::wait`], but in slices of [`STOP_POLL`],
+    /// asking `stop` before each: when it returns true this gives up with
+    /// [`GpuError::Interrupted`] while the work runs on (later submissions queue behind it).
+    pub(crate) fn wait_until(&self, stop: &dyn Fn() -> bool) -> Result<(), GpuError> {
+        loop {
+            if stop() {
+                return Err(GpuError::Interrupted);
+            }
+            match self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: Some(STOP_POLL) }) {
+                Ok(_) => return Ok(()),
+                Err(wgpu::PollError::Timeout) => {}
+                Err(e) => return Err(GpuError::Readback { reason: e.to_string() }),
+            }
+        }
+    }
+
     /// Copies `bytes` bytes of `src` (from offset 0) into a fresh mappable buffer after the
     /// work submitted so far, waits, and returns them.
     pub(crate) fn read_back(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
@@ -265,12 +281,26 @@ impl Gpu {
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
         enc.copy_buffer_to_buffer(src, 0, &staging, 0, bytes);
         self.queue.submit([enc.finish()]);
-        map_read(self, &staging, bytes)
+        map_read(self, &staging, bytes, None)
     }
 }
 
+/// Longest a device wait lasts before [`Gpu::wait_until`] asks its stop condition again: the
+/// most a cancel waits for a step in flight (a completed step ends the wait at once).
+pub(crate) const STOP_POLL: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// Maps `buf` (already written by submitted work) and copies its first `bytes` bytes out.
-pub(crate) fn map_read(gpu: &Gpu, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+/// With `stop`, the wait for that work is [`Gpu::wait_until`]: it is given up before the
+/// buffer is mapped, so nothing is left pending on it.
+pub(crate) fn map_read(
+    gpu: &Gpu,
+    buf: &wgpu::Buffer,
+    bytes: u64,
+    stop: Option<&dyn Fn() -> bool>,
+) -> Result<Vec<u8>, GpuError> {
+    if let Some(stop) = stop {
+        gpu.wait_until(stop)?;
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
         let _ = tx.send(r);

@@ -153,6 +153,11 @@ pub enum GpuError {
         /// wgpu's description.
         message: String,
     },
+    /// The call's stop condition became true while it waited for the device (a cancel):
+    /// nothing was appended, the session is as it was before the call. The step's work may
+    /// still be running; the next call queues behind it.
+    #[error("interrupted: the step was cancelled before it finished; the session is unchanged")]
+    Interrupted,
     /// Reading results back from the GPU failed (device lost, map failure, timeout).
     #[error("GPU readback failed: {reason}")]
     Readback {

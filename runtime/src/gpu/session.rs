@@ -452,14 +452,14 @@ impl GpuSession {
             return Err(GpuError::EmptyInput { what: "prefill" });
         }
         self.run(tokens, Tail::Last)?;
-        self.read_argmax()
+        self.read_argmax(None)
     }
 
     /// Appends one token and returns the argmax of its logits: the whole step is recorded in
     /// one command encoder, with one submit and one 4-byte readback.
     pub fn decode(&mut self, token: u32) -> Result<u32, GpuError> {
         self.run(&[token], Tail::Last)?;
-        self.read_argmax()
+        self.read_argmax(None)
     }
 
     /// Like [`GpuSession::prefill`] but returns the last token's logits (`vocab_size`
@@ -497,7 +497,7 @@ impl GpuSession {
         self.validate(tokens)?;
         let k = self.prepare_candidates(k, transform)?;
         self.run(tokens, Tail::Candidates(k))?;
-        self.read_candidates(k)
+        self.read_candidates(k, None)
     }
 
     /// Like [`GpuSession::decode`], but returns sampling candidates as
@@ -511,7 +511,7 @@ impl GpuSession {
         self.validate(&[token])?;
         let k = self.prepare_candidates(k, transform)?;
         self.run(&[token], Tail::Candidates(k))?;
-        self.read_candidates(k)
+        self.read_candidates(k, None)
     }
 
     /// The last token's logits (`vocab_size` values) as the latest pass left them: after a
@@ -529,23 +529,64 @@ impl GpuSession {
     /// wherever the logits agree. The caller tells `sampler` the tokens
     /// ([`Sampler::observe`]).
     pub fn prefill_sample(&mut self, tokens: &[u32], sampler: &mut Sampler) -> Result<u32, GpuError> {
-        let p = sampler.params();
-        if p.is_greedy() && !p.has_penalties() {
-            return self.prefill(tokens);
-        }
-        let c = self.prefill_candidates(tokens, sampler.candidate_count(), &sampler.logit_transform())?;
-        self.finish_sample(&c, sampler)
+        self.sample_pass(tokens, sampler, None)
     }
 
     /// [`GpuSession::prefill_sample`] for one token: one submit and one readback per step
     /// unless the candidates do not decide.
     pub fn decode_sample(&mut self, token: u32, sampler: &mut Sampler) -> Result<u32, GpuError> {
-        let p = sampler.params();
-        if p.is_greedy() && !p.has_penalties() {
-            return self.decode(token);
+        self.sample_pass(&[token], sampler, None)
+    }
+
+    /// [`GpuSession::prefill_sample`] that gives up with [`GpuError::Interrupted`], leaving
+    /// the session as it was, as soon as `stop` returns true while it waits for the device
+    /// (asked every 0.5 ms, `STOP_POLL`): a cancel does not wait for the
+    /// pass to finish. The pass's work runs on and the next call queues behind it.
+    pub fn prefill_sample_until(
+        &mut self,
+        tokens: &[u32],
+        sampler: &mut Sampler,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<u32, GpuError> {
+        self.sample_pass(tokens, sampler, Some(stop))
+    }
+
+    /// [`GpuSession::decode_sample`] stopping as [`GpuSession::prefill_sample_until`] does.
+    pub fn decode_sample_until(
+        &mut self,
+        token: u32,
+        sampler: &mut Sampler,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<u32, GpuError> {
+        self.sample_pass(&[token], sampler, Some(stop))
+    }
+
+    /// Appends `tokens` and samples the next token (greedy without penalties: the device's
+    /// argmax; otherwise candidates); on any failure, an interrupt included, the position is
+    /// restored.
+    fn sample_pass(
+        &mut self,
+        tokens: &[u32],
+        sampler: &mut Sampler,
+        stop: Option<&dyn Fn() -> bool>,
+    ) -> Result<u32, GpuError> {
+        if tokens.is_empty() {
+            return Err(GpuError::EmptyInput { what: "prefill" });
         }
-        let c = self.decode_candidates(token, sampler.candidate_count(), &sampler.logit_transform())?;
-        self.finish_sample(&c, sampler)
+        let start = self.pos;
+        let p = sampler.params();
+        let r = if p.is_greedy() && !p.has_penalties() {
+            self.run(tokens, Tail::Last).and_then(|()| self.read_argmax(stop))
+        } else {
+            self.validate(tokens)
+                .and_then(|()| self.prepare_candidates(sampler.candidate_count(), &sampler.logit_transform()))
+                .and_then(|k| self.run(tokens, Tail::Candidates(k)).and_then(|()| self.read_candidates(k, stop)))
+                .and_then(|c| self.finish_sample(&c, sampler))
+        };
+        if r.is_err() {
+            self.pos = start;
+        }
+        r
     }
 
     fn finish_sample(&mut self, c: &Candidates, sampler: &mut Sampler) -> Result<u32, GpuError> {
@@ -645,12 +686,12 @@ impl GpuSession {
     }
 
     /// The candidates the last [`Tail::Candidates`] pass copied to the staging buffer.
-    fn read_candidates(&mut self, k: usize) -> Result<Candidates, GpuError> {
+    fn read_candidates(&mut self, k: usize, stop: Option<&dyn Fn() -> bool>) -> Result<Candidates, GpuError> {
         let Some(sb) = &self.sampling else {
             return Err(GpuError::Readback { reason: "no candidates were computed".into() });
         };
         let n = candidate_bytes(k);
-        let bytes = map_read(&self.inner.gpu, &sb.staging, n)?;
+        let bytes = map_read(&self.inner.gpu, &sb.staging, n, stop)?;
         self.counters.readbacks += 1;
         self.counters.readback_bytes += n;
         let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
@@ -872,7 +913,7 @@ impl GpuSession {
         };
         let t = k + 1;
         let n = 4 * (2 * k + 1) as u64;
-        let bytes = map_read(&self.inner.gpu, &sb.staging, n)?;
+        let bytes = map_read(&self.inner.gpu, &sb.staging, n, None)?;
         self.counters.readbacks += 1;
         self.counters.readback_bytes += n;
         let words: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -963,8 +1004,8 @@ impl GpuSession {
         Ok(())
     }
 
-    fn read_argmax(&mut self) -> Result<u32, GpuError> {
-        let bytes = map_read(&self.inner.gpu, &self.bufs.argmax_staging, 4)?;
+    fn read_argmax(&mut self, stop: Option<&dyn Fn() -> bool>) -> Result<u32, GpuError> {
+        let bytes = map_read(&self.inner.gpu, &self.bufs.argmax_staging, 4, stop)?;
         self.counters.readbacks += 1;
         self.counters.readback_bytes += 4;
         let v = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);

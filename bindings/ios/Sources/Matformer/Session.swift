@@ -4,7 +4,7 @@ import MatformerFFI
 /// One conversation: its KV cache, history and submodel. Thread-safe.
 ///
 /// `generate` streams the answer; cancelling the consuming `Task` (or dropping the stream)
-/// cancels the native generation within one decode step and leaves the session usable.
+/// cancels the native generation, stopping the step in flight, and leaves the session usable.
 /// `setBudget`, `setSubmodel` and `onMemoryPressure` may be called from any thread while a
 /// generation runs: they apply at the next token boundary and show in `Stats.switches`.
 public final class Session: @unchecked Sendable {
@@ -75,8 +75,8 @@ public final class Session: @unchecked Sendable {
         }
     }
 
-    /// Stops every running generation of this session within one decode step (finish reason
-    /// `cancelled`); the session stays usable. A no-op when idle.
+    /// Stops every running generation of this session without waiting for the step in flight
+    /// (finish reason `cancelled`); the session stays usable. A no-op when idle.
     public func cancel() {
         lock.lock()
         let running = Array(active.values)

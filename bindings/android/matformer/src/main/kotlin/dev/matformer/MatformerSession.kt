@@ -67,9 +67,9 @@ class MatformerSession internal constructor(
     /**
      * Streams the answer to [input] as text pieces (never a split character, never part of a stop
      * string). The native generation runs on the engine's dispatcher; cancelling the collector
-     * (or leaving it early, e.g. with `take`) cancels the native generation, which returns within
-     * one decode step with finish reason `CANCELLED` before the flow completes, and the session
-     * stays usable. Errors are thrown from `collect` as [MatformerException]. The completion
+     * (or leaving it early, e.g. with `take`) cancels the native generation, which stops the step
+     * in flight and returns with finish reason `CANCELLED` before the flow completes, and the
+     * session stays usable. Errors are thrown from `collect` as [MatformerException]. The completion
      * (stats included) is in [lastCompletion] once the flow completes.
      */
     fun generate(input: Input, options: GenerateOptions = GenerateOptions()): Flow<String> = stream(input, options) {}
@@ -117,7 +117,7 @@ class MatformerSession internal constructor(
         return result ?: throw MatformerException.Backend("the generation returned no completion")
     }
 
-    /** Stops a running generation within one decode step (finish reason `CANCELLED`). A no-op when idle. */
+    /** Stops a running generation without waiting for the step in flight (finish reason `CANCELLED`). A no-op when idle. */
     fun cancel() {
         nativeCancel()
     }
