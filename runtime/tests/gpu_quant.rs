@@ -17,7 +17,7 @@ use std::sync::Arc;
 use matformer::cpu::{self, CpuEngine, Tolerance};
 use matformer::format::testing::{synthetic_metadata, synthetic_specs, synthetic_value};
 use matformer::format::{names, write_file, Activation, DType, Metadata, NormKind, TensorSpec};
-use matformer::gpu::{forward_tolerance, GpuEngine, GpuOptions, WeightPath, QUANTIZED_FORWARD_TOLERANCE};
+use matformer::gpu::{forward_tolerance, GpuEngine, GpuError, GpuOptions, WeightPath, QUANTIZED_FORWARD_TOLERANCE};
 use matformer::{ModelFile, Submodel};
 
 /// d_model 96, 2 layers, 3 query heads of 32 over 1 kv head, vocab 261, gated, untied, widths
@@ -167,4 +167,80 @@ fn gpu_matches_cpu_mixed_tied_layernorm_chunked() {
     let meta = plain_meta();
     let opts = GpuOptions { prefill_chunk: 5, max_binding_bytes: Some(1024), ..GpuOptions::default() };
     run(&mixed(&meta), opts, "mixed tied chunked");
+}
+
+#[test]
+fn weight_bytes_are_the_repacked_quantised_bytes() {
+    let meta = gated_meta();
+    let q4 = uniform(&meta, DType::Q4_0);
+    let Some(gpu) = gpu_common::or_skip(GpuEngine::new(Arc::clone(&q4), GpuOptions::default()), "GPU engine") else {
+        return;
+    };
+    for level in 0..3u8 {
+        let s = gpu.session(&Submodel::uniform(level, 2)).expect("session");
+        // A q4_0 row of 96 elements: 3 blocks of 18 bytes in the file (54 bytes); on the GPU 2
+        // words of scales (3 f16, padded) and 12 of nibbles, 56 bytes. Three FFN tensors.
+        let rows: u64 = meta.ffn_widths.iter().map(|l| u64::from(l[usize::from(level)])).sum();
+        assert_eq!(s.ffn_weight_bytes(), rows * 3 * 56, "level {level}");
+    }
+    // The store holds the widest prefix requested so far (level 2).
+    let rows: u64 = meta.ffn_widths.iter().map(|l| u64::from(l[2])).sum();
+    assert_eq!(gpu.ffn_resident_bytes(), rows * 3 * 56);
+    // Shared weights (embeddings, LM head, attention): 56 bytes a row against f16's 192.
+    let f16 = uniform(&meta, DType::F16);
+    let f16_gpu = GpuEngine::new(f16, GpuOptions::default()).expect("f16 engine");
+    let (a, b) = (gpu.shared_weight_bytes(), f16_gpu.shared_weight_bytes());
+    assert_eq!(a * 192, b * 56, "q4_0 {a} bytes vs f16 {b} bytes");
+    // A memory limit between the two footprints: the q4_0 engine fits, the f16 one does not.
+    let live = gpu.session(&Submodel::uniform(2, 2)).expect("session");
+    let limit = gpu.memory_in_use() + 4096;
+    drop(live);
+    let opts = GpuOptions { memory_limit_bytes: Some(limit), ..GpuOptions::default() };
+    assert!(GpuEngine::new(Arc::clone(&q4), opts.clone())
+        .and_then(|g| g.session(&Submodel::uniform(2, 2)).map(drop))
+        .is_ok());
+    let f16 = uniform(&meta, DType::F16);
+    let err = GpuEngine::new(f16, opts).and_then(|g| g.session(&Submodel::uniform(2, 2)).map(drop));
+    assert!(matches!(err, Err(GpuError::OutOfMemory { .. })), "{err:?}");
+}
+
+/// Decode tokens/s of the GPU engine on one synthetic ~40M-parameter model (d_model 512, 8
+/// layers, 8 heads / 2 KV heads of 64, FFN 2048 nested as 256/512/1024/2048, vocab 32000) in
+/// f16, q8_0, q4_0 and q4_1, smallest and largest submodel. Ignored by default:
+///
+/// ```text
+/// XDG_RUNTIME_DIR=/tmp cargo test -p matformer --test gpu_quant -- --ignored --nocapture
+/// ```
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn quantised_decode_speed() {
+    let mut meta = synthetic_metadata(512, 8, 8, 2, 64, 32_000, vec![vec![256, 512, 1024, 2048]], true, false);
+    meta.architecture.max_context = 256;
+    let prompt: Vec<u32> = (0..16u32).map(|i| (i * 31 + 7) % 256).collect();
+    let steps = 32usize;
+    for dtype in [DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let model = uniform(&meta, dtype);
+        let Some(gpu) = gpu_common::or_skip(GpuEngine::new(Arc::clone(&model), GpuOptions::default()), "GPU engine")
+        else {
+            return;
+        };
+        for level in [0u8, 3] {
+            let sub = Submodel::uniform(level, 8);
+            let mut s = gpu.session(&sub).expect("session");
+            let mut tok = s.prefill(&prompt).expect("prefill");
+            tok = s.decode(tok).expect("warm-up");
+            let t = std::time::Instant::now();
+            for _ in 0..steps {
+                tok = s.decode(tok).expect("decode");
+            }
+            let tps = steps as f64 / t.elapsed().as_secs_f64();
+            println!(
+                "{:>4} level {level}: GPU decode {tps:7.2} tok/s ({} weight path for f16 tensors; shared weights {} bytes, FFN {} bytes)",
+                dtype.name(),
+                gpu.adapter().weight_path,
+                gpu.shared_weight_bytes(),
+                s.ffn_weight_bytes(),
+            );
+        }
+    }
 }
