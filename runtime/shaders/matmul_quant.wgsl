@@ -9,11 +9,12 @@
 //   (d = max|x| / 127, q = round(x / d) half away from zero, s = d * sum(q)); a weight block
 //   (dw, qw) contributes (dw * d) * sum(qw * q) (an exact integer sum), plus mw * s for q4_1's
 //   minimum; blocks are added in order.
-// gemv_t: out[c] = sum_r x[k_offset + r] * W[r, c]                 (one token, ffn_down_t; a
-//         thread takes the 4 (q8_0) or 8 (q4) output columns of one quant word)
+// gemv_t: out[c] = sum_r x[k_offset + r] * W[r, c]                 (one token, ffn_down_t; 16
+//         threads take the 4 (q8_0) or 8 (q4) output columns of one quant word, each a slice
+//         of the rows)
 // gemm_t: out[i, c] = sum_r x[i, k_offset + r] * W[r, c]           (a thread: one column, 16 tokens)
-//   f32 activations times the exactly decoded weights (d * q, d * (n - 8), d * n + m), rows
-//   added in order, as the CPU's down projection does.
+//   f32 activations times the exactly decoded weights (d * q, d * (n - 8), d * n + m), as the
+//   CPU's down projection does (gemm_t adds the rows in order; gemv_t in 16 slices).
 // ACCUMULATE adds into out (residual connection fused in).
 //
 // Weights: each row repacked at upload into whole u32 words (row_units words per row), the
@@ -235,29 +236,51 @@ fn gemv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
 }
 
+// gemv_t: column groups (one quant word's columns) per workgroup, and K slices per group (WG
+// threads: GT groups x KS slices; slice j sums rows j, j + KS, ...; the slices' sums are added
+// in slice order through shared memory).
+const GT: u32 = 4u;
+const KS: u32 = 16u;
+var<workgroup> red: array<vec4<f32>, 128>;
+
 @compute @workgroup_size(WG)
-fn gemv_t(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let g = gid.x + gid.y * nw.x * WG;
+fn gemv_t(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let gl = lid.x % GT;
+    let slice = lid.x / GT;
+    let g = (wid.x + wid.y * nw.x) * GT + gl;
     let bw = block_words();
     let b = g / bw;
-    if b >= p.n / 32u {
-        return;
-    }
+    // Threads past the last block read block 0 (in bounds) and store nothing: every thread
+    // reaches the barrier.
+    let valid = b < p.n / 32u;
+    let bb = select(0u, b, valid);
     let wi = g % bw;
     let s = scale_words(p.n);
     var lo = vec4<f32>(0.0);
     var hi = vec4<f32>(0.0);
-    for (var i = 0u; i < p.k; i++) {
+    for (var i = slice; i < p.k; i += KS) {
         let xi = x_at(p.k_offset + i);
         let base = i * p.row_units;
-        let dm = scale(base, b);
-        let word = w[base + s + b * bw + wi];
+        let dm = scale(base, bb);
+        let word = w[base + s + bb * bw + wi];
         if QTYPE == 0u {
             lo += xi * (dm.x * i8x4(word));
         } else {
             lo += xi * q4(lo4(word), dm);
             hi += xi * q4(hi4(word), dm);
         }
+    }
+    red[2u * lid.x] = lo;
+    red[2u * lid.x + 1u] = hi;
+    workgroupBarrier();
+    if slice != 0u || !valid {
+        return;
+    }
+    lo = vec4<f32>(0.0);
+    hi = vec4<f32>(0.0);
+    for (var j = 0u; j < KS; j++) {
+        lo += red[2u * (j * GT + gl)];
+        hi += red[2u * (j * GT + gl) + 1u];
     }
     let c = b * 32u + wi * 4u;
     for (var j = 0u; j < 4u; j++) {

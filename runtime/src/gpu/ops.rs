@@ -569,15 +569,14 @@ pub(crate) struct MatmulKeys {
 }
 
 /// Workgroups of the quantised decode GEMV (`matmul_quant.wgsl`, 64 threads) over `n` outputs:
-/// 4 rows a thread (`gemv`), or one quant word's 4 (`q8_0`) or 8 (`q4_0`, `q4_1`) output
-/// columns a thread (`gemv_t`).
+/// 4 rows a thread (`gemv`, 256 rows a workgroup), or (`gemv_t`) 4 column groups a workgroup,
+/// a group being one quant word's 4 (`q8_0`) or 8 (`q4_0`, `q4_1`) output columns.
 pub(crate) fn quant_gemv_grid(dtype: crate::format::DType, transposed: bool, n: u32) -> (u32, u32) {
-    let per_thread = match (transposed, dtype) {
-        (false, _) => 4,
-        (true, crate::format::DType::Q8_0) => 4,
-        (true, _) => 8,
-    };
-    split_2d(n.div_ceil(per_thread).div_ceil(64))
+    match (transposed, dtype) {
+        (false, _) => split_2d(n.div_ceil(4 * 64)),
+        (true, crate::format::DType::Q8_0) => split_2d(n.div_ceil(4 * 4)),
+        (true, _) => split_2d(n.div_ceil(8 * 4)),
+    }
 }
 
 /// Column units per workgroup of `gemv_t_split` (`SPLIT_UNITS` of `matmul_gemv.wgsl`).
