@@ -208,30 +208,83 @@ fn element(base: u32, s: u32, b: u32, e: u32) -> f32 {
     return q4(vec4<f32>(n), dm).x;
 }
 
-@compute @workgroup_size(WG)
-fn gemv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let r0 = (gid.x + gid.y * nw.x * WG) * RPT;
-    if r0 >= p.n {
-        return;
+// gemv: the activation's blocks quantised once per workgroup, SEG blocks at a time (one block a
+// thread), into shared memory: 8 words of packed i8 per block, its d and its integer sum.
+const SEG: u32 = 64u;
+var<workgroup> gq: array<u32, 512>;
+var<workgroup> gd: array<f32, 64>;
+var<workgroup> gsum: array<i32, 64>;
+
+// Block b of the row at word `base` (s scale words) against an activation block held as
+// packed i8 words `xq`, its d `xd` and its integer sum `xs`: (dw * d) * sum(qw * q), plus
+// mw * s for q4_1, with packed 4 x i8 dot products (q4: the nibbles as non-negative bytes,
+// sum((n - 8) q) = sum(n q) - 8 sum(q) for q4_0; all exact).
+fn block_qdot_packed(base: u32, s: u32, b: u32, xq: array<u32, 8>, xd: f32, xs: i32) -> f32 {
+    let dm = scale(base, b);
+    let q0 = base + s + b * block_words();
+    var isum = 0;
+    var min_term = 0.0;
+    if QTYPE == 0u {
+        for (var i = 0u; i < 8u; i++) {
+            isum += dot4I8Packed(w[q0 + i], xq[i]);
+        }
+    } else {
+        for (var i = 0u; i < 4u; i++) {
+            let word = w[q0 + i];
+            isum += dot4I8Packed(word & 0x0f0f0f0fu, xq[i]) + dot4I8Packed((word >> 4u) & 0x0f0f0f0fu, xq[4u + i]);
+        }
+        if QTYPE == 1u {
+            isum -= 8 * xs;
+        } else {
+            min_term = dm.y * (xd * f32(xs));
+        }
     }
+    return dm.x * xd * f32(isum) + min_term;
+}
+
+@compute @workgroup_size(WG)
+fn gemv(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let r0 = ((wid.x + wid.y * nw.x) * WG + lid.x) * RPT;
     let s = scale_words(p.k);
     let nb = p.k / 32u;
+    // Rows past n repeat the last row (computed, never stored): every thread reaches the
+    // barriers.
+    let last = p.n - 1u;
     var acc = vec4<f32>(0.0);
-    for (var b = 0u; b < nb; b++) {
-        // The block's activations, quantised once for the thread's rows.
-        var xv: array<vec4<f32>, 8>;
-        for (var i = 0u; i < 8u; i++) {
-            xv[i] = x[b * 8u + i];
+    for (var seg = 0u; seg < nb; seg += SEG) {
+        workgroupBarrier();
+        let qbk = seg + lid.x;
+        if qbk < nb {
+            var xv: array<vec4<f32>, 8>;
+            for (var i = 0u; i < 8u; i++) {
+                xv[i] = x[qbk * 8u + i];
+            }
+            let qb = quantize(xv);
+            for (var i = 0u; i < 8u; i++) {
+                gq[lid.x * 8u + i] = pack4xI8(qb.q[i]);
+            }
+            gd[lid.x] = qb.d;
+            let sq = qb.q[0] + qb.q[1] + qb.q[2] + qb.q[3] + qb.q[4] + qb.q[5] + qb.q[6] + qb.q[7];
+            gsum[lid.x] = sq.x + sq.y + sq.z + sq.w;
         }
-        let qb = quantize(xv);
-        for (var j = 0u; j < RPT; j++) {
-            // Rows past n repeat the last row (computed, never stored).
-            acc[j] += block_qdot(min(r0 + j, p.n - 1u) * p.row_units, s, b, qb);
+        workgroupBarrier();
+        let end = min(SEG, nb - seg);
+        for (var j = 0u; j < end; j++) {
+            // The block's quantised activation in registers, shared by the thread's rows.
+            var xq: array<u32, 8>;
+            for (var i = 0u; i < 8u; i++) {
+                xq[i] = gq[j * 8u + i];
+            }
+            let xd = gd[j];
+            let xs = gsum[j];
+            for (var r = 0u; r < RPT; r++) {
+                acc[r] += block_qdot_packed(min(r0 + r, last) * p.row_units, s, seg + j, xq, xd, xs);
+            }
         }
     }
-    for (var j = 0u; j < RPT; j++) {
-        if r0 + j < p.n {
-            store(p.out_offset + r0 + j, acc[j]);
+    for (var r = 0u; r < RPT; r++) {
+        if r0 + r < p.n {
+            store(p.out_offset + r0 + r, acc[r]);
         }
     }
 }
