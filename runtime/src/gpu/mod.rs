@@ -108,9 +108,9 @@ pub fn forward_tolerance(path: WeightPath) -> Tolerance {
 /// block sums are scaled in f32. But the activations entering that rounding differ between
 /// the backends by f32 roundoff, so an element lying within roundoff of a rounding boundary
 /// rounds the other way on one side: it moves by one step, 1/127 ≈ 7.9e-3 of its block's
-/// largest magnitude, and the product by at most that times its weight (|w| ≤ 1 here). The
-/// tier allows one such step: 1e-2 absolute plus relative (measured on the parity tests'
-/// files: at most 3.3e-3).
+/// largest magnitude, and the product by at most that times its weight (the synthetic test
+/// files have `|w| ≤ 1 / sqrt(fan_in)`). The tier allows one such step: 1e-2 absolute plus
+/// relative (measured on the parity tests' files before the tier was set: at most 3.3e-3).
 pub const QUANTIZED_FORWARD_TOLERANCE: Tolerance = Tolerance { name: "quantized_forward", abs: 1e-2, rel: 1e-2 };
 
 /// The first block-quantised tensor of `model` (name and dtype), if any: the GPU runs its

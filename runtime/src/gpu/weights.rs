@@ -50,8 +50,8 @@ impl GpuMatrix {
         }
     }
 
-    /// `u32` words per row: 4 for f32 weights' 8-element units, 4 for packed f16 (two per
-    /// word), and the repacked row's words for a quantised matrix.
+    /// `u32` words per row: 8 per 8-element unit of f32 weights, 4 per unit of packed f16 (two
+    /// per word), and the repacked row's words for a quantised matrix.
     pub(crate) fn row_words(&self) -> usize {
         match self.quant {
             Some(_) => self.row_units,
