@@ -273,11 +273,6 @@ fn choose_backend(model: &Arc<ModelFile>, options: &EngineOptions) -> Result<(Ba
         }
         #[cfg(feature = "gpu")]
         BackendChoice::Auto => {
-            if let Some((tensor, dtype)) = crate::gpu::quantized_tensor(model) {
-                return cpu(format!(
-                    "the GPU backend has no kernels for block-quantised weights yet (tensor {tensor} is {dtype})"
-                ));
-            }
             let adapters = crate::gpu::list_adapters();
             let software: Vec<String> =
                 adapters.iter().filter(|a| a.device_type.eq_ignore_ascii_case("cpu")).map(|a| a.name.clone()).collect();

@@ -227,14 +227,6 @@ impl GpuEngine {
                 reason: "weights are uploaded in place and need a little-endian CPU".into(),
             });
         }
-        if let Some((tensor, dtype)) = super::quantized_tensor(&model) {
-            return Err(GpuError::Unsupported {
-                reason: format!(
-                    "tensor {tensor} is {dtype}: the GPU backend has no kernels for block-quantised weights \
-                     (q8_0, q4_0, q4_1) yet; use the CPU backend or an f16 file"
-                ),
-            });
-        }
         let meta = model.metadata();
         let a = &meta.architecture;
         let dims = ModelDims::from_metadata(meta).map_err(|reason| GpuError::Unsupported { reason })?;
@@ -366,7 +358,8 @@ impl GpuEngine {
     /// Start-up self-check (for `--backend auto`): runs a short prompt through the smallest
     /// submodel on this GPU and on the CPU engine and compares every logit with
     /// [`forward_tolerance`](super::forward_tolerance) of the weight path (`FORWARD_F32` on the
-    /// packed path). Costs one small session
+    /// packed path), or [`QUANTIZED_FORWARD_TOLERANCE`](super::QUANTIZED_FORWARD_TOLERANCE) for a
+    /// file with block-quantised tensors. Costs one small session
     /// and a CPU forward of a few tokens. An error means: do not use this GPU.
     pub fn self_check(&self) -> Result<(), GpuError> {
         let model = &self.inner.model;
@@ -381,8 +374,12 @@ impl GpuEngine {
             .and_then(|mut s| s.forward_all(&tokens))
             .map_err(|e| fail(format!("CPU forward: {e}")))?;
         let actual = self.session(&sub)?.forward_all(&tokens)?;
-        super::forward_tolerance(self.inner.kernels.path())
-            .check(&expected, &actual)
+        let tol = if super::quantized_tensor(model).is_some() && self.inner.kernels.path() != super::WeightPath::F16 {
+            super::QUANTIZED_FORWARD_TOLERANCE
+        } else {
+            super::forward_tolerance(self.inner.kernels.path())
+        };
+        tol.check(&expected, &actual)
             .map_err(|m| fail(format!("logits of submodel {} vs the CPU engine: {m}", sub.name(model.metadata()))))
     }
 

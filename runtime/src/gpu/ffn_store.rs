@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use super::device::Gpu;
-use super::weights::{pad8, Chunk, GpuMatrix};
+use super::weights::{gpu_row_bytes, Chunk, GpuMatrix};
 use super::GpuError;
 use crate::ModelFile;
 
@@ -107,6 +107,7 @@ impl FfnShape<'_> {
                 Some(o) => GpuMatrix {
                     cols: o.cols,
                     f32: o.f32,
+                    quant: o.quant,
                     row_units: o.row_units,
                     chunks: o.chunks.iter().map(clone_chunk).chain(added.chunks).collect(),
                 },
@@ -139,7 +140,7 @@ impl FfnShape<'_> {
                     chunks.extend(kept.chunks);
                 }
             }
-            Ok(GpuMatrix { cols: m.cols, f32: m.f32, row_units: m.row_units, chunks })
+            Ok(GpuMatrix { cols: m.cols, f32: m.f32, quant: m.quant, row_units: m.row_units, chunks })
         };
         let up = one(&up_n, &old.up)?;
         let gate = match &old.gate {
@@ -163,13 +164,14 @@ pub(crate) fn prefix(m: &GpuMatrix, width: usize) -> GpuMatrix {
         .filter(|c| c.row_start < width)
         .map(|c| Chunk { buffer: c.buffer.clone(), row_start: c.row_start, rows: c.rows.min(width - c.row_start) })
         .collect();
-    GpuMatrix { cols: m.cols, f32: m.f32, row_units: m.row_units, chunks }
+    GpuMatrix { cols: m.cols, f32: m.f32, quant: m.quant, row_units: m.row_units, chunks }
 }
 
-/// Bytes of one padded GPU row of tensor `name` (`cols` elements per row).
+/// Bytes of one GPU row of tensor `name` (`cols` elements per row; padded f16/f32 rows,
+/// repacked quantised rows).
 fn padded_row_bytes(model: &ModelFile, name: &str, cols: usize) -> Result<u64, GpuError> {
     let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
-    Ok((pad8(cols) * info.dtype.size_bytes()) as u64)
+    Ok(gpu_row_bytes(info.dtype, cols))
 }
 
 /// Rows `[from, to)` of tensor `name` uploaded as a matrix whose chunks carry their absolute

@@ -50,6 +50,8 @@ pub(crate) enum Kernel {
     /// The packed64 decode GEMV (64-bit loads, needs `SHADER_INT64`).
     MatmulGemvU64,
     MatmulGemvU64Sg,
+    /// Decode GEMVs and prefill GEMMs of block-quantised weights (`q8_0`, `q4_0`, `q4_1`).
+    MatmulQuant,
     Rope,
     Attention,
     FfnAct,
@@ -65,7 +67,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 17] = [
+    const ALL: [Kernel; 18] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -75,6 +77,7 @@ impl Kernel {
         Kernel::MatmulGemmF16,
         Kernel::MatmulGemvU64,
         Kernel::MatmulGemvU64Sg,
+        Kernel::MatmulQuant,
         Kernel::Rope,
         Kernel::Attention,
         Kernel::FfnAct,
@@ -96,6 +99,7 @@ impl Kernel {
             Kernel::MatmulGemmF16 => shader!("matmul_gemm_f16"),
             Kernel::MatmulGemvU64 => shader!("matmul_gemv_u64"),
             Kernel::MatmulGemvU64Sg => shader!("matmul_gemv_u64_sg"),
+            Kernel::MatmulQuant => shader!("matmul_quant"),
             Kernel::Rope => shader!("rope"),
             Kernel::Attention => shader!("attention"),
             Kernel::FfnAct => shader!("ffn_act"),
@@ -119,7 +123,8 @@ impl Kernel {
             | Kernel::MatmulGemvF16
             | Kernel::MatmulGemmF16
             | Kernel::MatmulGemvU64
-            | Kernel::MatmulGemvU64Sg => &[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite],
+            | Kernel::MatmulGemvU64Sg
+            | Kernel::MatmulQuant => &[Uniform, Uniform, Read, Read, ReadWrite, ReadWrite],
             Kernel::LayerNorm => &[Uniform, Uniform, Read, Read, ReadWrite, Read],
             Kernel::Rope => &[Uniform, Uniform, ReadWrite, Read, ReadWrite, ReadWrite],
             Kernel::Attention => &[Uniform, Uniform, Read, Read, Read, ReadWrite, ReadWrite],
@@ -460,6 +465,21 @@ impl Kernels {
         MatmulKeys { gemv: if transposed { gemv } else { gemv.with("RPT", self.gemv_rpt) }, reduce: None, gemm }
     }
 
+    /// Pipeline keys of a block-quantised matrix's products (`matmul_quant.wgsl`, whatever the
+    /// weight path): `gemv` / `gemv_t` for one token on [`quant_gemv_grid`], `gemm` / `gemm_t`
+    /// on the GEMM grid of 64 outputs x 16 tokens per workgroup.
+    pub(crate) fn quant_keys(&self, dtype: crate::format::DType, accumulate: bool, transposed: bool) -> MatmulKeys {
+        use crate::format::DType;
+        let qtype = match dtype {
+            DType::Q8_0 => 0,
+            DType::Q4_0 => 1,
+            _ => 2,
+        };
+        let key = |entry| PipeKey::new(Kernel::MatmulQuant, entry, &[("ACCUMULATE", accumulate)]).with("QTYPE", qtype);
+        let (gemv, gemm) = if transposed { ("gemv_t", "gemm_t") } else { ("gemv", "gemm") };
+        MatmulKeys { gemv: key(gemv), reduce: None, gemm: key(gemm) }
+    }
+
     /// The pipeline for `key`, compiled on first use.
     pub(crate) fn pipeline(&self, gpu: &Gpu, key: &PipeKey) -> Result<wgpu::ComputePipeline, GpuError> {
         let poisoned = || GpuError::Wgpu { during: "compiling a pipeline".into(), message: "lock poisoned".into() };
@@ -546,6 +566,17 @@ pub(crate) struct MatmulKeys {
     pub(crate) reduce: Option<PipeKey>,
     /// The prefill GEMM.
     pub(crate) gemm: PipeKey,
+}
+
+/// Workgroups of the quantised decode GEMV (`matmul_quant.wgsl`, 64 threads) over `n` outputs:
+/// 4 rows a thread (`gemv`, 256 rows a workgroup), or (`gemv_t`) 4 column groups a workgroup,
+/// a group being one quant word's 4 (`q8_0`) or 8 (`q4_0`, `q4_1`) output columns.
+pub(crate) fn quant_gemv_grid(dtype: crate::format::DType, transposed: bool, n: u32) -> (u32, u32) {
+    match (transposed, dtype) {
+        (false, _) => split_2d(n.div_ceil(4 * 64)),
+        (true, crate::format::DType::Q8_0) => split_2d(n.div_ceil(4 * 4)),
+        (true, _) => split_2d(n.div_ceil(8 * 4)),
+    }
 }
 
 /// Column units per workgroup of `gemv_t_split` (`SPLIT_UNITS` of `matmul_gemv.wgsl`).

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use super::device::Gpu;
 use super::engine::{GpuNorm, Inner};
 use super::ffn_store::LayerFfn;
-use super::ops::{ActParams, EmbeddingParams, Kernel, MatmulParams, NormParams, PipeKey};
+use super::ops::{quant_gemv_grid, ActParams, EmbeddingParams, Kernel, MatmulParams, NormParams, PipeKey};
 use super::session::Acts;
 use super::weights::{upload_bytes, GpuMatrix};
 use super::GpuError;
-use crate::format::Activation;
+use crate::format::{Activation, DType};
 
 /// Workgroup counts of a single-pipeline dispatch as a function of the pass's token count `t`.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +80,7 @@ pub(super) enum Item {
 
 /// GPU bytes of the rows a matrix view covers.
 fn view_bytes(m: &GpuMatrix) -> u64 {
-    let row = (m.row_units * 8 * if m.f32 { 4 } else { 2 }) as u64;
+    let row = m.row_bytes();
     m.chunks.iter().map(|c| c.rows as u64 * row).sum()
 }
 
@@ -168,14 +168,19 @@ pub(super) fn plan_shared(
             row_start: c.row_start as u32,
             rows: c.rows as u32,
             cols: dm.d_model as u32,
-            row_words: (i.embed.row_units * if i.embed.f32 { 8 } else { 4 }) as u32,
+            row_words: i.embed.row_words() as u32,
             out_stride: sd as u32,
             _pad: [0; 3],
         };
         let ub = p.uniform("embedding params", &params)?;
         embed.push(p.fixed(
             Kernel::Embedding,
-            &[("F32_WEIGHTS", i.embed.f32)],
+            &[
+                ("F32_WEIGHTS", i.embed.f32),
+                ("Q8_0", i.embed.quant == Some(DType::Q8_0)),
+                ("Q4_0", i.embed.quant == Some(DType::Q4_0)),
+                ("Q4_1", i.embed.quant == Some(DType::Q4_1)),
+            ],
             &[&ub, p.step, tokens, &c.buffer, &a.x],
             Grid::PerToken((dm.d_model as u32).div_ceil(64)),
         )?);
@@ -275,7 +280,10 @@ impl Planner<'_> {
             return Err(GpuError::Unsupported { reason: "a chunked transposed product must accumulate".into() });
         }
         let k = &self.inner.kernels;
-        let keys = k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows, m.row_units);
+        let keys = match m.quant {
+            Some(q) => k.quant_keys(q, accumulate, transposed),
+            None => k.matmul_keys(m.f32, accumulate, transposed, self.inner.gemv_rows, m.row_units),
+        };
         let gemv = k.pipeline(self.gpu(), &keys.gemv)?;
         let gemm = k.pipeline(self.gpu(), &keys.gemm)?;
         let reduce = keys.reduce.as_ref().map(|key| k.pipeline(self.gpu(), key)).transpose()?;
@@ -292,8 +300,10 @@ impl Planner<'_> {
                 k_offset: k_offset as u32,
                 slabs: 0,
             };
-            let gemv_grid =
-                k.gemv_grid(m.f32, transposed, n as u32, kk as u32, m.row_units as u32, self.inner.gemv_rows);
+            let gemv_grid = match m.quant {
+                Some(q) => quant_gemv_grid(q, transposed, n as u32),
+                None => k.gemv_grid(m.f32, transposed, n as u32, kk as u32, m.row_units as u32, self.inner.gemv_rows),
+            };
             let params = MatmulParams { slabs: if reduce.is_some() { gemv_grid.0 } else { 0 }, ..params };
             let ub = self.uniform("matmul params", &params)?;
             let bind = k.bind(self.gpu(), keys.gemv.kernel, &[&ub, self.step, x, &c.buffer, out, self.partials])?;

@@ -1,5 +1,7 @@
 //! Uploading weights: matrices as zero-padded rows (8-element units: packed f16, or f32) split
-//! into row chunks that each fit one storage binding; small vectors as f32.
+//! into row chunks that each fit one storage binding; small vectors as f32. Block-quantised
+//! rows (`q8_0`, `q4_0`, `q4_1`) are repacked row by row into whole `u32` words
+//! ([`quant_row_words`], [`repack_quant_row`]): a row's block scales first, then its quants.
 
 use super::device::Gpu;
 use super::GpuError;
@@ -25,7 +27,11 @@ pub(crate) struct GpuMatrix {
     pub(crate) cols: usize,
     /// Stored as f32 (an f32 file) rather than packed f16.
     pub(crate) f32: bool,
-    /// 8-element units per padded row.
+    /// The block-quantised dtype of the rows (repacked, [`repack_quant_row`]), or `None` for
+    /// f16 and f32 rows.
+    pub(crate) quant: Option<DType>,
+    /// 8-element units per padded row; for a quantised matrix, `u32` words per row
+    /// ([`quant_row_words`]).
     pub(crate) row_units: usize,
     pub(crate) chunks: Vec<Chunk>,
 }
@@ -34,6 +40,23 @@ impl GpuMatrix {
     /// Bytes of the GPU copy.
     pub(crate) fn bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.buffer.size()).sum()
+    }
+
+    /// Bytes of one row on the GPU (padding included).
+    pub(crate) fn row_bytes(&self) -> u64 {
+        match self.quant {
+            Some(_) => self.row_units as u64 * 4,
+            None => (self.row_units * 8 * if self.f32 { 4 } else { 2 }) as u64,
+        }
+    }
+
+    /// `u32` words per row: 8 per 8-element unit of f32 weights, 4 per unit of packed f16 (two
+    /// per word), and the repacked row's words for a quantised matrix.
+    pub(crate) fn row_words(&self) -> usize {
+        match self.quant {
+            Some(_) => self.row_units,
+            None => self.row_units * if self.f32 { 8 } else { 4 },
+        }
     }
 
     /// Uploads rows `[0, rows)` of tensor `name` (which must have `cols` elements per row),
@@ -105,7 +128,7 @@ impl GpuMatrix {
             });
         }
         gaps.push((next, total_rows - next));
-        let row_bytes = cols * dtype.size_bytes();
+        let row_bytes = dtype.row_bytes(cols as u64).unwrap_or(0) as usize;
         let zeros = vec![0u8; gaps.iter().map(|g| g.1).max().unwrap_or(0) * row_bytes];
         let mut pieces = segments;
         for (start, n) in gaps.into_iter().filter(|g| g.1 > 0) {
@@ -155,10 +178,12 @@ impl GpuMatrix {
             return Err(bad(format!("{rows} x {cols} is empty")));
         }
         let is_f32 = dtype == DType::F32;
-        let elem = dtype.size_bytes();
-        let row_bytes = cols * elem;
-        let row_units = pad8(cols) / 8;
-        let padded = (row_units * 8 * elem) as u64;
+        let quant = dtype.is_quantized().then_some(dtype);
+        let row_bytes =
+            dtype.row_bytes(cols as u64).ok_or_else(|| bad(format!("{cols} columns are not whole {dtype} blocks")))?
+                as usize;
+        let row_units = if quant.is_some() { quant_row_words(dtype, cols) } else { pad8(cols) / 8 };
+        let padded = gpu_row_bytes(dtype, cols);
         if padded > max_binding {
             return Err(GpuError::BufferTooLarge {
                 what: format!("one row of {name}"),
@@ -167,6 +192,8 @@ impl GpuMatrix {
             });
         }
         let chunk_rows = ((max_binding / padded) as usize).max(1);
+        // One repacked quantised row (unused for f16 and f32 rows).
+        let mut repacked = vec![0u8; if quant.is_some() { padded as usize } else { 0 }];
         let mut chunks: Vec<Chunk> = Vec::with_capacity(rows.div_ceil(chunk_rows));
         // The chunk being filled: its buffer and mapped view.
         let mut open: Option<(Chunk, wgpu::BufferViewMut)> = None;
@@ -210,7 +237,13 @@ impl GpuMatrix {
                 }
                 if let Some((chunk, view)) = open.as_mut() {
                     let off = (next - chunk.row_start) * padded as usize;
-                    view.slice(off..off + row_bytes).copy_from_slice(row);
+                    match quant {
+                        Some(q) => {
+                            repack_quant_row(q, row, &mut repacked);
+                            view.slice(off..off + padded as usize).copy_from_slice(&repacked);
+                        }
+                        None => view.slice(off..off + row_bytes).copy_from_slice(row),
+                    }
                 }
                 next += 1;
             }
@@ -219,7 +252,48 @@ impl GpuMatrix {
         if next != rows {
             return Err(bad(format!("segments cover {next} rows, {rows} needed")));
         }
-        Ok(GpuMatrix { cols, f32: is_f32, row_units, chunks })
+        Ok(GpuMatrix { cols, f32: is_f32, quant, row_units, chunks })
+    }
+}
+
+/// `u32` words of one repacked row of `cols` elements (a multiple of 32) of a block-quantised
+/// `dtype`: the scales (`q8_0`, `q4_0`: one f16 `d` per block, two per word, the last word
+/// zero-padded when the block count is odd; `q4_1`: one word `d | m << 16` per block), then the
+/// quants (`q8_0`: 8 words per block, the block's 32 `i8` in order; `q4_0`, `q4_1`: 4 words per
+/// block, the block's 16 nibble bytes as stored).
+pub(crate) fn quant_row_words(dtype: DType, cols: usize) -> usize {
+    let blocks = cols / crate::format::QK;
+    match dtype {
+        DType::Q8_0 => blocks.div_ceil(2) + 8 * blocks,
+        DType::Q4_0 => blocks.div_ceil(2) + 4 * blocks,
+        _ => 5 * blocks,
+    }
+}
+
+/// Bytes of one GPU row of `cols` elements of `dtype` (padded f16/f32 rows, repacked quantised
+/// rows).
+pub(crate) fn gpu_row_bytes(dtype: DType, cols: usize) -> u64 {
+    if dtype.is_quantized() {
+        quant_row_words(dtype, cols) as u64 * 4
+    } else {
+        (pad8(cols) * dtype.size_bytes()) as u64
+    }
+}
+
+/// Writes the file row `src` (whole ggml blocks of `dtype`) into `dst` in the GPU layout of
+/// [`quant_row_words`]: the scale fields of every block first, then every block's quant bytes.
+/// A prefix of rows stays the prefix submodel: rows are repacked independently.
+pub(crate) fn repack_quant_row(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    let bb = dtype.block_bytes();
+    let blocks = src.len() / bb;
+    // Scale bytes per block (d, or d and m) and where the quants start.
+    let sb = if dtype == DType::Q4_1 { 4 } else { 2 };
+    let qstart = 4 * (quant_row_words(dtype, blocks * crate::format::QK) - blocks * (bb - sb) / 4);
+    dst.fill(0);
+    for (b, block) in src.chunks_exact(bb).enumerate() {
+        dst[b * sb..(b + 1) * sb].copy_from_slice(&block[..sb]);
+        let q = bb - sb;
+        dst[qstart + b * q..qstart + (b + 1) * q].copy_from_slice(&block[sb..]);
     }
 }
 
