@@ -334,3 +334,183 @@ pub(super) fn axpy_rows_f16<const R: usize>(y: &mut [f32], a: &[f32], w: &[f16])
         axpy_rows_f16_bits::<R, false>(y, a, bits)
     }
 }
+
+/// `acc[i]` (all [`LANES`] lanes of `T` dot products) `+=` the products of `T` inputs with
+/// one f16 row, `L` lanes per pass over the row: each pass widens its `L` weights of a
+/// [`LANES`]-wide chunk once in registers and multiplies them into the `T` inputs' partial
+/// sums, which stay in registers (`T * L / 8` AVX2 accumulators). Every lane gets exactly the
+/// operations of [`accumulate`] with the exactly widened row, in the same order, so the
+/// result is bitwise [`dot`] of each input with the widened row. Weights are widened by
+/// `half` when the build has f16 conversion instructions ([`HW_F16`]), from their bits
+/// ([`f16_bits_unscaled`] times `2^112`, exact for finite values) otherwise; then the
+/// function returns `false` when the row holds an infinity or a NaN (and `acc` holds garbage).
+#[inline(always)]
+fn accumulate_tokens_f16<const T: usize, const L: usize>(
+    acc: &mut [[f32; LANES]; T],
+    x: [&[f32]; T],
+    w: &[f16],
+) -> bool {
+    let n = w.len();
+    let n_full = n - n % LANES;
+    let bits: &[u16] = bytemuck::cast_slice(w);
+    let mut top = [0i16; L];
+    let mut g = 0;
+    while g < LANES {
+        let mut a = [[0.0f32; L]; T];
+        let mut k = g;
+        while k < n_full {
+            let Some(Ok(wb)) = bits.get(k..k + L).map(<&[u16; L]>::try_from) else { break };
+            let mut wv = [0.0f32; L];
+            for i in 0..L {
+                wv[i] = if HW_F16 {
+                    f16::from_bits(wb[i]).to_f32()
+                } else {
+                    top[i] = top[i].max((wb[i] & 0x7fff) as i16);
+                    f16_bits_unscaled(wb[i]) * F16_SCALE
+                };
+            }
+            for (at, xt) in a.iter_mut().zip(&x) {
+                if let Some(Ok(xv)) = xt.get(k..k + L).map(<&[f32; L]>::try_from) {
+                    for i in 0..L {
+                        at[i] += xv[i] * wv[i];
+                    }
+                }
+            }
+            k += LANES;
+        }
+        for (dst, at) in acc.iter_mut().zip(&a) {
+            dst[g..g + L].copy_from_slice(at);
+        }
+        g += L;
+    }
+    let mut top_rest = 0i16;
+    for (j, &b) in bits[n_full..n].iter().enumerate() {
+        let wv = if HW_F16 {
+            f16::from_bits(b).to_f32()
+        } else {
+            top_rest = top_rest.max((b & 0x7fff) as i16);
+            f16_bits_unscaled(b) * F16_SCALE
+        };
+        for (dst, xt) in acc.iter_mut().zip(&x) {
+            dst[j] += xt[n_full + j] * wv;
+        }
+    }
+    HW_F16 || (top_rest < F16_NON_FINITE && top.iter().all(|&t| t < F16_NON_FINITE))
+}
+
+/// `out[i * ld] = dot(x[i], widen(w))` for the `T` inputs `x` (each `w.len()` long), with
+/// [`accumulate_tokens_f16`]: bitwise [`dot_row`] of each input with the row.
+#[inline(never)]
+fn dot_tokens_f16<const T: usize, const L: usize>(x: [&[f32]; T], w: &[f16], out: &mut [f32], ld: usize) {
+    let mut acc = [[0.0f32; LANES]; T];
+    if accumulate_tokens_f16::<T, L>(&mut acc, x, w) {
+        for (i, a) in acc.iter().enumerate() {
+            out[i * ld] = reduce(a);
+        }
+    } else {
+        // An infinite or NaN weight (builds without f16 instructions): the exact path.
+        for (i, xi) in x.iter().enumerate() {
+            out[i * ld] = dot_row(xi, None, RowData::F16(w));
+        }
+    }
+}
+
+/// `out[i * ld] = x[i] . w` for the `t` inputs `x` (`[t, w.len()]`) and one f16 row, reading
+/// the row once from memory and widening it in registers, a group of inputs per pass (the
+/// row stays in L1 between the groups): four inputs per group (eight per group, with eight
+/// lanes per pass, measured 2x slower at eight inputs), five or six when that many are left,
+/// three after four for seven. Bitwise
+/// [`dot_row`] of each input with the row, whatever `t`.
+pub(super) fn dot_many_f16(x: &[f32], t: usize, w: &[f16], out: &mut [f32], ld: usize) {
+    let n = w.len();
+    let xi = |i: usize| &x[i * n..(i + 1) * n];
+    let mut i = 0;
+    while i < t {
+        let o = &mut out[i * ld..];
+        // (inputs per group, lanes per pass): at most 14 accumulators and 2 weight vectors.
+        let step = match t - i {
+            1 => {
+                o[0] = dot_row(xi(i), None, RowData::F16(w));
+                1
+            }
+            2 => {
+                dot_tokens_f16::<2, 32>([xi(i), xi(i + 1)], w, o, ld);
+                2
+            }
+            3 => {
+                dot_tokens_f16::<3, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                3
+            }
+            4 | 7 | 8 => {
+                dot_tokens_f16::<4, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                4
+            }
+            5 => {
+                dot_tokens_f16::<5, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                5
+            }
+            6 => {
+                dot_tokens_f16::<6, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                6
+            }
+            _ => {
+                dot_tokens_f16::<4, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                4
+            }
+        };
+        i += step;
+    }
+}
+
+/// `y = (...((y + a[0] w[0]) + a[1] w[1]) ...) + a[R-1] w[R-1]` elementwise for `R` f16 rows
+/// given as slices of `y.len()` elements (pieces of rows of a wider matrix), widened in
+/// registers: by `half` with f16 conversion instructions ([`HW_F16`]), from their bits
+/// otherwise (exact for finite values; `false` when a weight is infinite or NaN, and `y` then
+/// holds garbage). Bitwise `R` [`axpy`]s with the exactly widened rows.
+#[inline(never)]
+pub(super) fn axpy_rows_f16_slices<const R: usize>(y: &mut [f32], a: [f32; R], rows: [&[f16]; R]) -> bool {
+    let n = y.len();
+    if rows.iter().any(|r| r.len() < n) {
+        return false;
+    }
+    let rows: [&[u16]; R] = rows.map(|r| bytemuck::cast_slice(&r[..n]));
+    let mut top = [0i16; LANES];
+    let mut yc = y.chunks_exact_mut(LANES);
+    let mut c = 0;
+    for yv in yc.by_ref() {
+        if let Ok(yv) = <&mut [f32; LANES]>::try_from(yv) {
+            let mut v = *yv;
+            for (row, &ar) in rows.iter().zip(&a) {
+                if let Some(Ok(b)) = row.get(c..c + LANES).map(<&[u16; LANES]>::try_from) {
+                    for i in 0..LANES {
+                        let w = if HW_F16 {
+                            f16::from_bits(b[i]).to_f32()
+                        } else {
+                            top[i] = top[i].max((b[i] & 0x7fff) as i16);
+                            f16_bits_unscaled(b[i]) * F16_SCALE
+                        };
+                        v[i] += ar * w;
+                    }
+                }
+            }
+            *yv = v;
+        }
+        c += LANES;
+    }
+    let mut top_rest = 0i16;
+    for (k, yv) in yc.into_remainder().iter_mut().enumerate() {
+        let mut v = *yv;
+        for (row, &ar) in rows.iter().zip(&a) {
+            let b = row[c + k];
+            let w = if HW_F16 {
+                f16::from_bits(b).to_f32()
+            } else {
+                top_rest = top_rest.max((b & 0x7fff) as i16);
+                f16_bits_unscaled(b) * F16_SCALE
+            };
+            v += ar * w;
+        }
+        *yv = v;
+    }
+    HW_F16 || (top_rest < F16_NON_FINITE && top.iter().all(|&t| t < F16_NON_FINITE))
+}
