@@ -216,7 +216,7 @@ fn axpy_rows_q<const R: usize, const D: u8>(y: &mut [f32], a: [f32; R], rows: &[
             let mut w = [0.0f32; QK];
             decode_block::<D>(&rows[at..at + bb], &mut w);
             for i in 0..QK {
-                v[i] += ar * w[i];
+                v[i] = super::dot::madd(v[i], ar, w[i]);
             }
         }
         *yc = v;
