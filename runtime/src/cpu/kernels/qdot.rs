@@ -134,29 +134,41 @@ pub(crate) fn dot(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
 /// up to four tokens at a time (the row stays in L1 between the groups); elsewhere one [`dot`]
 /// per token.
 pub(crate) fn dot_tokens(dtype: DType, w: &[u8], x: &QActs, t: usize, out: &mut [f32], ld: usize) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        if x86::available() {
-            while i + 4 <= t {
-                let r = x86::dot_many::<4>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
-                for (q, v) in r.into_iter().enumerate() {
-                    out[(i + q) * ld] = v;
-                }
-                i += 4;
-            }
-            if t - i >= 2 {
-                let r = x86::dot_many::<2>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
-                for (q, v) in r.into_iter().enumerate() {
-                    out[(i + q) * ld] = v;
-                }
-                i += 2;
-            }
-        }
-    }
-    for i in i..t {
+    let done = dot_tokens_simd(dtype, w, x, t, out, ld);
+    for i in done..t {
         out[i * ld] = dot(dtype, w, x.token(i));
     }
+}
+
+/// The first tokens of [`dot_tokens`] in groups of four, then two, with the AVX2 multi-token
+/// kernels; returns how many it did (0 without AVX2).
+#[cfg(target_arch = "x86_64")]
+fn dot_tokens_simd(dtype: DType, w: &[u8], x: &QActs, t: usize, out: &mut [f32], ld: usize) -> usize {
+    if !x86::available() {
+        return 0;
+    }
+    let mut i = 0;
+    while i + 4 <= t {
+        let r = x86::dot_many::<4>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
+        for (q, v) in r.into_iter().enumerate() {
+            out[(i + q) * ld] = v;
+        }
+        i += 4;
+    }
+    if t - i >= 2 {
+        let r = x86::dot_many::<2>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
+        for (q, v) in r.into_iter().enumerate() {
+            out[(i + q) * ld] = v;
+        }
+        i += 2;
+    }
+    i
+}
+
+/// No multi-token kernel on this architecture: [`dot_tokens`] takes one [`dot`] per token.
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_tokens_simd(_dtype: DType, _w: &[u8], _x: &QActs, _t: usize, _out: &mut [f32], _ld: usize) -> usize {
+    0
 }
 
 /// Which kernel [`dot`] uses on this CPU (for `bench` and `devices`).
