@@ -28,10 +28,27 @@ pub(super) const F16_NON_FINITE: i16 = 0x7c00;
 /// Tokens per micro-kernel call in the batched `x @ W^T`.
 pub(super) const TOKEN_BLOCK: usize = 2;
 
+/// Whether [`madd`] is one fused multiply-add (rounded once): when the build has FMA
+/// instructions (x86-64 with FMA, as in the workspace's `x86-64-v3` builds; aarch64 always).
+/// A fused multiply-add takes one instruction instead of two, which halves the arithmetic of
+/// the batched products (compute-bound from a few inputs on). Every kernel accumulates
+/// through [`madd`], so the paths of one build still agree bitwise.
+pub(crate) const FUSED: bool = cfg!(any(target_feature = "fma", target_arch = "aarch64"));
+
+/// `acc + a * b`: fused (one rounding) when [`FUSED`], a multiply and an add otherwise.
+#[inline(always)]
+pub(crate) fn madd(acc: f32, a: f32, b: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, acc)
+    } else {
+        acc + a * b
+    }
+}
+
 #[inline(always)]
 pub(super) fn mul_add_lanes(acc: &mut [f32; LANES], x: &[f32; LANES], w: &[f32; LANES]) {
     for i in 0..LANES {
-        acc[i] += x[i] * w[i];
+        acc[i] = madd(acc[i], x[i], w[i]);
     }
 }
 
@@ -48,7 +65,7 @@ pub(super) fn accumulate(acc: &mut [f32; LANES], x: &[f32], w: &[f32]) {
         }
     }
     for ((s, a), b) in acc.iter_mut().zip(xr).zip(wr) {
-        *s += a * b;
+        *s = madd(*s, *a, *b);
     }
 }
 
@@ -72,7 +89,7 @@ pub(super) fn accumulate_block(acc: &mut [[f32; LANES]; TOKEN_BLOCK], x: [&[f32]
     }
     for (a, xi) in acc.iter_mut().zip(x) {
         for ((s, xv), wv) in a.iter_mut().zip(&xi[n_full..n]).zip(&w[n_full..n]) {
-            *s += xv * wv;
+            *s = madd(*s, *xv, *wv);
         }
     }
 }
@@ -126,13 +143,13 @@ pub(super) fn dot_f16_bits<const PRESCALED: bool>(x: &[f32], w: &[u16]) -> Optio
         if let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(a), <&[u16; LANES]>::try_from(b)) {
             for i in 0..LANES {
                 top[i] = top[i].max((b[i] & 0x7fff) as i16);
-                acc[i] += a[i] * weight(b[i]);
+                acc[i] = madd(acc[i], a[i], weight(b[i]));
             }
         }
     }
     for (((s, t), &a), &b) in acc.iter_mut().zip(top.iter_mut()).zip(xr).zip(wr) {
         *t = (*t).max((b & 0x7fff) as i16);
-        *s += a * weight(b);
+        *s = madd(*s, a, weight(b));
     }
     top.iter().all(|&t| t < F16_NON_FINITE).then(|| reduce(&acc))
 }
@@ -153,12 +170,12 @@ pub(super) fn dot_f16_exact(x: &[f32], w: &[f16]) -> f32 {
     for (a, b) in xc.zip(wc) {
         if let (Ok(a), Ok(b)) = (<&[f32; LANES]>::try_from(a), <&[f16; LANES]>::try_from(b)) {
             for i in 0..LANES {
-                acc[i] += a[i] * b[i].to_f32();
+                acc[i] = madd(acc[i], a[i], b[i].to_f32());
             }
         }
     }
     for ((s, &a), &b) in acc.iter_mut().zip(xr).zip(wr) {
-        *s += a * b.to_f32();
+        *s = madd(*s, a, b.to_f32());
     }
     reduce(&acc)
 }
@@ -226,7 +243,7 @@ pub(crate) fn sum(x: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
+        *yv = madd(*yv, a, *xv);
     }
 }
 
@@ -237,7 +254,7 @@ pub(super) fn axpy4(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
     let n = y.len().min(x[0].len()).min(x[1].len()).min(x[2].len()).min(x[3].len());
     let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
     for ((((yv, v0), v1), v2), v3) in y[..n].iter_mut().zip(x0).zip(x1).zip(x2).zip(x3) {
-        *yv = (((*yv + a[0] * v0) + a[1] * v1) + a[2] * v2) + a[3] * v3;
+        *yv = madd(madd(madd(madd(*yv, a[0], *v0), a[1], *v1), a[2], *v2), a[3], *v3);
     }
 }
 
@@ -274,7 +291,7 @@ pub(super) fn axpy_rows_f16_bits<const R: usize, const PRESCALED: bool>(y: &mut 
                 if let Some(Ok(b)) = row.get(c..c + LANES).map(<&[u16; LANES]>::try_from) {
                     for i in 0..LANES {
                         top[i] = top[i].max((b[i] & 0x7fff) as i16);
-                        v[i] += ar * weight(b[i]);
+                        v[i] = madd(v[i], ar, weight(b[i]));
                     }
                 }
             }
@@ -290,7 +307,7 @@ pub(super) fn axpy_rows_f16_bits<const R: usize, const PRESCALED: bool>(y: &mut 
         for (row, &ar) in rows.iter().zip(&a) {
             let b = row[c + k];
             top_rest = top_rest.max((b & 0x7fff) as i16);
-            v += ar * weight(b);
+            v = madd(v, ar, weight(b));
         }
         *yv = v;
     }
@@ -310,7 +327,7 @@ pub(super) fn axpy_rows_f16_exact<const R: usize>(y: &mut [f32], a: [f32; R], w:
     for (c, yv) in y.iter_mut().enumerate() {
         let mut v = *yv;
         for (row, &ar) in rows.iter().zip(&a) {
-            v += ar * row[c].to_f32();
+            v = madd(v, ar, row[c].to_f32());
         }
         *yv = v;
     }
@@ -333,4 +350,173 @@ pub(super) fn axpy_rows_f16<const R: usize>(y: &mut [f32], a: &[f32], w: &[f16])
     } else {
         axpy_rows_f16_bits::<R, false>(y, a, bits)
     }
+}
+
+/// `acc[i]` (all [`LANES`] lanes of `T` dot products) `+=` the products of `T` inputs with
+/// one f16 row, `L` lanes per pass over the row: each pass widens its `L` weights of a
+/// [`LANES`]-wide chunk once in registers and multiplies them into the `T` inputs' partial
+/// sums, which stay in registers (`T * L / 8` AVX2 accumulators). Every lane gets exactly the
+/// operations of [`accumulate`] with the exactly widened row, in the same order, so the
+/// result is bitwise [`dot`] of each input with the widened row. Weights are widened by
+/// `half` when the build has f16 conversion instructions ([`HW_F16`]), from their bits
+/// ([`f16_bits_unscaled`] times `2^112`, exact for finite values) otherwise; then the
+/// function returns `false` when the row holds an infinity or a NaN (and `acc` holds garbage).
+#[inline(always)]
+fn accumulate_tokens_f16<const T: usize, const L: usize>(
+    acc: &mut [[f32; LANES]; T],
+    x: [&[f32]; T],
+    w: &[f16],
+) -> bool {
+    let n = w.len();
+    let n_full = n - n % LANES;
+    let bits: &[u16] = bytemuck::cast_slice(w);
+    let mut top = [0i16; L];
+    let mut g = 0;
+    while g < LANES {
+        let mut a = [[0.0f32; L]; T];
+        let mut k = g;
+        while k < n_full {
+            let Some(Ok(wb)) = bits.get(k..k + L).map(<&[u16; L]>::try_from) else { break };
+            let mut wv = [0.0f32; L];
+            for i in 0..L {
+                wv[i] = if HW_F16 {
+                    f16::from_bits(wb[i]).to_f32()
+                } else {
+                    top[i] = top[i].max((wb[i] & 0x7fff) as i16);
+                    f16_bits_unscaled(wb[i]) * F16_SCALE
+                };
+            }
+            for (at, xt) in a.iter_mut().zip(&x) {
+                if let Some(Ok(xv)) = xt.get(k..k + L).map(<&[f32; L]>::try_from) {
+                    for i in 0..L {
+                        at[i] = madd(at[i], xv[i], wv[i]);
+                    }
+                }
+            }
+            k += LANES;
+        }
+        for (dst, at) in acc.iter_mut().zip(&a) {
+            dst[g..g + L].copy_from_slice(at);
+        }
+        g += L;
+    }
+    let mut top_rest = 0i16;
+    for (j, &b) in bits[n_full..n].iter().enumerate() {
+        let wv = if HW_F16 {
+            f16::from_bits(b).to_f32()
+        } else {
+            top_rest = top_rest.max((b & 0x7fff) as i16);
+            f16_bits_unscaled(b) * F16_SCALE
+        };
+        for (dst, xt) in acc.iter_mut().zip(&x) {
+            dst[j] = madd(dst[j], xt[n_full + j], wv);
+        }
+    }
+    HW_F16 || (top_rest < F16_NON_FINITE && top.iter().all(|&t| t < F16_NON_FINITE))
+}
+
+/// `out[i * ld] = dot(x[i], widen(w))` for the `T` inputs `x` (each `w.len()` long), with
+/// [`accumulate_tokens_f16`]: bitwise [`dot_row`] of each input with the row.
+#[inline(never)]
+fn dot_tokens_f16<const T: usize, const L: usize>(x: [&[f32]; T], w: &[f16], out: &mut [f32], ld: usize) {
+    let mut acc = [[0.0f32; LANES]; T];
+    if accumulate_tokens_f16::<T, L>(&mut acc, x, w) {
+        for (i, a) in acc.iter().enumerate() {
+            out[i * ld] = reduce(a);
+        }
+    } else {
+        // An infinite or NaN weight (builds without f16 instructions): the exact path.
+        for (i, xi) in x.iter().enumerate() {
+            out[i * ld] = dot_row(xi, None, RowData::F16(w));
+        }
+    }
+}
+
+/// `out[i * ld] = x[i] . w` for the `t` inputs `x` (`[t, w.len()]`) and one f16 row, reading
+/// the row once from memory and widening it in registers, a group of inputs per pass (the
+/// row stays in L1 between the groups): groups of four inputs, and of three or two for the
+/// rest (five inputs: three then two). Larger groups measured slower: eight inputs with eight
+/// lanes per pass 2x slower than two groups of four, and five or six inputs in one group were
+/// not vectorised with fused multiply-adds. Bitwise
+/// [`dot_row`] of each input with the row, whatever `t`.
+pub(super) fn dot_many_f16(x: &[f32], t: usize, w: &[f16], out: &mut [f32], ld: usize) {
+    let n = w.len();
+    let xi = |i: usize| &x[i * n..(i + 1) * n];
+    let mut i = 0;
+    while i < t {
+        let o = &mut out[i * ld..];
+        // (inputs per group, lanes per pass): at most 8 accumulators and 4 weight vectors.
+        let step = match t - i {
+            1 => {
+                o[0] = dot_row(xi(i), None, RowData::F16(w));
+                1
+            }
+            2 => {
+                dot_tokens_f16::<2, 32>([xi(i), xi(i + 1)], w, o, ld);
+                2
+            }
+            3 | 5 | 6 => {
+                dot_tokens_f16::<3, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                3
+            }
+            _ => {
+                dot_tokens_f16::<4, 16>(std::array::from_fn(|q| xi(i + q)), w, o, ld);
+                4
+            }
+        };
+        i += step;
+    }
+}
+
+/// `y = (...((y + a[0] w[0]) + a[1] w[1]) ...) + a[R-1] w[R-1]` elementwise for `R` f16 rows
+/// given as slices of `y.len()` elements (pieces of rows of a wider matrix), widened in
+/// registers: by `half` with f16 conversion instructions ([`HW_F16`]), from their bits
+/// otherwise (exact for finite values; `false` when a weight is infinite or NaN, and `y` then
+/// holds garbage). Bitwise `R` [`axpy`]s with the exactly widened rows.
+#[inline(never)]
+pub(super) fn axpy_rows_f16_slices<const R: usize>(y: &mut [f32], a: [f32; R], rows: [&[f16]; R]) -> bool {
+    let n = y.len();
+    if rows.iter().any(|r| r.len() < n) {
+        return false;
+    }
+    let rows: [&[u16]; R] = rows.map(|r| bytemuck::cast_slice(&r[..n]));
+    let mut top = [0i16; LANES];
+    let mut yc = y.chunks_exact_mut(LANES);
+    let mut c = 0;
+    for yv in yc.by_ref() {
+        if let Ok(yv) = <&mut [f32; LANES]>::try_from(yv) {
+            let mut v = *yv;
+            for (row, &ar) in rows.iter().zip(&a) {
+                if let Some(Ok(b)) = row.get(c..c + LANES).map(<&[u16; LANES]>::try_from) {
+                    for i in 0..LANES {
+                        let w = if HW_F16 {
+                            f16::from_bits(b[i]).to_f32()
+                        } else {
+                            top[i] = top[i].max((b[i] & 0x7fff) as i16);
+                            f16_bits_unscaled(b[i]) * F16_SCALE
+                        };
+                        v[i] = madd(v[i], ar, w);
+                    }
+                }
+            }
+            *yv = v;
+        }
+        c += LANES;
+    }
+    let mut top_rest = 0i16;
+    for (k, yv) in yc.into_remainder().iter_mut().enumerate() {
+        let mut v = *yv;
+        for (row, &ar) in rows.iter().zip(&a) {
+            let b = row[c + k];
+            let w = if HW_F16 {
+                f16::from_bits(b).to_f32()
+            } else {
+                top_rest = top_rest.max((b & 0x7fff) as i16);
+                f16_bits_unscaled(b) * F16_SCALE
+            };
+            v = madd(v, ar, w);
+        }
+        *yv = v;
+    }
+    HW_F16 || (top_rest < F16_NON_FINITE && top.iter().all(|&t| t < F16_NON_FINITE))
 }

@@ -40,8 +40,16 @@ pub(super) fn matmul_rows(
         }
         return;
     }
-    let mut wbuf = vec![0.0f32; ROW_BLOCK * cols];
+    let mut wbuf = Vec::new();
     for (start, rows, data) in w.parts_in(r0, r1) {
+        if let RowData::F16(rows_f16) = data {
+            // Each row read once and widened in registers, dotted with every input while in L1.
+            for (k, row) in rows_f16.chunks_exact(cols.max(1)).take(rows).enumerate() {
+                dot_many_f16(&x[..t * cols], t, row, &mut out[start - r0 + k..], ld);
+            }
+            continue;
+        }
+        wbuf.resize(ROW_BLOCK * cols, 0.0);
         let mut b0 = 0;
         while b0 < rows {
             let nb = ROW_BLOCK.min(rows - b0);
@@ -84,11 +92,8 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
         let mut b0 = 0;
         while b0 < rows {
             let nb = ROW_BLOCK.min(rows - b0);
-            for ti in 0..t {
-                let x = qx.token(ti);
-                for k in b0..b0 + nb {
-                    out[ti * ld + col0 + k] = qdot::dot(dtype, &bytes[k * rb..(k + 1) * rb], x);
-                }
+            for k in b0..b0 + nb {
+                qdot::dot_tokens(dtype, &bytes[k * rb..(k + 1) * rb], qx, t, &mut out[col0 + k..], ld);
             }
             b0 += nb;
         }
@@ -249,6 +254,13 @@ pub(super) fn down_rows(
         }
         return;
     }
+    if t <= DOWN_SPLIT_GROUPS_MAX_T && d.parts.iter().all(|p| matches!(p.data, RowData::F16(_))) {
+        if down_many_f16(h, hw, t, d, r0, r1, out) {
+            return;
+        }
+        // A weight is infinite or NaN: start again from zero with exactly widened weights.
+        out.fill(0.0);
+    }
     wbuf.resize(ROW_BLOCK * n, 0.0);
     for (start, rows, data) in d.parts_in(r0, r1) {
         let mut b0 = 0;
@@ -273,6 +285,63 @@ pub(super) fn down_rows(
             b0 += nb;
         }
     }
+}
+
+/// Columns of the output per pass of [`down_many_f16`]: [`DOWN_ROWS`] rows of this many f16
+/// weights (8 KB) and every input's piece of the output stay in L1 while the inputs are added.
+pub(super) const DOWN_COLS: usize = 512;
+
+/// The down projection for a few inputs over f16 rows `[r0, r1)` (`out[i] += sum_r h[i, r] *
+/// D[r]`, `out` zero on entry): [`DOWN_ROWS`] rows at a time, [`DOWN_COLS`] columns at a
+/// time, every input's output piece updated while the rows' piece is in L1, the weights widened
+/// in registers ([`axpy_rows_f16_slices`]); rows are added in increasing order, so every output
+/// is bitwise the one-input path's. `false` when a weight is infinite or NaN (then `out` holds
+/// garbage and the caller recomputes it exactly).
+pub(super) fn down_many_f16(
+    h: &[f32],
+    hw: usize,
+    t: usize,
+    d: &Matrix<'_>,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) -> bool {
+    let n = d.cols;
+    for (start, rows, data) in d.parts_in(r0, r1) {
+        let RowData::F16(w) = data else { return false };
+        let mut j = 0;
+        while j < rows {
+            let step = match rows - j {
+                left if left >= DOWN_ROWS => DOWN_ROWS,
+                left if left >= 4 => 4,
+                _ => 1,
+            };
+            let mut c0 = 0;
+            while c0 < n {
+                let c1 = (c0 + DOWN_COLS).min(n);
+                let piece = |q: usize| &w[(j + q) * n + c0..(j + q) * n + c1];
+                for (i, o) in out.chunks_exact_mut(n.max(1)).take(t).enumerate() {
+                    let a = &h[i * hw + start + j..i * hw + start + j + step];
+                    let y = &mut o[c0..c1];
+                    let finite = match step {
+                        DOWN_ROWS => axpy_rows_f16_slices::<DOWN_ROWS>(
+                            y,
+                            std::array::from_fn(|q| a[q]),
+                            std::array::from_fn(piece),
+                        ),
+                        4 => axpy_rows_f16_slices::<4>(y, std::array::from_fn(|q| a[q]), std::array::from_fn(piece)),
+                        _ => axpy_rows_f16_slices::<1>(y, [a[0]], [piece(0)]),
+                    };
+                    if !finite {
+                        return false;
+                    }
+                }
+                c0 = c1;
+            }
+            j += step;
+        }
+    }
+    true
 }
 
 /// Rows of the down projection added per pass over the output in the one-input path: the

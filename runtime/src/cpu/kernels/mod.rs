@@ -6,8 +6,10 @@
 //! token-by-token decode and any `with_threads(n)` agree bitwise:
 //!
 //! - dot products use [`LANES`](dot::LANES) partial sums, element `k` going to lane `k % LANES` in
-//!   increasing `k`, reduced by [`reduce`](dot::reduce) in a fixed tree; the batched micro-kernel
-//!   keeps exactly that order per (token, row);
+//!   increasing `k`, reduced by [`reduce`](dot::reduce) in a fixed tree; the batched micro-kernels
+//!   keep exactly that order per (token, row); every multiply-add goes through
+//!   [`madd`](dot::madd), fused (one rounding) when the build has FMA instructions
+//!   ([`FUSED`](dot::FUSED): `x86-64-v3` builds, aarch64), so all paths of one build agree;
 //! - `x @ W^T` is split across threads by output rows, the down projection by output columns,
 //!   attention by (token, head): no sum is ever split between threads.
 //!

@@ -129,6 +129,48 @@ pub(crate) fn dot(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
     dot_scalar(dtype, w, x)
 }
 
+/// `out[i * ld] = dot(dtype, w, x.token(i))` for the `t` tokens of `x`: bitwise [`dot`] per
+/// token. On x86-64 with AVX2 the row's blocks are loaded and their scales widened once for
+/// up to four tokens at a time (the row stays in L1 between the groups); elsewhere one [`dot`]
+/// per token.
+pub(crate) fn dot_tokens(dtype: DType, w: &[u8], x: &QActs, t: usize, out: &mut [f32], ld: usize) {
+    let done = dot_tokens_simd(dtype, w, x, t, out, ld);
+    for i in done..t {
+        out[i * ld] = dot(dtype, w, x.token(i));
+    }
+}
+
+/// The first tokens of [`dot_tokens`] in groups of four, then two, with the AVX2 multi-token
+/// kernels; returns how many it did (0 without AVX2).
+#[cfg(target_arch = "x86_64")]
+fn dot_tokens_simd(dtype: DType, w: &[u8], x: &QActs, t: usize, out: &mut [f32], ld: usize) -> usize {
+    if !x86::available() {
+        return 0;
+    }
+    let mut i = 0;
+    while i + 4 <= t {
+        let r = x86::dot_many::<4>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
+        for (q, v) in r.into_iter().enumerate() {
+            out[(i + q) * ld] = v;
+        }
+        i += 4;
+    }
+    if t - i >= 2 {
+        let r = x86::dot_many::<2>(dtype, w, std::array::from_fn(|q| x.token(i + q)));
+        for (q, v) in r.into_iter().enumerate() {
+            out[(i + q) * ld] = v;
+        }
+        i += 2;
+    }
+    i
+}
+
+/// No multi-token kernel on this architecture: [`dot_tokens`] takes one [`dot`] per token.
+#[cfg(not(target_arch = "x86_64"))]
+fn dot_tokens_simd(_dtype: DType, _w: &[u8], _x: &QActs, _t: usize, _out: &mut [f32], _ld: usize) -> usize {
+    0
+}
+
 /// Which kernel [`dot`] uses on this CPU (for `bench` and `devices`).
 pub(crate) fn kernel_name() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -186,7 +228,7 @@ fn axpy_rows_q<const R: usize, const D: u8>(y: &mut [f32], a: [f32; R], rows: &[
             let mut w = [0.0f32; QK];
             decode_block::<D>(&rows[at..at + bb], &mut w);
             for i in 0..QK {
-                v[i] += ar * w[i];
+                v[i] = super::dot::madd(v[i], ar, w[i]);
             }
         }
         *yc = v;
@@ -267,6 +309,113 @@ pub(crate) mod x86 {
             // SAFETY: as above.
             DType::Q4_1 => unsafe { dot_q4::<true>(w, d, s, q) },
             DType::F32 | DType::F16 => 0.0,
+        }
+    }
+
+    /// [`dot`] for `T` tokens at once (bitwise [`dot`] per token): each weight block is loaded
+    /// (and its nibbles unpacked) once, its scale widened once, then multiplied with the `T`
+    /// tokens' blocks into their own even/odd accumulators. Falls back to [`dot`] per token on
+    /// a CPU without AVX2 and FMA.
+    pub(crate) fn dot_many<const T: usize>(dtype: DType, w: &[u8], x: [QAct<'_>; T]) -> [f32; T] {
+        if !available() {
+            return x.map(|x| super::dot_scalar(dtype, w, x));
+        }
+        let nb = x.iter().fold(usize::MAX, |m, x| m.min(n_blocks(dtype, w, x)));
+        let bb = dtype.block_bytes();
+        let w = &w[..nb * bb];
+        let d = x.map(|x| &x.d[..nb]);
+        let s = x.map(|x| &x.s[..nb]);
+        let q = x.map(|x| &x.q[..nb * QK]);
+        match dtype {
+            // SAFETY: AVX2 and FMA are available (checked above); the kernels read only
+            // through the slices they are given, each holding `nb` whole blocks.
+            DType::Q8_0 => unsafe { dot_q8_0_many::<T>(w, d, q) },
+            // SAFETY: as above.
+            DType::Q4_0 => unsafe { dot_q4_many::<T, false>(w, d, s, q) },
+            // SAFETY: as above.
+            DType::Q4_1 => unsafe { dot_q4_many::<T, true>(w, d, s, q) },
+            DType::F32 | DType::F16 => [0.0; T],
+        }
+    }
+
+    /// [`dot_q8_0`] for `T` tokens: the same operations per token, in the same order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8_0_many<const T: usize>(w: &[u8], d: [&[f32]; T], q: [&[i8]; T]) -> [f32; T] {
+        const BB: usize = 2 + QK;
+        let q: [&[u8]; T] = q.map(bytemuck::cast_slice);
+        let nb = w.len() / BB;
+        // SAFETY: AVX2/FMA guaranteed by the caller; every load goes through `load32` on a
+        // 32-byte sub-slice of a block or of a token's values (`nb` blocks each).
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            for b in 0..nb {
+                let blk = &w[b * BB..(b + 1) * BB];
+                let wv = load32(&blk[2..BB]);
+                let aw = _mm256_sign_epi8(wv, wv);
+                let dw = f16_at(blk, 0);
+                for k in 0..T {
+                    let qv = load32(&q[k][b * QK..(b + 1) * QK]);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qv, wv)), _mm256_set1_epi16(1));
+                    let a = &mut acc[k][b & 1];
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[k][b]), _mm256_cvtepi32_ps(p), *a);
+                }
+            }
+            let mut out = [0.0f32; T];
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = hsum(_mm256_add_ps(a[0], a[1]));
+            }
+            out
+        }
+    }
+
+    /// [`dot_q4`] for `T` tokens: the same operations per token, in the same order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4_many<const T: usize, const MIN: bool>(
+        w: &[u8],
+        d: [&[f32]; T],
+        s: [&[f32]; T],
+        q: [&[i8]; T],
+    ) -> [f32; T] {
+        let bb = if MIN { 4 + QK / 2 } else { 2 + QK / 2 };
+        let q: [&[u8]; T] = q.map(bytemuck::cast_slice);
+        let nb = w.len() / bb;
+        // SAFETY: AVX2/FMA guaranteed by the caller; loads go through `load32` and
+        // `unpack_nibbles` on sub-slices of exactly their length.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            let mut min = [[0.0f32; 2]; T];
+            let eight = _mm256_set1_epi8(8);
+            let ones = _mm256_set1_epi16(1);
+            for b in 0..nb {
+                let blk = &w[b * bb..(b + 1) * bb];
+                let nib = unpack_nibbles(&blk[bb - QK / 2..bb]);
+                let (wv, aw) = if MIN {
+                    (nib, nib)
+                } else {
+                    let v = _mm256_sub_epi8(nib, eight);
+                    (v, _mm256_sign_epi8(v, v))
+                };
+                let dw = f16_at(blk, 0);
+                let mw = if MIN { f16_at(blk, 2) } else { 0.0 };
+                for k in 0..T {
+                    let qv = load32(&q[k][b * QK..(b + 1) * QK]);
+                    let p = if MIN {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wv, qv), ones)
+                    } else {
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qv, wv)), ones)
+                    };
+                    let a = &mut acc[k][b & 1];
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[k][b]), _mm256_cvtepi32_ps(p), *a);
+                    if MIN {
+                        min[k][b & 1] += mw * s[k][b];
+                    }
+                }
+            }
+            let mut out = [0.0f32; T];
+            for ((o, a), m) in out.iter_mut().zip(&acc).zip(&min) {
+                *o = hsum(_mm256_add_ps(a[0], a[1])) + (m[0] + m[1]);
+            }
+            out
         }
     }
 

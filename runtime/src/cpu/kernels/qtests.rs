@@ -299,3 +299,42 @@ fn quantised_gemv_speed() {
         eprintln!("{dtype} down: {:.3} ms, {:.2} GB/s", s * 1e3, bytes / s / 1e9);
     }
 }
+
+/// The multi-token quantised dot products (`dot_tokens`: groups of four and two tokens
+/// sharing each weight block) give bitwise the one-token [`qdot::dot`] per token, and the
+/// quantised product on odd and wide batches (1 to 9, 17, 64 inputs, several parts, one and
+/// two threads) gives bitwise the one-input product per input.
+#[test]
+fn quantised_multi_token_dots_equal_one_token_bitwise() {
+    let mut rng = Rng(43);
+    for (case, t) in [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64].into_iter().cycle().take(33).enumerate() {
+        let dtype = QTYPES[case % 3];
+        let cols = QK * (1 + rng.below(70));
+        let rows = 1 + rng.below(24);
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        let view = m.view();
+        let x: Vec<f32> = (0..t * cols).map(|_| rng.f()).collect();
+        let qx = QActs::quantize(&x, t, cols);
+        let rb = m.row_bytes();
+        for r in 0..rows {
+            let w = &m.bytes[r * rb..(r + 1) * rb];
+            let mut out = vec![f32::NAN; t * 2];
+            qdot::dot_tokens(dtype, w, &qx, t, &mut out, 2);
+            for i in 0..t {
+                let want = qdot::dot(dtype, w, qx.token(i));
+                assert_eq!(out[i * 2].to_bits(), want.to_bits(), "{dtype} t={t} row {r} token {i}");
+            }
+        }
+        for threads in [1, 2] {
+            let mut batched = vec![0.0; t * rows];
+            matmul(&x, t, &view, &mut batched, threads);
+            for i in 0..t {
+                let mut single = vec![0.0; rows];
+                matmul(&x[i * cols..(i + 1) * cols], 1, &view, &mut single, 1);
+                Tolerance::EXACT
+                    .check(&batched[i * rows..(i + 1) * rows], &single)
+                    .unwrap_or_else(|e| panic!("{dtype} t={t} th={threads} input {i}: {e}"));
+            }
+        }
+    }
+}

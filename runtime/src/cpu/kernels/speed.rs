@@ -136,3 +136,115 @@ fn kernel_speed() {
         );
     }
 }
+
+/// Weight bytes each timed run reads at least (in distinct matrices) for `t <= 8`: more than
+/// the test machine's last-level cache (300 MB), so the runs read the weights from memory
+/// as a decode step does.
+const STREAM_BYTES: usize = 512 << 20;
+
+/// `t` in `[1, 2, 4, 5, 8, 64]` against the 1B model's shapes, f16 and `q8_0`, one and two
+/// threads: milliseconds per product and weight GB/s, then `time(t=5) / time(t=1)`.
+/// `cargo test -p matformer --release --lib small_batch_speed -- --ignored --nocapture`
+/// (`MATF_SPEED_T=1,5` restricts the batch sizes).
+#[test]
+#[ignore = "benchmark"]
+fn small_batch_speed() {
+    let cols = 2048usize;
+    let ts: Vec<usize> = std::env::var("MATF_SPEED_T")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 5, 8, 64]);
+    let total_rows = STREAM_BYTES / (cols * 2);
+    let mut seed = 1u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    let w16: Vec<f16> = (0..total_rows * cols).map(|_| f16::from_f32((rnd() % 2000) as f32 / 2000.0 - 0.5)).collect();
+    // q8_0 blocks: a small f16 scale, then 32 random bytes.
+    let bb = crate::format::DType::Q8_0.block_bytes();
+    let q_rows = STREAM_BYTES / (cols / 32 * bb);
+    let mut wq = vec![0u8; q_rows * cols / 32 * bb];
+    for blk in wq.chunks_exact_mut(bb) {
+        blk[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        for b in &mut blk[2..] {
+            *b = rnd() as u8;
+        }
+    }
+    let x: Vec<f32> = (0..cols * 64).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
+    let h: Vec<f32> = (0..8192 * 64).map(|i| ((i * 53) % 97) as f32 / 97.0 - 0.5).collect();
+    let mut out = vec![0.0f32; 32768 * 64];
+    // Distinct matrices of `rows` rows covering the stream (one for t = 64, compute-bound).
+    let f16_mats = |rows: usize, n: usize| -> Vec<Matrix<'_>> {
+        w16.chunks_exact(rows * cols)
+            .take(n)
+            .map(|s| Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F16(s) }] })
+            .collect()
+    };
+    let q_mats = |rows: usize, n: usize| -> Vec<Matrix<'_>> {
+        wq.chunks_exact(rows * cols / 32 * bb)
+            .take(n)
+            .map(|s| Matrix {
+                rows,
+                cols,
+                parts: vec![Part { first_row: 0, rows, data: RowData::Quant(crate::format::DType::Q8_0, s) }],
+            })
+            .collect()
+    };
+    let time = |f: &mut dyn FnMut(), reps: usize| -> f64 {
+        f();
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        best
+    };
+    let mut ratios = Vec::new();
+    for threads in [1usize, 2] {
+        for (kind, rows) in [
+            ("f16", 2048usize),
+            ("f16", 512),
+            ("f16", 8192),
+            ("f16", 32768),
+            ("f16 down", 8192),
+            ("q8_0", 2048),
+            ("q8_0", 8192),
+            ("q8_0 down", 8192),
+        ] {
+            let mut per_t = Vec::new();
+            for &t in &ts {
+                let n = if t > 8 { 1 } else { usize::MAX };
+                let mats = if kind.starts_with("f16") { f16_mats(rows, n) } else { q_mats(rows, n) };
+                let down = kind.ends_with("down");
+                let mut run = || {
+                    for m in &mats {
+                        if down {
+                            matmul_down(&h[..t * rows], t, m, &mut out[..t * cols], threads);
+                        } else {
+                            matmul(&x[..t * cols], t, m, &mut out[..t * rows], threads);
+                        }
+                    }
+                };
+                let s = time(&mut run, if t > 8 { 2 } else { 3 }) / mats.len() as f64;
+                let bytes = mats[0].bytes();
+                eprintln!(
+                    "{:>28}: {:9.3} ms  {:6.2} GB/s  {:7.2} GFLOP/s",
+                    format!("{kind} {rows}x{cols} t={t} th={threads}"),
+                    s * 1e3,
+                    bytes as f64 / s / 1e9,
+                    (2 * t * rows * cols) as f64 / s / 1e9
+                );
+                per_t.push((t, s));
+            }
+            let at = |t: usize| per_t.iter().find(|p| p.0 == t).map(|p| p.1);
+            if let (Some(a), Some(b)) = (at(1), at(5)) {
+                ratios.push(format!("{kind} {rows}x{cols} th={threads}: t5/t1 = {:.2}", b / a));
+            }
+        }
+    }
+    for r in ratios {
+        eprintln!("{r}");
+    }
+}

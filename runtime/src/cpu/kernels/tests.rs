@@ -494,3 +494,83 @@ fn split_ranges_partition() {
         }
     }
 }
+
+/// The small-batch and prefill f16 paths (rows widened in registers, inputs in groups) on
+/// odd and wide shapes: every batch size from 1 to 9, 17 and 64, widths that are not a
+/// multiple of [`LANES`], several parts; each output within [`Tolerance::KERNEL`] of the
+/// reference and bitwise the one-input product, on one and two threads. Also with subnormal,
+/// infinite and NaN weights (bitwise, NaN for NaN).
+#[test]
+fn batched_f16_paths_match_reference_and_one_token_bitwise() {
+    let same = |a: &[f32], b: &[f32], what: &str| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()), "{what}[{i}]: {x} vs {y}");
+        }
+    };
+    let mut rng = Rng(41);
+    let ts = [1usize, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64];
+    for (case, &cols) in [1usize, 31, 32, 33, 95, 257, 640, 1030].iter().cycle().take(24).enumerate() {
+        let t = ts[case % ts.len()];
+        let rows = 1 + rng.below(40);
+        let mut m = TestMatrix::new(&mut rng, rows, cols, true);
+        if case % 4 == 3 {
+            for _ in 0..cols {
+                let k = rng.below(rows * cols);
+                m.f16_data[k] = f16::from_bits((rng.next_u64() as u16) & 0x83ff);
+            }
+            let k = rng.below(rows * cols);
+            m.f16_data[k] = if case % 8 == 3 { f16::INFINITY } else { f16::NAN };
+            m.f32_data = m.f16_data.iter().map(|v| v.to_f32()).collect();
+        }
+        let view = m.view(true);
+        let x = rng.vec(t * cols);
+        let h = rng.vec(t * rows);
+        for threads in [1, 2] {
+            let mut batched = vec![0.0; t * rows];
+            matmul(&x, t, &view, &mut batched, threads);
+            let mut down = vec![0.0; t * cols];
+            matmul_down(&h, t, &view, &mut down, threads);
+            for i in 0..t {
+                let xi = &x[i * cols..(i + 1) * cols];
+                let got = &batched[i * rows..(i + 1) * rows];
+                let mut single = vec![0.0; rows];
+                matmul(xi, 1, &view, &mut single, 1);
+                same(got, &single, &format!("matmul t={t} cols={cols} th={threads} input {i}"));
+                let hi = &h[i * rows..(i + 1) * rows];
+                let mut down_single = vec![0.0; cols];
+                matmul_down(hi, 1, &view, &mut down_single, 1);
+                same(&down[i * cols..(i + 1) * cols], &down_single, &format!("down t={t} cols={cols} input {i}"));
+                if case % 4 != 3 {
+                    check(
+                        Tolerance::KERNEL,
+                        &reference::matvec(&m.f32_data, rows, cols, xi),
+                        got,
+                        "matmul vs reference",
+                    );
+                    let expected = reference::matvec_transposed(&m.f32_data, rows, cols, hi);
+                    check(Tolerance::KERNEL, &expected, &down[i * cols..(i + 1) * cols], "down vs reference");
+                }
+            }
+        }
+    }
+}
+
+/// The multi-input f16 dot product against the widened one-input [`dot`], lane group by lane
+/// group, for every group size the dispatcher uses and lengths around multiples of [`LANES`].
+#[test]
+fn dot_many_f16_equals_dot_bitwise() {
+    let mut rng = Rng(42);
+    for n in [0usize, 1, 7, 31, 32, 33, 64, 65, 200, 511] {
+        for t in 1..=9 {
+            let x = rng.vec(t * n);
+            let w: Vec<f16> = rng.vec(n).into_iter().map(f16::from_f32).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let mut out = vec![f32::NAN; t * 3];
+            dot_many_f16(&x, t, &w, &mut out, 3);
+            for i in 0..t {
+                let want = dot(&x[i * n..(i + 1) * n], &wf);
+                assert_eq!(out[i * 3].to_bits(), want.to_bits(), "n={n} t={t} input {i}");
+            }
+        }
+    }
+}
