@@ -77,7 +77,7 @@ start=$SECONDS
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 status=0
-cargo "${aarch64_cfg[@]}" test "${test_args[@]}" 2>&1 | tee "$out" || status=$?
+cargo "${aarch64_cfg[@]}" test --no-fail-fast "${test_args[@]}" 2>&1 | tee "$out" || status=$?
 log "tests ran in $((SECONDS - start)) s"
 awk '/^test result:/ { p += $4; f += $6; i += $8; n++ }
      END { printf "aarch64: %d passed, %d failed, %d skipped\n", p, f, i; if (n == 0) exit 1 }' "$out" || status=1

@@ -15,9 +15,10 @@ pub struct ImportArgs {
     /// Output .matf file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Storage dtype: f16, f32, q8 (= q8_0), q4 (= q4_0), q4_1. Norms stay f16 when it is
-    /// quantised.
-    #[arg(long, default_value = "f16", value_parser = crate::DTYPES)]
+    /// Storage dtype: f16, f32, q8 (= q8_0), q4 (= q4_0), q4_1, or keep (each tensor in its
+    /// source's dtype: a GGUF's Q8_0/Q4_0/Q4_1 blocks byte for byte, Q6_K as q8_0, Q4_K as
+    /// q4_1, BF16 as f16). Norms stay f16 when it is quantised.
+    #[arg(long, default_value = "f16", value_parser = crate::IMPORT_DTYPES)]
     pub dtype: String,
     /// Per-tensor dtype, KEY=DTYPE (repeatable or comma-separated), as for `export`.
     #[arg(long = "dtype-override", value_delimiter = ',')]

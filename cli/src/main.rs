@@ -35,6 +35,8 @@ struct Cli {
 
 /// Storage dtypes accepted by `--dtype` (and, with the same names, by `--dtype-override`).
 pub(crate) const DTYPES: [&str; 7] = ["f16", "f32", "q8", "q8_0", "q4", "q4_0", "q4_1"];
+/// `import`'s dtypes: [`DTYPES`] and `keep` (the source's own, per tensor).
+pub(crate) const IMPORT_DTYPES: [&str; 8] = ["f16", "f32", "q8", "q8_0", "q4", "q4_0", "q4_1", "keep"];
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -254,7 +256,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mean loss (nats per byte) and perplexity on a text file.
+    /// Mean loss and perplexity on a text file, with the model's own tokenizer (per byte for
+    /// the byte tokenizer, per token for an imported model's).
     Eval {
         /// The .matf file.
         file: PathBuf,
@@ -264,7 +267,7 @@ enum Command {
         /// Submodel(s) to evaluate (repeatable; default: largest).
         #[arg(long)]
         submodel: Vec<String>,
-        /// Tokens per chunk including BOS (default: the model's context).
+        /// Tokens per chunk including BOS (default: the model's context, at most 1024).
         #[arg(long)]
         chunk: Option<usize>,
         /// CPU threads (default: all cores).

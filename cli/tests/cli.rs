@@ -524,3 +524,27 @@ fn bench_defaults_to_one_row_on_a_single_level_import() {
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{rows:?}");
 }
+
+#[test]
+fn eval_scores_an_imported_model_with_its_own_tokenizer() {
+    // An imported model's perplexity is per token of its BPE, the text encoded once and cut
+    // into chunks; bits per byte divide the same total by the text's bytes.
+    let file = tmp("tiny_llama_eval.matf");
+    let out = matformer(&["import", path_str(&fixture("tiny_llama.gguf")), "-o", path_str(&file), "--dtype", "keep"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = tmp("eval_text.txt");
+    let body = "The quick brown fox jumps over the lazy dog. Hello world, hello tokens.\n".repeat(4);
+    std::fs::write(&text, &body).unwrap();
+    let out = matformer(&["eval", path_str(&file), "--text", path_str(&text), "--chunk", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &v[0];
+    let tokens = row["predicted_tokens"].as_u64().unwrap() as usize;
+    assert!(tokens > 0 && tokens < body.len(), "{tokens} tokens for {} bytes: BPE, not bytes", body.len());
+    let nats = row["nats_per_token"].as_f64().unwrap();
+    let bpb = row["bits_per_byte"].as_f64().unwrap();
+    assert!(nats.is_finite() && nats > 0.0);
+    let want = nats * tokens as f64 / body.len() as f64 / std::f64::consts::LN_2;
+    assert!((bpb - want).abs() < 1e-9, "{bpb} vs {want}");
+    assert!((row["perplexity"].as_f64().unwrap() - nats.exp()).abs() < 1e-6);
+}

@@ -1,6 +1,12 @@
 //! Which dtype each tensor of a written file gets: one default (`--dtype`) plus per-tensor
 //! overrides (`--dtype-override embed=q8`), for `export`, `import` and `synth`.
 //!
+//! `import --dtype keep` gives every tensor the dtype its source stored it in
+//! ([`DTypePlan::for_source`]): GGUF `Q8_0`, `Q4_0`, `Q4_1` stay so (their blocks byte for
+//! byte where the rows allow, see `import`), `F16` and `BF16` become `f16`, `F32` stays `f32`,
+//! and the k-quants, which have no block layout here, take the nearest one at or above their
+//! precision (`Q6_K` becomes `q8_0`, `Q4_K` `q4_1`). Overrides still apply on top.
+//!
 //! Override keys, matched against the canonical tensor name (the last matching override wins):
 //!
 //! | key | tensors |
@@ -27,11 +33,14 @@ pub struct DTypePlan {
     pub default: DType,
     /// `(key, dtype)` in command-line order; see the module documentation for the keys.
     pub overrides: Vec<(String, DType)>,
+    /// `--dtype keep`: each tensor keeps its source's dtype ([`DTypePlan::for_source`];
+    /// `default` is then the dtype of a tensor the source did not describe).
+    pub keep: bool,
 }
 
 impl From<DType> for DTypePlan {
     fn from(default: DType) -> DTypePlan {
-        DTypePlan { default, overrides: Vec::new() }
+        DTypePlan { default, overrides: Vec::new(), keep: false }
     }
 }
 
@@ -50,7 +59,11 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
 impl DTypePlan {
     /// A plan from `--dtype` and `--dtype-override KEY=DTYPE` flags.
     pub fn parse(default: &str, overrides: &[String]) -> Result<DTypePlan> {
-        let mut plan = DTypePlan::from(parse_dtype(default)?);
+        let mut plan = if default.trim() == "keep" {
+            DTypePlan { keep: true, ..DTypePlan::from(DType::F16) }
+        } else {
+            DTypePlan::from(parse_dtype(default)?)
+        };
         for o in overrides {
             let Some((key, dtype)) = o.split_once('=') else {
                 bail!("--dtype-override `{o}`: expected KEY=DTYPE, e.g. embed=q8");
@@ -122,16 +135,30 @@ impl DTypePlan {
 
     /// Whether any tensor may be quantised.
     pub fn any_quantized(&self) -> bool {
-        self.default.is_quantized() || self.overrides.iter().any(|(_, d)| d.is_quantized())
+        self.keep || self.default.is_quantized() || self.overrides.iter().any(|(_, d)| d.is_quantized())
     }
 
-    /// `q4_0` or `q4_0 (embed=q8_0, lm_head=q8_0)`.
+    /// The plan to write with, given the dtype each source tensor keeps under `--dtype keep`
+    /// (`source`, by canonical name): for a `keep` plan, those dtypes, then this plan's own
+    /// overrides on top (the last match wins); any other plan as it is.
+    pub fn for_source(&self, source: &std::collections::HashMap<String, DType>) -> DTypePlan {
+        if !self.keep {
+            return self.clone();
+        }
+        let mut kept: Vec<(String, DType)> = source.iter().map(|(n, d)| (n.clone(), *d)).collect();
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        kept.extend(self.overrides.iter().cloned());
+        DTypePlan { default: self.default, overrides: kept, keep: false }
+    }
+
+    /// `q4_0`, `q4_0 (embed=q8_0, lm_head=q8_0)` or `keep (embed=q8_0)`.
     pub fn describe(&self) -> String {
+        let base = if self.keep { "keep" } else { self.default.name() };
         if self.overrides.is_empty() {
-            return self.default.name().to_string();
+            return base.to_string();
         }
         let o: Vec<String> = self.overrides.iter().map(|(k, d)| format!("{k}={d}")).collect();
-        format!("{} ({})", self.default, o.join(", "))
+        format!("{base} ({})", o.join(", "))
     }
 }
 
@@ -154,6 +181,31 @@ mod tests {
         let meta = synthetic_metadata(64, 2, 4, 2, 16, 300, vec![vec![64, 128]], true, false);
         let specs = plan.specs(&meta).unwrap();
         assert!(specs.iter().filter(|s| s.shape.len() == 1).all(|s| s.dtype == DType::F16));
+    }
+
+    #[test]
+    fn keep_takes_the_source_dtypes_then_the_overrides() {
+        let plan = DTypePlan::parse("keep", &["embed=q8".into()]).unwrap();
+        assert!(plan.keep && plan.any_quantized());
+        assert_eq!(plan.describe(), "keep (embed=q8_0)");
+        let source: std::collections::HashMap<String, DType> = [
+            ("tok_embeddings", DType::Q4_1),
+            ("layers.0.ffn_up", DType::Q4_0),
+            ("layers.0.wq", DType::F32),
+            ("layers.0.attn_norm", DType::F32),
+        ]
+        .into_iter()
+        .map(|(n, d)| (n.to_string(), d))
+        .collect();
+        let p = plan.for_source(&source);
+        assert!(!p.keep);
+        assert_eq!(p.dtype_for("tok_embeddings", &[300, 64]), DType::Q8_0, "the override wins");
+        assert_eq!(p.dtype_for("layers.0.ffn_up", &[128, 64]), DType::Q4_0);
+        assert_eq!(p.dtype_for("layers.0.wq", &[64, 64]), DType::F32);
+        assert_eq!(p.dtype_for("layers.0.attn_norm", &[64]), DType::F32);
+        assert_eq!(p.dtype_for("layers.0.wk", &[64, 64]), DType::F16, "not in the source: f16");
+        let plain = DTypePlan::parse("q8", &[]).unwrap();
+        assert_eq!(plain.for_source(&source), plain);
     }
 
     #[test]

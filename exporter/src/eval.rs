@@ -50,21 +50,36 @@ pub fn mean_cross_entropy(
     chunk: usize,
 ) -> Result<LossReport, EvalError> {
     let bos = tokenizer.bos_id.ok_or(EvalError::NoBos)?;
+    let ids: Vec<u32> = text.iter().map(|&b| u32::from(b)).collect();
+    mean_cross_entropy_tokens(engine, submodel, bos, &ids, chunk)
+}
+
+/// Mean cross-entropy of the token sequence `ids` under `submodel`: split into pieces of
+/// `chunk - 1` tokens, each scored after `bos`, every token predicted exactly once. For a
+/// model's own tokenizer (`matformer eval` on an imported model) the pieces are cut at token
+/// boundaries of the whole text's encoding.
+pub fn mean_cross_entropy_tokens(
+    engine: &CpuEngine,
+    submodel: &Submodel,
+    bos: u32,
+    ids: &[u32],
+    chunk: usize,
+) -> Result<LossReport, EvalError> {
     let max_context = engine.model().metadata().architecture.max_context as usize;
     if !(2..=max_context).contains(&chunk) {
         return Err(EvalError::BadChunk { chunk, max_context });
     }
-    if text.is_empty() {
+    if ids.is_empty() {
         return Err(EvalError::EmptyText);
     }
     let vocab = engine.model().metadata().architecture.vocab_size as usize;
     let mut session = engine.session(submodel)?;
     let mut total = 0f64;
     let mut count = 0usize;
-    for piece in text.chunks(chunk - 1) {
+    for piece in ids.chunks(chunk - 1) {
         let mut ids = Vec::with_capacity(piece.len() + 1);
         ids.push(bos);
-        ids.extend(piece.iter().map(|&b| u32::from(b)));
+        ids.extend_from_slice(piece);
         session.reset();
         // Logits at positions 0..n-1 predict tokens 1..n.
         let logits = session.forward_all(&ids[..ids.len() - 1])?;

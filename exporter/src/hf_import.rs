@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::names;
+use matformer::format::{names, DType};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
@@ -215,7 +215,7 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
         parsed.insert(f.clone(), st);
     }
     let mut source_types = BTreeMap::new();
-    let get = |name: &str| -> Result<Weight> {
+    let get = |name: &str| -> Result<(Weight, DType)> {
         let file = match shard_of.get(name) {
             Some(f) => f.as_str(),
             None if shard_of.is_empty() => "model.safetensors",
@@ -223,7 +223,8 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
         };
         let st = parsed.get(file).ok_or_else(|| anyhow!("shard {file} not loaded"))?;
         let t = st.get(name).ok_or_else(|| anyhow!("{}: no tensor `{name}`", dir.join(file).display()))?;
-        Ok(Weight { shape: t.shape.clone(), data: to_f32(t, name)? })
+        let keep = if t.dtype == "F32" { DType::F32 } else { DType::F16 };
+        Ok((Weight { shape: t.shape.clone(), data: to_f32(t, name)? }, keep))
     };
 
     let d = arch.d_model as usize;
@@ -251,11 +252,13 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
         plan.push(("lm_head.weight".into(), names::LM_HEAD.into(), vec![v, d], false));
     }
     let mut tensors = HashMap::with_capacity(plan.len());
+    let mut source_dtypes = HashMap::with_capacity(plan.len());
     let mut progress = Progress::new("converting");
     let total: u64 = plan.iter().map(|p| p.2.iter().product::<usize>() as u64 * 4).sum();
     let mut done = 0u64;
     for (src, dst, shape, transpose) in plan {
-        let mut w = get(&src)?;
+        let (mut w, keep) = get(&src)?;
+        source_dtypes.insert(dst.clone(), keep);
         if w.shape != shape {
             bail!("tensor `{src}` has shape {:?}, expected {shape:?}", w.shape);
         }
@@ -289,5 +292,6 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
         source_format: "huggingface".into(),
         source_types,
         raw: Default::default(),
+        source_dtypes,
     })
 }

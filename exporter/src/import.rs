@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::{Architecture, Metadata, Provenance, Tokenizer};
+use matformer::format::{Architecture, DType, Metadata, Provenance, Tokenizer};
 use matformer::tokenizer::TokenizerAssets;
 use sha2::{Digest, Sha256};
 
@@ -54,6 +54,8 @@ pub struct SourceWeights {
     /// Source blocks that can be stored as they are (GGUF `Q8_0`, `Q4_0`, `Q4_1` tensors whose
     /// rows are whole blocks: every tensor but the down projection).
     pub raw: RawBlocks,
+    /// The dtype each canonical tensor gets under `--dtype keep` ([`DTypePlan::for_source`]).
+    pub source_dtypes: HashMap<String, DType>,
 }
 
 /// What an import produced.
@@ -191,12 +193,12 @@ pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
         *source_types.entry(gguf::GgmlType::code_name(t.type_code).to_string()).or_insert(0) += 1;
     }
     let mut progress = Progress::new("dequantising");
-    let (tensors, raw, ffn) = gguf::llama::tensors(&g, &arch, |d, t| progress.update(d, t))
+    let (tensors, raw, ffn, source_dtypes) = gguf::llama::tensors(&g, &arch, |d, t| progress.update(d, t))
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
     progress.finish();
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = dense_metadata(arch, ffn, sha256_hex(&map), name);
-    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types, raw })
+    Ok(SourceWeights { meta, tensors, tokenizer, source_format: "gguf".into(), source_types, raw, source_dtypes })
 }
 
 /// Imports `opts.input` into `opts.output`. Returns the report and the stored tokenizer assets.
@@ -204,7 +206,9 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
     let started = Instant::now();
     eprintln!("reading {}", opts.input.display());
     let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
-    let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types, mut raw } = src;
+    let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types, mut raw, source_dtypes } = src;
+    // `--dtype keep`: the source's own dtype per tensor.
+    let plan = opts.dtype.for_source(&source_dtypes);
     let assets = tokenizer.assets;
     let runtime_tokenizer =
         assets.apply_to(&mut meta).map_err(|e| anyhow!("the model's tokenizer cannot be stored: {e}"))?;
@@ -217,15 +221,14 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
             Some(n) => {
                 // Nesting reorders the FFN rows: their source blocks no longer apply.
                 raw.retain(|name, _| !name.contains("ffn_"));
-                let (meta2, report) =
-                    nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, &opts.dtype, &tmp)?;
+                let (meta2, report) = nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, &plan, &tmp)?;
                 meta = meta2;
                 Some(report)
             }
             None => None,
         };
-        kept = kept_blocks(&meta, &raw, &opts.dtype)?;
-        let bytes = write_model_keeping_blocks(&tmp, &meta, &tensors, &raw, &opts.dtype, &assets)?;
+        kept = kept_blocks(&meta, &raw, &plan)?;
+        let bytes = write_model_keeping_blocks(&tmp, &meta, &tensors, &raw, &plan, &assets)?;
         let written = matformer::ModelFile::open(&tmp)?;
         written.verify()?;
         matformer::tokenizer::Tokenizer::from_model(&written)

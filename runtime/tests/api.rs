@@ -226,6 +226,7 @@ fn a_cancel_stops_the_step_in_flight_on_the_cpu() {
     a_cancel_stops_the_step_in_flight(&cpu_engine());
 }
 
+#[cfg(feature = "gpu")]
 #[test]
 fn a_cancel_stops_the_step_in_flight_on_the_gpu() {
     let engine = Engine::open(fixture(), EngineOptions { backend: BackendChoice::Gpu, ..Default::default() }).unwrap();
@@ -477,6 +478,7 @@ fn cancel_latency_table() {
 }
 
 /// [`cancel_latency_table`] on the GPU engine (lavapipe here).
+#[cfg(feature = "gpu")]
 #[test]
 #[ignore = "measurement for the notes"]
 fn cancel_latency_table_gpu() {

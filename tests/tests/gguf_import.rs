@@ -199,6 +199,46 @@ fn matching_gguf_blocks_are_stored_as_they_are() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn dtype_keep_stores_every_tensor_in_its_source_dtype() {
+    // `--dtype keep` on tiny_llama.gguf (Q8_0, Q4_0, Q4_1 and float tensors): every matrix keeps
+    // its ggml type's dtype (the blocks byte for byte where the rows allow: all but the down
+    // projection), floats f16 or f32 as stored, and an override still wins.
+    let bytes = std::fs::read(fixture("tiny_llama.gguf")).unwrap();
+    let gguf = Gguf::parse(&bytes).unwrap();
+    let dir = temp_dir("gguf-keep");
+    let out = dir.join("tiny-keep.matf");
+    let plan = matformer_export::DTypePlan::parse("keep", &["lm_head=q8".into()]).unwrap();
+    let (report, _) =
+        import(&ImportOptions { input: fixture("tiny_llama.gguf"), output: out.clone(), dtype: plan, nest: None })
+            .unwrap();
+    assert_eq!(report.dtype, "keep (lm_head=q8_0)");
+    let model = ModelFile::open(&out).unwrap();
+    let mut kinds = std::collections::BTreeSet::new();
+    for t in &gguf.tensors {
+        let canonical = match t.name.as_str() {
+            "output_norm.weight" => "norm".to_string(),
+            n if n.ends_with("_norm.weight") => {
+                let (i, k) = n.strip_prefix("blk.").unwrap().split_once('.').unwrap();
+                format!("layers.{i}.{}", k.trim_end_matches(".weight"))
+            }
+            n => canonical_name(n),
+        };
+        let ty = matformer_export::gguf::GgmlType::from_code(t.type_code).unwrap();
+        let want = if canonical == "lm_head" { DType::Q8_0 } else { matformer_export::gguf::llama::keep_dtype(ty) };
+        let got = model.view().tensor(&canonical).unwrap_or_else(|e| panic!("{canonical}: {e}")).dtype;
+        assert_eq!(got, want, "{} ({ty:?})", t.name);
+        kinds.insert(format!("{ty:?}"));
+        let blocks = want.is_quantized() && canonical != "lm_head";
+        assert_eq!(report.kept_source_blocks.contains(&canonical), blocks && !canonical.ends_with("ffn_down_t"));
+    }
+    for k in ["Q8_0", "Q4_0", "Q4_1"] {
+        assert!(kinds.contains(k), "the fixture has {k} tensors: {kinds:?}");
+    }
+    drop(model);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The file name of a GGUF Llama tensor (`blk.1.attn_q.weight` -> `layers.1.wq`).
 fn canonical_name(gguf_name: &str) -> String {
     let base = gguf_name.trim_end_matches(".weight");

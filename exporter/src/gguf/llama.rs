@@ -136,15 +136,31 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// The dtype a tensor stored as ggml type `ty` keeps under `import --dtype keep`: its own
+/// where the format has it, `f16` for bfloat16, and for a k-quant the nearest block type at or
+/// above its precision (`Q6_K` 6.6 bits per weight: `q8_0`; `Q4_K` 4.5: `q4_1`).
+pub fn keep_dtype(ty: GgmlType) -> DType {
+    match ty {
+        GgmlType::F32 => DType::F32,
+        GgmlType::F16 | GgmlType::Bf16 => DType::F16,
+        GgmlType::Q8_0 | GgmlType::Q6K => DType::Q8_0,
+        GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q4_1 | GgmlType::Q4K => DType::Q4_1,
+    }
+}
+
+/// The source dtype of each canonical tensor for `--dtype keep` ([`keep_dtype`]).
+pub type SourceDTypes = HashMap<String, DType>;
+
 /// Every tensor in canonical layout (f32), keyed by canonical name, the raw blocks of the
-/// tensors that can keep them ([`RawBlocks`]), and the FFN width read from the tensors (checked
-/// against `llama.feed_forward_length` when present). `on_progress(done, total)` reports
-/// progress in bytes of GGUF tensor data.
+/// tensors that can keep them ([`RawBlocks`]), the FFN width read from the tensors (checked
+/// against `llama.feed_forward_length` when present), and each tensor's source dtype
+/// ([`SourceDTypes`]). `on_progress(done, total)` reports progress in bytes of GGUF tensor data.
 pub fn tensors(
     g: &Gguf<'_>,
     a: &Architecture,
     mut on_progress: impl FnMut(u64, u64),
-) -> Result<(HashMap<String, Weight>, RawBlocks, u32), GgufError> {
+) -> Result<(HashMap<String, Weight>, RawBlocks, u32, SourceDTypes), GgufError> {
     let d = a.d_model as u64;
     let q_dim = u64::from(a.n_heads) * u64::from(a.head_dim);
     let kv_dim = u64::from(a.n_kv_heads) * u64::from(a.head_dim);
@@ -202,12 +218,16 @@ pub fn tensors(
     let mut done = 0u64;
     let mut out = HashMap::with_capacity(plan.len());
     let mut raw = RawBlocks::new();
+    let mut source = SourceDTypes::new();
     for (src, dst, shape, fix) in plan {
         let t: &TensorInfo = g.tensor(&src).ok_or_else(|| GgufError::MissingTensor(src.clone()))?;
         if t.shape() != shape {
             return Err(GgufError::Malformed(format!("tensor `{src}` has shape {:?}, expected {shape:?}", t.shape())));
         }
         let data = g.dequantize(t)?;
+        if let Ok((ty, _)) = g.tensor_bytes(t) {
+            source.insert(dst.clone(), keep_dtype(ty));
+        }
         let (rows, cols) = (shape[0] as usize, shape.get(1).copied().unwrap_or(1) as usize);
         if let (Some(dtype), true) = (g.tensor_bytes(t).ok().and_then(|(ty, _)| block_dtype(ty)), shape.len() == 2) {
             let (_, bytes) = g.tensor_bytes(t)?;
@@ -232,5 +252,5 @@ pub fn tensors(
         done += t.byte_len;
         on_progress(done, total);
     }
-    Ok((out, raw, ffn32))
+    Ok((out, raw, ffn32, source))
 }
