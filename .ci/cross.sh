@@ -77,7 +77,11 @@ start=$SECONDS
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 status=0
-cargo "${aarch64_cfg[@]}" test --no-fail-fast "${test_args[@]}" 2>&1 | tee "$out" || status=$?
+# One test is left to the native run (scripts/test.sh runs it on x86-64): the end-to-end
+# chi-square of speculative sampling, 12,000 seeded generations whose arithmetic is the kernels
+# the other tests here check on ARM64; under qemu it ran for more than 18 minutes.
+skip=(--skip speculative_sampling_end_to_end_chi_square)
+cargo "${aarch64_cfg[@]}" test --no-fail-fast "${test_args[@]}" -- "${skip[@]}" 2>&1 | tee "$out" || status=$?
 log "tests ran in $((SECONDS - start)) s"
 awk '/^test result:/ { p += $4; f += $6; i += $8; n++ }
      END { printf "aarch64: %d passed, %d failed, %d skipped\n", p, f, i; if (n == 0) exit 1 }' "$out" || status=1
