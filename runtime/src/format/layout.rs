@@ -325,12 +325,16 @@ pub(crate) fn align_up(x: u64, align: u64) -> Option<u64> {
 /// The tensors an architecture requires, in canonical file order, each with `dtype`:
 /// `tok_embeddings`, then per layer `attn_norm` (`attn_norm_bias`), `wq`, `wk`, `wv`, `wo`,
 /// `ffn_norm` (`ffn_norm_bias`), `ffn_gate` (gated only), `ffn_up`, `ffn_down_t`, then `norm`
-/// (`norm_bias`) and `lm_head` (untied only). Bias tensors appear only with LayerNorm.
+/// (`norm_bias`) and `lm_head` (untied only). Bias tensors appear only with LayerNorm. A Gemma 3n
+/// file (metadata key `gemma3n`) has its own list (`format::gemma3n`, docs/format.md).
 ///
 /// The reader validates a file's tensor set against this list (names and shapes); the writer,
 /// the exporter and the tests build their specs from it. Never panics, even on metadata that
 /// does not validate (missing widths become 0, which the validation rejects).
 pub fn required_tensor_specs(meta: &Metadata, dtype: DType) -> Vec<TensorSpec> {
+    if let Ok(Some(g)) = super::gemma3n::Gemma3nConfig::from_metadata(meta) {
+        return super::gemma3n::gemma3n_tensor_specs(meta, &g, dtype);
+    }
     let a = &meta.architecture;
     let d = u64::from(a.d_model);
     let vocab = u64::from(a.vocab_size);

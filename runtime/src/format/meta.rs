@@ -296,6 +296,14 @@ impl Metadata {
             }
         }
 
+        match super::gemma3n::Gemma3nConfig::from_metadata(self) {
+            Err(reason) => return bad(reason),
+            Ok(Some(g)) => g.validate(self).or_else(bad)?,
+            Ok(None) if a.family == super::gemma3n::GEMMA3N_FAMILY => {
+                return bad(format!("family {:?} needs the {} key", a.family, super::gemma3n::GEMMA3N_KEY));
+            }
+            Ok(None) => {}
+        }
         self.special_tokens()?;
         self.chat_template()?;
         if self.tokenizer.kind == BYTES_TOKENIZER_KIND && a.vocab_size < 256 {

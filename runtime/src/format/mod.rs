@@ -11,6 +11,7 @@
 //! - [`testing`] builds synthetic models for tests and tools.
 
 mod error;
+pub mod gemma3n;
 mod layout;
 mod meta;
 mod parser;
@@ -18,6 +19,7 @@ pub mod testing;
 mod writer;
 
 pub use error::FormatError;
+pub use gemma3n::{g3n_names, Gemma3nConfig, GEMMA3N_FAMILY, GEMMA3N_KEY};
 pub use layout::{
     required_tensor_specs, BlobInfo, BlobSpec, DType, Segment, TensorInfo, TensorSpec, BLOB_CODE, BLOB_PREFIX,
     DEFAULT_ALIGNMENT_LOG2, MAGIC, MAX_ALIGNMENT_LOG2, MAX_BLOB_ID_LEN, MAX_BLOB_LEN, MAX_DIM, MAX_HEADER_LEN,
