@@ -3,11 +3,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use super::gemma3n::{self, G3Model};
 use super::kernels;
 use super::weights::Matrix;
 use super::EngineError;
 use crate::dims::ModelDims;
-use crate::format::{names, Activation, NormKind};
+use crate::format::{names, Activation, Gemma3nConfig, NormKind};
 use crate::{ModelFile, Submodel};
 
 /// Tokens processed per batched pass of a long prefill: bounds the scratch memory (the FFN
@@ -16,9 +17,9 @@ const PREFILL_CHUNK: usize = 256;
 
 /// A normalisation's parameters (RMSNorm when there is no bias, LayerNorm otherwise).
 #[derive(Clone, Debug)]
-struct Norm {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
+pub(super) struct Norm {
+    pub(super) weight: Vec<f32>,
+    pub(super) bias: Option<Vec<f32>>,
 }
 
 impl Norm {
@@ -43,7 +44,7 @@ impl Norm {
     }
 
     /// Normalises each of the `[t, d]` rows of `x` into `out`.
-    fn apply(&self, x: &[f32], out: &mut [f32], d: usize, eps: f32) {
+    pub(super) fn apply(&self, x: &[f32], out: &mut [f32], d: usize, eps: f32) {
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
             match &self.bias {
                 None => kernels::rms_norm(xr, &self.weight, eps, or),
@@ -75,6 +76,8 @@ struct Shared {
     final_norm: Norm,
     head: &'static str,
     inv_freq: Vec<f32>,
+    /// The Gemma 3n decoder's state, for a Gemma 3n file (then `layers` is empty).
+    g3n: Option<G3Model>,
 }
 
 /// The CPU reference engine for one model file. Cheap to share (`Send + Sync`): it holds the
@@ -103,8 +106,13 @@ impl CpuEngine {
         let dims = ModelDims::from_metadata(meta).map_err(|reason| EngineError::BadConfig { reason })?;
         let arch = &meta.architecture;
         let d = dims.d_model;
+        let g3n_config = Gemma3nConfig::from_metadata(meta).map_err(|reason| EngineError::BadConfig { reason })?;
+        let g3n = match g3n_config {
+            Some(c) => Some(G3Model::load(&model, &dims, c)?),
+            None => None,
+        };
         let mut layers = Vec::with_capacity(dims.n_layers);
-        for i in 0..dims.n_layers {
+        for i in (0..dims.n_layers).filter(|_| g3n.is_none()) {
             let n = |s: &str| names::layer(i, s);
             layers.push(Layer {
                 attn_norm: Norm::load(&model, dims.norm, &n(names::ATTN_NORM), &n(names::ATTN_NORM_BIAS), d)?,
@@ -122,8 +130,11 @@ impl CpuEngine {
         let head = if arch.tied_embeddings { names::TOK_EMBEDDINGS } else { names::LM_HEAD };
         let hd = dims.head_dim;
         let inv_freq = (0..hd / 2).map(|i| 1.0 / arch.rope_theta.powf((2 * i) as f32 / hd as f32)).collect();
-        let shared = Shared { model, dims, layers, final_norm, head, inv_freq };
-        shared.check_matrices()?;
+        let is_g3n = g3n.is_some();
+        let shared = Shared { model, dims, layers, final_norm, head, inv_freq, g3n };
+        if !is_g3n {
+            shared.check_matrices()?;
+        }
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(CpuEngine { shared: Arc::new(shared), threads })
     }
@@ -159,6 +170,7 @@ impl CpuEngine {
             threads: self.threads,
             submodel: submodel.clone(),
             widths,
+            skip: skipped_layers(submodel, n_layers),
             keys: vec![Vec::new(); n_layers],
             values: vec![Vec::new(); n_layers],
             pos: 0,
@@ -194,7 +206,7 @@ impl Shared {
 
 /// Which logits a pass returns.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Logits {
+pub(super) enum Logits {
     None,
     Last,
     All,
@@ -207,6 +219,8 @@ pub struct Session {
     threads: usize,
     submodel: Submodel,
     widths: Vec<usize>,
+    /// Per layer: whether the submodel skips it (elastic depth; all false on other files).
+    skip: Vec<bool>,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     pos: usize,
@@ -299,6 +313,7 @@ impl Session {
         let model = &self.shared.model;
         submodel.validate(model.metadata(), model.view().available_levels)?;
         self.widths = submodel.widths(model.metadata()).into_iter().map(|w| w as usize).collect();
+        self.skip = skipped_layers(submodel, self.shared.dims.n_layers);
         self.submodel = submodel.clone();
         Ok(())
     }
@@ -361,6 +376,20 @@ impl Session {
     ) -> Result<Vec<f32>, EngineError> {
         let shared = Arc::clone(&self.shared);
         let sh = &*shared;
+        if let Some(g) = &sh.g3n {
+            let st = gemma3n::PassState {
+                keys: &mut self.keys,
+                values: &mut self.values,
+                widths: &self.widths,
+                skip: &self.skip,
+                pos: self.pos,
+                threads: self.threads,
+            };
+            let logits =
+                gemma3n::forward_chunk(g, &sh.model, &sh.dims, st, tokens, want, &sh.final_norm, sh.head, stop)?;
+            self.pos += tokens.len();
+            return Ok(logits);
+        }
         let model = &*sh.model;
         let dm = &sh.dims;
         let (d, hd, q_dim, kv_dim) = (dm.d_model, dm.head_dim, dm.q_dim, dm.kv_dim);
@@ -482,10 +511,16 @@ impl Session {
 
 /// Grows a cache geometrically (at most to the context window) so long generations do not
 /// copy the cache at every step, without reserving the whole window up front.
-fn reserve_cache(cache: &mut Vec<f32>, needed: usize, limit: usize) {
+pub(super) fn reserve_cache(cache: &mut Vec<f32>, needed: usize, limit: usize) {
     if cache.capacity() >= needed {
         return;
     }
     let target = (cache.capacity() * 3 / 2).max(needed).min(limit.max(needed));
     cache.reserve_exact(target - cache.len());
+}
+
+/// Per layer: whether `submodel` skips it (elastic depth).
+fn skipped_layers(submodel: &Submodel, n_layers: usize) -> Vec<bool> {
+    let _ = submodel;
+    vec![false; n_layers]
 }

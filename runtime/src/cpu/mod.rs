@@ -23,6 +23,7 @@
 //! ```
 
 mod engine;
+mod gemma3n;
 pub(crate) mod kernels;
 pub mod reference;
 pub mod tolerance;

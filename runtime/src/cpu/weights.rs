@@ -210,6 +210,16 @@ impl<'a> Matrix<'a> {
         part.data.get(start, start + self.cols)
     }
 
+    /// Rows `[r0, r1)` as a matrix of `r1 - r0` rows (row `r0` becomes row 0), in place; empty
+    /// when the range is out of bounds or empty.
+    pub(crate) fn row_range(&self, r0: usize, r1: usize) -> Matrix<'a> {
+        let r1 = r1.min(self.rows);
+        let r0 = r0.min(r1);
+        let parts =
+            self.parts_in(r0, r1).map(|(first, rows, data)| Part { first_row: first - r0, rows, data }).collect();
+        Matrix { rows: r1 - r0, cols: self.cols, parts }
+    }
+
     /// The pieces of the parts that intersect rows `[r0, r1)`: `(first global row, rows, data)`.
     pub(crate) fn parts_in(&self, r0: usize, r1: usize) -> impl Iterator<Item = (usize, usize, RowData<'a>)> + '_ {
         self.parts.iter().filter_map(move |p| {

@@ -230,6 +230,12 @@ impl GpuEngine {
         let meta = model.metadata();
         let a = &meta.architecture;
         let dims = ModelDims::from_metadata(meta).map_err(|reason| GpuError::Unsupported { reason })?;
+        if meta.extra.contains_key(crate::format::GEMMA3N_KEY) {
+            return Err(GpuError::Unsupported {
+                reason: "the GPU backend does not run Gemma 3n yet; the CPU engine does (BackendChoice::Auto picks it)"
+                    .into(),
+            });
+        }
         let ctx = opts.max_context.map_or(dims.max_context, |c| c.clamp(1, dims.max_context));
         let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
