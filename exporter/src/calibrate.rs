@@ -153,7 +153,7 @@ pub fn calibrate(
         if let Some(&l) = measured.get(levels) {
             return Ok(l);
         }
-        let sub = Submodel { levels: levels.to_vec() };
+        let sub = Submodel::new(levels.to_vec());
         let report = mean_cross_entropy(engine, &sub, &tokenizer, text, chunk)?;
         let loss = report.nats_per_token;
         measured.insert(levels.to_vec(), loss);
@@ -313,7 +313,7 @@ fn correction(curve: &[(f64, f64)], d: f64) -> f64 {
 
 /// The name [`Submodel::name`] gives `levels`.
 fn config_name(levels: &[u8], meta: &Metadata) -> String {
-    Submodel { levels: levels.to_vec() }.name(meta)
+    Submodel::new(levels.to_vec()).name(meta)
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

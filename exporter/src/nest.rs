@@ -365,6 +365,7 @@ pub fn nest(
         entries.push(StoredEntry {
             name: name.clone(),
             levels: sub.levels.clone(),
+            skip: Vec::new(),
             predicted_loss: None,
             measured_loss: Some(loss),
         });

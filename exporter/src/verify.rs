@@ -180,7 +180,7 @@ pub fn default_submodels(meta: &Metadata) -> Vec<Submodel> {
     let mut v: Vec<Submodel> = (0..n_levels).map(|l| Submodel::uniform(l as u8, n_layers)).collect();
     if n_levels > 1 && n_layers > 1 {
         let levels = (0..n_layers).map(|i| ((i * n_levels) / n_layers) as u8).collect();
-        v.push(Submodel { levels });
+        v.push(Submodel::new(levels));
     }
     v
 }

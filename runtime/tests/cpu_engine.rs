@@ -120,8 +120,8 @@ fn submodels(meta: &Metadata) -> Vec<Submodel> {
     let n_layers = meta.architecture.n_layers as usize;
     let n_levels = meta.n_levels();
     let mut out: Vec<Submodel> = (0..n_levels).map(|l| Submodel::uniform(l as u8, n_layers)).collect();
-    out.push(Submodel { levels: (0..n_layers).map(|i| ((i + 1) % n_levels) as u8).collect() });
-    out.push(Submodel { levels: (0..n_layers).map(|i| ((n_levels - 1 + i * 2) % n_levels) as u8).collect() });
+    out.push(Submodel::new((0..n_layers).map(|i| ((i + 1) % n_levels) as u8).collect()));
+    out.push(Submodel::new((0..n_layers).map(|i| ((n_levels - 1 + i * 2) % n_levels) as u8).collect()));
     out
 }
 
@@ -433,7 +433,7 @@ fn thread_count_does_not_change_results() {
     };
     let model = build(&c, 512, 51);
     let toks = tokens(70, 5);
-    let sub = Submodel { levels: vec![1, 0] };
+    let sub = Submodel::new(vec![1, 0]);
     let run = |threads: usize| {
         let eng = engine(&model).with_threads(threads);
         assert_eq!(eng.threads(), threads);
@@ -509,10 +509,10 @@ fn session_rejects_submodels_that_do_not_fit() {
         Err(EngineError::Submodel(SubmodelError::WrongLayerCount { expected: 3, found: 2 }))
     ));
     assert!(matches!(
-        eng.session(&Submodel { levels: vec![0, 3, 0] }),
+        eng.session(&Submodel::new(vec![0, 3, 0])),
         Err(EngineError::Submodel(SubmodelError::BadIndex { layer: 1, .. }))
     ));
-    let s = eng.session(&Submodel { levels: vec![2, 0, 1] }).unwrap();
+    let s = eng.session(&Submodel::new(vec![2, 0, 1])).unwrap();
     assert_eq!(s.widths(), &[128, 48, 64]);
 }
 

@@ -37,7 +37,7 @@ fn parses_names_indices_and_lists() {
 #[test]
 fn names_widths_and_max_level() {
     let m = meta();
-    let mix = Submodel { levels: vec![0, 0, 1, 3] };
+    let mix = Submodel::new(vec![0, 0, 1, 3]);
     assert_eq!(mix.name(&m), "s,s,m,xl");
     assert_eq!(mix.widths(&m), vec![8, 10, 24, 112]);
     assert_eq!(mix.max_level(), 3);
@@ -46,14 +46,14 @@ fn names_widths_and_max_level() {
     assert_eq!(m_uni.name(&m), "m");
     assert_eq!(m_uni.widths(&m), vec![16, 20, 24, 28]);
     assert!(m_uni.is_uniform());
-    assert_eq!(Submodel { levels: vec![] }.max_level(), 0);
+    assert_eq!(Submodel::new(vec![]).max_level(), 0);
     // Every name round-trips through parse.
     for levels in [vec![0, 1, 2, 3], vec![3, 3, 3, 3], vec![2, 0, 2, 0]] {
-        let s = Submodel { levels };
+        let s = Submodel::new(levels);
         assert_eq!(Submodel::parse(&s.name(&m), &m, 4).unwrap(), s);
     }
     // Out-of-table levels never panic.
-    assert_eq!(Submodel { levels: vec![9, 0, 0, 0, 0] }.widths(&m), vec![64, 10, 12, 14, 0]);
+    assert_eq!(Submodel::new(vec![9, 0, 0, 0, 0]).widths(&m), vec![64, 10, 12, 14, 0]);
     assert_eq!(Submodel::largest(&m, 4), Submodel::uniform(3, 4));
     assert_eq!(Submodel::largest(&m, 9), Submodel::uniform(3, 4));
 }
@@ -105,10 +105,7 @@ fn validate_checks_layer_count_and_levels() {
     let m = meta();
     assert!(Submodel::uniform(3, 4).validate(&m, 4).is_ok());
     assert!(matches!(Submodel::uniform(0, 3).validate(&m, 4), Err(SubmodelError::WrongLayerCount { .. })));
-    assert!(matches!(
-        Submodel { levels: vec![0, 0, 0, 4] }.validate(&m, 4),
-        Err(SubmodelError::BadIndex { layer: 3, .. })
-    ));
+    assert!(matches!(Submodel::new(vec![0, 0, 0, 4]).validate(&m, 4), Err(SubmodelError::BadIndex { layer: 3, .. })));
     assert!(matches!(
         Submodel::uniform(1, 4).validate(&m, 1),
         Err(SubmodelError::LevelNotAvailable { layer: 0, level: 1, available: 1 })
@@ -117,7 +114,7 @@ fn validate_checks_layer_count_and_levels() {
 
 #[test]
 fn submodel_serde_round_trip() {
-    let s = Submodel { levels: vec![0, 2, 1, 3] };
+    let s = Submodel::new(vec![0, 2, 1, 3]);
     let json = serde_json::to_string(&s).unwrap();
     assert_eq!(serde_json::from_str::<Submodel>(&json).unwrap(), s);
 }

@@ -106,7 +106,7 @@ fn check_switching(opts: GpuOptions) {
     assert_eq!(switch_and_check(&model, &mut es, "m", SwitchDirection::Downshift), 0);
     assert_eq!(switch_and_check(&model, &mut es, "xl", SwitchDirection::Upshift), 0);
     // Mix'n'Match: still nothing to upload.
-    let mixed = Submodel { levels: vec![0, 3, 1] };
+    let mixed = Submodel::new(vec![0, 3, 1]);
     let history = es.history().to_vec();
     let report = es.switch_to(&mixed).expect("switch to mix'n'match");
     assert_eq!((report.direction, report.uploaded_bytes), (SwitchDirection::Downshift, 0));

@@ -110,10 +110,10 @@ fn catalog_count_order_names_and_exact_sizes() {
     }
     assert_eq!(cat.model.attention_flops_per_context_token, 4 * 4 * 4 * 8);
     // A jagged config is not in the catalog but can be described.
-    let jag = CatalogEntry::for_submodel(&model, &Submodel { levels: vec![0, 3, 0, 3] }).expect("jagged");
+    let jag = CatalogEntry::for_submodel(&model, &Submodel::new(vec![0, 3, 0, 3])).expect("jagged");
     assert_eq!(jag.name, "s,xl,s,xl");
     assert!(cat.get("s,xl,s,xl").is_none());
-    assert!(CatalogEntry::for_submodel(&model, &Submodel { levels: vec![0, 9, 0, 0] }).is_err());
+    assert!(CatalogEntry::for_submodel(&model, &Submodel::new(vec![0, 9, 0, 0])).is_err());
 }
 
 #[test]
@@ -171,7 +171,7 @@ fn stored_catalog_round_trips_and_bad_ones_are_errors() {
         e.predicted_loss = Some(10.0 / (e.weight_bytes as f64).ln());
     }
     cat.entries[3].measured_loss = Some(1.5);
-    let mut jag = CatalogEntry::for_submodel(&model_of(&meta), &Submodel { levels: vec![3, 0, 3, 0] }).expect("jag");
+    let mut jag = CatalogEntry::for_submodel(&model_of(&meta), &Submodel::new(vec![3, 0, 3, 0])).expect("jag");
     jag.measured_loss = Some(2.0);
     cat.entries.push(jag);
     cat.sort();

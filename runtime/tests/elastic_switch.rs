@@ -274,7 +274,7 @@ fn failed_switch_leaves_the_session_unchanged() {
         }))) => {}
         other => panic!("expected LevelNotAvailable, got {other:?}"),
     }
-    match es.switch_to(&Submodel { levels: vec![0, 0, 0] }) {
+    match es.switch_to(&Submodel::new(vec![0, 0, 0])) {
         Err(ElasticError::Cpu(EngineError::Submodel(SubmodelError::WrongLayerCount { expected: 2, found: 3 }))) => {}
         other => panic!("expected WrongLayerCount, got {other:?}"),
     }

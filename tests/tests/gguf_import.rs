@@ -70,7 +70,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 fn prompt_logits(path: &Path, levels: Option<Vec<u8>>, prompt: &[u32]) -> Vec<f32> {
     let model = Arc::new(ModelFile::open(path).unwrap());
     let sub = match levels {
-        Some(l) => Submodel { levels: l },
+        Some(l) => Submodel::new(l),
         None => Submodel::largest(model.metadata(), model.view().available_levels),
     };
     let engine = CpuEngine::new(model).unwrap();

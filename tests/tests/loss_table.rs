@@ -29,7 +29,7 @@ fn eval_reproduces_the_pytorch_loss_table() {
     for row in rows {
         let levels: Vec<u8> = row["levels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
         let expected = row["nats_per_byte"].as_f64().unwrap();
-        let sub = Submodel { levels: levels.clone() };
+        let sub = Submodel::new(levels.clone());
         let got = mean_cross_entropy(&engine, &sub, &tok, &text, chunk).unwrap();
         assert_eq!(got.predicted_tokens, text.len());
         eprintln!("{:<10} ours {:.6}  pytorch {expected:.6}", row["name"].as_str().unwrap(), got.nats_per_token);

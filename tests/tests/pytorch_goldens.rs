@@ -22,7 +22,7 @@ fn prompt_logits_match_pytorch_at_every_width() {
     let engine = CpuEngine::new(model.clone()).unwrap();
     assert!(g.cases.len() >= 6, "goldens cover 4 widths and 2 Mix'n'Match configs");
     for case in &g.cases {
-        let sub = Submodel { levels: case.levels.clone() };
+        let sub = Submodel::new(case.levels.clone());
         assert_eq!(sub.widths(&meta), case.widths, "{}: level indices and widths agree", case.name);
         let mut session = engine.session(&sub).unwrap();
         let ours = session.forward_all(&g.prompt_ids).unwrap();
@@ -45,7 +45,7 @@ fn greedy_continuation_matches_pytorch_exactly() {
     let g = goldens();
     let engine = CpuEngine::new(model.clone()).unwrap();
     for case in &g.cases {
-        let sub = Submodel { levels: case.levels.clone() };
+        let sub = Submodel::new(case.levels.clone());
         let mut session = engine.session(&sub).unwrap();
         let mut logits = session.prefill(&g.prompt_ids).unwrap();
         let mut ours = Vec::new();

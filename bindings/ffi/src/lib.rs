@@ -221,11 +221,14 @@ pub struct ModelInfo {
 /// One submodel the file offers.
 #[derive(Clone, Debug, PartialEq, uniffi::Record)]
 pub struct CatalogEntry {
-    /// Stable name (`"s"`, or per-layer level names `"s,s,m,l"`).
+    /// Stable name (`"s"`, per-layer level names `"s,s,m,l"` with `-` for a skipped layer, or a
+    /// published Gemma 3n slice such as `"e2b"`).
     pub name: String,
-    /// Level index per layer.
+    /// Level index per layer (0 for a skipped layer).
     pub levels: Vec<u32>,
-    /// FFN neurons per layer.
+    /// Indices of the layers this submodel skips (elastic depth; empty: every layer runs).
+    pub skipped_layers: Vec<u32>,
+    /// FFN neurons per layer (0 for a skipped layer).
     pub widths: Vec<u32>,
     /// Exact bytes of the weights this submodel uses.
     pub weight_bytes: u64,
@@ -237,6 +240,9 @@ pub struct CatalogEntry {
     pub measured_loss: Option<f64>,
     /// Loss predicted by calibration (nats per token), if calibrated.
     pub predicted_loss: Option<f64>,
+    /// What is known beyond the sizes: for a published Gemma 3n slice, Google's name, its
+    /// effective parameters and MMLU (pretrained) as published by Google's MatFormer Lab.
+    pub description: Option<String>,
 }
 
 impl From<el::CatalogEntry> for CatalogEntry {
@@ -244,12 +250,14 @@ impl From<el::CatalogEntry> for CatalogEntry {
         CatalogEntry {
             name: e.name,
             levels: e.levels.levels.iter().map(|&l| u32::from(l)).collect(),
+            skipped_layers: e.levels.skipped_layers().into_iter().map(to_u32_saturating).collect(),
             widths: e.widths,
             weight_bytes: e.weight_bytes,
             decode_bytes_per_token: e.decode_bytes_per_token,
             kv_bytes_per_token: e.kv_bytes_per_token,
             measured_loss: e.measured_loss,
             predicted_loss: e.predicted_loss,
+            description: e.description,
         }
     }
 }
@@ -402,15 +410,21 @@ impl From<matformer::SwitchMode> for SwitchMode {
 /// Which submodel a session runs.
 #[derive(Clone, Debug, PartialEq, uniffi::Enum)]
 pub enum SubmodelChoice {
-    /// A name: a level (`"s"`, `"xl"`), `"largest"`, or per-layer level names or indices.
+    /// A name: a catalog entry (on a Gemma 3n E4B file `"e4b"`, `"e2b"`, `"e2.54b"`, ...), a
+    /// level (`"s"`, `"xl"`), `"largest"`, or per-layer level names or indices (`-` for a
+    /// skipped layer where the file allows it).
     Named {
         /// The name.
         name: String,
     },
-    /// One level index per layer.
+    /// One level index per layer, and the layers to skip (elastic depth: Gemma 3n files only;
+    /// empty: every layer runs).
     Levels {
         /// The levels.
         levels: Vec<u32>,
+        /// Indices of the skipped layers (their levels are ignored).
+        #[uniffi(default)]
+        skipped_layers: Vec<u32>,
     },
     /// What `Engine.select` picks for this budget.
     Auto {
@@ -423,9 +437,13 @@ impl From<SubmodelChoice> for matformer::SubmodelChoice {
     fn from(c: SubmodelChoice) -> Self {
         match c {
             SubmodelChoice::Named { name } => matformer::SubmodelChoice::Named(name),
-            SubmodelChoice::Levels { levels } => {
+            SubmodelChoice::Levels { levels, skipped_layers } if skipped_layers.is_empty() => {
                 matformer::SubmodelChoice::Levels(levels.into_iter().map(to_usize).collect())
             }
+            SubmodelChoice::Levels { levels, skipped_layers } => matformer::SubmodelChoice::LevelsSkipping {
+                levels: levels.into_iter().map(to_usize).collect(),
+                skipped_layers: skipped_layers.into_iter().map(to_usize).collect(),
+            },
             SubmodelChoice::Auto { budget } => matformer::SubmodelChoice::Auto(budget.into()),
         }
     }

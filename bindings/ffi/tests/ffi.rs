@@ -70,6 +70,18 @@ fn open_describe_select_generate() {
     let catalog = engine.catalog();
     assert!(catalog.len() >= 4, "{} entries", catalog.len());
     assert!(catalog.iter().all(|e| e.levels.len() == info.n_layers as usize));
+    assert!(catalog.iter().all(|e| e.skipped_layers.is_empty() && e.description.is_none()));
+    // Elastic depth is a Gemma 3n feature: skipping a layer of this MatLM file is refused.
+    let levels = vec![0; info.n_layers as usize];
+    match engine
+        .session(session_options(Some(SubmodelChoice::Levels { levels: levels.clone(), skipped_layers: vec![1] })))
+    {
+        Err(MatformerError::Model { detail }) => assert!(detail.contains("does not allow skipping layers"), "{detail}"),
+        other => panic!("a skipped layer on a MatLM file: {:?}", other.map(|_| ())),
+    }
+    engine
+        .session(session_options(Some(SubmodelChoice::Levels { levels, skipped_layers: vec![] })))
+        .expect("levels without skips");
 
     let everything = DeviceBudget {
         available_memory_bytes: None,

@@ -193,13 +193,26 @@ impl Engine {
                 Ok((sub, format!("asked for {name}")))
             }
             SubmodelChoice::Levels(l) => {
-                let mut v = Vec::with_capacity(l.len());
-                for &x in l {
-                    v.push(u8::try_from(x).map_err(|_| Error::invalid(format!("level {x} is out of range")))?);
-                }
-                let sub = Submodel { levels: v };
+                let sub = Submodel::new(levels_u8(l)?);
                 sub.validate(m.metadata(), levels)?;
                 Ok((sub, "asked for these levels".into()))
+            }
+            SubmodelChoice::LevelsSkipping { levels: l, skipped_layers } => {
+                let n = l.len();
+                let mut skip = vec![false; n];
+                for &i in skipped_layers {
+                    match skip.get_mut(i) {
+                        Some(s) => *s = true,
+                        None => {
+                            return Err(Error::invalid(format!(
+                                "skipped layer {i} does not exist: the levels list {n} layers"
+                            )))
+                        }
+                    }
+                }
+                let sub = Submodel::with_skip(levels_u8(l)?, skip);
+                sub.validate(m.metadata(), levels)?;
+                Ok((sub, "asked for these levels and skipped layers".into()))
             }
             SubmodelChoice::Auto(budget) => {
                 let plan = self.select(budget)?;
@@ -245,6 +258,11 @@ impl Engine {
         *slot = Some(m.clone());
         Ok(m)
     }
+}
+
+/// Level indices as stored (`u8`), or an error naming the first one out of range.
+pub(crate) fn levels_u8(levels: &[usize]) -> Result<Vec<u8>, Error> {
+    levels.iter().map(|&x| u8::try_from(x).map_err(|_| Error::invalid(format!("level {x} is out of range")))).collect()
 }
 
 /// The backend `options` asks for, with the reason.

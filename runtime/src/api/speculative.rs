@@ -61,11 +61,15 @@ pub(crate) fn validate(o: &SpeculativeOptions) -> Result<(), Error> {
     Ok(())
 }
 
-/// `true` when `draft` is narrower than `verifier`: no layer wider, at least one narrower.
+/// `true` when `draft` is narrower than `verifier`: no layer wider, at least one narrower (a
+/// skipped layer is narrower than any level, so the draft runs only layers the verifier runs,
+/// and may skip more of them).
 pub(crate) fn narrower(draft: &Submodel, verifier: &Submodel) -> bool {
-    draft.levels.len() == verifier.levels.len()
-        && draft.levels.iter().zip(&verifier.levels).all(|(d, v)| d <= v)
-        && draft.levels.iter().zip(&verifier.levels).any(|(d, v)| d < v)
+    let rank = |s: &Submodel, i: usize| if s.is_skipped(i) { 0 } else { 1 + u16::from(s.levels[i]) };
+    let n = draft.levels.len();
+    n == verifier.levels.len()
+        && (0..n).all(|i| rank(draft, i) <= rank(verifier, i))
+        && (0..n).any(|i| rank(draft, i) < rank(verifier, i))
 }
 
 /// The draft submodel `choice` names (`resolve` turns names into submodels as the engine
@@ -77,14 +81,14 @@ pub(crate) fn resolve_draft(
     resolve: impl Fn(&str) -> Result<Submodel, Error>,
 ) -> Result<Submodel, Error> {
     let draft = match choice {
-        DraftChoice::Auto => Submodel::uniform(0, verifier.levels.len()),
+        DraftChoice::Auto => Submodel::with_skip(vec![0; verifier.levels.len()], verifier.skip.clone()),
         DraftChoice::Named(name) => resolve(name)?,
         DraftChoice::Levels(l) => {
             let mut v = Vec::with_capacity(l.len());
             for &x in l {
                 v.push(u8::try_from(x).map_err(|_| Error::invalid(format!("level {x} is out of range")))?);
             }
-            let sub = Submodel { levels: v };
+            let sub = Submodel::new(v);
             sub.validate(model.metadata(), model.view().available_levels)?;
             sub
         }

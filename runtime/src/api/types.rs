@@ -101,11 +101,21 @@ pub struct ModelInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubmodelChoice {
-    /// A name: a level (`"s"`, `"xl"`), `"largest"`, per-layer level names (`"s,s,m,l"`) or
-    /// indices (`"0,0,1,3"`).
+    /// A name: a catalog entry's name (on a Gemma 3n E4B file the published slices `"e4b"`,
+    /// `"e2b"`, `"e2.54b"`, ...), a level (`"s"`, `"xl"`), `"largest"`, per-layer level names
+    /// (`"s,s,m,l"`) or indices (`"0,0,1,3"`), with `-` for a skipped layer where the file
+    /// allows elastic depth (`"1,1,-,-,0"`).
     Named(String),
     /// One level index per layer.
     Levels(Vec<usize>),
+    /// One level index per layer and the layers to skip (elastic depth, Gemma 3n files only;
+    /// a skipped layer's level is ignored).
+    LevelsSkipping {
+        /// One level index per layer.
+        levels: Vec<usize>,
+        /// Indices of the skipped layers.
+        skipped_layers: Vec<usize>,
+    },
     /// What [`Engine::select`](super::Engine::select) picks for this budget.
     Auto(DeviceBudget),
 }

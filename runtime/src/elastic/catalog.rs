@@ -17,19 +17,35 @@
 //!
 //! # Costs
 //!
-//! - `weight_bytes`: exact, from the file's segment table: every shared tensor plus, for each
-//!   layer, the segments of its nested FFN tensors with level `<=` the layer's level.
+//! - `weight_bytes`: exact, from the file's segment table: every model-wide tensor plus, for
+//!   each layer that runs, its per-layer tensors (`layers.{i}.…`) and the segments of its
+//!   nested FFN tensors with level `<=` the layer's level. A skipped layer (elastic depth,
+//!   Gemma 3n files only) contributes nothing: neither its per-layer tensors nor its FFN rows
+//!   are read.
 //! - `decode_bytes_per_token`: weight bytes read to decode one token: `weight_bytes`, minus the
-//!   embedding table except one row when the LM head is a separate tensor (a lookup reads one
-//!   row; with tied embeddings the whole table is read as the LM head).
-//! - `kv_bytes_per_token`: K and V of every layer for one token, in the CPU engine's cache
-//!   dtype (`f32`): `2 * n_layers * n_kv_heads * head_dim * 4`. The same for every entry.
-//! - `flops_per_token`: `2 *` the weight-matrix parameters a token touches (`wq`, `wk`, `wv`,
-//!   `wo`, the used FFN rows of `ffn_up`, `ffn_gate`, `ffn_down_t`, and the LM head); norms,
-//!   RoPE and activations are ignored (`O(d_model)`). Attention over the context adds
-//!   [`ModelSummary::attention_flops_per_context_token`] per token of context
-//!   (`4 * n_layers * n_heads * head_dim`: `q.k` and the weighted sum of `v`); see
+//!   lookup tables except one row each: the embedding table when the LM head is a separate
+//!   tensor (with tied embeddings the whole table is read as the LM head), and a Gemma 3n
+//!   file's per-layer embedding table `per_layer_embeddings`.
+//! - `kv_bytes_per_token`: K and V of every running layer that caches its own K/V, for one
+//!   token, in the CPU engine's cache dtype (`f32`): `2 * n_kv_heads * head_dim * 4` per such
+//!   layer (every layer of a Llama-style file; in a Gemma 3n file the layers that share
+//!   another layer's K/V cache nothing). [`ModelSummary::kv_bytes_per_token`] is the value
+//!   with every layer running.
+//! - `flops_per_token`: `2 *` the weight-matrix parameters a token touches (the running
+//!   layers' `wq`, `wk`, `wv`, `wo` and other per-layer matrices, their used FFN rows of
+//!   `ffn_up`, `ffn_gate`, `ffn_down_t`, the model-wide matrices and the LM head; lookup
+//!   tables excluded); norms, RoPE and activations are ignored (`O(d_model)`). Attention over
+//!   the context adds [`CatalogEntry::attention_flops_per_context_token`] per token of
+//!   context (`4 * n_heads * head_dim` per running layer: `q.k` and the weighted sum of `v`;
+//!   sliding-window layers are counted over the whole context, an upper bound); see
 //!   [`CatalogEntry::flops_per_token_at`].
+//!
+//! # Named entries (Gemma 3n)
+//!
+//! A Gemma 3n file with E4B's shape also offers Google's published slices by name (`e4b`,
+//! `e2b`, `e2.54b`, ..., see [`gemma3n_slices`](super::gemma3n_slices)), with their published
+//! quality in [`CatalogEntry::description`]. A slice that equals an enumerated configuration
+//! takes its name; the others (jagged or skipping layers) are added.
 //!
 //! # Stored catalog (`metadata.extra["catalog"]`)
 //!
@@ -45,11 +61,12 @@
 //!                    "spearman": 0.98, "uncorrected_mean_abs_error": 0.011,
 //!                    "correction": [[0.012, 0.72], [0.034, 0.53], [0.074, 0.49]] },
 //!   "entries": [ { "name": "s,s,m,l", "levels": [0, 0, 1, 2],
-//!                  "predicted_loss": 1.644, "measured_loss": 1.645 } ]
+//!                  "predicted_loss": 1.644, "measured_loss": 1.645 },
+//!                { "name": "e2b", "levels": [0, ...], "skip": [false, ..., true, ...] } ]
 //! }
 //! ```
 //!
-//! `levels` is authoritative (`name` is informational); `calibration`, `predicted_loss` and
+//! `levels` and `skip` (absent: no layer skipped) are authoritative (`name` is informational); `calibration`, `predicted_loss` and
 //! `measured_loss` may be `null` or absent. Entries whose levels are not present in a cut file
 //! are skipped; entries outside the enumeration (jagged configurations) are added.
 
@@ -57,6 +74,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::gemma3n_slices;
+use crate::format::gemma3n::{g3n_names, layer_of, Gemma3nConfig};
 use crate::format::{names, FileView, Metadata};
 use crate::{ModelFile, Submodel, SubmodelError};
 
@@ -94,13 +113,16 @@ pub struct ModelSummary {
     pub level_names: Vec<String>,
     /// Levels whose data is present in the file (a cut file has fewer than `level_names`).
     pub available_levels: u32,
-    /// Bytes of the tensors every submodel uses (embeddings, attention, norms, LM head).
+    /// Bytes of the tensors every submodel uses when every layer runs (embeddings, attention,
+    /// norms, LM head: everything but the nested FFN tensors). A submodel that skips layers
+    /// (Gemma 3n) does not read the skipped layers' share.
     pub shared_weight_bytes: u64,
-    /// KV-cache bytes per token of context (every entry): `2 * n_layers * n_kv_heads *
-    /// head_dim * KV_ELEMENT_BYTES`.
+    /// KV-cache bytes per token of context with every layer running: `2 * n_kv_heads *
+    /// head_dim * KV_ELEMENT_BYTES` per layer that caches its own K/V (every layer except a
+    /// Gemma 3n file's K/V-sharing ones).
     pub kv_bytes_per_token: u64,
-    /// Attention FLOPs per generated token per token of context: `4 * n_layers * n_heads *
-    /// head_dim`.
+    /// Attention FLOPs per generated token per token of context with every layer running:
+    /// `4 * n_layers * n_heads * head_dim`.
     pub attention_flops_per_context_token: u64,
 }
 
@@ -142,12 +164,13 @@ pub struct CalibrationSummary {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CatalogEntry {
     /// Stable name: the level name when uniform (`"s"`), else the per-layer level names joined
-    /// by commas (`"s,s,m,l"`), exactly as [`Submodel::name`] prints and `Submodel::parse`
-    /// reads.
+    /// by commas with `-` for a skipped layer (`"s,s,m,l"`), exactly as [`Submodel::name`]
+    /// prints and `Submodel::parse` reads; or the published name of a Gemma 3n slice
+    /// (`"e2b"`, which `Submodel::parse` reads too).
     pub name: String,
-    /// Level per layer.
+    /// Level per layer, and the skipped layers.
     pub levels: Submodel,
-    /// FFN neurons per layer.
+    /// FFN neurons per layer (0 for a skipped layer).
     pub widths: Vec<u32>,
     /// Exact bytes of the weights this submodel uses (module documentation).
     pub weight_bytes: u64,
@@ -157,10 +180,20 @@ pub struct CatalogEntry {
     pub kv_bytes_per_token: u64,
     /// FLOPs to decode one token, attention over the context excluded.
     pub flops_per_token: u64,
+    /// Attention FLOPs per decoded token per token of context (`4 * n_heads * head_dim` per
+    /// running layer). 0 (in catalogs serialised before this field existed): use
+    /// [`ModelSummary::attention_flops_per_context_token`].
+    #[serde(default)]
+    pub attention_flops_per_context_token: u64,
     /// Loss predicted by calibration (nats per token), if calibrated.
     pub predicted_loss: Option<f64>,
     /// Loss measured on the calibration text (nats per token), if evaluated.
     pub measured_loss: Option<f64>,
+    /// What is known about this entry beyond its sizes: for a published Gemma 3n slice, its
+    /// name in Google's table, effective parameters and MMLU accuracy (pretrained) as
+    /// published by Google's MatFormer Lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 impl CatalogEntry {
@@ -169,7 +202,12 @@ impl CatalogEntry {
         let view = model.view();
         submodel.validate(&view.metadata, view.available_levels)?;
         let sizes = SizeTables::new(view);
-        Ok(sizes.entry(submodel.levels.clone(), &view.metadata.level_names))
+        let mut entry = sizes.entry(submodel.clone(), &view.metadata);
+        if let Some(slice) = gemma3n_slices::named(&view.metadata, submodel) {
+            entry.name = slice.name.to_string();
+            entry.description = Some(slice.description());
+        }
+        Ok(entry)
     }
 
     /// The best known loss: measured, else predicted.
@@ -179,8 +217,12 @@ impl CatalogEntry {
 
     /// FLOPs to decode one token with `context` tokens in the cache.
     pub fn flops_per_token_at(&self, summary: &ModelSummary, context: u32) -> u64 {
-        self.flops_per_token
-            .saturating_add(summary.attention_flops_per_context_token.saturating_mul(u64::from(context)))
+        let per_context_token = if self.attention_flops_per_context_token > 0 {
+            self.attention_flops_per_context_token
+        } else {
+            summary.attention_flops_per_context_token
+        };
+        self.flops_per_token.saturating_add(per_context_token.saturating_mul(u64::from(context)))
     }
 }
 
@@ -221,6 +263,9 @@ pub struct StoredEntry {
     pub name: String,
     /// Level per layer (authoritative).
     pub levels: Vec<u8>,
+    /// Per layer: skipped (authoritative; absent or empty: every layer runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<bool>,
     /// Predicted loss, nats per token.
     #[serde(default)]
     pub predicted_loss: Option<f64>,
@@ -265,7 +310,23 @@ impl Catalog {
         let count = monotone_count(n_layers, available);
         let complete = count.is_some_and(|c| c <= MAX_ENUMERATED_CONFIGS as u128);
         let configs = if complete { enumerate_monotone(n_layers, available) } else { step_subset(n_layers, available) };
-        let entries = configs.into_iter().map(|levels| sizes.entry(levels, &meta.level_names)).collect();
+        let mut entries: Vec<CatalogEntry> =
+            configs.into_iter().map(|levels| sizes.entry(Submodel::new(levels), meta)).collect();
+        for slice in gemma3n_slices::slices_for(meta) {
+            let sub = slice.submodel();
+            if sub.validate(meta, view.available_levels).is_err() {
+                continue;
+            }
+            let i = match entries.iter().position(|e| e.levels == sub) {
+                Some(i) => i,
+                None => {
+                    entries.push(sizes.entry(sub, meta));
+                    entries.len() - 1
+                }
+            };
+            entries[i].name = slice.name.to_string();
+            entries[i].description = Some(slice.description());
+        }
         let mut catalog = Catalog {
             model: sizes.summary(view),
             entries,
@@ -297,27 +358,27 @@ impl Catalog {
         }
         let meta = &view.metadata;
         let sizes = SizeTables::new(view);
-        let mut index: BTreeMap<Vec<u8>, usize> =
-            catalog.entries.iter().enumerate().map(|(i, e)| (e.levels.levels.clone(), i)).collect();
+        let key = |s: &Submodel| (s.levels.clone(), s.skipped_layers());
+        let mut index: BTreeMap<(Vec<u8>, Vec<usize>), usize> =
+            catalog.entries.iter().enumerate().map(|(i, e)| (key(&e.levels), i)).collect();
         for (k, se) in stored.entries.iter().enumerate() {
             for (what, loss) in [("predicted_loss", se.predicted_loss), ("measured_loss", se.measured_loss)] {
                 if loss.is_some_and(|l| !l.is_finite()) {
                     return Err(bad(format!("entry {k} ({}): {what} is not finite", se.name)));
                 }
             }
-            let sub = Submodel { levels: se.levels.clone() };
+            let sub = Submodel::with_skip(se.levels.clone(), se.skip.clone());
             match sub.validate(meta, view.available_levels) {
                 Ok(()) => {}
                 Err(SubmodelError::LevelNotAvailable { .. }) => continue,
                 Err(e) => return Err(bad(format!("entry {k} ({}): {e}", se.name))),
             }
-            let i = match index.get(&se.levels) {
+            let i = match index.get(&key(&sub)) {
                 Some(&i) => i,
                 None => {
-                    catalog.entries.push(sizes.entry(se.levels.clone(), &meta.level_names));
-                    let i = catalog.entries.len() - 1;
-                    index.insert(se.levels.clone(), i);
-                    i
+                    index.insert(key(&sub), catalog.entries.len());
+                    catalog.entries.push(sizes.entry(sub, meta));
+                    catalog.entries.len() - 1
                 }
             };
             let e = &mut catalog.entries[i];
@@ -344,6 +405,7 @@ impl Catalog {
                 .map(|e| StoredEntry {
                     name: e.name.clone(),
                     levels: e.levels.levels.clone(),
+                    skip: e.levels.skip.clone(),
                     predicted_loss: e.predicted_loss,
                     measured_loss: e.measured_loss,
                 })
@@ -361,9 +423,14 @@ impl Catalog {
         self.entries.iter().find(|e| e.name == name)
     }
 
-    /// The entry with exactly these per-layer levels.
+    /// The entry with exactly these per-layer levels and no skipped layer.
     pub fn find_levels(&self, levels: &[u8]) -> Option<&CatalogEntry> {
-        self.entries.iter().find(|e| e.levels.levels == levels)
+        self.entries.iter().find(|e| !e.levels.has_skips() && e.levels.levels == levels)
+    }
+
+    /// The entry for exactly this submodel (levels and skipped layers).
+    pub fn find(&self, submodel: &Submodel) -> Option<&CatalogEntry> {
+        self.entries.iter().find(|e| e.levels == *submodel)
     }
 
     /// The entry with the most weight bytes (the full model), if any.
@@ -407,6 +474,7 @@ pub fn pareto_indices(entries: &[CatalogEntry], loss: impl Fn(&CatalogEntry) -> 
 }
 
 /// The name [`Submodel::name`] gives `levels` with these level names.
+#[cfg(test)]
 pub(crate) fn config_name(levels: &[u8], level_names: &[String]) -> String {
     let name_of = |l: u8| level_names.get(usize::from(l)).cloned().unwrap_or_else(|| l.to_string());
     match levels.first() {
@@ -478,22 +546,29 @@ fn step_subset(n: usize, a: usize) -> Vec<Vec<u8>> {
 
 /// Per-layer, per-level cumulative sizes of one file.
 struct SizeTables {
-    /// Bytes of all shared tensors.
+    /// Bytes of the model-wide tensors (not `layers.{i}.…`).
     shared_bytes: u64,
-    /// Matrix parameters of the shared tensors a token touches (attention and LM head).
+    /// Matrix parameters of the model-wide tensors a token touches (lookup tables excluded).
     shared_params: u64,
-    /// Bytes of the embedding table, and of one of its rows, when it is not the LM head.
-    embedding_untouched: u64,
+    /// Bytes of the lookup tables a token does not touch (all rows but one): the embedding
+    /// table when it is not the LM head, a Gemma 3n file's per-layer embedding table.
+    lookup_untouched: u64,
+    /// `layer_fixed_bytes[i]`: bytes of layer `i`'s tensors that are not nested.
+    layer_fixed_bytes: Vec<u64>,
+    /// `layer_fixed_params[i]`: matrix parameters of layer `i`'s tensors that are not nested.
+    layer_fixed_params: Vec<u64>,
     /// `layer_bytes[i][l]`: bytes of layer `i`'s nested tensors up to level `l`.
     layer_bytes: Vec<Vec<u64>>,
     /// `layer_params[i][l]`: parameters of layer `i`'s nested tensors up to level `l`.
     layer_params: Vec<Vec<u64>>,
     /// `widths[i][l]`.
     widths: Vec<Vec<u32>>,
-    /// KV-cache bytes per token of context.
-    kv_bytes_per_token: u64,
-    /// Attention FLOPs per generated token per token of context.
-    attention_flops_per_context_token: u64,
+    /// Per layer: whether it caches its own K/V (a Gemma 3n K/V-sharing layer does not).
+    caches_kv: Vec<bool>,
+    /// KV-cache bytes per token of one layer that caches K/V.
+    kv_bytes_per_layer: u64,
+    /// Attention FLOPs per generated token per token of context of one running layer.
+    attention_flops_per_layer: u64,
 }
 
 impl SizeTables {
@@ -501,21 +576,22 @@ impl SizeTables {
         let meta: &Metadata = &view.metadata;
         let n_layers = meta.architecture.n_layers as usize;
         let n_levels = meta.n_levels();
+        let gemma = Gemma3nConfig::from_metadata(meta).ok().flatten();
+        let a = &meta.architecture;
+        let (kv, h, hd) = (u64::from(a.n_kv_heads), u64::from(a.n_heads), u64::from(a.head_dim));
         let mut t = SizeTables {
             shared_bytes: 0,
             shared_params: 0,
-            embedding_untouched: 0,
+            lookup_untouched: 0,
+            layer_fixed_bytes: vec![0; n_layers],
+            layer_fixed_params: vec![0; n_layers],
             layer_bytes: vec![vec![0; n_levels]; n_layers],
             layer_params: vec![vec![0; n_levels]; n_layers],
             widths: meta.ffn_widths.clone(),
-            kv_bytes_per_token: 0,
-            attention_flops_per_context_token: 0,
+            caches_kv: (0..n_layers).map(|i| gemma.as_ref().is_none_or(|g| g.owns_kv(i))).collect(),
+            kv_bytes_per_layer: [kv, hd, KV_ELEMENT_BYTES].iter().fold(2u64, |p, &x| p.saturating_mul(x)),
+            attention_flops_per_layer: [h, hd].iter().fold(4u64, |p, &x| p.saturating_mul(x)),
         };
-        let a = &meta.architecture;
-        let (l, kv, h, hd) =
-            (u64::from(a.n_layers), u64::from(a.n_kv_heads), u64::from(a.n_heads), u64::from(a.head_dim));
-        t.kv_bytes_per_token = [l, kv, hd, KV_ELEMENT_BYTES].iter().fold(2u64, |p, &x| p.saturating_mul(x));
-        t.attention_flops_per_context_token = [l, h, hd].iter().fold(4u64, |p, &x| p.saturating_mul(x));
         for tensor in &view.tensors {
             if let Some(layer) = nested_layer(&tensor.name).filter(|&i| i < n_layers) {
                 for seg in &tensor.segments {
@@ -529,11 +605,19 @@ impl SizeTables {
                 continue;
             }
             let bytes = tensor.segments.iter().fold(0u64, |s, seg| s.saturating_add(seg.byte_len));
-            t.shared_bytes = t.shared_bytes.saturating_add(bytes);
             let is_matrix = tensor.shape.len() >= 2;
-            let is_embedding = tensor.name == names::TOK_EMBEDDINGS;
-            if is_embedding && !meta.architecture.tied_embeddings {
-                t.embedding_untouched = bytes.saturating_sub(tensor.row_bytes());
+            if let Some(layer) = layer_of(&tensor.name).filter(|&i| i < n_layers) {
+                t.layer_fixed_bytes[layer] = t.layer_fixed_bytes[layer].saturating_add(bytes);
+                if is_matrix {
+                    t.layer_fixed_params[layer] = t.layer_fixed_params[layer].saturating_add(tensor.n_elements());
+                }
+                continue;
+            }
+            t.shared_bytes = t.shared_bytes.saturating_add(bytes);
+            let is_lookup = (tensor.name == names::TOK_EMBEDDINGS && !meta.architecture.tied_embeddings)
+                || (gemma.is_some() && tensor.name == g3n_names::PER_LAYER_EMBEDDINGS);
+            if is_lookup {
+                t.lookup_untouched = t.lookup_untouched.saturating_add(bytes.saturating_sub(tensor.row_bytes()));
             } else if is_matrix {
                 t.shared_params = t.shared_params.saturating_add(tensor.n_elements());
             }
@@ -543,6 +627,7 @@ impl SizeTables {
 
     fn summary(&self, view: &FileView) -> ModelSummary {
         let a = &view.metadata.architecture;
+        let all = Submodel::uniform(0, a.n_layers as usize);
         ModelSummary {
             d_model: a.d_model,
             n_layers: a.n_layers,
@@ -553,37 +638,62 @@ impl SizeTables {
             max_context: a.max_context,
             level_names: view.metadata.level_names.clone(),
             available_levels: u32::try_from(view.available_levels).unwrap_or(u32::MAX),
-            shared_weight_bytes: self.shared_bytes,
-            kv_bytes_per_token: self.kv_bytes_per_token,
-            attention_flops_per_context_token: self.attention_flops_per_context_token,
+            shared_weight_bytes: self.layer_fixed_bytes.iter().fold(self.shared_bytes, |s, &b| s.saturating_add(b)),
+            kv_bytes_per_token: self.kv_bytes(&all),
+            attention_flops_per_context_token: self.attention_flops(&all),
         }
     }
 
-    fn entry(&self, levels: Vec<u8>, level_names: &[String]) -> CatalogEntry {
+    /// KV-cache bytes per token of `sub`: its running layers that cache their own K/V.
+    fn kv_bytes(&self, sub: &Submodel) -> u64 {
+        let layers = (0..self.caches_kv.len()).filter(|&i| self.caches_kv[i] && sub.runs_layer(i)).count();
+        self.kv_bytes_per_layer.saturating_mul(layers as u64)
+    }
+
+    /// Attention FLOPs per token of context of `sub`: its running layers.
+    fn attention_flops(&self, sub: &Submodel) -> u64 {
+        let layers = (0..self.caches_kv.len()).filter(|&i| sub.runs_layer(i)).count();
+        self.attention_flops_per_layer.saturating_mul(layers as u64)
+    }
+
+    fn entry(&self, submodel: Submodel, meta: &Metadata) -> CatalogEntry {
         let pick = |table: &[Vec<u64>], i: usize, l: u8| -> u64 {
             table.get(i).and_then(|row| row.get(usize::from(l)).or(row.last())).copied().unwrap_or(0)
         };
         let mut bytes = self.shared_bytes;
         let mut params = self.shared_params;
-        for (i, &l) in levels.iter().enumerate() {
-            bytes = bytes.saturating_add(pick(&self.layer_bytes, i, l));
-            params = params.saturating_add(pick(&self.layer_params, i, l));
+        for (i, &l) in submodel.levels.iter().enumerate() {
+            if !submodel.runs_layer(i) {
+                continue;
+            }
+            let fixed_bytes = self.layer_fixed_bytes.get(i).copied().unwrap_or(0);
+            let fixed_params = self.layer_fixed_params.get(i).copied().unwrap_or(0);
+            bytes = bytes.saturating_add(fixed_bytes).saturating_add(pick(&self.layer_bytes, i, l));
+            params = params.saturating_add(fixed_params).saturating_add(pick(&self.layer_params, i, l));
         }
-        let widths = levels
+        let widths = submodel
+            .levels
             .iter()
             .enumerate()
-            .map(|(i, &l)| self.widths.get(i).and_then(|w| w.get(usize::from(l)).or(w.last())).copied().unwrap_or(0))
+            .map(|(i, &l)| {
+                if !submodel.runs_layer(i) {
+                    return 0;
+                }
+                self.widths.get(i).and_then(|w| w.get(usize::from(l)).or(w.last())).copied().unwrap_or(0)
+            })
             .collect();
         CatalogEntry {
-            name: config_name(&levels, level_names),
-            levels: Submodel { levels },
+            name: submodel.name(meta),
             widths,
             weight_bytes: bytes,
-            decode_bytes_per_token: bytes.saturating_sub(self.embedding_untouched),
-            kv_bytes_per_token: self.kv_bytes_per_token,
+            decode_bytes_per_token: bytes.saturating_sub(self.lookup_untouched),
+            kv_bytes_per_token: self.kv_bytes(&submodel),
             flops_per_token: params.saturating_mul(2),
+            attention_flops_per_context_token: self.attention_flops(&submodel),
+            levels: submodel,
             predicted_loss: None,
             measured_loss: None,
+            description: None,
         }
     }
 }
@@ -658,14 +768,16 @@ mod tests {
     fn pareto_keeps_strict_improvements() {
         let e = |name: &str, bytes: u64, loss: Option<f64>| CatalogEntry {
             name: name.to_string(),
-            levels: Submodel { levels: vec![] },
+            levels: Submodel::new(vec![]),
             widths: vec![],
             weight_bytes: bytes,
             decode_bytes_per_token: bytes,
             kv_bytes_per_token: 0,
             flops_per_token: 0,
+            attention_flops_per_context_token: 0,
             predicted_loss: loss,
             measured_loss: None,
+            description: None,
         };
         let entries = vec![
             e("a", 1, Some(3.0)),

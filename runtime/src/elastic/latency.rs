@@ -211,9 +211,13 @@ impl ShapeFingerprint {
     /// Bytes and FLOPs per token of `class` for widths `widths` at `context` tokens (matrix
     /// products: 2 FLOPs per multiply-add; attention: `q.k` and the weighted sum of `v` over
     /// the f32 KV cache; small ops: norm weights, embedding row and logits, FLOPs not
-    /// counted).
+    /// counted). A layer of width 0 is a skipped layer (elastic depth: every layer that runs
+    /// has a non-zero FFN width) and costs nothing: the per-layer classes count the running
+    /// layers only (all `n_layers` when `widths` is empty).
     pub fn class_work(&self, class: KernelClass, widths: &[u32], context: f64) -> (f64, f64) {
-        let (d, l) = (f64::from(self.d_model), f64::from(self.n_layers));
+        let running =
+            if widths.is_empty() { self.n_layers as usize } else { widths.iter().filter(|&&w| w > 0).count() };
+        let (d, l) = (f64::from(self.d_model), running as f64);
         let q = f64::from(self.n_heads) * f64::from(self.head_dim);
         let kv = f64::from(self.n_kv_heads) * f64::from(self.head_dim);
         let eb = self.bytes_per_weight();
@@ -773,14 +777,16 @@ mod tests {
         use crate::Submodel;
         let entry = |name: &str, w: u32, level: u8| CatalogEntry {
             name: name.to_string(),
-            levels: Submodel { levels: vec![level; 3] },
+            levels: Submodel::new(vec![level; 3]),
             widths: vec![w; 3],
             weight_bytes: u64::from(w) * 1000,
             decode_bytes_per_token: u64::from(w) * 1000,
             kv_bytes_per_token: 64,
             flops_per_token: u64::from(w) * 100,
+            attention_flops_per_context_token: 0,
             predicted_loss: None,
             measured_loss: None,
+            description: None,
         };
         let catalog = Catalog {
             model: ModelSummary {

@@ -2,7 +2,9 @@
 //!
 //! - [`catalog`](crate::elastic::catalog): every Mix'n'Match configuration of a file whose levels do not decrease with
 //!   depth, with exact weight bytes, KV bytes and FLOPs per token; stored catalogs
-//!   (`metadata.extra["catalog"]`) and the Pareto frontier.
+//!   (`metadata.extra["catalog"]`) and the Pareto frontier; on Gemma 3n files, submodels may
+//!   also skip layers (elastic depth), and an E4B-shaped file gains Google's published slices
+//!   by name ([`gemma3n_slices`](crate::elastic::gemma3n_slices)).
 //! - [`budget`](crate::elastic::budget): the device signals (memory, battery, low-power mode, thermal state, latency
 //!   target, context).
 //! - [`policy`](crate::elastic::policy): how signals become limits; footprint, energy and latency estimates.
@@ -29,6 +31,7 @@
 pub mod budget;
 pub mod catalog;
 pub mod cpu_probe;
+pub mod gemma3n_slices;
 #[cfg(feature = "probes")]
 pub mod kernel_probe;
 pub mod latency;

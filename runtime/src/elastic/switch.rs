@@ -9,6 +9,14 @@
 //! re-prefills the cache from the token history with the new submodel. The output after a
 //! switch is then exactly that of the new submodel on the same tokens (bitwise on the CPU).
 //!
+//! A submodel that skips layers (elastic depth, Gemma 3n) writes no K/V for them. A keep-KV
+//! switch to a submodel that runs such a layer again would read cache entries that layer never
+//! wrote for the tokens seen while it was skipped, so [`ElasticSession::switch_with`] runs
+//! every switch that un-skips a layer caching its own K/V ([`unskipped_kv_layers`]) on the
+//! exact re-prefill path, whatever the mode asked. Un-skipping a layer that reads another
+//! layer's K/V (Gemma 3n's K/V-sharing layers, such as E2B's skipped 20-24) reads only
+//! entries its owner wrote all along, and may keep the cache.
+//!
 //! Under memory pressure [`ElasticSession::on_memory_pressure`] downshifts, frees the GPU
 //! buffers beyond the new prefixes, and tells the OS it may drop the pages of the levels no
 //! longer used ([`ModelFile::release_levels_above`](crate::ModelFile::release_levels_above)).
@@ -21,13 +29,15 @@ use std::time::Instant;
 
 use crate::backend::{Backend, BackendError, BackendSession};
 use crate::cpu::{CpuEngine, EngineError, Session};
-use crate::format::NestingOrigin;
+use crate::format::gemma3n::Gemma3nConfig;
+use crate::format::{Metadata, NestingOrigin};
 #[cfg(feature = "gpu")]
 use crate::gpu::{step_down_on_oom, GpuEngine, GpuError, GpuSession};
 use crate::sampling::Sampler;
 use crate::{ModelError, ModelFile, Submodel};
 
-/// How a switch moves between two submodels, compared layer by layer.
+/// How a switch moves between two submodels, compared layer by layer (a skipped layer counts
+/// as narrower than any level: skipping a layer shrinks it, running it again grows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SwitchDirection {
     /// No layer grows and at least one shrinks.
@@ -43,7 +53,7 @@ pub enum SwitchDirection {
 impl SwitchDirection {
     /// The direction from `from` to `to` (submodels of the same model).
     pub fn between(from: &Submodel, to: &Submodel) -> SwitchDirection {
-        let pairs = || from.levels.iter().zip(&to.levels);
+        let pairs = || layer_ranks(from).zip(layer_ranks(to));
         let grows = pairs().any(|(a, b)| b > a);
         let shrinks = pairs().any(|(a, b)| b < a);
         match (grows, shrinks) {
@@ -53,6 +63,23 @@ impl SwitchDirection {
             (true, true) => SwitchDirection::Mixed,
         }
     }
+}
+
+/// Per layer: 0 for a skipped layer, else 1 + its level (the order of [`SwitchDirection`]).
+fn layer_ranks(s: &Submodel) -> impl Iterator<Item = u16> + '_ {
+    (0..s.levels.len()).map(|i| if s.is_skipped(i) { 0 } else { 1 + u16::from(s.levels[i]) })
+}
+
+/// The layers `to` runs that `from` skips and that write their own K/V cache entries (every
+/// layer of a Llama-style file; in a Gemma 3n file the layers that own their K/V). A keep-KV
+/// switch from `from` to `to` would make them read entries they never wrote for the tokens
+/// `from` ran, so such a switch re-prefills ([`ElasticSession::switch_with`]).
+pub fn unskipped_kv_layers(from: &Submodel, to: &Submodel, meta: &Metadata) -> Vec<usize> {
+    let gemma = Gemma3nConfig::from_metadata(meta).ok().flatten();
+    (0..to.levels.len())
+        .filter(|&i| to.runs_layer(i) && from.is_skipped(i))
+        .filter(|&i| gemma.as_ref().is_none_or(|g| g.owns_kv(i)))
+        .collect()
 }
 
 /// What [`ElasticSession::switch_to`] did.
@@ -190,13 +217,17 @@ pub enum SwitchMode {
 impl SwitchMode {
     /// The mode a switch from `from` to `to` runs in: `Exact` and `KeepKv` as they are;
     /// `Auto` gives `KeepKv` when the levels were trained nested ([`NestingOrigin::Trained`])
-    /// or when no layer widens, and `Exact` when some layer widens on a file nested after
-    /// training or of unknown origin.
+    /// or when no layer widens, and `Exact` when some layer widens (a skipped layer that runs
+    /// again counts as widening) on a file nested after training or of unknown origin.
+    ///
+    /// This is the choice by levels only: [`ElasticSession::switch_with`] further forces
+    /// `Exact` when the switch runs again a skipped layer that caches its own K/V
+    /// ([`unskipped_kv_layers`]), since no mode may read entries that layer never wrote.
     pub fn resolve(self, from: &Submodel, to: &Submodel, nesting: NestingOrigin) -> SwitchMode {
         match self {
             SwitchMode::Exact | SwitchMode::KeepKv => self,
             SwitchMode::Auto => {
-                let widens = from.levels.iter().zip(&to.levels).any(|(a, b)| b > a);
+                let widens = layer_ranks(from).zip(layer_ranks(to)).any(|(a, b)| b > a);
                 if nesting == NestingOrigin::Trained || !widens {
                     SwitchMode::KeepKv
                 } else {
@@ -533,12 +564,20 @@ impl ElasticSession {
     /// the previous submodel wrote and only changes the weights later tokens use (no
     /// re-prefill; `reprefilled_tokens` is 0), [`SwitchMode::Auto`] picks one of the two by
     /// [`SwitchMode::resolve`]. [`SwitchReport::mode`] says which ran.
+    ///
+    /// Elastic depth: a switch that runs again a skipped layer which caches its own K/V
+    /// ([`unskipped_kv_layers`]) always re-prefills ([`SwitchMode::Exact`]), whatever `mode`
+    /// asks: that layer wrote no cache entries while it was skipped.
     pub fn switch_with(&mut self, submodel: &Submodel, mode: SwitchMode) -> Result<SwitchReport, ElasticError> {
         let started = Instant::now();
         let model = Arc::clone(self.model());
         let meta = model.metadata();
         let old = self.submodel().clone();
-        let mode = mode.resolve(&old, submodel, meta.nesting());
+        let mode = if unskipped_kv_layers(&old, submodel, meta).is_empty() {
+            mode.resolve(&old, submodel, meta.nesting())
+        } else {
+            SwitchMode::Exact
+        };
         let mut report = SwitchReport {
             from: old.name(meta),
             to: submodel.name(meta),
@@ -680,8 +719,9 @@ impl ElasticSession {
         Ok(report)
     }
 
-    /// Reacts to memory pressure: downshifts ([`MemoryPressure::Moderate`]: every layer one
-    /// level down; [`MemoryPressure::Critical`]: every layer at level 0) with
+    /// Reacts to memory pressure: downshifts ([`MemoryPressure::Moderate`]: every running
+    /// layer one level down, skipped layers stay skipped; [`MemoryPressure::Critical`]: every
+    /// running layer at level 0, skipped layers stay skipped) with
     /// [`switch_to`](Self::switch_to); on the GPU frees the FFN buffers beyond the new
     /// prefixes ([`GpuEngine::trim_ffn`](crate::gpu::GpuEngine::trim_ffn)); then tells the OS
     /// it may drop the pages of every level above the new submodel's largest level, so the
@@ -702,7 +742,10 @@ impl ElasticSession {
     ) -> Result<PressureReport, ElasticError> {
         let target = match pressure {
             MemoryPressure::Moderate => self.submodel().step_down().unwrap_or_else(|| self.submodel().clone()),
-            MemoryPressure::Critical => Submodel::uniform(0, self.submodel().levels.len()),
+            MemoryPressure::Critical => {
+                let now = self.submodel();
+                Submodel::with_skip(vec![0; now.levels.len()], now.skip.clone())
+            }
         };
         let switch = self.switch_with(&target, mode)?;
         let gpu_bytes_released = match (&self.backend, &mut self.session) {
@@ -730,7 +773,7 @@ mod tests {
     use super::*;
 
     fn sub(levels: &[u8]) -> Submodel {
-        Submodel { levels: levels.to_vec() }
+        Submodel::new(levels.to_vec())
     }
 
     #[test]
@@ -753,5 +796,29 @@ mod tests {
             assert_eq!(SwitchMode::Auto.resolve(&sub(&[3, 0]), &mixed, nesting), SwitchMode::Exact);
         }
         assert_eq!(SwitchMode::default(), SwitchMode::Auto);
+    }
+
+    #[test]
+    fn skipping_is_narrowing_and_unskipping_an_owner_needs_exact() {
+        let meta = crate::format::testing::synthetic_gemma3n_metadata();
+        let all = sub(&[1; 10]);
+        let mut skip = vec![false; 10];
+        skip[2] = true;
+        skip[7] = true;
+        let skipped = Submodel::with_skip(vec![1; 10], skip);
+        assert_eq!(SwitchDirection::between(&all, &skipped), SwitchDirection::Downshift);
+        assert_eq!(SwitchDirection::between(&skipped, &all), SwitchDirection::Upshift);
+        assert_eq!(SwitchDirection::between(&skipped, &sub(&[0; 10])), SwitchDirection::Mixed);
+        // Layer 2 owns its K/V, layer 7 reads layer 5's (the last 4 layers share).
+        assert_eq!(unskipped_kv_layers(&skipped, &all, &meta), vec![2]);
+        assert!(unskipped_kv_layers(&all, &skipped, &meta).is_empty());
+        let only_shared = Submodel::with_skip(vec![1; 10], (0..10).map(|i| i == 7).collect());
+        assert!(unskipped_kv_layers(&only_shared, &all, &meta).is_empty());
+        // Un-skipping widens for Auto on a file not trained nested.
+        assert_eq!(SwitchMode::Auto.resolve(&only_shared, &all, NestingOrigin::PostHoc), SwitchMode::Exact);
+        assert_eq!(SwitchMode::Auto.resolve(&all, &only_shared, NestingOrigin::PostHoc), SwitchMode::KeepKv);
+        // A Llama-style file: every layer caches K/V.
+        let llama = crate::format::testing::synthetic_metadata(16, 10, 2, 1, 8, 300, vec![vec![8, 16]], true, false);
+        assert_eq!(unskipped_kv_layers(&only_shared, &all, &llama), vec![7]);
     }
 }

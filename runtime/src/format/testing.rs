@@ -73,6 +73,64 @@ pub fn synthetic_metadata(
     }
 }
 
+/// Metadata for a small synthetic Gemma 3n model (family `gemma3n`, key `gemma3n`): d_model
+/// 64, 10 layers, 4 heads, 2 K/V heads, head_dim 16, FFN widths `[64, 128]` (levels `s`,
+/// `m`), vocabulary 300, tied embeddings, GELU (tanh) gated FFN; per-layer embeddings of 16
+/// values per layer over 256 rows, 4 AltUp streams, LAuReL rank 8, sliding window 4, layers 4
+/// and 9 full attention (the others sliding), the last 4 layers sharing K/V (layers 6..10 read
+/// layers 4 and 5's: 5 owns the sliding K/V, 4 the full), activation sparsity 0.95 on the
+/// first 3 layers, logit soft-cap 30. Valid ([`Metadata::validate`]); write it with
+/// [`synthetic_file`].
+pub fn synthetic_gemma3n_metadata() -> Metadata {
+    let n = 10usize;
+    let mut meta = synthetic_metadata(64, n as u32, 4, 2, 16, 300, vec![vec![64, 128]], true, true);
+    meta.architecture.activation = Activation::GeluTanh;
+    meta.architecture.rope_theta = 1_000_000.0;
+    let g = super::gemma3n::Gemma3nConfig {
+        per_layer_dim: 16,
+        per_layer_vocab: 256,
+        altup_inputs: 4,
+        altup_correct_scale: true,
+        laurel_rank: 8,
+        sliding_window: 4,
+        sliding: (0..n).map(|i| i != 4 && i != 9).collect(),
+        rope_local_theta: 10_000.0,
+        kv_shared_layers: 4,
+        activation_sparsity: (0..n).map(|i| if i < 3 { 0.95 } else { 0.0 }).collect(),
+        final_logit_softcap: Some(30.0),
+    };
+    g.store(&mut meta);
+    meta
+}
+
+/// Metadata with Gemma 3n E4B's shape (no weights: too large for a test file): 35 layers
+/// (every fifth full attention, the last 15 sharing K/V), d_model 2048, 8 heads, 2 K/V heads,
+/// head_dim 256, FFN widths `[8192, 16384]` (levels `s`, `m`), vocabulary 262144, tied
+/// embeddings, per-layer embeddings of 256 values per layer, 4 AltUp streams, LAuReL rank 64,
+/// sliding window 512. Valid ([`Metadata::validate`]); for catalog and slice tests.
+pub fn gemma3n_e4b_metadata() -> Metadata {
+    let n = 35usize;
+    let mut meta = synthetic_metadata(2048, n as u32, 8, 2, 256, 262_144, vec![vec![8192, 16384]], true, true);
+    meta.architecture.activation = Activation::GeluTanh;
+    meta.architecture.rope_theta = 1_000_000.0;
+    meta.architecture.max_context = 32_768;
+    let g = super::gemma3n::Gemma3nConfig {
+        per_layer_dim: 256,
+        per_layer_vocab: 262_144,
+        altup_inputs: 4,
+        altup_correct_scale: true,
+        laurel_rank: 64,
+        sliding_window: 512,
+        sliding: (0..n).map(|i| (i + 1) % 5 != 0).collect(),
+        rope_local_theta: 10_000.0,
+        kv_shared_layers: 15,
+        activation_sparsity: (0..n).map(|i| if i < 10 { 0.95 } else { 0.0 }).collect(),
+        final_logit_softcap: Some(30.0),
+    };
+    g.store(&mut meta);
+    meta
+}
+
 fn splitmix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = x;
