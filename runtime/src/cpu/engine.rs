@@ -521,6 +521,5 @@ pub(super) fn reserve_cache(cache: &mut Vec<f32>, needed: usize, limit: usize) {
 
 /// Per layer: whether `submodel` skips it (elastic depth).
 fn skipped_layers(submodel: &Submodel, n_layers: usize) -> Vec<bool> {
-    let _ = submodel;
-    vec![false; n_layers]
+    (0..n_layers).map(|i| submodel.is_skipped(i)).collect()
 }
