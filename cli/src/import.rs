@@ -10,7 +10,8 @@ use matformer_export::{import, DTypePlan, ImportOptions};
 #[derive(Debug, clap::Args)]
 pub struct ImportArgs {
     /// A `.gguf` file, or a Hugging Face model directory (config.json, *.safetensors,
-    /// tokenizer.json, ...). Llama architecture.
+    /// tokenizer.json, ...). Llama architecture, or Gemma 3n (text model; written with its
+    /// trained levels half and full).
     pub input: PathBuf,
     /// Output .matf file.
     #[arg(short, long)]

@@ -85,11 +85,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Import a pretrained model: a GGUF file or a Hugging Face directory (Llama family).
+    /// Import a pretrained model: a GGUF file or a Hugging Face directory (Llama family or
+    /// Gemma 3n).
     Import(import::ImportArgs),
     /// Write a file with random weights at real model shapes (benchmarks).
     Synth {
-        /// Shape preset: llama-3.2-1b, gemma-3n-e2b, small.
+        /// Shape preset: llama-3.2-1b, gemma-3n-e4b (the real Gemma 3n tensor set), gemma-3n-tiny,
+        /// gemma-3n-e2b (Llama block at E2B-like shapes), small; --list describes them.
         #[arg(long, default_value = "llama-3.2-1b")]
         preset: String,
         /// Output .matf file.

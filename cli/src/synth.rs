@@ -25,6 +25,8 @@ pub fn run(
     }
     let opts =
         SynthOptions { preset: preset.to_string(), layers, dtype: DTypePlan::parse(dtype, dtype_override)?, seed };
+    let planned = matformer_export::synth::planned_len(&opts)?;
+    eprintln!("writing {} ({}, {planned} bytes)", output.display(), human_bytes(planned));
     let len = matformer_export::synth::synth(&opts, &output)?;
     println!("wrote {} ({}, {len} bytes)", output.display(), human_bytes(len));
     Ok(())

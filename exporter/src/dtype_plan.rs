@@ -11,20 +11,27 @@
 //!
 //! | key | tensors |
 //! |---|---|
-//! | `embed` (or `tok_embeddings`) | `tok_embeddings` (also the LM head when tied) |
+//! | `embed` (or `tok_embeddings`) | `tok_embeddings` (also the LM head when tied) and Gemma 3n's `per_layer_embeddings` |
 //! | `lm_head` (or `head`) | `lm_head` |
 //! | `attn` | `wq`, `wk`, `wv`, `wo` of every layer |
 //! | `ffn` | `ffn_gate`, `ffn_up`, `ffn_down_t` of every layer |
 //! | `wq`, `wk`, `wv`, `wo`, `ffn_gate`, `ffn_up`, `ffn_down_t` | that matrix of every layer |
-//! | a full name (`layers.3.ffn_up`) | that tensor |
+//! | a full name (`layers.3.ffn_up`, `per_layer_embeddings`, `altup_proj.0`) | that tensor |
 //!
 //! The 1-D tensors (norm weights and biases) cannot be block-quantised (a block is 32 elements
 //! of one row): they are stored `f16` when the planned dtype is quantised. A matrix whose rows
 //! are not a multiple of 32 elements cannot be quantised either; asking for it is an error
 //! naming the tensor.
+//!
+//! Gemma 3n's small auxiliary tensors are never block-quantised: the AltUp coefficient
+//! matrices (`altup.correction_coefs` `[n, n]`, `altup.prediction_coefs` `[n*n, n]`) and router
+//! (`altup.router` `[n, d_model]`) are a few thousand values that steer every stream, and a
+//! LAuReL or per-layer-input matrix whose rows are not whole 32-element blocks (`laurel.right`
+//! `[d_model, laurel_rank]` of a small model) cannot be. Under a quantised dtype they are
+//! stored `f16`, like the norms.
 
 use anyhow::{bail, Result};
-use matformer::format::{names, testing::required_tensor_specs, DType, Metadata, TensorSpec};
+use matformer::format::{g3n_names, names, testing::required_tensor_specs, DType, Metadata, TensorSpec};
 
 /// A default dtype plus per-tensor overrides.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +54,24 @@ impl From<DType> for DTypePlan {
 /// Layer-wise matrix names an override key may name.
 const MATRICES: [&str; 7] =
     [names::WQ, names::WK, names::WV, names::WO, names::FFN_GATE, names::FFN_UP, names::FFN_DOWN_T];
+
+/// Whether a Gemma 3n tensor stays unquantised: the AltUp coefficients and router, and a
+/// LAuReL, per-layer-input or AltUp matrix whose rows are not whole 32-element blocks.
+fn gemma3n_keeps_precision(name: &str, shape: &[u64]) -> bool {
+    use g3n_names as g3;
+    let suffix = name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map(|(_, s)| s);
+    if let Some(s) = suffix {
+        if [g3::ALTUP_CORRECTION, g3::ALTUP_PREDICTION, g3::ALTUP_ROUTER].contains(&s) {
+            return true;
+        }
+    }
+    let auxiliary = suffix
+        .is_some_and(|s| s.starts_with("laurel.") || s.starts_with("ple.") || s.starts_with("altup."))
+        || name.starts_with("altup_")
+        || name == g3::PER_LAYER_MODEL_PROJECTION;
+    let row: u64 = shape.iter().skip(1).product();
+    auxiliary && !row.is_multiple_of(matformer::format::QK as u64)
+}
 
 /// A dtype flag: `f32`, `f16`, `q8` (`q8_0`), `q4` (`q4_0`), `q4_1`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -83,6 +108,10 @@ impl DTypePlan {
     fn key_is_known(key: &str) -> bool {
         matches!(key, "embed" | "lm_head" | "head" | "attn" | "ffn" | "ffn_down")
             || key == names::TOK_EMBEDDINGS
+            || key == g3n_names::PER_LAYER_EMBEDDINGS
+            || key == g3n_names::PER_LAYER_MODEL_PROJECTION
+            || key.starts_with("altup_proj.")
+            || key.starts_with("altup_unembed.")
             || MATRICES.contains(&key)
             || key.starts_with("layers.")
     }
@@ -91,7 +120,8 @@ impl DTypePlan {
     fn matches(key: &str, name: &str) -> bool {
         let layer_suffix = name.strip_prefix("layers.").and_then(|r| r.split_once('.')).map(|(_, s)| s);
         match key {
-            "embed" | "tok_embeddings" => name == names::TOK_EMBEDDINGS,
+            "embed" => name == names::TOK_EMBEDDINGS || name == g3n_names::PER_LAYER_EMBEDDINGS,
+            "tok_embeddings" => name == names::TOK_EMBEDDINGS,
             "lm_head" | "head" => name == names::LM_HEAD,
             "attn" => layer_suffix.is_some_and(|s| [names::WQ, names::WK, names::WV, names::WO].contains(&s)),
             "ffn" => layer_suffix.is_some_and(|s| [names::FFN_GATE, names::FFN_UP, names::FFN_DOWN_T].contains(&s)),
@@ -102,10 +132,11 @@ impl DTypePlan {
     }
 
     /// The dtype tensor `name` of `shape` gets: the last matching override or the default; a
-    /// quantised choice for a 1-D tensor becomes `f16`.
+    /// quantised choice for a 1-D tensor, or for one of Gemma 3n's small auxiliary tensors
+    /// (see the module documentation), becomes `f16`.
     pub fn dtype_for(&self, name: &str, shape: &[u64]) -> DType {
         let d = self.overrides.iter().rev().find(|(k, _)| Self::matches(k, name)).map_or(self.default, |(_, d)| *d);
-        if d.is_quantized() && shape.len() < 2 {
+        if d.is_quantized() && (shape.len() < 2 || gemma3n_keeps_precision(name, shape)) {
             DType::F16
         } else {
             d
@@ -206,6 +237,24 @@ mod tests {
         assert_eq!(p.dtype_for("layers.0.wk", &[64, 64]), DType::F16, "not in the source: f16");
         let plain = DTypePlan::parse("q8", &[]).unwrap();
         assert_eq!(plain.for_source(&source), plain);
+    }
+
+    #[test]
+    fn gemma3n_small_tensors_stay_f16_and_embed_covers_per_layer_embeddings() {
+        let plan = DTypePlan::parse("q4", &["embed=q8".into()]).unwrap();
+        assert_eq!(plan.dtype_for("layers.0.altup.correction_coefs", &[4, 4]), DType::F16);
+        assert_eq!(plan.dtype_for("layers.0.altup.prediction_coefs", &[16, 4]), DType::F16);
+        assert_eq!(plan.dtype_for("layers.0.altup.router", &[4, 2048]), DType::F16);
+        assert_eq!(plan.dtype_for("layers.0.laurel.right", &[64, 8]), DType::F16);
+        assert_eq!(plan.dtype_for("layers.0.laurel.right", &[2048, 64]), DType::Q4_0);
+        assert_eq!(plan.dtype_for("layers.0.ple.proj", &[64, 16]), DType::F16);
+        assert_eq!(plan.dtype_for("layers.0.ple.gate", &[16, 64]), DType::Q4_0);
+        assert_eq!(plan.dtype_for("per_layer_embeddings", &[256, 160]), DType::Q8_0);
+        assert_eq!(plan.dtype_for("tok_embeddings", &[300, 64]), DType::Q8_0);
+        assert_eq!(plan.dtype_for("altup_proj.0", &[64, 64]), DType::Q4_0);
+        assert!(DTypePlan::parse("q4", &["per_layer_embeddings=f16".into(), "altup_unembed.1=q8".into()]).is_ok());
+        let f32_plan = DTypePlan::from(DType::F32);
+        assert_eq!(f32_plan.dtype_for("layers.0.altup.router", &[4, 64]), DType::F32);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub enum HfConfigError {
     NoArchitecture,
     /// An architecture this exporter does not convert.
     #[error(
-        "unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM){}",
+        "unsupported architecture `{name}` (supported: LlamaForCausalLM, MistralForCausalLM; `import` also takes Gemma 3n){}",
         .reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
     )]
     UnsupportedArchitecture {
@@ -486,7 +486,7 @@ mod tests {
             HfConfig::parse(&with(SMOLLM2, "architectures", serde_json::json!(["GPTNeoXForCausalLM"]))).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unsupported architecture `GPTNeoXForCausalLM` (supported: LlamaForCausalLM, MistralForCausalLM)"
+            "unsupported architecture `GPTNeoXForCausalLM` (supported: LlamaForCausalLM, MistralForCausalLM; `import` also takes Gemma 3n)"
         );
         let e = HfConfig::parse(&with(SMOLLM2, "architectures", serde_json::json!(["Qwen2ForCausalLM"]))).unwrap_err();
         assert!(e.to_string().starts_with("unsupported architecture `Qwen2ForCausalLM`"), "{e}");

@@ -4,7 +4,7 @@
 //! `tokenizer_config.json` or `chat_template.jinja`, and `generation_config.json`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use matformer::format::{names, DType};
@@ -21,7 +21,7 @@ use crate::onnx_source::Weight;
 use crate::progress::Progress;
 use crate::safetensors::{parse_safetensors, StTensor};
 
-fn read_json(path: &Path) -> Result<Json> {
+pub(crate) fn read_json(path: &Path) -> Result<Json> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
@@ -165,6 +165,71 @@ fn to_f32(t: &StTensor<'_>, name: &str) -> Result<Vec<f32>> {
     })
 }
 
+/// The safetensors files of a model directory, mapped: the shards listed in
+/// `model.safetensors.index.json`, or the single `model.safetensors`.
+pub(crate) struct Shards {
+    /// The directory.
+    pub dir: PathBuf,
+    /// `model.safetensors.index.json` (present or not).
+    pub index: PathBuf,
+    /// Shard file of each tensor (empty without an index).
+    pub shard_of: HashMap<String, String>,
+    /// The mapped files, by file name.
+    pub maps: BTreeMap<String, memmap2::Mmap>,
+    /// SHA-256 (hex) of the files' bytes, in file-name order.
+    pub sha256: String,
+}
+
+impl Shards {
+    /// Maps every safetensors file of `dir` (shard names must be plain file names).
+    pub fn open(dir: &Path) -> Result<Shards> {
+        let index = dir.join("model.safetensors.index.json");
+        let mut shard_of: HashMap<String, String> = HashMap::new();
+        let files: Vec<String> = if index.exists() {
+            let idx = read_json(&index)?;
+            let map = idx
+                .get("weight_map")
+                .and_then(Json::as_object)
+                .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
+            let mut files = std::collections::BTreeSet::new();
+            for (k, v) in map {
+                let f = v.as_str().ok_or_else(|| anyhow!("{}: weight_map[{k}] is not a string", index.display()))?;
+                if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+                    bail!("{}: shard name {f:?} is not a plain file name", index.display());
+                }
+                shard_of.insert(k.clone(), f.to_string());
+                files.insert(f.to_string());
+            }
+            files.into_iter().collect()
+        } else {
+            vec!["model.safetensors".to_string()]
+        };
+        let mut maps = BTreeMap::new();
+        let mut hasher = Sha256::new();
+        for f in &files {
+            let p = dir.join(f);
+            let file = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+            // SAFETY: read-only private map of an input file we do not modify; the safetensors
+            // parser checks the header and every tensor's range against the map's length.
+            let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", p.display()))?;
+            hasher.update(&map[..]);
+            maps.insert(f.clone(), map);
+        }
+        let sha256 = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Shards { dir: dir.to_path_buf(), index, shard_of, maps, sha256 })
+    }
+
+    /// Every file's tensors, by file name; errors name the file.
+    pub fn parse(&self) -> Result<BTreeMap<String, BTreeMap<String, StTensor<'_>>>> {
+        let mut parsed = BTreeMap::new();
+        for (f, map) in &self.maps {
+            let st = parse_safetensors(map).map_err(|e| anyhow!("{}: {e}", self.dir.join(f).display()))?;
+            parsed.insert(f.clone(), st);
+        }
+        Ok(parsed)
+    }
+}
+
 /// Reads a Hugging Face Llama directory.
 pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
     let config_path = dir.join("config.json");
@@ -176,44 +241,9 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
         bail!("tokenizer.json has {} tokens but config.json's vocab_size is {}", tokenizer.vocab_len, arch.vocab_size);
     }
 
-    // Shards: the index's weight_map, or the single model.safetensors.
-    let index = dir.join("model.safetensors.index.json");
-    let mut shard_of: HashMap<String, String> = HashMap::new();
-    let files: Vec<String> = if index.exists() {
-        let idx = read_json(&index)?;
-        let map = idx
-            .get("weight_map")
-            .and_then(Json::as_object)
-            .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
-        let mut files = std::collections::BTreeSet::new();
-        for (k, v) in map {
-            let f = v.as_str().ok_or_else(|| anyhow!("{}: weight_map[{k}] is not a string", index.display()))?;
-            if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-                bail!("{}: shard name {f:?} is not a plain file name", index.display());
-            }
-            shard_of.insert(k.clone(), f.to_string());
-            files.insert(f.to_string());
-        }
-        files.into_iter().collect()
-    } else {
-        vec!["model.safetensors".to_string()]
-    };
-    let mut maps = BTreeMap::new();
-    let mut hasher = Sha256::new();
-    for f in &files {
-        let p = dir.join(f);
-        let file = std::fs::File::open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        // SAFETY: read-only private map of an input file we do not modify; the safetensors
-        // parser checks the header and every tensor's range against the map's length.
-        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", p.display()))?;
-        hasher.update(&map[..]);
-        maps.insert(f.clone(), map);
-    }
-    let mut parsed = BTreeMap::new();
-    for (f, map) in &maps {
-        let st = parse_safetensors(map).map_err(|e| anyhow!("{}: {e}", dir.join(f).display()))?;
-        parsed.insert(f.clone(), st);
-    }
+    let shards = Shards::open(dir)?;
+    let parsed = shards.parse()?;
+    let (index, shard_of) = (&shards.index, &shards.shard_of);
     let mut source_types = BTreeMap::new();
     let get = |name: &str| -> Result<(Weight, DType)> {
         let file = match shard_of.get(name) {
@@ -282,7 +312,7 @@ pub fn load_dir(dir: &Path) -> Result<SourceWeights> {
             *source_types.entry(t.dtype.clone()).or_insert(0) += 1;
         }
     }
-    let sha: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let sha = shards.sha256.clone();
     let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let meta = dense_metadata(arch, ffn, sha, name);
     Ok(SourceWeights {

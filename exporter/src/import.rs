@@ -1,4 +1,5 @@
-//! `matformer import`: a GGUF file or a Hugging Face model directory (Llama family) -> `.matf`.
+//! `matformer import`: a GGUF file or a Hugging Face model directory (Llama family, or Gemma 3n
+//! through [`crate::gemma3n_import`]) -> `.matf`.
 //!
 //! The source is read into canonical tensors (f32, the file's layouts); the tokenizer, its
 //! special tokens and the chat template are stored as every Hugging Face tokenizer is
@@ -100,6 +101,9 @@ pub struct ImportReport {
     pub has_chat_template: bool,
     /// Nesting results (`--nest`).
     pub nest: Option<NestReport>,
+    /// What the import left out or ignored (a multimodal checkpoint's vision and audio
+    /// towers), one sentence each; also printed on stderr.
+    pub notes: Vec<String>,
     /// Wall time of the import, seconds.
     pub seconds: f64,
 }
@@ -205,6 +209,11 @@ pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
 pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
     let started = Instant::now();
     eprintln!("reading {}", opts.input.display());
+    if opts.input.is_dir() {
+        if let Some(config) = crate::gemma3n_import::dir_config_if_gemma3n(&opts.input) {
+            return crate::gemma3n_import::import_dir(opts, &config, started);
+        }
+    }
     let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
     let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types, mut raw, source_dtypes } = src;
     // `--dtype keep`: the source's own dtype per tensor.
@@ -266,6 +275,7 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
         add_bos: assets.special.add_bos,
         has_chat_template: assets.chat_template.is_some(),
         nest,
+        notes: Vec::new(),
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((report, assets))

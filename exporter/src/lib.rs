@@ -6,7 +6,7 @@
 //! written file; the export is refused when they disagree beyond a named tolerance.
 //!
 //! Imports pretrained models too ([`import`]): a GGUF file ([`gguf`]) or a Hugging Face Llama
-//! directory ([`hf_import`]), optionally nested by measured neuron importance ([`nest`]).
+//! directory ([`hf_import`]; Gemma 3n: [`gemma3n_import`]), optionally nested by measured neuron importance ([`nest`]).
 //!
 //! Also estimates the loss of every catalog entry on a calibration text ([`calibrate`], stored in
 //! the file's catalog), scores a text under a submodel ([`eval`]), and makes synthetic files
@@ -16,6 +16,8 @@ pub mod calibrate;
 pub mod dtype_plan;
 pub mod eval;
 pub mod export;
+pub mod gemma3n_config;
+pub mod gemma3n_import;
 pub mod gguf;
 pub mod hf_config;
 pub mod hf_import;
