@@ -273,11 +273,12 @@ pub(crate) fn gemma3n_tensor_specs(meta: &Metadata, g: &Gemma3nConfig, dtype: DT
     let rank = u64::from(g.laurel_rank);
     let spec = |name: String, shape: Vec<u64>| TensorSpec { name, dtype, shape };
 
-    let mut out = Vec::new();
-    out.push(spec(names::TOK_EMBEDDINGS.to_string(), vec![vocab, d]));
-    out.push(spec(g3::PER_LAYER_EMBEDDINGS.to_string(), vec![u64::from(g.per_layer_vocab), ple_all]));
-    out.push(spec(g3::PER_LAYER_MODEL_PROJECTION.to_string(), vec![ple_all, d]));
-    out.push(spec(g3::PER_LAYER_PROJECTION_NORM.to_string(), vec![ple]));
+    let mut out = vec![
+        spec(names::TOK_EMBEDDINGS.to_string(), vec![vocab, d]),
+        spec(g3::PER_LAYER_EMBEDDINGS.to_string(), vec![u64::from(g.per_layer_vocab), ple_all]),
+        spec(g3::PER_LAYER_MODEL_PROJECTION.to_string(), vec![ple_all, d]),
+        spec(g3::PER_LAYER_PROJECTION_NORM.to_string(), vec![ple]),
+    ];
     for j in 0..(g.altup_inputs as usize).saturating_sub(1) {
         out.push(spec(g3::altup_proj(j), vec![d, d]));
     }
