@@ -306,18 +306,25 @@ pub fn bench(
             gflops: Some(gflops),
             method,
         };
-        eprintln!("timing kernel classes on {} ...", engine.name());
-        let timings: KernelTimings = match &engine {
-            Backend::Cpu(c) => {
-                let opts = matformer::elastic::kernel_probe::ProbeOptions::default();
-                matformer::elastic::kernel_probe::measure_kernels(c, &opts)?
-            }
-            Backend::Gpu(g) => {
-                let runner = matformer::gpu::OpRunner::for_engine(g)?;
-                let mut t = matformer::elastic::kernel_probe::measure_gpu_gemv_classes(&runner, &shape)?;
-                time_gpu_small_classes(&runner, &meta, &mut t)?;
-                t
-            }
+        // The kernel classes are those of a Llama block; a Gemma 3n file's rows report the
+        // whole step only (its AltUp, LAuReL and per-layer-input products are not classes).
+        let timings: Option<KernelTimings> = if meta.extra.contains_key(matformer::format::GEMMA3N_KEY) {
+            eprintln!("kernel classes: not timed for a Gemma 3n file (rows report the whole step)");
+            None
+        } else {
+            eprintln!("timing kernel classes on {} ...", engine.name());
+            Some(match &engine {
+                Backend::Cpu(c) => {
+                    let opts = matformer::elastic::kernel_probe::ProbeOptions::default();
+                    matformer::elastic::kernel_probe::measure_kernels(c, &opts)?
+                }
+                Backend::Gpu(g) => {
+                    let runner = matformer::gpu::OpRunner::for_engine(g)?;
+                    let mut t = matformer::elastic::kernel_probe::measure_gpu_gemv_classes(&runner, &shape)?;
+                    time_gpu_small_classes(&runner, &meta, &mut t)?;
+                    t
+                }
+            })
         };
         // Rows whose kernel classes are filled in after the last read pass.
         let mut pending = Vec::with_capacity(subs.len());
@@ -419,7 +426,8 @@ pub fn bench(
         // The kernel classes (timed after the first pass) are against the fastest pass of all.
         cal.read_gb_per_s = cal.read_passes_gb_per_s.iter().copied().fold(0.0, f64::max);
         for (i, sub, mean_pos, per_token_s) in pending {
-            let classes = class_rows(&shape, &timings, &sub.widths(&meta), mean_pos, &cal)?;
+            let Some(timings) = &timings else { continue };
+            let classes = class_rows(&shape, timings, &sub.widths(&meta), mean_pos, &cal)?;
             let measured_sum: f64 = classes.iter().filter_map(|c| c.ms_per_token).sum();
             rows[i].remainder_ms_per_token = per_token_s * 1e3 - measured_sum;
             rows[i].classes = classes;

@@ -146,6 +146,16 @@ fn catalog_costs_of_skipped_layers_are_exact() {
     let full = Submodel::uniform(1, 10);
     let e_full = CatalogEntry::for_submodel(&model, &full).expect("entry");
     assert_eq!(e_full.weight_bytes, manual_weight_bytes(&model, &full));
+    // Footprints count the per-layer table only in the rows `context` tokens read.
+    let ple_bytes: u64 = ple.segments.iter().map(|s| s.byte_len).sum();
+    assert_eq!(cat.model.row_lookup_table_bytes, ple_bytes);
+    assert_eq!(cat.model.row_lookup_row_bytes, ple.row_bytes());
+    let policy = matformer::elastic::Policy::default();
+    for context in [1u32, 7, 100_000] {
+        let f = policy.footprint(&e_full, &cat.model, context);
+        let rows = (u64::from(context) * ple.row_bytes()).min(ple_bytes);
+        assert_eq!(f.weight_bytes, e_full.weight_bytes - ple_bytes + rows, "context {context}");
+    }
     assert_eq!(Some(&e_full), cat.find(&full));
 
     for skipped in [vec![2], vec![7, 8], vec![0, 2, 6, 7, 8], vec![5, 6, 7, 8]] {

@@ -124,6 +124,25 @@ pub struct ModelSummary {
     /// Attention FLOPs per generated token per token of context with every layer running:
     /// `4 * n_layers * n_heads * head_dim`.
     pub attention_flops_per_context_token: u64,
+    /// A Gemma 3n file's per-layer embedding table (`per_layer_embeddings`): its bytes, counted
+    /// in every entry's `weight_bytes` (0 for other files). It stays memory-mapped and only the
+    /// rows of the tokens seen become resident, so a footprint counts at most `context` rows
+    /// of it ([`ModelSummary::resident_weight_bytes`]). At E4B's shape it is 35 x 256 values
+    /// per token over 262,144 tokens: 1.3 GB in q4_0, more than a third of the file.
+    #[serde(default)]
+    pub row_lookup_table_bytes: u64,
+    /// Bytes of one row of that table.
+    #[serde(default)]
+    pub row_lookup_row_bytes: u64,
+}
+
+impl ModelSummary {
+    /// The weight bytes resident with `context` tokens seen: `weight_bytes` with the per-layer
+    /// embedding table replaced by at most `context` of its rows.
+    pub fn resident_weight_bytes(&self, weight_bytes: u64, context: u32) -> u64 {
+        let rows = self.row_lookup_row_bytes.saturating_mul(u64::from(context)).min(self.row_lookup_table_bytes);
+        weight_bytes.saturating_sub(self.row_lookup_table_bytes).saturating_add(rows)
+    }
 }
 
 /// How a catalog's losses were obtained (by the exporter's calibration); stored with the
@@ -553,6 +572,8 @@ struct SizeTables {
     /// Bytes of the lookup tables a token does not touch (all rows but one): the embedding
     /// table when it is not the LM head, a Gemma 3n file's per-layer embedding table.
     lookup_untouched: u64,
+    /// Bytes and row bytes of a Gemma 3n file's per-layer embedding table.
+    row_lookup: (u64, u64),
     /// `layer_fixed_bytes[i]`: bytes of layer `i`'s tensors that are not nested.
     layer_fixed_bytes: Vec<u64>,
     /// `layer_fixed_params[i]`: matrix parameters of layer `i`'s tensors that are not nested.
@@ -583,6 +604,7 @@ impl SizeTables {
             shared_bytes: 0,
             shared_params: 0,
             lookup_untouched: 0,
+            row_lookup: (0, 0),
             layer_fixed_bytes: vec![0; n_layers],
             layer_fixed_params: vec![0; n_layers],
             layer_bytes: vec![vec![0; n_levels]; n_layers],
@@ -616,6 +638,9 @@ impl SizeTables {
             t.shared_bytes = t.shared_bytes.saturating_add(bytes);
             let is_lookup = (tensor.name == names::TOK_EMBEDDINGS && !meta.architecture.tied_embeddings)
                 || (gemma.is_some() && tensor.name == g3n_names::PER_LAYER_EMBEDDINGS);
+            if gemma.is_some() && tensor.name == g3n_names::PER_LAYER_EMBEDDINGS {
+                t.row_lookup = (bytes, tensor.row_bytes());
+            }
             if is_lookup {
                 t.lookup_untouched = t.lookup_untouched.saturating_add(bytes.saturating_sub(tensor.row_bytes()));
             } else if is_matrix {
@@ -641,6 +666,8 @@ impl SizeTables {
             shared_weight_bytes: self.layer_fixed_bytes.iter().fold(self.shared_bytes, |s, &b| s.saturating_add(b)),
             kv_bytes_per_token: self.kv_bytes(&all),
             attention_flops_per_context_token: self.attention_flops(&all),
+            row_lookup_table_bytes: self.row_lookup.0,
+            row_lookup_row_bytes: self.row_lookup.1,
         }
     }
 

@@ -802,6 +802,8 @@ mod tests {
                 shared_weight_bytes: 0,
                 kv_bytes_per_token: 64,
                 attention_flops_per_context_token: 96,
+                row_lookup_table_bytes: 0,
+                row_lookup_row_bytes: 0,
             },
             entries: vec![entry("s", 4, 0), entry("xl", 8, 1)],
             complete: true,

@@ -250,7 +250,9 @@ impl Policy {
         best
     }
 
-    /// The memory an entry needs with `context` tokens of KV cache.
+    /// The memory an entry needs with `context` tokens of KV cache: its weights (of a Gemma 3n
+    /// file's per-layer embedding table, only `context` rows: [`ModelSummary::resident_weight_bytes`]),
+    /// the cache and the scratch buffers.
     pub fn footprint(&self, entry: &CatalogEntry, summary: &ModelSummary, context: u32) -> Footprint {
         let kv_cache_bytes = entry.kv_bytes_per_token.saturating_mul(u64::from(context));
         let s = summary;
@@ -268,11 +270,13 @@ impl Policy {
             .saturating_add(u64::from(s.vocab_size))
             .saturating_add(u64::from(s.n_heads).saturating_mul(u64::from(context)));
         let scratch_bytes = floats.saturating_mul(4);
+        // A Gemma 3n file's per-layer embedding table is resident only in the rows read.
+        let weight_bytes = s.resident_weight_bytes(entry.weight_bytes, context);
         Footprint {
-            weight_bytes: entry.weight_bytes,
+            weight_bytes,
             kv_cache_bytes,
             scratch_bytes,
-            total_bytes: entry.weight_bytes.saturating_add(kv_cache_bytes).saturating_add(scratch_bytes),
+            total_bytes: weight_bytes.saturating_add(kv_cache_bytes).saturating_add(scratch_bytes),
         }
     }
 
