@@ -147,8 +147,8 @@ pub(crate) fn normal_quantile(p: f64) -> f64 {
     x - u / (1.0 + x * u / 2.0)
 }
 
-/// `erfc(x)` to about 1e-15 relative (W. J. Cody's rational Chebyshev form via the continued
-/// fraction for large `|x|`; series for small).
+/// `erfc(x)` in f64: `1 - erf(x)` from erf's Maclaurin series below 2, the continued fraction
+/// (Lentz's method) from 2 on; used only to refine [`normal_quantile`] by one Halley step.
 fn erfc(x: f64) -> f64 {
     if x < 0.0 {
         return 2.0 - erfc(-x);
