@@ -89,6 +89,23 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
         let RowData::Quant(dtype, bytes) = data else { continue };
         let rb = bytes.len() / rows.max(1);
         let col0 = start - r0;
+        #[cfg(target_arch = "x86_64")]
+        if t == 1 && qdot::x86::available() {
+            // One token: ROWS rows at a time share each activation block.
+            const R: usize = qdot::x86::ROWS;
+            let x = qx.token(0);
+            let mut k = 0;
+            while k + R <= rows {
+                let w: [&[u8]; R] = std::array::from_fn(|j| &bytes[(k + j) * rb..(k + j + 1) * rb]);
+                let r = qdot::x86::dot_rows(dtype, w, x);
+                out[col0 + k..col0 + k + R].copy_from_slice(&r);
+                k += R;
+            }
+            for k in k..rows {
+                out[col0 + k] = qdot::dot(dtype, &bytes[k * rb..(k + 1) * rb], x);
+            }
+            continue;
+        }
         let mut b0 = 0;
         while b0 < rows {
             let nb = ROW_BLOCK.min(rows - b0);

@@ -9,8 +9,8 @@
 //! a one-token decode or a prefill batch, and whatever the thread count.
 //!
 //! Kernels: [`dot_scalar`] is the reference; [`dot`] dispatches to AVX2 on x86-64 (run-time
-//! detected; `maddubs` on sign-adjusted bytes, as the workspace's `x86-64-v3` builds always
-//! have it) and to NEON on aarch64 (`sdot` when the CPU has the dot-product extension, detected at
+//! detected, as the workspace's `x86-64-v3` builds always have it; `vpdpbusd` where the CPU has
+//! AVX-VNNI, bitwise the same results; see [`x86`]) and to NEON on aarch64 (`sdot` when the CPU has the dot-product extension, detected at
 //! run time, `smull`/`sadalp` otherwise). The SIMD code is behind safe wrappers that check every
 //! length; the property tests in `tests.rs` compare each with the reference on odd and wide
 //! shapes.
@@ -26,6 +26,8 @@ pub(crate) struct QActs {
     d: Vec<f32>,
     /// `d * sum(q)` per block, `[t, cols / 32]`.
     s: Vec<f32>,
+    /// `sum(q)` per block, `[t, cols / 32]`.
+    qsum: Vec<i32>,
     /// Quantised values, `[t, cols]`.
     q: Vec<i8>,
 }
@@ -35,6 +37,7 @@ pub(crate) struct QActs {
 pub(crate) struct QAct<'a> {
     pub(crate) d: &'a [f32],
     pub(crate) s: &'a [f32],
+    pub(crate) qsum: &'a [i32],
     pub(crate) q: &'a [i8],
 }
 
@@ -43,7 +46,8 @@ impl QActs {
     /// happens for the block-aligned rows of a quantised matrix).
     pub(crate) fn quantize(x: &[f32], t: usize, cols: usize) -> QActs {
         let nb = cols / QK;
-        let mut a = QActs { cols, d: vec![0.0; t * nb], s: vec![0.0; t * nb], q: vec![0; t * nb * QK] };
+        let mut a =
+            QActs { cols, d: vec![0.0; t * nb], s: vec![0.0; t * nb], qsum: vec![0; t * nb], q: vec![0; t * nb * QK] };
         for i in 0..t {
             let Some(row) = x.get(i * cols..(i + 1) * cols) else { break };
             for b in 0..nb {
@@ -60,6 +64,7 @@ impl QActs {
                 }
                 a.d[i * nb + b] = d;
                 a.s[i * nb + b] = d * sum as f32;
+                a.qsum[i * nb + b] = sum;
             }
         }
         a
@@ -71,6 +76,7 @@ impl QActs {
         QAct {
             d: self.d.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
             s: self.s.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
+            qsum: self.qsum.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
             q: self.q.get(i * nb * QK..(i + 1) * nb * QK).unwrap_or(&[]),
         }
     }
@@ -78,7 +84,7 @@ impl QActs {
 
 /// Blocks both operands hold completely.
 fn n_blocks(dtype: DType, w: &[u8], x: &QAct<'_>) -> usize {
-    (w.len() / dtype.block_bytes()).min(x.d.len()).min(x.s.len()).min(x.q.len() / QK)
+    (w.len() / dtype.block_bytes()).min(x.d.len()).min(x.s.len()).min(x.qsum.len()).min(x.q.len() / QK)
 }
 
 /// The reference: `sum_b (dw_b * d_b) * sum_i qw_i q_i (+ mw_b * s_b)` over the blocks both
@@ -175,6 +181,9 @@ fn dot_tokens_simd(_dtype: DType, _w: &[u8], _x: &QActs, _t: usize, _out: &mut [
 pub(crate) fn kernel_name() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
+        if x86::has_vnni() {
+            return "avx-vnni";
+        }
         if x86::available() {
             return "avx2";
         }
@@ -272,17 +281,32 @@ pub(crate) fn axpy_quant_rows(dtype: DType, y: &mut [f32], a: &[f32], rows: &[u8
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    //! AVX2 + FMA kernels. Each weight block's values are widened to 32 signed bytes; the
-    //! product with the activation's 32 bytes is `maddubs(|w|, sign(q, w))` (unsigned times
-    //! signed, pairs summed to i16: at most 2 * 128 * 127, no saturation since `q` is never
-    //! -128), then `madd` with ones to eight i32, converted to f32 and multiplied into eight f32
-    //! accumulators by the block's combined scale.
+    //! AVX2 + FMA kernels, with AVX-VNNI where the CPU has it. Per 32-element block the
+    //! integer dot product is formed in eight i32 lanes, each the sum of four neighbouring
+    //! byte products:
+    //!
+    //! - `q8_0`: `|w|` (unsigned) times `sign(q, w)` (no saturation: `q` is never -128, so a
+    //!   pair sums to at most 2 * 128 * 127);
+    //! - `q4_0`: the unsigned nibbles `n = w + 8` times `q`, with `8 * sum(q)` (kept per block
+    //!   in [`QActs`](super::QActs)) subtracted from lane 0, so the lanes add up to exactly
+    //!   `sum(w * q)` without unpacking the signed values;
+    //! - `q4_1`: the unsigned nibbles times `q`.
+    //!
+    //! With AVX-VNNI the lanes come from one `vpdpbusd`; without it from `maddubs` (pairs to
+    //! i16) then `madd` with ones (to i32): the same four products in each lane, so the same
+    //! integers, and every later operation is the same. The lanes are converted to f32 and
+    //! multiplied into two accumulators (even and odd blocks) by the block's combined scale;
+    //! `q4_1` adds `m * s` per block into two scalar sums. So a (row, token) product is the same
+    //! sequence of f32 operations in every kernel shape here (one row, [`ROWS`] rows, several
+    //! tokens), with or without VNNI.
 
     use std::arch::x86_64::*;
 
     use super::{n_blocks, QAct};
     use crate::format::{DType, QK};
-    use crate::quant::f16_at;
+
+    /// Rows of a one-token product computed together by [`dot_rows`].
+    pub(crate) const ROWS: usize = 4;
 
     /// Whether this CPU runs the AVX2 kernels (always true in `x86-64-v3` builds, where the
     /// check is resolved at compile time).
@@ -291,255 +315,205 @@ pub(crate) mod x86 {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
 
-    /// The AVX2 dot product; [`super::dot_scalar`] up to the f32 summation order. Falls back
-    /// to the scalar kernel on a CPU without AVX2 and FMA.
-    pub(crate) fn dot(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
+    /// Whether this CPU also has AVX-VNNI (`vpdpbusd` on 256-bit vectors).
+    #[inline]
+    pub(crate) fn has_vnni() -> bool {
+        available() && std::arch::is_x86_feature_detected!("avxvnni")
+    }
+
+    /// One token's blocks, cut to the `nb` blocks every operand holds.
+    #[derive(Clone, Copy)]
+    struct Act<'a> {
+        d: &'a [f32],
+        s: &'a [f32],
+        qsum: &'a [i32],
+        q: &'a [u8],
+    }
+
+    fn act<'a>(x: &QAct<'a>, nb: usize) -> Act<'a> {
+        Act { d: &x.d[..nb], s: &x.s[..nb], qsum: &x.qsum[..nb], q: bytemuck::cast_slice(&x.q[..nb * QK]) }
+    }
+
+    /// `R` rows times `T` tokens: `out[r][k] = dot(w[r], x[k])`, each bitwise the one-row,
+    /// one-token kernel. Falls back to the scalar reference without AVX2 and FMA. Every row and
+    /// token is cut to the blocks all of them hold.
+    pub(crate) fn dot_block<const R: usize, const T: usize>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [QAct<'_>; T],
+    ) -> [[f32; T]; R] {
+        dot_block_with(has_vnni(), dtype, w, x)
+    }
+
+    /// [`dot`] without AVX-VNNI even where the CPU has it (the tests compare the two).
+    #[cfg(test)]
+    pub(crate) fn dot_avx2(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
+        dot_block_with::<1, 1>(false, dtype, [w], [x])[0][0]
+    }
+
+    fn dot_block_with<const R: usize, const T: usize>(
+        vnni: bool,
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [QAct<'_>; T],
+    ) -> [[f32; T]; R] {
         if !available() {
-            return super::dot_scalar(dtype, w, x);
+            return w.map(|w| x.map(|x| super::dot_scalar(dtype, w, x)));
         }
-        let nb = n_blocks(dtype, w, &x);
+        let nb = w.iter().flat_map(|w| x.iter().map(move |x| n_blocks(dtype, w, x))).min().unwrap_or(0);
         let bb = dtype.block_bytes();
-        let (w, d, s, q) = (&w[..nb * bb], &x.d[..nb], &x.s[..nb], &x.q[..nb * QK]);
-        match dtype {
-            // SAFETY: AVX2 and FMA are available (checked above); the kernels read only
-            // through the slices they are given, whose lengths hold `nb` whole blocks.
-            DType::Q8_0 => unsafe { dot_q8_0(w, d, q) },
-            // SAFETY: as above.
-            DType::Q4_0 => unsafe { dot_q4::<false>(w, d, s, q) },
-            // SAFETY: as above.
-            DType::Q4_1 => unsafe { dot_q4::<true>(w, d, s, q) },
-            DType::F32 | DType::F16 => 0.0,
+        let w = w.map(|w| &w[..nb * bb]);
+        let a = x.map(|x| act(&x, nb));
+        if matches!(dtype, DType::F32 | DType::F16) {
+            return [[0.0; T]; R];
         }
+        if vnni && has_vnni() {
+            // SAFETY: AVX2, FMA and AVX-VNNI are available (checked here); the kernel reads
+            // only through the slices it is given, each holding `nb` whole blocks.
+            unsafe { kernel_vnni::<R, T>(dtype, w, a, nb) }
+        } else {
+            // SAFETY: AVX2 and FMA are available (checked above); as above.
+            unsafe { kernel_avx2::<R, T>(dtype, w, a, nb) }
+        }
+    }
+
+    /// The AVX2 dot product of one row with one token; [`super::dot_scalar`] up to the f32
+    /// summation order. Falls back to the scalar kernel on a CPU without AVX2 and FMA.
+    pub(crate) fn dot(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
+        dot_block::<1, 1>(dtype, [w], [x])[0][0]
     }
 
     /// [`dot`] for `T` tokens at once (bitwise [`dot`] per token): each weight block is loaded
-    /// (and its nibbles unpacked) once, its scale widened once, then multiplied with the `T`
-    /// tokens' blocks into their own even/odd accumulators. Falls back to [`dot`] per token on
-    /// a CPU without AVX2 and FMA.
+    /// (and its nibbles unpacked) once for the `T` tokens.
     pub(crate) fn dot_many<const T: usize>(dtype: DType, w: &[u8], x: [QAct<'_>; T]) -> [f32; T] {
-        if !available() {
-            return x.map(|x| super::dot_scalar(dtype, w, x));
+        dot_block::<1, T>(dtype, [w], x)[0]
+    }
+
+    /// [`dot`] for [`ROWS`] rows and one token (bitwise [`dot`] per row): each activation
+    /// block is loaded once for the rows, and the rows' independent sums keep the core busy.
+    pub(crate) fn dot_rows(dtype: DType, w: [&[u8]; ROWS], x: QAct<'_>) -> [f32; ROWS] {
+        dot_block::<ROWS, 1>(dtype, w, [x]).map(|r| r[0])
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel_avx2<const R: usize, const T: usize>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller guarantees AVX2 and FMA and passes `nb` whole blocks per operand.
+        unsafe { body::<R, T, false>(dtype, w, x, nb) }
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    unsafe fn kernel_vnni<const R: usize, const T: usize>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller guarantees AVX2, FMA and AVX-VNNI and passes `nb` whole blocks.
+        unsafe { body::<R, T, true>(dtype, w, x, nb) }
+    }
+
+    /// Eight i32 lanes of `acc + sum of four u8 * i8 products each`.
+    #[inline(always)]
+    unsafe fn dp<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: register-only intrinsics; the callers run with AVX2 (and AVX-VNNI when
+        // `VNNI`) enabled.
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(acc, u, s)
+            } else {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+            }
         }
-        let nb = x.iter().fold(usize::MAX, |m, x| m.min(n_blocks(dtype, w, x)));
+    }
+
+    /// The shared body: for each block, each row's weights are widened once, each token's
+    /// values loaded once, and every (row, token) pair gets the per-block operations listed in
+    /// the module documentation, in block order.
+    ///
+    /// Safety: AVX2 and FMA (and AVX-VNNI when `VNNI`) are enabled in the caller; every `w[r]`
+    /// holds at least `nb` blocks of `dtype.block_bytes()` bytes and every `x[k]` at least `nb`
+    /// blocks (`d`, `s`, `qsum`) and `nb * 32` values (`q`).
+    #[inline(always)]
+    unsafe fn body<const R: usize, const T: usize, const VNNI: bool>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
         let bb = dtype.block_bytes();
-        let w = &w[..nb * bb];
-        let d = x.map(|x| &x.d[..nb]);
-        let s = x.map(|x| &x.s[..nb]);
-        let q = x.map(|x| &x.q[..nb * QK]);
-        match dtype {
-            // SAFETY: AVX2 and FMA are available (checked above); the kernels read only
-            // through the slices they are given, each holding `nb` whole blocks.
-            DType::Q8_0 => unsafe { dot_q8_0_many::<T>(w, d, q) },
-            // SAFETY: as above.
-            DType::Q4_0 => unsafe { dot_q4_many::<T, false>(w, d, s, q) },
-            // SAFETY: as above.
-            DType::Q4_1 => unsafe { dot_q4_many::<T, true>(w, d, s, q) },
-            DType::F32 | DType::F16 => [0.0; T],
-        }
-    }
-
-    /// [`dot_q8_0`] for `T` tokens: the same operations per token, in the same order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0_many<const T: usize>(w: &[u8], d: [&[f32]; T], q: [&[i8]; T]) -> [f32; T] {
-        const BB: usize = 2 + QK;
-        let q: [&[u8]; T] = q.map(bytemuck::cast_slice);
-        let nb = w.len() / BB;
-        // SAFETY: AVX2/FMA guaranteed by the caller; every load goes through `load32` on a
-        // 32-byte sub-slice of a block or of a token's values (`nb` blocks each).
+        let min = dtype == DType::Q4_1;
+        let q40 = dtype == DType::Q4_0;
+        let q8 = dtype == DType::Q8_0;
+        debug_assert!(w.iter().all(|w| w.len() >= nb * bb));
+        debug_assert!(x
+            .iter()
+            .all(|x| x.d.len() >= nb && x.s.len() >= nb && x.qsum.len() >= nb && x.q.len() >= nb * QK));
+        let wp = w.map(|w| w.as_ptr());
+        // SAFETY: register intrinsics, and reads at `b * bb + o` for `b < nb` and offsets `o`
+        // inside a block (`o + len <= bb`) from the rows, at `b` (`b * 32 .. + 32`) from the
+        // tokens' arrays: all inside the lengths the caller guarantees (checked above in debug
+        // builds; `dot_block` cuts every slice to `nb` whole blocks).
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; T];
+            let mut acc = [[[_mm256_setzero_ps(); 2]; T]; R];
+            let mut mins = [[[0.0f32; 2]; T]; R];
+            let f16 =
+                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
             for b in 0..nb {
-                let blk = &w[b * BB..(b + 1) * BB];
-                let wv = load32(&blk[2..BB]);
-                let aw = _mm256_sign_epi8(wv, wv);
-                let dw = f16_at(blk, 0);
-                for k in 0..T {
-                    let qv = load32(&q[k][b * QK..(b + 1) * QK]);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qv, wv)), _mm256_set1_epi16(1));
-                    let a = &mut acc[k][b & 1];
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[k][b]), _mm256_cvtepi32_ps(p), *a);
-                }
-            }
-            let mut out = [0.0f32; T];
-            for (o, a) in out.iter_mut().zip(&acc) {
-                *o = hsum(_mm256_add_ps(a[0], a[1]));
-            }
-            out
-        }
-    }
-
-    /// [`dot_q4`] for `T` tokens: the same operations per token, in the same order.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_many<const T: usize, const MIN: bool>(
-        w: &[u8],
-        d: [&[f32]; T],
-        s: [&[f32]; T],
-        q: [&[i8]; T],
-    ) -> [f32; T] {
-        let bb = if MIN { 4 + QK / 2 } else { 2 + QK / 2 };
-        let q: [&[u8]; T] = q.map(bytemuck::cast_slice);
-        let nb = w.len() / bb;
-        // SAFETY: AVX2/FMA guaranteed by the caller; loads go through `load32` and
-        // `unpack_nibbles` on sub-slices of exactly their length.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; T];
-            let mut min = [[0.0f32; 2]; T];
-            let eight = _mm256_set1_epi8(8);
-            let ones = _mm256_set1_epi16(1);
-            for b in 0..nb {
-                let blk = &w[b * bb..(b + 1) * bb];
-                let nib = unpack_nibbles(&blk[bb - QK / 2..bb]);
-                let (wv, aw) = if MIN {
-                    (nib, nib)
-                } else {
-                    let v = _mm256_sub_epi8(nib, eight);
-                    (v, _mm256_sign_epi8(v, v))
-                };
-                let dw = f16_at(blk, 0);
-                let mw = if MIN { f16_at(blk, 2) } else { 0.0 };
-                for k in 0..T {
-                    let qv = load32(&q[k][b * QK..(b + 1) * QK]);
-                    let p = if MIN {
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(wv, qv), ones)
+                let qv: [__m256i; T] = std::array::from_fn(|k| _mm256_loadu_si256(x[k].q.as_ptr().add(b * QK).cast()));
+                let dx: [f32; T] = std::array::from_fn(|k| *x[k].d.get_unchecked(b));
+                for r in 0..R {
+                    let blk = wp[r].add(b * bb);
+                    let dw = f16(blk);
+                    let (u, v) = if q8 {
+                        let v = _mm256_loadu_si256(blk.add(2).cast());
+                        (_mm256_sign_epi8(v, v), v)
                     } else {
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qv, wv)), ones)
+                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
+                        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+                        (_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_setzero_si256())
                     };
-                    let a = &mut acc[k][b & 1];
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * d[k][b]), _mm256_cvtepi32_ps(p), *a);
-                    if MIN {
-                        min[k][b & 1] += mw * s[k][b];
+                    let mw = if min { f16(blk.add(2)) } else { 0.0 };
+                    for k in 0..T {
+                        let p = if q8 {
+                            dp::<VNNI>(_mm256_setzero_si256(), u, _mm256_sign_epi8(qv[k], v))
+                        } else if q40 {
+                            let off = -8 * *x[k].qsum.get_unchecked(b);
+                            dp::<VNNI>(_mm256_setr_epi32(off, 0, 0, 0, 0, 0, 0, 0), u, qv[k])
+                        } else {
+                            dp::<VNNI>(_mm256_setzero_si256(), u, qv[k])
+                        };
+                        let a = &mut acc[r][k][b & 1];
+                        *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[k]), _mm256_cvtepi32_ps(p), *a);
+                        if min {
+                            mins[r][k][b & 1] += mw * *x[k].s.get_unchecked(b);
+                        }
                     }
                 }
             }
-            let mut out = [0.0f32; T];
-            for ((o, a), m) in out.iter_mut().zip(&acc).zip(&min) {
-                *o = hsum(_mm256_add_ps(a[0], a[1])) + (m[0] + m[1]);
+            let mut out = [[0.0f32; T]; R];
+            for r in 0..R {
+                for k in 0..T {
+                    out[r][k] = hsum(_mm256_add_ps(acc[r][k][0], acc[r][k][1])) + (mins[r][k][0] + mins[r][k][1]);
+                }
             }
             out
         }
     }
 
     /// Sum of the eight lanes, in a fixed order.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(unused_unsafe)] // register-only intrinsics are safe here from Rust 1.87 on
+    #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        // SAFETY: register-only intrinsics; the caller guarantees AVX2.
+        // SAFETY: register-only intrinsics; the callers run with AVX2 enabled.
         unsafe {
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_movehdup_ps(s));
             _mm_cvtss_f32(s)
-        }
-    }
-
-    /// Eight i32 partial sums of `w * q` over 32 signed bytes each.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    #[allow(unused_unsafe)] // register-only intrinsics are safe here from Rust 1.87 on
-    unsafe fn mul_sum_i8(w: __m256i, q: __m256i) -> __m256i {
-        // SAFETY: register-only intrinsics; the caller guarantees AVX2.
-        unsafe {
-            let aw = _mm256_sign_epi8(w, w);
-            let sq = _mm256_sign_epi8(q, w);
-            _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sq), _mm256_set1_epi16(1))
-        }
-    }
-
-    /// 32 bytes of `b` (exactly 32 long) as a vector.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn load32(b: &[u8]) -> __m256i {
-        debug_assert_eq!(b.len(), 32);
-        // SAFETY: the caller passes a 32-byte slice; `loadu` has no alignment requirement.
-        unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
-    }
-
-    /// 16 bytes of nibbles (exactly 16 long) widened to 32 bytes: the low nibbles (elements
-    /// 0..16) in the low half, the high nibbles (16..32) in the high half.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn unpack_nibbles(b: &[u8]) -> __m256i {
-        debug_assert_eq!(b.len(), 16);
-        // SAFETY: the caller passes a 16-byte slice; `loadu` has no alignment requirement.
-        unsafe {
-            let raw = _mm_loadu_si128(b.as_ptr().cast());
-            let m4 = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(raw, m4);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
-            _mm256_set_m128i(hi, lo)
-        }
-    }
-
-    /// `w` is `d.len()` blocks of 34 bytes, `q` 32 bytes per block. Two blocks per step into
-    /// two accumulators (even and odd blocks), so consecutive blocks do not wait on each
-    /// other's multiply-add.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0(w: &[u8], d: &[f32], q: &[i8]) -> f32 {
-        let q: &[u8] = bytemuck::cast_slice(q);
-        const BB: usize = 2 + QK;
-        // SAFETY: AVX2/FMA guaranteed by the caller; every load goes through `load32` on a
-        // 32-byte sub-slice of the chunks.
-        unsafe {
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let block = |blk: &[u8], qb: &[u8], dx: f32, acc: __m256| {
-                let p = mul_sum_i8(load32(&blk[2..BB]), load32(qb));
-                _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * dx), _mm256_cvtepi32_ps(p), acc)
-            };
-            let (wp, qp, dp) = (w.chunks_exact(2 * BB), q.chunks_exact(2 * QK), d.chunks_exact(2));
-            let (wr, qr, dr) = (wp.remainder(), qp.remainder(), dp.remainder());
-            for ((w2, q2), d2) in wp.zip(qp).zip(dp) {
-                acc0 = block(&w2[..BB], &q2[..QK], d2[0], acc0);
-                acc1 = block(&w2[BB..], &q2[QK..], d2[1], acc1);
-            }
-            if let (Some(&dx), true, true) = (dr.first(), wr.len() == BB, qr.len() == QK) {
-                acc0 = block(wr, qr, dx, acc0);
-            }
-            hsum(_mm256_add_ps(acc0, acc1))
-        }
-    }
-
-    /// `q4_0` (`MIN == false`: 18-byte blocks, values `n - 8`) or `q4_1` (`MIN == true`:
-    /// 20-byte blocks, values `n`, plus `m * s` per block). Two blocks per step, as in
-    /// [`dot_q8_0`].
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4<const MIN: bool>(w: &[u8], d: &[f32], s: &[f32], q: &[i8]) -> f32 {
-        let q: &[u8] = bytemuck::cast_slice(q);
-        let bb = if MIN { 4 + QK / 2 } else { 2 + QK / 2 };
-        // SAFETY: AVX2/FMA guaranteed by the caller; loads go through `load32` and
-        // `unpack_nibbles` on sub-slices of exactly their length.
-        unsafe {
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let (mut min0, mut min1) = (0.0f32, 0.0f32);
-            let eight = _mm256_set1_epi8(8);
-            let ones = _mm256_set1_epi16(1);
-            let block = |blk: &[u8], qb: &[u8], dx: f32, acc: __m256| {
-                let nib = unpack_nibbles(&blk[bb - QK / 2..bb]);
-                let qx = load32(qb);
-                let p = if MIN {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(nib, qx), ones)
-                } else {
-                    mul_sum_i8(_mm256_sub_epi8(nib, eight), qx)
-                };
-                _mm256_fmadd_ps(_mm256_set1_ps(f16_at(blk, 0) * dx), _mm256_cvtepi32_ps(p), acc)
-            };
-            let (wp, qp) = (w.chunks_exact(2 * bb), q.chunks_exact(2 * QK));
-            let (dp, sp) = (d.chunks_exact(2), s.chunks_exact(2));
-            let (wr, qr, dr, sr) = (wp.remainder(), qp.remainder(), dp.remainder(), sp.remainder());
-            for (((w2, q2), d2), s2) in wp.zip(qp).zip(dp).zip(sp) {
-                acc0 = block(&w2[..bb], &q2[..QK], d2[0], acc0);
-                acc1 = block(&w2[bb..], &q2[QK..], d2[1], acc1);
-                if MIN {
-                    min0 += f16_at(w2, 2) * s2[0];
-                    min1 += f16_at(w2, bb + 2) * s2[1];
-                }
-            }
-            if let (Some(&dx), Some(&sx), true, true) = (dr.first(), sr.first(), wr.len() == bb, qr.len() == QK) {
-                acc0 = block(wr, qr, dx, acc0);
-                if MIN {
-                    min0 += f16_at(wr, 2) * sx;
-                }
-            }
-            hsum(_mm256_add_ps(acc0, acc1)) + (min0 + min1)
         }
     }
 }

@@ -60,7 +60,8 @@ fn fast_kernels() -> Vec<(&'static str, Kernel)> {
     let mut k: Vec<(&'static str, Kernel)> = vec![("dispatch", qdot::dot)];
     #[cfg(target_arch = "x86_64")]
     if qdot::x86::available() {
-        k.push(("avx2", qdot::x86::dot));
+        k.push(("x86", qdot::x86::dot));
+        k.push(("avx2", qdot::x86::dot_avx2));
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -334,6 +335,33 @@ fn quantised_multi_token_dots_equal_one_token_bitwise() {
                 Tolerance::EXACT
                     .check(&batched[i * rows..(i + 1) * rows], &single)
                     .unwrap_or_else(|e| panic!("{dtype} t={t} th={threads} input {i}: {e}"));
+            }
+        }
+    }
+}
+
+/// On x86-64: the AVX-VNNI and the AVX2 kernels give the same bits (the same integer lanes,
+/// then the same f32 operations), and [`qdot::x86::dot_rows`] gives bitwise [`qdot::dot`] per
+/// row; without AVX-VNNI both sides are the AVX2 kernel.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_kernels_agree_bitwise_with_and_without_vnni_and_across_rows() {
+    if !qdot::x86::available() {
+        return;
+    }
+    let mut rng = Rng(71);
+    const R: usize = qdot::x86::ROWS;
+    for dtype in QTYPES {
+        for nb in [1usize, 2, 3, 7, 64, 65, 259] {
+            let rows: Vec<Vec<u8>> = (0..R).map(|_| encode(dtype, &rng.blocks(nb))).collect();
+            let x = rng.blocks(nb);
+            let qx = QActs::quantize(&x, 1, nb * QK);
+            let xa = qx.token(0);
+            let got = qdot::x86::dot_rows(dtype, std::array::from_fn(|j| &rows[j][..]), xa);
+            for (j, row) in rows.iter().enumerate() {
+                let one = qdot::dot(dtype, row, xa);
+                assert_eq!(got[j].to_bits(), one.to_bits(), "{dtype} {nb} blocks row {j}");
+                assert_eq!(qdot::x86::dot_avx2(dtype, row, xa).to_bits(), one.to_bits(), "{dtype} {nb} blocks: vnni");
             }
         }
     }

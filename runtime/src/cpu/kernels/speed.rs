@@ -142,7 +142,7 @@ fn kernel_speed() {
 /// as a decode step does.
 const STREAM_BYTES: usize = 512 << 20;
 
-/// `t` in `[1, 2, 4, 5, 8, 64]` against the 1B model's shapes, f16 and `q8_0`, one and two
+/// `t` in `[1, 2, 4, 5, 8, 64]` against the 1B model's shapes, f16, `q8_0` and `q4_0`, one and two
 /// threads: milliseconds per product and weight GB/s, then `time(t=5) / time(t=1)`.
 /// `cargo test -p matformer --release --lib small_batch_speed -- --ignored --nocapture`
 /// (`MATF_SPEED_T=1,5` restricts the batch sizes).
@@ -161,16 +161,21 @@ fn small_batch_speed() {
         (seed >> 33) as u32
     };
     let w16: Vec<f16> = (0..total_rows * cols).map(|_| f16::from_f32((rnd() % 2000) as f32 / 2000.0 - 0.5)).collect();
-    // q8_0 blocks: a small f16 scale, then 32 random bytes.
-    let bb = crate::format::DType::Q8_0.block_bytes();
-    let q_rows = STREAM_BYTES / (cols / 32 * bb);
-    let mut wq = vec![0u8; q_rows * cols / 32 * bb];
-    for blk in wq.chunks_exact_mut(bb) {
-        blk[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-        for b in &mut blk[2..] {
-            *b = rnd() as u8;
+    // q8_0 and q4_0 blocks: a small f16 scale, then random bytes.
+    let mut quant = |dtype: crate::format::DType| {
+        let bb = dtype.block_bytes();
+        let q_rows = STREAM_BYTES / (cols / 32 * bb);
+        let mut wq = vec![0u8; q_rows * cols / 32 * bb];
+        for blk in wq.chunks_exact_mut(bb) {
+            blk[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            for b in &mut blk[2..] {
+                *b = rnd() as u8;
+            }
         }
-    }
+        wq
+    };
+    let wq8 = quant(crate::format::DType::Q8_0);
+    let wq4 = quant(crate::format::DType::Q4_0);
     let x: Vec<f32> = (0..cols * 64).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
     let h: Vec<f32> = (0..8192 * 64).map(|i| ((i * 53) % 97) as f32 / 97.0 - 0.5).collect();
     let mut out = vec![0.0f32; 32768 * 64];
@@ -181,14 +186,11 @@ fn small_batch_speed() {
             .map(|s| Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::F16(s) }] })
             .collect()
     };
-    let q_mats = |rows: usize, n: usize| -> Vec<Matrix<'_>> {
-        wq.chunks_exact(rows * cols / 32 * bb)
+    let q_mats = |dtype: crate::format::DType, rows: usize, n: usize| -> Vec<Matrix<'_>> {
+        let wq = if dtype == crate::format::DType::Q8_0 { &wq8 } else { &wq4 };
+        wq.chunks_exact(rows * cols / 32 * dtype.block_bytes())
             .take(n)
-            .map(|s| Matrix {
-                rows,
-                cols,
-                parts: vec![Part { first_row: 0, rows, data: RowData::Quant(crate::format::DType::Q8_0, s) }],
-            })
+            .map(|s| Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::Quant(dtype, s) }] })
             .collect()
     };
     let time = |f: &mut dyn FnMut(), reps: usize| -> f64 {
@@ -212,11 +214,20 @@ fn small_batch_speed() {
             ("q8_0", 2048),
             ("q8_0", 8192),
             ("q8_0 down", 8192),
+            ("q4_0", 2048),
+            ("q4_0", 8192),
+            ("q4_0 down", 8192),
         ] {
             let mut per_t = Vec::new();
             for &t in &ts {
                 let n = if t > 8 { 1 } else { usize::MAX };
-                let mats = if kind.starts_with("f16") { f16_mats(rows, n) } else { q_mats(rows, n) };
+                let mats = if kind.starts_with("f16") {
+                    f16_mats(rows, n)
+                } else if kind.starts_with("q8_0") {
+                    q_mats(crate::format::DType::Q8_0, rows, n)
+                } else {
+                    q_mats(crate::format::DType::Q4_0, rows, n)
+                };
                 let down = kind.ends_with("down");
                 let mut run = || {
                     for m in &mats {
