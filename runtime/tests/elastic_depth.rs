@@ -158,6 +158,24 @@ fn catalog_costs_of_skipped_layers_are_exact() {
     }
     assert_eq!(Some(&e_full), cat.find(&full));
 
+    // Sliding-window layers that own K/V hold at most `kv_window_tokens` positions and a token
+    // reads at most the window of them; the global ones every position.
+    let g = Gemma3nConfig::from_metadata(&meta).expect("valid").expect("gemma3n");
+    let window = g.sliding_window;
+    let sliding_owners = (0..10).filter(|&i| g.owns_kv(i) && g.sliding[i]).count() as u64;
+    assert!(sliding_owners > 0 && sliding_owners < 6);
+    assert_eq!(cat.model.sliding_window, window);
+    let keep = window - 1 + window.min(matformer::cpu::WINDOW_SLACK as u32);
+    assert_eq!(cat.model.kv_window_tokens, 3 * keep + 256);
+    assert_eq!(e_full.kv_window_bytes_per_token, sliding_owners * kv_layer);
+    for context in [1u32, 7, 100_000] {
+        let global = (6 - sliding_owners) * kv_layer * u64::from(context);
+        let held = sliding_owners * kv_layer * u64::from(context.min(cat.model.kv_window_tokens));
+        let read = sliding_owners * kv_layer * u64::from(context.min(window));
+        assert_eq!(policy.footprint(&e_full, &cat.model, context).kv_cache_bytes, global + held, "context {context}");
+        assert_eq!(e_full.kv_read_bytes_at(&cat.model, context), global + read, "context {context}");
+    }
+
     for skipped in [vec![2], vec![7, 8], vec![0, 2, 6, 7, 8], vec![5, 6, 7, 8]] {
         let sub = Submodel::with_skip(vec![1, 0, 1, 0, 1, 0, 1, 0, 1, 0], skip_set(10, &skipped));
         let e = CatalogEntry::for_submodel(&model, &sub).unwrap_or_else(|err| panic!("{skipped:?}: {err}"));

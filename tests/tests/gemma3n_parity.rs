@@ -104,10 +104,14 @@ fn check_parity(dtype: DType, tag: &str) {
             next = argmax(&s.decode(next).unwrap());
         }
         assert_eq!(got, v.greedy, "{}: greedy tokens", v.name);
-        // Only the layers that own their K/V cache it (layers 6-9 read layers 4 and 5).
-        let kv_layers = (0..6).filter(|i| !v.layers_skipped.contains(i)).count();
+        // Only the layers that own their K/V cache it (layers 6-9 read layers 4 and 5): the
+        // global layer 4 every position, the sliding ones at least the window's (they keep
+        // `window - 1 + slack` after a trim).
         let tokens = g.prompt_ids.len() + v.greedy.len() - 1;
-        assert!(s.kv_cache_bytes() >= kv_layers * 2 * tokens * 32 * 4, "{}", v.name);
+        let keep = 3 + matformer::cpu::WINDOW_SLACK.min(4);
+        let positions: usize =
+            (0..6).filter(|i| !v.layers_skipped.contains(i)).map(|i| if i == 4 { tokens } else { keep }).sum();
+        assert!(s.kv_cache_bytes() >= positions * 2 * 32 * 4, "{}", v.name);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -162,6 +166,121 @@ fn gemma3n_switches_give_the_targets_tokens() {
                 next = argmax(&es.decode(next).unwrap());
             }
         }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The sliding-window layers' caches keep only the window (plus a little slack for rollbacks)
+/// whatever the context, and that changes no result: token-by-token decoding past many trims
+/// gives bitwise the logits of one batched pass over the whole sequence; a rollback within the
+/// slack keeps the cache; one beyond it empties the CPU session, and `ElasticSession::truncate`
+/// runs its history again, with the same logits after.
+#[test]
+fn gemma3n_sliding_window_cache_stays_bounded_and_exact() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-window");
+    let full = submodel_of(&g.variants[0], &model);
+    let meta = model.metadata();
+    let (window, max_ctx) = (4usize, meta.architecture.max_context as usize);
+    let kv_dim = (meta.architecture.n_kv_heads * meta.architecture.head_dim) as usize;
+    let mut tokens = g.prompt_ids.clone();
+    tokens.extend((0..72 - tokens.len()).map(|i| ((i * 37 + 11) % 300) as u32));
+    assert!(tokens.len() <= max_ctx);
+    let engine = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let vocab = engine.session(&full).unwrap().vocab_size();
+
+    // The reference: one batched pass (nothing is trimmed inside a call).
+    let all = engine.session(&full).unwrap().forward_all(&tokens).unwrap();
+    let row = |i: usize| &all[i * vocab..(i + 1) * vocab];
+
+    let np = g.prompt_ids.len();
+    let mut s = engine.session(&full).unwrap();
+    same_bits(row(np - 1), &s.prefill(&tokens[..np]).unwrap(), "prefill");
+    for (i, &t) in tokens.iter().enumerate().skip(np) {
+        let got = s.decode(t).unwrap();
+        same_bits(row(i), &got, &format!("decode at position {i}"));
+    }
+    // Layers 0..6 own K/V (6.. share it); layer 4 is global, the other five slide. Unbounded,
+    // the six would hold every position.
+    let keep = window - 1 + matformer::cpu::WINDOW_SLACK.min(window);
+    let bound = (tokens.len() + 5 * (2 * keep + np)) * kv_dim * 4 * 2;
+    let unbounded = 6 * tokens.len() * kv_dim * 4 * 2;
+    let held = s.kv_cache_bytes();
+    assert!(held <= bound, "KV cache {held} bytes, bound {bound} (unbounded {unbounded})");
+    assert!(held < unbounded * 6 / 10, "KV cache {held} bytes against {unbounded} unbounded");
+
+    // Rolling back within the slack keeps the cache.
+    let n = tokens.len();
+    s.truncate(n - 2);
+    assert_eq!(s.position(), n - 2);
+    same_bits(row(n - 2), &s.decode(tokens[n - 2]).unwrap(), "after a rollback within the slack");
+    // Beyond it, the CPU session empties...
+    s.truncate(40);
+    assert_eq!(s.position(), 0, "a cache trimmed past position 40's window cannot go back there");
+
+    // ... and the elastic session runs its history again.
+    let mut es = ElasticSession::new(CpuEngine::new(Arc::clone(&model)).unwrap(), &full).unwrap();
+    es.prefill(&tokens[..np]).unwrap();
+    for &t in &tokens[np..] {
+        es.decode(t).unwrap();
+    }
+    es.truncate(40).unwrap();
+    assert_eq!((es.position(), es.history().len()), (40, 40));
+    same_bits(row(40), &es.decode(tokens[40]).unwrap(), "after the history ran again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn same_bits(expected: &[f32], got: &[f32], what: &str) {
+    assert_eq!(expected.len(), got.len(), "{what}");
+    for (j, (a, b)) in expected.iter().zip(got).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: logit {j}: {b} against {a}");
+    }
+}
+
+/// A prompt longer than one prefill chunk on a long-context Gemma 3n (the `gemma-3n-tiny`
+/// synth preset: window 4, context 512): the sliding-window caches are trimmed between the
+/// chunks and the logits are bitwise one token at a time's; a call cancelled in its second
+/// chunk (after a trim) leaves the session exactly as it was, caches included.
+#[test]
+fn gemma3n_long_prefill_trims_between_chunks_and_a_cancel_restores_the_window() {
+    use matformer_export::synth::{synth, SynthOptions};
+    let dir = temp_dir("g3n-long");
+    let path = dir.join("tiny.matf");
+    synth(&SynthOptions { preset: "gemma-3n-tiny".into(), layers: None, dtype: DType::F32.into(), seed: 7 }, &path)
+        .unwrap();
+    let model = Arc::new(ModelFile::open(&path).unwrap());
+    let sub = Submodel::parse("full", model.metadata(), model.view().available_levels)
+        .or_else(|_| Submodel::parse("1", model.metadata(), model.view().available_levels))
+        .unwrap();
+    let engine = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let tokens: Vec<u32> = (0..340).map(|i| ((i * 53 + 7) % 300) as u32).collect();
+    let vocab = engine.session(&sub).unwrap().vocab_size();
+
+    // One token at a time: the reference.
+    let mut one = engine.session(&sub).unwrap();
+    let mut rows = Vec::new();
+    for &t in &tokens {
+        rows.push(one.decode(t).unwrap());
+    }
+    // 20 tokens, then 320 in one call (two chunks, trimmed in between).
+    let mut s = engine.session(&sub).unwrap();
+    s.prefill(&tokens[..20]).unwrap();
+    let all = s.forward_all(&tokens[20..]).unwrap();
+    for (i, r) in all.chunks_exact(vocab).enumerate() {
+        same_bits(&rows[20 + i], r, &format!("batched position {}", 20 + i));
+    }
+
+    // Cancelled in the second chunk: the session is as it was.
+    let mut s = engine.session(&sub).unwrap();
+    s.prefill(&tokens[..20]).unwrap();
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    // Asked before each of the 10 layers of a chunk: true in the second chunk.
+    let stop = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 15;
+    let err = s.prefill_until(&tokens[20..], &stop).unwrap_err();
+    assert!(matches!(err, matformer::cpu::EngineError::Interrupted), "{err}");
+    assert_eq!(s.position(), 20);
+    for (i, &t) in tokens.iter().enumerate().skip(20).take(12) {
+        same_bits(&rows[i], &s.decode(t).unwrap(), &format!("after the cancel, position {i}"));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

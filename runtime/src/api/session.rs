@@ -244,7 +244,7 @@ impl Session {
         // logits).
         let common = elastic.history().iter().zip(&full).take_while(|(a, b)| a == b).count();
         let keep = common.min(full.len() - 1);
-        elastic.truncate(keep);
+        elastic.truncate(keep)?;
         // The sampler sees the whole context (penalties). On the GPU only its candidates are
         // read back per step (greedy: the 4-byte argmax).
         let mut sampler = Sampler::new(options.sampling)?;

@@ -241,12 +241,12 @@ impl Speculator {
                     self.produced += 1;
                     // Fed before `d`: next and the drafts before it.
                     if let Some(f) = emitter.emit(d, sampler, p0 + 1 + j) {
-                        elastic.truncate(p0 + 1 + j);
+                        elastic.truncate(p0 + 1 + j)?;
                         return Ok(RoundEnd::Finished(f));
                     }
                 }
                 Verdict::Rejected(t) => {
-                    elastic.truncate(p0 + 1 + j);
+                    elastic.truncate(p0 + 1 + j)?;
                     self.produced += 1;
                     if self.adaptive {
                         self.k = self.k.saturating_sub(1).max(1);
@@ -311,8 +311,9 @@ impl Speculator {
                 elastic.switch_with(&self.draft, SwitchMode::KeepKv)?;
                 let r = draft_shared(elastic, next, k, greedy, &mut drafter);
                 // The speculative entries go; the verifier's weights come back, whatever happened.
-                elastic.truncate(p0);
+                let cut = elastic.truncate(p0);
                 elastic.switch_with(&verifier, SwitchMode::KeepKv)?;
+                cut?;
                 let (d, q, steps) = r?;
                 self.stats.draft_steps += steps;
                 (d, q)
@@ -383,6 +384,8 @@ impl Speculator {
         // At least the last token is run, for its logits.
         common = common.min(want_len - 1);
         o.session.truncate(common);
+        // A sliding-window cache that cannot go back that far starts again from 0.
+        common = o.session.position();
         o.history.truncate(common);
         let catch_up: Vec<u32> = (common..want_len).map(token_at).collect();
         Ok((o, catch_up))

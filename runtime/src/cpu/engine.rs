@@ -173,6 +173,7 @@ impl CpuEngine {
             skip: skipped_layers(submodel, n_layers),
             keys: vec![Vec::new(); n_layers],
             values: vec![Vec::new(); n_layers],
+            kv_start: vec![0; n_layers],
             pos: 0,
         })
     }
@@ -223,7 +224,37 @@ pub struct Session {
     skip: Vec<bool>,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Per layer: the first position `keys` and `values` hold. 0 except on Gemma 3n's
+    /// sliding-window layers, whose caches keep only the window (see [`Session::trim_windows`]).
+    kv_start: Vec<usize>,
     pos: usize,
+}
+
+/// Positions a sliding-window layer's cache keeps beyond the window after a trim (at most the
+/// window itself), so that rolling back this many tokens (a rejected speculative draft, an
+/// edited last message) keeps the cache instead of re-running the history.
+pub const WINDOW_SLACK: usize = 64;
+
+/// Positions a sliding-window layer of window `window` keeps after a trim: the `window - 1`
+/// keys the next query reads, plus the slack.
+pub(crate) fn window_keep(window: usize) -> usize {
+    window - 1 + WINDOW_SLACK.min(window)
+}
+
+/// The most positions a sliding-window layer's cache holds at once: twice
+/// [`window_keep`] plus one prefill chunk between two trims, plus, during a call that trims,
+/// the [`window_keep`] positions kept aside to restore the session if the call fails.
+pub(crate) fn window_cache_positions(window: usize) -> usize {
+    3 * window_keep(window) + PREFILL_CHUNK
+}
+
+/// Sliding-window cache entries a call's trims dropped, from position `first` to the call's
+/// start.
+#[derive(Clone, Debug)]
+struct SavedWindow {
+    first: usize,
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 impl fmt::Debug for Session {
@@ -320,18 +351,76 @@ impl Session {
 
     /// Empties the KV cache (keeps its memory for reuse).
     pub fn reset(&mut self) {
-        self.truncate(0);
+        for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            c.clear();
+        }
+        self.kv_start.fill(0);
+        self.pos = 0;
     }
 
     /// Forgets every token from `position` on (no-op if `position >= self.position()`), e.g.
     /// to reuse a shared prompt prefix.
+    ///
+    /// Gemma 3n's sliding-window layers keep only the last `sliding_window - 1 +`
+    /// [`WINDOW_SLACK`] positions (the slack at most the window): going back further than that would need keys they no longer
+    /// hold, so the session then forgets everything ([`Session::position`] becomes 0) and the
+    /// caller runs the tokens again (`ElasticSession::truncate` does, from its history).
     pub fn truncate(&mut self, position: usize) {
         let pos = position.min(self.pos);
+        let window = self.window();
+        let reachable = self.kv_start.iter().all(|&s| s == 0 || pos + 1 >= s + window);
+        if !reachable {
+            self.reset();
+            return;
+        }
         let kv = self.shared.dims.kv_dim;
-        for c in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            c.truncate(pos * kv);
+        for ((k, v), &s) in self.keys.iter_mut().zip(self.values.iter_mut()).zip(&self.kv_start) {
+            k.truncate((pos - s) * kv);
+            v.truncate((pos - s) * kv);
         }
         self.pos = pos;
+    }
+
+    /// The sliding window of a Gemma 3n file, `usize::MAX` on other files.
+    fn window(&self) -> usize {
+        self.shared.g3n.as_ref().map_or(usize::MAX, |g| g.sliding_window())
+    }
+
+    /// Drops the positions a sliding-window layer will never read again (keys before
+    /// `pos - window + 1`), keeping [`WINDOW_SLACK`] more; only once the cache holds twice
+    /// that, so the move is amortised over `window` tokens. The cache's memory stays bounded
+    /// by the window whatever the context ([`window_cache_positions`]).
+    ///
+    /// `start` is where the current call began: the first time a trim drops positions that
+    /// restoring `start` needs (the `window_keep` before it), they are copied to `saved`.
+    fn trim_windows(&mut self, start: usize, saved: &mut [Option<SavedWindow>]) {
+        let Some(g) = &self.shared.g3n else { return };
+        let window = g.sliding_window();
+        let keep = window_keep(window);
+        let kv = self.shared.dims.kv_dim;
+        for li in 0..self.keys.len() {
+            if !g.caches_window(li) {
+                continue;
+            }
+            let first = self.kv_start[li];
+            let held = self.pos - first;
+            if self.keys[li].len() != held * kv || held < 2 * keep {
+                continue;
+            }
+            let drop = held - keep;
+            let needed = start.saturating_sub(keep).max(first);
+            if let Some(slot) = saved.get_mut(li).filter(|s| s.is_none() && first + drop > needed && needed < start) {
+                let (a, b) = ((needed - first) * kv, (start - first) * kv);
+                *slot = Some(SavedWindow {
+                    first: needed,
+                    keys: self.keys[li][a..b].to_vec(),
+                    values: self.values[li][a..b].to_vec(),
+                });
+            }
+            self.keys[li].drain(..drop * kv);
+            self.values[li].drain(..drop * kv);
+            self.kv_start[li] += drop;
+        }
     }
 
     /// Validates the whole input, then runs it in chunks; on failure the session is left as
@@ -347,6 +436,9 @@ impl Session {
         let start = self.pos;
         let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
         let mut logits = Vec::new();
+        // The sliding-window positions before `start` that trims during this call drop, kept
+        // to restore the session on failure.
+        let mut saved: Vec<Option<SavedWindow>> = vec![None; self.keys.len()];
         for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let chunk_want = match want {
                 Logits::All => Logits::All,
@@ -357,8 +449,18 @@ impl Session {
             // for themselves instead of waiting for a sleeping or descheduled worker.
             let threads = self.threads;
             match kernels::with_workers(threads, || self.forward_chunk(chunk, chunk_want, stop)) {
-                Ok(l) => logits.extend_from_slice(&l),
+                Ok(l) => {
+                    logits.extend_from_slice(&l);
+                    self.trim_windows(start, &mut saved);
+                }
                 Err(e) => {
+                    for (li, w) in saved.into_iter().enumerate() {
+                        if let Some(w) = w {
+                            self.keys[li] = w.keys;
+                            self.values[li] = w.values;
+                            self.kv_start[li] = w.first;
+                        }
+                    }
                     self.truncate(start);
                     return Err(e);
                 }
@@ -380,6 +482,7 @@ impl Session {
             let st = gemma3n::PassState {
                 keys: &mut self.keys,
                 values: &mut self.values,
+                kv_start: &self.kv_start,
                 widths: &self.widths,
                 skip: &self.skip,
                 pos: self.pos,

@@ -23,6 +23,8 @@
 //! sliding-window layers and the global base on full layers; a sliding-window layer's query at
 //! position `i` sees keys `i - window < j <= i`. Layers from `first_shared` on own no K/V and
 //! attend over the cache of the last earlier layer of the same type; only owners cache K/V.
+//! A sliding-window owner's cache starts at `PassState::kv_start` (the session drops positions
+//! no query reads again, `Session::trim_windows`).
 
 use std::sync::Arc;
 
@@ -273,12 +275,25 @@ impl G3Model {
     fn n_streams(&self) -> usize {
         self.config.altup_inputs as usize
     }
+
+    /// The sliding window of the local layers (at least 1).
+    pub(crate) fn sliding_window(&self) -> usize {
+        (self.config.sliding_window as usize).max(1)
+    }
+
+    /// Whether layer `layer` caches its own K/V and attends over a sliding window only: its
+    /// cache then needs only the last `sliding_window` positions.
+    pub(crate) fn caches_window(&self, layer: usize) -> bool {
+        self.layers.get(layer).is_some_and(|l| l.sliding && l.k_norm.is_some())
+    }
 }
 
 /// The mutable state one pass needs from its session.
 pub(crate) struct PassState<'s> {
     pub keys: &'s mut [Vec<f32>],
     pub values: &'s mut [Vec<f32>],
+    /// Per layer: the first position its cache holds (sliding-window layers drop old ones).
+    pub kv_start: &'s [usize],
     pub widths: &'s [usize],
     pub skip: &'s [bool],
     pub pos: usize,
@@ -419,7 +434,7 @@ pub(crate) fn forward_chunk(
 
     let n_ctx = p0 + t;
     let group = dm.n_heads / dm.n_kv_heads;
-    let window = cfg.sliding_window as usize;
+    let window = g.sliding_window();
     let mut pred: Vec<Vec<f32>> = vec![vec![0.0f32; t * d]; n_in];
     let mut an = vec![0.0f32; t * d];
     let mut q = vec![0.0f32; t * q_dim];
@@ -499,8 +514,16 @@ pub(crate) fn forward_chunk(
             }
             let keys = &mut st.keys[li];
             let values = &mut st.values[li];
-            super::engine::reserve_cache(keys, n_ctx * kv_dim, dm.max_context * kv_dim);
-            super::engine::reserve_cache(values, n_ctx * kv_dim, dm.max_context * kv_dim);
+            // A sliding-window cache holds at most twice the kept positions plus one chunk
+            // between trims (`Session::trim_windows`).
+            let limit = if g.caches_window(li) {
+                (2 * super::engine::window_keep(window) + t).min(dm.max_context)
+            } else {
+                dm.max_context
+            };
+            let held = n_ctx - st.kv_start[li];
+            super::engine::reserve_cache(keys, held * kv_dim, limit * kv_dim);
+            super::engine::reserve_cache(values, held * kv_dim, limit * kv_dim);
             keys.extend_from_slice(&k);
             values.extend_from_slice(&v);
         } else {
@@ -516,12 +539,25 @@ pub(crate) fn forward_chunk(
         }
         let owner = layer.kv_owner;
         let (keys, values) = (&st.keys[owner], &st.values[owner]);
-        if keys.len() < n_ctx * kv_dim || values.len() < n_ctx * kv_dim {
+        let first = st.kv_start[owner];
+        let sliding = layer.sliding;
+        if keys.len() < (n_ctx - first) * kv_dim || values.len() < (n_ctx - first) * kv_dim {
             return Err(EngineError::BadConfig {
                 reason: format!("layer {li} reads layer {owner}'s K/V, which this submodel did not compute"),
             });
         }
-        let sliding = layer.sliding;
+        // Every query of this chunk reads keys from `p0 - window + 1` on at the earliest,
+        // which a trimmed cache still holds (it keeps `window - 1` positions and more).
+        if sliding && p0 + 1 < first + window.min(p0 + 1) {
+            return Err(EngineError::BadConfig {
+                reason: format!("layer {owner}'s sliding-window cache starts at {first}, after position {p0}'s window"),
+            });
+        }
+        if !sliding && first != 0 {
+            return Err(EngineError::BadConfig {
+                reason: format!("layer {li} attends globally over layer {owner}'s trimmed cache"),
+            });
+        }
         let work = t.saturating_mul(dm.n_heads).saturating_mul(n_ctx).saturating_mul(hd);
         let qr = &q;
         kernels::par_units(&mut att, hd, work, threads, n_ctx, |u, out, scores| {
@@ -532,8 +568,8 @@ pub(crate) fn forward_chunk(
             let start = if sliding { end.saturating_sub(window) } else { 0 };
             kernels::attend(
                 qh,
-                &keys[start * kv_dim..],
-                &values[start * kv_dim..],
+                &keys[(start - first) * kv_dim..],
+                &values[(start - first) * kv_dim..],
                 end - start,
                 kv_dim,
                 off,

@@ -29,7 +29,8 @@ pub mod reference;
 pub mod tolerance;
 pub(crate) mod weights;
 
-pub use engine::{CpuEngine, Session};
+pub(crate) use engine::window_cache_positions;
+pub use engine::{CpuEngine, Session, WINDOW_SLACK};
 pub use tolerance::{Mismatch, Tolerance};
 
 use crate::{ModelError, SubmodelError};

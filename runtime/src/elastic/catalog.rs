@@ -30,7 +30,9 @@
 //!   token, in the CPU engine's cache dtype (`f32`): `2 * n_kv_heads * head_dim * 4` per such
 //!   layer (every layer of a Llama-style file; in a Gemma 3n file the layers that share
 //!   another layer's K/V cache nothing). [`ModelSummary::kv_bytes_per_token`] is the value
-//!   with every layer running.
+//!   with every layer running. `kv_window_bytes_per_token` is the sliding-window layers' part
+//!   of it: their cache holds at most [`ModelSummary::kv_window_tokens`] positions
+//!   ([`CatalogEntry::kv_cache_bytes_at`]).
 //! - `flops_per_token`: `2 *` the weight-matrix parameters a token touches (the running
 //!   layers' `wq`, `wk`, `wv`, `wo` and other per-layer matrices, their used FFN rows of
 //!   `ffn_up`, `ffn_gate`, `ffn_down_t`, the model-wide matrices and the LM head; lookup
@@ -134,6 +136,14 @@ pub struct ModelSummary {
     /// Bytes of one row of that table.
     #[serde(default)]
     pub row_lookup_row_bytes: u64,
+    /// A Gemma 3n file's sliding window (tokens a local layer attends to; 0 for other files).
+    #[serde(default)]
+    pub sliding_window: u32,
+    /// Positions the CPU engine's cache of one sliding-window layer holds at most, whatever
+    /// the context (it drops the keys no query will read again): `3 * (window - 1 +
+    /// min(64, window)) + 256` (0 for other files). See [`CatalogEntry::kv_cache_bytes_at`].
+    #[serde(default)]
+    pub kv_window_tokens: u32,
 }
 
 impl ModelSummary {
@@ -204,6 +214,12 @@ pub struct CatalogEntry {
     /// [`ModelSummary::attention_flops_per_context_token`].
     #[serde(default)]
     pub attention_flops_per_context_token: u64,
+    /// The part of `kv_bytes_per_token` that belongs to sliding-window layers (Gemma 3n's
+    /// local layers that cache their own K/V; 0 for other files): their cache holds at most
+    /// [`ModelSummary::kv_window_tokens`] positions and a token reads at most
+    /// [`ModelSummary::sliding_window`] of them.
+    #[serde(default)]
+    pub kv_window_bytes_per_token: u64,
     /// Loss predicted by calibration (nats per token), if calibrated.
     pub predicted_loss: Option<f64>,
     /// Loss measured on the calibration text (nats per token), if evaluated.
@@ -232,6 +248,26 @@ impl CatalogEntry {
     /// The best known loss: measured, else predicted.
     pub fn loss(&self) -> Option<f64> {
         self.measured_loss.or(self.predicted_loss)
+    }
+
+    /// KV-cache bytes held with `context` tokens of context: the global layers' for every
+    /// token, the sliding-window layers' for at most [`ModelSummary::kv_window_tokens`].
+    pub fn kv_cache_bytes_at(&self, summary: &ModelSummary, context: u32) -> u64 {
+        self.kv_bytes_with(context, summary.kv_window_tokens)
+    }
+
+    /// KV-cache bytes one decoded token reads with `context` tokens of context: the global
+    /// layers' over the whole context, the sliding-window layers' over at most the window.
+    pub fn kv_read_bytes_at(&self, summary: &ModelSummary, context: u32) -> u64 {
+        self.kv_bytes_with(context, summary.sliding_window)
+    }
+
+    fn kv_bytes_with(&self, context: u32, window_positions: u32) -> u64 {
+        let window = self.kv_window_bytes_per_token.min(self.kv_bytes_per_token);
+        let windowed = if window_positions == 0 { context } else { context.min(window_positions) };
+        (self.kv_bytes_per_token - window)
+            .saturating_mul(u64::from(context))
+            .saturating_add(window.saturating_mul(u64::from(windowed)))
     }
 
     /// FLOPs to decode one token with `context` tokens in the cache.
@@ -586,6 +622,11 @@ struct SizeTables {
     widths: Vec<Vec<u32>>,
     /// Per layer: whether it caches its own K/V (a Gemma 3n K/V-sharing layer does not).
     caches_kv: Vec<bool>,
+    /// Per layer: whether it caches its own K/V and attends over a sliding window only.
+    windowed_kv: Vec<bool>,
+    /// The sliding window and the most positions a sliding layer's cache holds (0, 0 for
+    /// files without sliding layers).
+    window: (u32, u32),
     /// KV-cache bytes per token of one layer that caches K/V.
     kv_bytes_per_layer: u64,
     /// Attention FLOPs per generated token per token of context of one running layer.
@@ -611,6 +652,13 @@ impl SizeTables {
             layer_params: vec![vec![0; n_levels]; n_layers],
             widths: meta.ffn_widths.clone(),
             caches_kv: (0..n_layers).map(|i| gemma.as_ref().is_none_or(|g| g.owns_kv(i))).collect(),
+            windowed_kv: (0..n_layers)
+                .map(|i| gemma.as_ref().is_some_and(|g| g.owns_kv(i) && g.sliding.get(i).copied().unwrap_or(false)))
+                .collect(),
+            window: gemma.as_ref().filter(|g| g.sliding.iter().any(|&s| s)).map_or((0, 0), |g| {
+                let w = g.sliding_window.max(1);
+                (w, u32::try_from(crate::cpu::window_cache_positions(w as usize)).unwrap_or(u32::MAX))
+            }),
             kv_bytes_per_layer: [kv, hd, KV_ELEMENT_BYTES].iter().fold(2u64, |p, &x| p.saturating_mul(x)),
             attention_flops_per_layer: [h, hd].iter().fold(4u64, |p, &x| p.saturating_mul(x)),
         };
@@ -668,12 +716,20 @@ impl SizeTables {
             attention_flops_per_context_token: self.attention_flops(&all),
             row_lookup_table_bytes: self.row_lookup.0,
             row_lookup_row_bytes: self.row_lookup.1,
+            sliding_window: self.window.0,
+            kv_window_tokens: self.window.1,
         }
     }
 
     /// KV-cache bytes per token of `sub`: its running layers that cache their own K/V.
     fn kv_bytes(&self, sub: &Submodel) -> u64 {
         let layers = (0..self.caches_kv.len()).filter(|&i| self.caches_kv[i] && sub.runs_layer(i)).count();
+        self.kv_bytes_per_layer.saturating_mul(layers as u64)
+    }
+
+    /// The sliding-window layers' share of [`SizeTables::kv_bytes`].
+    fn kv_window_bytes(&self, sub: &Submodel) -> u64 {
+        let layers = (0..self.windowed_kv.len()).filter(|&i| self.windowed_kv[i] && sub.runs_layer(i)).count();
         self.kv_bytes_per_layer.saturating_mul(layers as u64)
     }
 
@@ -715,6 +771,7 @@ impl SizeTables {
             weight_bytes: bytes,
             decode_bytes_per_token: bytes.saturating_sub(self.lookup_untouched),
             kv_bytes_per_token: self.kv_bytes(&submodel),
+            kv_window_bytes_per_token: self.kv_window_bytes(&submodel),
             flops_per_token: params.saturating_mul(2),
             attention_flops_per_context_token: self.attention_flops(&submodel),
             levels: submodel,
@@ -800,6 +857,7 @@ mod tests {
             weight_bytes: bytes,
             decode_bytes_per_token: bytes,
             kv_bytes_per_token: 0,
+            kv_window_bytes_per_token: 0,
             flops_per_token: 0,
             attention_flops_per_context_token: 0,
             predicted_loss: loss,

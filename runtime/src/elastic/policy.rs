@@ -4,7 +4,9 @@
 //! # Memory
 //!
 //! An entry's footprint ([`Footprint`]) is its weight bytes, plus the KV cache for the
-//! budget's context (`kv_bytes_per_token * context`, default context `max_context`), plus
+//! budget's context (`kv_bytes_per_token * context`, default context `max_context`; a Gemma 3n
+//! file's sliding-window layers count at most `kv_window_tokens` positions:
+//! [`CatalogEntry::kv_cache_bytes_at`](crate::elastic::CatalogEntry::kv_cache_bytes_at)), plus
 //! scratch. Scratch follows the CPU engine's buffers for a prefill chunk of
 //! `t = min(prefill_chunk_tokens, context)` tokens (f32):
 //! `4 * (t * (3 * d_model + 2 * n_heads * head_dim + 2 * n_kv_heads * head_dim
@@ -16,7 +18,8 @@
 //! # Energy
 //!
 //! Energy per decoded token is `picojoules_per_byte * bytes + picojoules_per_flop * flops`,
-//! with `bytes = decode_bytes_per_token + kv_bytes_per_token * context` and `flops =
+//! with `bytes = decode_bytes_per_token + kv_bytes_per_token * context` (sliding-window
+//! layers over at most the window) and `flops =
 //! flops_per_token + attention_flops_per_context_token * context`, at the budget's context.
 //! The constants are order-of-magnitude figures (LPDDR5-class DRAM access about 50 pJ/byte
 //! including the controller; an f32 multiply-add on a 5-7 nm mobile core about 1 pJ/FLOP) and
@@ -254,7 +257,7 @@ impl Policy {
     /// file's per-layer embedding table, only `context` rows: [`ModelSummary::resident_weight_bytes`]),
     /// the cache and the scratch buffers.
     pub fn footprint(&self, entry: &CatalogEntry, summary: &ModelSummary, context: u32) -> Footprint {
-        let kv_cache_bytes = entry.kv_bytes_per_token.saturating_mul(u64::from(context));
+        let kv_cache_bytes = entry.kv_cache_bytes_at(summary, context);
         let s = summary;
         let t = u64::from(self.prefill_chunk_tokens.min(context).max(1));
         let max_width = u64::from(entry.widths.iter().copied().max().unwrap_or(0));
@@ -289,7 +292,7 @@ impl Policy {
 
 /// Bytes moved and FLOPs to decode one token at `context`.
 fn decode_work(entry: &CatalogEntry, summary: &ModelSummary, context: u32) -> (f64, f64) {
-    let bytes = entry.decode_bytes_per_token as f64 + entry.kv_bytes_per_token as f64 * f64::from(context);
+    let bytes = entry.decode_bytes_per_token as f64 + entry.kv_read_bytes_at(summary, context) as f64;
     let flops = entry.flops_per_token_at(summary, context) as f64;
     (bytes, flops)
 }

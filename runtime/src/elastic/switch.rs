@@ -500,12 +500,26 @@ impl ElasticSession {
 
     /// Forgets every token from `position` on (history and KV cache), e.g. to keep the common
     /// prefix of a conversation and prefill only what changed. No-op beyond the end.
-    pub fn truncate(&mut self, position: usize) {
+    ///
+    /// When the cache cannot go back that far (Gemma 3n's sliding-window layers keep only the
+    /// window and a little more, see [`crate::cpu::WINDOW_SLACK`]), the history up to
+    /// `position` is run again, so the result is the same. If that pass fails (cancelled), the
+    /// history is cut to what the cache still holds and the error returned.
+    pub fn truncate(&mut self, position: usize) -> Result<(), ElasticError> {
         if position < self.history.len() {
             self.session.truncate(position);
             self.history.truncate(position);
             self.last_logits = None;
+            let at = self.session.position();
+            if at < position {
+                let rest = self.history[at..].to_vec();
+                if let Err(e) = self.session.prefill(&rest) {
+                    self.history.truncate(self.session.position());
+                    return Err(e.into());
+                }
+            }
         }
+        Ok(())
     }
 
     /// The submodel running now.
