@@ -13,6 +13,7 @@ use std::sync::Arc;
 use matformer::cpu::CpuEngine;
 use matformer::elastic::ElasticSession;
 use matformer::format::DType;
+use matformer::gpu::{GpuEngine, GpuOptions, WeightPath};
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
@@ -161,6 +162,162 @@ fn gemma3n_switches_give_the_targets_tokens() {
             for _ in 0..3 {
                 next = argmax(&es.decode(next).unwrap());
             }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GPU engine on the test machine's adapter (lavapipe in CI and here): these tests never
+/// skip, a missing adapter fails them.
+fn gpu_engine(model: &Arc<ModelFile>) -> GpuEngine {
+    let opts = GpuOptions { max_context: Some(64), ..GpuOptions::default() };
+    GpuEngine::new(Arc::clone(model), opts)
+        .unwrap_or_else(|e| panic!("GPU engine ({e}): install a Vulkan driver such as mesa-vulkan-drivers (lavapipe)"))
+}
+
+/// The bound of the GPU's logits against transformers' float32 ones, relative to the largest
+/// reference logit: the CPU's `F32_STORAGE` on the packed and packed64 weight paths (every
+/// product and sum in f32, only the order differs); on the native-f16 path (activations and
+/// products rounded to f16, only where the adapter runs it faster) the f16 rounding tier.
+fn gpu_reference_bound(engine: &GpuEngine) -> Tolerance {
+    if engine.adapter().weight_path == WeightPath::F16.name() {
+        Tolerance::F16_STORAGE
+    } else {
+        Tolerance::F32_STORAGE
+    }
+}
+
+/// The CPU parity checks of `check_parity` on the GPU backend: every variant's logits against
+/// transformers (the same bound as the CPU on the f32 weight paths) and against the CPU
+/// engine (`gpu::forward_tolerance` of the weight path), its greedy tokens decoded through the
+/// GPU KV cache (past the sliding window), and only the K/V-owning layers holding a cache.
+fn check_gpu_parity(dtype: DType, tag: &str) {
+    let g = goldens();
+    let (model, dir) = imported(dtype, tag);
+    let engine = gpu_engine(&model);
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let path = engine.adapter().weight_path.clone();
+    let bound = gpu_reference_bound(&engine);
+    let vs_cpu = matformer::gpu::forward_tolerance(WeightPath::parse(&path).unwrap());
+    for v in &g.variants {
+        let sub = submodel_of(v, &model);
+        let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+        let reference: Vec<f32> = v.logits.iter().flatten().copied().collect();
+        assert_eq!(ours.len(), reference.len(), "{}", v.name);
+        let scale = reference.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let on_cpu = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+        let diff_cpu = ours.iter().zip(&on_cpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!(
+            "GPU ({path}) {dtype} {:<10} {}: max|diff| vs transformers {diff:.2e} (scale {scale:.2}), vs CPU {diff_cpu:.2e}",
+            v.name,
+            sub.name(model.metadata())
+        );
+        assert!(diff <= bound.bound * scale, "{}: {diff} against transformers ({})", v.name, bound.name);
+        vs_cpu.check(&on_cpu, &ours).unwrap_or_else(|m| panic!("{}: GPU vs CPU: {m}", v.name));
+
+        let mut s = engine.session(&sub).unwrap();
+        let mut next = s.prefill(&g.prompt_ids).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..v.greedy.len() {
+            got.push(next);
+            next = s.decode(next).unwrap();
+        }
+        assert_eq!(got, v.greedy, "{}: greedy tokens on the GPU", v.name);
+        // The counters: one submit per decode step (the prompt fits one pass).
+        assert_eq!(s.counters().submits, 1 + v.greedy.len() as u64, "{}", v.name);
+        // KV caches only for the layers that own their K/V (layers 6-9 read layers 4 and 5).
+        assert_eq!(s.kv_cache_bytes(), 6 * 2 * 64 * 32 * 4, "{}", v.name);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn gemma3n_gpu_f32_matches_transformers() {
+    check_gpu_parity(DType::F32, "g3n-gpu-parity-f32");
+}
+
+#[test]
+fn gemma3n_gpu_f16_matches_transformers() {
+    check_gpu_parity(DType::F16, "g3n-gpu-parity-f16");
+}
+
+/// `gemma3n_switches_give_the_targets_tokens` on the GPU backend: one GPU session switched
+/// full -> E2B-style -> Lab-style -> full (no reload, exact re-prefill); after each switch the
+/// greedy tokens are those the target alone gives, on the GPU and on the CPU engine.
+#[test]
+fn gemma3n_gpu_switches_give_the_targets_tokens() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F16, "g3n-gpu-switch");
+    let by_name = |n: &str| submodel_of(g.variants.iter().find(|v| v.name == n).unwrap(), &model);
+    let plan = [by_name("full"), by_name("e2b_style"), by_name("lab_style"), by_name("full")];
+    let engine = gpu_engine(&model);
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let mut es = ElasticSession::new_gpu(gpu_engine(&model), &plan[0]).unwrap();
+    let mut next = argmax(&es.prefill(&g.prompt_ids).unwrap());
+    assert_eq!(next, g.variants[0].greedy[0]);
+    for (step, sub) in plan.iter().enumerate() {
+        if step > 0 {
+            let report = es.switch_to(sub).unwrap();
+            // What the target alone says after the same tokens, on the GPU and on the CPU.
+            let mut alone = engine.session(sub).unwrap();
+            let mut on_cpu = cpu.session(sub).unwrap();
+            next = alone.prefill(es.history()).unwrap();
+            assert_eq!(argmax(&on_cpu.prefill(es.history()).unwrap()), next, "CPU and GPU after the same history");
+            let mut expected = Vec::new();
+            let mut e = next;
+            for _ in 0..3 {
+                expected.push(e);
+                let cpu_next = argmax(&on_cpu.decode(e).unwrap());
+                e = alone.decode(e).unwrap();
+                assert_eq!(e, cpu_next, "CPU and GPU decode of {}", sub.name(model.metadata()));
+            }
+            let logits = report.last_logits.expect("a switch re-prefills and keeps the last logits");
+            assert_eq!(argmax(&logits), next, "the re-prefill's last logits");
+            let mut got = Vec::new();
+            let mut t = next;
+            for _ in 0..3 {
+                got.push(t);
+                t = argmax(&es.decode(t).unwrap());
+            }
+            assert_eq!(got, expected, "after switching to {} on the GPU", sub.name(model.metadata()));
+            next = t;
+        } else {
+            for _ in 0..3 {
+                next = argmax(&es.decode(next).unwrap());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Keep-KV switches on the GPU follow the CPU engine's: full -> E2B-style keeps the cache
+/// (E2B skips only K/V-sharing layers), E2B-style -> full keeps it (running a sharing layer
+/// again reads its owner's entries), full -> Lab-style keeps it, and Lab-style -> full
+/// re-prefills (layer 2 owns its K/V and wrote none while skipped). After each switch both
+/// backends decode the same greedy tokens.
+#[test]
+fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
+    use matformer::elastic::SwitchMode;
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-gpu-keepkv");
+    let by_name = |n: &str| submodel_of(g.variants.iter().find(|v| v.name == n).unwrap(), &model);
+    let plan = [by_name("e2b_style"), by_name("full"), by_name("lab_style"), by_name("full")];
+    let start = by_name("full");
+    let mut gpu = ElasticSession::new_gpu(gpu_engine(&model), &start).unwrap();
+    let mut cpu = ElasticSession::new(CpuEngine::new(Arc::clone(&model)).unwrap(), &start).unwrap();
+    let mut next = argmax(&gpu.prefill(&g.prompt_ids).unwrap());
+    assert_eq!(argmax(&cpu.prefill(&g.prompt_ids).unwrap()), next);
+    for (sub, reprefills) in plan.iter().zip([false, false, false, true]) {
+        let rg = gpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
+        let rc = cpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
+        let name = sub.name(model.metadata());
+        assert_eq!(rg.reprefilled_tokens > 0, reprefills, "{name}: GPU re-prefill");
+        assert_eq!(rg.reprefilled_tokens, rc.reprefilled_tokens, "{name}");
+        for _ in 0..3 {
+            let (a, b) = (argmax(&gpu.decode(next).unwrap()), argmax(&cpu.decode(next).unwrap()));
+            assert_eq!(a, b, "{name}: greedy token after a keep-KV switch");
+            next = a;
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

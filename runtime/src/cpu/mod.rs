@@ -30,6 +30,7 @@ pub mod tolerance;
 pub(crate) mod weights;
 
 pub use engine::{CpuEngine, Session};
+pub(crate) use gemma3n::normal_quantile;
 pub use tolerance::{Mismatch, Tolerance};
 
 use crate::{ModelError, SubmodelError};

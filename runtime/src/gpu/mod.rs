@@ -64,6 +64,7 @@
 mod device;
 mod engine;
 mod ffn_store;
+mod gemma3n;
 mod op_runner;
 mod ops;
 mod plan;
