@@ -13,7 +13,8 @@ use std::sync::Arc;
 use matformer::cpu::CpuEngine;
 use matformer::elastic::ElasticSession;
 use matformer::format::DType;
-use matformer::gpu::{GpuEngine, GpuOptions, WeightPath};
+use matformer::gpu::{GpuEngine, GpuError, GpuOptions, WeightPath};
+use matformer::sampling::LogitTransform;
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
@@ -228,7 +229,23 @@ fn check_gpu_parity(dtype: DType, tag: &str) {
         assert_eq!(s.counters().submits, 1 + v.greedy.len() as u64, "{}", v.name);
         // KV caches only for the layers that own their K/V (layers 6-9 read layers 4 and 5).
         assert_eq!(s.kv_cache_bytes(), 6 * 2 * 64 * 32 * 4, "{}", v.name);
+
+        // Sampling candidates come from the same soft-capped logits: the top one is the greedy
+        // token, its logit the CPU's.
+        let mut s = engine.session(&sub).unwrap();
+        let c = s.prefill_candidates(&g.prompt_ids, 8, &LogitTransform::IDENTITY).unwrap();
+        let (top, logit) = c.pairs.iter().copied().fold((0, f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        assert_eq!(top, v.greedy[0], "{}: top candidate", v.name);
+        let cpu_last = &on_cpu[on_cpu.len() - 300..];
+        vs_cpu.check(&[cpu_last[top as usize]], &[logit]).unwrap_or_else(|m| panic!("{}: top candidate: {m}", v.name));
+        // A speculative round's drafts exist only on the device, where the per-layer
+        // embedding rows are not: refused, with the session unchanged.
+        let pos = s.position();
+        assert!(matches!(s.speculate_greedy(top, &sub, 2), Err(GpuError::Unsupported { .. })));
+        assert_eq!(s.position(), pos);
     }
+    // The start-up self-check (what `BackendChoice::Auto` runs before taking a GPU) passes.
+    engine.self_check().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -321,4 +338,105 @@ fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The per-layer embedding table stays in the file mapping: after an E2B-style session ran (and
+/// was dropped), the engine's GPU memory is exactly what it uploads besides the table (every
+/// other tensor of the running layers, the FFN rows of their widths, the running layers'
+/// blocks of `per_layer_model_projection`, the global tensors and the two RoPE tables), within
+/// a few hundred bytes of 16-byte rounding and the K/V-sharing layers' zero key norms. The
+/// skipped layers' weights are not uploaded either.
+#[test]
+fn gemma3n_gpu_keeps_the_per_layer_table_on_the_host() {
+    use matformer::format::gemma3n::layer_of;
+    use matformer::format::{g3n_names, names, Gemma3nConfig, TensorInfo};
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-gpu-ple-host");
+    let v = g.variants.iter().find(|v| v.name == "e2b_style").unwrap();
+    let sub = submodel_of(v, &model);
+    let meta = model.metadata();
+    let view = model.view();
+    let bytes = |t: &TensorInfo| t.rows() * t.row_bytes();
+    let a = &meta.architecture;
+    let d = u64::from(a.d_model);
+    let cfg = Gemma3nConfig::from_metadata(meta).unwrap().unwrap();
+    let p = u64::from(cfg.per_layer_dim);
+    let widths = sub.widths(meta);
+    let running = (0..a.n_layers as usize).filter(|&i| sub.runs_layer(i)).count() as u64;
+    assert_eq!(running, 8);
+    let table = bytes(view.tensor(g3n_names::PER_LAYER_EMBEDDINGS).unwrap());
+    let mut expected = 0u64;
+    let mut skipped = 0u64;
+    for t in &view.tensors {
+        let name = t.name.as_str();
+        let ffn = [names::FFN_UP, names::FFN_GATE, names::FFN_DOWN_T].iter().any(|s| name.ends_with(&format!(".{s}")));
+        match layer_of(name) {
+            Some(i) if sub.is_skipped(i) => skipped += bytes(t),
+            Some(i) if ffn => expected += u64::from(widths[i]) * d * 4,
+            Some(_) => expected += bytes(t),
+            None if name == g3n_names::PER_LAYER_EMBEDDINGS => {}
+            None if name == g3n_names::PER_LAYER_MODEL_PROJECTION => expected += running * p * d * 4,
+            None => expected += bytes(t),
+        }
+    }
+    // cos and sin tables of both RoPE bases for the 64-token context.
+    expected += 2 * 2 * 64 * u64::from(a.head_dim / 2) * 4;
+    let engine = gpu_engine(&model);
+    let mut s = engine.session(&sub).unwrap();
+    assert_eq!(s.prefill(&g.prompt_ids).unwrap(), v.greedy[0]);
+    drop(s);
+    let used = engine.memory_in_use();
+    let slack = 1024;
+    eprintln!(
+        "GPU memory {used} bytes, expected {expected} without the {table}-byte per-layer table \
+         and the skipped layers' {skipped} bytes"
+    );
+    assert!(table > 16 * slack && skipped > 16 * slack, "the fixture's table and layers are large enough to tell");
+    assert!(used <= expected + slack && used + slack >= expected, "GPU memory {used}, expected {expected}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Block-quantised files (`q8_0`, `q4_0`: every matrix whose rows are whole 32-element blocks;
+/// the GPU multiplies them with `matmul_quant.wgsl`) on the GPU against the CPU engine on the
+/// same file: the same greedy tokens, and logits within the dtype's storage tier relative to
+/// the logit scale (`Q8_STORAGE`, `Q4_STORAGE`, the bounds the exporter's verification allows
+/// the CPU engine against the unquantised source). Why not `gpu::QUANTIZED_FORWARD_TOLERANCE`
+/// (1e-2 absolute, one 8-bit activation step on the Llama test files): both backends round
+/// each activation block to 8 bits before a quantised product, and an activation lying within
+/// f32 roundoff of a rounding boundary rounds the other way on one of them. On this model one
+/// such step moves a logit by up to ~0.1 (its tied embeddings, the LM head, are O(1), not the
+/// synthetic files' `1 / sqrt(fan_in)`), and a step in an early K/V-owning layer reaches every
+/// later position through attention. Measured (q8_0, q4_0): 4.8e-6 on the rows where no
+/// activation flips, single rows at 9.4e-2 (q8_0, Lab-style) and rows up to 2.7e-1 (q4_0,
+/// width-only) on a logit scale of ~16: each a rounding event, not a drift (the same layers'
+/// weights at the same widths agree to 5e-6 in the other variants).
+#[test]
+fn gemma3n_gpu_quantized_matches_the_cpu() {
+    let g = goldens();
+    for dtype in [DType::Q8_0, DType::Q4_0] {
+        let (model, dir) = imported(dtype, &format!("g3n-gpu-{dtype}"));
+        let bound = if dtype == DType::Q8_0 { Tolerance::Q8_STORAGE } else { Tolerance::Q4_STORAGE };
+        assert!(matformer::gpu::quantized_tensor(&model).is_some(), "{dtype}: the file holds quantised tensors");
+        let engine = gpu_engine(&model);
+        let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+        for v in &g.variants {
+            let sub = submodel_of(v, &model);
+            let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let theirs = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = theirs.iter().fold(1f32, |m, x| m.max(x.abs()));
+            eprintln!("GPU {dtype} {:<10}: max|diff| vs CPU {diff:.2e} (scale {scale:.2})", v.name);
+            assert!(diff <= bound.bound * scale, "{dtype} {}: GPU vs CPU {diff} ({})", v.name, bound.name);
+            let mut s = engine.session(&sub).unwrap();
+            let mut c = cpu.session(&sub).unwrap();
+            let mut next = s.prefill(&g.prompt_ids).unwrap();
+            assert_eq!(argmax(&c.prefill(&g.prompt_ids).unwrap()), next, "{dtype} {}", v.name);
+            for _ in 0..6 {
+                let cpu_next = argmax(&c.decode(next).unwrap());
+                next = s.decode(next).unwrap();
+                assert_eq!(next, cpu_next, "{dtype} {}: greedy tokens", v.name);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
