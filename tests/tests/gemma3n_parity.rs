@@ -325,6 +325,9 @@ fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
     let mut cpu = ElasticSession::new(CpuEngine::new(Arc::clone(&model)).unwrap(), &start).unwrap();
     let mut next = argmax(&gpu.prefill(&g.prompt_ids).unwrap());
     assert_eq!(argmax(&cpu.prefill(&g.prompt_ids).unwrap()), next);
+    // No fused speculative round on a Gemma 3n file: the caller's unfused path runs instead.
+    assert!(gpu.speculate_greedy_gpu(next, &plan[0], 2).is_none());
+    assert!(gpu.gpu_session().is_some_and(|s| !s.can_speculate()));
     for (sub, reprefills) in plan.iter().zip([false, false, false, true]) {
         let rg = gpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
         let rc = cpu.switch_with(sub, SwitchMode::KeepKv).unwrap();

@@ -13,6 +13,12 @@
 //!   device and returns the top `k` with the log-sum-exp of the whole vocabulary
 //!   ([`GpuSession::decode_sample`], [`crate::sampling`]).
 //!
+//! A Gemma 3n file (`gemma3n.rs`) runs the CPU decoder's steps as WGSL kernels of their own
+//! (AltUp, LAuReL and the fused norms, per-head norms with RoPE, the per-layer input gate,
+//! Gaussian top-k, soft-cap) around the shared matrix products and attention; its per-layer
+//! embedding table stays in the file mapping (each pass writes its tokens' rows), skipped
+//! layers are neither run nor uploaded, and only K/V-owning layers have a cache.
+//!
 //! Weights stay f16 on the GPU (the file's bytes, rows zero-padded to 8 elements; f32 files
 //! are uploaded as f32 and always run the packed kernels' f32 variant). Three [`WeightPath`]s
 //! multiply them:

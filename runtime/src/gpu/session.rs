@@ -940,10 +940,17 @@ impl GpuSession {
         Ok(round)
     }
 
-    /// A Gemma 3n pass needs its tokens' per-layer embedding rows, read on the host before
-    /// the submit: a round whose drafted tokens exist only on the device cannot provide them.
+    /// Whether this session runs speculative rounds ([`GpuSession::speculate_greedy`]): not on
+    /// a Gemma 3n file, whose passes need their tokens' per-layer embedding rows, read on the
+    /// host before the submit, while a round's drafted tokens exist only on the device.
+    /// Speculative decoding there runs its draft and verify passes one submit each.
+    pub fn can_speculate(&self) -> bool {
+        self.g3.is_none()
+    }
+
+    /// [`GpuSession::can_speculate`] as an error.
     fn refuse_speculation(&self) -> Result<(), GpuError> {
-        if self.g3.is_some() {
+        if !self.can_speculate() {
             return Err(GpuError::Unsupported {
                 reason: "speculative rounds on a Gemma 3n file: its per-layer embedding rows are read on the host \
                          for each pass, and a round's drafts exist only on the device; decode token by token"
