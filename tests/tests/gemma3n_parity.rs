@@ -199,7 +199,7 @@ fn check_gpu_parity(dtype: DType, tag: &str) {
     let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
     let path = engine.adapter().weight_path.clone();
     let bound = gpu_reference_bound(&engine);
-    let vs_cpu = matformer::gpu::forward_tolerance(WeightPath::parse(&path).unwrap());
+    let path_kind = WeightPath::parse(&path).unwrap();
     for v in &g.variants {
         let sub = submodel_of(v, &model);
         let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
@@ -215,6 +215,10 @@ fn check_gpu_parity(dtype: DType, tag: &str) {
             sub.name(model.metadata())
         );
         assert!(diff <= bound.bound * scale, "{}: {diff} against transformers ({})", v.name, bound.name);
+        let vs_cpu = match path_kind {
+            WeightPath::F16 => matformer::gpu::gemma3n_f16_tolerance(&on_cpu),
+            p => matformer::gpu::forward_tolerance(p),
+        };
         vs_cpu.check(&on_cpu, &ours).unwrap_or_else(|m| panic!("{}: GPU vs CPU: {m}", v.name));
 
         let mut s = engine.session(&sub).unwrap();
@@ -442,4 +446,54 @@ fn gemma3n_gpu_quantized_matches_the_cpu() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Every weight path the adapter runs (packed, packed64, native f16), forced, with prefill
+/// passes of 5 tokens (the prompt spans three passes, and a pass's sliding window reaches into
+/// the previous one): every variant's logits against the CPU engine within the path's
+/// `gpu::forward_tolerance` (`gpu::gemma3n_f16_tolerance` on the native-f16 path) and against
+/// transformers (as `check_gpu_parity`), the CPU's greedy tokens, and the start-up self-check.
+#[test]
+fn gemma3n_gpu_every_weight_path_matches_the_cpu() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F16, "g3n-gpu-paths");
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let paths: Vec<WeightPath> =
+        gpu_engine(&model).adapter().weight_paths.iter().map(|p| WeightPath::parse(p).unwrap()).collect();
+    assert!(paths.contains(&WeightPath::Packed));
+    for path in paths {
+        let opts =
+            GpuOptions { max_context: Some(64), prefill_chunk: 5, weight_path: Some(path), ..GpuOptions::default() };
+        let engine = GpuEngine::new(Arc::clone(&model), opts).unwrap();
+        for v in &g.variants {
+            let sub = submodel_of(v, &model);
+            let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let theirs = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let tol = match path {
+                WeightPath::F16 => matformer::gpu::gemma3n_f16_tolerance(&theirs),
+                _ => matformer::gpu::forward_tolerance(path),
+            };
+            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let reference: Vec<f32> = v.logits.iter().flatten().copied().collect();
+            let scale = reference.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let diff_ref = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let bound = if path == WeightPath::F16 { Tolerance::F16_STORAGE } else { Tolerance::F32_STORAGE };
+            eprintln!(
+                "GPU {path:<8} {:<10}: max|diff| vs CPU {diff:.2e} ({}), vs transformers {diff_ref:.2e} (scale {scale:.2})",
+                v.name, tol.name
+            );
+            tol.check(&theirs, &ours).unwrap_or_else(|m| panic!("{path} {}: {m}", v.name));
+            assert!(diff_ref <= bound.bound * scale, "{path} {}: {diff_ref} against transformers", v.name);
+            let mut s = engine.session(&sub).unwrap();
+            let mut next = s.prefill(&g.prompt_ids).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..v.greedy.len() {
+                got.push(next);
+                next = s.decode(next).unwrap();
+            }
+            assert_eq!(got, v.greedy, "{path} {}: greedy tokens", v.name);
+        }
+        engine.self_check().unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -377,7 +377,8 @@ impl GpuEngine {
     /// submodel on this GPU and on the CPU engine and compares every logit with
     /// [`forward_tolerance`](super::forward_tolerance) of the weight path (`FORWARD_F32` on the
     /// packed path), or [`QUANTIZED_FORWARD_TOLERANCE`](super::QUANTIZED_FORWARD_TOLERANCE) for a
-    /// file with block-quantised tensors. Costs one small session
+    /// file with block-quantised tensors ([`gemma3n_f16_tolerance`](super::gemma3n_f16_tolerance)
+    /// for a Gemma 3n file on the native-f16 path). Costs one small session
     /// and a CPU forward of a few tokens. An error means: do not use this GPU.
     pub fn self_check(&self) -> Result<(), GpuError> {
         let model = &self.inner.model;
@@ -392,10 +393,13 @@ impl GpuEngine {
             .and_then(|mut s| s.forward_all(&tokens))
             .map_err(|e| fail(format!("CPU forward: {e}")))?;
         let actual = self.session(&sub)?.forward_all(&tokens)?;
-        let tol = if super::quantized_tensor(model).is_some() && self.inner.kernels.path() != super::WeightPath::F16 {
+        let path = self.inner.kernels.path();
+        let tol = if super::quantized_tensor(model).is_some() && path != super::WeightPath::F16 {
             super::QUANTIZED_FORWARD_TOLERANCE
+        } else if self.inner.g3n.is_some() && path == super::WeightPath::F16 {
+            super::gemma3n_f16_tolerance(&expected)
         } else {
-            super::forward_tolerance(self.inner.kernels.path())
+            super::forward_tolerance(path)
         };
         tol.check(&expected, &actual)
             .map_err(|m| fail(format!("logits of submodel {} vs the CPU engine: {m}", sub.name(model.metadata()))))
