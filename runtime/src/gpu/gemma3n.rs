@@ -186,8 +186,8 @@ impl G3Engine {
         let mut next = store.clone();
         for (i, slot) in next.iter_mut().enumerate() {
             if slot.is_none() && !skip.get(i).copied().unwrap_or(false) {
+                inner.check_limit(self.layer_upload_bytes(inner, i)?, "uploading a Gemma 3n layer's weights")?;
                 let layer = self.upload_layer(inner, i)?;
-                inner.check_limit(layer.bytes, "uploading a Gemma 3n layer's weights")?;
                 self.layer_bytes.fetch_add(layer.bytes, Ordering::Relaxed);
                 *slot = Some(Arc::new(layer));
             }
@@ -211,6 +211,30 @@ impl G3Engine {
         }
         self.layer_bytes.fetch_sub(released, Ordering::Relaxed);
         Ok(released)
+    }
+
+    /// GPU bytes [`G3Engine::upload_layer`] allocates for layer `i` (checked against the memory
+    /// limit before uploading): its matrices' padded or repacked rows, and its f32 vectors.
+    fn layer_upload_bytes(&self, inner: &Inner, i: usize) -> Result<u64, GpuError> {
+        let (model, dm) = (&*inner.model, &inner.dims);
+        let (d, hd, n, ple) = (dm.d_model, dm.head_dim, self.n, self.ple);
+        let l = |s: &str| names::layer(i, s);
+        let rows = |name: &str, rows: usize, cols: usize| -> Result<u64, GpuError> {
+            let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+            Ok(super::weights::gpu_row_bytes(info.dtype, cols) * rows as u64)
+        };
+        let f32s = |len: usize| (len as u64 * 4).max(16).div_ceil(16) * 16;
+        let rank = self.config.laurel_rank as usize;
+        let mut bytes = 6 * f32s(d) + f32s(2 * hd) + f32s(2 * d + n * d + n * n * n + n * n);
+        bytes += rows(&l(g3::LAUREL_LEFT), rank, d)? + rows(&l(g3::LAUREL_RIGHT), d, rank)?;
+        bytes += rows(&l(names::WQ), dm.q_dim, d)? + rows(&l(names::WO), d, dm.q_dim)?;
+        if self.config.owns_kv(i) {
+            let (sq, skv) = (pad8(dm.q_dim), pad8(dm.kv_dim));
+            bytes += rows(&l(names::WK), sq + 2 * skv - dm.q_dim, d)?;
+        }
+        bytes += rows(&l(g3::PLE_GATE), ple, d)? + rows(&l(g3::PLE_PROJ), d, ple)?;
+        bytes += rows(g3::PER_LAYER_MODEL_PROJECTION, ple, d)?;
+        Ok(bytes)
     }
 
     fn upload_layer(&self, inner: &Inner, i: usize) -> Result<G3Layer, GpuError> {
