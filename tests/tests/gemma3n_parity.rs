@@ -329,6 +329,12 @@ fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
     let mut cpu = ElasticSession::new(CpuEngine::new(Arc::clone(&model)).unwrap(), &start).unwrap();
     let mut next = argmax(&gpu.prefill(&g.prompt_ids).unwrap());
     assert_eq!(argmax(&cpu.prefill(&g.prompt_ids).unwrap()), next);
+    // A GPU session refuses a keep-KV switch that runs again a skipped layer owning its K/V.
+    let mut lab = gpu_engine(&model).session(&by_name("lab_style")).unwrap();
+    lab.prefill(&g.prompt_ids).unwrap();
+    assert!(matches!(lab.switch_keep_cache(&start), Err(GpuError::InvalidArgument { .. })));
+    assert_eq!(lab.position(), g.prompt_ids.len());
+    assert!(lab.switch_keep_cache(&by_name("e2b_style")).is_err(), "e2b_style runs layer 2 again");
     // No fused speculative round on a Gemma 3n file: the caller's unfused path runs instead.
     assert!(gpu.speculate_greedy_gpu(next, &plan[0], 2).is_none());
     assert!(gpu.gpu_session().is_some_and(|s| !s.can_speculate()));

@@ -394,9 +394,22 @@ impl GpuSession {
 
     /// [`switch_to`](Self::switch_to) that keeps the KV cache and position: later tokens run
     /// `submodel` over the keys and values the previous submodel wrote (the keep-KV switch,
-    /// no re-prefill). On error the session is unchanged.
+    /// no re-prefill). On error the session is unchanged. Refused (as by the CPU engine, whose
+    /// pass fails on the missing entries) when `submodel` runs again a skipped layer that caches
+    /// its own K/V while the cache holds tokens: that layer wrote no entries for them
+    /// ([`unskipped_kv_layers`](crate::elastic::unskipped_kv_layers)); use `switch_to` and
+    /// re-prefill.
     pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
         let pos = self.pos;
+        let missing = crate::elastic::unskipped_kv_layers(&self.submodel, submodel, self.inner.model.metadata());
+        if pos > 0 && !missing.is_empty() {
+            return Err(GpuError::InvalidArgument {
+                what: format!(
+                    "a keep-KV switch that runs layers {missing:?} again: they own their K/V and wrote none for \
+                     the {pos} cached tokens; switch with a re-prefill"
+                ),
+            });
+        }
         let mut sw = self.switch_to(submodel)?;
         self.pos = pos;
         sw.cache_kept = true;
