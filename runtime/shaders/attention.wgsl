@@ -1,6 +1,7 @@
 // Causal softmax attention over the GPU-resident KV cache, grouped-query: one workgroup per
 // (query head, query token). Query token i (position pos0 + i) attends to cache positions
-// [0, pos0 + i]; its head h reads kv head h / group. Scores are scaled by 1/sqrt(head_dim),
+// [0, pos0 + i], or with a sliding window (`window` > 0) the last `window` of them; its head h
+// reads kv head h / group. Scores are scaled by `scale` (1/sqrt(head_dim) for Llama),
 // kept in a scratch buffer [t, n_heads, ctx], soft-maxed with the row maximum subtracted, and
 // the output is sum_j (e_j / total) * v_j in position order (the CPU engine's order).
 // Decode is the t = 1 case.
@@ -16,6 +17,10 @@ struct Params {
     out_stride: u32,
     ctx: u32,
     scale: f32,
+    window: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct Step {
@@ -40,12 +45,16 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let h = wid.x;
     let i = wid.y;
     let n = step.pos0 + i + 1u;
+    var start = 0u;
+    if p.window > 0u && n > p.window {
+        start = n - p.window;
+    }
     let qb = i * p.q_stride + h * p.head_dim;
     let kvo = (h / p.group) * p.head_dim;
     let sb = (i * p.n_heads + h) * p.ctx;
 
     var m = bitcast<f32>(0xff800000u);
-    for (var j = lid.x; j < n; j += WG) {
+    for (var j = start + lid.x; j < n; j += WG) {
         let kb = j * p.kv_stride + kvo;
         var s = 0.0;
         for (var d = 0u; d < p.head_dim; d++) {
@@ -67,7 +76,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     workgroupBarrier();
 
     var sum = 0.0;
-    for (var j = lid.x; j < n; j += WG) {
+    for (var j = start + lid.x; j < n; j += WG) {
         let e = exp(scores[sb + j] - mx);
         scores[sb + j] = e;
         sum += e;
@@ -86,7 +95,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
 
     for (var d = lid.x; d < p.head_dim; d += WG) {
         var o = 0.0;
-        for (var j = 0u; j < n; j++) {
+        for (var j = start; j < n; j++) {
             o += scores[sb + j] / total * vc[j * p.kv_stride + kvo + d];
         }
         out[i * p.out_stride + h * p.head_dim + d] = o;

@@ -1,4 +1,4 @@
-// Embedding gather: x[i, :] = E[tokens[i], :] for every token whose row lies in this chunk of
+// Embedding gather: x[i, :] = E[tokens[i], :] * scale for every token whose row lies in this chunk of
 // the table (rows [row_start, row_start + rows)). Big tables are split into chunks by rows, one
 // dispatch per chunk; each token is written by exactly one chunk.
 //
@@ -19,6 +19,8 @@ struct Params {
     row_words: u32,
     // floats per row of x.
     out_stride: u32,
+    // Multiplies every value (sqrt(d_model) for Gemma 3n, 1 otherwise).
+    scale: f32,
 }
 
 struct Step {
@@ -84,5 +86,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if tok < p.row_start || tok - p.row_start >= p.rows {
         return;
     }
-    x[i * p.out_stride + col] = weight(tok - p.row_start, col);
+    x[i * p.out_stride + col] = weight(tok - p.row_start, col) * p.scale;
 }

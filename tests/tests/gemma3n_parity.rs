@@ -13,6 +13,8 @@ use std::sync::Arc;
 use matformer::cpu::CpuEngine;
 use matformer::elastic::ElasticSession;
 use matformer::format::DType;
+use matformer::gpu::{GpuEngine, GpuError, GpuOptions, WeightPath};
+use matformer::sampling::LogitTransform;
 use matformer::{ModelFile, Submodel};
 use matformer_export::verify::Tolerance;
 use matformer_export::{import, ImportOptions};
@@ -281,6 +283,342 @@ fn gemma3n_long_prefill_trims_between_chunks_and_a_cancel_restores_the_window() 
     assert_eq!(s.position(), 20);
     for (i, &t) in tokens.iter().enumerate().skip(20).take(12) {
         same_bits(&rows[i], &s.decode(t).unwrap(), &format!("after the cancel, position {i}"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A GPU engine on the test machine's adapter (lavapipe in CI and here): these tests never
+/// skip, a missing adapter fails them.
+fn gpu_engine(model: &Arc<ModelFile>) -> GpuEngine {
+    let opts = GpuOptions { max_context: Some(64), ..GpuOptions::default() };
+    GpuEngine::new(Arc::clone(model), opts)
+        .unwrap_or_else(|e| panic!("GPU engine ({e}): install a Vulkan driver such as mesa-vulkan-drivers (lavapipe)"))
+}
+
+/// The bound of the GPU's logits against transformers' float32 ones, relative to the largest
+/// reference logit: the CPU's `F32_STORAGE` on the packed and packed64 weight paths (every
+/// product and sum in f32, only the order differs); on the native-f16 path (activations and
+/// products rounded to f16, only where the adapter runs it faster) the f16 rounding tier.
+fn gpu_reference_bound(engine: &GpuEngine) -> Tolerance {
+    if engine.adapter().weight_path == WeightPath::F16.name() {
+        Tolerance::F16_STORAGE
+    } else {
+        Tolerance::F32_STORAGE
+    }
+}
+
+/// The CPU parity checks of `check_parity` on the GPU backend: every variant's logits against
+/// transformers (the same bound as the CPU on the f32 weight paths) and against the CPU
+/// engine (`gpu::forward_tolerance` of the weight path), its greedy tokens decoded through the
+/// GPU KV cache (past the sliding window), and only the K/V-owning layers holding a cache.
+fn check_gpu_parity(dtype: DType, tag: &str) {
+    let g = goldens();
+    let (model, dir) = imported(dtype, tag);
+    let engine = gpu_engine(&model);
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let path = engine.adapter().weight_path.clone();
+    let bound = gpu_reference_bound(&engine);
+    let path_kind = WeightPath::parse(&path).unwrap();
+    for v in &g.variants {
+        let sub = submodel_of(v, &model);
+        let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+        let reference: Vec<f32> = v.logits.iter().flatten().copied().collect();
+        assert_eq!(ours.len(), reference.len(), "{}", v.name);
+        let scale = reference.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let on_cpu = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+        let diff_cpu = ours.iter().zip(&on_cpu).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!(
+            "GPU ({path}) {dtype} {:<10} {}: max|diff| vs transformers {diff:.2e} (scale {scale:.2}), vs CPU {diff_cpu:.2e}",
+            v.name,
+            sub.name(model.metadata())
+        );
+        assert!(diff <= bound.bound * scale, "{}: {diff} against transformers ({})", v.name, bound.name);
+        let vs_cpu = match path_kind {
+            WeightPath::F16 => matformer::gpu::gemma3n_f16_tolerance(&on_cpu),
+            p => matformer::gpu::forward_tolerance(p),
+        };
+        vs_cpu.check(&on_cpu, &ours).unwrap_or_else(|m| panic!("{}: GPU vs CPU: {m}", v.name));
+
+        let mut s = engine.session(&sub).unwrap();
+        let mut next = s.prefill(&g.prompt_ids).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..v.greedy.len() {
+            got.push(next);
+            next = s.decode(next).unwrap();
+        }
+        assert_eq!(got, v.greedy, "{}: greedy tokens on the GPU", v.name);
+        // The counters: one submit per decode step (the prompt fits one pass).
+        assert_eq!(s.counters().submits, 1 + v.greedy.len() as u64, "{}", v.name);
+        // KV caches only for the layers that own their K/V (layers 6-9 read layers 4 and 5).
+        assert_eq!(s.kv_cache_bytes(), 6 * 2 * 64 * 32 * 4, "{}", v.name);
+
+        // Sampling candidates come from the same soft-capped logits: the top one is the greedy
+        // token, its logit the CPU's.
+        let mut s = engine.session(&sub).unwrap();
+        let c = s.prefill_candidates(&g.prompt_ids, 8, &LogitTransform::IDENTITY).unwrap();
+        let (top, logit) = c.pairs.iter().copied().fold((0, f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        assert_eq!(top, v.greedy[0], "{}: top candidate", v.name);
+        let cpu_last = &on_cpu[on_cpu.len() - 300..];
+        vs_cpu.check(&[cpu_last[top as usize]], &[logit]).unwrap_or_else(|m| panic!("{}: top candidate: {m}", v.name));
+        // A speculative round's drafts exist only on the device, where the per-layer
+        // embedding rows are not: refused, with the session unchanged.
+        let pos = s.position();
+        assert!(matches!(s.speculate_greedy(top, &sub, 2), Err(GpuError::Unsupported { .. })));
+        assert_eq!(s.position(), pos);
+    }
+    // The start-up self-check (what `BackendChoice::Auto` runs before taking a GPU) passes.
+    engine.self_check().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn gemma3n_gpu_f32_matches_transformers() {
+    check_gpu_parity(DType::F32, "g3n-gpu-parity-f32");
+}
+
+#[test]
+fn gemma3n_gpu_f16_matches_transformers() {
+    check_gpu_parity(DType::F16, "g3n-gpu-parity-f16");
+}
+
+/// `gemma3n_switches_give_the_targets_tokens` on the GPU backend: one GPU session switched
+/// full -> E2B-style -> Lab-style -> full (no reload, exact re-prefill); after each switch the
+/// greedy tokens are those the target alone gives, on the GPU and on the CPU engine.
+#[test]
+fn gemma3n_gpu_switches_give_the_targets_tokens() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F16, "g3n-gpu-switch");
+    let by_name = |n: &str| submodel_of(g.variants.iter().find(|v| v.name == n).unwrap(), &model);
+    let plan = [by_name("full"), by_name("e2b_style"), by_name("lab_style"), by_name("full")];
+    let engine = gpu_engine(&model);
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let mut es = ElasticSession::new_gpu(gpu_engine(&model), &plan[0]).unwrap();
+    let mut next = argmax(&es.prefill(&g.prompt_ids).unwrap());
+    assert_eq!(next, g.variants[0].greedy[0]);
+    for (step, sub) in plan.iter().enumerate() {
+        if step > 0 {
+            let report = es.switch_to(sub).unwrap();
+            // What the target alone says after the same tokens, on the GPU and on the CPU.
+            let mut alone = engine.session(sub).unwrap();
+            let mut on_cpu = cpu.session(sub).unwrap();
+            next = alone.prefill(es.history()).unwrap();
+            assert_eq!(argmax(&on_cpu.prefill(es.history()).unwrap()), next, "CPU and GPU after the same history");
+            let mut expected = Vec::new();
+            let mut e = next;
+            for _ in 0..3 {
+                expected.push(e);
+                let cpu_next = argmax(&on_cpu.decode(e).unwrap());
+                e = alone.decode(e).unwrap();
+                assert_eq!(e, cpu_next, "CPU and GPU decode of {}", sub.name(model.metadata()));
+            }
+            let logits = report.last_logits.expect("a switch re-prefills and keeps the last logits");
+            assert_eq!(argmax(&logits), next, "the re-prefill's last logits");
+            let mut got = Vec::new();
+            let mut t = next;
+            for _ in 0..3 {
+                got.push(t);
+                t = argmax(&es.decode(t).unwrap());
+            }
+            assert_eq!(got, expected, "after switching to {} on the GPU", sub.name(model.metadata()));
+            next = t;
+        } else {
+            for _ in 0..3 {
+                next = argmax(&es.decode(next).unwrap());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Keep-KV switches on the GPU follow the CPU engine's: full -> E2B-style keeps the cache
+/// (E2B skips only K/V-sharing layers), E2B-style -> full keeps it (running a sharing layer
+/// again reads its owner's entries), full -> Lab-style keeps it, and Lab-style -> full
+/// re-prefills (layer 2 owns its K/V and wrote none while skipped). After each switch both
+/// backends decode the same greedy tokens.
+#[test]
+fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
+    use matformer::elastic::SwitchMode;
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-gpu-keepkv");
+    let by_name = |n: &str| submodel_of(g.variants.iter().find(|v| v.name == n).unwrap(), &model);
+    let plan = [by_name("e2b_style"), by_name("full"), by_name("lab_style"), by_name("full")];
+    let start = by_name("full");
+    let mut gpu = ElasticSession::new_gpu(gpu_engine(&model), &start).unwrap();
+    let mut cpu = ElasticSession::new(CpuEngine::new(Arc::clone(&model)).unwrap(), &start).unwrap();
+    let mut next = argmax(&gpu.prefill(&g.prompt_ids).unwrap());
+    assert_eq!(argmax(&cpu.prefill(&g.prompt_ids).unwrap()), next);
+    // A GPU session refuses a keep-KV switch that runs again a skipped layer owning its K/V.
+    let mut lab = gpu_engine(&model).session(&by_name("lab_style")).unwrap();
+    lab.prefill(&g.prompt_ids).unwrap();
+    assert!(matches!(lab.switch_keep_cache(&start), Err(GpuError::InvalidArgument { .. })));
+    assert_eq!(lab.position(), g.prompt_ids.len());
+    assert!(lab.switch_keep_cache(&by_name("e2b_style")).is_err(), "e2b_style runs layer 2 again");
+    // No fused speculative round on a Gemma 3n file: the caller's unfused path runs instead.
+    assert!(gpu.speculate_greedy_gpu(next, &plan[0], 2).is_none());
+    assert!(gpu.gpu_session().is_some_and(|s| !s.can_speculate()));
+    for (sub, reprefills) in plan.iter().zip([false, false, false, true]) {
+        let rg = gpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
+        let rc = cpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
+        let name = sub.name(model.metadata());
+        assert_eq!(rg.reprefilled_tokens > 0, reprefills, "{name}: GPU re-prefill");
+        assert_eq!(rg.reprefilled_tokens, rc.reprefilled_tokens, "{name}");
+        for _ in 0..3 {
+            let (a, b) = (argmax(&gpu.decode(next).unwrap()), argmax(&cpu.decode(next).unwrap()));
+            assert_eq!(a, b, "{name}: greedy token after a keep-KV switch");
+            next = a;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The per-layer embedding table stays in the file mapping: after an E2B-style session ran (and
+/// was dropped), the engine's GPU memory is exactly what it uploads besides the table (every
+/// other tensor of the running layers, the FFN rows of their widths, the running layers'
+/// blocks of `per_layer_model_projection`, the global tensors and the two RoPE tables), within
+/// a few hundred bytes of 16-byte rounding and the K/V-sharing layers' zero key norms. The
+/// skipped layers' weights are not uploaded either.
+#[test]
+fn gemma3n_gpu_keeps_the_per_layer_table_on_the_host() {
+    use matformer::format::gemma3n::layer_of;
+    use matformer::format::{g3n_names, names, Gemma3nConfig, TensorInfo};
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-gpu-ple-host");
+    let v = g.variants.iter().find(|v| v.name == "e2b_style").unwrap();
+    let sub = submodel_of(v, &model);
+    let meta = model.metadata();
+    let view = model.view();
+    let bytes = |t: &TensorInfo| t.rows() * t.row_bytes();
+    let a = &meta.architecture;
+    let d = u64::from(a.d_model);
+    let cfg = Gemma3nConfig::from_metadata(meta).unwrap().unwrap();
+    let p = u64::from(cfg.per_layer_dim);
+    let widths = sub.widths(meta);
+    let running = (0..a.n_layers as usize).filter(|&i| sub.runs_layer(i)).count() as u64;
+    assert_eq!(running, 8);
+    let table = bytes(view.tensor(g3n_names::PER_LAYER_EMBEDDINGS).unwrap());
+    let mut expected = 0u64;
+    let mut skipped = 0u64;
+    for t in &view.tensors {
+        let name = t.name.as_str();
+        let ffn = [names::FFN_UP, names::FFN_GATE, names::FFN_DOWN_T].iter().any(|s| name.ends_with(&format!(".{s}")));
+        match layer_of(name) {
+            Some(i) if sub.is_skipped(i) => skipped += bytes(t),
+            Some(i) if ffn => expected += u64::from(widths[i]) * d * 4,
+            Some(_) => expected += bytes(t),
+            None if name == g3n_names::PER_LAYER_EMBEDDINGS => {}
+            None if name == g3n_names::PER_LAYER_MODEL_PROJECTION => expected += running * p * d * 4,
+            None => expected += bytes(t),
+        }
+    }
+    // cos and sin tables of both RoPE bases for the 64-token context.
+    expected += 2 * 2 * 64 * u64::from(a.head_dim / 2) * 4;
+    let engine = gpu_engine(&model);
+    let mut s = engine.session(&sub).unwrap();
+    assert_eq!(s.prefill(&g.prompt_ids).unwrap(), v.greedy[0]);
+    drop(s);
+    let used = engine.memory_in_use();
+    let slack = 1024;
+    eprintln!(
+        "GPU memory {used} bytes, expected {expected} without the {table}-byte per-layer table \
+         and the skipped layers' {skipped} bytes"
+    );
+    assert!(table > 16 * slack && skipped > 16 * slack, "the fixture's table and layers are large enough to tell");
+    assert!(used <= expected + slack && used + slack >= expected, "GPU memory {used}, expected {expected}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Block-quantised files (`q8_0`, `q4_0`: every matrix whose rows are whole 32-element blocks;
+/// the GPU multiplies them with `matmul_quant.wgsl`) on the GPU against the CPU engine on the
+/// same file: the same greedy tokens, and logits within the dtype's storage tier relative to
+/// the logit scale (`Q8_STORAGE`, `Q4_STORAGE`, the bounds the exporter's verification allows
+/// the CPU engine against the unquantised source). Why not `gpu::QUANTIZED_FORWARD_TOLERANCE`
+/// (1e-2 absolute, one 8-bit activation step on the Llama test files): both backends round
+/// each activation block to 8 bits before a quantised product, and an activation lying within
+/// f32 roundoff of a rounding boundary rounds the other way on one of them. On this model one
+/// such step moves a logit by up to ~0.1 (its tied embeddings, the LM head, are O(1), not the
+/// synthetic files' `1 / sqrt(fan_in)`), and a step in an early K/V-owning layer reaches every
+/// later position through attention. Measured (q8_0, q4_0): 4.8e-6 on the rows where no
+/// activation flips, single rows at 9.4e-2 (q8_0, Lab-style) and rows up to 2.7e-1 (q4_0,
+/// width-only) on a logit scale of ~16: each a rounding event, not a drift (the same layers'
+/// weights at the same widths agree to 5e-6 in the other variants).
+#[test]
+fn gemma3n_gpu_quantized_matches_the_cpu() {
+    let g = goldens();
+    for dtype in [DType::Q8_0, DType::Q4_0] {
+        let (model, dir) = imported(dtype, &format!("g3n-gpu-{dtype}"));
+        let bound = if dtype == DType::Q8_0 { Tolerance::Q8_STORAGE } else { Tolerance::Q4_STORAGE };
+        assert!(matformer::gpu::quantized_tensor(&model).is_some(), "{dtype}: the file holds quantised tensors");
+        let engine = gpu_engine(&model);
+        let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+        for v in &g.variants {
+            let sub = submodel_of(v, &model);
+            let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let theirs = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let scale = theirs.iter().fold(1f32, |m, x| m.max(x.abs()));
+            eprintln!("GPU {dtype} {:<10}: max|diff| vs CPU {diff:.2e} (scale {scale:.2})", v.name);
+            assert!(diff <= bound.bound * scale, "{dtype} {}: GPU vs CPU {diff} ({})", v.name, bound.name);
+            let mut s = engine.session(&sub).unwrap();
+            let mut c = cpu.session(&sub).unwrap();
+            let mut next = s.prefill(&g.prompt_ids).unwrap();
+            assert_eq!(argmax(&c.prefill(&g.prompt_ids).unwrap()), next, "{dtype} {}", v.name);
+            for _ in 0..6 {
+                let cpu_next = argmax(&c.decode(next).unwrap());
+                next = s.decode(next).unwrap();
+                assert_eq!(next, cpu_next, "{dtype} {}: greedy tokens", v.name);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Every weight path the adapter runs (packed, packed64, native f16), forced, with prefill
+/// passes of 5 tokens (the prompt spans three passes, and a pass's sliding window reaches into
+/// the previous one): every variant's logits against the CPU engine within the path's
+/// `gpu::forward_tolerance` (`gpu::gemma3n_f16_tolerance` on the native-f16 path) and against
+/// transformers (as `check_gpu_parity`), the CPU's greedy tokens, and the start-up self-check.
+#[test]
+fn gemma3n_gpu_every_weight_path_matches_the_cpu() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F16, "g3n-gpu-paths");
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let paths: Vec<WeightPath> =
+        gpu_engine(&model).adapter().weight_paths.iter().map(|p| WeightPath::parse(p).unwrap()).collect();
+    assert!(paths.contains(&WeightPath::Packed));
+    for path in paths {
+        let opts =
+            GpuOptions { max_context: Some(64), prefill_chunk: 5, weight_path: Some(path), ..GpuOptions::default() };
+        let engine = GpuEngine::new(Arc::clone(&model), opts).unwrap();
+        for v in &g.variants {
+            let sub = submodel_of(v, &model);
+            let ours = engine.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let theirs = cpu.session(&sub).unwrap().forward_all(&g.prompt_ids).unwrap();
+            let tol = match path {
+                WeightPath::F16 => matformer::gpu::gemma3n_f16_tolerance(&theirs),
+                _ => matformer::gpu::forward_tolerance(path),
+            };
+            let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let reference: Vec<f32> = v.logits.iter().flatten().copied().collect();
+            let scale = reference.iter().fold(1f32, |m, x| m.max(x.abs()));
+            let diff_ref = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let bound = if path == WeightPath::F16 { Tolerance::F16_STORAGE } else { Tolerance::F32_STORAGE };
+            eprintln!(
+                "GPU {path:<8} {:<10}: max|diff| vs CPU {diff:.2e} ({}), vs transformers {diff_ref:.2e} (scale {scale:.2})",
+                v.name, tol.name
+            );
+            tol.check(&theirs, &ours).unwrap_or_else(|m| panic!("{path} {}: {m}", v.name));
+            assert!(diff_ref <= bound.bound * scale, "{path} {}: {diff_ref} against transformers", v.name);
+            let mut s = engine.session(&sub).unwrap();
+            let mut next = s.prefill(&g.prompt_ids).unwrap();
+            let mut got = Vec::new();
+            for _ in 0..v.greedy.len() {
+                got.push(next);
+                next = s.decode(next).unwrap();
+            }
+            assert_eq!(got, v.greedy, "{path} {}: greedy tokens", v.name);
+        }
+        engine.self_check().unwrap_or_else(|e| panic!("{path}: {e}"));
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -373,7 +373,8 @@ impl ElasticSession {
 
     /// A greedy speculative round with the KV cache shared by `draft` and this session's
     /// submodel, in one GPU submit and one readback ([`GpuSession::speculate_greedy`]): `None`
-    /// on the CPU engine or when `k + 1` tokens do not fit one pass. Appends `next` and the `k`
+    /// on the CPU engine, on a Gemma 3n file ([`GpuSession::can_speculate`]) or when `k + 1`
+    /// tokens do not fit one pass. Appends `next` and the `k`
     /// drafts to the history (the verify pass fed them); the caller truncates to the tokens
     /// it keeps. On error nothing changes.
     #[cfg(feature = "gpu")]
@@ -386,7 +387,7 @@ impl ElasticSession {
         let BackendSession::Gpu(s) = &mut self.session else {
             return None;
         };
-        if k == 0 || k + 1 > s.pass_tokens() {
+        if k == 0 || k + 1 > s.pass_tokens() || !s.can_speculate() {
             return None;
         }
         Some(s.speculate_greedy(next, draft, k).map_err(ElasticError::from).inspect(|r| {
@@ -400,7 +401,8 @@ impl ElasticSession {
     /// `draft` (a session of this session's engine; [`GpuSession::speculate_greedy_own`]):
     /// the draft runs `catch_up` (ending with the fed token) and `k - 1` steps, this session
     /// the verify pass, in one submit. `None` unless both sessions are on the GPU and the
-    /// round fits one pass each. Appends the fed token and the `k` drafts to the history.
+    /// round fits one pass each (and the file is not a Gemma 3n one). Appends the fed token and
+    /// the `k` drafts to the history.
     #[cfg(feature = "gpu")]
     pub fn speculate_greedy_gpu_own(
         &mut self,
@@ -411,7 +413,12 @@ impl ElasticSession {
         let (BackendSession::Gpu(s), BackendSession::Gpu(d)) = (&mut self.session, draft) else {
             return None;
         };
-        if k == 0 || k + 1 > s.pass_tokens() || catch_up.is_empty() || catch_up.len() > d.pass_tokens() {
+        if k == 0
+            || k + 1 > s.pass_tokens()
+            || catch_up.is_empty()
+            || catch_up.len() > d.pass_tokens()
+            || !s.can_speculate()
+        {
             return None;
         }
         let next = catch_up[catch_up.len() - 1];

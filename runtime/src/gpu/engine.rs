@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::device::Gpu;
-use super::ffn_store::{FfnShape, FfnStore, LayerFfn};
+use super::ffn_store::{FfnShape, FfnStore, StoredLayer};
+use super::gemma3n::G3Engine;
 use super::ops::{gemv_rows, rope_table, Kernels};
 use super::session::GpuSession;
 use super::weights::{pad8, upload_f32, GpuMatrix};
@@ -139,13 +140,20 @@ pub(super) struct Inner {
     pub(super) max_ffn_width: usize,
     /// The options the engine was created with.
     pub(super) options: GpuOptions,
+    /// A Gemma 3n file's weights and store beyond the Llama fields (then `layers` is empty).
+    pub(super) g3n: Option<G3Engine>,
 }
 
 impl Inner {
     /// GPU bytes allocated by the engine now: shared weights, the FFN store, live sessions.
     pub(super) fn memory_in_use(&self) -> u64 {
         let store = self.ffn.lock().map_or(0, |s| s.bytes());
-        self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed)
+        self.shared_bytes + store + self.g3n_layer_bytes() + self.session_bytes.load(Ordering::Relaxed)
+    }
+
+    /// GPU bytes of a Gemma 3n file's per-layer (non-FFN) weights uploaded so far.
+    pub(super) fn g3n_layer_bytes(&self) -> u64 {
+        self.g3n.as_ref().map_or(0, G3Engine::layer_bytes)
     }
 
     /// Fails with [`GpuError::OutOfMemory`] when allocating `extra` more bytes would exceed
@@ -161,7 +169,7 @@ impl Inner {
     /// [`Inner::check_limit`] with the FFN store's bytes given (its lock is held).
     pub(super) fn check_limit_with(&self, extra: u64, store: u64, during: &str) -> Result<(), GpuError> {
         let Some(limit) = self.memory_limit else { return Ok(()) };
-        let used = self.shared_bytes + store + self.session_bytes.load(Ordering::Relaxed);
+        let used = self.shared_bytes + store + self.g3n_layer_bytes() + self.session_bytes.load(Ordering::Relaxed);
         if used.saturating_add(extra) > limit {
             return Err(GpuError::OutOfMemory {
                 during: during.to_string(),
@@ -187,7 +195,7 @@ impl Inner {
 
     /// Makes the FFN store hold `widths` (uploading only missing rows, within the memory
     /// limit) and returns the layers with the bytes uploaded.
-    pub(super) fn ensure_ffn(&self, widths: &[usize]) -> Result<(Vec<Arc<LayerFfn>>, u64), GpuError> {
+    pub(super) fn ensure_ffn(&self, widths: &[usize]) -> Result<(Vec<StoredLayer>, u64), GpuError> {
         let shapes = self.ffn_shapes();
         let mut store = self.ffn.lock().map_err(|_| poisoned())?;
         let missing = store.missing_bytes(&shapes, widths)?;
@@ -230,12 +238,7 @@ impl GpuEngine {
         let meta = model.metadata();
         let a = &meta.architecture;
         let dims = ModelDims::from_metadata(meta).map_err(|reason| GpuError::Unsupported { reason })?;
-        if meta.extra.contains_key(crate::format::GEMMA3N_KEY) {
-            return Err(GpuError::Unsupported {
-                reason: "the GPU backend does not run Gemma 3n yet; the CPU engine does (BackendChoice::Auto picks it)"
-                    .into(),
-            });
-        }
+        let g3n_config = super::gemma3n::config_of(&model)?;
         let ctx = opts.max_context.map_or(dims.max_context, |c| c.clamp(1, dims.max_context));
         let mut gpu = Gpu::open(opts.adapter.as_deref())?;
         let max_binding = opts.max_binding_bytes.map_or(gpu.max_binding(), |m| m.clamp(256, gpu.max_binding()));
@@ -270,7 +273,9 @@ impl GpuEngine {
         };
         let (sq, skv) = (pad8(dims.q_dim), pad8(dims.kv_dim));
         let mut layers = Vec::with_capacity(dims.n_layers);
-        for i in 0..dims.n_layers {
+        // A Gemma 3n file's layers are uploaded by its layer store, when a session runs them.
+        let llama_layers = if g3n_config.is_some() { 0 } else { dims.n_layers };
+        for i in 0..llama_layers {
             let n = |s: &str| names::layer(i, s);
             let (wq, wk, wv) = (n(names::WQ), n(names::WK), n(names::WV));
             let parts =
@@ -298,6 +303,10 @@ impl GpuEngine {
         // RoPE table, computed exactly as the CPU engine does (f32 inv_freq, f32 angle).
         let table = rope_table(a.rope_theta, dims.head_dim, ctx);
         let rope_table = upload_f32(&gpu, "rope table", &table)?;
+        let g3n = match g3n_config {
+            Some(c) => Some(G3Engine::new(&gpu, &model, &dims, c, ctx, max_binding, opts.release_uploaded_pages)?),
+            None => None,
+        };
         let prefill_chunk = opts.prefill_chunk.max(1);
         let norm_bytes = |n: &GpuNorm| n.w.size() + n.b.as_ref().map_or(0, wgpu::Buffer::size);
         let shared_bytes = layers
@@ -307,7 +316,8 @@ impl GpuEngine {
             + embed.bytes()
             + head.as_ref().map_or(0, GpuMatrix::bytes)
             + norm_bytes(&final_norm)
-            + rope_table.size();
+            + rope_table.size()
+            + g3n.as_ref().map_or(0, |g| g.shared_bytes);
         if let Some(limit) = opts.memory_limit_bytes.filter(|&l| shared_bytes > l) {
             return Err(GpuError::OutOfMemory {
                 during: "uploading the shared weights".into(),
@@ -340,6 +350,7 @@ impl GpuEngine {
                 session_bytes: AtomicU64::new(0),
                 max_ffn_width,
                 options: opts,
+                g3n,
             }),
         })
     }
@@ -354,18 +365,20 @@ impl GpuEngine {
         &self.inner.model
     }
 
-    /// Bytes of weights shared by every session (embeddings, attention, norms, LM head).
+    /// Bytes of weights shared by every session (embeddings, attention, norms, LM head; on a
+    /// Gemma 3n file also the per-layer weights of the layers sessions have run so far).
     pub fn shared_weight_bytes(&self) -> u64 {
         let i = &*self.inner;
         let layers: u64 = i.layers.iter().map(|l| l.wqkv.bytes() + l.wo.bytes()).sum();
-        layers + i.embed.bytes() + i.head.as_ref().map_or(0, GpuMatrix::bytes)
+        layers + i.embed.bytes() + i.head.as_ref().map_or(0, GpuMatrix::bytes) + i.g3n_layer_bytes()
     }
 
     /// Start-up self-check (for `--backend auto`): runs a short prompt through the smallest
     /// submodel on this GPU and on the CPU engine and compares every logit with
     /// [`forward_tolerance`](super::forward_tolerance) of the weight path (`FORWARD_F32` on the
     /// packed path), or [`QUANTIZED_FORWARD_TOLERANCE`](super::QUANTIZED_FORWARD_TOLERANCE) for a
-    /// file with block-quantised tensors. Costs one small session
+    /// file with block-quantised tensors ([`gemma3n_f16_tolerance`](super::gemma3n_f16_tolerance)
+    /// for a Gemma 3n file on the native-f16 path). Costs one small session
     /// and a CPU forward of a few tokens. An error means: do not use this GPU.
     pub fn self_check(&self) -> Result<(), GpuError> {
         let model = &self.inner.model;
@@ -380,10 +393,13 @@ impl GpuEngine {
             .and_then(|mut s| s.forward_all(&tokens))
             .map_err(|e| fail(format!("CPU forward: {e}")))?;
         let actual = self.session(&sub)?.forward_all(&tokens)?;
-        let tol = if super::quantized_tensor(model).is_some() && self.inner.kernels.path() != super::WeightPath::F16 {
+        let path = self.inner.kernels.path();
+        let tol = if super::quantized_tensor(model).is_some() && path != super::WeightPath::F16 {
             super::QUANTIZED_FORWARD_TOLERANCE
+        } else if self.inner.g3n.is_some() && path == super::WeightPath::F16 {
+            super::gemma3n_f16_tolerance(&expected)
         } else {
-            super::forward_tolerance(self.inner.kernels.path())
+            super::forward_tolerance(path)
         };
         tol.check(&expected, &actual)
             .map_err(|m| fail(format!("logits of submodel {} vs the CPU engine: {m}", sub.name(model.metadata()))))
@@ -410,6 +426,7 @@ impl GpuEngine {
     /// new width. Returns the bytes the store released; the GPU memory is freed once no session
     /// holds those chunks (switch or [`GpuSession::rebind`] the sessions). Sessions running a
     /// wider layer stay correct: they keep their chunks, or re-upload on their next switch.
+    /// On a Gemma 3n file the layers `submodel` skips lose their per-layer weights as well.
     pub fn trim_ffn(&self, submodel: &Submodel) -> Result<u64, GpuError> {
         let inner = &*self.inner;
         let model = &inner.model;
@@ -417,7 +434,14 @@ impl GpuEngine {
         let widths = widths_of(model, submodel);
         let shapes = inner.ffn_shapes();
         let mut store = inner.ffn.lock().map_err(|_| poisoned())?;
-        Ok(store.trim(&inner.gpu, &shapes, &widths)?.released_bytes)
+        let released = store.trim(&inner.gpu, &shapes, &widths)?.released_bytes;
+        drop(store);
+        let skip: Vec<bool> = (0..inner.dims.n_layers).map(|l| submodel.is_skipped(l)).collect();
+        let layers = match &inner.g3n {
+            Some(g) => g.trim_layers(&skip)?,
+            None => 0,
+        };
+        Ok(released + layers)
     }
 
     /// A session running `submodel` (one level per layer, each present in the file): makes the

@@ -177,39 +177,16 @@ fn padded_row_bytes(model: &ModelFile, name: &str, cols: usize) -> Result<u64, G
 /// Rows `[from, to)` of tensor `name` uploaded as a matrix whose chunks carry their absolute
 /// row numbers. Reads only the segments covering those rows.
 fn upload_rows(gpu: &Gpu, shape: &FfnShape<'_>, name: &str, from: usize, to: usize) -> Result<GpuMatrix, GpuError> {
-    let (model, cols, max_binding) = (shape.model, shape.cols, shape.max_binding);
-    let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
-    let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
-    if info.row_elems() != cols as u64 {
-        return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
-    }
-    if info.rows() < to as u64 || to <= from {
-        return Err(bad(format!("has {} rows, rows {from}..{to} needed", info.rows())));
-    }
-    let row_bytes = info.row_bytes() as usize;
-    let pieces = model.tensor_segments(name, to as u64)?;
-    // Re-base the pieces to start at `from`, skipping the rows before it without reading them.
-    let shifted = pieces.into_iter().filter_map(|(first, bytes)| {
-        let first = first as usize;
-        let n = bytes.len() / row_bytes;
-        if first + n <= from {
-            return None;
-        }
-        let skip = from.saturating_sub(first);
-        Some(((first + skip - from) as u64, bytes.get(skip * row_bytes..).unwrap_or(&[])))
-    });
-    // One chunk at a time; the mapping's pages are released after each when asked.
-    let mut m = GpuMatrix::build_with(gpu, name, to - from, cols, info.dtype, max_binding, shifted, &mut || {
-        if shape.release_pages {
-            model.release_all()?;
-        }
-        Ok(())
-    })?;
+    let mut m =
+        GpuMatrix::upload_rows(gpu, shape.model, name, from, to, shape.cols, shape.max_binding, shape.release_pages)?;
     for c in &mut m.chunks {
         c.row_start += from;
     }
     Ok(m)
 }
+
+/// A layer's FFN rows as the store hands them out: `None` for a layer of width 0 (skipped).
+pub(crate) type StoredLayer = Option<Arc<LayerFfn>>;
 
 /// The store: one slot per layer, `None` until a session needs the layer.
 #[derive(Debug, Default)]
@@ -240,13 +217,13 @@ impl FfnStore {
     }
 
     /// Makes every layer hold at least `widths[i]` rows (uploading only what is missing) and
-    /// returns the layers. On error the store keeps what it held before.
+    /// returns the layers (`None` where the width is 0). On error the store keeps what it held before.
     pub(crate) fn ensure(
         &mut self,
         gpu: &Gpu,
         shapes: &[FfnShape<'_>],
         widths: &[usize],
-    ) -> Result<(Vec<Arc<LayerFfn>>, StoreStats), GpuError> {
+    ) -> Result<(Vec<StoredLayer>, StoreStats), GpuError> {
         let mut stats = StoreStats::default();
         let mut next = self.layers.clone();
         for ((slot, shape), &w) in next.iter_mut().zip(shapes).zip(widths) {
@@ -257,7 +234,12 @@ impl FfnStore {
                 *slot = Some(Arc::new(grown));
             }
         }
-        let out = next.iter().map(|s| s.clone().ok_or_else(missing_layer)).collect::<Result<Vec<_>, _>>()?;
+        // A layer of width 0 (skipped, elastic depth) holds no rows.
+        let out = next
+            .iter()
+            .zip(widths)
+            .map(|(s, &w)| if w == 0 { Ok(None) } else { s.clone().ok_or_else(missing_layer).map(Some) })
+            .collect::<Result<Vec<_>, _>>()?;
         self.layers = next;
         Ok((out, stats))
     }

@@ -384,6 +384,8 @@ impl OpRunner {
             out_stride: (n_heads * head_dim) as u32,
             ctx: ctx as u32,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+            _pad: [0; 3],
         })?;
         let (step, qb, kb, vb) = (self.step(pos0, t)?, self.input(q)?, self.input(keys)?, self.input(values)?);
         let scores = self.out(t * n_heads * ctx)?;
@@ -449,7 +451,8 @@ impl OpRunner {
                 cols: cols as u32,
                 row_words: (m.row_units * 4) as u32,
                 out_stride: cols as u32,
-                _pad: [0; 3],
+                scale: 1.0,
+                _pad: [0; 2],
             })?);
         }
         let key = PipeKey::new(Kernel::Embedding, "main", &[("F32_WEIGHTS", false)]);
@@ -502,6 +505,8 @@ impl OpRunner {
             out_stride: q as u32,
             ctx: ctx as u32,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            window: 0,
+            _pad: [0; 3],
         })?;
         let (step, qb, kb, vb) = (self.step(ctx - 1, 1)?, self.out(q)?, self.out(ctx * kv)?, self.out(ctx * kv)?);
         let (scores, out) = (self.out(n_heads * ctx)?, self.out(q)?);

@@ -58,6 +58,20 @@ pub(crate) enum Kernel {
     Argmax,
     /// Sampling candidates: penalties, top-k and log-sum-exp of the last logits row.
     TopK,
+    /// Gemma 3n AltUp predict and correct (`altup.wgsl`).
+    Altup,
+    /// Gemma 3n AltUp stream setup and unembedding (`altup_io.wgsl`).
+    AltupIo,
+    /// Gemma 3n RMSNorms fused with their residual combinations (`g3n_norm.wgsl`).
+    G3nNorm,
+    /// Gemma 3n q/k/v head norms, RoPE and the KV-cache append (`head_norm_rope.wgsl`).
+    HeadNormRope,
+    /// Gemma 3n per-layer input gate (`g3n_ple.wgsl`).
+    G3nPle,
+    /// Gemma 3n Gaussian top-k on the FFN gate (`gauss_topk.wgsl`).
+    GaussTopk,
+    /// Final logit soft-capping (`softcap.wgsl`).
+    Softcap,
     /// Benchmark calibration: streaming read bandwidth.
     CalibrateRead,
     /// Benchmark calibration: streaming read bandwidth with 64-bit loads (needs `SHADER_INT64`).
@@ -67,7 +81,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 18] = [
+    const ALL: [Kernel; 25] = [
         Kernel::Embedding,
         Kernel::RmsNorm,
         Kernel::LayerNorm,
@@ -83,6 +97,13 @@ impl Kernel {
         Kernel::FfnAct,
         Kernel::Argmax,
         Kernel::TopK,
+        Kernel::Altup,
+        Kernel::AltupIo,
+        Kernel::G3nNorm,
+        Kernel::HeadNormRope,
+        Kernel::G3nPle,
+        Kernel::GaussTopk,
+        Kernel::Softcap,
         Kernel::CalibrateRead,
         Kernel::CalibrateReadU64,
         Kernel::CalibrateFma,
@@ -105,6 +126,13 @@ impl Kernel {
             Kernel::FfnAct => shader!("ffn_act"),
             Kernel::Argmax => shader!("argmax"),
             Kernel::TopK => shader!("topk"),
+            Kernel::Altup => shader!("altup"),
+            Kernel::AltupIo => shader!("altup_io"),
+            Kernel::G3nNorm => shader!("g3n_norm"),
+            Kernel::HeadNormRope => shader!("head_norm_rope"),
+            Kernel::G3nPle => shader!("g3n_ple"),
+            Kernel::GaussTopk => shader!("gauss_topk"),
+            Kernel::Softcap => shader!("softcap"),
             Kernel::CalibrateRead => shader!("calibrate_read"),
             Kernel::CalibrateReadU64 => shader!("calibrate_read_u64"),
             Kernel::CalibrateFma => shader!("calibrate_fma"),
@@ -132,6 +160,13 @@ impl Kernel {
             Kernel::Argmax | Kernel::CalibrateRead | Kernel::CalibrateReadU64 => &[Uniform, Read, ReadWrite],
             Kernel::TopK => &[Uniform, Read, ReadWrite, ReadWrite],
             Kernel::CalibrateFma => &[Uniform, ReadWrite],
+            Kernel::Altup => &[Uniform, Uniform, ReadWrite, ReadWrite, Read, Read, ReadWrite],
+            Kernel::AltupIo => &[Uniform, Uniform, Read, Read, ReadWrite],
+            Kernel::G3nNorm => &[Uniform, Uniform, ReadWrite, Read, Read, Read, ReadWrite],
+            Kernel::HeadNormRope => &[Uniform, Uniform, ReadWrite, Read, ReadWrite, ReadWrite, Read],
+            Kernel::G3nPle => &[Uniform, Uniform, Read, Read, Read, ReadWrite],
+            Kernel::GaussTopk => &[Uniform, Uniform, ReadWrite],
+            Kernel::Softcap => &[Uniform, ReadWrite],
         }
     }
 }
@@ -531,6 +566,18 @@ impl Kernels {
         kernel: Kernel,
         buffers: &[&wgpu::Buffer],
     ) -> Result<wgpu::BindGroup, GpuError> {
+        let whole: Vec<BufView<'_>> = buffers.iter().map(|&b| BufView::whole(b)).collect();
+        self.bind_views(gpu, kernel, &whole)
+    }
+
+    /// A bind group for `kernel` over `views` (binding i = views\[i\]: a whole buffer or a
+    /// range of it; range offsets must be multiples of the device's storage offset alignment).
+    pub(crate) fn bind_views(
+        &self,
+        gpu: &Gpu,
+        kernel: Kernel,
+        buffers: &[BufView<'_>],
+    ) -> Result<wgpu::BindGroup, GpuError> {
         let name = kernel.shader().name;
         if buffers.len() != kernel.binds().len() {
             return Err(GpuError::Wgpu {
@@ -545,7 +592,7 @@ impl Kernels {
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.resource() })
             .collect();
         gpu.scoped(&format!("binding {name}"), || {
             gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -554,6 +601,32 @@ impl Kernels {
                 entries: &entries,
             })
         })
+    }
+}
+
+/// A buffer bound whole, or `size` bytes of it from `offset`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BufView<'a> {
+    pub(crate) buffer: &'a wgpu::Buffer,
+    pub(crate) offset: u64,
+    /// `None`: to the end of the buffer.
+    pub(crate) size: Option<u64>,
+}
+
+impl<'a> BufView<'a> {
+    pub(crate) fn whole(buffer: &'a wgpu::Buffer) -> BufView<'a> {
+        BufView { buffer, offset: 0, size: None }
+    }
+
+    fn resource(&self) -> wgpu::BindingResource<'a> {
+        match self.size {
+            None if self.offset == 0 => self.buffer.as_entire_binding(),
+            size => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: self.buffer,
+                offset: self.offset,
+                size: size.and_then(wgpu::BufferSize::new),
+            }),
+        }
     }
 }
 
@@ -622,7 +695,9 @@ pub(crate) struct EmbeddingParams {
     pub(crate) cols: u32,
     pub(crate) row_words: u32,
     pub(crate) out_stride: u32,
-    pub(crate) _pad: [u32; 3],
+    /// Multiplies every value (`sqrt(d_model)` for Gemma 3n, 1 otherwise).
+    pub(crate) scale: f32,
+    pub(crate) _pad: [u32; 2],
 }
 
 /// `rmsnorm.wgsl` and `layernorm.wgsl`.
@@ -684,6 +759,9 @@ pub(crate) struct AttentionParams {
     pub(crate) out_stride: u32,
     pub(crate) ctx: u32,
     pub(crate) scale: f32,
+    /// Keys a query sees with a sliding window (0: every earlier position).
+    pub(crate) window: u32,
+    pub(crate) _pad: [u32; 3],
 }
 
 /// `ffn_act.wgsl`.
@@ -693,6 +771,105 @@ pub(crate) struct ActParams {
     pub(crate) width: u32,
     pub(crate) stride: u32,
     pub(crate) _pad: [u32; 2],
+}
+
+/// `altup.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct AltupParams {
+    pub(crate) d: u32,
+    pub(crate) n: u32,
+    /// Floats between streams.
+    pub(crate) stream: u32,
+    /// Floats between rows.
+    pub(crate) stride: u32,
+    pub(crate) o_router: u32,
+    pub(crate) o_pred: u32,
+    pub(crate) o_corr: u32,
+    pub(crate) o_scale: u32,
+    pub(crate) eps: f32,
+    pub(crate) inv_d: f32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `altup_io.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct AltupIoParams {
+    pub(crate) d: u32,
+    pub(crate) n: u32,
+    pub(crate) stream: u32,
+    pub(crate) stride: u32,
+    /// The stream `match_rms` rescales.
+    pub(crate) j: u32,
+    /// Factor of `accumulate`'s sum.
+    pub(crate) scale: f32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `g3n_norm.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct G3nNormParams {
+    pub(crate) cols: u32,
+    pub(crate) stride: u32,
+    pub(crate) n_streams: u32,
+    pub(crate) stream: u32,
+    pub(crate) eps: f32,
+    pub(crate) _pad: [u32; 3],
+}
+
+/// `head_norm_rope.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct HeadNormRopeParams {
+    pub(crate) n_heads: u32,
+    /// 0 on a layer that reads another layer's K/V (only the queries are processed).
+    pub(crate) n_kv_heads: u32,
+    pub(crate) head_dim: u32,
+    pub(crate) half: u32,
+    pub(crate) q_stride: u32,
+    pub(crate) kv_stride: u32,
+    pub(crate) sin_offset: u32,
+    pub(crate) k_offset: u32,
+    pub(crate) v_offset: u32,
+    pub(crate) eps: f32,
+    pub(crate) _pad: [u32; 2],
+}
+
+/// `g3n_ple.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct G3nPleParams {
+    pub(crate) dim: u32,
+    pub(crate) stride: u32,
+    pub(crate) row_stride: u32,
+    pub(crate) row_offset: u32,
+    pub(crate) proj_scale: f32,
+    pub(crate) table_scale: f32,
+    pub(crate) input_scale: f32,
+    pub(crate) eps: f32,
+}
+
+/// `gauss_topk.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct GaussTopkParams {
+    pub(crate) width: u32,
+    pub(crate) stride: u32,
+    /// `Phi^-1(sparsity)`.
+    pub(crate) mult: f32,
+    pub(crate) _pad: u32,
+}
+
+/// `softcap.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(crate) struct SoftcapParams {
+    pub(crate) n: u32,
+    pub(crate) stride: u32,
+    pub(crate) cap: f32,
+    pub(crate) _pad: u32,
 }
 
 /// `argmax.wgsl`.

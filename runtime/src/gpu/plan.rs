@@ -9,7 +9,8 @@ use std::sync::Arc;
 use super::device::Gpu;
 use super::engine::{GpuNorm, Inner};
 use super::ffn_store::LayerFfn;
-use super::ops::{quant_gemv_grid, ActParams, EmbeddingParams, Kernel, MatmulParams, NormParams, PipeKey};
+use super::gemma3n::{G3Acts, G3Engine, G3Layer, LlamaActs};
+use super::ops::{quant_gemv_grid, ActParams, BufView, EmbeddingParams, Kernel, MatmulParams, NormParams, PipeKey};
 use super::session::Acts;
 use super::weights::{upload_bytes, GpuMatrix};
 use super::GpuError;
@@ -94,9 +95,9 @@ pub(super) struct Plan {
     pub(super) embed: Vec<Item>,
     pub(super) attn: Vec<Vec<Item>>,
     pub(super) ffn: Vec<FfnPlan>,
-    /// FFN plans built so far, by `(layer, width)`: a switch back to a width seen before
+    /// FFN plans built so far, by `(layer, width, runs)`: a switch back to a width seen before
     /// rebuilds nothing. Holds the chunks it reads; cleared by [`GpuSession::rebind`].
-    pub(super) cache: HashMap<(usize, usize), FfnPlan>,
+    pub(super) cache: HashMap<(usize, usize, bool), FfnPlan>,
 }
 
 impl Plan {
@@ -121,29 +122,61 @@ impl Plan {
         &mut self,
         p: &Planner<'_>,
         a: &Acts,
-        layers: &[Arc<LayerFfn>],
+        g3: Option<G3Ctx<'_>>,
+        layers: &[Option<Arc<LayerFfn>>],
         widths: &[usize],
     ) -> Result<(), GpuError> {
-        self.ffn = self.plans_for(p, a, layers, widths)?;
+        self.ffn = self.plans_for(p, a, g3, layers, widths)?;
         Ok(())
     }
 
     /// The FFN plans for `widths` over `layers` (from the cache, building the missing ones),
-    /// without changing `ffn`.
+    /// without changing `ffn`. On a Gemma 3n file (`g3`) each is the layer's whole block, and
+    /// empty for a skipped layer.
     pub(super) fn plans_for(
         &mut self,
         p: &Planner<'_>,
         a: &Acts,
-        layers: &[Arc<LayerFfn>],
+        g3: Option<G3Ctx<'_>>,
+        layers: &[Option<Arc<LayerFfn>>],
         widths: &[usize],
     ) -> Result<Vec<FfnPlan>, GpuError> {
         let mut next = Vec::with_capacity(widths.len());
         for (li, (layer, &w)) in layers.iter().zip(widths).enumerate() {
-            let plan = match self.cache.get(&(li, w)) {
+            let g3_layer = g3.as_ref().and_then(|c| c.layers.get(li).cloned().flatten());
+            let key = (li, w, g3.is_none() || g3_layer.is_some());
+            let plan = match self.cache.get(&key) {
                 Some(plan) => Arc::clone(plan),
                 None => {
-                    let plan = Arc::new(plan_ffn(p, a, li, layer, w)?);
-                    self.cache.insert((li, w), Arc::clone(&plan));
+                    let plan = match &g3 {
+                        Some(c) => {
+                            let items = super::gemma3n::plan_layer(
+                                p,
+                                c.engine,
+                                c.acts,
+                                &llama_acts(a),
+                                li,
+                                g3_layer.as_deref(),
+                                layer.as_deref(),
+                                w,
+                            )?;
+                            let bytes = match (layer, g3_layer.is_some() && w > 0) {
+                                (Some(l), true) => {
+                                    let (fu, fg, fd) = l.prefix(w);
+                                    view_bytes(&fu) + fg.as_ref().map_or(0, view_bytes) + view_bytes(&fd)
+                                }
+                                _ => 0,
+                            };
+                            Arc::new((items, bytes))
+                        }
+                        None => {
+                            let layer = layer.as_ref().ok_or_else(|| GpuError::Unsupported {
+                                reason: format!("internal: layer {li}'s FFN rows were not uploaded"),
+                            })?;
+                            Arc::new(plan_ffn(p, a, li, layer, w)?)
+                        }
+                    };
+                    self.cache.insert(key, Arc::clone(&plan));
                     plan
                 }
             };
@@ -151,6 +184,68 @@ impl Plan {
         }
         Ok(next)
     }
+}
+
+/// What a Gemma 3n layer plan reads beyond the Llama buffers.
+#[derive(Clone, Copy)]
+pub(super) struct G3Ctx<'a> {
+    pub(super) engine: &'a G3Engine,
+    pub(super) acts: &'a G3Acts,
+    pub(super) layers: &'a [Option<Arc<G3Layer>>],
+}
+
+fn llama_acts(a: &Acts) -> LlamaActs<'_> {
+    LlamaActs {
+        x: &a.x,
+        xn: &a.xn,
+        qkv: &a.qkv,
+        att: &a.att,
+        up: &a.up,
+        gate: &a.gate,
+        scores: &a.scores,
+        caches: &a.caches,
+        sd: a.sd,
+        sq: a.sq,
+        sqkv: a.sqkv,
+        sw: a.sw,
+    }
+}
+
+/// The embedding gather into rows of `out` (stride `sd`), every value times `scale`: one
+/// dispatch per chunk of the table.
+pub(super) fn embed_items(
+    p: &Planner<'_>,
+    tokens: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    sd: usize,
+    scale: f32,
+) -> Result<Vec<Item>, GpuError> {
+    let i = p.inner;
+    let mut embed = Vec::new();
+    for c in &i.embed.chunks {
+        let params = EmbeddingParams {
+            row_start: c.row_start as u32,
+            rows: c.rows as u32,
+            cols: i.dims.d_model as u32,
+            row_words: i.embed.row_words() as u32,
+            out_stride: sd as u32,
+            scale,
+            _pad: [0; 2],
+        };
+        let ub = p.uniform("embedding params", &params)?;
+        embed.push(p.fixed(
+            Kernel::Embedding,
+            &[
+                ("F32_WEIGHTS", i.embed.f32),
+                ("Q8_0", i.embed.quant == Some(DType::Q8_0)),
+                ("Q4_0", i.embed.quant == Some(DType::Q4_0)),
+                ("Q4_1", i.embed.quant == Some(DType::Q4_1)),
+            ],
+            &[&ub, p.step, tokens, &c.buffer, out],
+            Grid::PerToken((i.dims.d_model as u32).div_ceil(64)),
+        )?);
+    }
+    Ok(embed)
 }
 
 /// The submodel-independent items: the embedding gather and every layer's attention block.
@@ -162,29 +257,7 @@ pub(super) fn plan_shared(
     let i = p.inner;
     let dm = &i.dims;
     let (sd, sq) = (a.sd, a.sq);
-    let mut embed = Vec::new();
-    for c in &i.embed.chunks {
-        let params = EmbeddingParams {
-            row_start: c.row_start as u32,
-            rows: c.rows as u32,
-            cols: dm.d_model as u32,
-            row_words: i.embed.row_words() as u32,
-            out_stride: sd as u32,
-            _pad: [0; 3],
-        };
-        let ub = p.uniform("embedding params", &params)?;
-        embed.push(p.fixed(
-            Kernel::Embedding,
-            &[
-                ("F32_WEIGHTS", i.embed.f32),
-                ("Q8_0", i.embed.quant == Some(DType::Q8_0)),
-                ("Q4_0", i.embed.quant == Some(DType::Q4_0)),
-                ("Q4_1", i.embed.quant == Some(DType::Q4_1)),
-            ],
-            &[&ub, p.step, tokens, &c.buffer, &a.x],
-            Grid::PerToken((dm.d_model as u32).div_ceil(64)),
-        )?);
-    }
+    let embed = embed_items(p, tokens, &a.x, sd, 1.0)?;
     let half = dm.head_dim / 2;
     let mut attn = Vec::with_capacity(dm.n_layers);
     for (li, layer) in i.layers.iter().enumerate() {
@@ -263,6 +336,25 @@ impl Planner<'_> {
         Ok(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid }))
     }
 
+    /// [`Planner::fixed`] over views of buffers.
+    pub(super) fn fixed_views(
+        &self,
+        kernel: Kernel,
+        entry: &'static str,
+        constants: &[(&'static str, bool)],
+        numbers: &[(&'static str, u32)],
+        views: &[BufView<'_>],
+        grid: Grid,
+    ) -> Result<Item, GpuError> {
+        let mut key = PipeKey::new(kernel, entry, constants);
+        for &(name, v) in numbers {
+            key = key.with(name, v);
+        }
+        let pipe = self.inner.kernels.pipeline(self.gpu(), &key)?;
+        let bind = self.inner.kernels.bind_views(self.gpu(), kernel, views)?;
+        Ok(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid }))
+    }
+
     /// `out (+)= x W^T` (or `x W` when `transposed`, for `ffn_down_t`), one dispatch per chunk.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(
@@ -273,6 +365,23 @@ impl Planner<'_> {
         x: &wgpu::Buffer,
         x_stride: usize,
         out: &wgpu::Buffer,
+        out_stride: usize,
+        items: &mut Vec<Item>,
+    ) -> Result<(), GpuError> {
+        let (x, out) = (BufView::whole(x), BufView::whole(out));
+        self.matmul_views(m, transposed, accumulate, x, x_stride, out, out_stride, items)
+    }
+
+    /// [`Planner::matmul`] reading and writing views of buffers (a Gemma 3n AltUp stream).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_views(
+        &self,
+        m: &GpuMatrix,
+        transposed: bool,
+        accumulate: bool,
+        x: BufView<'_>,
+        x_stride: usize,
+        out: BufView<'_>,
         out_stride: usize,
         items: &mut Vec<Item>,
     ) -> Result<(), GpuError> {
@@ -306,7 +415,15 @@ impl Planner<'_> {
             };
             let params = MatmulParams { slabs: if reduce.is_some() { gemv_grid.0 } else { 0 }, ..params };
             let ub = self.uniform("matmul params", &params)?;
-            let bind = k.bind(self.gpu(), keys.gemv.kernel, &[&ub, self.step, x, &c.buffer, out, self.partials])?;
+            let views = [
+                BufView::whole(&ub),
+                BufView::whole(self.step),
+                x,
+                BufView::whole(&c.buffer),
+                out,
+                BufView::whole(self.partials),
+            ];
+            let bind = k.bind_views(self.gpu(), keys.gemv.kernel, &views)?;
             items.push(Item::Dispatch(Dispatch::Matmul {
                 gemv: gemv.clone(),
                 reduce: reduce.clone().map(|r| (r, ((m.row_units as u32).div_ceil(64), 1))),

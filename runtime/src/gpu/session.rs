@@ -21,10 +21,11 @@ use std::time::Instant;
 use super::device::map_read;
 use super::engine::{widths_of, Inner, StepCounters};
 use super::ffn_store::LayerFfn;
+use super::gemma3n::{G3Acts, G3Layer};
 use super::ops::{
     split_partial_floats, ArgmaxParams, AttentionParams, Kernel, PipeKey, RopeParams, StepParams, TopkParams,
 };
-use super::plan::{plan_shared, record, Dispatch, FfnPlan, Grid, Item, Plan, Planner};
+use super::plan::{plan_shared, record, Dispatch, FfnPlan, G3Ctx, Grid, Item, Plan, Planner};
 use super::weights::{pad8, zeroed};
 use super::GpuError;
 use crate::sampling::{Candidates, LogitTransform, Sampler, MAX_CANDIDATES};
@@ -59,7 +60,9 @@ pub struct GpuSession {
     /// Activation buffers and KV cache (kept across switches).
     acts: Acts,
     /// The FFN layers the plan reads (held so the store may trim without breaking the plan).
-    ffn: Vec<Arc<LayerFfn>>,
+    ffn: Vec<Option<Arc<LayerFfn>>>,
+    /// A Gemma 3n file's buffers and layer weights.
+    g3: Option<G3Acts>,
     /// Bytes counted in `Inner::session_bytes` for this session.
     alloc_bytes: u64,
     /// The candidate tail, created by the first candidates call.
@@ -91,7 +94,7 @@ struct DraftPlan {
     submodel: Submodel,
     ffn: Vec<FfnPlan>,
     /// The FFN layers those plans read (held as [`GpuSession`] holds its own).
-    _layers: Vec<Arc<LayerFfn>>,
+    _layers: Vec<Option<Arc<LayerFfn>>>,
 }
 
 /// What [`GpuSession::speculate_greedy`] read back.
@@ -224,10 +227,17 @@ impl GpuSession {
         let t = t_max as u64;
         let gate_rows = if dm.gated { sw } else { 0 };
         let act_floats = 2 * sd + 2 * sq + 2 * skv + sw + gate_rows + dm.n_heads * i.ctx + sv;
-        let kv_bytes = 2 * dm.n_layers as u64 * (i.ctx * skv) as u64 * f;
+        // Only a layer that computes its own K/V caches it (every layer but a Gemma 3n file's
+        // K/V-sharing ones).
+        let g3e = i.g3n.as_ref();
+        let owns_kv = |li: usize| g3e.is_none_or(|g| g.config.owns_kv(li));
+        let kv_layers = (0..dm.n_layers).filter(|&li| owns_kv(li)).count();
+        let kv_bytes = 2 * kv_layers as u64 * (i.ctx * skv) as u64 * f;
         // Transposed products (the FFN down projection) have `d_model` output columns.
         let partials_floats = split_partial_floats(sd / 8);
-        let alloc_bytes = t * act_floats as u64 * f + 2 * t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f;
+        let g3_bytes = g3e.map_or(0, |g| super::gemma3n::acts_bytes(g, dm, t_max));
+        let alloc_bytes =
+            t * act_floats as u64 * f + 2 * t * 4 + kv_bytes + 4 * 16 + partials_floats as u64 * f + g3_bytes;
         i.check_limit(alloc_bytes, "allocating a session's KV cache and activations")?;
         // Counted from here on (so the FFN upload below sees it); given back on early return.
         i.session_bytes.fetch_add(alloc_bytes, Ordering::Relaxed);
@@ -247,7 +257,7 @@ impl GpuSession {
         let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
         let mut caches = Vec::with_capacity(dm.n_layers);
         for li in 0..dm.n_layers {
-            let bytes = (i.ctx * skv) as u64 * f;
+            let bytes = if owns_kv(li) { (i.ctx * skv) as u64 * f } else { 16 };
             caches.push((
                 buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
                 buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
@@ -292,6 +302,8 @@ impl GpuSession {
                     out_stride: sq as u32,
                     ctx: i.ctx as u32,
                     scale: 1.0 / (dm.head_dim as f32).sqrt(),
+                    window: 0,
+                    _pad: [0; 3],
                 },
             )?,
             sd,
@@ -299,20 +311,29 @@ impl GpuSession {
             sqkv,
             sw,
         };
-        let (embed, attn) = plan_shared(&p, &tokens, &acts)?;
+        let g3 = match g3e {
+            Some(g) => {
+                let mut ga = G3Acts::new(&p, g, t_max, sqkv, sq)?;
+                ga.layers = g.ensure_layers(i, &skipped(submodel, dm.n_layers))?;
+                Some(ga)
+            }
+            None => None,
+        };
+        let (embed, attn) = match (g3e, &g3) {
+            (Some(g), Some(ga)) => {
+                (super::gemma3n::plan_embed(&p, g, ga, &tokens, sd)?, (0..dm.n_layers).map(|_| Vec::new()).collect())
+            }
+            _ => plan_shared(&p, &tokens, &acts)?,
+        };
         let mut plan = Plan { embed, attn, ffn: Vec::new(), cache: HashMap::new() };
-        plan.set_ffn(&p, &acts, &ffn, &widths)?;
+        plan.set_ffn(&p, &acts, g3_ctx(i, g3.as_ref()), &ffn, &widths)?;
 
-        let head = i.head.as_ref().unwrap_or(&i.embed);
-        let (x, xn) = (&acts.x, &acts.xn);
-        let mut tail_last = vec![p.norm(&i.final_norm, x, xn, sd, true)?];
-        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_last)?;
+        let mut tail_last = head_items(&p, &acts, g3.as_ref(), &logits, sv, true)?;
         let am = p.uniform("argmax params", &ArgmaxParams { n: dm.vocab as u32, stride: sv as u32, _pad: [0; 2] })?;
         let pipe = i.kernels.pipeline(gpu, &PipeKey::new(Kernel::Argmax, "main", &[]))?;
         let bind = i.kernels.bind(gpu, Kernel::Argmax, &[&am, &logits, &argmax])?;
         tail_last.push(Item::Dispatch(Dispatch::Fixed { pipe, bind, grid: Grid::Fixed(1, 1) }));
-        let mut tail_all = vec![p.norm(&i.final_norm, x, xn, sd, false)?];
-        p.matmul(head, false, false, xn, sd, &logits, sv, &mut tail_all)?;
+        let tail_all = head_items(&p, &acts, g3.as_ref(), &logits, sv, false)?;
 
         gpu.take_uncaptured("creating a session")?;
         // The session's `Drop` gives the bytes back from now on.
@@ -323,6 +344,7 @@ impl GpuSession {
             bufs: Buffers { step, tokens, logits, argmax, argmax_staging, t_max, sv },
             acts,
             ffn,
+            g3,
             plan,
             tail_last,
             tail_all,
@@ -354,11 +376,17 @@ impl GpuSession {
         }
         let widths = widths_of(model, submodel);
         let (ffn, uploaded_bytes) = inner.ensure_ffn(&widths)?;
+        let layers = self.ensure_g3_layers(submodel)?;
         let upload_ms = started.elapsed().as_secs_f64() * 1e3;
         let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
-        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        let ctx =
+            self.g3.as_ref().zip(inner.g3n.as_ref()).map(|(acts, engine)| G3Ctx { engine, acts, layers: &layers });
+        self.plan.set_ffn(&p, &self.acts, ctx, &ffn, &widths)?;
         inner.gpu.take_uncaptured("switching submodel")?;
         self.ffn = ffn;
+        if let Some(g) = &mut self.g3 {
+            g.layers = layers;
+        }
         self.submodel = submodel.clone();
         self.pos = 0;
         Ok(GpuSwitch { uploaded_bytes, upload_ms, total_ms: started.elapsed().as_secs_f64() * 1e3, cache_kept: false })
@@ -366,9 +394,22 @@ impl GpuSession {
 
     /// [`switch_to`](Self::switch_to) that keeps the KV cache and position: later tokens run
     /// `submodel` over the keys and values the previous submodel wrote (the keep-KV switch,
-    /// no re-prefill). On error the session is unchanged.
+    /// no re-prefill). On error the session is unchanged. Refused (as by the CPU engine, whose
+    /// pass fails on the missing entries) when `submodel` runs again a skipped layer that caches
+    /// its own K/V while the cache holds tokens: that layer wrote no entries for them
+    /// ([`unskipped_kv_layers`](crate::elastic::unskipped_kv_layers)); use `switch_to` and
+    /// re-prefill.
     pub fn switch_keep_cache(&mut self, submodel: &Submodel) -> Result<GpuSwitch, GpuError> {
         let pos = self.pos;
+        let missing = crate::elastic::unskipped_kv_layers(&self.submodel, submodel, self.inner.model.metadata());
+        if pos > 0 && !missing.is_empty() {
+            return Err(GpuError::InvalidArgument {
+                what: format!(
+                    "a keep-KV switch that runs layers {missing:?} again: they own their K/V and wrote none for \
+                     the {pos} cached tokens; switch with a re-prefill"
+                ),
+            });
+        }
         let mut sw = self.switch_to(submodel)?;
         self.pos = pos;
         sw.cache_kept = true;
@@ -383,10 +424,16 @@ impl GpuSession {
         let inner = Arc::clone(&self.inner);
         let widths = widths_of(&inner.model, &self.submodel);
         let (ffn, uploaded) = inner.ensure_ffn(&widths)?;
+        let layers = self.ensure_g3_layers(&self.submodel.clone())?;
         let p = Planner { inner: &inner, step: &self.bufs.step, partials: &self.acts.partials };
         self.plan.cache.clear();
-        self.plan.set_ffn(&p, &self.acts, &ffn, &widths)?;
+        let ctx =
+            self.g3.as_ref().zip(inner.g3n.as_ref()).map(|(acts, engine)| G3Ctx { engine, acts, layers: &layers });
+        self.plan.set_ffn(&p, &self.acts, ctx, &ffn, &widths)?;
         self.ffn = ffn;
+        if let Some(g) = &mut self.g3 {
+            g.layers = layers;
+        }
         if let Some(sb) = &mut self.spec {
             // The draft's plans read the store's old buffers: rebuilt by the next round.
             sb.draft = None;
@@ -674,9 +721,7 @@ impl GpuSession {
         let staging = buf("candidates staging", out_bytes, U::MAP_READ | U::COPY_DST)?;
         let a = &self.acts;
         let p = Planner { inner: i, step: &self.bufs.step, partials: &a.partials };
-        let head = i.head.as_ref().unwrap_or(&i.embed);
-        let mut tail = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, true)?];
-        p.matmul(head, false, false, &a.xn, a.sd, &self.bufs.logits, self.bufs.sv, &mut tail)?;
+        let mut tail = head_items(&p, a, self.g3.as_ref(), &self.bufs.logits, self.bufs.sv, true)?;
         tail.push(p.fixed(Kernel::TopK, &[], &[&params, &pen, &self.bufs.logits, &out], Grid::Fixed(1, 1))?);
         gpu.take_uncaptured("creating the sampling buffers")?;
         i.session_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -715,6 +760,7 @@ impl GpuSession {
     /// `- 1`. The drafts are any submodel of the file (the nested draft is narrower); its FFN
     /// blocks are planned once and kept. On error the position is unchanged.
     pub fn speculate_greedy(&mut self, next: u32, draft: &Submodel, k: usize) -> Result<SpeculativeRound, GpuError> {
+        self.refuse_speculation()?;
         if k == 0 || k + 1 > self.bufs.t_max {
             return Err(GpuError::InvalidArgument {
                 what: format!("{k} drafts per round; a round takes 1 to {}", self.bufs.t_max - 1),
@@ -785,7 +831,7 @@ impl GpuSession {
         let widths = widths_of(model, draft);
         let (layers, _uploaded) = i.ensure_ffn(&widths)?;
         let p = Planner { inner: i, step: &self.bufs.step, partials: &self.acts.partials };
-        let ffn = self.plan.plans_for(&p, &self.acts, &layers, &widths)?;
+        let ffn = self.plan.plans_for(&p, &self.acts, None, &layers, &widths)?;
         i.gpu.take_uncaptured("planning the speculative draft")?;
         sb.draft = Some(DraftPlan { submodel: draft.clone(), ffn, _layers: layers });
         Ok(())
@@ -839,6 +885,7 @@ impl GpuSession {
         catch_up: &[u32],
         k: usize,
     ) -> Result<SpeculativeRound, GpuError> {
+        self.refuse_speculation()?;
         let bad = |what: String| Err(GpuError::InvalidArgument { what });
         if !Arc::ptr_eq(&self.inner, &draft.inner) {
             return bad("the draft session belongs to another engine".into());
@@ -904,6 +951,35 @@ impl GpuSession {
         self.counters.dispatches += dispatches;
         draft.counters.passes += k as u64;
         Ok(round)
+    }
+
+    /// Whether this session runs speculative rounds ([`GpuSession::speculate_greedy`]): not on
+    /// a Gemma 3n file, whose passes need their tokens' per-layer embedding rows, read on the
+    /// host before the submit, while a round's drafted tokens exist only on the device.
+    /// Speculative decoding there runs its draft and verify passes one submit each.
+    pub fn can_speculate(&self) -> bool {
+        self.g3.is_none()
+    }
+
+    /// [`GpuSession::can_speculate`] as an error.
+    fn refuse_speculation(&self) -> Result<(), GpuError> {
+        if !self.can_speculate() {
+            return Err(GpuError::Unsupported {
+                reason: "speculative rounds on a Gemma 3n file: its per-layer embedding rows are read on the host \
+                         for each pass, and a round's drafts exist only on the device; decode token by token"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The layer weights `submodel` runs on a Gemma 3n file (uploading the ones the engine's
+    /// store lacks); empty for other files.
+    fn ensure_g3_layers(&self, submodel: &Submodel) -> Result<Vec<Option<Arc<G3Layer>>>, GpuError> {
+        match &self.inner.g3n {
+            Some(g) => g.ensure_layers(&self.inner, &skipped(submodel, self.inner.dims.n_layers)),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The drafts and verdicts a round copied to the staging buffer (one readback).
@@ -974,6 +1050,9 @@ impl GpuSession {
         let t = tokens.len();
         let step = StepParams { pos0: self.pos as u32, t: t as u32, _pad: [0; 2] };
         let mut dispatches = 0u64;
+        if let (Some(g), Some(ga)) = (&inner.g3n, &self.g3) {
+            super::gemma3n::write_ple_rows(&inner, g, ga, tokens)?;
+        }
         gpu.scoped("running a forward pass", || {
             gpu.queue.write_buffer(&self.bufs.step, 0, bytemuck::bytes_of(&step));
             gpu.queue.write_buffer(&self.bufs.tokens, 0, bytemuck::cast_slice(tokens));
@@ -1028,4 +1107,35 @@ impl GpuSession {
 /// Bytes of `k` candidates and the log-sum-exp in `topk.wgsl`'s output.
 fn candidate_bytes(k: usize) -> u64 {
     (2 * k as u64 + 1) * 4
+}
+
+/// Per layer: whether `submodel` skips it.
+fn skipped(submodel: &Submodel, n_layers: usize) -> Vec<bool> {
+    (0..n_layers).map(|l| submodel.is_skipped(l)).collect()
+}
+
+/// The Gemma 3n context of a session's plans (`None` on other files).
+fn g3_ctx<'a>(i: &'a Inner, g3: Option<&'a G3Acts>) -> Option<G3Ctx<'a>> {
+    let (engine, acts) = (i.g3n.as_ref()?, g3?);
+    Some(G3Ctx { engine, acts, layers: &acts.layers })
+}
+
+/// The logits items of a pass: `last` (the last token's, into logits row 0; run on one row)
+/// or every row's.
+fn head_items(
+    p: &Planner<'_>,
+    a: &Acts,
+    g3: Option<&G3Acts>,
+    logits: &wgpu::Buffer,
+    sv: usize,
+    last: bool,
+) -> Result<Vec<Item>, GpuError> {
+    let i = p.inner;
+    if let (Some(g), Some(ga)) = (&i.g3n, g3) {
+        return super::gemma3n::plan_head(p, g, ga, &a.x, &a.xn, a.sd, logits, sv, last);
+    }
+    let head = i.head.as_ref().unwrap_or(&i.embed);
+    let mut items = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, last)?];
+    p.matmul(head, false, false, &a.xn, a.sd, logits, sv, &mut items)?;
+    Ok(items)
 }

@@ -82,6 +82,49 @@ impl GpuMatrix {
         })
     }
 
+    /// Uploads rows `[from, to)` of tensor `name` (`cols` elements per row) as a matrix of
+    /// `to - from` rows (row 0 is the tensor's row `from`), in chunks of at most `max_binding`
+    /// bytes. Reads only the segments covering those rows, skipping the rows before `from`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn upload_rows(
+        gpu: &Gpu,
+        model: &ModelFile,
+        name: &str,
+        from: usize,
+        to: usize,
+        cols: usize,
+        max_binding: u64,
+        release_pages: bool,
+    ) -> Result<GpuMatrix, GpuError> {
+        let info = model.view().tensor(name).map_err(crate::ModelError::from)?;
+        let bad = |reason: String| GpuError::BadTensor { tensor: name.to_string(), reason };
+        if info.row_elems() != cols as u64 {
+            return Err(bad(format!("rows have {} elements, the architecture needs {cols}", info.row_elems())));
+        }
+        if info.rows() < to as u64 || to <= from {
+            return Err(bad(format!("has {} rows, rows {from}..{to} needed", info.rows())));
+        }
+        let row_bytes = info.row_bytes() as usize;
+        let pieces = model.tensor_segments(name, to as u64)?;
+        // Re-base the pieces to start at `from`, skipping the rows before it without reading them.
+        let shifted = pieces.into_iter().filter_map(|(first, bytes)| {
+            let first = first as usize;
+            let n = bytes.len() / row_bytes;
+            if first + n <= from {
+                return None;
+            }
+            let skip = from.saturating_sub(first);
+            Some(((first + skip - from) as u64, bytes.get(skip * row_bytes..).unwrap_or(&[])))
+        });
+        // One chunk at a time; the mapping's pages are released after each when asked.
+        GpuMatrix::build_with(gpu, name, to - from, cols, info.dtype, max_binding, shifted, &mut || {
+            if release_pages {
+                model.release_all()?;
+            }
+            Ok(())
+        })
+    }
+
     /// Uploads several `[rows, cols]` tensors stacked into one matrix: `parts` are `(name,
     /// rows, first_row)` in increasing `first_row` order, each tensor's rows landing at
     /// `first_row..first_row + rows`; rows no part covers (up to `total_rows`) are zero. One
