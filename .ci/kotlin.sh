@@ -4,7 +4,9 @@
 # Android adapter type-checked against the android.* stubs. Ends with `kotlin: N passed, N failed`.
 #
 # Needs $MATFORMER_SMOLLM2_GGUF (SmolLM2-135M-Instruct's GGUF; .ci/run fetches it), imported
-# once into $MATFORMER_MODELS (default /var/tmp/matformer-models). Caches outside the clone:
+# once into $MATFORMER_MODELS (default /var/tmp/matformer-models), where the tiny Gemma 3n
+# fixture (tests/fixtures/gemma3n_tiny_hf) is imported and an E4B-shaped Gemma 3n synthesised
+# too (again when their sources are newer). Caches outside the clone:
 # npm in /var/tmp/matformer-npm, generated Kotlin and compiled classes in /var/tmp/matformer-kotlin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,13 +53,20 @@ gguf="${MATFORMER_SMOLLM2_GGUF:-}"
 if [[ -z "$gguf" ]]; then say "MATFORMER_SMOLLM2_GGUF is not set (SmolLM2-135M-Instruct's GGUF)"; exit 1; fi
 if [[ ! -f "$gguf" ]]; then say "MATFORMER_SMOLLM2_GGUF=$gguf does not exist"; exit 1; fi
 smol="$models/SmolLM2-135M-Instruct.matf"
+# Gemma 3n: the tiny random checkpoint (f32: its goldens are transformers' float32 tokens) and an
+# E4B-shaped synthetic file (Google's slices by name), rebuilt when their sources are newer.
+g3n_src="$root/tests/fixtures/gemma3n_tiny_hf"
+g3n="$models/gemma3n-tiny.matf"
+g3n_e4b="$models/gemma3n-e4b-narrow.matf"
+g3n_stale() { [[ ! -f "$g3n" ]] || [[ -n "$(find "$g3n_src" -newer "$g3n" -print -quit)" ]]; }
+e4b_stale() { [[ ! -f "$g3n_e4b" || "$root/exporter/src/synth.rs" -nt "$g3n_e4b" ]]; }
 
 # --- native library, bindgen, CLI when the import is needed --------------------------------------
 # One package per cargo run: each run unifies features on its own, so the cdylib matches a plain
 # `cargo build -p matformer-ffi` (shared with other builds) and the bindgen's uniffi CLI
 # features do not rebuild it.
 pkgs=(matformer-ffi matformer-bindgen)
-[[ -f "$smol" && ! "$gguf" -nt "$smol" ]] || pkgs+=(matformer-cli)
+if [[ ! -f "$smol" || "$gguf" -nt "$smol" ]] || g3n_stale || e4b_stale; then pkgs+=(matformer-cli); fi
 for p in "${pkgs[@]}"; do
   say "cargo build -p $p"
   cargo build -q -p "$p"
@@ -69,6 +78,21 @@ if [[ ! -f "$smol" || "$gguf" -nt "$smol" ]]; then
   "$CARGO_TARGET_DIR/debug/matformer" import "$gguf" -o "$smol.partial.matf"
   mv "$smol.partial.matf" "$smol"
 fi
+if g3n_stale; then
+  say "importing $g3n_src into $g3n"
+  mkdir -p "$models"
+  "$CARGO_TARGET_DIR/debug/matformer" import "$g3n_src" -o "$g3n.partial.matf" --dtype f32
+  mv "$g3n.partial.matf" "$g3n"
+fi
+if e4b_stale; then
+  say "synthesising $g3n_e4b"
+  mkdir -p "$models"
+  "$CARGO_TARGET_DIR/debug/matformer" synth --preset gemma-3n-e4b-narrow --dtype f16 -o "$g3n_e4b.partial.matf"
+  mv "$g3n_e4b.partial.matf" "$g3n_e4b"
+fi
+for f in "$smol" "$g3n" "$g3n_e4b"; do
+  [[ -f "$f" ]] || { say "missing $f"; exit 1; }
+done
 
 # --- generated Kotlin ----------------------------------------------------------------------------
 gen="$cache/generated"
@@ -106,6 +130,9 @@ MALLOC_ARENA_MAX=2 java -Xms256m -Xmx256m -XX:+AlwaysPreTouch \
   -Djna.library.path="$(dirname "$lib")" \
   -Dmatformer.fixture="$root/tests/fixtures/matlm.matf" \
   -Dmatformer.smollm2="$smol" \
+  -Dmatformer.gemma3n="$g3n" \
+  -Dmatformer.gemma3nE4b="$g3n_e4b" \
+  -Dmatformer.gemma3nGoldens="$root/tests/fixtures/gemma3n_tiny_goldens.json" \
   -Dmatformer.scratch="$scratch" \
   -jar "$launcher" \
   -cp "$classes:$jna:$klib/kotlinx-coroutines-core-jvm.jar:$klib/kotlin-stdlib.jar" \

@@ -8,7 +8,9 @@
 # Cache (outside the clone, reused by reruns): $MATFORMER_SWIFT_CACHE (default
 # /var/tmp/matformer-swift): the chroot, the generated Swift, and SwiftPM's build directory.
 # Needs root (debootstrap, chroot, mount) and $MATFORMER_SMOLLM2_GGUF (SmolLM2-135M-Instruct
-# Q4_1 GGUF; imported once into $MATFORMER_MODELS for the real-model test).
+# Q4_1 GGUF; imported once into $MATFORMER_MODELS for the real-model test). The tiny Gemma 3n
+# fixture (tests/fixtures/gemma3n_tiny_hf) is imported and an E4B-shaped Gemma 3n synthesised
+# into $MATFORMER_MODELS too (again when their sources are newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -19,6 +21,9 @@ cache="${MATFORMER_SWIFT_CACHE:-/var/tmp/matformer-swift}"
 chroot_dir="$cache/chroot"
 models="${MATFORMER_MODELS:-/var/tmp/matformer-models}"
 smollm2_matf="$models/SmolLM2-135M-Instruct.matf"
+g3n_src="$repo/tests/fixtures/gemma3n_tiny_hf"
+g3n_matf="$models/gemma3n-tiny.matf"
+g3n_e4b_matf="$models/gemma3n-e4b-narrow.matf"
 suite="trixie"
 mirror="${MATFORMER_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 mkdir -p "$cache" "$models"
@@ -107,6 +112,28 @@ if [[ ! -f "$smollm2_matf" ]]; then
   if [[ -f "$smollm2_matf" ]]; then rm -f "$tmp"; else mv "$tmp" "$smollm2_matf"; fi
 fi
 
+# --- Gemma 3n: the tiny checkpoint (f32, as its transformers goldens) and an E4B-shaped file ---
+g3n_stale() { [[ ! -f "$g3n_matf" ]] || [[ -n "$(find "$g3n_src" -newer "$g3n_matf" -print -quit)" ]]; }
+e4b_stale() { [[ ! -f "$g3n_e4b_matf" || exporter/src/synth.rs -nt "$g3n_e4b_matf" ]]; }
+if g3n_stale || e4b_stale; then
+  cargo build -q -p matformer-cli
+fi
+if g3n_stale; then
+  say "importing $g3n_src into $g3n_matf"
+  tmp="$g3n_matf.swift-$$.partial"
+  "$CARGO_TARGET_DIR/debug/matformer" import "$g3n_src" -o "$tmp" --dtype f32 >/dev/null || { rm -f "$tmp"; fail "the Gemma 3n import failed"; }
+  mv "$tmp" "$g3n_matf"
+fi
+if e4b_stale; then
+  say "synthesising $g3n_e4b_matf"
+  tmp="$g3n_e4b_matf.swift-$$.partial"
+  "$CARGO_TARGET_DIR/debug/matformer" synth --preset gemma-3n-e4b-narrow --dtype f16 -o "$tmp" >/dev/null || { rm -f "$tmp"; fail "the E4B-shaped synth failed"; }
+  mv "$tmp" "$g3n_e4b_matf"
+fi
+for f in "$smollm2_matf" "$g3n_matf" "$g3n_e4b_matf"; do
+  [[ -f "$f" ]] || fail "missing $f"
+done
+
 # --- The package, library and models inside the chroot ---------------------------------------
 work="$chroot_dir/work"
 mkdir -p "$work/lib" "$work/fixtures" "$work/models"
@@ -118,12 +145,16 @@ cp -p "$gen/MatformerFFI.swift" "$work/pkg/Sources/MatformerFFI/MatformerFFI.swi
 cp -p "$gen/MatformerFFIFFI.h" "$work/pkg/Sources/MatformerFFIFFI/MatformerFFIFFI.h"
 cmp -s "$lib" "$work/lib/libmatformer_ffi.so" || cp "$lib" "$work/lib/libmatformer_ffi.so"
 cmp -s tests/fixtures/matlm.matf "$work/fixtures/matlm.matf" || cp tests/fixtures/matlm.matf "$work/fixtures/matlm.matf"
+cmp -s tests/fixtures/gemma3n_tiny_goldens.json "$work/fixtures/gemma3n_tiny_goldens.json" ||
+  cp tests/fixtures/gemma3n_tiny_goldens.json "$work/fixtures/gemma3n_tiny_goldens.json"
 # Same file system as the cache in the usual layout: a hard link, else a copy.
-if ! [[ "$smollm2_matf" -ef "$work/models/SmolLM2-135M-Instruct.matf" ]]; then
-  rm -f "$work/models/SmolLM2-135M-Instruct.matf"
-  ln "$smollm2_matf" "$work/models/SmolLM2-135M-Instruct.matf" 2>/dev/null ||
-    cp "$smollm2_matf" "$work/models/SmolLM2-135M-Instruct.matf"
-fi
+for f in "$smollm2_matf" "$g3n_matf" "$g3n_e4b_matf"; do
+  dest="$work/models/$(basename "$f")"
+  if ! [[ "$f" -ef "$dest" ]]; then
+    rm -f "$dest"
+    ln "$f" "$dest" 2>/dev/null || cp "$f" "$dest"
+  fi
+done
 
 # --- swift build, type-check of the Apple-only sources, swift test ---------------------------
 log="$cache/swift-test.log"
@@ -131,6 +162,9 @@ say "swift build and test in the chroot (log: $log)"
 set +e
 in_chroot MATFORMER_TEST_MODEL=/work/fixtures/matlm.matf \
   MATFORMER_SMOLLM2_MATF=/work/models/SmolLM2-135M-Instruct.matf \
+  MATFORMER_GEMMA3N_MATF=/work/models/gemma3n-tiny.matf \
+  MATFORMER_GEMMA3N_E4B_MATF=/work/models/gemma3n-e4b-narrow.matf \
+  MATFORMER_GEMMA3N_GOLDENS=/work/fixtures/gemma3n_tiny_goldens.json \
   /bin/bash -euo pipefail -c '
     cd /work/pkg
     link=(-Xlinker -L/work/lib -Xlinker -rpath -Xlinker /work/lib)

@@ -91,6 +91,7 @@ enum Command {
     /// Write a file with random weights at real model shapes (benchmarks).
     Synth {
         /// Shape preset: llama-3.2-1b, gemma-3n-e4b (the real Gemma 3n tensor set), gemma-3n-tiny,
+        /// gemma-3n-e4b-narrow (E4B's depth and FFN widths at d_model 8: Google's slices apply),
         /// gemma-3n-e2b (Llama block at E2B-like shapes), small; --list describes them.
         #[arg(long, default_value = "llama-3.2-1b")]
         preset: String,

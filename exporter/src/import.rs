@@ -174,6 +174,87 @@ pub fn kept_blocks(meta: &Metadata, raw: &RawBlocks, plan: &DTypePlan) -> Result
     Ok(kept)
 }
 
+/// What an importer's writer produced ([`write_verified`]).
+#[derive(Debug)]
+pub(crate) struct Written {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Tensors whose source blocks were stored as they are.
+    pub kept_source_blocks: Vec<String>,
+    /// Nesting results (`--nest`).
+    pub nest: Option<NestReport>,
+}
+
+/// What the report says about the source ([`ImportReport`]'s fields of the same names).
+#[derive(Debug)]
+pub(crate) struct ReportSource {
+    /// `gguf` or `huggingface`.
+    pub source_format: String,
+    /// Source tensor element types and how many tensors had each.
+    pub source_types: std::collections::BTreeMap<String, usize>,
+    /// What the import left out or ignored.
+    pub notes: Vec<String>,
+}
+
+/// The tail every import shares: `write` writes the file to the temporary path it is given
+/// (`output` with the extension `matf.partial`; it may change the metadata, which the report
+/// then describes), which is re-opened, checksum-verified, its tokenizer loaded back, and
+/// renamed to `opts.output`. On any failure the temporary file is removed and no output is
+/// left. Returns the report and the stored tokenizer assets.
+pub(crate) fn write_verified(
+    opts: &ImportOptions,
+    started: Instant,
+    mut meta: Metadata,
+    assets: TokenizerAssets,
+    source: ReportSource,
+    write: impl FnOnce(&Path, &mut Metadata, &TokenizerAssets) -> Result<Written>,
+) -> Result<(ImportReport, TokenizerAssets)> {
+    let tmp = opts.output.with_extension("matf.partial");
+    let result = (|| -> Result<Written> {
+        let written = write(&tmp, &mut meta, &assets)?;
+        let file = matformer::ModelFile::open(&tmp)?;
+        file.verify()?;
+        matformer::tokenizer::Tokenizer::from_model(&file)
+            .map_err(|e| anyhow!("the written tokenizer does not load back: {e}"))?;
+        drop(file);
+        std::fs::rename(&tmp, &opts.output)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
+        Ok(written)
+    })();
+    let Written { bytes, kept_source_blocks, nest } = match result {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let a = &meta.architecture;
+    let report = ImportReport {
+        output: opts.output.display().to_string(),
+        bytes,
+        source_format: source.source_format,
+        source_types: source.source_types,
+        family: a.family.clone(),
+        n_layers: a.n_layers,
+        d_model: a.d_model,
+        vocab_size: a.vocab_size,
+        level_names: meta.level_names.clone(),
+        ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
+        dtype: opts.dtype.describe(),
+        kept_source_blocks,
+        tokenizer: meta.tokenizer.kind.clone(),
+        bos_id: meta.tokenizer.bos_id,
+        eos_id: meta.tokenizer.eos_id,
+        end_of_turn: assets.special.end_of_turn.clone(),
+        add_bos: assets.special.add_bos,
+        has_chat_template: assets.chat_template.is_some(),
+        nest,
+        notes: source.notes,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((report, assets))
+}
+
 /// Reads a GGUF file into canonical tensors.
 pub fn load_gguf(path: &Path) -> Result<SourceWeights> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -223,60 +304,20 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
         assets.apply_to(&mut meta).map_err(|e| anyhow!("the model's tokenizer cannot be stored: {e}"))?;
     meta.validate().map_err(|e| anyhow!("the imported model is not valid: {e}"))?;
 
-    let tmp = opts.output.with_extension("matf.partial");
-    let mut kept = Vec::new();
-    let result = (|| -> Result<(u64, Option<NestReport>)> {
-        let nest_report = match &opts.nest {
+    let source = ReportSource { source_format, source_types, notes: Vec::new() };
+    write_verified(opts, started, meta, assets, source, |tmp, meta, assets| {
+        let nest = match &opts.nest {
             Some(n) => {
                 // Nesting reorders the FFN rows: their source blocks no longer apply.
                 raw.retain(|name, _| !name.contains("ffn_"));
-                let (meta2, report) = nest::nest(&meta, &mut tensors, &runtime_tokenizer, &assets, n, &plan, &tmp)?;
-                meta = meta2;
+                let (meta2, report) = nest::nest(meta, &mut tensors, &runtime_tokenizer, assets, n, &plan, tmp)?;
+                *meta = meta2;
                 Some(report)
             }
             None => None,
         };
-        kept = kept_blocks(&meta, &raw, &plan)?;
-        let bytes = write_model_keeping_blocks(&tmp, &meta, &tensors, &raw, &plan, &assets)?;
-        let written = matformer::ModelFile::open(&tmp)?;
-        written.verify()?;
-        matformer::tokenizer::Tokenizer::from_model(&written)
-            .map_err(|e| anyhow!("the written tokenizer does not load back: {e}"))?;
-        drop(written);
-        std::fs::rename(&tmp, &opts.output)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
-        Ok((bytes, nest_report))
-    })();
-    let (bytes, nest) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let a = &meta.architecture;
-    let report = ImportReport {
-        output: opts.output.display().to_string(),
-        bytes,
-        source_format,
-        source_types,
-        family: a.family.clone(),
-        n_layers: a.n_layers,
-        d_model: a.d_model,
-        vocab_size: a.vocab_size,
-        level_names: meta.level_names.clone(),
-        ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
-        dtype: opts.dtype.describe(),
-        kept_source_blocks: kept,
-        tokenizer: meta.tokenizer.kind.clone(),
-        bos_id: meta.tokenizer.bos_id,
-        eos_id: meta.tokenizer.eos_id,
-        end_of_turn: assets.special.end_of_turn.clone(),
-        add_bos: assets.special.add_bos,
-        has_chat_template: assets.chat_template.is_some(),
-        nest,
-        notes: Vec::new(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    Ok((report, assets))
+        let kept_source_blocks = kept_blocks(meta, &raw, &plan)?;
+        let bytes = write_model_keeping_blocks(tmp, meta, &tensors, &raw, &plan, assets)?;
+        Ok(Written { bytes, kept_source_blocks, nest })
+    })
 }

@@ -45,6 +45,13 @@ fn tiny_gemma3n(n_layers: u32) -> Gemma3nConfig {
     gemma3n_pattern(n_layers, 16, 256, 8, 4, 4 * n_layers / 10, 3 * n_layers as usize / 10)
 }
 
+/// E4B's layer pattern (window on every layer but each fifth, the last 15 of 35 sharing K/V,
+/// sparsity on the first 10) with tiny per-layer inputs, LAuReL and window, for
+/// `gemma-3n-e4b-narrow`.
+fn e4b_narrow_gemma3n(n_layers: u32) -> Gemma3nConfig {
+    gemma3n_pattern(n_layers, 4, 256, 2, 8, 15 * n_layers / 35, 10)
+}
+
 /// A Gemma 3n config with full attention where `(i + 1) % 5 == 0`, `sparse` leading layers at
 /// 0.95 and `kv_shared` sharing layers, reduced until every shared layer has an owner.
 fn gemma3n_pattern(
@@ -138,6 +145,17 @@ pub fn presets() -> Vec<SynthPreset> {
             },
             ffn_width: 128,
             gemma3n: Some(tiny_gemma3n),
+        },
+        SynthPreset {
+            name: "gemma-3n-e4b-narrow",
+            description: "Gemma 3n E4B's depth and FFN widths at a tiny width, so Google's E4B slices (e2b, e2.54b, ...) apply: d_model 8, 35 layers, 2 heads / 1 KV head of 4, FFN 16384 nested [8192, 16384], per-layer inputs 4 x 256, AltUp 4, LAuReL 2, window 8, 300 vocab (~37 MB f16)",
+            architecture: Architecture {
+                max_context: 512,
+                norm_eps: 1e-6,
+                ..arch(GEMMA3N_FAMILY, 8, 35, 2, 1, 4, 300, Activation::GeluTanh, 1_000_000.0)
+            },
+            ffn_width: 16_384,
+            gemma3n: Some(e4b_narrow_gemma3n),
         },
         SynthPreset {
             name: "gemma-3n-e2b",
@@ -337,5 +355,17 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn gemma3n_e4b_narrow_offers_google_slices() {
+        let o = opts("gemma-3n-e4b-narrow", None, DType::F16);
+        let meta = synth_metadata(&o).unwrap();
+        assert!(matformer::elastic::gemma3n_slices::is_e4b_shaped(&meta));
+        let g = Gemma3nConfig::from_metadata(&meta).unwrap().unwrap();
+        assert_eq!(g.kv_producers(), vec![18, 19]);
+        assert_eq!(meta.architecture.d_model, 8);
+        let len = planned_len(&o).unwrap();
+        assert!((20_000_000..40_000_000).contains(&len), "{len}");
     }
 }

@@ -72,6 +72,36 @@ fn greedy_text_equals_the_engine_and_streams_whole_text() {
     }
 }
 
+/// Token input is the text input's tokens as they are: the same answer, appended to what the
+/// session holds without a second BOS, and an id outside the vocabulary refused.
+#[test]
+fn token_input_equals_the_same_text() {
+    let engine = cpu_engine();
+    let prompt = engine.tokenizer().encode("The meaning of ", true).unwrap();
+    let by_text =
+        session(&engine, "l").generate(Input::Text("The meaning of ".into()), &greedy(16), &mut NoSink).unwrap();
+    let s = session(&engine, "l");
+    let by_ids = s.generate(Input::Tokens(prompt.clone()), &greedy(16), &mut NoSink).unwrap();
+    assert_eq!(by_ids.token_ids, by_text.token_ids);
+    assert_eq!(by_ids.text, by_text.text);
+    assert_eq!(by_ids.usage.prompt_tokens, prompt.len());
+    assert_eq!(by_ids.token_ids, engine_greedy("l", &prompt, by_ids.token_ids.len()));
+
+    // Appended to the history: the cache is reused and nothing else is added.
+    let held = s.token_count();
+    let more = engine.tokenizer().encode(" word", false).unwrap();
+    let next = s.generate(Input::Tokens(more.clone()), &greedy(4), &mut NoSink).unwrap();
+    assert_eq!(next.usage.cached_prompt_tokens, held);
+    assert_eq!(next.usage.prompt_tokens, held + more.len());
+
+    let vocab = engine.model_info().vocab_size;
+    let e = s.generate(Input::Tokens(vec![1, vocab]), &greedy(4), &mut NoSink).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = session(&engine, "s").generate(Input::Tokens(vec![]), &greedy(4), &mut NoSink).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+}
+
 #[test]
 fn a_second_turn_prefills_only_new_tokens_and_equals_a_fresh_session() {
     let engine = cpu_engine();

@@ -488,6 +488,12 @@ pub enum Input {
         /// Usually one user message.
         messages: Vec<ChatMessage>,
     },
+    /// Token ids of the model's vocabulary appended as they are (no tokenizer, no BOS added): a
+    /// prompt tokenized elsewhere. An id outside the vocabulary fails with `InvalidArgument`.
+    Tokens {
+        /// The ids.
+        ids: Vec<u32>,
+    },
 }
 
 impl From<Input> for matformer::Input {
@@ -497,6 +503,7 @@ impl From<Input> for matformer::Input {
             Input::Chat { messages } => matformer::Input::Chat(
                 messages.into_iter().map(|m| matformer::ChatMessage { role: m.role, content: m.content }).collect(),
             ),
+            Input::Tokens { ids } => matformer::Input::Tokens(ids),
         }
     }
 }

@@ -213,6 +213,17 @@ impl Session {
                 t.extend(tokenizer.encode(text, t.is_empty())?);
                 t
             }
+            Input::Tokens(ids) => {
+                let vocab = inner.model.metadata().architecture.vocab_size;
+                if let Some((i, t)) = ids.iter().enumerate().find(|(_, &t)| t >= vocab) {
+                    return Err(Error::invalid(format!(
+                        "token {i} of the input ({t}) is outside the vocabulary of {vocab}"
+                    )));
+                }
+                let mut t = elastic.history().to_vec();
+                t.extend_from_slice(ids);
+                t
+            }
         };
         if full.is_empty() {
             return Err(Error::invalid("the prompt is empty"));

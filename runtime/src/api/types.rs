@@ -153,6 +153,9 @@ pub enum Input {
     /// earlier turns and its own answers, renders the whole conversation with the model's
     /// chat template and prefills only the tokens its cache does not hold yet.
     Chat(Vec<ChatMessage>),
+    /// Token ids of the model's vocabulary, appended to what the session holds as they are (no
+    /// tokenizer, no BOS added): for a prompt tokenized elsewhere, or one that is not text.
+    Tokens(Vec<u32>),
 }
 
 /// Options of one [`Session::generate`](super::Session::generate) call.

@@ -3,8 +3,10 @@ import XCTest
 @testable import Matformer
 
 /// Paths of the test models: `$MATFORMER_TEST_MODEL` (the bundled toy MatFormer,
-/// tests/fixtures/matlm.matf, by default found from this file's place in the repository) and
-/// `$MATFORMER_SMOLLM2_MATF` (SmolLM2-135M-Instruct imported by `.ci/swift.sh`).
+/// tests/fixtures/matlm.matf, by default found from this file's place in the repository),
+/// `$MATFORMER_SMOLLM2_MATF` (SmolLM2-135M-Instruct imported by `.ci/swift.sh`), and the Gemma 3n
+/// files and goldens (`$MATFORMER_GEMMA3N_MATF`, `$MATFORMER_GEMMA3N_E4B_MATF`,
+/// `$MATFORMER_GEMMA3N_GOLDENS`, set by `.ci/swift.sh`).
 enum Fixtures {
     static var toyModel: String {
         if let path = ProcessInfo.processInfo.environment["MATFORMER_TEST_MODEL"] { return path }
@@ -15,6 +17,15 @@ enum Fixtures {
     }
 
     static var smolLM2: String? { ProcessInfo.processInfo.environment["MATFORMER_SMOLLM2_MATF"] }
+
+    /// The tiny random Gemma 3n (tests/fixtures/gemma3n_tiny_hf imported by `.ci/swift.sh`).
+    static var gemma3n: String? { ProcessInfo.processInfo.environment["MATFORMER_GEMMA3N_MATF"] }
+
+    /// The E4B-shaped synthetic Gemma 3n (`matformer synth --preset gemma-3n-e4b-narrow`).
+    static var gemma3nE4B: String? { ProcessInfo.processInfo.environment["MATFORMER_GEMMA3N_E4B_MATF"] }
+
+    /// tests/fixtures/gemma3n_tiny_goldens.json (transformers' greedy tokens).
+    static var gemma3nGoldens: String? { ProcessInfo.processInfo.environment["MATFORMER_GEMMA3N_GOLDENS"] }
 
     /// The toy model on the CPU engine (deterministic, no GPU in CI).
     static func openToy() async throws -> Engine {

@@ -205,3 +205,6 @@ fun userInput(text: String): Input = Input.Chat(listOf(ChatMessage(role = "user"
 
 /** Plain text appended to what the session holds (completion, no chat template). */
 fun textInput(text: String): Input = Input.Text(text)
+
+/** Token ids of the model's vocabulary appended as they are (no tokenizer, no BOS added). */
+fun tokenInput(ids: List<UInt>): Input = Input.Tokens(ids)
