@@ -294,6 +294,8 @@ pub fn import(opts: &ImportOptions) -> Result<(ImportReport, TokenizerAssets)> {
         if let Some(config) = crate::gemma3n_import::dir_config_if_gemma3n(&opts.input) {
             return crate::gemma3n_import::import_dir(opts, &config, started);
         }
+    } else if gguf::gemma3n::file_is_gemma3n(&opts.input) {
+        return gguf::gemma3n::import_gguf(opts, started);
     }
     let src = if opts.input.is_dir() { hf_import::load_dir(&opts.input)? } else { load_gguf(&opts.input)? };
     let SourceWeights { mut meta, mut tensors, tokenizer, source_format, source_types, mut raw, source_dtypes } = src;

@@ -8,6 +8,7 @@
 //! `half` and `thiserror`, so the fuzz target compiles them without tract.
 
 pub mod dequant;
+pub mod gemma3n;
 pub mod llama;
 pub mod reader;
 pub mod tokenizer;

@@ -236,6 +236,21 @@ pub fn from_gguf(g: &Gguf<'_>) -> Result<ImportedTokenizer, GgufError> {
         }
     };
 
+    // A merge names its two tokens as the file spells them: follow a token respelled into the
+    // byte-level alphabet above (a gpt2-typed vocabulary of SentencePiece-style tokens such as
+    // `▁`, what llama.cpp's converter writes for a tokenizer.json without tokenizer.model).
+    let respelled: HashMap<&str, &str> =
+        tokens.iter().zip(&vocab_tokens).filter(|(a, b)| a != b).map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    if !respelled.is_empty() {
+        for (l, r) in merges.iter_mut() {
+            for part in [l, r] {
+                if let Some(x) = respelled.get(part.as_str()) {
+                    *part = (*x).to_string();
+                }
+            }
+        }
+    }
+
     // The vocabulary maps each spelling to its first id, as Python's dict comprehension keeps
     // the last; tokenizers needs unique spellings, so a duplicate is refused.
     let mut vocab = serde_json::Map::with_capacity(n);
