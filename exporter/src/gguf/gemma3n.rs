@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use super::dequant;
 use super::llama::{block_dtype, keep_dtype};
 use super::reader::{GgmlType, Gguf, GgufError, Value};
-use crate::import::{ImportOptions, ImportReport};
+use crate::import::{write_verified, ImportOptions, ImportReport, ReportSource, Written};
 use crate::progress::Progress;
 
 /// The GGUF architecture name of Gemma 3n.
@@ -619,13 +619,13 @@ pub fn import_gguf(opts: &ImportOptions, started: Instant) -> Result<(ImportRepo
         .map(|s| s.name.clone())
         .collect();
     kept.sort();
-    let tmp = opts.output.with_extension("matf.partial");
-    let result = (|| -> Result<u64> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let source = ReportSource { source_format: "gguf".into(), source_types, notes };
+    write_verified(opts, started, meta, assets, source, |tmp, meta, assets| {
+        let file = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut progress = Progress::new("writing");
         let bytes = format::write_file_with_blobs(
             BufWriter::with_capacity(1 << 20, file),
-            &meta,
+            meta,
             &specs,
             &assets.blobs(),
             format::DEFAULT_ALIGNMENT_LOG2,
@@ -639,47 +639,8 @@ pub fn import_gguf(opts: &ImportOptions, started: Instant) -> Result<(ImportRepo
         )
         .map_err(|e| anyhow!("{e}"))?;
         progress.finish();
-        let written = matformer::ModelFile::open(&tmp)?;
-        written.verify()?;
-        matformer::tokenizer::Tokenizer::from_model(&written)
-            .map_err(|e| anyhow!("the written tokenizer does not load back: {e}"))?;
-        drop(written);
-        std::fs::rename(&tmp, &opts.output)
-            .with_context(|| format!("cannot move {} to {}", tmp.display(), opts.output.display()))?;
-        Ok(bytes)
-    })();
-    let bytes = match result {
-        Ok(b) => b,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let a = &meta.architecture;
-    let report = ImportReport {
-        output: opts.output.display().to_string(),
-        bytes,
-        source_format: "gguf".into(),
-        source_types,
-        family: a.family.clone(),
-        n_layers: a.n_layers,
-        d_model: a.d_model,
-        vocab_size: a.vocab_size,
-        level_names: meta.level_names.clone(),
-        ffn_widths_layer0: meta.ffn_widths.first().cloned().unwrap_or_default(),
-        dtype: opts.dtype.describe(),
-        kept_source_blocks: kept,
-        tokenizer: meta.tokenizer.kind.clone(),
-        bos_id: meta.tokenizer.bos_id,
-        eos_id: meta.tokenizer.eos_id,
-        end_of_turn: assets.special.end_of_turn.clone(),
-        add_bos: assets.special.add_bos,
-        has_chat_template: assets.chat_template.is_some(),
-        nest: None,
-        notes,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    Ok((report, assets))
+        Ok(Written { bytes, kept_source_blocks: kept, nest: None })
+    })
 }
 
 #[cfg(test)]
