@@ -13,21 +13,19 @@
 //! trained with E2B's FFN as its first half, so the file's nesting is `trained`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufWriter;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use matformer::format::{
-    self, g3n_names, names, required_tensor_specs, DType, FormatError, Metadata, NestingOrigin, Provenance, Tokenizer,
+    g3n_names, names, required_tensor_specs, DType, FormatError, Metadata, NestingOrigin, Provenance, Tokenizer,
 };
 use matformer::tokenizer::TokenizerAssets;
 use serde_json::Value as Json;
 
 use crate::gemma3n_config::Gemma3nHfConfig;
 use crate::hf_import::{tokenizer_from_dir, Shards};
-use crate::import::{write_verified, ImportOptions, ImportReport, ReportSource, Written};
-use crate::progress::Progress;
+use crate::import::{write_specs, write_verified, ImportOptions, ImportReport, ReportSource, Written};
 use crate::safetensors::StTensor;
 
 /// Element type of a source tensor.
@@ -341,24 +339,10 @@ pub fn import_dir(opts: &ImportOptions, config: &Json, started: Instant) -> Resu
     let specs = plan.specs(&meta)?;
     let source = ReportSource { source_format: "huggingface".into(), source_types, notes };
     write_verified(opts, started, meta, assets, source, |tmp, meta, assets| {
-        let file = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut progress = Progress::new("writing");
-        let bytes = format::write_file_with_blobs(
-            BufWriter::with_capacity(1 << 20, file),
-            meta,
-            &specs,
-            &assets.blobs(),
-            format::DEFAULT_ALIGNMENT_LOG2,
-            |idx, rows, out| {
-                let spec = &specs[idx];
-                let src =
-                    sources.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
-                src.fill(rows, spec.dtype, out)
-            },
-            |done, total| progress.update(done, total),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        progress.finish();
+        let bytes = write_specs(tmp, meta, &specs, assets, |spec, rows, out| {
+            let src = sources.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
+            src.fill(rows, spec.dtype, out)
+        })?;
         Ok(Written { bytes, kept_source_blocks: Vec::new(), nest: None })
     })
 }

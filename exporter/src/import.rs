@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use matformer::format::{Architecture, DType, Metadata, Provenance, Tokenizer};
+use matformer::format::{self, Architecture, DType, FormatError, Metadata, Provenance, Tokenizer};
 use matformer::tokenizer::TokenizerAssets;
 use sha2::{Digest, Sha256};
 
@@ -253,6 +253,32 @@ pub(crate) fn write_verified(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((report, assets))
+}
+
+/// Writes `specs` to `path` with the tokenizer assets as blobs, each tensor's rows from
+/// `fill(spec, rows, out)` (appending the rows' bytes in the spec's dtype), with progress on
+/// stderr: the writer step of the Gemma 3n importers ([`write_verified`] does the rest).
+pub(crate) fn write_specs(
+    path: &Path,
+    meta: &Metadata,
+    specs: &[matformer::format::TensorSpec],
+    assets: &TokenizerAssets,
+    mut fill: impl FnMut(&matformer::format::TensorSpec, std::ops::Range<u64>, &mut Vec<u8>) -> Result<(), FormatError>,
+) -> Result<u64> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut progress = Progress::new("writing");
+    let bytes = format::write_file_with_blobs(
+        std::io::BufWriter::with_capacity(1 << 20, file),
+        meta,
+        specs,
+        &assets.blobs(),
+        format::DEFAULT_ALIGNMENT_LOG2,
+        |idx, rows, out| fill(&specs[idx], rows, out),
+        |done, total| progress.update(done, total),
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    progress.finish();
+    Ok(bytes)
 }
 
 /// Reads a GGUF file into canonical tensors.

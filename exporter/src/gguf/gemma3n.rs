@@ -25,7 +25,6 @@
 //! down projection, stored transposed in the file, is always dequantised.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufWriter;
 use std::path::Path;
 use std::time::Instant;
 
@@ -40,8 +39,7 @@ use sha2::{Digest, Sha256};
 use super::dequant;
 use super::llama::{block_dtype, keep_dtype};
 use super::reader::{GgmlType, Gguf, GgufError, Value};
-use crate::import::{write_verified, ImportOptions, ImportReport, ReportSource, Written};
-use crate::progress::Progress;
+use crate::import::{write_specs, write_verified, ImportOptions, ImportReport, ReportSource, Written};
 
 /// The GGUF architecture name of Gemma 3n.
 pub const ARCH: &str = "gemma3n";
@@ -621,24 +619,10 @@ pub fn import_gguf(opts: &ImportOptions, started: Instant) -> Result<(ImportRepo
     kept.sort();
     let source = ReportSource { source_format: "gguf".into(), source_types, notes };
     write_verified(opts, started, meta, assets, source, |tmp, meta, assets| {
-        let file = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut progress = Progress::new("writing");
-        let bytes = format::write_file_with_blobs(
-            BufWriter::with_capacity(1 << 20, file),
-            meta,
-            &specs,
-            &assets.blobs(),
-            format::DEFAULT_ALIGNMENT_LOG2,
-            |idx, rows, out| {
-                let spec = &specs[idx];
-                let src =
-                    sources.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
-                src.fill(rows, spec.dtype, out)
-            },
-            |done, total| progress.update(done, total),
-        )
-        .map_err(|e| anyhow!("{e}"))?;
-        progress.finish();
+        let bytes = write_specs(tmp, meta, &specs, assets, |spec, rows, out| {
+            let src = sources.get(&spec.name).ok_or_else(|| FormatError::MissingTensor { name: spec.name.clone() })?;
+            src.fill(rows, spec.dtype, out)
+        })?;
         Ok(Written { bytes, kept_source_blocks: kept, nest: None })
     })
 }
