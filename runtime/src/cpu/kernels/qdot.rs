@@ -244,6 +244,16 @@ fn axpy_rows_q<const R: usize, const D: u8>(y: &mut [f32], a: [f32; R], rows: &[
     }
 }
 
+/// [`axpy_rows_q`] for a run-time `dtype` (nothing for the f32/f16 types).
+pub(super) fn axpy_rows_portable<const R: usize>(dtype: DType, y: &mut [f32], a: [f32; R], w: &[u8], bb: usize) {
+    match dtype {
+        DType::Q8_0 => axpy_rows_q::<R, 2>(y, a, w, bb),
+        DType::Q4_0 => axpy_rows_q::<R, 3>(y, a, w, bb),
+        DType::Q4_1 => axpy_rows_q::<R, 5>(y, a, w, bb),
+        DType::F32 | DType::F16 => {}
+    }
+}
+
 /// `y += sum_r a[r] * W[r]` over the rows of `rows` (whole quantised rows of `y.len()`
 /// elements, `a.len()` of them), rows in increasing order: eight rows per pass over `y`, then
 /// four, then one. Bitwise the f32 down projection over the decoded rows.
@@ -262,11 +272,12 @@ pub(crate) fn axpy_quant_rows(dtype: DType, y: &mut [f32], a: &[f32], rows: &[u8
             ($r:literal) => {{
                 let mut arr = [0.0f32; $r];
                 arr.copy_from_slice(aj);
-                match dtype {
-                    DType::Q8_0 => axpy_rows_q::<$r, 2>(y, arr, w, bb),
-                    DType::Q4_0 => axpy_rows_q::<$r, 3>(y, arr, w, bb),
-                    DType::Q4_1 => axpy_rows_q::<$r, 5>(y, arr, w, bb),
-                    DType::F32 | DType::F16 => {}
+                #[cfg(target_arch = "x86_64")]
+                let done = x86::axpy_rows::<$r>(dtype, y, arr, w);
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = false;
+                if !done {
+                    axpy_rows_portable::<$r>(dtype, y, arr, w, bb);
                 }
             }};
         }
@@ -502,6 +513,101 @@ pub(crate) mod x86 {
                 }
             }
             out
+        }
+    }
+
+    /// `y = (...((y + a[0] w[0]) + a[1] w[1]) ...) + a[R-1] w[R-1]` elementwise for `R`
+    /// quantised rows one after the other in `rows` (each `y.len() / 32` blocks), each block
+    /// decoded in registers with the operations of `super::decode_block` (`d * (q - 8)`,
+    /// `d * q`, or `d * q` then `+ m`) and added with the same multiply-add as
+    /// [`madd`](crate::cpu::kernels::dot::madd) (fused when the build fuses): bitwise the
+    /// portable `axpy_rows_q`. `false` (nothing written) without AVX2 and FMA, for the f32/f16
+    /// types, or when `rows` is shorter than `R` rows.
+    pub(crate) fn axpy_rows<const R: usize>(dtype: DType, y: &mut [f32], a: [f32; R], rows: &[u8]) -> bool {
+        let bb = dtype.block_bytes();
+        let nb = y.len() / QK;
+        if !available() || matches!(dtype, DType::F32 | DType::F16) || rows.len() < R * nb * bb {
+            return false;
+        }
+        let y = &mut y[..nb * QK];
+        // SAFETY: AVX2 and FMA are available (checked above); `rows` holds `R` rows of `nb`
+        // blocks and `y` holds `nb` blocks of values (checked above): the only memory the
+        // kernel touches.
+        unsafe {
+            if crate::cpu::kernels::dot::FUSED {
+                axpy_kernel::<R, true>(dtype, y, a, rows, nb)
+            } else {
+                axpy_kernel::<R, false>(dtype, y, a, rows, nb)
+            }
+        }
+        true
+    }
+
+    /// Safety: AVX2 and FMA are available; `rows` holds `R * nb` blocks of `dtype` and `y`
+    /// holds `nb * 32` values.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpy_kernel<const R: usize, const FUSED: bool>(
+        dtype: DType,
+        y: &mut [f32],
+        a: [f32; R],
+        rows: &[u8],
+        nb: usize,
+    ) {
+        let bb = dtype.block_bytes();
+        let (q8, q41) = (dtype == DType::Q8_0, dtype == DType::Q4_1);
+        debug_assert!(rows.len() >= R * nb * bb && y.len() >= nb * QK);
+        let rp = rows.as_ptr();
+        let yp = y.as_mut_ptr();
+        // SAFETY: reads of block `r * nb + b` at offsets inside the block (`< bb`) for `r < R`
+        // and `b < nb`, reads and writes of `y[b * 32 .. b * 32 + 32]`: inside the lengths the
+        // caller guarantees. The rest are register intrinsics.
+        unsafe {
+            let av: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(a[r]));
+            let f16 =
+                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
+            let nib = _mm_set1_epi8(0x0f);
+            let eight = _mm256_set1_epi32(8);
+            for b in 0..nb {
+                let yb = yp.add(b * QK);
+                let mut v: [__m256; 4] = std::array::from_fn(|g| _mm256_loadu_ps(yb.add(8 * g)));
+                for (r, ar) in av.iter().enumerate() {
+                    let blk = rp.add((r * nb + b) * bb);
+                    let d = _mm256_set1_ps(f16(blk));
+                    let q: [__m256i; 4] = if q8 {
+                        std::array::from_fn(|g| _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * g).cast())))
+                    } else {
+                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
+                        let lo = _mm_and_si128(raw, nib);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
+                        let q = [
+                            _mm256_cvtepu8_epi32(lo),
+                            _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                            _mm256_cvtepu8_epi32(hi),
+                            _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                        ];
+                        if q41 {
+                            q
+                        } else {
+                            q.map(|q| _mm256_sub_epi32(q, eight))
+                        }
+                    };
+                    let m = if q41 { _mm256_set1_ps(f16(blk.add(2))) } else { _mm256_setzero_ps() };
+                    for (vg, qg) in v.iter_mut().zip(q) {
+                        let mut w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(qg));
+                        if q41 {
+                            w = _mm256_add_ps(w, m);
+                        }
+                        *vg = if FUSED {
+                            _mm256_fmadd_ps(*ar, w, *vg)
+                        } else {
+                            _mm256_add_ps(*vg, _mm256_mul_ps(*ar, w))
+                        };
+                    }
+                }
+                for (g, vg) in v.iter().enumerate() {
+                    _mm256_storeu_ps(yb.add(8 * g), *vg);
+                }
+            }
         }
     }
 
