@@ -316,14 +316,19 @@ pub(crate) mod x86 {
     use super::{n_blocks, QAct};
     use crate::format::{DType, QK};
 
+    /// Bytes ahead of the current block that the kernels ask the cache for.
+    const PREFETCH: usize = 640;
+
     /// Rows of a one-token product computed together by [`dot_rows`].
     pub(crate) const ROWS: usize = 4;
 
-    /// Whether this CPU runs the AVX2 kernels (always true in `x86-64-v3` builds, where the
+    /// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C) (always true in `x86-64-v3` builds, where the
     /// check is resolved at compile time).
     #[inline]
     pub(crate) fn available() -> bool {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
 
     /// Whether this CPU also has AVX-VNNI (`vpdpbusd` on 256-bit vectors).
@@ -346,7 +351,7 @@ pub(crate) mod x86 {
     }
 
     /// `R` rows times `T` tokens: `out[r][k] = dot(w[r], x[k])`, each bitwise the one-row,
-    /// one-token kernel. Falls back to the scalar reference without AVX2 and FMA. Every row and
+    /// one-token kernel. Falls back to the scalar reference without AVX2, FMA and F16C. Every row and
     /// token is cut to the blocks all of them hold.
     pub(crate) fn dot_block<const R: usize, const T: usize>(
         dtype: DType,
@@ -383,13 +388,13 @@ pub(crate) mod x86 {
             // only through the slices it is given, each holding `nb` whole blocks.
             unsafe { kernel_vnni::<R, T>(dtype, w, a, nb) }
         } else {
-            // SAFETY: AVX2 and FMA are available (checked above); as above.
+            // SAFETY: AVX2, FMA and F16C are available (checked above); as above.
             unsafe { kernel_avx2::<R, T>(dtype, w, a, nb) }
         }
     }
 
     /// The AVX2 dot product of one row with one token; [`super::dot_scalar`] up to the f32
-    /// summation order. Falls back to the scalar kernel on a CPU without AVX2 and FMA.
+    /// summation order. Falls back to the scalar kernel on a CPU without AVX2, FMA and F16C.
     pub(crate) fn dot(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
         dot_block::<1, 1>(dtype, [w], [x])[0][0]
     }
@@ -406,25 +411,25 @@ pub(crate) mod x86 {
         dot_block::<ROWS, 1>(dtype, w, [x]).map(|r| r[0])
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn kernel_avx2<const R: usize, const T: usize>(
         dtype: DType,
         w: [&[u8]; R],
         x: [Act<'_>; T],
         nb: usize,
     ) -> [[f32; T]; R] {
-        // SAFETY: the caller guarantees AVX2 and FMA and passes `nb` whole blocks per operand.
+        // SAFETY: the caller guarantees AVX2, FMA and F16C and passes `nb` whole blocks per operand.
         unsafe { body::<R, T, false>(dtype, w, x, nb) }
     }
 
-    #[target_feature(enable = "avx2,fma,avxvnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     unsafe fn kernel_vnni<const R: usize, const T: usize>(
         dtype: DType,
         w: [&[u8]; R],
         x: [Act<'_>; T],
         nb: usize,
     ) -> [[f32; T]; R] {
-        // SAFETY: the caller guarantees AVX2, FMA and AVX-VNNI and passes `nb` whole blocks.
+        // SAFETY: the caller guarantees AVX2, FMA, F16C and AVX-VNNI and passes `nb` whole blocks.
         unsafe { body::<R, T, true>(dtype, w, x, nb) }
     }
 
@@ -446,7 +451,7 @@ pub(crate) mod x86 {
     /// values loaded once, and every (row, token) pair gets the per-block operations listed in
     /// the module documentation, in block order.
     ///
-    /// Safety: AVX2 and FMA (and AVX-VNNI when `VNNI`) are enabled in the caller; every `w[r]`
+    /// Safety: AVX2, FMA and F16C (and AVX-VNNI when `VNNI`) are enabled in the caller; every `w[r]`
     /// holds at least `nb` blocks of `dtype.block_bytes()` bytes and every `x[k]` at least `nb`
     /// blocks (`d`, `s`, `qsum`) and `nb * 32` values (`q`).
     #[inline(always)]
@@ -470,46 +475,77 @@ pub(crate) mod x86 {
         // tokens' arrays: all inside the lengths the caller guarantees (checked above in debug
         // builds; `dot_block` cuts every slice to `nb` whole blocks).
         unsafe {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; T]; R];
-            let mut mins = [[[0.0f32; 2]; T]; R];
+            // Even blocks go to `acc0`/`mins0`, odd ones to `acc1`/`mins1` (two independent
+            // chains per pair); the loop takes the blocks two at a time so that both stay in
+            // registers.
+            let mut acc0 = [[_mm256_setzero_ps(); T]; R];
+            let mut acc1 = acc0;
+            let mut mins0 = [[0.0f32; T]; R];
+            let mut mins1 = mins0;
             let f16 =
                 |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
-            for b in 0..nb {
-                let qv: [__m256i; T] = std::array::from_fn(|k| _mm256_loadu_si256(x[k].q.as_ptr().add(b * QK).cast()));
-                let dx: [f32; T] = std::array::from_fn(|k| *x[k].d.get_unchecked(b));
-                for r in 0..R {
-                    let blk = wp[r].add(b * bb);
-                    let dw = f16(blk);
-                    let (u, v) = if q8 {
-                        let v = _mm256_loadu_si256(blk.add(2).cast());
-                        (_mm256_sign_epi8(v, v), v)
-                    } else {
-                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                        let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                        (_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_setzero_si256())
-                    };
-                    let mw = if min { f16(blk.add(2)) } else { 0.0 };
-                    for k in 0..T {
-                        let p = if q8 {
-                            dp::<VNNI>(_mm256_setzero_si256(), u, _mm256_sign_epi8(qv[k], v))
-                        } else if q40 {
-                            let off = -8 * *x[k].qsum.get_unchecked(b);
-                            dp::<VNNI>(_mm256_setr_epi32(off, 0, 0, 0, 0, 0, 0, 0), u, qv[k])
+            macro_rules! block {
+                ($b:expr, $acc:ident, $mins:ident) => {{
+                    let b = $b;
+                    let qv: [__m256i; T] =
+                        std::array::from_fn(|k| _mm256_loadu_si256(x[k].q.as_ptr().add(b * QK).cast()));
+                    let dx: [__m256; T] = std::array::from_fn(|k| _mm256_broadcast_ss(x[k].d.get_unchecked(b)));
+                    // q4_0's lane-0 correction `-8 * sum(q)`, per token (the same for every row).
+                    let off: [__m256i; T] = std::array::from_fn(|k| {
+                        if q40 {
+                            _mm256_setr_epi32(-8 * *x[k].qsum.get_unchecked(b), 0, 0, 0, 0, 0, 0, 0)
                         } else {
-                            dp::<VNNI>(_mm256_setzero_si256(), u, qv[k])
+                            _mm256_setzero_si256()
+                        }
+                    });
+                    for r in 0..R {
+                        let blk = wp[r].add(b * bb);
+                        // The weight scale widened in all lanes (the same value as `f16`).
+                        let dw = _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(blk.cast::<i16>())));
+                        let (u, v) = if q8 {
+                            let v = _mm256_loadu_si256(blk.add(2).cast());
+                            (_mm256_sign_epi8(v, v), v)
+                        } else {
+                            // The 16 bytes in both halves, the upper half shifted down by a
+                            // nibble: low nibbles then high nibbles (no cross-lane shuffle).
+                            let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(bb - QK / 2).cast()));
+                            let both = _mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4));
+                            (_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_setzero_si256())
                         };
-                        let a = &mut acc[r][k][b & 1];
-                        *a = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[k]), _mm256_cvtepi32_ps(p), *a);
-                        if min {
-                            mins[r][k][b & 1] += mw * *x[k].s.get_unchecked(b);
+                        let mw = if min { f16(blk.add(2)) } else { 0.0 };
+                        for k in 0..T {
+                            let p = if q8 {
+                                dp::<VNNI>(_mm256_setzero_si256(), u, _mm256_sign_epi8(qv[k], v))
+                            } else {
+                                dp::<VNNI>(off[k], u, qv[k])
+                            };
+                            $acc[r][k] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx[k]), _mm256_cvtepi32_ps(p), $acc[r][k]);
+                            if min {
+                                $mins[r][k] += mw * *x[k].s.get_unchecked(b);
+                            }
                         }
                     }
+                }};
+            }
+            let mut b = 0;
+            while b + 1 < nb {
+                // Ask for the weights PREFETCH bytes ahead (a hint: the address may lie past
+                // the row, it is never dereferenced): a row is only a few kilobytes, too
+                // short for the hardware prefetcher to ramp up on its own.
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b * bb + PREFETCH).cast());
                 }
+                block!(b, acc0, mins0);
+                block!(b + 1, acc1, mins1);
+                b += 2;
+            }
+            if b < nb {
+                block!(b, acc0, mins0);
             }
             let mut out = [[0.0f32; T]; R];
             for r in 0..R {
                 for k in 0..T {
-                    out[r][k] = hsum(_mm256_add_ps(acc[r][k][0], acc[r][k][1])) + (mins[r][k][0] + mins[r][k][1]);
+                    out[r][k] = hsum(_mm256_add_ps(acc0[r][k], acc1[r][k])) + (mins0[r][k] + mins1[r][k]);
                 }
             }
             out
@@ -521,7 +557,7 @@ pub(crate) mod x86 {
     /// decoded in registers with the operations of `super::decode_block` (`d * (q - 8)`,
     /// `d * q`, or `d * q` then `+ m`) and added with the same multiply-add as
     /// [`madd`](crate::cpu::kernels::dot::madd) (fused when the build fuses): bitwise the
-    /// portable `axpy_rows_q`. `false` (nothing written) without AVX2 and FMA, for the f32/f16
+    /// portable `axpy_rows_q`. `false` (nothing written) without AVX2, FMA and F16C, for the f32/f16
     /// types, or when `rows` is shorter than `R` rows.
     pub(crate) fn axpy_rows<const R: usize>(dtype: DType, y: &mut [f32], a: [f32; R], rows: &[u8]) -> bool {
         let bb = dtype.block_bytes();
@@ -530,7 +566,7 @@ pub(crate) mod x86 {
             return false;
         }
         let y = &mut y[..nb * QK];
-        // SAFETY: AVX2 and FMA are available (checked above); `rows` holds `R` rows of `nb`
+        // SAFETY: AVX2, FMA and F16C are available (checked above); `rows` holds `R` rows of `nb`
         // blocks and `y` holds `nb` blocks of values (checked above): the only memory the
         // kernel touches.
         unsafe {
@@ -543,7 +579,7 @@ pub(crate) mod x86 {
         true
     }
 
-    /// Safety: AVX2 and FMA are available; `rows` holds `R * nb` blocks of `dtype` and `y`
+    /// Safety: AVX2, FMA and F16C are available; `rows` holds `R * nb` blocks of `dtype` and `y`
     /// holds `nb * 32` values.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn axpy_kernel<const R: usize, const FUSED: bool>(
