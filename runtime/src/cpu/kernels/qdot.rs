@@ -560,23 +560,121 @@ pub(crate) mod x86 {
     /// portable `axpy_rows_q`. `false` (nothing written) without AVX2, FMA and F16C, for the f32/f16
     /// types, or when `rows` is shorter than `R` rows.
     pub(crate) fn axpy_rows<const R: usize>(dtype: DType, y: &mut [f32], a: [f32; R], rows: &[u8]) -> bool {
+        axpy_rows_with::<R>(has_avx512(), dtype, y, a, rows)
+    }
+
+    /// Whether this CPU also runs the AVX-512 down-projection kernel (`avx512f`, `avx512bw`,
+    /// `avx512vl`): the same operations on 16 lanes, so the same bits.
+    #[inline]
+    pub(crate) fn has_avx512() -> bool {
+        available()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+
+    /// [`axpy_rows`], with the AVX-512 kernel only when `wide` (and the CPU has it): the tests
+    /// compare the two.
+    pub(crate) fn axpy_rows_with<const R: usize>(
+        wide: bool,
+        dtype: DType,
+        y: &mut [f32],
+        a: [f32; R],
+        rows: &[u8],
+    ) -> bool {
         let bb = dtype.block_bytes();
         let nb = y.len() / QK;
         if !available() || matches!(dtype, DType::F32 | DType::F16) || rows.len() < R * nb * bb {
             return false;
         }
         let y = &mut y[..nb * QK];
-        // SAFETY: AVX2, FMA and F16C are available (checked above); `rows` holds `R` rows of `nb`
-        // blocks and `y` holds `nb` blocks of values (checked above): the only memory the
-        // kernel touches.
+        let fused = crate::cpu::kernels::dot::FUSED;
+        // SAFETY: AVX2, FMA and F16C are available (checked above), and AVX-512 F/BW/VL where
+        // that kernel is called (checked here); `rows` holds `R` rows of `nb` blocks and `y`
+        // holds `nb` blocks of values (checked above): the only memory the kernels touch.
         unsafe {
-            if crate::cpu::kernels::dot::FUSED {
-                axpy_kernel::<R, true>(dtype, y, a, rows, nb)
-            } else {
-                axpy_kernel::<R, false>(dtype, y, a, rows, nb)
+            match (wide && has_avx512(), fused) {
+                (true, true) => axpy_kernel512::<R, true>(dtype, y, a, rows, nb),
+                (true, false) => axpy_kernel512::<R, false>(dtype, y, a, rows, nb),
+                (false, true) => axpy_kernel::<R, true>(dtype, y, a, rows, nb),
+                (false, false) => axpy_kernel::<R, false>(dtype, y, a, rows, nb),
             }
         }
         true
+    }
+
+    /// [`axpy_kernel`] on 16 lanes: a block's 32 values are two vectors (its low nibbles
+    /// then its high ones for the 4-bit types), decoded and added with the same operations.
+    ///
+    /// Safety: AVX2, FMA, F16C and AVX-512 F/BW/VL are available; `rows` holds `R * nb` blocks
+    /// of `dtype` and `y` holds `nb * 32` values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn axpy_kernel512<const R: usize, const FUSED: bool>(
+        dtype: DType,
+        y: &mut [f32],
+        a: [f32; R],
+        rows: &[u8],
+        nb: usize,
+    ) {
+        let bb = dtype.block_bytes();
+        let (q8, q41) = (dtype == DType::Q8_0, dtype == DType::Q4_1);
+        debug_assert!(rows.len() >= R * nb * bb && y.len() >= nb * QK);
+        let rp = rows.as_ptr();
+        let yp = y.as_mut_ptr();
+        // SAFETY: as in `axpy_kernel`: reads of block `r * nb + b` inside the block for
+        // `r < R`, `b < nb`, reads and writes of `y[b * 32 .. b * 32 + 32]`; the rest are
+        // register intrinsics.
+        unsafe {
+            let av: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(a[r]));
+            let nib = _mm_set1_epi8(0x0f);
+            let eight = _mm512_set1_epi32(8);
+            let f16 =
+                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
+            for b in 0..nb {
+                if q8 && b % 2 == 0 {
+                    for r in 0..R {
+                        _mm_prefetch::<_MM_HINT_T0>(rp.wrapping_add((r * nb + b) * bb + PREFETCH).cast());
+                    }
+                }
+                let yb = yp.add(b * QK);
+                let mut v = [_mm512_loadu_ps(yb), _mm512_loadu_ps(yb.add(16))];
+                for (r, ar) in av.iter().enumerate() {
+                    let blk = rp.add((r * nb + b) * bb);
+                    let d = _mm512_set1_ps(f16(blk));
+                    let q: [__m512i; 2] = if q8 {
+                        [
+                            _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast())),
+                            _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18).cast())),
+                        ]
+                    } else {
+                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
+                        let q = [
+                            _mm512_cvtepu8_epi32(_mm_and_si128(raw, nib)),
+                            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nib)),
+                        ];
+                        if q41 {
+                            q
+                        } else {
+                            q.map(|q| _mm512_sub_epi32(q, eight))
+                        }
+                    };
+                    let m = if q41 { _mm512_set1_ps(f16(blk.add(2))) } else { _mm512_setzero_ps() };
+                    for (vg, qg) in v.iter_mut().zip(q) {
+                        let mut w = _mm512_mul_ps(d, _mm512_cvtepi32_ps(qg));
+                        if q41 {
+                            w = _mm512_add_ps(w, m);
+                        }
+                        *vg = if FUSED {
+                            _mm512_fmadd_ps(*ar, w, *vg)
+                        } else {
+                            _mm512_add_ps(*vg, _mm512_mul_ps(*ar, w))
+                        };
+                    }
+                }
+                _mm512_storeu_ps(yb, v[0]);
+                _mm512_storeu_ps(yb.add(16), v[1]);
+            }
+        }
     }
 
     /// Safety: AVX2, FMA and F16C are available; `rows` holds `R * nb` blocks of `dtype` and `y`

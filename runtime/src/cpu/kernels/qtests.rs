@@ -367,8 +367,9 @@ fn x86_kernels_agree_bitwise_with_and_without_vnni_and_across_rows() {
     }
 }
 
-/// On x86-64: the AVX2 one-token down-projection kernel (rows decoded in registers) gives
-/// bitwise the portable one, for one, four and eight rows, on blocks of every magnitude.
+/// On x86-64: the AVX2 and AVX-512 one-token down-projection kernels (rows decoded in
+/// registers) give bitwise the portable one, for one, four and eight rows, on blocks of every
+/// magnitude.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x86_quantised_axpy_rows_equal_the_portable_kernel_bitwise() {
@@ -381,7 +382,13 @@ fn x86_quantised_axpy_rows_equal_the_portable_kernel_bitwise() {
         let a: [f32; R] = std::array::from_fn(|_| rng.f() * 3.0);
         let y0: Vec<f32> = (0..nb * QK).map(|_| rng.f()).collect();
         let mut fast = y0.clone();
-        assert!(qdot::x86::axpy_rows::<R>(dtype, &mut fast, a, &rows));
+        assert!(qdot::x86::axpy_rows_with::<R>(false, dtype, &mut fast, a, &rows));
+        // The AVX-512 kernel where the CPU has it (the AVX2 one again otherwise).
+        let mut wide = y0.clone();
+        assert!(qdot::x86::axpy_rows_with::<R>(true, dtype, &mut wide, a, &rows));
+        for (i, (f, w)) in fast.iter().zip(&wide).enumerate() {
+            assert_eq!(f.to_bits(), w.to_bits(), "{dtype} {R} rows {nb} blocks, element {i}: AVX-512");
+        }
         let mut portable = y0;
         qdot::axpy_rows_portable::<R>(dtype, &mut portable, a, &rows, dtype.block_bytes());
         for (i, (f, p)) in fast.iter().zip(&portable).enumerate() {
