@@ -1,6 +1,7 @@
 // Causal softmax attention over the GPU-resident KV cache, grouped-query: one workgroup per
 // (query head, query token). Query token i (position pos0 + i) attends to cache positions
-// [0, pos0 + i], or with a sliding window (`window` > 0) the last `window` of them; its head h
+// [0, pos0 + i], or with a sliding window (`window` > 0) the last `window` of them (then the
+// cache may be a ring of `ring` rows, position j at row j % ring); its head h
 // reads kv head h / group. Scores are scaled by `scale` (1/sqrt(head_dim) for Llama),
 // kept in a scratch buffer [t, n_heads, ctx], soft-maxed with the row maximum subtracted, and
 // the output is sum_j (e_j / total) * v_j in position order (the CPU engine's order).
@@ -18,7 +19,7 @@ struct Params {
     ctx: u32,
     scale: f32,
     window: u32,
-    _pad0: u32,
+    ring: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -40,6 +41,15 @@ struct Step {
 
 var<workgroup> red: array<f32, WG>;
 
+// The cache row of position j: j, or j % ring in a ring-buffer cache (a sliding-window
+// layer's, which holds only the positions its queries can still see).
+fn cache_row(j: u32) -> u32 {
+    if p.ring > 0u {
+        return j % p.ring;
+    }
+    return j;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let h = wid.x;
@@ -55,7 +65,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
 
     var m = bitcast<f32>(0xff800000u);
     for (var j = start + lid.x; j < n; j += WG) {
-        let kb = j * p.kv_stride + kvo;
+        let kb = cache_row(j) * p.kv_stride + kvo;
         var s = 0.0;
         for (var d = 0u; d < p.head_dim; d++) {
             s += q[qb + d] * kc[kb + d];
@@ -96,7 +106,7 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     for (var d = lid.x; d < p.head_dim; d += WG) {
         var o = 0.0;
         for (var j = start; j < n; j++) {
-            o += scores[sb + j] / total * vc[j * p.kv_stride + kvo + d];
+            o += scores[sb + j] / total * vc[cache_row(j) * p.kv_stride + kvo + d];
         }
         out[i * p.out_stride + h * p.head_dim + d] = o;
     }

@@ -2,7 +2,8 @@
 // workgroup per (head slot, token). Slots 0..n_heads are query heads (RMS-normalised with
 // norms[0..head_dim], rotated, written back in place); on a layer that owns its K/V
 // (`n_kv_heads` > 0) the next n_kv_heads slots are key heads (normalised with
-// norms[head_dim..2 head_dim], rotated into the key cache at row pos0 + i) and the last
+// norms[head_dim..2 head_dim], rotated into the key cache at row pos0 + i, or (pos0 + i) % ring
+// in a sliding-window layer's ring-buffer cache) and the last
 // n_kv_heads are value heads (normalised without a weight into the value cache).
 // Rotation as rope.wgsl (rotate_half; the cos/sin table of the layer's RoPE base, cos at
 // [pos * half + i], sin at [sin_offset + pos * half + i]).
@@ -21,7 +22,7 @@ struct Params {
     k_offset: u32,
     v_offset: u32,
     eps: f32,
-    _pad0: u32,
+    ring: u32,
     _pad1: u32,
 }
 
@@ -83,7 +84,12 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>, @builtin(workgroup_id) wi
         y[c] = qkv[src + c] * r * wv;
     }
     workgroupBarrier();
-    let row = (step.pos0 + tok) * p.kv_stride;
+    // A sliding-window layer's cache is a ring of `ring` rows (position j at row j % ring).
+    var cache_pos = step.pos0 + tok;
+    if p.ring > 0u {
+        cache_pos = cache_pos % p.ring;
+    }
+    let row = cache_pos * p.kv_stride;
     if kind == 2u {
         let dst = row + (slot - p.n_heads - p.n_kv_heads) * hd;
         for (var c = lid; c < hd; c += WG) {

@@ -622,3 +622,81 @@ fn gemma3n_gpu_every_weight_path_matches_the_cpu() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On the GPU (the `gemma-3n-tiny` synth preset: window 4, context 512, prefill chunk 16) the
+/// sliding-window layers' caches are rings of `4 + 2 * 16 = 36` rows instead of 512, and the
+/// logits stay the CPU engine's: a 180-token call (twelve passes, so the rings wrap many
+/// times) and decoding past it, one token at a time. A call interrupted after its passes ran
+/// leaves the session where it was, the overwritten ring rows put back; going back within the
+/// rings keeps the cache, further back empties it, and `ElasticSession::truncate` runs its
+/// history again.
+#[test]
+fn gemma3n_gpu_sliding_window_caches_are_rings_and_match_the_cpu() {
+    use matformer::sampling::{Sampler, SamplingParams};
+    use matformer_export::synth::{synth, SynthOptions};
+    let dir = temp_dir("g3n-gpu-ring");
+    let path = dir.join("tiny.matf");
+    synth(&SynthOptions { preset: "gemma-3n-tiny".into(), layers: None, dtype: DType::F32.into(), seed: 7 }, &path)
+        .unwrap();
+    let model = Arc::new(ModelFile::open(&path).unwrap());
+    let sub = Submodel::parse("full", model.metadata(), model.view().available_levels)
+        .or_else(|_| Submodel::parse("1", model.metadata(), model.view().available_levels))
+        .unwrap();
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let tokens: Vec<u32> = (0..240).map(|i| ((i * 53 + 7) % 300) as u32).collect();
+    let vocab = cpu.session(&sub).unwrap().vocab_size();
+    let mut one = cpu.session(&sub).unwrap();
+    let rows: Vec<Vec<f32>> = tokens.iter().map(|&t| one.decode(t).unwrap()).collect();
+
+    let opts = || GpuOptions { max_context: Some(512), prefill_chunk: 16, ..GpuOptions::default() };
+    let gpu = GpuEngine::new(Arc::clone(&model), opts())
+        .unwrap_or_else(|e| panic!("GPU engine ({e}): install a Vulkan driver such as mesa-vulkan-drivers (lavapipe)"));
+    let path_kind = WeightPath::parse(&gpu.adapter().weight_path).unwrap();
+    let close = |expected: &[f32], got: &[f32], what: &str| {
+        let tol = match path_kind {
+            WeightPath::F16 => matformer::gpu::gemma3n_f16_tolerance(expected),
+            p => matformer::gpu::forward_tolerance(p),
+        };
+        tol.check(expected, got).unwrap_or_else(|m| panic!("{what}: GPU vs CPU: {m}"));
+    };
+
+    let mut s = gpu.session(&sub).unwrap();
+    s.prefill(&tokens[..20]).unwrap();
+    let all = s.forward_all(&tokens[20..200]).unwrap();
+    for (i, r) in all.chunks_exact(vocab).enumerate() {
+        close(&rows[20 + i], r, &format!("batched position {}", 20 + i));
+    }
+    for (i, &t) in tokens.iter().enumerate().skip(200) {
+        close(&rows[i], &s.decode_logits(t).unwrap(), &format!("decode at position {i}"));
+    }
+    // Layers 0..6 own K/V; layer 4 is global (512 rows), the other five slide (36 rows).
+    let meta = model.metadata();
+    let kv_row = 4 * 2 * (meta.architecture.n_kv_heads * meta.architecture.head_dim).next_multiple_of(8) as u64;
+    assert_eq!(s.kv_cache_bytes(), (512 + 5 * 36) * kv_row, "ring caches");
+
+    // Rolling back within the rings keeps the cache; further back empties it.
+    s.truncate(238);
+    assert_eq!(s.position(), 238);
+    close(&rows[238], &s.decode_logits(tokens[238]).unwrap(), "after a rollback within the ring");
+    s.truncate(100);
+    assert_eq!(s.position(), 0, "the rings no longer hold position 100's window");
+
+    // Interrupted after a 180-token call ran (at its readback): the session is as it was.
+    let mut s = gpu.session(&sub).unwrap();
+    s.prefill(&tokens[..20]).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::greedy()).unwrap();
+    let err = s.prefill_sample_until(&tokens[20..200], &mut sampler, &|| true).unwrap_err();
+    assert!(matches!(err, GpuError::Interrupted), "{err}");
+    assert_eq!(s.position(), 20);
+    for (i, &t) in tokens.iter().enumerate().skip(20).take(12) {
+        close(&rows[i], &s.decode_logits(t).unwrap(), &format!("after the interrupt, position {i}"));
+    }
+
+    // The elastic session runs its history again after going back past the rings.
+    let mut es = ElasticSession::new_gpu(GpuEngine::new(Arc::clone(&model), opts()).unwrap(), &sub).unwrap();
+    es.prefill(&tokens[..200]).unwrap();
+    es.truncate(100).unwrap();
+    assert_eq!((es.position(), es.history().len()), (100, 100));
+    close(&rows[100], &es.decode(tokens[100]).unwrap(), "after the history ran again");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -337,6 +337,8 @@ fn poisoned() -> GpuError {
 /// activations, the scores and the owners' KV caches).
 #[derive(Debug)]
 pub(super) struct G3Acts {
+    /// Rows of the sliding-window layers' ring-buffer caches (0: caches of the whole context).
+    ring: usize,
     /// Scaled embeddings `[t, sd]`.
     x0: wgpu::Buffer,
     /// The AltUp streams, stream `j` at `j * stream` floats, `[t, sd]` each.
@@ -373,6 +375,20 @@ pub(super) struct G3Acts {
     pub(super) layers: Vec<Option<Arc<G3Layer>>>,
 }
 
+/// Rows of a sliding-window layer's ring-buffer K/V cache for passes of up to `t_max` tokens
+/// in a context of `ctx` positions (position `j` at row `j % rows`): the `window` positions a
+/// query reads, a pass's new rows, and as many again so that going back up to `t_max`
+/// positions (a rejected speculative draft, a cancelled pass) finds its rows. 0 (a cache of
+/// `ctx` rows) when that is not smaller.
+pub(super) fn ring_rows(window: usize, t_max: usize, ctx: usize) -> usize {
+    let rows = window.max(1) + 2 * t_max;
+    if rows < ctx {
+        rows
+    } else {
+        0
+    }
+}
+
 /// Bytes of the buffers [`G3Acts::new`] allocates for `t_max` tokens.
 pub(super) fn acts_bytes(g: &G3Engine, dm: &ModelDims, t_max: usize) -> u64 {
     let (sd, t) = (pad8(dm.d_model), t_max);
@@ -387,7 +403,14 @@ fn stream_floats(t_max: usize, sd: usize) -> usize {
 }
 
 impl G3Acts {
-    pub(super) fn new(p: &Planner<'_>, g: &G3Engine, t_max: usize, sqkv: usize, sq: usize) -> Result<G3Acts, GpuError> {
+    pub(super) fn new(
+        p: &Planner<'_>,
+        g: &G3Engine,
+        t_max: usize,
+        sqkv: usize,
+        sq: usize,
+        ring: usize,
+    ) -> Result<G3Acts, GpuError> {
         let i = p.inner;
         let (gpu, dm) = (&i.gpu, &i.dims);
         let limit = gpu.max_binding();
@@ -410,7 +433,8 @@ impl G3Acts {
                     ctx: i.ctx as u32,
                     scale: 1.0,
                     window: if sliding { g.config.sliding_window } else { 0 },
-                    _pad: [0; 3],
+                    ring: if sliding { ring as u32 } else { 0 },
+                    _pad: [0; 2],
                 },
             )
         };
@@ -426,6 +450,7 @@ impl G3Acts {
             ple_proj: f("per-layer projection", t_max * sp)?,
             ple_gate: f("per-layer gate", t_max * sp)?,
             first: f("per-layer gate input", t_max * sd)?,
+            ring,
             attn_local: attn(true)?,
             attn_global: attn(false)?,
             stream,
@@ -604,7 +629,8 @@ pub(super) fn plan_layer(
             k_offset: sq as u32,
             v_offset: (sq + skv) as u32,
             eps,
-            _pad: [0; 2],
+            ring: if layer.sliding { a.ring as u32 } else { 0 },
+            _pad: 0,
         },
     )?;
     let table = if layer.sliding { &g.rope_local } else { &i.rope_table };

@@ -385,7 +385,8 @@ impl OpRunner {
             ctx: ctx as u32,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: 0,
-            _pad: [0; 3],
+            ring: 0,
+            _pad: [0; 2],
         })?;
         let (step, qb, kb, vb) = (self.step(pos0, t)?, self.input(q)?, self.input(keys)?, self.input(values)?);
         let scores = self.out(t * n_heads * ctx)?;
@@ -506,7 +507,8 @@ impl OpRunner {
             ctx: ctx as u32,
             scale: 1.0 / (head_dim as f32).sqrt(),
             window: 0,
-            _pad: [0; 3],
+            ring: 0,
+            _pad: [0; 2],
         })?;
         let (step, qb, kb, vb) = (self.step(ctx - 1, 1)?, self.out(q)?, self.out(ctx * kv)?, self.out(ctx * kv)?);
         let (scores, out) = (self.out(n_heads * ctx)?, self.out(q)?);

@@ -761,7 +761,9 @@ pub(crate) struct AttentionParams {
     pub(crate) scale: f32,
     /// Keys a query sees with a sliding window (0: every earlier position).
     pub(crate) window: u32,
-    pub(crate) _pad: [u32; 3],
+    /// Rows of a ring-buffer cache: position `j` lives at row `j % ring` (0: row `j`).
+    pub(crate) ring: u32,
+    pub(crate) _pad: [u32; 2],
 }
 
 /// `ffn_act.wgsl`.
@@ -834,7 +836,9 @@ pub(crate) struct HeadNormRopeParams {
     pub(crate) k_offset: u32,
     pub(crate) v_offset: u32,
     pub(crate) eps: f32,
-    pub(crate) _pad: [u32; 2],
+    /// Rows of a ring-buffer cache: position `j` is written at row `j % ring` (0: row `j`).
+    pub(crate) ring: u32,
+    pub(crate) _pad: u32,
 }
 
 /// `g3n_ple.wgsl`.

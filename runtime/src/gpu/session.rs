@@ -55,6 +55,8 @@ pub struct GpuSession {
     tail_last: Vec<Item>,
     tail_all: Vec<Item>,
     pos: usize,
+    /// Gemma 3n's sliding-window ring-buffer caches.
+    ring: RingState,
     counters: StepCounters,
     kv_bytes: u64,
     /// Activation buffers and KV cache (kept across switches).
@@ -69,6 +71,43 @@ pub struct GpuSession {
     sampling: Option<SamplingBufs>,
     /// The speculative round's buffers, created by the first [`GpuSession::speculate_greedy`].
     spec: Option<SpecBufs>,
+}
+
+/// The ring-buffer K/V caches of Gemma 3n's sliding-window layers: position `j` at row
+/// `j % rows`, so a cache holds the last `rows` positions written.
+#[derive(Debug, Default)]
+struct RingState {
+    /// Rows of each ring cache; 0 when no cache is a ring (every other file, or a context no
+    /// larger than the ring would be).
+    rows: usize,
+    /// The sliding window: a query at position `p` reads positions `p - window + 1 ..= p`.
+    window: usize,
+    /// The layers whose caches are rings (sliding-window layers that own their K/V).
+    layers: Vec<usize>,
+    /// One past the highest position any pass wrote since the cache was last emptied: the
+    /// rows of positions below `high - rows` may have been overwritten.
+    high: usize,
+}
+
+impl RingState {
+    /// Whether the ring caches still hold every position a query at `position` reads.
+    fn reaches(&self, position: usize) -> bool {
+        self.rows == 0 || position.saturating_sub(self.window - 1) >= self.high.saturating_sub(self.rows)
+    }
+
+    /// Whether a run of `n` tokens from `start` may overwrite rows that going back to `start`
+    /// needs (then [`GpuSession::save_ring`] keeps a copy first).
+    fn run_overwrites(&self, start: usize, n: usize) -> bool {
+        self.rows > 0 && start > 0 && (start + n).saturating_sub(self.rows) > start.saturating_sub(self.window - 1)
+    }
+}
+
+/// The rows of positions `[lo, lo + n)` of every ring cache, copied by
+/// [`GpuSession::save_ring`] (per ring layer: keys, values).
+struct RingBackup {
+    lo: usize,
+    n: usize,
+    copies: Vec<(wgpu::Buffer, wgpu::Buffer)>,
 }
 
 /// Buffers and plans of [`GpuSession::speculate_greedy`].
@@ -231,8 +270,14 @@ impl GpuSession {
         // K/V-sharing ones).
         let g3e = i.g3n.as_ref();
         let owns_kv = |li: usize| g3e.is_none_or(|g| g.config.owns_kv(li));
-        let kv_layers = (0..dm.n_layers).filter(|&li| owns_kv(li)).count();
-        let kv_bytes = 2 * kv_layers as u64 * (i.ctx * skv) as u64 * f;
+        // A Gemma 3n sliding-window layer's cache is a ring of `ring` rows when that is
+        // smaller than the context (see `gemma3n::ring_rows`); other layers hold the context.
+        let ring = g3e.map_or(0, |g| super::gemma3n::ring_rows(g.config.sliding_window as usize, t_max, i.ctx));
+        let window = g3e.map_or(0, |g| (g.config.sliding_window as usize).max(1));
+        let ring_layer = |li: usize| ring > 0 && g3e.is_some_and(|g| g.config.sliding.get(li) == Some(&true));
+        let cache_rows = |li: usize| if ring_layer(li) { ring } else { i.ctx };
+        let kv_bytes: u64 =
+            (0..dm.n_layers).filter(|&li| owns_kv(li)).map(|li| 2 * (cache_rows(li) * skv) as u64 * f).sum();
         // Transposed products (the FFN down projection) have `d_model` output columns.
         let partials_floats = split_partial_floats(sd / 8);
         let g3_bytes = g3e.map_or(0, |g| super::gemma3n::acts_bytes(g, dm, t_max));
@@ -257,10 +302,10 @@ impl GpuSession {
         let argmax_staging = buf("argmax staging", 16, U::MAP_READ | U::COPY_DST)?;
         let mut caches = Vec::with_capacity(dm.n_layers);
         for li in 0..dm.n_layers {
-            let bytes = if owns_kv(li) { (i.ctx * skv) as u64 * f } else { 16 };
+            let bytes = if owns_kv(li) { (cache_rows(li) * skv) as u64 * f } else { 16 };
             caches.push((
-                buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
-                buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST)?,
+                buf(&format!("k cache {li}"), bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC)?,
+                buf(&format!("v cache {li}"), bytes, U::STORAGE | U::COPY_DST | U::COPY_SRC)?,
             ));
         }
         let partials = buf("split gemv partials", partials_floats as u64 * f, U::STORAGE)?;
@@ -303,7 +348,8 @@ impl GpuSession {
                     ctx: i.ctx as u32,
                     scale: 1.0 / (dm.head_dim as f32).sqrt(),
                     window: 0,
-                    _pad: [0; 3],
+                    ring: 0,
+                    _pad: [0; 2],
                 },
             )?,
             sd,
@@ -313,7 +359,7 @@ impl GpuSession {
         };
         let g3 = match g3e {
             Some(g) => {
-                let mut ga = G3Acts::new(&p, g, t_max, sqkv, sq)?;
+                let mut ga = G3Acts::new(&p, g, t_max, sqkv, sq, ring)?;
                 ga.layers = g.ensure_layers(i, &skipped(submodel, dm.n_layers))?;
                 Some(ga)
             }
@@ -349,6 +395,12 @@ impl GpuSession {
             tail_last,
             tail_all,
             pos: 0,
+            ring: RingState {
+                rows: ring,
+                window,
+                layers: (0..dm.n_layers).filter(|&li| owns_kv(li) && ring_layer(li)).collect(),
+                high: 0,
+            },
             counters: StepCounters::default(),
             kv_bytes,
             alloc_bytes,
@@ -466,7 +518,9 @@ impl GpuSession {
         self.plan.ffn_bytes()
     }
 
-    /// Bytes of the GPU KV cache (allocated for the whole context window).
+    /// Bytes of the GPU KV cache, allocated when the session is made: the whole context window
+    /// per layer that owns its K/V, except a Gemma 3n sliding-window layer's ring (its window
+    /// plus two prefill chunks of rows, when that is smaller).
     pub fn kv_cache_bytes(&self) -> u64 {
         self.kv_bytes
     }
@@ -484,11 +538,106 @@ impl GpuSession {
     /// Empties the KV cache.
     pub fn reset(&mut self) {
         self.pos = 0;
+        self.ring.high = 0;
     }
 
     /// Forgets every token from `position` on (no-op if `position >= self.position()`).
+    ///
+    /// A Gemma 3n sliding-window layer's cache is a ring that holds only the last positions
+    /// (the window and two prefill chunks; [`GpuSession::kv_cache_bytes`]): going back
+    /// further than its rows reach empties the cache ([`GpuSession::position`] becomes 0) and
+    /// the caller runs the tokens again (`ElasticSession::truncate` does, from its history),
+    /// as on the CPU engine.
     pub fn truncate(&mut self, position: usize) {
-        self.pos = self.pos.min(position);
+        let pos = self.pos.min(position);
+        if pos < self.pos && !self.ring.reaches(pos) {
+            self.reset();
+            return;
+        }
+        self.pos = pos;
+    }
+
+    /// Before a run of `n` tokens that may overwrite ring rows that restoring the current
+    /// position needs (a prefill longer than the ring's spare rows), copies them aside.
+    fn save_ring(&self, n: usize) -> Result<Option<RingBackup>, GpuError> {
+        let start = self.pos;
+        if !self.ring.run_overwrites(start, n) {
+            return Ok(None);
+        }
+        let lo = start.saturating_sub(self.ring.window - 1);
+        let rows = start - lo;
+        let gpu = &self.inner.gpu;
+        let row_bytes = (pad8(self.inner.dims.kv_dim) * 4) as u64;
+        let bytes = rows as u64 * row_bytes;
+        self.inner.check_limit(2 * bytes * self.ring.layers.len() as u64, "saving the sliding-window caches")?;
+        use wgpu::BufferUsages as U;
+        let mut copies = Vec::with_capacity(self.ring.layers.len());
+        for &li in &self.ring.layers {
+            let b = |what: &str| {
+                zeroed(gpu, &format!("{what} cache {li} saved"), bytes, U::COPY_SRC | U::COPY_DST, gpu.max_binding())
+            };
+            copies.push((b("k")?, b("v")?));
+        }
+        gpu.scoped("saving the sliding-window caches", || {
+            let mut enc =
+                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("ring save") });
+            for (&li, (k, v)) in self.ring.layers.iter().zip(&copies) {
+                let (kc, vc) = &self.acts.caches[li];
+                for (row, at, len) in ring_segments(lo, rows, self.ring.rows) {
+                    enc.copy_buffer_to_buffer(
+                        kc,
+                        row as u64 * row_bytes,
+                        k,
+                        at as u64 * row_bytes,
+                        len as u64 * row_bytes,
+                    );
+                    enc.copy_buffer_to_buffer(
+                        vc,
+                        row as u64 * row_bytes,
+                        v,
+                        at as u64 * row_bytes,
+                        len as u64 * row_bytes,
+                    );
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+        })?;
+        Ok(Some(RingBackup { lo, n: rows, copies }))
+    }
+
+    /// After a failed run: puts back the rows [`GpuSession::save_ring`] saved (the position is
+    /// already back at its start); if even that fails, empties the cache.
+    fn restore_ring(&mut self, backup: Option<RingBackup>) {
+        let Some(b) = backup else { return };
+        let gpu = &self.inner.gpu;
+        let row_bytes = (pad8(self.inner.dims.kv_dim) * 4) as u64;
+        let r = gpu.scoped("restoring the sliding-window caches", || {
+            let mut enc =
+                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("ring restore") });
+            for (&li, (k, v)) in self.ring.layers.iter().zip(&b.copies) {
+                let (kc, vc) = &self.acts.caches[li];
+                for (row, at, len) in ring_segments(b.lo, b.n, self.ring.rows) {
+                    enc.copy_buffer_to_buffer(
+                        k,
+                        at as u64 * row_bytes,
+                        kc,
+                        row as u64 * row_bytes,
+                        len as u64 * row_bytes,
+                    );
+                    enc.copy_buffer_to_buffer(
+                        v,
+                        at as u64 * row_bytes,
+                        vc,
+                        row as u64 * row_bytes,
+                        len as u64 * row_bytes,
+                    );
+                }
+            }
+            gpu.queue.submit([enc.finish()]);
+        });
+        if r.is_err() {
+            self.reset();
+        }
     }
 
     /// Appends `tokens` (batched passes of up to the prefill chunk) and returns the argmax of
@@ -622,16 +771,27 @@ impl GpuSession {
         }
         let start = self.pos;
         let p = sampler.params();
+        // The ring rows a long run overwrote, to put back if a later step fails.
+        let mut saved = None;
         let r = if p.is_greedy() && !p.has_penalties() {
-            self.run(tokens, Tail::Last).and_then(|()| self.read_argmax(stop))
+            self.run(tokens, Tail::Last).and_then(|s| {
+                saved = s;
+                self.read_argmax(stop)
+            })
         } else {
             self.validate(tokens)
                 .and_then(|()| self.prepare_candidates(sampler.candidate_count(), &sampler.logit_transform()))
-                .and_then(|k| self.run(tokens, Tail::Candidates(k)).and_then(|()| self.read_candidates(k, stop)))
+                .and_then(|k| {
+                    self.run(tokens, Tail::Candidates(k)).and_then(|s| {
+                        saved = s;
+                        self.read_candidates(k, stop)
+                    })
+                })
                 .and_then(|c| self.finish_sample(&c, sampler))
         };
         if r.is_err() {
             self.pos = start;
+            self.restore_ring(saved);
         }
         r
     }
@@ -1002,12 +1162,14 @@ impl GpuSession {
         let start = self.pos;
         let mut out = Vec::with_capacity(tokens.len() * self.inner.dims.vocab);
         self.validate(tokens)?;
+        let saved = self.save_ring(tokens.len())?;
         for chunk in tokens.chunks(self.bufs.t_max) {
             let r = self.pass(chunk, Tail::All).and_then(|()| self.read_logits(chunk.len()));
             match r {
                 Ok(l) => out.extend_from_slice(&l),
                 Err(e) => {
                     self.pos = start;
+                    self.restore_ring(saved);
                     return Err(e);
                 }
             }
@@ -1028,18 +1190,22 @@ impl GpuSession {
 
     /// Validates, then runs `tokens` in chunks, computing `tail` on the last one; on failure
     /// the session is left as it was.
-    fn run(&mut self, tokens: &[u32], tail: Tail) -> Result<(), GpuError> {
+    /// Returns the ring rows saved before a long run ([`GpuSession::save_ring`]), for a
+    /// caller whose later step may fail and go back to the start.
+    fn run(&mut self, tokens: &[u32], tail: Tail) -> Result<Option<RingBackup>, GpuError> {
         self.validate(tokens)?;
         let start = self.pos;
+        let saved = self.save_ring(tokens.len())?;
         let n_chunks = tokens.len().div_ceil(self.bufs.t_max);
         for (c, chunk) in tokens.chunks(self.bufs.t_max).enumerate() {
             let tail = if c + 1 == n_chunks { tail } else { Tail::None };
             if let Err(e) = self.pass(chunk, tail) {
                 self.pos = start;
+                self.restore_ring(saved);
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(saved)
     }
 
     /// One pass over `tokens` (at most `t_max`, validated) at positions `pos..pos + t`:
@@ -1074,6 +1240,8 @@ impl GpuSession {
                 }
                 _ => {}
             }
+            // Counted before the submit: a pass that fails after it may have written its rows.
+            self.ring.high = self.ring.high.max(self.pos + t);
             gpu.queue.submit([enc.finish()]);
         })?;
         self.pos += t;
@@ -1138,4 +1306,16 @@ fn head_items(
     let mut items = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, last)?];
     p.matmul(head, false, false, &a.xn, a.sd, logits, sv, &mut items)?;
     Ok(items)
+}
+
+/// The ring rows of positions `[lo, lo + n)` as contiguous pieces `(first row, offset in
+/// the run, rows)`: at most two (the run may wrap around the end of the ring).
+fn ring_segments(lo: usize, n: usize, rows: usize) -> Vec<(usize, usize, usize)> {
+    let r0 = lo % rows.max(1);
+    let first = n.min(rows - r0);
+    let mut v = vec![(r0, 0, first)];
+    if first < n {
+        v.push((0, first, n - first));
+    }
+    v
 }
