@@ -106,6 +106,36 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
             }
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
+        if t > 1 && qdot::x86::has_avx512() {
+            // Several tokens on AVX-512 (32 vector registers): two rows by four tokens at a
+            // time, so each activation block loaded serves two rows.
+            let row = |k: usize| &bytes[k * rb..(k + 1) * rb];
+            let mut k = 0;
+            while k + 2 <= rows {
+                let w = [row(k), row(k + 1)];
+                let mut i = 0;
+                while i + 4 <= t {
+                    let r = qdot::x86::dot_block::<2, 4>(dtype, w, std::array::from_fn(|q| qx.token(i + q)));
+                    for (j, rj) in r.iter().enumerate() {
+                        for (q, v) in rj.iter().enumerate() {
+                            out[(i + q) * ld + col0 + k + j] = *v;
+                        }
+                    }
+                    i += 4;
+                }
+                for i in i..t {
+                    let r = qdot::x86::dot_block::<2, 1>(dtype, w, [qx.token(i)]);
+                    out[i * ld + col0 + k] = r[0][0];
+                    out[i * ld + col0 + k + 1] = r[1][0];
+                }
+                k += 2;
+            }
+            if k < rows {
+                qdot::dot_tokens(dtype, row(k), qx, t, &mut out[col0 + k..], ld);
+            }
+            continue;
+        }
         let mut b0 = 0;
         while b0 < rows {
             let nb = ROW_BLOCK.min(rows - b0);

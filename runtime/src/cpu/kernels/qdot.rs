@@ -358,17 +358,20 @@ pub(crate) mod x86 {
         w: [&[u8]; R],
         x: [QAct<'_>; T],
     ) -> [[f32; T]; R] {
-        dot_block_with(has_vnni(), dtype, w, x)
+        dot_block_with(has_vnni(), true, dtype, w, x)
     }
 
-    /// [`dot`] without AVX-VNNI even where the CPU has it (the tests compare the two).
+    /// [`dot`] without AVX-VNNI and AVX-512 even where the CPU has them (the tests compare).
     #[cfg(test)]
     pub(crate) fn dot_avx2(dtype: DType, w: &[u8], x: QAct<'_>) -> f32 {
-        dot_block_with::<1, 1>(false, dtype, [w], [x])[0][0]
+        dot_block_with::<1, 1>(false, false, dtype, [w], [x])[0][0]
     }
 
-    fn dot_block_with<const R: usize, const T: usize>(
+    /// [`dot_block`] on the 256-bit kernels only (`wide` false) or with the AVX-512 one where
+    /// the CPU has it (the tests compare the two).
+    pub(crate) fn dot_block_with<const R: usize, const T: usize>(
         vnni: bool,
+        wide: bool,
         dtype: DType,
         w: [&[u8]; R],
         x: [QAct<'_>; T],
@@ -383,7 +386,18 @@ pub(crate) mod x86 {
         if matches!(dtype, DType::F32 | DType::F16) {
             return [[0.0; T]; R];
         }
-        if vnni && has_vnni() {
+        if wide && has_avx512() {
+            // SAFETY: AVX-512 F/BW/VL (and VNNI for that kernel) with AVX2, FMA and F16C are
+            // available (checked here); the kernel reads only through the slices it is given,
+            // each holding `nb` whole blocks.
+            unsafe {
+                if has_avx512_vnni() {
+                    kernel512_vnni::<R, T>(dtype, w, a, nb)
+                } else {
+                    kernel512::<R, T>(dtype, w, a, nb)
+                }
+            }
+        } else if vnni && has_vnni() {
             // SAFETY: AVX2, FMA and AVX-VNNI are available (checked here); the kernel reads
             // only through the slices it is given, each holding `nb` whole blocks.
             unsafe { kernel_vnni::<R, T>(dtype, w, a, nb) }
@@ -431,6 +445,190 @@ pub(crate) mod x86 {
     ) -> [[f32; T]; R] {
         // SAFETY: the caller guarantees AVX2, FMA, F16C and AVX-VNNI and passes `nb` whole blocks.
         unsafe { body::<R, T, true>(dtype, w, x, nb) }
+    }
+
+    /// Whether this CPU also has AVX-512 VNNI (`vpdpbusd` on 512-bit vectors).
+    #[inline]
+    pub(crate) fn has_avx512_vnni() -> bool {
+        has_avx512() && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn kernel512<const R: usize, const T: usize>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller guarantees these features and passes `nb` whole blocks.
+        unsafe { body512::<R, T, false>(dtype, w, x, nb) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn kernel512_vnni<const R: usize, const T: usize>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller guarantees these features and passes `nb` whole blocks.
+        unsafe { body512::<R, T, true>(dtype, w, x, nb) }
+    }
+
+    /// Sixteen i32 lanes of `acc + sum of four u8 * i8 products each`.
+    #[inline(always)]
+    unsafe fn dp512<const VNNI: bool>(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        // SAFETY: register-only intrinsics; the callers run with AVX-512 F/BW (and VNNI when
+        // `VNNI`) enabled.
+        unsafe {
+            if VNNI {
+                _mm512_dpbusd_epi32(acc, u, s)
+            } else {
+                _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)))
+            }
+        }
+    }
+
+    /// [`body`] on 512-bit vectors, two blocks at a time: the even block in the low eight
+    /// lanes, the odd one in the high eight, so each accumulator is `body`'s even and odd
+    /// accumulators side by side and every lane gets the same integer sum and the same f32
+    /// operations (q8_0's sign trick becomes `|w|` times `q` negated where `w < 0`: the same
+    /// products). An odd last block goes through the low half alone. Bitwise [`body`].
+    ///
+    /// Safety: as [`body`], with AVX-512 F/BW/VL (and VNNI when `VNNI`) enabled.
+    #[inline(always)]
+    unsafe fn body512<const R: usize, const T: usize, const VNNI: bool>(
+        dtype: DType,
+        w: [&[u8]; R],
+        x: [Act<'_>; T],
+        nb: usize,
+    ) -> [[f32; T]; R] {
+        let bb = dtype.block_bytes();
+        let min = dtype == DType::Q4_1;
+        let q40 = dtype == DType::Q4_0;
+        let q8 = dtype == DType::Q8_0;
+        debug_assert!(w.iter().all(|w| w.len() >= nb * bb));
+        debug_assert!(x
+            .iter()
+            .all(|x| x.d.len() >= nb && x.s.len() >= nb && x.qsum.len() >= nb && x.q.len() >= nb * QK));
+        let wp = w.map(|w| w.as_ptr());
+        // SAFETY: as in `body`: reads of blocks `b` and `b + 1 < nb` at offsets inside a block
+        // from the rows, of entries `b`, `b + 1` and values `b * 32 .. b * 32 + 64` from the
+        // tokens' arrays; the rest are register intrinsics.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
+            let mut mins0 = [[0.0f32; T]; R];
+            let mut mins1 = mins0;
+            let f16 =
+                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
+            // Lanes 0..8 take element 0, lanes 8..16 element 1.
+            let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let nib = _mm512_set1_epi8(0x0f);
+            let shifts = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+            let mut b = 0;
+            while b + 1 < nb {
+                for p in wp {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b * bb + PREFETCH).cast());
+                }
+                let qv: [__m512i; T] = std::array::from_fn(|k| _mm512_loadu_si512(x[k].q.as_ptr().add(b * QK).cast()));
+                let dx: [__m512; T] = std::array::from_fn(|k| {
+                    let two = _mm_castpd_ps(_mm_load_sd(x[k].d.as_ptr().add(b).cast()));
+                    _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(two))
+                });
+                // q4_0's `-8 * sum(q)` in lane 0 of each half.
+                let off: [__m512i; T] = std::array::from_fn(|k| {
+                    if q40 {
+                        let two =
+                            _mm_mullo_epi32(_mm_loadl_epi64(x[k].qsum.as_ptr().add(b).cast()), _mm_set1_epi32(-8));
+                        _mm512_maskz_permutexvar_epi32(0x0101, pair, _mm512_castsi128_si512(two))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                for r in 0..R {
+                    let (b0, b1) = (wp[r].add(b * bb), wp[r].add((b + 1) * bb));
+                    let dw = _mm512_cvtph_ps(_mm256_set_m128i(
+                        _mm_set1_epi16(std::ptr::read_unaligned(b1.cast::<i16>())),
+                        _mm_set1_epi16(std::ptr::read_unaligned(b0.cast::<i16>())),
+                    ));
+                    let (u, neg) = if q8 {
+                        let v = _mm512_inserti64x4(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2).cast())),
+                            _mm256_loadu_si256(b1.add(2).cast()),
+                            1,
+                        );
+                        (_mm512_abs_epi8(v), _mm512_movepi8_mask(v))
+                    } else {
+                        // [raw0, raw0 >> 4, raw1, raw1 >> 4] by 128-bit lane, then the nibbles.
+                        let both = _mm512_mask_broadcast_i32x4(
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(b0.add(bb - QK / 2).cast())),
+                            0xff00,
+                            _mm_loadu_si128(b1.add(bb - QK / 2).cast()),
+                        );
+                        (_mm512_and_si512(_mm512_srlv_epi64(both, shifts), nib), 0)
+                    };
+                    let (mw0, mw1) = if min { (f16(b0.add(2)), f16(b1.add(2))) } else { (0.0, 0.0) };
+                    for k in 0..T {
+                        let p = if q8 {
+                            let s = _mm512_mask_sub_epi8(qv[k], neg, _mm512_setzero_si512(), qv[k]);
+                            dp512::<VNNI>(_mm512_setzero_si512(), u, s)
+                        } else {
+                            dp512::<VNNI>(off[k], u, qv[k])
+                        };
+                        acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx[k]), _mm512_cvtepi32_ps(p), acc[r][k]);
+                        if min {
+                            mins0[r][k] += mw0 * *x[k].s.get_unchecked(b);
+                            mins1[r][k] += mw1 * *x[k].s.get_unchecked(b + 1);
+                        }
+                    }
+                }
+                b += 2;
+            }
+            if b < nb {
+                // The odd last block, into the low (even) half: `body`'s 256-bit operations.
+                for r in 0..R {
+                    let blk = wp[r].add(b * bb);
+                    let dw = _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(blk.cast::<i16>())));
+                    let (u, v) = if q8 {
+                        let v = _mm256_loadu_si256(blk.add(2).cast());
+                        (_mm256_sign_epi8(v, v), v)
+                    } else {
+                        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(bb - QK / 2).cast()));
+                        let both = _mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4));
+                        (_mm256_and_si256(both, _mm256_set1_epi8(0x0f)), _mm256_setzero_si256())
+                    };
+                    let mw = if min { f16(blk.add(2)) } else { 0.0 };
+                    for k in 0..T {
+                        let qv = _mm256_loadu_si256(x[k].q.as_ptr().add(b * QK).cast());
+                        let dx = _mm256_broadcast_ss(x[k].d.get_unchecked(b));
+                        let p = if q8 {
+                            dp::<false>(_mm256_setzero_si256(), u, _mm256_sign_epi8(qv, v))
+                        } else if q40 {
+                            let off = _mm256_setr_epi32(-8 * *x[k].qsum.get_unchecked(b), 0, 0, 0, 0, 0, 0, 0);
+                            dp::<false>(off, u, qv)
+                        } else {
+                            dp::<false>(_mm256_setzero_si256(), u, qv)
+                        };
+                        let lo = _mm512_castps512_ps256(acc[r][k]);
+                        let lo = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(p), lo);
+                        acc[r][k] = _mm512_mask_mov_ps(acc[r][k], 0x00ff, _mm512_castps256_ps512(lo));
+                        if min {
+                            mins0[r][k] += mw * *x[k].s.get_unchecked(b);
+                        }
+                    }
+                }
+            }
+            let mut out = [[0.0f32; T]; R];
+            for r in 0..R {
+                for k in 0..T {
+                    let a = acc[r][k];
+                    let (a0, a1) =
+                        (_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+                    out[r][k] = hsum(_mm256_add_ps(a0, a1)) + (mins0[r][k] + mins1[r][k]);
+                }
+            }
+            out
+        }
     }
 
     /// Eight i32 lanes of `acc + sum of four u8 * i8 products each`.

@@ -407,3 +407,46 @@ fn x86_quantised_axpy_rows_equal_the_portable_kernel_bitwise() {
         assert!(y.iter().all(|&v| v == 1.0));
     }
 }
+
+/// On x86-64: the AVX-512 dot-product kernel (two blocks per vector) gives bitwise the AVX2
+/// one for every row-by-token shape the products use, odd and even block counts (where the
+/// CPU lacks AVX-512 both sides are the AVX2 kernel).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_avx512_dots_equal_the_avx2_ones_bitwise() {
+    if !qdot::x86::available() {
+        return;
+    }
+    fn check<const R: usize, const T: usize>(rng: &mut Rng, dtype: DType, nb: usize) {
+        let rows: Vec<Vec<u8>> = (0..R).map(|_| encode(dtype, &rng.blocks(nb))).collect();
+        let xs = rng.blocks(nb * T);
+        let qx = QActs::quantize(&xs, T, nb * QK);
+        let w: [&[u8]; R] = std::array::from_fn(|j| &rows[j][..]);
+        let x: [qdot::QAct<'_>; T] = std::array::from_fn(|k| qx.token(k));
+        let narrow = qdot::x86::dot_block_with::<R, T>(false, false, dtype, w, x);
+        for vnni in [false, true] {
+            let wide = qdot::x86::dot_block_with::<R, T>(vnni, true, dtype, w, x);
+            for r in 0..R {
+                for k in 0..T {
+                    assert_eq!(
+                        wide[r][k].to_bits(),
+                        narrow[r][k].to_bits(),
+                        "{dtype} {nb} blocks, {R}x{T}, row {r} token {k}: {} against {}",
+                        wide[r][k],
+                        narrow[r][k]
+                    );
+                }
+            }
+        }
+    }
+    let mut rng = Rng(73);
+    for dtype in QTYPES {
+        for nb in [1usize, 2, 3, 7, 64, 65] {
+            check::<1, 1>(&mut rng, dtype, nb);
+            check::<4, 1>(&mut rng, dtype, nb);
+            check::<1, 4>(&mut rng, dtype, nb);
+            check::<2, 4>(&mut rng, dtype, nb);
+            check::<1, 2>(&mut rng, dtype, nb);
+        }
+    }
+}
