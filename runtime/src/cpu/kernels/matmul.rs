@@ -5,6 +5,8 @@ use super::dot::*;
 use super::pool::*;
 use super::qdot::{self, QActs};
 use crate::cpu::weights::{Matrix, RowData};
+#[cfg(target_arch = "x86_64")]
+use crate::format::QK;
 
 /// Rows widened at a time in the batched paths.
 pub(super) const ROW_BLOCK: usize = 8;
@@ -225,6 +227,10 @@ pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mu
 /// the threads or the submodel: `out = ((p_0 + p_1) + p_2) + ...` where `p_g` sums neurons
 /// `[g * DOWN_GROUP, (g + 1) * DOWN_GROUP)` in increasing order.
 pub(super) const DOWN_GROUP: usize = 256;
+/// From this many inputs on, the down projection runs register-tiled where the CPU has AVX-512
+/// (`super::tiled`; the same bits, compute-bound).
+#[cfg(target_arch = "x86_64")]
+pub(super) const TILED_MIN_T: usize = 9;
 /// Up to this many inputs the down projection splits neuron groups across threads (each
 /// thread reads only its own weight rows); beyond it, it splits the inputs (compute-bound).
 pub(super) const DOWN_SPLIT_GROUPS_MAX_T: usize = 8;
@@ -450,6 +456,16 @@ pub(crate) fn matmul_down(h: &[f32], t: usize, d: &Matrix<'_>, out: &mut [f32], 
     let n_groups = rows.div_ceil(DOWN_GROUP).max(1);
     let group = |g: usize| (g * DOWN_GROUP, ((g + 1) * DOWN_GROUP).min(rows));
     let threads = threads_for(t.saturating_mul(rows).saturating_mul(n), threads);
+    #[cfg(target_arch = "x86_64")]
+    if t >= TILED_MIN_T && super::tiled::applies(n) {
+        // A prefill batch on AVX-512: register tiles, split across threads by output columns
+        // (each thread widens only its columns' weights, once for every input).
+        let pieces = threads.min(n / QK).max(1);
+        par_columns(out, t, n, threads, pieces, QK, |s, e, chunk, ld| {
+            super::tiled::down_tiled(h, t, d, s, e, chunk, ld)
+        });
+        return;
+    }
     if t > DOWN_SPLIT_GROUPS_MAX_T || n_groups == 1 || threads == 1 {
         // Each thread: a range of inputs, every group in order.
         // Every item reads all the weights: as few items as threads.

@@ -44,7 +44,10 @@
 //! `std::arch` AVX2 / NEON `sdot` kernels chosen at run time, behind safe wrappers, each tested
 //! against its scalar reference), one per (token, row) whatever the batch, so the invariances
 //! above hold for quantised files too. The down projection dequantises its rows and adds them
-//! exactly as the f32 path does.
+//! exactly as the f32 path does. A prefill batch's down projection (from
+//! [`TILED_MIN_T`](matmul::TILED_MIN_T) inputs, x86-64 with AVX-512) widens each group's rows
+//! once per 32 output columns and accumulates eight inputs by 32 columns in registers
+//! ([`tiled`]): the same operations per output, so the same bits.
 //!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`](pool::worker_pool)) rather than spawning threads per product.
@@ -60,6 +63,8 @@ mod qtests;
 mod speed;
 #[cfg(test)]
 mod tests;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 
 pub(crate) use dot::add_assign;
 pub(crate) use matmul::{matmul, matmul_down, matmul_many};

@@ -450,3 +450,47 @@ fn x86_avx512_dots_equal_the_avx2_ones_bitwise() {
         }
     }
 }
+
+/// The register-tiled down projection of a prefill batch (x86-64 with AVX-512, from
+/// `TILED_MIN_T` inputs) is bitwise the one-input path, for every block type, f16 and f32 rows,
+/// several parts, groups cut short (rows not multiples of 256), tiles cut short (inputs not
+/// multiples of 8), one and three threads; and the f32 product on the decoded weights.
+#[test]
+fn tiled_down_projection_is_bitwise_the_one_input_path() {
+    #[cfg(target_arch = "x86_64")]
+    const {
+        assert!(super::matmul::TILED_MIN_T <= 9)
+    };
+    let mut rng = Rng(17);
+    for (case, &(rows, cols, t)) in
+        [(1usize, 32usize, 9usize), (255, 96, 16), (256, 64, 23), (300, 160, 64), (700, 1024, 12), (40, 32, 17)]
+            .iter()
+            .enumerate()
+    {
+        let h: Vec<f32> = (0..t * rows).map(|_| rng.f()).collect();
+        let one_by_one = |m: &Matrix<'_>| -> Vec<f32> {
+            let mut want = vec![0.0; t * cols];
+            for (i, w) in want.chunks_exact_mut(cols).enumerate() {
+                matmul_down(&h[i * rows..(i + 1) * rows], 1, m, w, 1);
+            }
+            want
+        };
+        for dtype in QTYPES {
+            let m = QMatrix::new(&mut rng, dtype, rows, cols);
+            let want = one_by_one(&m.view());
+            for threads in [1, 3] {
+                let mut got = vec![f32::NAN; t * cols];
+                matmul_down(&h, t, &m.view(), &mut got, threads);
+                Tolerance::EXACT.check(&want, &got).unwrap_or_else(|e| panic!("{dtype} case {case} th {threads}: {e}"));
+                let mut f = vec![f32::NAN; t * cols];
+                matmul_down(&h, t, &m.f32_view(), &mut f, threads);
+                Tolerance::EXACT.check(&want, &f).unwrap_or_else(|e| panic!("{dtype} f32 case {case}: {e}"));
+            }
+        }
+        let m = super::tests::TestMatrix::new(&mut rng, rows, cols, true);
+        let want = one_by_one(&m.view(true));
+        let mut got = vec![f32::NAN; t * cols];
+        matmul_down(&h, t, &m.view(true), &mut got, 2);
+        Tolerance::EXACT.check(&want, &got).unwrap_or_else(|e| panic!("f16 case {case}: {e}"));
+    }
+}

@@ -43,7 +43,7 @@ fn check(tol: Tolerance, expected: &[f32], actual: &[f32], what: &str) {
 
 /// Weights as stored (f16 values are rounded first, so the reference sees the same
 /// numbers), split into random parts like level segments.
-struct TestMatrix {
+pub(super) struct TestMatrix {
     rows: usize,
     cols: usize,
     f32_data: Vec<f32>,
@@ -52,7 +52,7 @@ struct TestMatrix {
 }
 
 impl TestMatrix {
-    fn new(rng: &mut Rng, rows: usize, cols: usize, use_f16: bool) -> TestMatrix {
+    pub(super) fn new(rng: &mut Rng, rows: usize, cols: usize, use_f16: bool) -> TestMatrix {
         let mut f32_data = rng.vec(rows * cols);
         let f16_data: Vec<f16> = f32_data.iter().map(|&v| f16::from_f32(v)).collect();
         if use_f16 {
@@ -66,7 +66,7 @@ impl TestMatrix {
         TestMatrix { rows, cols, f32_data, f16_data, splits }
     }
 
-    fn view(&self, use_f16: bool) -> Matrix<'_> {
+    pub(super) fn view(&self, use_f16: bool) -> Matrix<'_> {
         let parts = self
             .splits
             .windows(2)
