@@ -8,6 +8,12 @@ use crate::cpu::weights::{Matrix, RowData};
 #[cfg(target_arch = "x86_64")]
 use crate::format::QK;
 
+/// Rows by inputs per call of the AVX-512 quantised kernel in a batch (see `quant_rows`).
+#[cfg(target_arch = "x86_64")]
+const AVX512_ROWS: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const AVX512_TOKENS: usize = 4;
+
 /// Rows widened at a time in the batched paths.
 pub(super) const ROW_BLOCK: usize = 8;
 
@@ -110,31 +116,39 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
         }
         #[cfg(target_arch = "x86_64")]
         if t > 1 && qdot::x86::has_avx512() {
-            // Several tokens on AVX-512 (32 vector registers): two rows by four tokens at a
-            // time, so each activation block loaded serves two rows.
+            // Several tokens on AVX-512 (32 vector registers): four rows by four tokens at a
+            // time, so each activation block loaded serves four rows and each weight block
+            // four tokens (measured against 2 x 4, 4 x 3 and 2 x 6: small_batch_speed q4_0
+            // 8192 x 2048, 64 inputs, 78-79 -> 89-91 GFLOP/s on one thread).
             let row = |k: usize| &bytes[k * rb..(k + 1) * rb];
             let mut k = 0;
-            while k + 2 <= rows {
-                let w = [row(k), row(k + 1)];
+            while k + AVX512_ROWS <= rows {
+                let w: [&[u8]; AVX512_ROWS] = std::array::from_fn(|j| row(k + j));
                 let mut i = 0;
-                while i + 4 <= t {
-                    let r = qdot::x86::dot_block::<2, 4>(dtype, w, std::array::from_fn(|q| qx.token(i + q)));
+                while i + AVX512_TOKENS <= t {
+                    let r = qdot::x86::dot_block::<AVX512_ROWS, AVX512_TOKENS>(
+                        dtype,
+                        w,
+                        std::array::from_fn(|q| qx.token(i + q)),
+                    );
                     for (j, rj) in r.iter().enumerate() {
                         for (q, v) in rj.iter().enumerate() {
                             out[(i + q) * ld + col0 + k + j] = *v;
                         }
                     }
-                    i += 4;
+                    i += AVX512_TOKENS;
                 }
                 for i in i..t {
-                    let r = qdot::x86::dot_block::<2, 1>(dtype, w, [qx.token(i)]);
-                    out[i * ld + col0 + k] = r[0][0];
-                    out[i * ld + col0 + k + 1] = r[1][0];
+                    let r = qdot::x86::dot_block::<AVX512_ROWS, 1>(dtype, w, [qx.token(i)]);
+                    for (j, rj) in r.iter().enumerate() {
+                        out[i * ld + col0 + k + j] = rj[0];
+                    }
                 }
-                k += 2;
+                k += AVX512_ROWS;
             }
-            if k < rows {
+            while k < rows {
                 qdot::dot_tokens(dtype, row(k), qx, t, &mut out[col0 + k..], ld);
+                k += 1;
             }
             continue;
         }
