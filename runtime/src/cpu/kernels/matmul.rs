@@ -50,6 +50,12 @@ pub(super) fn matmul_rows(
     }
     let mut wbuf = Vec::new();
     for (start, rows, data) in w.parts_in(r0, r1) {
+        #[cfg(target_arch = "x86_64")]
+        if t >= super::tiled::DOT_MIN_T && super::tiled::dot_applies() {
+            // AVX-512: register tiles of rows by inputs on widened rows (the same bits).
+            super::tiled::dot_rows_tiled(x, t, data, rows, cols, &mut out[start - r0..], ld, &mut wbuf);
+            continue;
+        }
         if let RowData::F16(rows_f16) = data {
             // Each row read once and widened in registers, dotted with every input while in L1.
             for (k, row) in rows_f16.chunks_exact(cols.max(1)).take(rows).enumerate() {

@@ -47,7 +47,9 @@
 //! exactly as the f32 path does. A prefill batch's down projection (from
 //! [`TILED_MIN_T`](matmul::TILED_MIN_T) inputs, x86-64 with AVX-512) widens each group's rows
 //! once per 32 output columns and accumulates eight inputs by 32 columns in registers
-//! ([`tiled`]): the same operations per output, so the same bits.
+//! ([`tiled`]): the same operations per output, so the same bits. Likewise a batch's `x @ W^T`
+//! on f16 or f32 rows (from [`DOT_MIN_T`](tiled::DOT_MIN_T) inputs): four widened rows by three
+//! inputs, each product's 32 lanes in registers, summed by [`reduce`](dot::reduce).
 //!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`](pool::worker_pool)) rather than spawning threads per product.
