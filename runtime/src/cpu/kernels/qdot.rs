@@ -824,8 +824,9 @@ pub(crate) mod x86 {
         // register intrinsics.
         unsafe {
             let av: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(a[r]));
-            let nib = _mm_set1_epi8(0x0f);
-            let eight = _mm512_set1_epi32(8);
+            // The 4-bit values as f32: `k` and `k - 8` for `k` in 0..16.
+            let levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            let centred = _mm512_sub_ps(levels, _mm512_set1_ps(8.0));
             let f16 =
                 |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
             for b in 0..nb {
@@ -839,29 +840,29 @@ pub(crate) mod x86 {
                 for (r, ar) in av.iter().enumerate() {
                     let blk = rp.add((r * nb + b) * bb);
                     let d = _mm512_set1_ps(f16(blk));
-                    let q: [__m512i; 2] = if q8 {
-                        [
+                    let w: [__m512; 2] = if q8 {
+                        let q = [
                             _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast())),
                             _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18).cast())),
-                        ]
-                    } else {
-                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                        let q = [
-                            _mm512_cvtepu8_epi32(_mm_and_si128(raw, nib)),
-                            _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), nib)),
                         ];
+                        q.map(|q| _mm512_mul_ps(d, _mm512_cvtepi32_ps(q)))
+                    } else {
+                        // A 4-bit block has 16 possible weights: the table of all of them
+                        // (`d * (k - 8)`, or `d * k + m` for q4_1: the same operations, so the
+                        // same values), then one lookup per weight; `vpermps` reads only the
+                        // index's low four bits, so each byte widened to 32 bits indexes by its
+                        // low nibble, and the bytes shifted right by four by their high one.
+                        let mut table = _mm512_mul_ps(d, if q41 { levels } else { centred });
                         if q41 {
-                            q
-                        } else {
-                            q.map(|q| _mm512_sub_epi32(q, eight))
+                            table = _mm512_add_ps(table, _mm512_set1_ps(f16(blk.add(2))));
                         }
+                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
+                        [
+                            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), table),
+                            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), table),
+                        ]
                     };
-                    let m = if q41 { _mm512_set1_ps(f16(blk.add(2))) } else { _mm512_setzero_ps() };
-                    for (vg, qg) in v.iter_mut().zip(q) {
-                        let mut w = _mm512_mul_ps(d, _mm512_cvtepi32_ps(qg));
-                        if q41 {
-                            w = _mm512_add_ps(w, m);
-                        }
+                    for (vg, w) in v.iter_mut().zip(w) {
                         *vg = if FUSED {
                             _mm512_fmadd_ps(*ar, w, *vg)
                         } else {
