@@ -119,6 +119,30 @@ fn a_second_turn_prefills_only_new_tokens_and_equals_a_fresh_session() {
     assert_eq!(s.messages().len(), 4, "user, assistant, user, assistant");
 }
 
+/// A text or token turn continues after every token of the previous answer, the last one
+/// included (emitted, not yet fed: the next turn feeds it first), as if the whole history had
+/// been one prompt.
+#[test]
+fn a_text_turn_continues_after_the_whole_previous_answer() {
+    let engine = cpu_engine();
+    let s = session(&engine, "m");
+    let first = s.generate(Input::Text("The meaning of ".into()), &greedy(9), &mut NoSink).unwrap();
+    assert_eq!((first.finish_reason, first.token_ids.len()), (FinishReason::Length, 9));
+    let more = engine.tokenizer().encode(" and", false).unwrap();
+    let second = s.generate(Input::Tokens(more.clone()), &greedy(9), &mut NoSink).unwrap();
+    let mut whole = engine.tokenizer().encode("The meaning of ", true).unwrap();
+    whole.extend_from_slice(&first.token_ids);
+    whole.extend_from_slice(&more);
+    assert_eq!(second.usage.prompt_tokens, whole.len());
+    assert_eq!(second.usage.cached_prompt_tokens, whole.len() - more.len() - 1);
+    let fresh = session(&engine, "m").generate(Input::Tokens(whole), &greedy(9), &mut NoSink).unwrap();
+    assert_eq!(second.token_ids, fresh.token_ids);
+    // After a reset nothing of the old answer is carried.
+    s.reset();
+    let again = s.generate(Input::Text("The meaning of ".into()), &greedy(9), &mut NoSink).unwrap();
+    assert_eq!(again.token_ids, first.token_ids);
+}
+
 #[test]
 fn cancel_stops_within_a_step_and_the_next_turn_is_exact() {
     let engine = cpu_engine();
@@ -241,10 +265,11 @@ fn a_cancel_stops_the_step_in_flight(engine: &Engine) {
         assert_eq!(c.token_ids[..], fresh.token_ids[..n]);
         // The last token was emitted, never fed: the cache holds the prompt and the others.
         assert_eq!(s.token_count(), prompt.len() + n - 1);
-        // The conversation goes on from there exactly.
-        let more = s.generate(Input::Text(String::new()), &greedy(20 - n + 1), &mut NoSink);
+        // The conversation goes on after the last token emitted, exactly (it is fed first).
+        let more = s.generate(Input::Text(String::new()), &greedy(20 - n), &mut NoSink);
         let more = more.unwrap_or_else(|e| panic!("continuing after a cancel: {e}"));
-        assert_eq!(more.token_ids[..], fresh.token_ids[n - 1..], "continuation after {after}");
+        assert_eq!(more.token_ids[..], fresh.token_ids[n..], "continuation after {after}");
+        assert_eq!(more.usage.prompt_tokens, prompt.len() + n);
     }
     s.reset();
     let next = s.generate(Input::Text("The ".into()), &greedy(20), &mut NoSink).unwrap();

@@ -308,3 +308,31 @@ fn e4b_catalog_names_google_slices() {
     });
     assert!(cut.get("e2b").is_some() && cut.get("e4b").is_none() && cut.get("e2.54b").is_none());
 }
+
+/// A session opened on a named slice reports the slice's name (its stats, `submodel()` and
+/// switch events), not the per-layer spec it runs; so does one opened by that spec.
+#[test]
+fn a_session_on_a_named_slice_reports_its_name() {
+    use matformer::{BackendChoice, Engine, EngineOptions, SessionOptions, SubmodelChoice};
+    let (_meta, model) = tiny_e4b();
+    let engine = Engine::from_model(
+        std::sync::Arc::new(model),
+        EngineOptions { backend: BackendChoice::Cpu, threads: Some(1), ..Default::default() },
+    )
+    .expect("engine");
+    let session = |name: &str| {
+        engine.session(SessionOptions { submodel: SubmodelChoice::Named(name.into()), ..Default::default() }).unwrap()
+    };
+    let s = session("e2b");
+    assert_eq!(s.submodel(), "e2b");
+    let spec = engine.catalog().into_iter().find(|e| e.name == "e2b").expect("e2b").levels;
+    let by_spec = session(&spec.name(&engine.metadata()));
+    assert_eq!(by_spec.submodel(), "e2b");
+    s.set_submodel(SubmodelChoice::Named("e1.96b".into())).unwrap();
+    assert_eq!(s.submodel(), "e1.96b");
+    // A Mix'n'Match configuration no entry names keeps its spec.
+    let levels = vec![0usize; 34].into_iter().chain([1]).collect::<Vec<_>>();
+    let mixed =
+        engine.session(SessionOptions { submodel: SubmodelChoice::Levels(levels), ..Default::default() }).unwrap();
+    assert!(mixed.submodel().contains(','), "{}", mixed.submodel());
+}

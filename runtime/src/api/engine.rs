@@ -180,6 +180,29 @@ impl Engine {
         }
     }
 
+    /// What sessions and reports call `sub`: its level name when uniform (`"s"`), else the
+    /// name of the catalog entry that runs exactly it (a Gemma 3n slice opened as `"e2b"`
+    /// stays `"e2b"`), else its per-layer spec (`"s,s,m,l"`).
+    pub(crate) fn name_of(&self, sub: &Submodel) -> String {
+        let meta = self.inner.model.metadata();
+        if !sub.has_skips() && sub.is_uniform() {
+            return sub.name(meta);
+        }
+        match self.inner.catalog.entries.iter().find(|e| e.levels == *sub) {
+            Some(e) => e.name.clone(),
+            None => sub.name(meta),
+        }
+    }
+
+    /// [`name_of`](Self::name_of) for a name [`Submodel::name`] printed (switch reports).
+    pub(crate) fn rename(&self, name: String) -> String {
+        let m = &self.inner.model;
+        match Submodel::parse(&name, m.metadata(), m.view().available_levels) {
+            Ok(sub) => self.name_of(&sub),
+            Err(_) => name,
+        }
+    }
+
     /// The submodel `choice` names for this file.
     pub(crate) fn resolve(&self, choice: &SubmodelChoice) -> Result<(Submodel, String), Error> {
         let m = &self.inner.model;

@@ -78,6 +78,9 @@ struct State {
     /// The speculative draft's own KV cache ([`DraftCache::Own`](super::DraftCache::Own)),
     /// kept between turns.
     draft: Option<OwnDraft>,
+    /// Tokens of the last answer that were emitted but never fed to the cache (the last one,
+    /// or more after a speculative round): the next text or token turn continues after them.
+    unfed: Vec<u32>,
 }
 
 /// One conversation on an [`Engine`]: its KV cache, token history and submodel. `Send + Sync`:
@@ -115,12 +118,11 @@ impl Session {
         };
         let (submodel, _reason) = engine.resolve(&options.submodel)?;
         let elastic = ElasticSession::on(engine.inner.backend.clone(), &submodel)?;
-        let meta = engine.inner.model.metadata();
         let mut idle_events = Vec::new();
         if let Some(fallback) = elastic.start_fallback() {
             idle_events.push(SwitchEvent {
-                from: submodel.name(meta),
-                to: elastic.submodel().name(meta),
+                from: engine.name_of(&submodel),
+                to: engine.name_of(elastic.submodel()),
                 reason: format!("GPU out of memory at start: {fallback}"),
                 // Nothing was cached yet: the session runs the smaller submodel exactly.
                 mode: SwitchMode::Exact,
@@ -128,7 +130,7 @@ impl Session {
                 elapsed_ms: 0.0,
             });
         }
-        let control = Control { submodel: Mutex::new(elastic.submodel().name(meta)), ..Control::default() };
+        let control = Control { submodel: Mutex::new(engine.name_of(elastic.submodel())), ..Control::default() };
         let conversation =
             options.system_prompt.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
         Ok(Session {
@@ -136,7 +138,13 @@ impl Session {
             context_length,
             system_prompt: options.system_prompt,
             switch_mode: options.switch_mode,
-            state: Mutex::new(State { elastic: Some(elastic), conversation, idle_events, draft: None }),
+            state: Mutex::new(State {
+                elastic: Some(elastic),
+                conversation,
+                idle_events,
+                draft: None,
+                unfed: Vec::new(),
+            }),
             control: Arc::new(control),
         })
     }
@@ -145,7 +153,8 @@ impl Session {
     /// returns the whole [`Completion`]. Blocks until the answer ends (end-of-generation
     /// token, stop string or token, `max_tokens`, a full context, [`cancel`](Self::cancel)
     /// or the sink asking to stop). Tokens the session already holds from earlier turns are
-    /// not prefilled again.
+    /// not prefilled again. A text or token turn continues after the whole previous answer,
+    /// its last token included (emitted but not yet fed, so it is prefilled first).
     ///
     /// On an error nothing of this turn is kept (the conversation is as before the call).
     pub fn generate(
@@ -193,7 +202,9 @@ impl Session {
         let inner = &self.engine.inner;
         let tokenizer = &inner.tokenizer;
         let mut events = std::mem::take(&mut state.idle_events);
-        let State { elastic, conversation, draft, .. } = state;
+        let State { elastic, conversation, draft, unfed, .. } = state;
+        // Taken: kept only when this turn completes.
+        let before = std::mem::take(unfed);
         let Some(elastic) = elastic.as_mut() else {
             return Err(Error::EngineClosed);
         };
@@ -210,6 +221,7 @@ impl Session {
             }
             Input::Text(text) => {
                 let mut t = elastic.history().to_vec();
+                t.extend_from_slice(&before);
                 t.extend(tokenizer.encode(text, t.is_empty())?);
                 t
             }
@@ -221,6 +233,7 @@ impl Session {
                     )));
                 }
                 let mut t = elastic.history().to_vec();
+                t.extend_from_slice(&before);
                 t.extend_from_slice(ids);
                 t
             }
@@ -245,7 +258,7 @@ impl Session {
                 let sub = speculative::resolve_draft(model, &o.draft, elastic.submodel(), |name| {
                     Ok(self.engine.resolve(&SubmodelChoice::Named(name.into()))?.0)
                 })?;
-                let name = sub.name(model.metadata());
+                let name = self.engine.name_of(&sub);
                 Some(Speculator::new(o, sub, name))
             }
             None => None,
@@ -362,6 +375,13 @@ impl Session {
             }
             st
         });
+        // The answer's tokens after the last one fed: the next turn prefills them first.
+        let fed = elastic.history().len();
+        let mut whole = full.clone();
+        whole.extend_from_slice(&ids);
+        if whole.get(..fed) == Some(elastic.history()) {
+            *unfed = whole[fed..].to_vec();
+        }
         if let Input::Chat(_) = input {
             turn.push(ChatMessage { role: "assistant".into(), content: text.clone() });
             *conversation = turn;
@@ -409,7 +429,7 @@ impl Session {
             decode_ms,
             prefill_tokens_per_s: per_s(prefilled, prefill_ms),
             decode_tokens_per_s: per_s(generated.saturating_sub(1), decode_ms),
-            submodel: elastic.submodel().name(self.engine.inner.model.metadata()),
+            submodel: self.engine.name_of(elastic.submodel()),
             backend: elastic.backend_name().to_string(),
             switches,
             speculative: None,
@@ -450,8 +470,7 @@ impl Session {
                 events.push(self.event(&report, reason, at_token));
             }
         }
-        *self.control.submodel.lock().unwrap_or_else(|p| p.into_inner()) =
-            elastic.submodel().name(self.engine.inner.model.metadata());
+        *self.control.submodel.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.name_of(elastic.submodel());
         self.control.position.store(elastic.position(), Ordering::SeqCst);
         Ok(())
     }
@@ -461,7 +480,8 @@ impl Session {
             Some(f) => format!("{reason}; GPU out of memory, stepped down: {f}"),
             None => reason,
         };
-        SwitchEvent { from: r.from.clone(), to: r.to.clone(), reason, mode: r.mode, at_token, elapsed_ms: r.elapsed_ms }
+        let (from, to) = (self.engine.rename(r.from.clone()), self.engine.rename(r.to.clone()));
+        SwitchEvent { from, to, reason, mode: r.mode, at_token, elapsed_ms: r.elapsed_ms }
     }
 
     /// Queues `p` and applies it now when the session is idle.
@@ -522,6 +542,7 @@ impl Session {
         if let Some(d) = state.draft.as_mut() {
             d.reset();
         }
+        state.unfed.clear();
         state.conversation =
             self.system_prompt.iter().map(|s| ChatMessage { role: "system".into(), content: s.clone() }).collect();
         self.control.position.store(0, Ordering::SeqCst);

@@ -327,6 +327,21 @@ pub(super) fn down_rows(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if t <= DOWN_SPLIT_GROUPS_MAX_T && d.parts.iter().all(|p| p.data.is_quant()) && qdot::x86::has_avx512() {
+        // A few inputs over quantised rows (a speculative verify pass): every row's block is
+        // decoded once for all the inputs, whose outputs stay in registers; bitwise `t`
+        // one-input passes.
+        let all = d.parts_in(r0, r1).all(|(start, rows, data)| match data {
+            RowData::Quant(dtype, bytes) => qdot::x86::axpy_rows_multi(dtype, t, out, n, &h[start..], hw, bytes, rows),
+            _ => false,
+        });
+        if all {
+            return;
+        }
+        // Not taken (a shape the kernel does not cover): start again from zero below.
+        out.fill(0.0);
+    }
     if t <= DOWN_SPLIT_GROUPS_MAX_T && d.parts.iter().all(|p| matches!(p.data, RowData::F16(_))) {
         if down_many_f16(h, hw, t, d, r0, r1, out) {
             return;

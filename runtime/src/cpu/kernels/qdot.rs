@@ -876,6 +876,162 @@ pub(crate) mod x86 {
         }
     }
 
+    /// The down projection for `t` inputs (2 to [`MULTI_MAX_T`]) over `nrows` quantised rows:
+    /// `y[i] = (...((y[i] + h[i, 0] W[0]) + h[i, 1] W[1]) ...) + h[i, nrows-1] W[nrows-1]` for
+    /// each input `i`, where `y[i]` is `y[i * n .. (i + 1) * n]` and `h[i, r]` is `h[i * hw + r]`.
+    /// Each 32-column block of every input's output stays in registers for all the rows, and
+    /// each row's block is decoded once for all the inputs, with the operations of
+    /// [`axpy_kernel512`] (the same multiply-add in the same row order): bitwise `t` one-input
+    /// passes. `false` (nothing written) without AVX-512, for the f32/f16 types, for another
+    /// `t`, or when a slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn axpy_rows_multi(
+        dtype: DType,
+        t: usize,
+        y: &mut [f32],
+        n: usize,
+        h: &[f32],
+        hw: usize,
+        rows: &[u8],
+        nrows: usize,
+    ) -> bool {
+        let bb = dtype.block_bytes();
+        let nb = n / QK;
+        let fits = (2..=MULTI_MAX_T).contains(&t)
+            && n % QK == 0
+            && nrows <= hw
+            && y.len() >= t * n
+            && h.len() >= (t - 1) * hw + nrows
+            && rows.len() >= nrows * nb * bb;
+        if !fits || !has_avx512() || matches!(dtype, DType::F32 | DType::F16) {
+            return false;
+        }
+        let fused = crate::cpu::kernels::dot::FUSED;
+        let (y, h, w) = (y.as_mut_ptr(), h.as_ptr(), rows.as_ptr());
+        macro_rules! go {
+            ($t:literal) => {
+                // SAFETY: AVX-512 F/BW/VL, AVX2, FMA and F16C are available (checked above);
+                // `y` holds `t` outputs of `n = nb * 32` values, `h` holds `t` inputs at stride
+                // `hw` with `nrows` coefficients each, and `rows` holds `nrows` rows of `nb`
+                // blocks (checked above): the only memory the kernel touches.
+                unsafe {
+                    match (dtype, fused) {
+                        (DType::Q8_0, true) => multi_kernel512::<$t, 0, true>(y, n, h, hw, w, nrows, nb),
+                        (DType::Q8_0, false) => multi_kernel512::<$t, 0, false>(y, n, h, hw, w, nrows, nb),
+                        (DType::Q4_0, true) => multi_kernel512::<$t, 1, true>(y, n, h, hw, w, nrows, nb),
+                        (DType::Q4_0, false) => multi_kernel512::<$t, 1, false>(y, n, h, hw, w, nrows, nb),
+                        (_, true) => multi_kernel512::<$t, 2, true>(y, n, h, hw, w, nrows, nb),
+                        (_, false) => multi_kernel512::<$t, 2, false>(y, n, h, hw, w, nrows, nb),
+                    }
+                }
+            };
+        }
+        match t {
+            2 => go!(2),
+            3 => go!(3),
+            4 => go!(4),
+            5 => go!(5),
+            6 => go!(6),
+            7 => go!(7),
+            _ => go!(8),
+        }
+        true
+    }
+
+    /// Most inputs [`axpy_rows_multi`] takes: two accumulators per input, sixteen registers.
+    pub(crate) const MULTI_MAX_T: usize = 8;
+
+    /// [`axpy_rows_multi`]'s kernel; `D`: 0 for q8_0, 1 for q4_0, 2 for q4_1.
+    ///
+    /// Safety: AVX2, FMA, F16C and AVX-512 F/BW/VL are available; `y` holds `T * n` values
+    /// (`n = nb * 32`), `h` holds `(T - 1) * hw + nrows` values, `rows` holds `nrows * nb`
+    /// blocks of the type `D` names.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn multi_kernel512<const T: usize, const D: u8, const FUSED: bool>(
+        y: *mut f32,
+        n: usize,
+        h: *const f32,
+        hw: usize,
+        rows: *const u8,
+        nrows: usize,
+        nb: usize,
+    ) {
+        let bb = match D {
+            0 => DType::Q8_0.block_bytes(),
+            1 => DType::Q4_0.block_bytes(),
+            _ => DType::Q4_1.block_bytes(),
+        };
+        let stride = nb * bb;
+        // SAFETY: reads of block `r * nb + b` inside the block for `r < nrows`, `b < nb`;
+        // reads of `h[i * hw + r]` for `i < T`, `r < nrows`; reads and writes of
+        // `y[i * n + b * 32 .. i * n + b * 32 + 32]`: inside the lengths the caller guarantees
+        // (prefetches are hints and never dereferenced). The rest are register intrinsics.
+        unsafe {
+            let levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+            let centred = _mm512_sub_ps(levels, _mm512_set1_ps(8.0));
+            let f16 =
+                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
+            let mut r0 = 0;
+            while r0 < nrows {
+                let r1 = (r0 + MULTI_ROWS).min(nrows);
+                for b in 0..nb {
+                    let mut acc: [[__m512; 2]; T] = std::array::from_fn(|i| {
+                        let yb = y.add(i * n + b * QK);
+                        [_mm512_loadu_ps(yb), _mm512_loadu_ps(yb.add(16))]
+                    });
+                    let mut blk = rows.add(r0 * stride + b * bb);
+                    for r in r0..r1 {
+                        if b % 2 == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH).cast());
+                        }
+                        let d = _mm512_set1_ps(f16(blk));
+                        let w: [__m512; 2] = if D == 0 {
+                            let q = [
+                                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast())),
+                                _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18).cast())),
+                            ];
+                            q.map(|q| _mm512_mul_ps(d, _mm512_cvtepi32_ps(q)))
+                        } else {
+                            // As in `axpy_kernel512`: the block's 16 possible weights, then one
+                            // lookup per weight.
+                            let mut table = _mm512_mul_ps(d, if D == 2 { levels } else { centred });
+                            if D == 2 {
+                                table = _mm512_add_ps(table, _mm512_set1_ps(f16(blk.add(2))));
+                            }
+                            let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
+                            [
+                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), table),
+                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), table),
+                            ]
+                        };
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let a = _mm512_set1_ps(*h.add(i * hw + r));
+                            for (vg, w) in acc.iter_mut().zip(w) {
+                                *vg = if FUSED {
+                                    _mm512_fmadd_ps(a, w, *vg)
+                                } else {
+                                    _mm512_add_ps(*vg, _mm512_mul_ps(a, w))
+                                };
+                            }
+                        }
+                        blk = blk.wrapping_add(stride);
+                    }
+                    for (i, acc) in acc.iter().enumerate() {
+                        let yb = y.add(i * n + b * QK);
+                        _mm512_storeu_ps(yb, acc[0]);
+                        _mm512_storeu_ps(yb.add(16), acc[1]);
+                    }
+                }
+                r0 = r1;
+            }
+        }
+    }
+
+    /// Rows [`multi_kernel512`] adds per pass over the outputs: as many sequential streams as
+    /// the hardware prefetcher follows, and the outputs loaded and stored once per this many
+    /// rows.
+    const MULTI_ROWS: usize = 16;
+
     /// Safety: AVX2, FMA and F16C are available; `rows` holds `R * nb` blocks of `dtype` and `y`
     /// holds `nb * 32` values.
     #[target_feature(enable = "avx2,fma,f16c")]

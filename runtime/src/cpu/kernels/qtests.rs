@@ -494,3 +494,36 @@ fn tiled_down_projection_is_bitwise_the_one_input_path() {
         Tolerance::EXACT.check(&want, &got).unwrap_or_else(|e| panic!("f16 case {case}: {e}"));
     }
 }
+
+/// The few-input quantised down projection (2 to 8 inputs, a speculative verify pass; on
+/// AVX-512 every row's block decoded once for all the inputs) is bitwise the one-input path, for
+/// every block type, random parts, groups cut short, one and three threads; and the f32 product on
+/// the decoded weights.
+#[test]
+fn few_input_quantised_down_projection_is_bitwise_the_one_input_path() {
+    let mut rng = Rng(18);
+    for (case, &(rows, cols)) in
+        [(1usize, 32usize), (255, 96), (256, 64), (300, 160), (700, 1024), (513, 32)].iter().enumerate()
+    {
+        for t in 2..=8 {
+            let h: Vec<f32> = (0..t * rows).map(|_| rng.f()).collect();
+            for dtype in QTYPES {
+                let m = QMatrix::new(&mut rng, dtype, rows, cols);
+                let mut want = vec![0.0; t * cols];
+                for (i, w) in want.chunks_exact_mut(cols).enumerate() {
+                    matmul_down(&h[i * rows..(i + 1) * rows], 1, &m.view(), w, 1);
+                }
+                for threads in [1, 3] {
+                    let mut got = vec![f32::NAN; t * cols];
+                    matmul_down(&h, t, &m.view(), &mut got, threads);
+                    Tolerance::EXACT
+                        .check(&want, &got)
+                        .unwrap_or_else(|e| panic!("{dtype} case {case} t {t} th {threads}: {e}"));
+                }
+                let mut f = vec![f32::NAN; t * cols];
+                matmul_down(&h, t, &m.f32_view(), &mut f, 2);
+                Tolerance::EXACT.check(&want, &f).unwrap_or_else(|e| panic!("{dtype} f32 case {case} t {t}: {e}"));
+            }
+        }
+    }
+}
