@@ -87,12 +87,14 @@ fn token_input_equals_the_same_text() {
     assert_eq!(by_ids.usage.prompt_tokens, prompt.len());
     assert_eq!(by_ids.token_ids, engine_greedy("l", &prompt, by_ids.token_ids.len()));
 
-    // Appended to the history: the cache is reused and nothing else is added.
+    // Appended to the history: the cache is reused, and the answer's last token (emitted, not
+    // yet fed) comes before the new ones; nothing else is added.
     let held = s.token_count();
+    assert_eq!(held, prompt.len() + by_ids.token_ids.len() - 1);
     let more = engine.tokenizer().encode(" word", false).unwrap();
     let next = s.generate(Input::Tokens(more.clone()), &greedy(4), &mut NoSink).unwrap();
     assert_eq!(next.usage.cached_prompt_tokens, held);
-    assert_eq!(next.usage.prompt_tokens, held + more.len());
+    assert_eq!(next.usage.prompt_tokens, held + 1 + more.len());
 
     let vocab = engine.model_info().vocab_size;
     let e = s.generate(Input::Tokens(vec![1, vocab]), &greedy(4), &mut NoSink).unwrap_err();
