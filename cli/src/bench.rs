@@ -271,7 +271,8 @@ pub fn bench(
         prompt.push((st % 256) as u32);
     }
 
-    let summary = Catalog::from_view(model.view()).model;
+    let catalog = Catalog::from_view(model.view());
+    let summary = catalog.model.clone();
     let shape = ShapeFingerprint::of(&model);
     let mut calibration = Vec::new();
     let mut rows = Vec::new();
@@ -329,7 +330,7 @@ pub fn bench(
         // Rows whose kernel classes are filled in after the last read pass.
         let mut pending = Vec::with_capacity(subs.len());
         for sub in &subs {
-            let name = sub.name(&meta);
+            let name = catalog.name_of(sub, &meta);
             eprintln!("bench {} {name}: prefill {prompt_len}, decode {gen_len}, {repetitions} runs", engine.name());
             let mean_pos = (prompt_len + gen_len / 2) as u32;
             let (weight_bytes, flops_per_token) = submodel_cost(&model, &summary, sub, mean_pos)?;

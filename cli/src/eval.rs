@@ -68,6 +68,7 @@ pub fn run(
     let max_context = meta.architecture.max_context as usize;
     let chunk = chunk.unwrap_or(max_context.min(1024)).min(max_context);
     let specs = if specs.is_empty() { vec!["largest".to_string()] } else { specs };
+    let catalog = matformer::elastic::Catalog::from_view(model.view());
     let mut rows = Vec::new();
     for s in &specs {
         let sub = Submodel::parse(s, &meta, model.view().available_levels)?;
@@ -75,7 +76,7 @@ pub fn run(
         let r = matformer_export::eval::mean_cross_entropy_tokens(&engine, &sub, start, &ids, chunk)?;
         let (nats, n) = (r.nats_per_token, r.predicted_tokens);
         let row = EvalRow {
-            submodel: sub.name(&meta),
+            submodel: catalog.name_of(&sub, &meta),
             widths: sub.widths(&meta),
             predicted_tokens: n,
             nats_per_token: nats,

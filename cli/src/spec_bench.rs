@@ -211,7 +211,7 @@ pub fn run(
         let engine =
             Engine::from_model(Arc::clone(&model), EngineOptions { backend, threads, ..EngineOptions::default() })?;
         let bname = engine.backend().kind.name().to_string();
-        let vname = verifier.name(&meta);
+        let vname = matformer::elastic::Catalog::from_view(model.view()).name_of(&verifier, &meta);
         eprintln!(
             "bench --speculative {bname}: verifier {vname} alone, {} prompts x {} tokens",
             prompts.len(),

@@ -184,14 +184,7 @@ impl Engine {
     /// name of the catalog entry that runs exactly it (a Gemma 3n slice opened as `"e2b"`
     /// stays `"e2b"`), else its per-layer spec (`"s,s,m,l"`).
     pub(crate) fn name_of(&self, sub: &Submodel) -> String {
-        let meta = self.inner.model.metadata();
-        if !sub.has_skips() && sub.is_uniform() {
-            return sub.name(meta);
-        }
-        match self.inner.catalog.entries.iter().find(|e| e.levels == *sub) {
-            Some(e) => e.name.clone(),
-            None => sub.name(meta),
-        }
+        self.inner.catalog.name_of(sub, self.inner.model.metadata())
     }
 
     /// [`name_of`](Self::name_of) for a name [`Submodel::name`] printed (switch reports).

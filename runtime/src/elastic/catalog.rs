@@ -478,6 +478,16 @@ impl Catalog {
         self.entries.iter().find(|e| e.name == name)
     }
 
+    /// What to call `sub`: the name of the entry that runs exactly it (a level name such as
+    /// `"s"`, a Gemma 3n slice such as `"e2b"` or `"e4b"`), else [`Submodel::name`] (its level
+    /// name when uniform, else its per-layer spec, `"s,s,m,l"`).
+    pub fn name_of(&self, sub: &Submodel, meta: &Metadata) -> String {
+        match self.entries.iter().find(|e| e.levels == *sub) {
+            Some(e) => e.name.clone(),
+            None => sub.name(meta),
+        }
+    }
+
     /// The entry with exactly these per-layer levels and no skipped layer.
     pub fn find_levels(&self, levels: &[u8]) -> Option<&CatalogEntry> {
         self.entries.iter().find(|e| !e.levels.has_skips() && e.levels.levels == levels)
