@@ -827,8 +827,6 @@ pub(crate) mod x86 {
             // The 4-bit values as f32: `k` and `k - 8` for `k` in 0..16.
             let levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             let centred = _mm512_sub_ps(levels, _mm512_set1_ps(8.0));
-            let f16 =
-                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
             for b in 0..nb {
                 if q8 && b % 2 == 0 {
                     for r in 0..R {
@@ -839,7 +837,7 @@ pub(crate) mod x86 {
                 let mut v = [_mm512_loadu_ps(yb), _mm512_loadu_ps(yb.add(16))];
                 for (r, ar) in av.iter().enumerate() {
                     let blk = rp.add((r * nb + b) * bb);
-                    let d = _mm512_set1_ps(f16(blk));
+                    let d = scale512(blk);
                     let w: [__m512; 2] = if q8 {
                         let q = [
                             _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast())),
@@ -854,13 +852,9 @@ pub(crate) mod x86 {
                         // low nibble, and the bytes shifted right by four by their high one.
                         let mut table = _mm512_mul_ps(d, if q41 { levels } else { centred });
                         if q41 {
-                            table = _mm512_add_ps(table, _mm512_set1_ps(f16(blk.add(2))));
+                            table = _mm512_add_ps(table, scale512(blk.add(2)));
                         }
-                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                        [
-                            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), table),
-                            _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), table),
-                        ]
+                        nibble_lookup(blk.add(bb - QK / 2), table)
                     };
                     for (vg, w) in v.iter_mut().zip(w) {
                         *vg = if FUSED {
@@ -938,6 +932,32 @@ pub(crate) mod x86 {
         true
     }
 
+    /// The f16 at `p` widened to f32 in all sixteen lanes (`vpbroadcastw` then `vcvtph2ps`:
+    /// exact, the value `half` gives).
+    ///
+    /// Safety: AVX-512 F with F16C is available; `p` points at two readable bytes.
+    #[inline(always)]
+    unsafe fn scale512(p: *const u8) -> __m512 {
+        // SAFETY: a two-byte unaligned read the caller guarantees; the rest are register
+        // intrinsics.
+        unsafe { _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(p.cast::<i16>()))) }
+    }
+
+    /// A 4-bit block's 32 weights from its 16 packed bytes at `q` by `table` (the block's 16
+    /// possible weights): each byte widened to 32 bits indexes by its low nibble (`vpermps`
+    /// reads only the index's low four bits) and, shifted right by four, by its high one.
+    ///
+    /// Safety: AVX-512 F is available; `q` points at 16 readable bytes.
+    #[inline(always)]
+    unsafe fn nibble_lookup(q: *const u8, table: __m512) -> [__m512; 2] {
+        // SAFETY: a 16-byte unaligned read the caller guarantees; the rest are register
+        // intrinsics.
+        unsafe {
+            let lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast()));
+            [_mm512_permutexvar_ps(lo, table), _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(lo), table)]
+        }
+    }
+
     /// Most inputs [`axpy_rows_multi`] takes: two accumulators per input, sixteen registers.
     pub(crate) const MULTI_MAX_T: usize = 8;
 
@@ -969,8 +989,6 @@ pub(crate) mod x86 {
         unsafe {
             let levels = _mm512_cvtepi32_ps(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             let centred = _mm512_sub_ps(levels, _mm512_set1_ps(8.0));
-            let f16 =
-                |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
             let mut r0 = 0;
             while r0 < nrows {
                 let r1 = (r0 + MULTI_ROWS).min(nrows);
@@ -984,7 +1002,7 @@ pub(crate) mod x86 {
                         if b % 2 == 0 {
                             _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH).cast());
                         }
-                        let d = _mm512_set1_ps(f16(blk));
+                        let d = scale512(blk);
                         let w: [__m512; 2] = if D == 0 {
                             let q = [
                                 _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast())),
@@ -996,13 +1014,9 @@ pub(crate) mod x86 {
                             // lookup per weight.
                             let mut table = _mm512_mul_ps(d, if D == 2 { levels } else { centred });
                             if D == 2 {
-                                table = _mm512_add_ps(table, _mm512_set1_ps(f16(blk.add(2))));
+                                table = _mm512_add_ps(table, scale512(blk.add(2)));
                             }
-                            let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                            [
-                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(raw), table),
-                                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_srli_epi16(raw, 4)), table),
-                            ]
+                            nibble_lookup(blk.add(bb - QK / 2), table)
                         };
                         for (i, acc) in acc.iter_mut().enumerate() {
                             let a = _mm512_set1_ps(*h.add(i * hw + r));
