@@ -131,7 +131,7 @@ impl Engine {
         self.inner.catalog.entries.clone()
     }
 
-    /// The best submodel for `budget` ([`elastic::select`] with the default policy), and
+    /// The best submodel for `budget` ([`elastic::select()`] with the default policy), and
     /// why. A latency target uses this device's cost model: read from
     /// [`EngineOptions::cache_dir`] when it holds one for this device and model shape, else
     /// calibrated now (seconds) and written there.

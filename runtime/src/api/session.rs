@@ -57,7 +57,7 @@ impl CancelHandle {
     /// Makes the running [`Session::generate`] return with [`FinishReason::Cancelled`]
     /// without waiting for the step in flight: the flag is read before every layer on the CPU
     /// and every 0.5 ms while waiting for the GPU, and the interrupted step (a decode step or a
-    /// prefill pass of up to [`PREFILL_PASS`] tokens) is undone. A speculative round is not
+    /// prefill pass of up to 128 tokens) is undone. A speculative round is not
     /// split. The session stays consistent: the next call works. A no-op when nothing is
     /// generating.
     pub fn cancel(&self) {

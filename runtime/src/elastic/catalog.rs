@@ -45,7 +45,7 @@
 //! # Named entries (Gemma 3n)
 //!
 //! A Gemma 3n file with E4B's shape also offers Google's published slices by name (`e4b`,
-//! `e2b`, `e2.54b`, ..., see [`gemma3n_slices`](super::gemma3n_slices)), with their published
+//! `e2b`, `e2.54b`, ..., see [`gemma3n_slices`]), with their published
 //! quality in [`CatalogEntry::description`]. A slice that equals an enumerated configuration
 //! takes its name; the others (jagged or skipping layers) are added.
 //!

@@ -469,7 +469,7 @@ impl GpuSession {
     }
 
     /// Re-reads this session's FFN layers from the engine's store (after
-    /// [`GpuEngine::trim_ffn`]) so that it stops holding GPU buffers the store released.
+    /// [`GpuEngine::trim_ffn`](super::GpuEngine::trim_ffn)) so that it stops holding GPU buffers the store released.
     /// The weights are the same rows, so the KV cache and position are kept. Uploads only if
     /// the store was trimmed below this session's widths.
     pub fn rebind(&mut self) -> Result<u64, GpuError> {
