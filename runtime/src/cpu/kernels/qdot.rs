@@ -892,7 +892,7 @@ pub(crate) mod x86 {
         let bb = dtype.block_bytes();
         let nb = n / QK;
         let fits = (2..=MULTI_MAX_T).contains(&t)
-            && n % QK == 0
+            && n.is_multiple_of(QK)
             && nrows <= hw
             && y.len() >= t * n
             && h.len() >= (t - 1) * hw + nrows
