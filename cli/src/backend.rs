@@ -36,8 +36,12 @@ pub fn session(backend: &Backend, sub: &Submodel) -> Result<BackendSession> {
         Backend::Gpu(e) => {
             let (s, ran, oom) = matformer::gpu::step_down_on_oom(e.model(), sub, |t| e.session(t))?;
             if let Some(err) = oom {
-                let meta = e.model().metadata();
-                eprintln!("note: {} does not fit: {err}; running {}", sub.name(meta), ran.name(meta));
+                let (meta, catalog) = (e.model().metadata(), matformer::elastic::Catalog::from_view(e.model().view()));
+                eprintln!(
+                    "note: {} does not fit: {err}; running {}",
+                    catalog.name_of(sub, meta),
+                    catalog.name_of(&ran, meta)
+                );
             }
             BackendSession::Gpu(Box::new(s))
         }
