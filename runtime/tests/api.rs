@@ -131,6 +131,13 @@ fn a_text_turn_continues_after_the_whole_previous_answer() {
     let first = s.generate(Input::Text("The meaning of ".into()), &greedy(9), &mut NoSink).unwrap();
     assert_eq!((first.finish_reason, first.token_ids.len()), (FinishReason::Length, 9));
     let more = engine.tokenizer().encode(" and", false).unwrap();
+    // A refused call and a prefill cancelled before it starts keep nothing of their turn: the
+    // answer's last token stays pending.
+    let vocab = engine.model_info().vocab_size;
+    assert!(s.generate(Input::Tokens(vec![vocab]), &greedy(9), &mut NoSink).is_err());
+    let mut cancelled = MidStepOnly { flag: Arc::new(std::sync::atomic::AtomicBool::new(true)), pieces: 0, after: 0 };
+    let c = s.generate(Input::Tokens(more.clone()), &greedy(9), &mut cancelled).unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Cancelled);
     let second = s.generate(Input::Tokens(more.clone()), &greedy(9), &mut NoSink).unwrap();
     let mut whole = engine.tokenizer().encode("The meaning of ", true).unwrap();
     whole.extend_from_slice(&first.token_ids);

@@ -180,9 +180,9 @@ impl Engine {
         }
     }
 
-    /// What sessions and reports call `sub`: its level name when uniform (`"s"`), else the
-    /// name of the catalog entry that runs exactly it (a Gemma 3n slice opened as `"e2b"`
-    /// stays `"e2b"`), else its per-layer spec (`"s,s,m,l"`).
+    /// What sessions and reports call `sub`: [`Catalog::name_of`](crate::elastic::Catalog::name_of)
+    /// (the catalog entry's name, so a Gemma 3n slice opened as `"e2b"` stays `"e2b"`, else the
+    /// level name or per-layer spec).
     pub(crate) fn name_of(&self, sub: &Submodel) -> String {
         self.inner.catalog.name_of(sub, self.inner.model.metadata())
     }

@@ -178,7 +178,12 @@ impl Session {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.control.cancel.store(false, Ordering::SeqCst);
         self.control.generating.store(true, Ordering::SeqCst);
+        let (held, unfed) = (state.elastic.as_ref().map(|e| e.history().to_vec()), state.unfed.clone());
         let result = self.generate_locked(&mut state, input, options, sink);
+        if result.is_err() && state.elastic.as_ref().map(|e| e.history()) == held.as_deref() {
+            // Nothing of this turn is kept: the last answer's unfed tokens stay pending.
+            state.unfed = unfed;
+        }
         self.control.generating.store(false, Ordering::SeqCst);
         self.control.cancel.store(false, Ordering::SeqCst);
         if let Some(e) = &state.elastic {
@@ -241,6 +246,12 @@ impl Session {
         if full.is_empty() {
             return Err(Error::invalid("the prompt is empty"));
         }
+        // Where the held history and the last answer's unfed tokens end in `full` (a text or
+        // token turn): a prefill cancelled before it keeps the rest pending.
+        let mut pending_end = match &input {
+            Input::Chat(_) => 0,
+            _ => elastic.history().len() + before.len(),
+        };
         if full.len() > self.context_length {
             if !options.truncate_prompt {
                 return Err(Error::ContextFull { needed: full.len(), limit: self.context_length });
@@ -248,6 +259,7 @@ impl Session {
             // Keep the last tokens, leaving room for the answer.
             let keep = self.context_length.saturating_sub(options.max_tokens.min(self.context_length / 2)).max(1);
             full.drain(..full.len() - keep);
+            pending_end = 0;
         }
 
         // Changes asked for while idle apply before the prefill.
@@ -294,6 +306,10 @@ impl Session {
             };
             let Some(t) = step else {
                 self.control.position.store(elastic.position(), Ordering::SeqCst);
+                let fed = elastic.history().len();
+                if fed < pending_end && full.get(..fed) == Some(elastic.history()) {
+                    *unfed = full[fed..pending_end].to_vec();
+                }
                 let stats = self.stats(elastic, prefill_started.elapsed().as_secs_f64() * 1e3, 0.0, 0, 0, events);
                 return Ok(Completion {
                     text: String::new(),
