@@ -14,6 +14,13 @@ const AVX512_ROWS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const AVX512_TOKENS: usize = 4;
 
+/// Rows per group of the token-lane kernel ([`super::qlanes`]), and chunks of 16 tokens per
+/// pass over a group.
+#[cfg(target_arch = "x86_64")]
+const LANE_ROWS: usize = 64;
+#[cfg(target_arch = "x86_64")]
+const LANE_CHUNKS: usize = 2;
+
 /// Rows widened at a time in the batched paths.
 pub(super) const ROW_BLOCK: usize = 8;
 
@@ -120,6 +127,41 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
             }
             continue;
         }
+        // Tokens already done by the token-lane kernel (AVX-512 VNNI, from 16 tokens).
+        #[cfg(target_arch = "x86_64")]
+        let i0 = match qx.lanes() {
+            Some(lanes) if lanes.tokens() <= t && super::qlanes::applies(dtype, rb, lanes) => {
+                // Groups of rows that stay in L2, each taken against LANE_CHUNKS chunks of
+                // tokens at a time (their activations in L1).
+                let mut g0 = 0;
+                while g0 < rows {
+                    let g1 = (g0 + LANE_ROWS).min(rows);
+                    let mut c = 0;
+                    while c < lanes.chunks() {
+                        for k in g0..g1 {
+                            let o = &mut *out;
+                            super::qlanes::dot_lanes(
+                                dtype,
+                                &bytes[k * rb..(k + 1) * rb],
+                                lanes,
+                                c..c + LANE_CHUNKS,
+                                |i, v| {
+                                    o[i * ld + col0 + k] = v;
+                                },
+                            );
+                        }
+                        c += LANE_CHUNKS;
+                    }
+                    g0 = g1;
+                }
+                lanes.tokens()
+            }
+            _ => 0,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if i0 == t {
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if t > 1 && qdot::x86::has_avx512() {
             // Several tokens on AVX-512 (32 vector registers): four rows by four tokens at a
@@ -131,8 +173,9 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
             while k + AVX512_ROWS <= rows {
                 let w: [&[u8]; AVX512_ROWS] = std::array::from_fn(|j| row(k + j));
                 // Four tokens at a time, leaving 3 + 2 rather than 4 + 1 (measured cheaper).
-                let quads_end = if t % AVX512_TOKENS == 1 && t > AVX512_TOKENS { t - 5 } else { t };
-                let mut i = 0;
+                let n = t - i0;
+                let quads_end = if n % AVX512_TOKENS == 1 && n > AVX512_TOKENS { t - 5 } else { t };
+                let mut i = i0;
                 while i + AVX512_TOKENS <= quads_end {
                     let r = qdot::x86::dot_block::<AVX512_ROWS, AVX512_TOKENS>(
                         dtype,
@@ -173,7 +216,9 @@ fn quant_rows(qx: &QActs, t: usize, w: &Matrix<'_>, r0: usize, r1: usize, out: &
                 k += AVX512_ROWS;
             }
             while k < rows {
-                qdot::dot_tokens(dtype, row(k), qx, t, &mut out[col0 + k..], ld);
+                for i in i0..t {
+                    out[i * ld + col0 + k] = qdot::dot(dtype, row(k), qx.token(i));
+                }
                 k += 1;
             }
             continue;
@@ -197,6 +242,12 @@ fn quantized_input(x: &[f32], t: usize, w: &Matrix<'_>) -> Option<QActs> {
 /// `out[i, r] = x[i] . W[r]` for `t` inputs of `w.cols` elements: `x` is `[t, cols]`, `out`
 /// is `[t, rows]`. Weight rows are read once for the whole batch.
 pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
+    let qx = quantized_input(x, t, w);
+    matmul_with(x, qx.as_ref(), t, w, out, threads);
+}
+
+/// [`matmul`] with `x` already quantised (`qx`, for a block-quantised `w`).
+fn matmul_with(x: &[f32], qx: Option<&QActs>, t: usize, w: &Matrix<'_>, out: &mut [f32], threads: usize) {
     debug_assert_eq!(x.len(), t * w.cols, "matmul input");
     debug_assert_eq!(out.len(), t * w.rows, "matmul output");
     let n = w.rows;
@@ -205,8 +256,6 @@ pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threa
     let f16_rows = w.parts.iter().any(|p| matches!(p.data, RowData::F16(_)));
     let xs = if t == 1 && f16_rows && !HW_F16 { prescale(x) } else { None };
     let xs = xs.as_deref();
-    let qx = quantized_input(x, t, w);
-    let qx = qx.as_ref();
     let mut pieces = threads * ITEMS_PER_THREAD;
     if t == 1 {
         pieces = pieces.max(w.bytes() / ITEM_BYTES);
@@ -220,12 +269,18 @@ pub(crate) fn matmul(x: &[f32], t: usize, w: &Matrix<'_>, out: &mut [f32], threa
 /// 512 x 2048 on the 1B model, below [`PAR_MIN_WORK`] alone) run on every thread and the step
 /// waits for the workers once instead of once per matrix. Each output row is the same
 /// [`dot_row`] as in [`matmul`], so the results are bitwise those of separate calls. With
-/// several inputs (prefill, compute-bound) it is separate [`matmul`] calls.
+/// several inputs (prefill, compute-bound) it is separate [`matmul`] calls, sharing one
+/// quantisation of `x`.
 pub(crate) fn matmul_many(x: &[f32], t: usize, products: &mut [(&Matrix<'_>, &mut [f32])], threads: usize) {
     let cols = products.first().map_or(0, |(w, _)| w.cols);
     if t != 1 || products.iter().any(|(w, _)| w.cols != cols) {
+        let same = products.iter().all(|(w, _)| w.cols == cols);
+        let shared = if same { products.iter().find_map(|(w, _)| quantized_input(x, t, w)) } else { None };
         for (w, out) in products.iter_mut() {
-            matmul(x, t, w, out, threads);
+            match &shared {
+                Some(qx) => matmul_with(x, Some(qx), t, w, out, threads),
+                None => matmul(x, t, w, out, threads),
+            }
         }
         return;
     }

@@ -49,7 +49,10 @@
 //! once per 32 output columns and accumulates eight inputs by 32 columns in registers
 //! ([`tiled`]): the same operations per output, so the same bits. Likewise a batch's `x @ W^T`
 //! on f16 or f32 rows (from [`DOT_MIN_T`](tiled::DOT_MIN_T) inputs): four widened rows by three
-//! inputs, each product's 32 lanes in registers, summed by [`reduce`](dot::reduce).
+//! inputs, each product's 32 lanes in registers, summed by [`reduce`](dot::reduce). A batch's
+//! block-quantised `x @ W^T` from 16 inputs on AVX-512 VNNI puts sixteen tokens in the lanes
+//! of each vector ([`qlanes`]): one weight block's unpacking and scale serve 16 or 32 tokens,
+//! and each lane runs the one-token kernel's integer sums and f32 operations, so the same bits.
 //!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`](pool::worker_pool)) rather than spawning threads per product.
@@ -59,6 +62,8 @@ mod matmul;
 mod ops;
 mod pool;
 pub(crate) mod qdot;
+#[cfg(target_arch = "x86_64")]
+mod qlanes;
 #[cfg(test)]
 mod qtests;
 #[cfg(test)]

@@ -30,6 +30,10 @@ pub(crate) struct QActs {
     qsum: Vec<i32>,
     /// Quantised values, `[t, cols]`.
     q: Vec<i8>,
+    /// The first [`qlanes::tokens_for`]`(t)` tokens again, laid out for the token-lane kernel
+    /// (AVX-512 VNNI only).
+    #[cfg(target_arch = "x86_64")]
+    lanes: Option<Box<super::qlanes::Lanes>>,
 }
 
 /// One token's quantised activation.
@@ -46,28 +50,52 @@ impl QActs {
     /// happens for the block-aligned rows of a quantised matrix).
     pub(crate) fn quantize(x: &[f32], t: usize, cols: usize) -> QActs {
         let nb = cols / QK;
-        let mut a =
-            QActs { cols, d: vec![0.0; t * nb], s: vec![0.0; t * nb], qsum: vec![0; t * nb], q: vec![0; t * nb * QK] };
+        let mut a = QActs {
+            cols,
+            d: vec![0.0; t * nb],
+            s: vec![0.0; t * nb],
+            qsum: vec![0; t * nb],
+            q: vec![0; t * nb * QK],
+            #[cfg(target_arch = "x86_64")]
+            lanes: None,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let wide = x86::has_avx512();
         for i in 0..t {
             let Some(row) = x.get(i * cols..(i + 1) * cols) else { break };
             for b in 0..nb {
                 let xb = &row[b * QK..(b + 1) * QK];
                 let qb = &mut a.q[(i * nb + b) * QK..(i * nb + b + 1) * QK];
-                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                for (qv, &xv) in qb.iter_mut().zip(xb) {
-                    // Within -127..=127 for finite x; `as` saturates and maps NaN to 0.
-                    *qv = (xv * id).round() as i8;
-                    sum += i32::from(*qv);
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: `has_avx512` checked the features; `xb` and `qb` hold 32 values.
+                    if let Some((d, sum)) = unsafe { x86::quantize_block512(xb, qb) } {
+                        a.d[i * nb + b] = d;
+                        a.s[i * nb + b] = d * sum as f32;
+                        a.qsum[i * nb + b] = sum;
+                        continue;
+                    }
                 }
+                let (d, sum) = quantize_block(xb, qb);
                 a.d[i * nb + b] = d;
                 a.s[i * nb + b] = d * sum as f32;
                 a.qsum[i * nb + b] = sum;
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let n = super::qlanes::tokens_for(t);
+            if n > 0 {
+                a.lanes = Some(Box::new(super::qlanes::Lanes::build(&a, n, nb)));
+            }
+        }
         a
+    }
+
+    /// The tokens laid out for the token-lane kernel, when the batch has enough of them.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn lanes(&self) -> Option<&super::qlanes::Lanes> {
+        self.lanes.as_deref()
     }
 
     /// Token `i`.
@@ -79,6 +107,40 @@ impl QActs {
             qsum: self.qsum.get(i * nb..(i + 1) * nb).unwrap_or(&[]),
             q: self.q.get(i * nb * QK..(i + 1) * nb * QK).unwrap_or(&[]),
         }
+    }
+}
+
+/// One block of 32 activations to 8 bits: `qb[i] = round(xb[i] / d)` with `d = max|x| / 127`
+/// (NaN skipped); returns `d` and the sum of the values.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (qv, &xv) in qb.iter_mut().zip(xb) {
+        // Within -127..=127 for finite x; `as` saturates and maps NaN to 0.
+        *qv = round_half_away(xv * id) as i8;
+    }
+    (d, qb.iter().map(|&q| i32::from(q)).sum())
+}
+
+/// [`quantize_block`] of one block, for the tests.
+#[cfg(test)]
+pub(crate) fn quantize_scalar(xb: &[f32]) -> (f32, i32, [i8; QK]) {
+    let mut q = [0i8; QK];
+    let (d, s) = quantize_block(xb, &mut q);
+    (d, s, q)
+}
+
+/// `v.round()` (halves away from zero) for every `v` (`v.round()` is a library call on
+/// x86-64; this is a truncation and a compare): `v - trunc(v)` is exact, so the half-way test
+/// is exact; infinities and NaN come out as they go in.
+#[inline(always)]
+pub(crate) fn round_half_away(v: f32) -> f32 {
+    let r = v.trunc();
+    if (v - r).abs() >= 0.5 {
+        r + 1.0f32.copysign(v)
+    } else {
+        r
     }
 }
 
@@ -445,6 +507,56 @@ pub(crate) mod x86 {
     ) -> [[f32; T]; R] {
         // SAFETY: the caller guarantees AVX2, FMA, F16C and AVX-VNNI and passes `nb` whole blocks.
         unsafe { body::<R, T, true>(dtype, w, x, nb) }
+    }
+
+    /// One block of [`QActs::quantize`](super::QActs::quantize) on 16 lanes: the same scale,
+    /// the same values (rounded half away from zero, NaN to 0) and their sum; `None` (nothing
+    /// written) when the block holds an infinity or its scale's inverse overflows, which the
+    /// scalar loop then takes.
+    ///
+    /// Safety: AVX-512 F/BW/VL with AVX2, FMA and F16C are available; `xb` and `qb` hold 32
+    /// values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(crate) unsafe fn quantize_block512(xb: &[f32], qb: &mut [i8]) -> Option<(f32, i32)> {
+        debug_assert!(xb.len() >= QK && qb.len() >= QK);
+        // SAFETY: reads of `xb[0 .. 32]`, writes of `qb[0 .. 32]` (the caller's lengths); the
+        // rest are register intrinsics.
+        unsafe {
+            let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
+            // `fold(0, max(|x|))` skips NaN: zero them first.
+            let abs = v.map(|v| {
+                let a = _mm512_abs_ps(v);
+                _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(a, a), a)
+            });
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs[0], abs[1]));
+            if !amax.is_finite() {
+                return None;
+            }
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            if !id.is_finite() {
+                return None;
+            }
+            let (idv, half, one, sign) = (
+                _mm512_set1_ps(id),
+                _mm512_set1_ps(0.5),
+                _mm512_set1_epi32(1.0f32.to_bits() as i32),
+                _mm512_set1_epi32(i32::MIN),
+            );
+            let mut sum = 0;
+            for (h, v) in v.into_iter().enumerate() {
+                let p = _mm512_mul_ps(v, idv);
+                let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(p, r)), half);
+                let step = _mm512_castsi512_ps(_mm512_or_si512(one, _mm512_and_si512(_mm512_castps_si512(p), sign)));
+                let q = _mm512_mask_add_ps(r, away, r, step);
+                let q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p), q);
+                let qi = _mm512_cvttps_epi32(q);
+                _mm_storeu_si128(qb.as_mut_ptr().add(16 * h).cast(), _mm512_cvtepi32_epi8(qi));
+                sum += _mm512_reduce_add_epi32(qi);
+            }
+            Some((d, sum))
+        }
     }
 
     /// Whether this CPU also has AVX-512 VNNI (`vpdpbusd` on 512-bit vectors).

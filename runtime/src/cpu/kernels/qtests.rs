@@ -527,3 +527,133 @@ fn few_input_quantised_down_projection_is_bitwise_the_one_input_path() {
         }
     }
 }
+
+/// On x86-64 with AVX-512 VNNI: the token-lane kernel of a prefill batch
+/// ([`super::qlanes`]) gives bitwise the one-token [`qdot::dot`] for every (row, token), every
+/// block type, odd and even block counts (one block up), whole and partial chunks of 16 tokens
+/// (a last chunk of 10 to 15), one and two chunks per call; and the batched product through it
+/// gives bitwise the one-input product. Without the features there is nothing to compare.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_token_lane_dots_equal_one_token_bitwise() {
+    use super::qlanes;
+    if !qlanes::available() {
+        return;
+    }
+    let mut rng = Rng(71);
+    for (case, t) in [16usize, 10, 13, 15, 26, 31, 32, 33, 47, 48, 64, 75].into_iter().cycle().take(36).enumerate() {
+        let dtype = QTYPES[case % 3];
+        let cols = QK * (1 + rng.below(if case % 4 == 0 { 3 } else { 70 }));
+        let rows = 1 + rng.below(12);
+        let m = QMatrix::new(&mut rng, dtype, rows, cols);
+        // Mixed-magnitude activations, some blocks zero.
+        let x = rng.blocks(t * cols / QK);
+        let qx = QActs::quantize(&x, t, cols);
+        let n = qlanes::tokens_for(t);
+        assert!(n > 0 && n <= t, "t={t}: {n} lane tokens");
+        let lanes = qx.lanes().expect("lanes for a batch of 10 or more");
+        assert_eq!(lanes.tokens(), n);
+        let rb = m.row_bytes();
+        for r in 0..rows {
+            let w = &m.bytes[r * rb..(r + 1) * rb];
+            let mut got = vec![None; t];
+            let all = 0..lanes.chunks();
+            assert!(qlanes::dot_lanes(dtype, w, lanes, all, |i, v| got[i] = Some(v)));
+            for (i, g) in got.iter().enumerate() {
+                if i >= n {
+                    assert!(g.is_none(), "{dtype} t={t}: token {i} is past the lanes");
+                    continue;
+                }
+                let want = qdot::dot(dtype, w, qx.token(i));
+                let g = g.unwrap_or_else(|| panic!("{dtype} t={t} row {r}: token {i} missing"));
+                assert_eq!(g.to_bits(), want.to_bits(), "{dtype} t={t} cols={cols} row {r} token {i}: {g} vs {want}");
+            }
+        }
+        let view = m.view();
+        let mut batched = vec![0.0; t * rows];
+        matmul(&x, t, &view, &mut batched, 2);
+        for i in 0..t {
+            let mut single = vec![0.0; rows];
+            matmul(&x[i * cols..(i + 1) * cols], 1, &view, &mut single, 1);
+            Tolerance::EXACT
+                .check(&batched[i * rows..(i + 1) * rows], &single)
+                .unwrap_or_else(|e| panic!("{dtype} t={t} input {i}: {e}"));
+        }
+    }
+}
+
+/// Micro-benchmark: quantising a 64-token batch of 2048-wide activations (with the token-lane
+/// layout where it is built).
+#[test]
+#[ignore = "benchmark"]
+fn activation_quantisation_speed() {
+    let x: Vec<f32> = (0..64 * 2048).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
+    for _ in 0..3 {
+        let t0 = std::time::Instant::now();
+        let q = QActs::quantize(&x, 64, 2048);
+        let a = t0.elapsed();
+        std::hint::black_box(&q);
+        let t0 = std::time::Instant::now();
+        let l = super::qlanes::Lanes::build(&q, 64, 64);
+        std::hint::black_box(&l);
+        eprintln!("quantize+lanes {:?}, lanes alone {:?}", a, t0.elapsed());
+    }
+}
+
+/// The activation rounding is `f32::round` on every value a block can produce (and on the
+/// special values): a sample of every 61st f32 of magnitude up to 2^24, halves, and both zeros.
+#[test]
+fn activation_rounding_is_round_half_away_from_zero() {
+    let check = |v: f32| {
+        let (want, got) = (v.round(), qdot::round_half_away(v));
+        assert!(want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()), "{v:e}: {got} vs {want}");
+    };
+    let top = 24.0f32.exp2().to_bits();
+    for bits in (0..=top).step_by(61) {
+        check(f32::from_bits(bits));
+        check(-f32::from_bits(bits));
+    }
+    for k in -300..300 {
+        check(k as f32 + 0.5);
+        check(f32::from_bits((k as f32 + 0.5).to_bits() + 1));
+        check(f32::from_bits((k as f32 + 0.5).to_bits().wrapping_sub(1)));
+    }
+    for v in [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE, 1e30] {
+        check(v);
+    }
+}
+
+/// On x86-64 with AVX-512: the vector quantisation of an activation block is bitwise the
+/// scalar one (scale, values, sums), on mixed magnitudes, halves, NaN, infinities, subnormal
+/// and zero blocks.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn x86_activation_quantisation_is_the_scalar_one() {
+    if !qdot::x86::has_avx512() {
+        return;
+    }
+    let mut rng = Rng(5);
+    let mut blocks = vec![vec![0.0f32; QK], vec![-0.0f32; QK], vec![1e-40f32; QK]];
+    for _ in 0..400 {
+        blocks.push(rng.blocks(1));
+    }
+    let halves: Vec<f32> = (0..QK).map(|i| (i as f32 - 16.0) * 127.0 / 32.0 + 0.5).collect();
+    blocks.push(halves);
+    for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-39, f32::MAX] {
+        let mut b = rng.blocks(1);
+        b[7] = special;
+        blocks.push(b);
+    }
+    for b in &blocks {
+        let mut q = [0i8; QK];
+        // The scalar loop's own result: a CPU without AVX-512 runs it for every block.
+        let want = qdot::quantize_scalar(b);
+        // SAFETY: `has_avx512` checked above; both hold 32 values.
+        match unsafe { qdot::x86::quantize_block512(b, &mut q) } {
+            Some((d, sum)) => {
+                assert_eq!((d.to_bits(), sum, q), (want.0.to_bits(), want.1, want.2), "{b:?}");
+            }
+            None => assert!(b.iter().any(|v| v.is_infinite()) || want.0 < 1e-37, "fell back on {b:?}"),
+        }
+    }
+}
