@@ -15,7 +15,8 @@ const AVX512_ROWS: usize = 4;
 const AVX512_TOKENS: usize = 4;
 
 /// Rows per group of the token-lane kernel ([`super::qlanes`]), and chunks of 16 tokens per
-/// pass over a group.
+/// pass over a group (against every chunk per row: small_batch_speed q4_0 8192 x 2048, 64
+/// inputs, one thread 124 -> 132 GFLOP/s, two threads 172 -> 176).
 #[cfg(target_arch = "x86_64")]
 const LANE_ROWS: usize = 64;
 #[cfg(target_arch = "x86_64")]

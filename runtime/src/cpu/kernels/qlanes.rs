@@ -30,7 +30,10 @@ use crate::format::{DType, QK};
 pub(crate) const LANES_T: usize = 16;
 
 /// Fewest tokens in a last, partly filled, chunk that are still worth sixteen lanes of work:
-/// fewer go through the row-by-token kernels.
+/// fewer go through the row-by-token kernels. Measured (small_batch_speed, 8192 x 2048, two
+/// threads, ms per product, row-by-token / token-lane): q4_0 at 5 tokens 1.43 / 2.40, 8
+/// tokens 2.20 / 2.46, 10 tokens 2.28 / 2.19, 13 tokens 2.25 / 2.22; q8_0 at 8 tokens
+/// 2.51 / 2.94, 10 tokens 2.67 / 2.62.
 pub(crate) const MIN_REST: usize = 10;
 
 /// Whether the kernel runs on this CPU (AVX-512 F/BW/VL and VNNI with AVX2, FMA and F16C).
