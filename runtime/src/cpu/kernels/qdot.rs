@@ -123,8 +123,8 @@ fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
     (d, qb.iter().map(|&q| i32::from(q)).sum())
 }
 
-/// [`quantize_block`] of one block, for the tests.
-#[cfg(test)]
+/// [`quantize_block`] of one block, for the tests of the x86-64 vector version.
+#[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) fn quantize_scalar(xb: &[f32]) -> (f32, i32, [i8; QK]) {
     let mut q = [0i8; QK];
     let (d, s) = quantize_block(xb, &mut q);

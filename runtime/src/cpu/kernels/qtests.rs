@@ -593,10 +593,7 @@ fn activation_quantisation_speed() {
         let q = QActs::quantize(&x, 64, 2048);
         let a = t0.elapsed();
         std::hint::black_box(&q);
-        let t0 = std::time::Instant::now();
-        let l = super::qlanes::Lanes::build(&q, 64, 64);
-        std::hint::black_box(&l);
-        eprintln!("quantize+lanes {:?}, lanes alone {:?}", a, t0.elapsed());
+        eprintln!("quantize 64 x 2048: {a:?}");
     }
 }
 
