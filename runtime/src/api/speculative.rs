@@ -115,6 +115,7 @@ enum Verified {
     /// Every row's logits, row-major `[k + 1, vocab]`.
     Logits(Vec<f32>),
     /// The verifier's greedy token after each prefix (the GPU's one-submit round).
+    #[cfg_attr(not(feature = "gpu"), allow(dead_code))]
     Greedy(Vec<u32>),
 }
 

@@ -31,6 +31,7 @@ pub(crate) mod weights;
 
 pub(crate) use engine::window_cache_positions;
 pub use engine::{CpuEngine, Session, WINDOW_SLACK};
+#[cfg(feature = "gpu")]
 pub(crate) use gemma3n::normal_quantile;
 pub use tolerance::{Mismatch, Tolerance};
 
