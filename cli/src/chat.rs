@@ -178,6 +178,10 @@ pub struct SpeculativeArgs {
     /// Keep k fixed (default: grow it after a fully accepted round, shrink after a rejection).
     #[arg(long)]
     pub fixed_k: bool,
+    /// The draft proposes only among the first N token ids (its LM head reads N rows; the
+    /// answer is still the verifier's). Default: the whole vocabulary.
+    #[arg(long, value_name = "N")]
+    pub draft_vocab: Option<usize>,
 }
 
 /// `--draft-cache` values.
@@ -214,6 +218,7 @@ impl SpeculativeArgs {
             k: self.draft_k,
             max_k: self.draft_max_k.max(self.draft_k),
             adaptive: !self.fixed_k,
+            draft_vocab: self.draft_vocab,
         })
     }
 }

@@ -251,6 +251,10 @@ enum Command {
         /// Keep k fixed (--speculative).
         #[arg(long)]
         fixed_k: bool,
+        /// The drafts propose only among the first N token ids, or `all` (repeatable: every
+        /// draft is measured with each; --speculative; default: all).
+        #[arg(long, value_name = "N|all", value_parser = parse_draft_vocab)]
+        draft_vocab: Vec<DraftVocab>,
         /// Project the measured costs at this acceptance rate, in [0, 1] (repeatable;
         /// --speculative).
         #[arg(long)]
@@ -367,6 +371,7 @@ fn main() -> ExitCode {
             draft_k,
             draft_max_k,
             fixed_k,
+            draft_vocab,
             project_acceptance,
             json,
         } => {
@@ -381,6 +386,11 @@ fn main() -> ExitCode {
                     k: draft_k.max(1),
                     max_k: draft_max_k,
                     fixed_k,
+                    draft_vocabs: if draft_vocab.is_empty() {
+                        vec![None]
+                    } else {
+                        draft_vocab.into_iter().map(|v| v.0).collect()
+                    },
                     project: project_acceptance,
                 };
                 spec_bench::run(&file, &backend, threads, &a, json)
@@ -401,5 +411,21 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A `bench --draft-vocab` value: the first N token ids, or `None` (`all`) for the whole
+/// vocabulary.
+#[derive(Clone, Copy, Debug)]
+struct DraftVocab(Option<usize>);
+
+fn parse_draft_vocab(s: &str) -> Result<DraftVocab, String> {
+    if s == "all" {
+        return Ok(DraftVocab(None));
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("a draft vocabulary needs at least 1 token id".into()),
+        Ok(n) => Ok(DraftVocab(Some(n))),
+        Err(_) => Err(format!("`{s}` is neither a token count nor `all`")),
     }
 }

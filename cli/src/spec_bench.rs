@@ -43,6 +43,8 @@ pub struct SpecBenchArgs {
     pub max_k: usize,
     /// Keep `k` fixed.
     pub fixed_k: bool,
+    /// The drafts' vocabularies (`None`: the whole); every draft is measured with each.
+    pub draft_vocabs: Vec<Option<usize>>,
     /// Acceptance rates to project the measured costs at.
     pub project: Vec<f64>,
 }
@@ -54,6 +56,8 @@ struct Row {
     /// `None` for the verifier alone.
     draft: Option<String>,
     cache: Option<String>,
+    /// The draft proposes among the first this many token ids (`None`: all of them).
+    draft_vocab: Option<usize>,
     generated_tokens: usize,
     decode_tokens_per_s: f64,
     /// Decode tokens/s over the verifier alone's.
@@ -227,6 +231,7 @@ pub fn run(
             verifier: vname.clone(),
             draft: None,
             cache: None,
+            draft_vocab: None,
             generated_tokens: base.generated,
             decode_tokens_per_s: base_tps,
             speedup: 1.0,
@@ -245,48 +250,51 @@ pub fn run(
             readbacks_per_round: None,
             projected: Vec::new(),
         });
-        for draft in &drafts {
-            for cache in [DraftCache::Shared, DraftCache::Own] {
-                eprintln!("bench --speculative {bname}: draft {draft}, {} KV", cache.name());
-                let spec = SpeculativeOptions {
-                    draft: DraftChoice::Named(draft.clone()),
-                    cache,
-                    k: a.k,
-                    max_k: a.max_k.max(a.k),
-                    adaptive: !a.fixed_k,
-                };
-                reset_peak_rss();
-                let m = measure(&engine, &verifier_name, &prompts, a, Some(spec))?;
-                let rss = peak_rss();
-                let tps = m.generated as f64 / (m.decode_ms / 1e3);
-                let t_draft = m.draft_ms / m.draft_steps.max(1) as f64;
-                let t_verify = m.verify_ms / m.passes.max(1) as f64;
-                let proj =
-                    a.project.iter().map(|&al| (al, projected(al, m.last_k, t_draft, t_verify, step_ms))).collect();
-                rows.push(Row {
-                    backend: bname.clone(),
-                    verifier: vname.clone(),
-                    draft: Some(draft.clone()),
-                    cache: Some(cache.name().to_string()),
-                    generated_tokens: m.generated,
-                    decode_tokens_per_s: tps,
-                    speedup: tps / base_tps,
-                    identical: m.tokens == base.tokens,
-                    acceptance_rate: Some(if m.proposed > 0 { m.accepted as f64 / m.proposed as f64 } else { 0.0 }),
-                    tokens_per_pass: Some(if m.passes > 0 { m.produced / m.passes as f64 } else { 0.0 }),
-                    decode_step_ms: step_ms,
-                    draft_step_ms: Some(t_draft),
-                    verify_pass_ms: Some(t_verify),
-                    last_k: Some(m.last_k),
-                    mean_k: Some(m.proposed as f64 / m.passes.max(1) as f64),
-                    peak_rss_bytes: rss,
-                    kv_cache_bytes: m.kv_bytes,
-                    draft_kv_bytes: Some(m.draft_kv_bytes),
-                    submits_per_round: Some(m.submits as f64 / m.passes.max(1) as f64),
-                    readbacks_per_round: Some(m.readbacks as f64 / m.passes.max(1) as f64),
-                    projected: proj,
-                });
-            }
+        let runs = drafts.iter().flat_map(|d| {
+            a.draft_vocabs.iter().flat_map(move |&v| [DraftCache::Shared, DraftCache::Own].map(|c| (d, v, c)))
+        });
+        for (draft, draft_vocab, cache) in runs {
+            let vocab_note = draft_vocab.map(|v| format!(", vocabulary {v}")).unwrap_or_default();
+            eprintln!("bench --speculative {bname}: draft {draft}, {} KV{vocab_note}", cache.name());
+            let spec = SpeculativeOptions {
+                draft: DraftChoice::Named(draft.clone()),
+                cache,
+                k: a.k,
+                max_k: a.max_k.max(a.k),
+                adaptive: !a.fixed_k,
+                draft_vocab,
+            };
+            reset_peak_rss();
+            let m = measure(&engine, &verifier_name, &prompts, a, Some(spec))?;
+            let rss = peak_rss();
+            let tps = m.generated as f64 / (m.decode_ms / 1e3);
+            let t_draft = m.draft_ms / m.draft_steps.max(1) as f64;
+            let t_verify = m.verify_ms / m.passes.max(1) as f64;
+            let proj = a.project.iter().map(|&al| (al, projected(al, m.last_k, t_draft, t_verify, step_ms))).collect();
+            rows.push(Row {
+                backend: bname.clone(),
+                verifier: vname.clone(),
+                draft: Some(draft.clone()),
+                cache: Some(cache.name().to_string()),
+                draft_vocab,
+                generated_tokens: m.generated,
+                decode_tokens_per_s: tps,
+                speedup: tps / base_tps,
+                identical: m.tokens == base.tokens,
+                acceptance_rate: Some(if m.proposed > 0 { m.accepted as f64 / m.proposed as f64 } else { 0.0 }),
+                tokens_per_pass: Some(if m.passes > 0 { m.produced / m.passes as f64 } else { 0.0 }),
+                decode_step_ms: step_ms,
+                draft_step_ms: Some(t_draft),
+                verify_pass_ms: Some(t_verify),
+                last_k: Some(m.last_k),
+                mean_k: Some(m.proposed as f64 / m.passes.max(1) as f64),
+                peak_rss_bytes: rss,
+                kv_cache_bytes: m.kv_bytes,
+                draft_kv_bytes: Some(m.draft_kv_bytes),
+                submits_per_round: Some(m.submits as f64 / m.passes.max(1) as f64),
+                readbacks_per_round: Some(m.readbacks as f64 / m.passes.max(1) as f64),
+                projected: proj,
+            });
         }
     }
     if json {
@@ -294,10 +302,10 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
+        "{:<4} {:<8} {:<14} {:<7} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
         "be",
         "verifier",
-        "draft",
+        "draft[/vocab]",
         "cache",
         "accept",
         "tok/pass",
@@ -315,10 +323,14 @@ pub fn run(
     let opt = |v: Option<f64>, prec: usize| v.map(|x| format!("{x:.prec$}")).unwrap_or_else(|| "-".into());
     for r in &rows {
         println!(
-            "{:<4} {:<8} {:<8} {:<7} {:>7} {:>8} {:>9.1} {:>6.2}x {:>9} {:>8.3} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
+            "{:<4} {:<8} {:<14} {:<7} {:>7} {:>8} {:>9.1} {:>6.2}x {:>9} {:>8.3} {:>9} {:>9} {:>6} {:>9} {:>9} {:>7}",
             r.backend,
             r.verifier,
-            r.draft.as_deref().unwrap_or("(alone)"),
+            match (&r.draft, r.draft_vocab) {
+                (None, _) => "(alone)".to_string(),
+                (Some(d), None) => d.clone(),
+                (Some(d), Some(v)) => format!("{d}/{v}"),
+            },
             r.cache.as_deref().unwrap_or("-"),
             r.acceptance_rate.map(|x| format!("{:.1}%", x * 100.0)).unwrap_or_else(|| "-".into()),
             opt(r.tokens_per_pass, 2),

@@ -190,6 +190,18 @@ impl BackendSession {
         }
     }
 
+    /// Computes the logits of the first `rows` vocabulary entries only from the next pass on
+    /// (the others are `-inf`; `None` computes all): [`cpu::Session::set_logit_rows`],
+    /// `GpuSession::set_logit_rows`.
+    pub fn set_logit_rows(&mut self, rows: Option<usize>) -> Result<(), BackendError> {
+        match self {
+            BackendSession::Cpu(s) => s.set_logit_rows(rows),
+            #[cfg(feature = "gpu")]
+            BackendSession::Gpu(s) => s.set_logit_rows(rows)?,
+        }
+        Ok(())
+    }
+
     /// Appends `tokens` (at least one) and returns the last one's logits (`vocab_size`
     /// values; read back from the GPU). On error the session is unchanged.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {

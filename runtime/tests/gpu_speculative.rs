@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use matformer::backend::BackendError;
 use matformer::gpu::GpuEngine;
+use matformer::sampling::Sampler;
 use matformer::{
     BackendChoice, DraftCache, DraftChoice, Engine, EngineOptions, Error, FinishReason, GenerateOptions, Input,
     ModelFile, NoSink, SamplingParams, Session, SessionOptions, SinkControl, SpeculativeOptions, SubmodelChoice,
@@ -46,7 +47,7 @@ fn greedy(n: usize) -> GenerateOptions {
 }
 
 fn spec(draft: DraftChoice, cache: DraftCache, k: usize) -> SpeculativeOptions {
-    SpeculativeOptions { draft, cache, k, max_k: 8, adaptive: true }
+    SpeculativeOptions { draft, cache, k, max_k: 8, adaptive: true, draft_vocab: None }
 }
 
 #[test]
@@ -59,17 +60,22 @@ fn gpu_greedy_output_equals_the_verifier_alone_for_every_draft_and_cache() {
     for prompt in ["The meaning of ", "Once upon a time", "In 1905, the "] {
         plain.reset();
         let want = plain.generate(Input::Text(prompt.into()), &greedy(40), &mut NoSink).unwrap();
-        for draft in [
-            DraftChoice::Named("s".into()),
-            DraftChoice::Named("m".into()),
-            DraftChoice::Named("l".into()),
-            DraftChoice::Levels((0..layers).map(|i| i % 3).collect()),
-        ] {
+        let limited = [(DraftChoice::Named("s".into()), Some(1)), (DraftChoice::Named("m".into()), Some(100))];
+        for (draft, draft_vocab) in [
+            (DraftChoice::Named("s".into()), None),
+            (DraftChoice::Named("m".into()), None),
+            (DraftChoice::Named("l".into()), None),
+            (DraftChoice::Levels((0..layers).map(|i| i % 3).collect()), None),
+        ]
+        .into_iter()
+        .chain(limited)
+        {
             for cache in [DraftCache::Shared, DraftCache::Own] {
                 s.reset();
-                let o = GenerateOptions { speculative: Some(spec(draft.clone(), cache, 4)), ..greedy(40) };
+                let sp = SpeculativeOptions { draft_vocab, ..spec(draft.clone(), cache, 4) };
+                let o = GenerateOptions { speculative: Some(sp), ..greedy(40) };
                 let c = s.generate(Input::Text(prompt.into()), &o, &mut NoSink).unwrap();
-                let what = format!("{prompt:?} {draft:?} {cache:?}");
+                let what = format!("{prompt:?} {draft:?} draft_vocab {draft_vocab:?} {cache:?}");
                 assert_eq!(c.token_ids, want.token_ids, "{what}");
                 assert_eq!(c.text, want.text, "{what}");
                 assert_eq!(s.token_count(), plain.token_count(), "{what}");
@@ -116,11 +122,12 @@ fn gpu_speculate_greedy_matches_separate_steps() {
     let prompt: Vec<u32> = "Once upon a time".bytes().map(u32::from).collect();
     for draft_name in ["s", "m"] {
         let draft = matformer::Submodel::parse(draft_name, meta, levels).unwrap();
-        for k in [1usize, 3, 6] {
+        // The draft on the whole vocabulary, and limited to its first 100 ids.
+        for (k, rows) in [(1usize, None), (3, None), (6, None), (3, Some(100)), (6, Some(100))] {
             let mut fused = engine.session(&xl).unwrap();
             let next = fused.prefill(&prompt).unwrap();
             let before = fused.counters();
-            let round = fused.speculate_greedy(next, &draft, k).unwrap();
+            let round = fused.speculate_greedy(next, &draft, k, rows).unwrap();
             let after = fused.counters();
             assert_eq!(after.submits - before.submits, 1, "{draft_name} k={k}");
             assert_eq!(after.readbacks - before.readbacks, 1, "{draft_name} k={k}");
@@ -131,13 +138,17 @@ fn gpu_speculate_greedy_matches_separate_steps() {
             let mut d = engine.session(&xl).unwrap();
             d.prefill(&prompt).unwrap();
             d.switch_keep_cache(&draft).unwrap();
+            d.set_logit_rows(rows).unwrap();
             let mut want_drafts = Vec::new();
             let mut feed = next;
             for _ in 0..k {
                 feed = d.decode(feed).unwrap();
                 want_drafts.push(feed);
             }
-            assert_eq!(round.drafts, want_drafts, "{draft_name} k={k}");
+            assert_eq!(round.drafts, want_drafts, "{draft_name} k={k} rows {rows:?}");
+            if let Some(n) = rows {
+                assert!(round.drafts.iter().all(|&t| (t as usize) < n), "{draft_name} k={k}: {:?}", round.drafts);
+            }
 
             // The verifier over next and the drafts: its greedy token after each prefix.
             let mut v = engine.session(&xl).unwrap();
@@ -225,4 +236,43 @@ fn gpu_speculative_sampling_is_seeded() {
     assert_eq!(a.token_ids, b.token_ids);
     let st = a.stats.speculative.unwrap();
     assert!(st.verify_passes > 0 && st.proposed > 0);
+}
+
+/// A GPU session computing the first N logits only: they are bitwise those of the whole head,
+/// the rest read back as -inf, the device's argmax and sampling candidates keep to the first
+/// N ids, and `None` gives the whole vocabulary again.
+#[test]
+fn gpu_reduced_logit_rows_are_a_prefix_of_the_whole_head() {
+    let model = Arc::new(ModelFile::open(fixture()).unwrap());
+    let Some(engine) = gpu_common::or_skip(GpuEngine::new(Arc::clone(&model), Default::default()), "GPU engine") else {
+        return;
+    };
+    let xl = matformer::Submodel::parse("xl", model.metadata(), model.view().available_levels).unwrap();
+    let prompt: Vec<u32> = "Once upon a time".bytes().map(u32::from).collect();
+    let mut whole = engine.session(&xl).unwrap();
+    let want = whole.prefill_logits(&prompt).unwrap();
+    let vocab = want.len();
+    for n in [1usize, 37, 100, vocab - 1] {
+        let mut s = engine.session(&xl).unwrap();
+        s.set_logit_rows(Some(n)).unwrap();
+        assert_eq!(s.logit_rows(), n);
+        let got = s.prefill_logits(&prompt).unwrap();
+        assert_eq!(got.len(), vocab);
+        assert_eq!(&got[..n], &want[..n], "n = {n}: the first n logits");
+        assert!(got[n..].iter().all(|&x| x == f32::NEG_INFINITY), "n = {n}: -inf beyond");
+        s.truncate(prompt.len() - 1);
+        let top = s.prefill(&prompt[prompt.len() - 1..]).unwrap();
+        assert_eq!(top, matformer::cpu::argmax(&want[..n]), "n = {n}: the device's argmax");
+        s.truncate(prompt.len() - 1);
+        let params = SamplingParams { temperature: 1.0, top_k: 8, ..Default::default() };
+        let sampler = Sampler::new(params).unwrap();
+        let c = s.prefill_candidates(&prompt[prompt.len() - 1..], 8, &sampler.logit_transform()).unwrap();
+        assert_eq!(c.pairs.len(), 8.min(n), "n = {n}");
+        assert!(c.pairs.iter().all(|&(t, _)| (t as usize) < n), "n = {n}: {:?}", c.pairs);
+        s.set_logit_rows(None).unwrap();
+        assert_eq!(s.logit_rows(), vocab);
+        // The same pass shape as `want`'s (a one-token pass runs other kernels).
+        s.reset();
+        assert_eq!(s.prefill_logits(&prompt).unwrap(), want, "n = {n}: the whole head again");
+    }
 }

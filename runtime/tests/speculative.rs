@@ -32,7 +32,7 @@ fn greedy(n: usize) -> GenerateOptions {
 }
 
 fn spec(draft: DraftChoice, cache: DraftCache, k: usize, adaptive: bool) -> SpeculativeOptions {
-    SpeculativeOptions { draft, cache, k, max_k: 8.max(k), adaptive }
+    SpeculativeOptions { draft, cache, k, max_k: 8.max(k), adaptive, draft_vocab: None }
 }
 
 fn with_spec(o: GenerateOptions, s: SpeculativeOptions) -> GenerateOptions {
@@ -93,6 +93,73 @@ fn greedy_output_equals_the_verifier_alone_for_every_draft_and_cache() {
     assert!(accepted > 0, "the nested drafts agree with the verifier at least sometimes");
 }
 
+/// The CPU engine computing the first N logits only: bitwise the whole head's, -inf beyond,
+/// for one token and for a batch; `None` gives the whole vocabulary again.
+#[test]
+fn cpu_reduced_logit_rows_are_a_prefix_of_the_whole_head() {
+    let model = Arc::new(ModelFile::open(fixture()).unwrap());
+    let xl = Submodel::parse("xl", model.metadata(), model.view().available_levels).unwrap();
+    let cpu = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let prompt: Vec<u32> = "Once upon a time".bytes().map(u32::from).collect();
+    let want = cpu.session(&xl).unwrap().forward_all(&prompt).unwrap();
+    let vocab = want.len() / prompt.len();
+    for n in [0usize, 1, 37, vocab - 1, vocab, vocab + 5] {
+        let mut s = cpu.session(&xl).unwrap();
+        s.set_logit_rows(Some(n));
+        let rows = n.clamp(1, vocab);
+        assert_eq!(s.logit_rows(), rows);
+        let got = s.forward_all(&prompt).unwrap();
+        for (w, g) in want.chunks_exact(vocab).zip(got.chunks_exact(vocab)) {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g[..rows]), bits(&w[..rows]), "n = {n}");
+            assert!(g[rows..].iter().all(|&x| x == f32::NEG_INFINITY), "n = {n}");
+        }
+        s.set_logit_rows(None);
+        s.truncate(prompt.len() - 1);
+        let last = s.decode(prompt[prompt.len() - 1]).unwrap();
+        assert_eq!(last, want[(prompt.len() - 1) * vocab..], "n = {n}: the whole head again");
+    }
+}
+
+/// A draft limited to the first N token ids: the output is still exactly the verifier's, for
+/// both caches, with N = 1 (the draft always proposes id 0), a part of the byte range, the
+/// whole vocabulary and more; a draft limited to one id is accepted only where the verifier
+/// says that id.
+#[test]
+fn a_reduced_draft_vocabulary_keeps_greedy_output_exact() {
+    let engine = cpu_engine();
+    let vocab = engine.model_info().vocab_size as usize;
+    let plain = session(&engine, "xl");
+    let s = session(&engine, "xl");
+    for prompt in ["The meaning of ", "Once upon a time", "She said: \""] {
+        plain.reset();
+        let want = plain.generate(Input::Text(prompt.into()), &greedy(40), &mut NoSink).unwrap();
+        let mut accepted = Vec::new();
+        for n in [Some(1), Some(100), Some(vocab), Some(vocab + 1000), None] {
+            for cache in [DraftCache::Shared, DraftCache::Own] {
+                s.reset();
+                let sp = SpeculativeOptions { draft_vocab: n, ..spec(DraftChoice::Named("s".into()), cache, 4, true) };
+                let c = s.generate(Input::Text(prompt.into()), &with_spec(greedy(40), sp), &mut NoSink).unwrap();
+                let what = format!("{prompt:?} draft_vocab {n:?} {cache:?}");
+                assert_eq!(c.token_ids, want.token_ids, "{what}");
+                assert_eq!(s.token_count(), plain.token_count(), "{what}");
+                let st = c.stats.speculative.unwrap();
+                if n == Some(1) {
+                    let zeros = want.token_ids.iter().filter(|&&t| t == 0).count();
+                    assert!(st.accepted <= zeros, "{what}: {} accepted, id 0 said {zeros} times", st.accepted);
+                }
+                accepted.push((n, cache, st.accepted));
+            }
+        }
+        // At or above the vocabulary, the draft is the unrestricted one: the same rounds.
+        let by = |n: Option<usize>, c: DraftCache| accepted.iter().find(|a| a.0 == n && a.1 == c).unwrap().2;
+        for cache in [DraftCache::Shared, DraftCache::Own] {
+            assert_eq!(by(Some(vocab), cache), by(None, cache), "{prompt:?} {cache:?}");
+            assert_eq!(by(Some(vocab + 1000), cache), by(None, cache), "{prompt:?} {cache:?}");
+        }
+    }
+}
+
 #[test]
 fn the_auto_draft_is_the_smallest_submodel_and_a_wider_draft_is_refused() {
     let engine = cpu_engine();
@@ -109,6 +176,9 @@ fn the_auto_draft_is_the_smallest_submodel_and_a_wider_draft_is_refused() {
     assert!(s.generate(Input::Text("The ".into()), &zero_k, &mut NoSink).is_err());
     let small_max = with_spec(greedy(8), SpeculativeOptions { k: 4, max_k: 2, ..SpeculativeOptions::default() });
     assert!(s.generate(Input::Text("The ".into()), &small_max, &mut NoSink).is_err());
+    let no_vocab = with_spec(greedy(8), SpeculativeOptions { draft_vocab: Some(0), ..SpeculativeOptions::default() });
+    let e = s.generate(Input::Text("The ".into()), &no_vocab, &mut NoSink).expect_err("draft_vocab 0");
+    assert!(matches!(&e, Error::InvalidArgument { .. }) && e.to_string().contains("draft_vocab"), "{e}");
     // The session still works.
     assert_eq!(s.generate(Input::Text("The ".into()), &greedy(4), &mut NoSink).unwrap().usage.completion_tokens, 4);
 }
@@ -301,7 +371,12 @@ fn speculative_sampling_keeps_the_verifier_distribution_chi_square() {
         SamplingParams { temperature: 1.0, min_p: 0.2, seed: Some(4), ..Default::default() },
     ];
     let trials = 200_000;
-    for params in cases {
+    // Each case also with a draft limited to the first 5 ids (a reduced draft vocabulary: the
+    // other ids' logits are -inf, so the draft never proposes them and the residual supplies
+    // them).
+    let mut reduced = q_logits;
+    reduced[5..].fill(f32::NEG_INFINITY);
+    for (params, q_logits) in cases.into_iter().flat_map(|c| [(c, q_logits), (c, reduced)]) {
         let verifier = Sampler::new(params).unwrap();
         let p = verifier.probabilities(&p_logits);
         // The draft samples with no truncation, so it proposes tokens the verifier excludes.

@@ -364,7 +364,7 @@ fn check_gpu_parity(dtype: DType, tag: &str) {
         // A speculative round's drafts exist only on the device, where the per-layer
         // embedding rows are not: refused, with the session unchanged.
         let pos = s.position();
-        assert!(matches!(s.speculate_greedy(top, &sub, 2), Err(GpuError::Unsupported { .. })));
+        assert!(matches!(s.speculate_greedy(top, &sub, 2, None), Err(GpuError::Unsupported { .. })));
         assert_eq!(s.position(), pos);
     }
     // The start-up self-check (what `BackendChoice::Auto` runs before taking a GPU) passes.
@@ -455,7 +455,7 @@ fn gemma3n_gpu_keep_kv_switches_follow_the_cpu() {
     assert_eq!(lab.position(), g.prompt_ids.len());
     assert!(lab.switch_keep_cache(&by_name("e2b_style")).is_err(), "e2b_style runs layer 2 again");
     // No fused speculative round on a Gemma 3n file: the caller's unfused path runs instead.
-    assert!(gpu.speculate_greedy_gpu(next, &plan[0], 2).is_none());
+    assert!(gpu.speculate_greedy_gpu(next, &plan[0], 2, None).is_none());
     assert!(gpu.gpu_session().is_some_and(|s| !s.can_speculate()));
     for (sub, reprefills) in plan.iter().zip([false, false, false, true]) {
         let rg = gpu.switch_with(sub, SwitchMode::KeepKv).unwrap();
@@ -698,5 +698,37 @@ fn gemma3n_gpu_sliding_window_caches_are_rings_and_match_the_cpu() {
     es.truncate(100).unwrap();
     assert_eq!((es.position(), es.history().len()), (100, 100));
     close(&rows[100], &es.decode(tokens[100]).unwrap(), "after the history ran again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A reduced vocabulary (a speculative draft's) on a Gemma 3n file: the first N logits are
+/// bitwise the whole head's, soft-capped the same way; the rest are -inf (not the cap's
+/// -30). On the GPU the device's argmax keeps to the first N ids and the logits read back
+/// are -inf beyond them.
+#[test]
+fn gemma3n_reduced_logit_rows_are_a_prefix_of_the_whole_head() {
+    let g = goldens();
+    let (model, dir) = imported(DType::F32, "g3n-logit-rows");
+    let engine = CpuEngine::new(Arc::clone(&model)).unwrap();
+    let sub = submodel_of(&g.variants[0], &model);
+    let want = engine.session(&sub).unwrap().prefill(&g.prompt_ids).unwrap();
+    let vocab = want.len();
+    for n in [1usize, 100, 299] {
+        let mut s = engine.session(&sub).unwrap();
+        s.set_logit_rows(Some(n));
+        let got = s.prefill(&g.prompt_ids).unwrap();
+        same_bits(&want[..n], &got[..n], &format!("the first {n} logits"));
+        assert!(got[n..].iter().all(|&x| x == f32::NEG_INFINITY), "n = {n}: -inf beyond");
+    }
+    let gpu = gpu_engine(&model);
+    for n in [1usize, 100] {
+        let mut s = gpu.session(&sub).unwrap();
+        s.set_logit_rows(Some(n)).unwrap();
+        let logits = s.prefill_logits(&g.prompt_ids).unwrap();
+        assert_eq!(logits.len(), vocab);
+        assert!(logits[n..].iter().all(|&x| x == f32::NEG_INFINITY), "GPU n = {n}: -inf beyond");
+        let top = s.decode(argmax(&logits)).unwrap();
+        assert!((top as usize) < n, "GPU n = {n}: argmax {top}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

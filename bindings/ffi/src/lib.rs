@@ -660,6 +660,11 @@ pub struct SpeculativeOptions {
     /// below 1) after a rejection (`true`), or keep `k` fixed.
     #[uniffi(default = true)]
     pub adaptive: bool,
+    /// The draft proposes only among the first `draft_vocab` token ids (`null`: the whole
+    /// vocabulary): its LM head reads that many rows, a large saving on a large vocabulary.
+    /// The answer stays the verifier's. 0 fails with `InvalidArgument`.
+    #[uniffi(default = None)]
+    pub draft_vocab: Option<u32>,
 }
 
 impl Default for SpeculativeOptions {
@@ -676,6 +681,7 @@ impl From<SpeculativeOptions> for matformer::SpeculativeOptions {
             k: to_usize(o.k),
             max_k: to_usize(o.max_k),
             adaptive: o.adaptive,
+            draft_vocab: o.draft_vocab.map(to_usize),
         }
     }
 }
@@ -688,6 +694,7 @@ impl From<matformer::SpeculativeOptions> for SpeculativeOptions {
             k: to_u32_saturating(o.k),
             max_k: to_u32_saturating(o.max_k),
             adaptive: o.adaptive,
+            draft_vocab: o.draft_vocab.map(to_u32_saturating),
         }
     }
 }

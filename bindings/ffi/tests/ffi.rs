@@ -285,7 +285,7 @@ fn cancel_token_before_and_during_the_call() {
 }
 
 fn speculative(draft: DraftChoice, cache: DraftCache, k: u32, adaptive: bool) -> SpeculativeOptions {
-    SpeculativeOptions { draft: Some(draft), cache: Some(cache), k, max_k: 8.max(k), adaptive }
+    SpeculativeOptions { draft: Some(draft), cache: Some(cache), k, max_k: 8.max(k), adaptive, draft_vocab: None }
 }
 
 /// Greedy speculative decoding through the FFI gives the verifier's tokens exactly, for named,
@@ -388,7 +388,8 @@ fn bad_speculative_options_are_errors_and_the_session_stays_usable() {
     }
     let zero_k = SpeculativeOptions { k: 0, ..SpeculativeOptions::default() };
     let small_max = SpeculativeOptions { k: 4, max_k: 2, ..SpeculativeOptions::default() };
-    for (o, want) in [(zero_k, "at least 1"), (small_max, "at least k")] {
+    let no_vocab = SpeculativeOptions { draft_vocab: Some(0), ..SpeculativeOptions::default() };
+    for (o, want) in [(zero_k, "at least 1"), (small_max, "at least k"), (no_vocab, "draft_vocab")] {
         let (listener, _) = collect(None);
         match session.generate(text("The "), with(o), listener, None) {
             Err(MatformerError::InvalidArgument { detail }) => assert!(detail.contains(want), "{detail}"),
@@ -417,12 +418,16 @@ fn speculative_options_convert_both_ways() {
         (d.draft, d.cache, d.k, d.max_k, d.adaptive),
         (Some(DraftChoice::Auto), Some(DraftCache::Shared), 4, 8, true)
     );
-    let none = SpeculativeOptions { draft: None, cache: None, k: 2, max_k: 3, adaptive: false };
+    assert_eq!(d.draft_vocab, None);
+    let none = SpeculativeOptions { draft: None, cache: None, k: 2, max_k: 3, adaptive: false, draft_vocab: None };
     let r = matformer::SpeculativeOptions::from(none);
     assert_eq!(
-        (r.draft, r.cache, r.k, r.max_k, r.adaptive),
-        (matformer::DraftChoice::Auto, matformer::DraftCache::Shared, 2, 3, false)
+        (r.draft, r.cache, r.k, r.max_k, r.adaptive, r.draft_vocab),
+        (matformer::DraftChoice::Auto, matformer::DraftCache::Shared, 2, 3, false, None)
     );
+    let limited = SpeculativeOptions { draft_vocab: Some(32768), ..SpeculativeOptions::default() };
+    assert_eq!(matformer::SpeculativeOptions::from(limited.clone()).draft_vocab, Some(32768));
+    assert_eq!(SpeculativeOptions::from(matformer::SpeculativeOptions::from(limited.clone())), limited);
     for draft in [
         DraftChoice::Auto,
         DraftChoice::Named { name: "s,s,m,l".into() },

@@ -58,6 +58,9 @@ pub(crate) fn validate(o: &SpeculativeOptions) -> Result<(), Error> {
     if o.max_k < o.k {
         return Err(Error::invalid(format!("speculative max_k ({}) must be at least k ({})", o.max_k, o.k)));
     }
+    if o.draft_vocab == Some(0) {
+        return Err(Error::invalid("speculative draft_vocab must be at least 1 token id"));
+    }
     Ok(())
 }
 
@@ -149,6 +152,8 @@ pub(crate) struct Speculator {
     k: usize,
     max_k: usize,
     adaptive: bool,
+    /// The draft's vocabulary: its first `draft_vocab` token ids (`None`: all).
+    draft_vocab: Option<usize>,
     stats: SpeculativeStats,
     produced: usize,
 }
@@ -171,6 +176,7 @@ impl Speculator {
             k: o.k,
             max_k: o.max_k,
             adaptive: o.adaptive,
+            draft_vocab: o.draft_vocab,
             stats: SpeculativeStats { draft: name, cache: o.cache, ..SpeculativeStats::default() },
             produced: 0,
         }
@@ -287,9 +293,10 @@ impl Speculator {
             // One submit per round on the GPU: the draft steps' time is inside it, counted as
             // the verify pass's.
             let fused = match self.cache {
-                DraftCache::Shared => elastic.speculate_greedy_gpu(next, &self.draft, k),
+                DraftCache::Shared => elastic.speculate_greedy_gpu(next, &self.draft, k, self.draft_vocab),
                 DraftCache::Own => {
                     let (o, catch_up) = self.own_catch_up(elastic, own, next)?;
+                    o.session.set_logit_rows(self.draft_vocab)?;
                     let r = elastic.speculate_greedy_gpu_own(&mut o.session, &catch_up, k);
                     if let Some(Ok(r)) = &r {
                         o.history.extend_from_slice(&catch_up);
@@ -310,7 +317,12 @@ impl Speculator {
         let (drafts, qs) = match self.cache {
             DraftCache::Shared => {
                 elastic.switch_with(&self.draft, SwitchMode::KeepKv)?;
-                let r = draft_shared(elastic, next, k, greedy, &mut drafter);
+                let r = elastic.set_logit_rows(self.draft_vocab).map_err(Error::from).and_then(|()| {
+                    let r = draft_shared(elastic, next, k, greedy, &mut drafter);
+                    // The whole vocabulary again, whatever happened.
+                    elastic.set_logit_rows(None)?;
+                    r
+                });
                 // The speculative entries go; the verifier's weights come back, whatever happened.
                 let cut = elastic.truncate(p0);
                 elastic.switch_with(&verifier, SwitchMode::KeepKv)?;
@@ -348,6 +360,7 @@ impl Speculator {
         drafter: &mut Sampler,
     ) -> Result<Drafted, Error> {
         let (o, catch_up) = self.own_catch_up(elastic, own, next)?;
+        o.session.set_logit_rows(self.draft_vocab)?;
         let mut drafts = Vec::with_capacity(k);
         let mut qs = Vec::new();
         let mut feed = catch_up;

@@ -253,11 +253,27 @@ pub struct SpeculativeOptions {
     /// Grow `k` by one after a round whose every draft was accepted and shrink it by one
     /// (not below 1) after a rejection (`true`, default), or keep `k` fixed.
     pub adaptive: bool,
+    /// The draft proposes only among the first `n` token ids (`None`, default: the whole
+    /// vocabulary). Its LM head then reads `n` rows instead of the vocabulary's, the largest
+    /// product of a narrow draft step on a large vocabulary (a Llama-3.2-1B-shaped draft step
+    /// reads the 128,256-row head). Tokenizers number their tokens roughly from the most
+    /// frequent, so a draft limited to the first 16k-32k ids still proposes most of what the
+    /// verifier says; a token beyond them is never drafted, the verifier supplies it. The
+    /// output stays exactly the verifier's (greedy) or its distribution (sampling). At least
+    /// 1; a value at or above the vocabulary is the whole vocabulary.
+    pub draft_vocab: Option<usize>,
 }
 
 impl Default for SpeculativeOptions {
     fn default() -> Self {
-        SpeculativeOptions { draft: DraftChoice::Auto, cache: DraftCache::Shared, k: 4, max_k: 8, adaptive: true }
+        SpeculativeOptions {
+            draft: DraftChoice::Auto,
+            cache: DraftCache::Shared,
+            k: 4,
+            max_k: 8,
+            adaptive: true,
+            draft_vocab: None,
+        }
     }
 }
 

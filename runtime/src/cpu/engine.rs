@@ -175,6 +175,7 @@ impl CpuEngine {
             values: vec![Vec::new(); n_layers],
             kv_start: vec![0; n_layers],
             pos: 0,
+            logit_rows: self.shared.dims.vocab,
         })
     }
 }
@@ -228,6 +229,9 @@ pub struct Session {
     /// sliding-window layers, whose caches keep only the window (see [`Session::trim_windows`]).
     kv_start: Vec<usize>,
     pos: usize,
+    /// Vocabulary entries whose logits a pass computes ([`Session::set_logit_rows`]): the
+    /// first `logit_rows` rows of the LM head; the others' logits are `-inf`.
+    logit_rows: usize,
 }
 
 /// Positions a sliding-window layer's cache keeps beyond the window after a trim (at most the
@@ -292,6 +296,23 @@ impl Session {
     /// Vocabulary size (length of a logits vector).
     pub fn vocab_size(&self) -> usize {
         self.shared.dims.vocab
+    }
+
+    /// From the next pass on, computes the logits of the first `rows` vocabulary entries only
+    /// (the first `rows` rows of the LM head; the other entries' logits are `-inf`, so greedy
+    /// and sampling choose among those ids); `None`, or `rows` at least the vocabulary, computes
+    /// all of them. A speculative draft's reduced vocabulary
+    /// ([`SpeculativeOptions::draft_vocab`](crate::SpeculativeOptions::draft_vocab)): the LM
+    /// head is the largest product of a narrow draft step. The computed logits are bitwise
+    /// those of the whole head. `Some(0)` counts as 1.
+    pub fn set_logit_rows(&mut self, rows: Option<usize>) {
+        let vocab = self.shared.dims.vocab;
+        self.logit_rows = rows.map_or(vocab, |r| r.clamp(1, vocab));
+    }
+
+    /// Vocabulary entries whose logits a pass computes ([`Session::set_logit_rows`]).
+    pub fn logit_rows(&self) -> usize {
+        self.logit_rows
     }
 
     /// Bytes currently held by the KV cache.
@@ -488,8 +509,8 @@ impl Session {
                 pos: self.pos,
                 threads: self.threads,
             };
-            let logits =
-                gemma3n::forward_chunk(g, &sh.model, &sh.dims, st, tokens, want, &sh.final_norm, sh.head, stop)?;
+            let head = Head { name: sh.head, rows: self.logit_rows };
+            let logits = gemma3n::forward_chunk(g, &sh.model, &sh.dims, st, tokens, want, &sh.final_norm, head, stop)?;
             self.pos += tokens.len();
             return Ok(logits);
         }
@@ -605,9 +626,48 @@ impl Session {
         let n = rows.len() / d;
         let mut xf = vec![0.0f32; n * d];
         sh.final_norm.apply(rows, &mut xf, d, dm.norm_eps);
-        let head = Matrix::load(model, sh.head, dm.vocab, d)?;
-        let mut logits = vec![0.0f32; n * dm.vocab];
-        kernels::matmul(&xf, n, &head, &mut logits, threads);
+        Head { name: sh.head, rows: self.logit_rows }.logits(model, dm.vocab, &xf, d, threads, None)
+    }
+}
+
+/// The LM head of a pass: its tensor and the vocabulary entries computed
+/// ([`Session::set_logit_rows`]).
+#[derive(Clone, Copy)]
+pub(super) struct Head<'a> {
+    pub(super) name: &'a str,
+    pub(super) rows: usize,
+}
+
+impl Head<'_> {
+    /// The logits `[n, vocab]` of `n` final-normed rows `xf`: the first `self.rows` entries of
+    /// each row from the head's first rows (soft-capped by `cap` when given), the others
+    /// `-inf`.
+    pub(super) fn logits(
+        self,
+        model: &ModelFile,
+        vocab: usize,
+        xf: &[f32],
+        d: usize,
+        threads: usize,
+        cap: Option<f32>,
+    ) -> Result<Vec<f32>, EngineError> {
+        let n = xf.len() / d;
+        let rows = self.rows.clamp(1, vocab);
+        let head = Matrix::load(model, self.name, rows, d)?;
+        let mut part = vec![0.0f32; n * rows];
+        kernels::matmul(xf, n, &head, &mut part, threads);
+        if let Some(cap) = cap {
+            for x in part.iter_mut() {
+                *x = cap * (*x / cap).tanh();
+            }
+        }
+        if rows == vocab {
+            return Ok(part);
+        }
+        let mut logits = vec![f32::NEG_INFINITY; n * vocab];
+        for (dst, src) in logits.chunks_exact_mut(vocab).zip(part.chunks_exact(rows)) {
+            dst[..rows].copy_from_slice(src);
+        }
         Ok(logits)
     }
 }

@@ -28,7 +28,7 @@
 
 use std::sync::Arc;
 
-use super::engine::{Logits, Norm};
+use super::engine::{Head, Logits, Norm};
 use super::kernels;
 use super::weights::Matrix;
 use super::EngineError;
@@ -337,7 +337,7 @@ pub(crate) fn forward_chunk(
     tokens: &[u32],
     want: Logits,
     final_norm: &Norm,
-    head: &str,
+    head: Head<'_>,
     stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Vec<f32>, EngineError> {
     let model = &**model;
@@ -682,15 +682,7 @@ pub(crate) fn forward_chunk(
     }
     let mut xf = vec![0.0f32; n * d];
     final_norm.apply(&sum, &mut xf, d, eps);
-    let head = Matrix::load(model, head, dm.vocab, d)?;
-    let mut logits = vec![0.0f32; n * dm.vocab];
-    kernels::matmul(&xf, n, &head, &mut logits, threads);
-    if let Some(cap) = cfg.final_logit_softcap {
-        for x in logits.iter_mut() {
-            *x = cap * (*x / cap).tanh();
-        }
-    }
-    Ok(logits)
+    head.logits(model, dm.vocab, &xf, d, threads, cfg.final_logit_softcap)
 }
 
 #[cfg(test)]

@@ -383,6 +383,7 @@ impl ElasticSession {
         next: u32,
         draft: &Submodel,
         k: usize,
+        draft_rows: Option<usize>,
     ) -> Option<Result<crate::gpu::SpeculativeRound, ElasticError>> {
         let BackendSession::Gpu(s) = &mut self.session else {
             return None;
@@ -390,7 +391,7 @@ impl ElasticSession {
         if k == 0 || k + 1 > s.pass_tokens() || !s.can_speculate() {
             return None;
         }
-        Some(s.speculate_greedy(next, draft, k).map_err(ElasticError::from).inspect(|r| {
+        Some(s.speculate_greedy(next, draft, k, draft_rows).map_err(ElasticError::from).inspect(|r| {
             self.history.push(next);
             self.history.extend_from_slice(&r.drafts);
             self.last_logits = None;
@@ -427,6 +428,14 @@ impl ElasticSession {
             self.history.extend_from_slice(&r.drafts);
             self.last_logits = None;
         }))
+    }
+
+    /// Computes the logits of the first `rows` vocabulary entries only from the next pass on
+    /// (the others are `-inf`; `None` computes all): [`crate::cpu::Session::set_logit_rows`],
+    /// `GpuSession::set_logit_rows`. Kept across keep-KV switches; a switch that replaces the
+    /// backend session computes all of them again.
+    pub fn set_logit_rows(&mut self, rows: Option<usize>) -> Result<(), ElasticError> {
+        Ok(self.session.set_logit_rows(rows)?)
     }
 
     /// [`ElasticSession::prefill`] returning the greedy next token only (on the GPU the argmax

@@ -54,6 +54,12 @@ pub struct GpuSession {
     plan: Plan,
     tail_last: Vec<Item>,
     tail_all: Vec<Item>,
+    /// Vocabulary entries whose logits a pass computes ([`GpuSession::set_logit_rows`]).
+    logit_rows: usize,
+    /// The last token's tail over the first `rows` vocabulary entries, `(rows, items)`: built
+    /// by the first [`GpuSession::set_logit_rows`] (or reduced-vocabulary speculative round)
+    /// for that count.
+    tail_rows: Option<(usize, Vec<Item>)>,
     pos: usize,
     /// Gemma 3n's sliding-window ring-buffer caches.
     ring: RingState,
@@ -394,6 +400,8 @@ impl GpuSession {
             plan,
             tail_last,
             tail_all,
+            logit_rows: dm.vocab,
+            tail_rows: None,
             pos: 0,
             ring: RingState {
                 rows: ring,
@@ -839,9 +847,11 @@ impl GpuSession {
             words.extend_from_slice(&[token, count]);
         }
         self.ensure_sampling()?;
-        let k = k.min(vocab);
+        // A reduced vocabulary: the candidates and the log-sum-exp over its entries only.
+        let n = self.logit_rows;
+        let k = k.min(n);
         let params = TopkParams {
-            n: vocab as u32,
+            n: n as u32,
             k: k as u32,
             n_pen: tr.counts.len() as u32,
             _pad0: 0,
@@ -919,7 +929,13 @@ impl GpuSession {
     /// the caller truncates to the tokens it keeps. `k` is 1 to [`pass_tokens`](Self::pass_tokens)
     /// `- 1`. The drafts are any submodel of the file (the nested draft is narrower); its FFN
     /// blocks are planned once and kept. On error the position is unchanged.
-    pub fn speculate_greedy(&mut self, next: u32, draft: &Submodel, k: usize) -> Result<SpeculativeRound, GpuError> {
+    pub fn speculate_greedy(
+        &mut self,
+        next: u32,
+        draft: &Submodel,
+        k: usize,
+        draft_rows: Option<usize>,
+    ) -> Result<SpeculativeRound, GpuError> {
         self.refuse_speculation()?;
         if k == 0 || k + 1 > self.bufs.t_max {
             return Err(GpuError::InvalidArgument {
@@ -928,6 +944,15 @@ impl GpuSession {
         }
         self.validate(&vec![next; k + 1])?;
         self.ensure_spec(draft)?;
+        let vocab = self.inner.dims.vocab;
+        let draft_rows = draft_rows.map_or(vocab, |r| r.clamp(1, vocab));
+        if draft_rows < vocab {
+            self.ensure_rows_tail(draft_rows)?;
+        }
+        let draft_tail: &[Item] = match &self.tail_rows {
+            Some((r, t)) if *r == draft_rows => t,
+            _ => &self.tail_last,
+        };
         let inner = Arc::clone(&self.inner);
         let gpu = &inner.gpu;
         let Some(sb) = &self.spec else {
@@ -951,7 +976,7 @@ impl GpuSession {
             enc.copy_buffer_to_buffer(&sb.ids, 0, tokens, 0, 4);
             for j in 0..k as u64 {
                 enc.copy_buffer_to_buffer(&sb.steps, 16 * j, step, 0, 16);
-                let items = self.plan.items_with(&dp.ffn).chain(&self.tail_last).map(|it| (it, 1));
+                let items = self.plan.items_with(&dp.ffn).chain(draft_tail).map(|it| (it, 1));
                 dispatches += record(&mut enc, items);
                 enc.copy_buffer_to_buffer(argmax, 0, &sb.ids, 4 * (j + 1), 4);
                 if j + 1 < k as u64 {
@@ -1088,7 +1113,7 @@ impl GpuSession {
             for j in 0..k as u64 {
                 let tj = if j == 0 { c } else { 1 };
                 enc.copy_buffer_to_buffer(&db.steps, 16 * j, dstep, 0, 16);
-                let items = draft.plan.items().map(|it| (it, tj)).chain(draft.tail_last.iter().map(|it| (it, 1)));
+                let items = draft.plan.items().map(|it| (it, tj)).chain(draft.last_tail().iter().map(|it| (it, 1)));
                 dispatches += record(&mut enc, items);
                 enc.copy_buffer_to_buffer(dargmax, 0, &sb.ids, 4 * (j + 1), 4);
                 if j + 1 < k as u64 {
@@ -1225,7 +1250,7 @@ impl GpuSession {
             let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("pass") });
             let tail_items: &[Item] = match (tail, &self.sampling) {
                 (Tail::None, _) => &[],
-                (Tail::Last, _) => &self.tail_last,
+                (Tail::Last, _) => self.last_tail(),
                 (Tail::Candidates(_), Some(sb)) => &sb.tail,
                 (Tail::Candidates(_), None) => &[],
                 (Tail::All, _) => &self.tail_all,
@@ -1268,7 +1293,71 @@ impl GpuSession {
         self.counters.readbacks += 1;
         self.counters.readback_bytes += bytes.len() as u64;
         let all: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        Ok(all.chunks_exact(sv).take(rows).flat_map(|r| r[..vocab].iter().copied()).collect())
+        // Beyond a reduced vocabulary the buffer holds stale values: those logits are -inf.
+        let n = self.logit_rows;
+        let mut out = Vec::with_capacity(rows * vocab);
+        for r in all.chunks_exact(sv).take(rows) {
+            out.extend_from_slice(&r[..n]);
+            out.resize(out.len() + vocab - n, f32::NEG_INFINITY);
+        }
+        Ok(out)
+    }
+
+    /// From the next pass on, computes the logits of the first `rows` vocabulary entries only,
+    /// as [`crate::cpu::Session::set_logit_rows`] does: the last token's product reads the
+    /// LM head's first `rows` rows, the argmax and the sampling candidates consider those
+    /// entries, and logits read back are `-inf` beyond them. `None`, or at least the
+    /// vocabulary, computes all of them. On a Gemma 3n file the product (and its soft-cap)
+    /// still covers the whole vocabulary; the choice is limited the same way. The first call
+    /// for a count plans its product (fails only as planning does).
+    pub fn set_logit_rows(&mut self, rows: Option<usize>) -> Result<(), GpuError> {
+        let vocab = self.inner.dims.vocab;
+        let rows = rows.map_or(vocab, |r| r.clamp(1, vocab));
+        if rows < vocab {
+            self.ensure_rows_tail(rows)?;
+        }
+        self.logit_rows = rows;
+        Ok(())
+    }
+
+    /// Vocabulary entries whose logits a pass computes ([`GpuSession::set_logit_rows`]).
+    pub fn logit_rows(&self) -> usize {
+        self.logit_rows
+    }
+
+    /// The last token's tail for the current [`GpuSession::logit_rows`].
+    fn last_tail(&self) -> &[Item] {
+        match &self.tail_rows {
+            Some((r, t)) if *r == self.logit_rows => t,
+            _ => &self.tail_last,
+        }
+    }
+
+    /// Plans the last token's tail over the first `rows` vocabulary entries (once per count):
+    /// the final norm, the product with the head's first `rows` rows (on a Gemma 3n file the
+    /// whole head and its soft-cap), the argmax over those entries.
+    fn ensure_rows_tail(&mut self, rows: usize) -> Result<(), GpuError> {
+        if self.tail_rows.as_ref().is_some_and(|(r, _)| *r == rows) {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        let i = &*inner;
+        let (a, sv, logits) = (&self.acts, self.bufs.sv, &self.bufs.logits);
+        let p = Planner { inner: i, step: &self.bufs.step, partials: &a.partials };
+        let mut tail = if self.g3.is_some() {
+            head_items(&p, a, self.g3.as_ref(), logits, sv, true)?
+        } else {
+            let head = i.head.as_ref().unwrap_or(&i.embed).prefix(rows);
+            let mut items = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, true)?];
+            p.matmul(&head, false, false, &a.xn, a.sd, logits, sv, &mut items)?;
+            items
+        };
+        let am =
+            p.uniform("reduced argmax params", &ArgmaxParams { n: rows as u32, stride: sv as u32, _pad: [0; 2] })?;
+        tail.push(p.fixed(Kernel::Argmax, &[], &[&am, logits, &self.bufs.argmax], Grid::Fixed(1, 1))?);
+        i.gpu.take_uncaptured("planning a reduced vocabulary")?;
+        self.tail_rows = Some((rows, tail));
+        Ok(())
     }
 }
 

@@ -53,15 +53,19 @@ extension SpeculativeOptions {
     /// throws `MatformerError.invalidArgument`. `cache: .shared` drafts on the verifier's KV cache
     /// (no extra memory), `.own` gives the draft a cache of its own. With `adaptive`, `k` grows by
     /// one after a fully accepted round (up to `maxK`, default `max(8, k)`) and shrinks by one
-    /// after a rejection. `k` 0 or `maxK` below `k` throw `invalidArgument`.
+    /// after a rejection. With `draftVocab`, the draft proposes only among the first `draftVocab`
+    /// token ids: its LM head reads that many rows instead of the whole vocabulary's; the answer
+    /// is still the verifier's. `k` 0, `maxK` below `k` or `draftVocab` 0 throw `invalidArgument`.
     public static func draft(
         _ draft: DraftChoice,
         cache: DraftCache = .shared,
         k: UInt32 = 4,
         maxK: UInt32? = nil,
-        adaptive: Bool = true
+        adaptive: Bool = true,
+        draftVocab: UInt32? = nil
     ) -> SpeculativeOptions {
-        SpeculativeOptions(draft: draft, cache: cache, k: k, maxK: maxK ?? max(8, k), adaptive: adaptive)
+        SpeculativeOptions(
+            draft: draft, cache: cache, k: k, maxK: maxK ?? max(8, k), adaptive: adaptive, draftVocab: draftVocab)
     }
 
     /// `draft(_:)` with the draft named `name`: a level (`"s"`), a catalog entry, or per-layer
@@ -72,9 +76,10 @@ extension SpeculativeOptions {
         cache: DraftCache = .shared,
         k: UInt32 = 4,
         maxK: UInt32? = nil,
-        adaptive: Bool = true
+        adaptive: Bool = true,
+        draftVocab: UInt32? = nil
     ) -> SpeculativeOptions {
-        .draft(.named(name: name), cache: cache, k: k, maxK: maxK, adaptive: adaptive)
+        .draft(.named(name: name), cache: cache, k: k, maxK: maxK, adaptive: adaptive, draftVocab: draftVocab)
     }
 
     /// `draft(_:)` with one level index per layer.
@@ -83,9 +88,10 @@ extension SpeculativeOptions {
         cache: DraftCache = .shared,
         k: UInt32 = 4,
         maxK: UInt32? = nil,
-        adaptive: Bool = true
+        adaptive: Bool = true,
+        draftVocab: UInt32? = nil
     ) -> SpeculativeOptions {
-        .draft(.levels(levels: levels), cache: cache, k: k, maxK: maxK, adaptive: adaptive)
+        .draft(.levels(levels: levels), cache: cache, k: k, maxK: maxK, adaptive: adaptive, draftVocab: draftVocab)
     }
 
     /// The defaults: the smallest submodel drafts on the shared cache, `k` 4 adapting up to 8.

@@ -17,9 +17,13 @@ import dev.matformer.ffi.SpeculativeOptions
  * generation fails with [MatformerException.InvalidArgument]; an unknown name fails with
  * [MatformerException.Model]. [cache] `SHARED` (default) drafts on the verifier's KV cache with no
  * extra memory; `OWN` gives the draft a KV cache of its own. With [adaptive], `k` grows by one
- * after a fully accepted round (up to [maxK]) and shrinks by one after a rejection.
+ * after a fully accepted round (up to [maxK]) and shrinks by one after a rejection. With
+ * [draftVocab], the draft proposes only among the first [draftVocab] token ids: its LM head reads
+ * that many rows instead of the whole vocabulary's (the largest product of a narrow draft step on
+ * a large vocabulary); the answer is still the verifier's.
  *
- * @throws MatformerException.InvalidArgument when [k] is below 1 or [maxK] below [k].
+ * @throws MatformerException.InvalidArgument when [k] is below 1, [maxK] below [k] or
+ *   [draftVocab] below 1.
  */
 fun speculative(
     draft: DraftChoice = DraftChoice.Auto,
@@ -27,10 +31,21 @@ fun speculative(
     k: Int = 4,
     maxK: Int = maxOf(8, k),
     adaptive: Boolean = true,
+    draftVocab: Int? = null,
 ): SpeculativeOptions {
     if (k < 1) throw MatformerException.InvalidArgument("speculative k must be at least 1, not $k")
     if (maxK < k) throw MatformerException.InvalidArgument("speculative maxK ($maxK) must be at least k ($k)")
-    return SpeculativeOptions(draft = draft, cache = cache, k = k.toUInt(), maxK = maxK.toUInt(), adaptive = adaptive)
+    if (draftVocab != null && draftVocab < 1) {
+        throw MatformerException.InvalidArgument("speculative draftVocab must be at least 1, not $draftVocab")
+    }
+    return SpeculativeOptions(
+        draft = draft,
+        cache = cache,
+        k = k.toUInt(),
+        maxK = maxK.toUInt(),
+        adaptive = adaptive,
+        draftVocab = draftVocab?.toUInt(),
+    )
 }
 
 /**
@@ -43,7 +58,8 @@ fun speculative(
     k: Int = 4,
     maxK: Int = maxOf(8, k),
     adaptive: Boolean = true,
-): SpeculativeOptions = speculative(DraftChoice.Named(draft), cache, k, maxK, adaptive)
+    draftVocab: Int? = null,
+): SpeculativeOptions = speculative(DraftChoice.Named(draft), cache, k, maxK, adaptive, draftVocab)
 
 /** A draft of one level index per layer (`draftLevels(0, 0, 1, 2)`). */
 fun draftLevels(vararg levels: Int): DraftChoice {
