@@ -14,6 +14,8 @@ final class SpeculativeTests: XCTestCase {
             .smallestDraft,
             .draft("m", cache: .own, k: 2, adaptive: false),
             .draft(levels: (0..<layers).map { $0 % 3 }, k: 3),
+            .draft("s", draftVocab: 100),
+            .draft("m", cache: .own, draftVocab: 1),
         ]
         for options in drafts {
             let session = try engine.session()
@@ -70,6 +72,11 @@ final class SpeculativeTests: XCTestCase {
                 if case .invalidArgument = $0 { return true }
                 return false
             }, "maxK below k")
+        await assertThrowsMatformer(
+            try await session.generateCompletion(.text(text: "The "), options: greedy(8).withSpeculative(.draft(.auto, draftVocab: 0))), {
+                if case .invalidArgument(let m) = $0 { return m.contains("draft_vocab") }
+                return false
+            }, "draftVocab 0")
         XCTAssertEqual(session.tokenCount, 0, "a refused call holds nothing")
 
         let plain = try await session.generateCompletion(.text(text: "The "), options: greedy(8))

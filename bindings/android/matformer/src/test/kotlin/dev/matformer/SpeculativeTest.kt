@@ -26,6 +26,8 @@ class SpeculativeTest {
                 speculative(),
                 speculative("m", cache = DraftCache.OWN, k = 2, adaptive = false),
                 speculative(draftLevels(*IntArray(layers) { it % 3 }), k = 3),
+                speculative("s", draftVocab = 100),
+                speculative("m", cache = DraftCache.OWN, draftVocab = 1),
             )
             for (options in drafts) {
                 val s = engine.session("xl")
@@ -70,6 +72,7 @@ class SpeculativeTest {
             assertTrue(inFlow.exceptionOrNull() is MatformerException.InvalidArgument, "$inFlow")
             assertThrows(MatformerException.InvalidArgument::class.java) { speculative(k = 0) }
             assertThrows(MatformerException.InvalidArgument::class.java) { speculative(k = 4, maxK = 2) }
+            assertThrows(MatformerException.InvalidArgument::class.java) { speculative(draftVocab = 0) }
             assertThrows(MatformerException.InvalidArgument::class.java) { draftLevels(0, -1) }
             assertEquals(0L, s.tokenCount, "a refused call holds nothing")
 
