@@ -1347,7 +1347,7 @@ impl GpuSession {
         let mut tail = if self.g3.is_some() {
             head_items(&p, a, self.g3.as_ref(), logits, sv, true)?
         } else {
-            let head = i.head.as_ref().unwrap_or(&i.embed).prefix(rows);
+            let head = super::ffn_store::prefix(i.head.as_ref().unwrap_or(&i.embed), rows);
             let mut items = vec![p.norm(&i.final_norm, &a.x, &a.xn, a.sd, true)?];
             p.matmul(&head, false, false, &a.xn, a.sd, logits, sv, &mut items)?;
             items

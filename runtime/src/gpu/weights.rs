@@ -37,18 +37,6 @@ pub(crate) struct GpuMatrix {
 }
 
 impl GpuMatrix {
-    /// The first `rows` rows, reading the same buffers (for a product over fewer rows: a
-    /// speculative draft's reduced vocabulary).
-    pub(crate) fn prefix(&self, rows: usize) -> GpuMatrix {
-        let chunks = self
-            .chunks
-            .iter()
-            .filter(|c| c.row_start < rows)
-            .map(|c| Chunk { buffer: c.buffer.clone(), row_start: c.row_start, rows: c.rows.min(rows - c.row_start) })
-            .collect();
-        GpuMatrix { cols: self.cols, f32: self.f32, quant: self.quant, row_units: self.row_units, chunks }
-    }
-
     /// Bytes of the GPU copy.
     pub(crate) fn bytes(&self) -> u64 {
         self.chunks.iter().map(|c| c.buffer.size()).sum()
