@@ -404,10 +404,10 @@ pub(super) fn down_rows(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if t <= DOWN_SPLIT_GROUPS_MAX_T && d.parts.iter().all(|p| p.data.is_quant()) && qdot::x86::has_avx512() {
+    if t <= DOWN_SPLIT_GROUPS_MAX_T && d.parts.iter().all(|p| p.data.is_quant()) && qdot::x86::available() {
         // A few inputs over quantised rows (a speculative verify pass): every row's block is
         // decoded once for all the inputs, whose outputs stay in registers; bitwise `t`
-        // one-input passes.
+        // one-input passes (AVX-512, or AVX2 in groups of up to five inputs).
         let all = d.parts_in(r0, r1).all(|(start, rows, data)| match data {
             RowData::Quant(dtype, bytes) => qdot::x86::axpy_rows_multi(dtype, t, out, n, &h[start..], hw, bytes, rows),
             _ => false,
