@@ -939,8 +939,16 @@ pub(crate) mod x86 {
             match (wide && has_avx512(), fused) {
                 (true, true) => axpy_kernel512::<R, true>(dtype, y, a, rows, nb),
                 (true, false) => axpy_kernel512::<R, false>(dtype, y, a, rows, nb),
-                (false, true) => axpy_kernel::<R, true>(dtype, y, a, rows, nb),
-                (false, false) => axpy_kernel::<R, false>(dtype, y, a, rows, nb),
+                (false, true) => match dtype {
+                    DType::Q8_0 => axpy_kernel::<R, true, 2>(y, a, rows, nb),
+                    DType::Q4_0 => axpy_kernel::<R, true, 3>(y, a, rows, nb),
+                    _ => axpy_kernel::<R, true, 5>(y, a, rows, nb),
+                },
+                (false, false) => match dtype {
+                    DType::Q8_0 => axpy_kernel::<R, false, 2>(y, a, rows, nb),
+                    DType::Q4_0 => axpy_kernel::<R, false, 3>(y, a, rows, nb),
+                    _ => axpy_kernel::<R, false, 5>(y, a, rows, nb),
+                },
             }
         }
         true
@@ -1271,7 +1279,7 @@ pub(crate) mod x86 {
         // `y[i * n + b * 32 .. i * n + b * 32 + 32]`: inside the lengths the caller guarantees
         // (prefetches are hints and never dereferenced). The rest are register intrinsics.
         unsafe {
-            let nib = _mm_set1_epi8(0x0f);
+            let nib = _mm256_set1_epi32(0x0f);
             let eight = _mm256_set1_epi32(8);
             let mut r0 = 0;
             while r0 < nrows {
@@ -1298,10 +1306,16 @@ pub(crate) mod x86 {
                                     _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8).cast())),
                                 ]
                             } else {
-                                let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                                let v = if half == 0 { raw } else { _mm_srli_epi16(raw, 4) };
-                                let v = _mm_and_si128(v, nib);
-                                let q = [_mm256_cvtepu8_epi32(v), _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))];
+                                // As in `axpy_kernel`: the bytes widened from memory, then
+                                // their low or high nibbles.
+                                let p = blk.add(bb - QK / 2);
+                                let b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                                let b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8).cast()));
+                                let q = if half == 0 {
+                                    [_mm256_and_si256(b0, nib), _mm256_and_si256(b1, nib)]
+                                } else {
+                                    [_mm256_srli_epi32(b0, 4), _mm256_srli_epi32(b1, 4)]
+                                };
                                 if D == 1 {
                                     q.map(|q| _mm256_sub_epi32(q, eight))
                                 } else {
@@ -1338,18 +1352,27 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Safety: AVX2, FMA and F16C are available; `rows` holds `R * nb` blocks of `dtype` and `y`
-    /// holds `nb * 32` values.
+    /// `D` is the rows' [`DType::code`] (2, 3 or 5): one copy per block type, no branch on it
+    /// in the loop.
+    ///
+    /// Safety: AVX2, FMA and F16C are available; `rows` holds `R * nb` blocks of type `D` and
+    /// `y` holds `nb * 32` values.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn axpy_kernel<const R: usize, const FUSED: bool>(
-        dtype: DType,
+    unsafe fn axpy_kernel<const R: usize, const FUSED: bool, const D: u8>(
         y: &mut [f32],
         a: [f32; R],
         rows: &[u8],
         nb: usize,
     ) {
-        let bb = dtype.block_bytes();
-        let (q8, q41) = (dtype == DType::Q8_0, dtype == DType::Q4_1);
+        let (q8, q41) = (D == 2, D == 5);
+        let bb = if q8 {
+            DType::Q8_0
+        } else if q41 {
+            DType::Q4_1
+        } else {
+            DType::Q4_0
+        }
+        .block_bytes();
         debug_assert!(rows.len() >= R * nb * bb && y.len() >= nb * QK);
         let rp = rows.as_ptr();
         let yp = y.as_mut_ptr();
@@ -1360,7 +1383,7 @@ pub(crate) mod x86 {
             let av: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(a[r]));
             let f16 =
                 |p: *const u8| half::f16::from_bits(u16::from_le(std::ptr::read_unaligned(p.cast::<u16>()))).to_f32();
-            let nib = _mm_set1_epi8(0x0f);
+            let nib = _mm256_set1_epi32(0x0f);
             let eight = _mm256_set1_epi32(8);
             for b in 0..nb {
                 if b % 2 == 0 {
@@ -1381,14 +1404,20 @@ pub(crate) mod x86 {
                     let q: [__m256i; 4] = if q8 {
                         std::array::from_fn(|g| _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * g).cast())))
                     } else {
-                        let raw = _mm_loadu_si128(blk.add(bb - QK / 2).cast());
-                        let lo = _mm_and_si128(raw, nib);
-                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
+                        // Each packed byte widened to 32 bits straight from memory (two
+                        // `vpmovzxbd`), then its low nibble (elements 0..16) and its high one
+                        // (elements 16..32): the same integers as unpacking the bytes first,
+                        // in 6 instructions instead of 10 (`small_batch_speed` q4_0 down
+                        // 8192 x 2048, one token, AVX2-only AMD EPYC: one thread 2.89 -> 2.29
+                        // ms, two threads 1.80 -> 1.39 ms).
+                        let p = blk.add(bb - QK / 2);
+                        let b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
+                        let b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8).cast()));
                         let q = [
-                            _mm256_cvtepu8_epi32(lo),
-                            _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                            _mm256_cvtepu8_epi32(hi),
-                            _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                            _mm256_and_si256(b0, nib),
+                            _mm256_and_si256(b1, nib),
+                            _mm256_srli_epi32(b0, 4),
+                            _mm256_srli_epi32(b1, 4),
                         ];
                         if q41 {
                             q
