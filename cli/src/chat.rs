@@ -223,11 +223,13 @@ impl SpeculativeArgs {
     }
 }
 
-/// `[speculative: draft s (shared KV), 37 verify passes, acceptance 81.2%, 4.1 tokens per pass]`.
+/// `[speculative: draft s (shared KV, 0 B of its own), 37 verify passes, ...]`; the draft is
+/// `s/16384` when it proposed among the first 16,384 token ids only.
 pub fn speculative_line(s: &matformer::SpeculativeStats) -> String {
     format!(
-        "[speculative: draft {} ({} KV, {} of its own), {} verify passes, {} of {} drafts accepted ({:.1}%), {:.2} tokens per pass, draft {:.1} ms, verify {:.1} ms, {} GPU submits]",
+        "[speculative: draft {}{} ({} KV, {} of its own), {} verify passes, {} of {} drafts accepted ({:.1}%), {:.2} tokens per pass, draft {:.1} ms, verify {:.1} ms, {} GPU submits]",
         s.draft,
+        s.draft_vocab.map(|n| format!("/{n}")).unwrap_or_default(),
         s.cache.name(),
         matformer_export::progress::human_bytes(s.draft_kv_bytes),
         s.verify_passes,

@@ -144,6 +144,8 @@ fn a_reduced_draft_vocabulary_keeps_greedy_output_exact() {
                 assert_eq!(c.token_ids, want.token_ids, "{what}");
                 assert_eq!(s.token_count(), plain.token_count(), "{what}");
                 let st = c.stats.speculative.unwrap();
+                // The stats say the limit as it ran: none at or above the vocabulary.
+                assert_eq!(st.draft_vocab, n.filter(|&n| n < vocab), "{what}");
                 if n == Some(1) {
                     let zeros = want.token_ids.iter().filter(|&&t| t == 0).count();
                     assert!(st.accepted <= zeros, "{what}: {} accepted, id 0 said {zeros} times", st.accepted);

@@ -804,6 +804,9 @@ pub struct SpeculativeStats {
     pub draft: String,
     /// Where the draft kept its KV cache.
     pub cache: DraftCache,
+    /// The draft proposed among the first this many token ids (`null`: among all of them, with
+    /// no limit or a limit at or above the vocabulary).
+    pub draft_vocab: Option<u32>,
     /// Verify passes (rounds).
     pub verify_passes: u64,
     /// Tokens drafted.
@@ -837,6 +840,7 @@ impl From<matformer::SpeculativeStats> for SpeculativeStats {
         SpeculativeStats {
             draft: s.draft,
             cache: s.cache.into(),
+            draft_vocab: s.draft_vocab.map(to_u32_saturating),
             verify_passes: to_u64(s.verify_passes),
             proposed: to_u64(s.proposed),
             accepted: to_u64(s.accepted),

@@ -271,7 +271,7 @@ impl Session {
                     Ok(self.engine.resolve(&SubmodelChoice::Named(name.into()))?.0)
                 })?;
                 let name = self.engine.name_of(&sub);
-                Some(Speculator::new(o, sub, name))
+                Some(Speculator::new(o, sub, name, model.metadata().architecture.vocab_size as usize))
             }
             None => None,
         };

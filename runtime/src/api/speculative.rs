@@ -169,7 +169,9 @@ pub(crate) trait Emit {
 }
 
 impl Speculator {
-    pub(crate) fn new(o: &SpeculativeOptions, draft: Submodel, name: String) -> Speculator {
+    /// `vocab`: the model's vocabulary size (for the stats: a limit at or above it is none).
+    pub(crate) fn new(o: &SpeculativeOptions, draft: Submodel, name: String, vocab: usize) -> Speculator {
+        let limit = o.draft_vocab.filter(|&n| n < vocab);
         Speculator {
             draft,
             cache: o.cache,
@@ -177,7 +179,7 @@ impl Speculator {
             max_k: o.max_k,
             adaptive: o.adaptive,
             draft_vocab: o.draft_vocab,
-            stats: SpeculativeStats { draft: name, cache: o.cache, ..SpeculativeStats::default() },
+            stats: SpeculativeStats { draft: name, cache: o.cache, draft_vocab: limit, ..SpeculativeStats::default() },
             produced: 0,
         }
     }

@@ -284,6 +284,10 @@ pub struct SpeculativeStats {
     pub draft: String,
     /// Where the draft kept its KV cache.
     pub cache: DraftCache,
+    /// The draft's vocabulary ([`SpeculativeOptions::draft_vocab`]) as it ran: it proposed
+    /// among the first this many token ids; `None` when among all of them (no limit, or a limit
+    /// at or above the vocabulary).
+    pub draft_vocab: Option<usize>,
     /// Verify passes (rounds).
     pub verify_passes: usize,
     /// Tokens drafted.

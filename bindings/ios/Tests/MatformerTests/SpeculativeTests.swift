@@ -29,6 +29,7 @@ final class SpeculativeTests: XCTestCase {
             XCTAssertGreaterThan(st.verifyPasses, 0)
             XCTAssertLessThanOrEqual(st.accepted, st.proposed)
             XCTAssertEqual(st.cache, options.cache)
+            XCTAssertEqual(st.draftVocab, options.draftVocab, "the draft's vocabulary as it ran")
             switch options.draft {
             case .named(let name): XCTAssertEqual(st.draft, name)
             case .levels: XCTAssertTrue(st.draft.contains(","), st.draft)

@@ -40,6 +40,7 @@ class SpeculativeTest {
                 assertTrue(st.tokensPerPass >= 1.0, "$st")
                 assertTrue(st.verifyPasses > 0uL && st.accepted <= st.proposed, "$st")
                 assertEquals(options.cache, st.cache)
+                assertEquals(options.draftVocab, st.draftVocab, "the draft's vocabulary as it ran")
                 when (val d = options.draft) {
                     is DraftChoice.Named -> assertEquals(d.name, st.draft)
                     is DraftChoice.Levels -> assertTrue(st.draft.contains(','), st.draft)
