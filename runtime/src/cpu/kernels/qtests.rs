@@ -528,11 +528,12 @@ fn few_input_quantised_down_projection_is_bitwise_the_one_input_path() {
     }
 }
 
-/// On x86-64 with AVX-512 VNNI: the token-lane kernel of a prefill batch
-/// ([`super::qlanes`]) gives bitwise the one-token [`qdot::dot`] for every (row, token), every
-/// block type, odd and even block counts (one block up), whole and partial chunks of 16 tokens
-/// (a last chunk of 10 to 15), one and two chunks per call; and the batched product through it
-/// gives bitwise the one-input product. Without the features there is nothing to compare.
+/// On x86-64 with AVX-512 VNNI (sixteen tokens per vector) or AVX2 (eight): the token-lane
+/// kernel of a prefill batch ([`super::qlanes`]) gives bitwise the one-token [`qdot::dot`] for
+/// every (row, token), every block type, odd and even block counts (one block up), whole and
+/// partial chunks (a last chunk of 10 to 15 of 16, or 5 to 7 of 8), one and several chunks per
+/// call; and the batched product through it gives bitwise the one-input product. Without the
+/// features there is nothing to compare.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x86_token_lane_dots_equal_one_token_bitwise() {
@@ -541,7 +542,8 @@ fn x86_token_lane_dots_equal_one_token_bitwise() {
         return;
     }
     let mut rng = Rng(71);
-    for (case, t) in [16usize, 10, 13, 15, 26, 31, 32, 33, 47, 48, 64, 75].into_iter().cycle().take(36).enumerate() {
+    let sizes = [16usize, 10, 13, 15, 26, 31, 32, 33, 47, 48, 64, 75, 5, 7, 8, 21, 40];
+    for (case, t) in sizes.into_iter().cycle().take(51).enumerate() {
         let dtype = QTYPES[case % 3];
         let cols = QK * (1 + rng.below(if case % 4 == 0 { 3 } else { 70 }));
         let rows = 1 + rng.below(12);
@@ -550,11 +552,19 @@ fn x86_token_lane_dots_equal_one_token_bitwise() {
         let x = rng.blocks(t * cols / QK);
         let qx = QActs::quantize(&x, t, cols);
         let n = qlanes::tokens_for(t);
-        assert!(n > 0 && n <= t, "t={t}: {n} lane tokens");
-        let lanes = qx.lanes().expect("lanes for a batch of 10 or more");
+        if n == 0 {
+            // Fewer than MIN_REST tokens on AVX-512: all row-by-token.
+            assert!(qlanes::width() == qlanes::LANES_T && t < qlanes::MIN_REST && qx.lanes().is_none());
+            continue;
+        }
+        assert!(n <= t, "t={t}: {n} lane tokens");
+        let lanes = qx.lanes().expect("lanes for a batch of a chunk or more");
         assert_eq!(lanes.tokens(), n);
         let rb = m.row_bytes();
-        for r in 0..rows {
+        // AVX2 leaves q8_0 batches under MIN_Q8_TOKENS2 to the row-by-token kernels.
+        let runs = qlanes::applies(dtype, rb, lanes);
+        assert!(runs || (lanes.width() == qlanes::LANES_T2 && dtype == DType::Q8_0 && n < qlanes::MIN_Q8_TOKENS2));
+        for r in (0..rows).filter(|_| runs) {
             let w = &m.bytes[r * rb..(r + 1) * rb];
             let mut got = vec![None; t];
             let all = 0..lanes.chunks();

@@ -259,3 +259,62 @@ fn small_batch_speed() {
         eprintln!("{r}");
     }
 }
+
+/// The token-lane kernel ([`super::qlanes`]) against the row-by-token kernels on the same
+/// batches, alternated: q4_0 and q8_0, 8192 x 2048 (one matrix, compute-bound), ms per
+/// product. `MATF_SPEED_T` picks the batch sizes.
+#[cfg(target_arch = "x86_64")]
+#[test]
+#[ignore = "benchmark"]
+fn token_lane_speed() {
+    use std::sync::atomic::Ordering;
+    if !super::qlanes::available() {
+        eprintln!("no token-lane kernel on this CPU");
+        return;
+    }
+    let (rows, cols) = (8192usize, 2048usize);
+    let ts: Vec<usize> = std::env::var("MATF_SPEED_T")
+        .ok()
+        .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![5, 8, 13, 16, 32, 64]);
+    let mut seed = 7u64;
+    let mut rnd = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as u32
+    };
+    let x: Vec<f32> = (0..cols * 64).map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5).collect();
+    let mut out = vec![0.0f32; rows * 64];
+    for dtype in [crate::format::DType::Q4_0, crate::format::DType::Q8_0] {
+        let bb = dtype.block_bytes();
+        let mut wq = vec![0u8; rows * cols / 32 * bb];
+        for blk in wq.chunks_exact_mut(bb) {
+            blk[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            for b in &mut blk[2..] {
+                *b = rnd() as u8;
+            }
+        }
+        let m = Matrix { rows, cols, parts: vec![Part { first_row: 0, rows, data: RowData::Quant(dtype, &wq) }] };
+        for threads in [1usize, 2] {
+            for &t in &ts {
+                let mut best = [f64::MAX; 2];
+                for round in 0..6 {
+                    let off = round % 2 == 1;
+                    super::qlanes::OFF.store(off, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    matmul(&x[..t * cols], t, &m, &mut out[..t * rows], threads);
+                    let s = t0.elapsed().as_secs_f64();
+                    best[usize::from(off)] = best[usize::from(off)].min(s);
+                }
+                super::qlanes::OFF.store(false, Ordering::Relaxed);
+                eprintln!(
+                    "{dtype} {rows}x{cols} t={t} th={threads}: token-lane {:.3} ms ({:.1} GFLOP/s), row-by-token {:.3} ms ({:.1} GFLOP/s), ratio {:.2}",
+                    best[0] * 1e3,
+                    (2 * t * rows * cols) as f64 / best[0] / 1e9,
+                    best[1] * 1e3,
+                    (2 * t * rows * cols) as f64 / best[1] / 1e9,
+                    best[1] / best[0]
+                );
+            }
+        }
+    }
+}

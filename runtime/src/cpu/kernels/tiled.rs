@@ -31,10 +31,14 @@ use crate::format::{DType, QK};
 /// the AVX-512 register file, leaving room for the two weight vectors and the broadcasts.
 pub(super) const TILE_T: usize = 8;
 
+/// Inputs per register tile on AVX2 (16 vector registers): `TILE_T2` inputs by two 8-lane
+/// vectors (16 columns) are 12 accumulators, leaving two weight vectors and a broadcast.
+pub(super) const TILE_T2: usize = 6;
+
 /// Whether the tiled down projection runs on this CPU for an output `cols` wide (AVX-512 F/BW/VL
-/// with AVX2, FMA and F16C; whole blocks of 32 columns).
+/// with AVX2, FMA and F16C, or AVX2, FMA and F16C alone; whole blocks of 32 columns).
 pub(super) fn applies(cols: usize) -> bool {
-    cols.is_multiple_of(QK) && qdot::x86::has_avx512()
+    cols.is_multiple_of(QK) && (qdot::x86::has_avx512() || qdot::x86::available())
 }
 
 /// Columns `[c0, c1)` of `h @ D` for `t` inputs (`h` is `[t, d.rows]`): output `(i, c)` goes
@@ -54,12 +58,47 @@ pub(super) fn down_tiled(h: &[f32], t: usize, d: &Matrix<'_>, c0: usize, c1: usi
         return;
     }
     let mut panel = vec![0.0f32; DOWN_GROUP * QK];
+    let wide = qdot::x86::has_avx512();
     for g in 0..rows.div_ceil(DOWN_GROUP).max(1) {
         let (r0, r1) = (g * DOWN_GROUP, ((g + 1) * DOWN_GROUP).min(rows));
         let k = r1 - r0;
         let mut c = c0;
         while c < c1 {
-            pack(d, r0, r1, c, &mut panel[..k * QK]);
+            pack(d, r0, r1, c, &mut panel[..k * QK], wide);
+            if !wide {
+                // AVX2: each half of the block's 32 columns by TILE_T2 inputs at a time.
+                for half in 0..2 {
+                    let mut i = 0;
+                    while i < t {
+                        let tt = (t - i).min(TILE_T2);
+                        let hp = &h[i * rows + r0..];
+                        let op = &mut out[i * ld + (c - c0) + 2 * LANES2 * half..];
+                        let pp = &panel[half * 2 * LANES2..k * QK];
+                        macro_rules! tile2 {
+                            ($n:literal) => {
+                                // SAFETY: `applies` checked AVX2, FMA and F16C; `pp` holds `k`
+                                // panel rows of 32 values from column `16 * half` on (the last
+                                // one 32 - 16 * half values, of which 16 are read); `hp` holds
+                                // `tt` inputs' rows `[r0, r1)` at stride `rows`; `op` holds
+                                // `tt` rows of at least 16 values at stride `ld` (`out.len()`
+                                // checked above, `c + 32 <= c1`).
+                                unsafe { tile2::<$n>(pp, k, hp, rows, op, ld, g == 0) }
+                            };
+                        }
+                        match tt {
+                            6 => tile2!(6),
+                            5 => tile2!(5),
+                            4 => tile2!(4),
+                            3 => tile2!(3),
+                            2 => tile2!(2),
+                            _ => tile2!(1),
+                        }
+                        i += tt;
+                    }
+                }
+                c += QK;
+                continue;
+            }
             let mut i = 0;
             while i < t {
                 let tt = (t - i).min(TILE_T);
@@ -92,8 +131,8 @@ pub(super) fn down_tiled(h: &[f32], t: usize, d: &Matrix<'_>, c0: usize, c1: usi
 }
 
 /// Rows `[r0, r1)`, columns `[c, c + 32)` of `d`, widened exactly into `panel` (32 values per
-/// row). Rows a part does not hold stay zero.
-fn pack(d: &Matrix<'_>, r0: usize, r1: usize, c: usize, panel: &mut [f32]) {
+/// row), with AVX-512 when `wide`, else AVX2. Rows a part does not hold stay zero.
+fn pack(d: &Matrix<'_>, r0: usize, r1: usize, c: usize, panel: &mut [f32], wide: bool) {
     let n = d.cols;
     panel.fill(0.0);
     for (start, rows, data) in d.parts_in(r0, r1) {
@@ -101,10 +140,15 @@ fn pack(d: &Matrix<'_>, r0: usize, r1: usize, c: usize, panel: &mut [f32]) {
             let k = start - r0 + j;
             let Some(dst) = panel.get_mut(k * QK..(k + 1) * QK) else { return };
             match data.get(j * n + c, j * n + c + QK) {
-                Some(RowData::Quant(dtype, blk)) if blk.len() == dtype.block_bytes() => {
-                    // SAFETY: `applies` checked AVX-512 F/BW with F16C; `blk` is one whole
-                    // block of `dtype` and `dst` holds 32 values.
+                Some(RowData::Quant(dtype, blk)) if blk.len() == dtype.block_bytes() && wide => {
+                    // SAFETY: `applies` and `wide` checked AVX-512 F/BW with F16C; `blk` is one
+                    // whole block of `dtype` and `dst` holds 32 values.
                     unsafe { decode_block(dtype, blk, dst) }
+                }
+                Some(RowData::Quant(dtype, blk)) if blk.len() == dtype.block_bytes() => {
+                    // SAFETY: `applies` checked AVX2 and F16C; `blk` is one whole block of
+                    // `dtype` and `dst` holds 32 values.
+                    unsafe { decode_block2(dtype, blk, dst) }
                 }
                 Some(piece) => piece.widen_into(dst),
                 None => {}
@@ -156,6 +200,100 @@ unsafe fn decode_block(dtype: DType, blk: &[u8], dst: &mut [f32]) {
                 w = _mm512_add_ps(w, m);
             }
             _mm512_storeu_ps(dst.as_mut_ptr().add(16 * h), w);
+        }
+    }
+}
+
+/// [`decode_block`] on AVX2: the operations of [`crate::quant::decode_blocks`] on 8 lanes.
+///
+/// Safety: AVX2 and F16C are available; `blk` is one whole block, `dst` 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_block2(dtype: DType, blk: &[u8], dst: &mut [f32]) {
+    let bb = dtype.block_bytes();
+    debug_assert!(blk.len() >= bb && dst.len() >= QK);
+    let f16 = |at: usize| half::f16::from_le_bytes([blk[at], blk[at + 1]]).to_f32();
+    let d = _mm256_set1_ps(f16(0));
+    let m = if dtype == DType::Q4_1 { Some(_mm256_set1_ps(f16(2))) } else { None };
+    let p = blk.as_ptr();
+    // SAFETY: reads of `blk[2 .. bb]` (16 or 32 bytes at `bb - 16` or 2) and writes of
+    // `dst[0 .. 32]`, inside the lengths checked by the caller; the rest are register intrinsics.
+    unsafe {
+        let q: [__m256i; 4] = match dtype {
+            DType::Q8_0 => std::array::from_fn(|j| _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + 8 * j).cast()))),
+            _ => {
+                let raw = _mm_loadu_si128(p.add(bb - QK / 2).cast());
+                let nib = _mm_set1_epi8(0x0f);
+                let (lo, hi) = (_mm_and_si128(raw, nib), _mm_and_si128(_mm_srli_epi16(raw, 4), nib));
+                let q = [
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                ];
+                if dtype == DType::Q4_0 {
+                    let eight = _mm256_set1_epi32(8);
+                    q.map(|q| _mm256_sub_epi32(q, eight))
+                } else {
+                    q
+                }
+            }
+        };
+        for (j, qj) in q.iter().enumerate() {
+            let mut w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(*qj));
+            if let Some(m) = m {
+                w = _mm256_add_ps(w, m);
+            }
+            _mm256_storeu_ps(dst.as_mut_ptr().add(8 * j), w);
+        }
+    }
+}
+
+/// Lanes of an AVX2 vector of f32.
+const LANES2: usize = 8;
+
+/// [`tile`] on AVX2 for 16 columns: `N` inputs by 16 columns over `k` panel rows (stride 32,
+/// starting at `panel[0]`): `p[i] = madd(p[i], h[i * hw + r], panel[r * 32 .. r * 32 + 16])`
+/// for `r` increasing from zero, then `out[i][..16] = p[i]` (`first`) or `out + p`.
+///
+/// Safety: AVX2 and FMA are available; `panel` holds `(k - 1) * 32 + 16` values, `h` holds
+/// `(N - 1) * hw + k` values, `out` holds `(N - 1) * ld + 16`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile2<const N: usize>(
+    panel: &[f32],
+    k: usize,
+    h: &[f32],
+    hw: usize,
+    out: &mut [f32],
+    ld: usize,
+    first: bool,
+) {
+    debug_assert!(
+        k == 0
+            || (panel.len() >= (k - 1) * QK + 2 * LANES2
+                && h.len() >= (N - 1) * hw + k
+                && out.len() >= (N - 1) * ld + 2 * LANES2)
+    );
+    let (pp, hp, op) = (panel.as_ptr(), h.as_ptr(), out.as_mut_ptr());
+    // SAFETY: reads of `panel[r * 32 .. r * 32 + 16]` and `h[i * hw + r]` for `r < k`,
+    // `i < N`, reads and writes of `out[i * ld .. i * ld + 16]`: inside the lengths the caller
+    // guarantees. The rest are register intrinsics.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for r in 0..k {
+            let w = [_mm256_loadu_ps(pp.add(r * QK)), _mm256_loadu_ps(pp.add(r * QK + LANES2))];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*hp.add(i * hw + r));
+                for (av, wv) in a.iter_mut().zip(w) {
+                    *av = if FUSED { _mm256_fmadd_ps(x, wv, *av) } else { _mm256_add_ps(*av, _mm256_mul_ps(x, wv)) };
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let o = op.add(i * ld);
+            for (j, av) in a.iter().enumerate() {
+                let v = if first { *av } else { _mm256_add_ps(_mm256_loadu_ps(o.add(LANES2 * j)), *av) };
+                _mm256_storeu_ps(o.add(LANES2 * j), v);
+            }
         }
     }
 }
