@@ -70,7 +70,7 @@ pub(super) fn matmul_rows(
     for (start, rows, data) in w.parts_in(r0, r1) {
         #[cfg(target_arch = "x86_64")]
         if t >= super::tiled::DOT_MIN_T && super::tiled::dot_applies() {
-            // AVX-512: register tiles of rows by inputs on widened rows (the same bits).
+            // AVX-512 or AVX2: register tiles of rows by inputs on widened rows (the same bits).
             super::tiled::dot_rows_tiled(x, t, data, rows, cols, &mut out[start - r0..], ld, &mut wbuf);
             continue;
         }
