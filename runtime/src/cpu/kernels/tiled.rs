@@ -391,11 +391,12 @@ pub(super) fn dot_rows_tiled(
             let o = &mut out[i * ld + k..];
             macro_rules! go {
                 ($r:literal, $t:literal) => {{
-                    // SAFETY: `dot_applies` (and `wide` for AVX-512) checked the features; `w`
-                    // holds `$r` rows and `xs` `$t` inputs of `cols` values (sliced above).
                     let acc = if wide {
+                        // SAFETY: `dot_applies` and `wide` checked AVX-512; `w` holds `$r` rows
+                        // and `xs` `$t` inputs of `cols` values (sliced above).
                         unsafe { dot_tile::<$r, $t>(w, xs, cols) }
                     } else {
+                        // SAFETY: `dot_applies` checked AVX2, FMA and F16C; the lengths as above.
                         unsafe { dot_tile2::<$r, $t>(w, xs, cols) }
                     };
                     dot_finish(&acc, w, xs, cols, o, ld)
