@@ -45,14 +45,16 @@
 //! against its scalar reference), one per (token, row) whatever the batch, so the invariances
 //! above hold for quantised files too. The down projection dequantises its rows and adds them
 //! exactly as the f32 path does. A prefill batch's down projection (from
-//! [`TILED_MIN_T`](matmul::TILED_MIN_T) inputs, x86-64 with AVX-512) widens each group's rows
-//! once per 32 output columns and accumulates eight inputs by 32 columns in registers
-//! ([`tiled`]): the same operations per output, so the same bits. Likewise a batch's `x @ W^T`
-//! on f16 or f32 rows (from [`DOT_MIN_T`](tiled::DOT_MIN_T) inputs): four widened rows by three
-//! inputs, each product's 32 lanes in registers, summed by [`reduce`](dot::reduce). A batch's
-//! block-quantised `x @ W^T` from 16 inputs on AVX-512 VNNI puts sixteen tokens in the lanes
-//! of each vector ([`qlanes`]): one weight block's unpacking and scale serve 16 or 32 tokens,
-//! and each lane runs the one-token kernel's integer sums and f32 operations, so the same bits.
+//! [`TILED_MIN_T`](matmul::TILED_MIN_T) inputs, x86-64 with AVX-512 or AVX2) widens each
+//! group's rows once per 32 output columns and accumulates eight inputs by 32 columns (AVX2:
+//! six inputs by 16 columns) in registers ([`tiled`]): the same operations per output, so the
+//! same bits. Likewise a batch's `x @ W^T` on f16 or f32 rows (from
+//! [`DOT_MIN_T`](tiled::DOT_MIN_T) inputs): four widened rows by three inputs, each product's
+//! 32 lanes in registers (AVX2: a quarter of them at a time, over 512-column chunks), summed by
+//! [`reduce`](dot::reduce). A batch's block-quantised `x @ W^T` from 16 inputs on AVX-512 VNNI
+//! puts sixteen tokens in the lanes of each vector, and from 8 inputs on AVX2 eight
+//! ([`qlanes`]): one weight block's unpacking and scale serve every token of a chunk, and each
+//! lane runs the one-token kernel's integer sums and f32 operations, so the same bits.
 //!
 //! Threads: the parallel kernels hand items to a persistent pool of workers
 //! ([`worker_pool`](pool::worker_pool)) rather than spawning threads per product.

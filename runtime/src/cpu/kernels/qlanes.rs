@@ -45,7 +45,8 @@ pub(crate) const MIN_REST: usize = 10;
 pub(crate) const MIN_REST2: usize = 5;
 
 /// Tokens per vector of the kernel this CPU runs: 16 with AVX-512 F/BW/VL and VNNI, 8 with
-/// AVX2, FMA and F16C only, 0 without.
+/// AVX2, FMA and F16C and no AVX-512, 0 otherwise (AVX-512 without VNNI keeps its four-row by
+/// four-token kernel, which the AVX2 lanes were not measured against).
 pub(crate) fn width() -> usize {
     #[cfg(test)]
     if OFF.load(std::sync::atomic::Ordering::Relaxed) {
@@ -53,7 +54,7 @@ pub(crate) fn width() -> usize {
     }
     if super::qdot::x86::has_avx512_vnni() {
         LANES_T
-    } else if super::qdot::x86::available() {
+    } else if super::qdot::x86::available() && !super::qdot::x86::has_avx512() {
         LANES_T2
     } else {
         0
@@ -179,7 +180,11 @@ pub(crate) const MIN_Q8_TOKENS2: usize = 16;
 pub(crate) fn applies(dtype: DType, row_len: usize, lanes: &Lanes) -> bool {
     let cpu = match lanes.w {
         LANES_T => super::qdot::x86::has_avx512_vnni(),
-        LANES_T2 => super::qdot::x86::available() && (dtype != DType::Q8_0 || lanes.t >= MIN_Q8_TOKENS2),
+        LANES_T2 => {
+            super::qdot::x86::available()
+                && !super::qdot::x86::has_avx512()
+                && (dtype != DType::Q8_0 || lanes.t >= MIN_Q8_TOKENS2)
+        }
         _ => false,
     };
     cpu && matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) && row_len >= lanes.nb * dtype.block_bytes()
