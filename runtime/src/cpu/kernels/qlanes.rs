@@ -468,51 +468,75 @@ unsafe fn kernel2<const D: u8>(
             }
         }
         let wp = wp as *const u8;
-        let zero = _mm256_setzero_ps();
-        let ones = _mm256_set1_epi16(1);
-        let mut even = [zero; 8];
-        let mut sums = [zero; 8];
-        let mut mins = [zero; 2];
-        for par in 0..2 {
-            let mut acc = [zero; 8];
-            let mut b = par;
-            while b < nb {
-                let base = c * nb + b;
-                let wb = wp.add(64 * b);
-                let s = _mm256_mul_ps(_mm256_set1_ps(sbuf[2 * b]), _mm256_loadu_ps(lanes.d.as_ptr().add(base * W)));
-                for (g, a) in acc.iter_mut().enumerate() {
-                    let x = _mm256_loadu_si256(lanes.q.as_ptr().add((base * 8 + g) * W * 4).cast());
-                    let four = |p: *const u8| _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()));
-                    let p16 = if D == 0 {
-                        _mm256_maddubs_epi16(four(wb.add(QK + 4 * g)), _mm256_sign_epi8(x, four(wb.add(4 * g))))
-                    } else {
-                        _mm256_maddubs_epi16(four(wb.add(4 * g)), x)
-                    };
-                    let mut p = _mm256_madd_epi16(p16, ones);
-                    if D == 1 && g == 0 {
-                        p = _mm256_add_epi32(p, _mm256_loadu_si256(lanes.off.as_ptr().add(base * W).cast()));
-                    }
-                    *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), *a);
-                }
-                if D == 2 {
-                    let sv = _mm256_loadu_ps(lanes.s.as_ptr().add(base * W));
-                    mins[par] = _mm256_add_ps(mins[par], _mm256_mul_ps(_mm256_set1_ps(sbuf[2 * b + 1]), sv));
-                }
-                b += 2;
-            }
-            for g in 0..8 {
-                if par == 0 {
-                    even[g] = acc[g];
-                } else {
-                    sums[g] = _mm256_add_ps(even[g], acc[g]);
-                }
-            }
-        }
+        // One pass per parity, each its own function: the even pass's eight sums wait in
+        // memory rather than in registers the odd pass's accumulators need (inlined, LLVM kept
+        // five of them in registers and spilled an accumulator, a store-load chain per block).
+        let (even, mins0) = pass2::<D>(wp, sbuf, lanes, c, 0);
+        let (odd, mins1) = pass2::<D>(wp, sbuf, lanes, c, 1);
+        let sums: [__m256; 8] = std::array::from_fn(|g| _mm256_add_ps(even[g], odd[g]));
+        let mins = [mins0, mins1];
         let v = &sums;
         let s1: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(v[i], v[i + 4]));
         let s2 = [_mm256_add_ps(s1[0], s1[2]), _mm256_add_ps(s1[1], s1[3])];
         let s3 = _mm256_add_ps(s2[0], s2[1]);
         let r = _mm256_add_ps(s3, _mm256_add_ps(mins[0], mins[1]));
         _mm256_storeu_ps(out.as_mut_ptr(), r);
+    }
+}
+
+/// One parity's pass of [`kernel2`]: blocks `par, par + 2, ...` of chunk `c`, the eight
+/// accumulators and the `q4_1` minimum terms.
+///
+/// Safety: as [`kernel2`]'s, with `wbuf` (`wp`) and `sbuf` holding the unpacked row.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pass2<const D: u8>(
+    wp: *const u8,
+    sbuf: &[f32],
+    lanes: &Lanes,
+    c: usize,
+    par: usize,
+) -> ([__m256; 8], __m256) {
+    const W: usize = LANES_T2;
+    let nb = lanes.nb;
+    debug_assert!(sbuf.len() >= 2 * nb && lanes.q.len() >= (c + 1) * nb * QK * W);
+    // SAFETY: reads of `wp[64 * b .. 64 * b + 64]` and `sbuf[2 * b .. 2 * b + 2]` for `b < nb`
+    // (the caller's unpacked row), of `lanes.q` at `((c * nb + b) * 8 + g) * 32 .. + 32` and of
+    // `lanes.d`/`s`/`off` at `(c * nb + b) * 8 .. + 8` for `b < nb`, `g < 8` (chunk `c` held);
+    // the rest are register intrinsics.
+    unsafe {
+        let zero = _mm256_setzero_ps();
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [zero; 8];
+        let mut mins = zero;
+        let mut b = par;
+        while b < nb {
+            let base = c * nb + b;
+            let wb = wp.add(64 * b);
+            let s = _mm256_mul_ps(
+                _mm256_set1_ps(*sbuf.get_unchecked(2 * b)),
+                _mm256_loadu_ps(lanes.d.as_ptr().add(base * W)),
+            );
+            for (g, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_si256(lanes.q.as_ptr().add((base * 8 + g) * W * 4).cast());
+                let four = |p: *const u8| _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>()));
+                let p16 = if D == 0 {
+                    _mm256_maddubs_epi16(four(wb.add(QK + 4 * g)), _mm256_sign_epi8(x, four(wb.add(4 * g))))
+                } else {
+                    _mm256_maddubs_epi16(four(wb.add(4 * g)), x)
+                };
+                let mut p = _mm256_madd_epi16(p16, ones);
+                if D == 1 && g == 0 {
+                    p = _mm256_add_epi32(p, _mm256_loadu_si256(lanes.off.as_ptr().add(base * W).cast()));
+                }
+                *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), *a);
+            }
+            if D == 2 {
+                let sv = _mm256_loadu_ps(lanes.s.as_ptr().add(base * W));
+                mins = _mm256_add_ps(mins, _mm256_mul_ps(_mm256_set1_ps(*sbuf.get_unchecked(2 * b + 1)), sv));
+            }
+            b += 2;
+        }
+        (acc, mins)
     }
 }
