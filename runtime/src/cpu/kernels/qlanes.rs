@@ -61,8 +61,9 @@ pub(crate) fn width() -> usize {
     }
 }
 
-/// Turns the kernel off for the products quantised after it is set (the speed comparison in
-/// `speed.rs`).
+/// Turns the kernel off for the products quantised after it is set: only the ignored speed
+/// comparison in `speed.rs` sets it, which is to be run alone (other tests running beside it
+/// would see the kernel come and go).
 #[cfg(test)]
 pub(crate) static OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -111,14 +112,13 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Tokens `0 .. t` of `x` (`nb` blocks each).
     /// Tokens `0 .. t` of `x` (`nb` blocks each), for the kernel of this CPU ([`width`]).
     pub(crate) fn build(x: &QActs, t: usize, nb: usize) -> Lanes {
         Lanes::build_for(x, t, nb, if width() == LANES_T { LANES_T } else { LANES_T2 })
     }
 
     /// [`Lanes::build`] with `w` tokens per chunk ([`LANES_T`] or [`LANES_T2`]).
-    pub(crate) fn build_for(x: &QActs, t: usize, nb: usize, w: usize) -> Lanes {
+    fn build_for(x: &QActs, t: usize, nb: usize, w: usize) -> Lanes {
         let chunks = t.div_ceil(w);
         let unsigned = w == LANES_T;
         let mut l = Lanes {
